@@ -1,0 +1,376 @@
+//! Backing images: what the clusters an image lacks are read from, and the gate every backing
+//! open goes through.
+//!
+//! A QED header names its backing by a string (a path, or a protocol URI the `qed` crate does
+//! not handle itself) and says either "raw, never probe" or nothing, in which case QEMU probes
+//! the format. Probing an untrusted image's backing is dangerous: a guest that can write a QED
+//! header into a raw backing file could make the host open any file it names. The
+//! [`FileGate`] therefore decides whether probing is allowed, confines names to a directory if
+//! asked, and bounds the chain depth.
+
+use std::fmt;
+use std::fs::File;
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::image::{Image, OpenOptions};
+use crate::layout::{MAGIC, SECTOR};
+use crate::storage::Storage;
+
+/// The backing format an image header records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackingFormat {
+    /// `F_BACKING_FORMAT_NO_PROBE`: raw, never probe.
+    Raw,
+    /// No format recorded: probe (QED or raw here).
+    Probe,
+}
+
+/// Where unallocated clusters come from: a read-only view of the backing's virtual disk.
+pub trait BackingRead: Send + Sync + fmt::Debug {
+    /// Fills `buf` with the backing's bytes at `offset`; bytes past its end read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
+    /// The backing's virtual size in bytes.
+    fn size(&self) -> u64;
+    /// Where the next possibly-non-zero data is at or after `offset`, if known; `None` means
+    /// "assume data". `Some(u64::MAX)` means nothing but zeros from `offset` on.
+    fn next_data(&self, _offset: u64) -> Result<Option<u64>> {
+        Ok(None)
+    }
+    /// A short description (format and name) for `info` and error messages.
+    fn describe(&self) -> BackingDescription;
+}
+
+/// What `info` shows about one backing layer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackingDescription {
+    /// The name as opened (path or URI).
+    pub filename: String,
+    /// `"qed"`, `"raw"` or a protocol (`"nbd"`).
+    pub format: String,
+    /// Virtual size.
+    pub virtual_size: u64,
+    /// The next layer, for a chain.
+    pub backing: Option<Box<BackingDescription>>,
+    /// The backing's own backing name as stored, if any.
+    pub backing_filename: Option<String>,
+    /// Cluster size, for QED layers.
+    pub cluster_size: Option<u64>,
+}
+
+/// A raw backing file: its bytes are the virtual disk. Its length is rounded up to 512 bytes,
+/// as QEMU's block layer does.
+#[derive(Debug)]
+pub struct RawBacking {
+    storage: Box<dyn Storage>,
+    size: u64,
+    name: String,
+}
+
+impl RawBacking {
+    /// Wraps storage as a raw backing named `name`.
+    pub fn new(storage: Box<dyn Storage>, name: String) -> Result<RawBacking> {
+        let len = storage.len().map_err(Error::io("sizing raw backing", 0))?;
+        Ok(RawBacking {
+            storage,
+            size: len.div_ceil(SECTOR) * SECTOR,
+            name,
+        })
+    }
+}
+
+impl BackingRead for RawBacking {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.storage
+            .read_at(buf, offset)
+            .map_err(Error::io("reading raw backing", offset))
+    }
+
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn next_data(&self, offset: u64) -> Result<Option<u64>> {
+        self.storage
+            .next_data(offset)
+            .map_err(Error::io("seeking data in raw backing", offset))
+    }
+
+    fn describe(&self) -> BackingDescription {
+        BackingDescription {
+            filename: self.name.clone(),
+            format: "raw".into(),
+            virtual_size: self.size,
+            backing: None,
+            backing_filename: None,
+            cluster_size: None,
+        }
+    }
+}
+
+/// A QED image used as a backing: reads go through its own mapping and backing chain, and past
+/// its virtual size read as zeros.
+#[derive(Debug)]
+pub struct QedBacking {
+    image: Image,
+    name: String,
+}
+
+impl QedBacking {
+    /// Wraps an opened image.
+    pub fn new(image: Image, name: String) -> QedBacking {
+        QedBacking { image, name }
+    }
+}
+
+impl BackingRead for QedBacking {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let size = self.image.size();
+        let inside = if offset >= size {
+            0
+        } else {
+            (size - offset).min(buf.len() as u64) as usize
+        };
+        self.image.read_at(&mut buf[..inside], offset)?;
+        buf[inside..].fill(0);
+        Ok(())
+    }
+
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    fn describe(&self) -> BackingDescription {
+        BackingDescription {
+            filename: self.name.clone(),
+            format: "qed".into(),
+            virtual_size: self.image.size(),
+            backing: self
+                .image
+                .backing()
+                .map(|b| Box::new(b.describe())),
+            backing_filename: self.image.backing_name(),
+            cluster_size: Some(self.image.geometry().cluster_size()),
+        }
+    }
+}
+
+/// Opens the backing an image header names. Implementations decide what names may be opened.
+pub trait BackingOpener: Send + Sync + fmt::Debug {
+    /// Opens `name` (as stored in the header of the image at `image_path`, if known) with the
+    /// recorded `format`, `depth` layers below the top image.
+    fn open(
+        &self,
+        name: &str,
+        format: BackingFormat,
+        image_path: Option<&Path>,
+        depth: u32,
+    ) -> Result<Arc<dyn BackingRead>>;
+}
+
+/// The default gate for backing files on the local file system.
+#[derive(Clone, Debug)]
+pub struct FileGate {
+    /// Allow probing (QED or raw) when the header records no format. Default: true, as QEMU.
+    pub allow_probe: bool,
+    /// If set, every backing path must resolve inside this directory.
+    pub confine_to: Option<PathBuf>,
+    /// The deepest chain accepted (the top image is depth 0). Default 16.
+    pub max_depth: u32,
+}
+
+impl Default for FileGate {
+    fn default() -> FileGate {
+        FileGate {
+            allow_probe: true,
+            confine_to: None,
+            max_depth: 16,
+        }
+    }
+}
+
+/// Errors of the gate.
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    /// The chain is deeper than allowed (or loops).
+    #[error("backing chain deeper than {0} layers (or it loops)")]
+    TooDeep(u32),
+    /// Probing was needed but is forbidden.
+    #[error("the backing format is not recorded and probing is forbidden")]
+    ProbeForbidden,
+    /// The path leaves the confinement directory.
+    #[error("backing path {0:?} is outside the allowed directory")]
+    OutsideConfinement(PathBuf),
+    /// A protocol name the file gate cannot open.
+    #[error("backing {0:?} is a protocol URI; open it through a gate that supports it")]
+    Protocol(String),
+    /// A probed format we cannot read.
+    #[error("backing has format {0}, which is not supported")]
+    UnsupportedFormat(&'static str),
+    /// The file could not be opened.
+    #[error("cannot open: {0}")]
+    Open(#[source] std::io::Error),
+}
+
+/// Resolves a backing name against the directory of the image that names it.
+pub fn resolve_backing_path(name: &str, image_path: Option<&Path>) -> PathBuf {
+    let p = Path::new(name);
+    if p.is_absolute() {
+        return p.to_path_buf();
+    }
+    match image_path.and_then(Path::parent) {
+        Some(dir) => dir.join(p),
+        None => p.to_path_buf(),
+    }
+}
+
+/// Lexically normalises a path (no symlink resolution): drops `.`, folds `..`.
+fn normalise(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+/// True when `name` is a protocol string (URI or `json:`) rather than a path.
+pub fn is_protocol_name(name: &str) -> bool {
+    name.starts_with("json:") || name.contains("://") || name.starts_with("nbd:")
+}
+
+/// What the first bytes of a file say its format is.
+pub fn probe_format(head: &[u8]) -> &'static str {
+    if head.len() >= 64 && head[0..4] == MAGIC.to_le_bytes() {
+        "qed"
+    } else if head.len() >= 4 && &head[0..4] == b"QFI\xfb" {
+        "qcow2"
+    } else if head.len() >= 4 && &head[0..4] == b"KDMV" {
+        "vmdk"
+    } else if head.len() >= 8 && &head[0..8] == b"conectix" {
+        "vpc"
+    } else {
+        "raw"
+    }
+}
+
+fn gate_err(name: &str, e: GateError) -> Error {
+    Error::Backing {
+        name: name.to_string(),
+        source: Box::new(e),
+    }
+}
+
+impl FileGate {
+    /// Checks depth, protocol names and confinement, and returns the resolved path.
+    pub fn admit(&self, name: &str, image_path: Option<&Path>, depth: u32) -> Result<PathBuf> {
+        if depth > self.max_depth {
+            return Err(gate_err(name, GateError::TooDeep(self.max_depth)));
+        }
+        if is_protocol_name(name) {
+            return Err(gate_err(name, GateError::Protocol(name.to_string())));
+        }
+        let path = resolve_backing_path(name, image_path);
+        if let Some(root) = &self.confine_to {
+            let abs = if path.is_absolute() {
+                path.clone()
+            } else {
+                std::env::current_dir()
+                    .map_err(|e| gate_err(name, GateError::Open(e)))?
+                    .join(&path)
+            };
+            let real = abs.canonicalize().unwrap_or_else(|_| normalise(&abs));
+            let root = root.canonicalize().unwrap_or_else(|_| normalise(root));
+            if !real.starts_with(&root) {
+                return Err(gate_err(name, GateError::OutsideConfinement(path)));
+            }
+        }
+        Ok(path)
+    }
+}
+
+impl BackingOpener for FileGate {
+    fn open(
+        &self,
+        name: &str,
+        format: BackingFormat,
+        image_path: Option<&Path>,
+        depth: u32,
+    ) -> Result<Arc<dyn BackingRead>> {
+        let path = self.admit(name, image_path, depth)?;
+        let file = File::open(&path).map_err(|e| gate_err(name, GateError::Open(e)))?;
+        let display = path.display().to_string();
+        if format == BackingFormat::Raw {
+            return Ok(Arc::new(RawBacking::new(Box::new(file), display)?));
+        }
+        if !self.allow_probe {
+            return Err(gate_err(name, GateError::ProbeForbidden));
+        }
+        let mut head = [0u8; 64];
+        Storage::read_at(&file, &mut head, 0).map_err(Error::io("probing backing", 0))?;
+        let len = Storage::len(&file).map_err(Error::io("probing backing", 0))?;
+        let head = &head[..len.min(64) as usize];
+        match probe_format(head) {
+            "qed" => {
+                let options = OpenOptions {
+                    read_only: true,
+                    path: Some(path.clone()),
+                    depth: depth + 1,
+                    ..OpenOptions::with_opener(Arc::new(self.clone()))
+                };
+                let image = Image::open(Box::new(file), options)?;
+                Ok(Arc::new(QedBacking::new(image, display)))
+            }
+            "raw" => Ok(Arc::new(RawBacking::new(Box::new(file), display)?)),
+            other => Err(gate_err(name, GateError::UnsupportedFormat(other))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_names_resolve_against_the_image_folder() {
+        assert_eq!(
+            resolve_backing_path("base.raw", Some(Path::new("/a/b/top.qed"))),
+            PathBuf::from("/a/b/base.raw")
+        );
+        assert_eq!(
+            resolve_backing_path("/x/base.raw", Some(Path::new("/a/b/top.qed"))),
+            PathBuf::from("/x/base.raw")
+        );
+    }
+
+    #[test]
+    fn confinement_refuses_escapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let gate = FileGate {
+            confine_to: Some(dir.path().to_path_buf()),
+            ..FileGate::default()
+        };
+        let top = dir.path().join("top.qed");
+        assert!(gate.admit("../../etc/passwd", Some(&top), 1).is_err());
+        assert!(gate.admit("/etc/passwd", Some(&top), 1).is_err());
+        assert!(gate.admit("base.raw", Some(&top), 1).is_ok());
+        assert!(gate.admit("nbd://127.0.0.1/x", Some(&top), 1).is_err());
+        assert!(gate.admit("base.raw", Some(&top), 17).is_err());
+    }
+
+    #[test]
+    fn probing_knows_formats() {
+        let mut qed = vec![0u8; 64];
+        qed[0..4].copy_from_slice(b"QED\0");
+        assert_eq!(probe_format(&qed), "qed");
+        assert_eq!(probe_format(b"QFI\xfbxxxx"), "qcow2");
+        assert_eq!(probe_format(b"hello"), "raw");
+        assert_eq!(probe_format(b""), "raw");
+    }
+}

@@ -1,0 +1,149 @@
+//! The one error type of the `qed` crate.
+
+use std::io;
+
+/// The header field a validation error is about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeaderField {
+    /// `cluster_size`
+    ClusterSize,
+    /// `table_size`
+    TableSize,
+    /// `header_size`
+    HeaderSize,
+    /// `image_size`
+    ImageSize,
+    /// `l1_table_offset`
+    L1TableOffset,
+    /// `backing_filename_offset` / `backing_filename_size`
+    BackingFilename,
+}
+
+impl std::fmt::Display for HeaderField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HeaderField::ClusterSize => "cluster size",
+            HeaderField::TableSize => "table size",
+            HeaderField::HeaderSize => "header size",
+            HeaderField::ImageSize => "image size",
+            HeaderField::L1TableOffset => "L1 table offset",
+            HeaderField::BackingFilename => "backing file name",
+        })
+    }
+}
+
+/// Which kind of table an invalid entry was found in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableKind {
+    /// The L1 table (entries point at L2 tables).
+    L1,
+    /// An L2 table (entries point at data clusters).
+    L2,
+}
+
+/// Everything that can go wrong with a QED image.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// An I/O error from the storage under the image.
+    #[error("I/O error while {op} at file offset {offset:#x}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// Where in the file.
+        offset: u64,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// The file does not start with the QED magic.
+    #[error("image not in QED format (bad magic)")]
+    NotQed,
+    /// The file is too short to hold what the header promises.
+    #[error("image is truncated: the {what} needs {needed} bytes, the file has {found}")]
+    Truncated {
+        /// What could not be read.
+        what: &'static str,
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes found.
+        found: u64,
+    },
+    /// The header has feature bits this implementation does not know.
+    #[error("unsupported QED features: {0:#x}")]
+    UnsupportedFeatures(u64),
+    /// A header field breaks the format's rules.
+    #[error("invalid QED {field} ({value:#x}): {reason}")]
+    InvalidHeader {
+        /// The field.
+        field: HeaderField,
+        /// Its value.
+        value: u64,
+        /// Why it is refused.
+        reason: &'static str,
+    },
+    /// A table entry points somewhere it must not; the request that met it fails.
+    #[error("invalid {table:?} entry {entry:#x} for guest offset {guest:#x} (corrupt image; run check -r all)")]
+    InvalidEntry {
+        /// L1 or L2.
+        table: TableKind,
+        /// The guest offset being looked up.
+        guest: u64,
+        /// The raw entry.
+        entry: u64,
+    },
+    /// A request reaches past the end of the virtual disk.
+    #[error("request [{offset:#x}, +{length:#x}) is outside the virtual disk of {size} bytes")]
+    OutOfRange {
+        /// Request offset.
+        offset: u64,
+        /// Request length.
+        length: u64,
+        /// Virtual disk size.
+        size: u64,
+    },
+    /// A write to an image opened read-only.
+    #[error("the image is open read-only")]
+    ReadOnly,
+    /// Create or resize options that QED (or QEMU) cannot take.
+    #[error("invalid options: {0}")]
+    InvalidOptions(&'static str),
+    /// Shrinking an image.
+    #[error("shrinking images is not supported (QED cannot free clusters)")]
+    Shrink,
+    /// The backing file name does not fit in the header clusters.
+    #[error("no space left in the file header for a backing file name of {0} bytes")]
+    BackingNameTooLong(usize),
+    /// Setting a backing name while unknown compat features are present (QEMU refuses too).
+    #[error("cannot set a backing file name: the image has unknown compat features {0:#x}")]
+    UnknownCompatFeatures(u64),
+    /// The backing file name is not valid UTF-8.
+    #[error("the backing file name is not valid UTF-8")]
+    BackingNameNotUtf8,
+    /// An error from the backing image.
+    #[error("backing file {name:?}: {source}")]
+    Backing {
+        /// The name as stored in the header.
+        name: String,
+        /// What went wrong.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The image needs a consistency check that could not be completed.
+    #[error("the image is marked as needing a check, and the check found {corruptions} unrepairable corruptions and {check_errors} errors")]
+    CheckFailed {
+        /// Corruptions the repair could not fix.
+        corruptions: u64,
+        /// Tables that could not be read or written.
+        check_errors: u64,
+    },
+}
+
+impl Error {
+    pub(crate) fn io(op: &'static str, offset: u64) -> impl FnOnce(io::Error) -> Error {
+        move |source| Error::Io { op, offset, source }
+    }
+}
+
+/// Result with the crate's error.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,190 @@
+//! The small I/O trait under an image, and its two implementations: a file and memory.
+//!
+//! Everything the `qed` crate reads or writes goes through [`Storage`]. Its methods take `&self`
+//! so many threads can do positioned I/O at once; an implementation must make concurrent calls
+//! on disjoint ranges safe.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use parking_lot::RwLock;
+
+/// Positioned, thread-safe byte storage (a file, a block device, memory).
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// Fills `buf` from `offset`. Bytes past the end of the storage read as zeros.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, growing the storage if needed.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// The current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// True when the storage holds no bytes.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Truncates or extends (with zeros) to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Where the next data begins at or after `offset` (SEEK_DATA), if the storage knows;
+    /// `None` means "not known, assume data".
+    fn next_data(&self, _offset: u64) -> io::Result<Option<u64>> {
+        Ok(None)
+    }
+}
+
+impl Storage for File {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            match FileExt::read_at(self, &mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    break;
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_all_at(buf, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.sync_data()
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        File::set_len(self, len)
+    }
+
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        use std::os::fd::AsRawFd;
+        let Ok(off) = libc::off_t::try_from(offset) else {
+            return Ok(None);
+        };
+        // SAFETY: lseek only repositions the file offset of a descriptor that `self` owns for
+        // the duration of the call; no memory is shared with the kernel. Positioned I/O
+        // (pread/pwrite) elsewhere does not depend on the file offset.
+        let r = unsafe { libc::lseek(self.as_raw_fd(), off, libc::SEEK_DATA) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENXIO) => Ok(Some(u64::MAX)), // no data at or after `offset`
+            _ => Ok(None),                           // SEEK_DATA unsupported: assume data
+        }
+    }
+}
+
+/// Storage in memory: for tests, fuzzing and scratch images.
+#[derive(Debug, Default)]
+pub struct MemStorage {
+    bytes: RwLock<Vec<u8>>,
+    /// Refuse to grow past this many bytes (a simulated full disk).
+    limit: Option<u64>,
+}
+
+impl MemStorage {
+    /// Empty storage.
+    pub fn new() -> MemStorage {
+        MemStorage::default()
+    }
+
+    /// Storage holding `bytes`.
+    pub fn from_bytes(bytes: Vec<u8>) -> MemStorage {
+        MemStorage {
+            bytes: RwLock::new(bytes),
+            limit: None,
+        }
+    }
+
+    /// Storage that fails writes past `limit` bytes with ENOSPC.
+    pub fn with_limit(bytes: Vec<u8>, limit: u64) -> MemStorage {
+        MemStorage {
+            bytes: RwLock::new(bytes),
+            limit: Some(limit),
+        }
+    }
+
+    /// A copy of the contents.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.bytes.read().clone()
+    }
+
+    fn check_limit(&self, end: u64) -> io::Result<usize> {
+        if let Some(limit) = self.limit {
+            if end > limit {
+                return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            }
+        }
+        usize::try_from(end).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+    }
+}
+
+impl Storage for MemStorage {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let bytes = self.bytes.read();
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(bytes.len());
+        let n = (bytes.len() - start).min(buf.len());
+        buf[..n].copy_from_slice(&bytes[start..start + n]);
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let end = self.check_limit(end)?;
+        let mut bytes = self.bytes.write();
+        if bytes.len() < end {
+            bytes.resize(end, 0);
+        }
+        bytes[end - buf.len()..end].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.bytes.read().len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let len = self.check_limit(len)?;
+        self.bytes.write().resize(len, 0);
+        Ok(())
+    }
+}
+
+impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        (**self).read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        (**self).write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        (**self).flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        (**self).len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        (**self).set_len(len)
+    }
+    fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
+        (**self).next_data(offset)
+    }
+}

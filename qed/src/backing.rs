@@ -146,10 +146,7 @@ impl BackingRead for QedBacking {
             filename: self.name.clone(),
             format: "qed".into(),
             virtual_size: self.image.size(),
-            backing: self
-                .image
-                .backing()
-                .map(|b| Box::new(b.describe())),
+            backing: self.image.backing().map(|b| Box::new(b.describe())),
             backing_filename: self.image.backing_name(),
             cluster_size: Some(self.image.geometry().cluster_size()),
         }

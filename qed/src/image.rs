@@ -53,6 +53,9 @@ pub struct OpenOptions {
     pub l2_cache_tables: usize,
     /// How deep below the top image this one is (set by backing openers).
     pub depth: u32,
+    /// Repair an image marked NEED_CHECK when opening it read-write (QEMU does; `check`
+    /// turns it off to report what it finds).
+    pub repair_on_open: bool,
 }
 
 impl Default for OpenOptions {
@@ -70,6 +73,7 @@ impl OpenOptions {
             backing: BackingPolicy::Open(opener),
             l2_cache_tables: 64,
             depth: 0,
+            repair_on_open: true,
         }
     }
 }
@@ -443,7 +447,7 @@ impl Image {
             closed: false,
         };
 
-        if need_check && !options.read_only {
+        if need_check && !options.read_only && options.repair_on_open {
             let report = image.check(crate::check::Repair::All)?;
             if report.check_errors > 0 {
                 return Err(Error::CheckFailed {
@@ -577,7 +581,12 @@ impl Image {
         if self.table_epoch.load(Ordering::Acquire) == epoch
             && !inner.tables.contains_key(&table_offset)
         {
-            L2Cache::insert_locked(&mut inner, self.l2_cache.capacity, table_offset, table.clone());
+            L2Cache::insert_locked(
+                &mut inner,
+                self.l2_cache.capacity,
+                table_offset,
+                table.clone(),
+            );
         }
         Ok(table)
     }
@@ -664,9 +673,7 @@ impl Image {
         while pos < end {
             let (mapping, len) = self.lookup_run(pos, end - pos)?;
             match (out.last_mut(), mapping) {
-                (Some(last), Mapping::Data(h))
-                    if matches!(last.mapping, Mapping::Data(lh) if lh + last.length == h) =>
-                {
+                (Some(last), Mapping::Data(h)) if matches!(last.mapping, Mapping::Data(lh) if lh + last.length == h) => {
                     last.length += len
                 }
                 (Some(last), m) if last.mapping == m && !matches!(m, Mapping::Data(_)) => {
@@ -827,13 +834,7 @@ impl Image {
             }
             let group_guest = to_allocate[i].0 * cs;
             let group_host = host_base + i as u64 * cs;
-            self.write_new_group(
-                &to_allocate[i..j],
-                group_guest,
-                group_host,
-                data,
-                offset,
-            )?;
+            self.write_new_group(&to_allocate[i..j], group_guest, group_host, data, offset)?;
             i = j;
         }
         self.flush_before_metadata()?;
@@ -996,13 +997,20 @@ impl Image {
     /// there first is never overwritten. All-zero clusters become zero clusters when
     /// `zero_clusters` is set and are left unallocated otherwise; they are never stored as
     /// data.
-    pub fn populate(&self, offset: u64, data: &[u8], zero_clusters: bool) -> Result<PopulateOutcome> {
+    pub fn populate(
+        &self,
+        offset: u64,
+        data: &[u8],
+        zero_clusters: bool,
+    ) -> Result<PopulateOutcome> {
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
         let g = self.geometry;
         let cs = g.cluster_size();
         if g.offset_in_cluster(offset) != 0 {
-            return Err(Error::InvalidOptions("populate needs a cluster-aligned offset"));
+            return Err(Error::InvalidOptions(
+                "populate needs a cluster-aligned offset",
+            ));
         }
         let end = offset + data.len() as u64;
         if g.offset_in_cluster(end) != 0 && end != self.size() {
@@ -1255,7 +1263,9 @@ impl Image {
     pub fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable()?;
         if new_size % SECTOR != 0 {
-            return Err(Error::InvalidOptions("the new size must be a multiple of 512"));
+            return Err(Error::InvalidOptions(
+                "the new size must be a multiple of 512",
+            ));
         }
         if new_size > self.geometry.max_image_size() {
             return Err(Error::InvalidOptions(

@@ -134,12 +134,13 @@ impl Header {
             return Err(Error::InvalidHeader {
                 field: HeaderField::L1TableOffset,
                 value: self.l1_table_offset,
-                reason: "the L1 table must be cluster aligned, after the header and inside the file",
+                reason:
+                    "the L1 table must be cluster aligned, after the header and inside the file",
             });
         }
         if self.features & F_BACKING_FILE != 0 {
-            let end = u64::from(self.backing_filename_offset)
-                + u64::from(self.backing_filename_size);
+            let end =
+                u64::from(self.backing_filename_offset) + u64::from(self.backing_filename_size);
             if end > geometry.header_bytes() {
                 return Err(Error::InvalidHeader {
                     field: HeaderField::BackingFilename,
@@ -413,16 +414,31 @@ mod tests {
         assert_eq!(g.table_entries(), 32768);
         assert_eq!(g.l2_span(), 2 << 30);
         assert_eq!(g.max_image_size(), 64 << 40);
-        assert_eq!(Geometry::new(4096, 4, 1).unwrap().max_image_size(), 16 << 30);
-        assert_eq!(Geometry::new(4096, 16, 1).unwrap().max_image_size(), 256 << 30);
+        assert_eq!(
+            Geometry::new(4096, 4, 1).unwrap().max_image_size(),
+            16 << 30
+        );
+        assert_eq!(
+            Geometry::new(4096, 16, 1).unwrap().max_image_size(),
+            256 << 30
+        );
     }
 
     #[test]
     fn qemu_overflowing_geometries_are_detected() {
         // 2M/ts16 and 4M/ts4 wrap to 0 in QEMU; 4M/ts2 works.
-        assert_eq!(Geometry::new(2 << 20, 16, 1).unwrap().qemu_max_image_size(), 0);
-        assert_eq!(Geometry::new(4 << 20, 4, 1).unwrap().qemu_max_image_size(), 0);
-        assert_ne!(Geometry::new(4 << 20, 2, 1).unwrap().qemu_max_image_size(), 0);
+        assert_eq!(
+            Geometry::new(2 << 20, 16, 1).unwrap().qemu_max_image_size(),
+            0
+        );
+        assert_eq!(
+            Geometry::new(4 << 20, 4, 1).unwrap().qemu_max_image_size(),
+            0
+        );
+        assert_ne!(
+            Geometry::new(4 << 20, 2, 1).unwrap().qemu_max_image_size(),
+            0
+        );
     }
 
     #[test]

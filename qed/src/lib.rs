@@ -52,6 +52,8 @@ pub mod types;
 pub use backing::{BackingFormat, BackingOpener, BackingRead, FileGate, QedBacking, RawBacking};
 pub use check::{CheckReport, Repair};
 pub use error::{Error, Result};
-pub use image::{BackingPolicy, CreateOptions, Extent, Image, Mapping, OpenOptions, PopulateOutcome};
+pub use image::{
+    BackingPolicy, CreateOptions, Extent, Image, Mapping, OpenOptions, PopulateOutcome,
+};
 pub use layout::{Geometry, Header};
 pub use storage::{MemStorage, Storage};

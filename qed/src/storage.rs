@@ -133,7 +133,9 @@ impl MemStorage {
 impl Storage for MemStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let bytes = self.bytes.read();
-        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(bytes.len());
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(bytes.len());
         let n = (bytes.len() - start).min(buf.len());
         buf[..n].copy_from_slice(&bytes[start..start + n]);
         buf[n..].fill(0);

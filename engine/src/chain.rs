@@ -1,0 +1,416 @@
+//! A backing chain opened layer by layer for inspection: `info` and `map` walk it the way
+//! `qemu-img info --backing-chain` and `qemu-img map` do.
+//!
+//! Every layer below the top is admitted by the [`FileGate`] (probing policy, confinement,
+//! depth bound). Each QED layer is opened with its backing detached: the chain, not the image,
+//! decides where unallocated ranges come from.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Map, Value};
+
+use qed::backing::{probe_format, FileGate};
+use qed::{BackingFormat, BackingPolicy, Image, Mapping, OpenOptions, Storage};
+
+use crate::error::{Error, Result};
+
+/// One layer of a chain.
+#[derive(Debug)]
+pub enum Layer {
+    /// A QED image (its own backing detached).
+    Qed(Image),
+    /// A raw file.
+    Raw {
+        /// The open file.
+        file: File,
+        /// Its virtual size (length rounded up to 512).
+        size: u64,
+    },
+}
+
+/// A layer and the name it was opened by.
+#[derive(Debug)]
+pub struct ChainLayer {
+    /// The layer.
+    pub layer: Layer,
+    /// The path it was opened from.
+    pub path: PathBuf,
+    /// The name as the layer above stored it (the top's is its path as given).
+    pub name: String,
+}
+
+impl ChainLayer {
+    /// The layer's virtual size.
+    pub fn size(&self) -> u64 {
+        match &self.layer {
+            Layer::Qed(image) => image.size(),
+            Layer::Raw { size, .. } => *size,
+        }
+    }
+
+    /// `"qed"` or `"raw"`.
+    pub fn format(&self) -> &'static str {
+        match &self.layer {
+            Layer::Qed(_) => "qed",
+            Layer::Raw { .. } => "raw",
+        }
+    }
+}
+
+/// A chain of layers, top first.
+#[derive(Debug)]
+pub struct Chain {
+    /// Top first.
+    pub layers: Vec<ChainLayer>,
+}
+
+/// One extent of `qemu-img map --output=json`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MapEntry {
+    /// Guest offset.
+    pub start: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Which layer answers (0 = top).
+    pub depth: u32,
+    /// Some layer has it (data or zero).
+    pub present: bool,
+    /// Reads as zeros.
+    pub zero: bool,
+    /// Stored data.
+    pub data: bool,
+    /// Where it is stored in that layer's file, when known.
+    pub offset: Option<u64>,
+}
+
+impl MapEntry {
+    /// The JSON object qemu-img prints for this extent.
+    pub fn to_json(&self) -> Value {
+        let mut m = Map::new();
+        m.insert("start".into(), json!(self.start));
+        m.insert("length".into(), json!(self.length));
+        m.insert("depth".into(), json!(self.depth));
+        m.insert("present".into(), json!(self.present));
+        m.insert("zero".into(), json!(self.zero));
+        m.insert("data".into(), json!(self.data));
+        m.insert("compressed".into(), json!(false));
+        if let Some(o) = self.offset {
+            m.insert("offset".into(), json!(o));
+        }
+        Value::Object(m)
+    }
+
+    /// The line `qemu-img map --output=json` prints for this extent, spelled the same way.
+    pub fn to_qemu_json_line(&self) -> String {
+        let mut line = format!(
+            "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": false",
+            self.start, self.length, self.depth, self.present, self.zero, self.data
+        );
+        if let Some(o) = self.offset {
+            line.push_str(&format!(", \"offset\": {o}"));
+        }
+        line.push('}');
+        line
+    }
+
+    fn extends(&self, next: &MapEntry) -> bool {
+        self.start + self.length == next.start
+            && self.depth == next.depth
+            && self.present == next.present
+            && self.zero == next.zero
+            && self.data == next.data
+            && match (self.offset, next.offset) {
+                (Some(a), Some(b)) => a + self.length == b,
+                (None, None) => true,
+                _ => false,
+            }
+    }
+}
+
+/// Opens a file as raw or QED by its first bytes.
+fn open_layer(
+    path: &Path,
+    name: String,
+    format: BackingFormat,
+    allow_probe: bool,
+) -> Result<ChainLayer> {
+    let file = File::open(path).map_err(|e| Error::open(path, e))?;
+    let mut head = [0u8; 64];
+    let len = Storage::len(&file).map_err(|e| Error::open(path, e))?;
+    Storage::read_at(&file, &mut head, 0).map_err(|e| Error::open(path, e))?;
+    let detected = probe_format(&head[..len.min(64) as usize]);
+    let as_raw = format == BackingFormat::Raw || detected == "raw";
+    if !as_raw && !allow_probe {
+        return Err(Error::Usage(format!(
+            "{}: the backing format is not recorded and probing is forbidden",
+            path.display()
+        )));
+    }
+    let layer = if as_raw {
+        Layer::Raw {
+            file,
+            size: len.div_ceil(512) * 512,
+        }
+    } else if detected == "qed" {
+        let options = OpenOptions {
+            read_only: true,
+            path: Some(path.to_path_buf()),
+            backing: BackingPolicy::Detached,
+            ..OpenOptions::default()
+        };
+        Layer::Qed(Image::open(Box::new(file), options).map_err(|e| Error::image(path, e))?)
+    } else {
+        return Err(Error::Usage(format!(
+            "{}: format {detected} is not supported",
+            path.display()
+        )));
+    };
+    Ok(ChainLayer {
+        layer,
+        path: path.to_path_buf(),
+        name,
+    })
+}
+
+impl Chain {
+    /// Opens `path` (QED, or raw when `format` says so or it is not QED) and every backing
+    /// below it through `gate`.
+    pub fn open(path: &Path, format: Option<&str>, gate: &FileGate) -> Result<Chain> {
+        let top_format = match format {
+            Some("raw") => BackingFormat::Raw,
+            Some("qed") | None => BackingFormat::Probe,
+            Some(other) => return Err(Error::Usage(format!("unknown format {other:?}"))),
+        };
+        let top = open_layer(path, path.display().to_string(), top_format, true)?;
+        if format == Some("qed") && top.format() != "qed" {
+            return Err(Error::Usage(format!(
+                "{}: image not in QED format",
+                path.display()
+            )));
+        }
+        let mut layers = vec![top];
+        loop {
+            let (name, format, above) = {
+                let last = layers.last().map(|l| (&l.layer, &l.path));
+                match last {
+                    Some((Layer::Qed(image), p)) => match image.backing_name() {
+                        Some(name) => (
+                            name,
+                            image.backing_format().unwrap_or(BackingFormat::Probe),
+                            p.clone(),
+                        ),
+                        None => break,
+                    },
+                    _ => break,
+                }
+            };
+            let depth = layers.len() as u32;
+            let backing_path = gate
+                .admit(&name, Some(&above), depth)
+                .map_err(|e| Error::image(&above, e))?;
+            layers.push(open_layer(&backing_path, name, format, gate.allow_probe)?);
+        }
+        Ok(Chain { layers })
+    }
+
+    /// The top layer.
+    pub fn top(&self) -> &ChainLayer {
+        &self.layers[0]
+    }
+
+    /// `qemu-img map --output=json` extents for the whole virtual disk.
+    pub fn map(&self) -> Result<Vec<MapEntry>> {
+        let size = self.top().size();
+        let mut out: Vec<MapEntry> = Vec::new();
+        let mut pos = 0;
+        while pos < size {
+            let e = self.map_at(pos, size - pos)?;
+            pos += e.length;
+            match out.last_mut() {
+                Some(last) if last.extends(&e) => last.length += e.length,
+                _ => out.push(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// The extent at `pos`, as far as one answer reaches (at most `max`).
+    fn map_at(&self, pos: u64, max: u64) -> Result<MapEntry> {
+        let mut len = max;
+        for (depth, cl) in self.layers.iter().enumerate() {
+            let depth = depth as u32;
+            if depth > 0 && pos >= cl.size() {
+                return Ok(MapEntry {
+                    start: pos,
+                    length: len,
+                    depth: depth - 1,
+                    present: false,
+                    zero: true,
+                    data: false,
+                    offset: None,
+                });
+            }
+            if depth > 0 {
+                len = len.min(cl.size() - pos);
+            }
+            match &cl.layer {
+                Layer::Qed(image) => {
+                    let (mapping, n) = image
+                        .mapping_at(pos, len)
+                        .map_err(|e| Error::image(&cl.path, e))?;
+                    len = n;
+                    match mapping {
+                        Mapping::Data(host) => {
+                            return Ok(MapEntry {
+                                start: pos,
+                                length: len,
+                                depth,
+                                present: true,
+                                zero: false,
+                                data: true,
+                                offset: Some(host),
+                            })
+                        }
+                        Mapping::Zero => {
+                            return Ok(MapEntry {
+                                start: pos,
+                                length: len,
+                                depth,
+                                present: true,
+                                zero: true,
+                                data: false,
+                                offset: None,
+                            })
+                        }
+                        Mapping::Unallocated => {}
+                    }
+                }
+                Layer::Raw { file, .. } => {
+                    let (data, n) = raw_extent(file, pos, len);
+                    return Ok(MapEntry {
+                        start: pos,
+                        length: n,
+                        depth,
+                        present: true,
+                        zero: !data,
+                        data,
+                        offset: Some(pos),
+                    });
+                }
+            }
+        }
+        let bottom = (self.layers.len() - 1) as u32;
+        Ok(MapEntry {
+            start: pos,
+            length: len,
+            depth: bottom,
+            present: false,
+            zero: true,
+            data: false,
+            offset: None,
+        })
+    }
+}
+
+/// Whether `pos` of a raw file is data or a hole, and how far that lasts (SEEK_DATA /
+/// SEEK_HOLE; without them, all data).
+pub fn raw_extent(file: &File, pos: u64, max: u64) -> (bool, u64) {
+    let fd = file.as_raw_fd();
+    let Ok(off) = libc::off_t::try_from(pos) else {
+        return (true, max);
+    };
+    // SAFETY: lseek repositions the offset of a descriptor `file` owns for this call; no
+    // memory is shared with the kernel and all other I/O on it is positioned.
+    let data = unsafe { libc::lseek(fd, off, libc::SEEK_DATA) };
+    if data < 0 {
+        let enxio = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+        // ENXIO: no data at or after pos (a hole up to EOF). Otherwise: unknown, say data.
+        return (!enxio, max);
+    }
+    let data = data as u64;
+    if data > pos {
+        return (false, (data - pos).min(max));
+    }
+    // SAFETY: as above.
+    let hole = unsafe { libc::lseek(fd, off, libc::SEEK_HOLE) };
+    if hole < 0 {
+        return (true, max);
+    }
+    let hole = hole as u64;
+    // The file's end is a hole; QEMU rounds the size up to 512, so data lasts to there.
+    let end = if hole >= Storage::len(file).unwrap_or(hole) {
+        hole.div_ceil(512) * 512
+    } else {
+        hole
+    };
+    (true, end.saturating_sub(pos).clamp(1, max))
+}
+
+/// Bytes the file takes on disk (`st_blocks * 512`), as qemu-img's `actual-size`.
+pub fn actual_size(file: &File) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
+/// `qemu-img info --output=json` for one layer, with the layers below nested under
+/// `backing-image`.
+pub fn info_json(chain: &Chain, index: usize) -> Value {
+    let cl = &chain.layers[index];
+    let mut m = Map::new();
+    m.insert("filename".into(), json!(cl.name));
+    m.insert("format".into(), json!(cl.format()));
+    m.insert("virtual-size".into(), json!(cl.size()));
+    match &cl.layer {
+        Layer::Qed(image) => {
+            let file_actual = std::fs::File::open(&cl.path)
+                .map(|f| actual_size(&f))
+                .unwrap_or(0);
+            m.insert("actual-size".into(), json!(file_actual));
+            m.insert(
+                "cluster-size".into(),
+                json!(image.geometry().cluster_size()),
+            );
+            let header = image.header();
+            m.insert(
+                "dirty-flag".into(),
+                json!(header.features & qed::layout::F_NEED_CHECK != 0),
+            );
+            if let Some(name) = image.backing_name() {
+                m.insert("backing-filename".into(), json!(name));
+                let full = chain
+                    .layers
+                    .get(index + 1)
+                    .map(|b| b.path.display().to_string())
+                    .unwrap_or_else(|| name.clone());
+                m.insert("full-backing-filename".into(), json!(full));
+                if image.backing_format() == Some(BackingFormat::Raw) {
+                    m.insert("backing-filename-format".into(), json!("raw"));
+                }
+            }
+            m.insert(
+                "format-specific".into(),
+                json!({
+                    "type": "qed",
+                    "data": {
+                        "table-size": image.geometry().table_size(),
+                        "header-size": image.geometry().header_size(),
+                        "features": header.features,
+                        "compat-features": header.compat_features,
+                        "autoclear-features": header.autoclear_features,
+                        "l1-table-offset": header.l1_table_offset,
+                    }
+                }),
+            );
+        }
+        Layer::Raw { file, .. } => {
+            m.insert("actual-size".into(), json!(actual_size(file)));
+            m.insert("dirty-flag".into(), json!(false));
+        }
+    }
+    if index + 1 < chain.layers.len() {
+        m.insert("backing-image".into(), info_json(chain, index + 1));
+    }
+    Value::Object(m)
+}

@@ -1,0 +1,29 @@
+//! # engine: qedstream's image operations and the `qedstream` command
+//!
+//! The engine sits on top of the `qed` crate and turns images into operations an operator or a
+//! hypervisor backend asks for:
+//!
+//! - [`chain`]: a backing chain opened layer by layer for inspection ([`chain::Chain`]), with
+//!   `qemu-img`-compatible `map` extents ([`chain::MapEntry`]) and `info` JSON.
+//! - [`source`]: something to copy from (a QED chain or a raw file), read through its chain.
+//! - [`convert`]: copies a source into a raw file (holes where zero) or a new QED image (zero
+//!   data never stored).
+//! - [`size`]: sizes as operators type them (`64K`, `2G`).
+//!
+//! ```no_run
+//! use engine::chain::Chain;
+//! use qed::FileGate;
+//!
+//! let chain = Chain::open("top.qed".as_ref(), None, &FileGate::default()).unwrap();
+//! for extent in chain.map().unwrap() {
+//!     println!("{}", extent.to_json());
+//! }
+//! ```
+
+pub mod chain;
+pub mod convert;
+pub mod error;
+pub mod size;
+pub mod source;
+
+pub use error::{Error, Result};

@@ -1,0 +1,1015 @@
+//! [`Client`]: the public handle. Validates and splits requests, spreads them over the connection
+//! pool, and drives reconnection.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::connection::{Body, Completion, Connection, DeathHook, Limits};
+use crate::error::{Error, Refusal};
+use crate::handshake::{self, ExportEntry, ExportInfo, TransmissionFlags};
+use crate::protocol::*;
+use crate::uri::{Address, Uri};
+
+/// Tunables of a [`Client`]. `Default` gives the documented defaults.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Limit for establishing the socket connection (default 30 s).
+    pub connect_timeout: Duration,
+    /// Limit for the whole handshake (default 30 s).
+    pub handshake_timeout: Duration,
+    /// Limit for each request; `None` waits forever (default 30 s). A request that times out
+    /// fails with [`Error::Timeout`] and its connection is dropped (and reconnected, if enabled).
+    pub request_timeout: Option<Duration>,
+    /// How long to keep trying to reconnect after a socket error or EOF, like QEMU's
+    /// `reconnect-delay`; zero disables reconnecting (default 30 s).
+    pub reconnect_delay: Duration,
+    /// Largest READ/WRITE sent (default 256 KiB); always capped by the server's maximum and 32 MiB.
+    pub max_request_bytes: u32,
+    /// Connections to open when the server advertises CAN_MULTI_CONN, 1 to 4 (default 2).
+    pub connections: usize,
+    /// Requests in flight per connection (default 16).
+    pub max_in_flight: usize,
+    /// Payload bytes in flight per connection (default 64 MiB).
+    pub max_bytes_in_flight: usize,
+    /// Whether writes (WRITE, WRITE_ZEROES, TRIM) in flight are re-sent after a reconnect. Safe
+    /// only when nothing else writes the same export (default false: they fail with
+    /// [`Error::ConnectionLost`] and the caller decides).
+    pub resend_writes: bool,
+}
+
+impl Default for ClientConfig {
+    fn default() -> ClientConfig {
+        ClientConfig {
+            connect_timeout: Duration::from_secs(30),
+            handshake_timeout: Duration::from_secs(30),
+            request_timeout: Some(Duration::from_secs(30)),
+            reconnect_delay: Duration::from_secs(30),
+            max_request_bytes: 256 * 1024,
+            connections: 2,
+            max_in_flight: 16,
+            max_bytes_in_flight: 64 * 1024 * 1024,
+            resend_writes: false,
+        }
+    }
+}
+
+/// The state of the client's connection(s), for an embedder that wants to pause a guest rather
+/// than feed it errors while the server is away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ConnectionState {
+    /// Requests are being served.
+    Connected,
+    /// The connection was lost; requests wait while the client reconnects.
+    Reconnecting,
+    /// The connection is gone for good (protocol violation, reconnect window closed, export
+    /// changed); every request fails. See [`Client::failure`].
+    Failed,
+    /// [`Client::close`] was called.
+    Closed,
+}
+
+/// Flags of [`Client::write_zeroes`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// NBD_CMD_FLAG_FAST_ZERO: fail (ENOTSUP) rather than zero slowly. Needs
+    /// [`Client::can_fast_zero`].
+    pub fast: bool,
+    /// NBD_CMD_FLAG_NO_HOLE: allocate rather than punch a hole.
+    pub no_hole: bool,
+}
+
+/// One extent of block status (`base:allocation`), clamped to the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Extent {
+    /// Start, in bytes from the start of the export.
+    pub offset: u64,
+    /// Length in bytes (never zero).
+    pub length: u64,
+    /// NBD_STATE_HOLE: unallocated.
+    pub hole: bool,
+    /// NBD_STATE_ZERO: reads as zeroes.
+    pub zero: bool,
+}
+
+#[derive(Debug)]
+struct Pool {
+    generation: u64,
+    conns: Vec<Arc<Connection>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    uri: Option<Uri>,
+    config: ClientConfig,
+    export: Arc<ExportInfo>,
+    pool: RwLock<Pool>,
+    state: watch::Sender<ConnectionState>,
+    failure: Mutex<Option<Error>>,
+    next: AtomicUsize,
+}
+
+/// An NBD client: one export, one or more connections, cheap to clone and share between tasks.
+///
+/// There is no async drop: call [`Client::close`] to drain and disconnect cleanly. Dropping the
+/// last handle still sends NBD_CMD_DISC after the requests already queued.
+#[derive(Debug, Clone)]
+#[must_use = "call close() to disconnect cleanly"]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+async fn open_stream(address: &Address, config: &ClientConfig) -> Result<Stream, Error> {
+    let fut = async {
+        match address {
+            Address::Unix(p) => UnixStream::connect(p).await.map(Stream::Unix),
+            Address::Tcp { host, port } => {
+                let s = TcpStream::connect((host.as_str(), *port)).await?;
+                s.set_nodelay(true)?;
+                Ok(Stream::Tcp(s))
+            }
+        }
+    };
+    match tokio::time::timeout(config.connect_timeout, fut).await {
+        Ok(r) => r.map_err(Error::io),
+        Err(_) => Err(Error::Timeout {
+            what: "connect",
+            after: config.connect_timeout,
+        }),
+    }
+}
+
+async fn with_handshake_timeout<T>(
+    config: &ClientConfig,
+    f: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    match tokio::time::timeout(config.handshake_timeout, f).await {
+        Ok(r) => r,
+        Err(_) => Err(Error::Timeout {
+            what: "handshake",
+            after: config.handshake_timeout,
+        }),
+    }
+}
+
+fn limits(config: &ClientConfig) -> Limits {
+    Limits {
+        max_in_flight: config.max_in_flight.max(1),
+        max_bytes_in_flight: config.max_bytes_in_flight,
+        request_timeout: config.request_timeout,
+    }
+}
+
+/// Connect and negotiate one connection to `uri`.
+async fn open_connection(
+    uri: &Uri,
+    config: &ClientConfig,
+    hook: DeathHook,
+) -> Result<Connection, Error> {
+    let stream = open_stream(&uri.address, config).await?;
+    match stream {
+        Stream::Unix(mut s) => {
+            let export =
+                with_handshake_timeout(config, handshake::negotiate(&mut s, &uri.export)).await?;
+            let (r, w) = s.into_split();
+            Ok(Connection::start(
+                r,
+                w,
+                Arc::new(export),
+                limits(config),
+                hook,
+            ))
+        }
+        Stream::Tcp(mut s) => {
+            let export =
+                with_handshake_timeout(config, handshake::negotiate(&mut s, &uri.export)).await?;
+            let (r, w) = s.into_split();
+            Ok(Connection::start(
+                r,
+                w,
+                Arc::new(export),
+                limits(config),
+                hook,
+            ))
+        }
+    }
+}
+
+/// Open the whole pool: one connection, plus more when the server allows multi-conn.
+async fn open_pool(
+    uri: &Uri,
+    config: &ClientConfig,
+    hook: DeathHook,
+) -> Result<Vec<Arc<Connection>>, Error> {
+    let first = Arc::new(open_connection(uri, config, hook.clone()).await?);
+    let mut conns = vec![first.clone()];
+    let wanted = config.connections.clamp(1, 4);
+    if wanted > 1 && first.export().flags.multi_conn() {
+        let mut set = JoinSet::new();
+        for _ in 1..wanted {
+            let (uri, config, hook) = (uri.clone(), config.clone(), hook.clone());
+            set.spawn(async move { open_connection(&uri, &config, hook).await });
+        }
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Ok(c)) if same_export(first.export(), c.export()).is_ok() => {
+                    conns.push(Arc::new(c))
+                }
+                Ok(Ok(c)) => c.close().await,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "extra multi-conn connection failed; continuing with fewer")
+                }
+                Err(e) => tracing::debug!(error = %e, "extra connection task failed"),
+            }
+        }
+    }
+    Ok(conns)
+}
+
+/// After a reconnect the export must be the one we had.
+fn same_export(a: &ExportInfo, b: &ExportInfo) -> Result<(), Error> {
+    if a.size != b.size {
+        return Err(Error::ExportChanged(format!(
+            "size {} became {}",
+            a.size, b.size
+        )));
+    }
+    if a.flags != b.flags {
+        return Err(Error::ExportChanged(format!(
+            "flags {:#x} became {:#x}",
+            a.flags.0, b.flags.0
+        )));
+    }
+    if a.mode != b.mode || a.base_allocation.is_some() != b.base_allocation.is_some() {
+        return Err(Error::ExportChanged(
+            "negotiated reply mode or meta contexts differ".into(),
+        ));
+    }
+    if a.block_size != b.block_size {
+        return Err(Error::ExportChanged("block size constraints differ".into()));
+    }
+    Ok(())
+}
+
+fn death_hook(weak: Weak<Inner>, generation: u64) -> DeathHook {
+    Arc::new(move |err: &Error| {
+        if let Some(inner) = weak.upgrade() {
+            Inner::on_death(&inner, generation, err);
+        }
+    })
+}
+
+/// A hook for connections opened before the client exists; replaced logic: the client checks
+/// the pool itself in that window.
+fn pending_hook(slot: Arc<Mutex<Option<Weak<Inner>>>>, generation: u64) -> DeathHook {
+    Arc::new(move |err: &Error| {
+        let weak = slot.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(inner) = weak.and_then(|w| w.upgrade()) {
+            Inner::on_death(&inner, generation, err);
+        }
+    })
+}
+
+impl Inner {
+    fn set_failed(&self, err: Error) {
+        let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(err);
+        }
+        drop(f);
+        self.state.send_if_modified(|s| {
+            if *s == ConnectionState::Closed || *s == ConnectionState::Failed {
+                false
+            } else {
+                *s = ConnectionState::Failed;
+                true
+            }
+        });
+    }
+
+    fn on_death(this: &Arc<Inner>, generation: u64, err: &Error) {
+        if matches!(err, Error::Closed) {
+            return;
+        }
+        let current = this
+            .pool
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .generation;
+        if current != generation || *this.state.borrow() != ConnectionState::Connected {
+            return;
+        }
+        let can_reconnect =
+            this.uri.is_some() && !this.config.reconnect_delay.is_zero() && err.is_retryable();
+        if !can_reconnect {
+            this.set_failed(err.clone());
+            let conns =
+                std::mem::take(&mut this.pool.write().unwrap_or_else(|p| p.into_inner()).conns);
+            for c in conns {
+                c.kill(err.clone());
+            }
+            return;
+        }
+        let changed = this.state.send_if_modified(|s| {
+            if *s == ConnectionState::Connected {
+                *s = ConnectionState::Reconnecting;
+                true
+            } else {
+                false
+            }
+        });
+        if changed {
+            tracing::warn!(error = %err, "NBD connection lost; reconnecting");
+            tokio::spawn(Inner::reconnect(this.clone(), err.clone()));
+        }
+    }
+
+    async fn reconnect(this: Arc<Inner>, first: Error) {
+        let Some(uri) = this.uri.clone() else { return };
+        let window = this.config.reconnect_delay;
+        let deadline = tokio::time::Instant::now() + window;
+        let generation = {
+            let mut pool = this.pool.write().unwrap_or_else(|p| p.into_inner());
+            for c in std::mem::take(&mut pool.conns) {
+                c.kill(first.clone());
+            }
+            pool.generation += 1;
+            pool.generation
+        };
+        let mut last = first;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            if *this.state.borrow() == ConnectionState::Closed {
+                return;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                this.set_failed(Error::ReconnectFailed {
+                    window,
+                    last: Box::new(last),
+                });
+                return;
+            }
+            let hook = death_hook(Arc::downgrade(&this), generation);
+            match tokio::time::timeout(deadline - now, open_pool(&uri, &this.config, hook)).await {
+                Ok(Ok(conns)) => {
+                    if let Err(e) = same_export(&this.export, conns[0].export()) {
+                        for c in conns {
+                            c.close().await;
+                        }
+                        this.set_failed(e);
+                        return;
+                    }
+                    this.pool.write().unwrap_or_else(|p| p.into_inner()).conns = conns;
+                    this.state.send_if_modified(|s| {
+                        if *s == ConnectionState::Reconnecting {
+                            *s = ConnectionState::Connected;
+                            true
+                        } else {
+                            false
+                        }
+                    });
+                    tracing::info!("NBD connection re-established");
+                    return;
+                }
+                Ok(Err(e)) if e.is_retryable() || matches!(e, Error::OptionRefused { .. }) => {
+                    last = e
+                }
+                Ok(Err(e)) => {
+                    this.set_failed(e);
+                    return;
+                }
+                Err(_) => {}
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            tokio::time::sleep(backoff.min(left)).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+}
+
+fn resendable(command: Command, config: &ClientConfig) -> bool {
+    match command {
+        Command::Read | Command::BlockStatus | Command::Cache => true,
+        Command::Write | Command::WriteZeroes | Command::Trim => config.resend_writes,
+        // A FLUSH cannot vouch for writes acknowledged on a connection that is gone.
+        Command::Flush | Command::Disconnect => false,
+    }
+}
+
+impl Client {
+    /// Connect to the export `uri` names and negotiate (see the crate documentation for what).
+    pub async fn connect(uri: &Uri, config: ClientConfig) -> Result<Client, Error> {
+        let slot = Arc::new(Mutex::new(None));
+        let conns = open_pool(uri, &config, pending_hook(slot.clone(), 0)).await?;
+        let export = Arc::new(conns[0].export().clone());
+        let inner = Arc::new(Inner {
+            uri: Some(uri.clone()),
+            config,
+            export,
+            pool: RwLock::new(Pool {
+                generation: 0,
+                conns,
+            }),
+            state: watch::channel(ConnectionState::Connected).0,
+            failure: Mutex::new(None),
+            next: AtomicUsize::new(0),
+        });
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::downgrade(&inner));
+        // A connection that died before the hook was armed.
+        let dead = inner
+            .pool
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .conns
+            .iter()
+            .any(|c| c.is_dead());
+        if dead {
+            Inner::on_death(&inner, 0, &Error::eof());
+        }
+        Ok(Client { inner })
+    }
+
+    /// Parse `uri` and connect.
+    pub async fn connect_str(uri: &str, config: ClientConfig) -> Result<Client, Error> {
+        Client::connect(&Uri::parse(uri)?, config).await
+    }
+
+    /// Negotiate over an already connected stream (a single connection; no reconnect, since the
+    /// client cannot reopen it). Used by tests and the fuzz target, or for custom transports.
+    pub async fn from_stream<S>(
+        mut stream: S,
+        export: &str,
+        config: ClientConfig,
+    ) -> Result<Client, Error>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let info =
+            with_handshake_timeout(&config, handshake::negotiate(&mut stream, export)).await?;
+        let (r, w) = tokio::io::split(stream);
+        let slot = Arc::new(Mutex::new(None));
+        let info = Arc::new(info);
+        let conn = Connection::start(
+            r,
+            w,
+            info.clone(),
+            limits(&config),
+            pending_hook(slot.clone(), 0),
+        );
+        let inner = Arc::new(Inner {
+            uri: None,
+            config,
+            export: info,
+            pool: RwLock::new(Pool {
+                generation: 0,
+                conns: vec![Arc::new(conn)],
+            }),
+            state: watch::channel(ConnectionState::Connected).0,
+            failure: Mutex::new(None),
+            next: AtomicUsize::new(0),
+        });
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::downgrade(&inner));
+        let dead = inner
+            .pool
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .conns
+            .iter()
+            .any(|c| c.is_dead());
+        if dead {
+            Inner::on_death(&inner, 0, &Error::eof());
+        }
+        Ok(Client { inner })
+    }
+
+    /// What the handshake established.
+    pub fn export(&self) -> &ExportInfo {
+        &self.inner.export
+    }
+
+    /// Export size in bytes.
+    pub fn size(&self) -> u64 {
+        self.inner.export.size
+    }
+
+    /// Transmission flags.
+    pub fn flags(&self) -> TransmissionFlags {
+        self.inner.export.flags
+    }
+
+    /// Whether the export is writable.
+    pub fn can_write(&self) -> bool {
+        !self.flags().read_only()
+    }
+
+    /// Whether FLUSH is supported.
+    pub fn can_flush(&self) -> bool {
+        self.flags().flush()
+    }
+
+    /// Whether TRIM is supported (and the export writable).
+    pub fn can_trim(&self) -> bool {
+        self.flags().trim() && self.can_write()
+    }
+
+    /// Whether WRITE_ZEROES is supported (and the export writable).
+    pub fn can_zero(&self) -> bool {
+        self.flags().write_zeroes() && self.can_write()
+    }
+
+    /// Whether WRITE_ZEROES accepts FAST_ZERO.
+    pub fn can_fast_zero(&self) -> bool {
+        self.can_zero() && self.flags().fast_zero()
+    }
+
+    /// Whether CACHE is supported.
+    pub fn can_cache(&self) -> bool {
+        self.flags().cache()
+    }
+
+    /// Whether the server allows several connections to one export.
+    pub fn can_multi_conn(&self) -> bool {
+        self.flags().multi_conn()
+    }
+
+    /// Whether `base:allocation` block status was negotiated.
+    pub fn has_block_status(&self) -> bool {
+        self.inner.export.base_allocation.is_some() && self.inner.export.mode.structured()
+    }
+
+    /// Number of connections currently in the pool.
+    pub fn connection_count(&self) -> usize {
+        self.inner
+            .pool
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .conns
+            .len()
+    }
+
+    /// The largest READ/WRITE this client sends.
+    pub fn max_request_bytes(&self) -> u32 {
+        let e = &self.inner.export;
+        let min = e.block_size.minimum.max(1);
+        let m = self
+            .inner
+            .config
+            .max_request_bytes
+            .min(e.block_size.maximum)
+            .min(MAX_REQUEST_PAYLOAD);
+        (m / min * min).max(min)
+    }
+
+    /// The current connection state.
+    pub fn state(&self) -> ConnectionState {
+        *self.inner.state.borrow()
+    }
+
+    /// Subscribe to state changes.
+    pub fn subscribe_state(&self) -> watch::Receiver<ConnectionState> {
+        self.inner.state.subscribe()
+    }
+
+    /// Why the client is [`ConnectionState::Failed`], if it is.
+    pub fn failure(&self) -> Option<Error> {
+        self.inner
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// A live connection, waiting while reconnecting.
+    async fn connection(&self) -> Result<Arc<Connection>, Error> {
+        let mut rx = self.inner.state.subscribe();
+        loop {
+            let state = *rx.borrow_and_update();
+            match state {
+                ConnectionState::Connected => {
+                    {
+                        let pool = self.inner.pool.read().unwrap_or_else(|p| p.into_inner());
+                        let n = pool.conns.len();
+                        if n > 0 {
+                            let start = self.inner.next.fetch_add(1, Ordering::Relaxed);
+                            for i in 0..n {
+                                let c = &pool.conns[(start + i) % n];
+                                if !c.is_dead() {
+                                    return Ok(c.clone());
+                                }
+                            }
+                        }
+                    }
+                    // Dead but not yet noticed by the state machine: wait a moment.
+                    let _ = tokio::time::timeout(Duration::from_millis(5), rx.changed()).await;
+                }
+                ConnectionState::Reconnecting => {
+                    if rx.changed().await.is_err() {
+                        return Err(Error::Closed);
+                    }
+                }
+                ConnectionState::Failed => return Err(self.failure().unwrap_or(Error::Closed)),
+                ConnectionState::Closed => return Err(Error::Closed),
+            }
+        }
+    }
+
+    /// Send one (validated, fitting) request, re-sending it after a reconnect when that is safe.
+    async fn request(
+        &self,
+        command: Command,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        mut body: Option<Body>,
+    ) -> Result<Completion, Error> {
+        loop {
+            let conn = self.connection().await?;
+            let b = match body.take() {
+                Some(b) => b,
+                None => match command {
+                    Command::Read => Body::Read(vec![0u8; length as usize]),
+                    Command::BlockStatus => Body::BlockStatus,
+                    _ => Body::Empty,
+                },
+            };
+            // Keep a copy of a write payload only if we may have to send it again.
+            let retry_payload = match (&b, resendable(command, &self.inner.config)) {
+                (Body::Write(p), true) => Some(p.clone()),
+                _ => None,
+            };
+            match conn.submit(command, flags, offset, length, b).await {
+                Err(Error::ConnectionLost(e))
+                    if resendable(command, &self.inner.config)
+                        && self.inner.uri.is_some()
+                        && !self.inner.config.reconnect_delay.is_zero() =>
+                {
+                    tracing::debug!(%command, offset, length, error = %e, "re-sending after reconnect");
+                    body = retry_payload.map(Body::Write);
+                    // Let the state machine notice; `connection()` waits while reconnecting.
+                    tokio::task::yield_now().await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    fn check_range(&self, offset: u64, length: u64) -> Result<(), Error> {
+        if length == 0 {
+            return Err(Refusal::ZeroLength.into());
+        }
+        let size = self.size();
+        if offset.checked_add(length).is_none_or(|end| end > size) {
+            return Err(Refusal::OutOfBounds {
+                offset,
+                length,
+                size,
+            }
+            .into());
+        }
+        let align = self.inner.export.block_size.minimum.max(1);
+        if offset % u64::from(align) != 0 || length % u64::from(align) != 0 {
+            // The last block of an export whose size is not a multiple may be short.
+            if !(offset % u64::from(align) == 0 && offset + length == size) {
+                return Err(Refusal::Misaligned {
+                    offset,
+                    length,
+                    alignment: align,
+                }
+                .into());
+            }
+        }
+        Ok(())
+    }
+
+    fn check_writable(&self) -> Result<(), Error> {
+        if self.can_write() {
+            Ok(())
+        } else {
+            Err(Refusal::ReadOnly.into())
+        }
+    }
+
+    /// Pieces of at most `piece` bytes covering `[offset, offset+length)`.
+    fn pieces(offset: u64, length: u64, piece: u64) -> impl Iterator<Item = (u64, u64)> {
+        let end = offset + length;
+        (0..length.div_ceil(piece)).map(move |i| {
+            let o = offset + i * piece;
+            (o, piece.min(end - o))
+        })
+    }
+
+    /// Read `length` bytes at `offset`. Reads larger than [`Client::max_request_bytes`] are split
+    /// and the pieces issued concurrently.
+    pub async fn read(&self, offset: u64, length: u64) -> Result<Vec<u8>, Error> {
+        self.check_range(offset, length)?;
+        let piece = u64::from(self.max_request_bytes());
+        if length <= piece {
+            return match self.request(Command::Read, 0, offset, length, None).await? {
+                Completion::Read(b) => Ok(b),
+                _ => Err(Error::Closed),
+            };
+        }
+        let len = usize::try_from(length).map_err(|_| Refusal::OutOfBounds {
+            offset,
+            length,
+            size: self.size(),
+        })?;
+        let mut out = vec![0u8; len];
+        let mut set = JoinSet::new();
+        for (o, l) in Client::pieces(offset, length, piece) {
+            let c = self.clone();
+            set.spawn(async move { (o, c.request(Command::Read, 0, o, l, None).await) });
+        }
+        while let Some(j) = set.join_next().await {
+            let (o, r) = j.map_err(|e| Error::io(std::io::Error::other(e)))?;
+            if let Completion::Read(b) = r? {
+                let at = (o - offset) as usize;
+                out[at..at + b.len()].copy_from_slice(&b);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Read into `buf` (which must be at most [`Client::max_request_bytes`] long), reusing its
+    /// allocation: the buffer is owned by the request until the reply is complete, so dropping
+    /// this future is safe. Returns the filled buffer.
+    pub async fn read_buf(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>, Error> {
+        let length = buf.len() as u64;
+        self.check_range(offset, length)?;
+        if length > u64::from(self.max_request_bytes()) {
+            let mut buf = buf;
+            let data = self.read(offset, length).await?;
+            buf.copy_from_slice(&data);
+            return Ok(buf);
+        }
+        match self
+            .request(Command::Read, 0, offset, length, Some(Body::Read(buf)))
+            .await?
+        {
+            Completion::Read(b) => Ok(b),
+            _ => Err(Error::Closed),
+        }
+    }
+
+    /// Read into a borrowed slice (pieces are read concurrently, then copied).
+    pub async fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<(), Error> {
+        let data = self.read(offset, buf.len() as u64).await?;
+        buf.copy_from_slice(&data);
+        Ok(())
+    }
+
+    /// Write `data` at `offset` (split into pieces issued concurrently).
+    pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), Error> {
+        self.check_writable()?;
+        let length = data.len() as u64;
+        self.check_range(offset, length)?;
+        let piece = u64::from(self.max_request_bytes());
+        let mut set = JoinSet::new();
+        for (o, l) in Client::pieces(offset, length, piece) {
+            let at = (o - offset) as usize;
+            let payload = data[at..at + l as usize].to_vec();
+            let c = self.clone();
+            set.spawn(async move {
+                c.request(Command::Write, 0, o, l, Some(Body::Write(payload)))
+                    .await
+            });
+        }
+        join_all(set).await
+    }
+
+    /// The largest effect length for TRIM / WRITE_ZEROES / BLOCK_STATUS in one request.
+    fn max_effect_length(&self) -> u64 {
+        let align = u64::from(self.inner.export.block_size.minimum.max(1));
+        let cap: u64 = 1 << 30;
+        (cap / align * align).max(align)
+    }
+
+    async fn effect_command(
+        &self,
+        command: Command,
+        flags: u16,
+        offset: u64,
+        length: u64,
+    ) -> Result<(), Error> {
+        self.check_range(offset, length)?;
+        let piece = if command == Command::Cache {
+            u64::from(self.max_request_bytes())
+        } else {
+            self.max_effect_length()
+        };
+        let mut set = JoinSet::new();
+        for (o, l) in Client::pieces(offset, length, piece) {
+            let c = self.clone();
+            set.spawn(async move { c.request(command, flags, o, l, None).await });
+        }
+        join_all(set).await
+    }
+
+    /// Write zeroes (NBD_CMD_WRITE_ZEROES).
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        length: u64,
+        flags: ZeroFlags,
+    ) -> Result<(), Error> {
+        self.check_writable()?;
+        if !self.flags().write_zeroes() {
+            return Err(Refusal::Unsupported("WRITE_ZEROES").into());
+        }
+        if flags.fast && !self.flags().fast_zero() {
+            return Err(Refusal::Unsupported("FAST_ZERO").into());
+        }
+        let f = if flags.fast { CMD_FLAG_FAST_ZERO } else { 0 }
+            | if flags.no_hole { CMD_FLAG_NO_HOLE } else { 0 };
+        self.effect_command(Command::WriteZeroes, f, offset, length)
+            .await
+    }
+
+    /// Discard (NBD_CMD_TRIM).
+    pub async fn trim(&self, offset: u64, length: u64) -> Result<(), Error> {
+        self.check_writable()?;
+        if !self.flags().trim() {
+            return Err(Refusal::Unsupported("TRIM").into());
+        }
+        self.effect_command(Command::Trim, 0, offset, length).await
+    }
+
+    /// Ask the server to prefetch (NBD_CMD_CACHE).
+    pub async fn cache(&self, offset: u64, length: u64) -> Result<(), Error> {
+        if !self.can_cache() {
+            return Err(Refusal::Unsupported("CACHE").into());
+        }
+        self.effect_command(Command::Cache, 0, offset, length).await
+    }
+
+    /// Flush (NBD_CMD_FLUSH). With several connections, flushes each (CAN_MULTI_CONN makes one
+    /// enough, but writes may still be in flight on the others).
+    pub async fn flush(&self) -> Result<(), Error> {
+        if !self.can_flush() {
+            return Err(Refusal::Unsupported("FLUSH").into());
+        }
+        self.check_writable()?;
+        match self.request(Command::Flush, 0, 0, 0, None).await? {
+            Completion::Done => Ok(()),
+            _ => Err(Error::Closed),
+        }
+    }
+
+    /// Block status (`base:allocation`) for `[offset, offset+length)`, in one request of up to
+    /// 1 GiB (larger windows are clamped). The extents are clamped to the request and the export,
+    /// adjacent equal ones merged; they cover exactly the asked range or a prefix of it.
+    pub async fn block_status(&self, offset: u64, length: u64) -> Result<Vec<Extent>, Error> {
+        if !self.has_block_status() {
+            return Err(Refusal::Unsupported("BLOCK_STATUS (no base:allocation context)").into());
+        }
+        if length == 0 {
+            return Err(Refusal::ZeroLength.into());
+        }
+        let size = self.size();
+        if offset >= size {
+            return Err(Refusal::OutOfBounds {
+                offset,
+                length,
+                size,
+            }
+            .into());
+        }
+        let length = length.min(size - offset).min(self.max_effect_length());
+        self.check_range(offset, length)?;
+        let raw = match self
+            .request(Command::BlockStatus, 0, offset, length, None)
+            .await?
+        {
+            Completion::BlockStatus(e) => e,
+            _ => return Err(Error::Closed),
+        };
+        Ok(clamp_extents(offset, length, &raw))
+    }
+
+    /// Drain requests in flight, send NBD_CMD_DISC on every connection and close them.
+    pub async fn close(&self) {
+        let conns = {
+            let mut pool = self.inner.pool.write().unwrap_or_else(|p| p.into_inner());
+            std::mem::take(&mut pool.conns)
+        };
+        self.inner.state.send_replace(ConnectionState::Closed);
+        for c in conns {
+            c.close().await;
+        }
+    }
+}
+
+async fn join_all(mut set: JoinSet<Result<Completion, Error>>) -> Result<(), Error> {
+    let mut first = None;
+    while let Some(j) = set.join_next().await {
+        let r = j.map_err(|e| Error::io(std::io::Error::other(e)))?;
+        if let Err(e) = r {
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// Turn raw extents into clamped, merged [`Extent`]s covering a prefix of the request.
+pub(crate) fn clamp_extents(offset: u64, length: u64, raw: &[RawExtent]) -> Vec<Extent> {
+    let end = offset + length;
+    let mut out: Vec<Extent> = Vec::new();
+    let mut at = offset;
+    for e in raw {
+        if at >= end {
+            break;
+        }
+        let l = e.length.min(end - at);
+        let hole = e.flags & u64::from(STATE_HOLE) != 0;
+        let zero = e.flags & u64::from(STATE_ZERO) != 0;
+        match out.last_mut() {
+            Some(last) if last.hole == hole && last.zero == zero => last.length += l,
+            _ => out.push(Extent {
+                offset: at,
+                length: l,
+                hole,
+                zero,
+            }),
+        }
+        at += l;
+    }
+    out
+}
+
+/// NBD_OPT_LIST: the exports a server offers (then NBD_OPT_ABORT).
+pub async fn list_exports(uri: &Uri, config: &ClientConfig) -> Result<Vec<ExportEntry>, Error> {
+    match open_stream(&uri.address, config).await? {
+        Stream::Unix(mut s) => with_handshake_timeout(config, handshake::list(&mut s)).await,
+        Stream::Tcp(mut s) => with_handshake_timeout(config, handshake::list(&mut s)).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extents_are_clamped_and_merged() {
+        let raw = [
+            RawExtent {
+                length: 100,
+                flags: 0,
+            },
+            RawExtent {
+                length: 50,
+                flags: 0,
+            },
+            RawExtent {
+                length: 1000,
+                flags: 3,
+            },
+        ];
+        let e = clamp_extents(10, 200, &raw);
+        assert_eq!(
+            e,
+            vec![
+                Extent {
+                    offset: 10,
+                    length: 150,
+                    hole: false,
+                    zero: false
+                },
+                Extent {
+                    offset: 160,
+                    length: 50,
+                    hole: true,
+                    zero: true
+                },
+            ]
+        );
+        let e = clamp_extents(0, 40, &raw[..1]);
+        assert_eq!(
+            e,
+            vec![Extent {
+                offset: 0,
+                length: 40,
+                hole: false,
+                zero: false
+            }]
+        );
+        let e = clamp_extents(0, 400, &raw[..1]);
+        assert_eq!(e.iter().map(|e| e.length).sum::<u64>(), 100, "a prefix");
+    }
+
+    #[test]
+    fn pieces_cover_the_range() {
+        let p: Vec<_> = Client::pieces(10, 25, 10).collect();
+        assert_eq!(p, vec![(10, 10), (20, 10), (30, 5)]);
+    }
+}

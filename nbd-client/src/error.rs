@@ -1,0 +1,321 @@
+//! The crate's one error type, [`Error`], and the protocol violations it can carry.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::protocol::Command;
+
+/// Everything that can go wrong talking to an NBD server.
+///
+/// The variants tell apart what a caller must treat differently: a lost connection
+/// ([`Error::ConnectionLost`], [`Error::Timeout`]) may be retried, a protocol violation never, an
+/// error the server reported ([`Error::Server`]) concerns one request only, and a local refusal
+/// ([`Error::Refused`]) means nothing was sent.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The server broke the protocol. The connection is dead and is not reconnected.
+    #[error("NBD protocol violation by the server: {0}")]
+    Protocol(#[from] Violation),
+    /// A socket error or EOF (retryable: reconnect may help).
+    #[error("connection to the NBD server lost: {0}")]
+    ConnectionLost(Arc<std::io::Error>),
+    /// The server failed one request; the connection stays usable.
+    #[error("NBD server failed {command} at offset {offset} length {length}: {errno} ({message})")]
+    Server {
+        /// The command that failed.
+        command: Command,
+        /// The request's offset.
+        offset: u64,
+        /// The request's length.
+        length: u64,
+        /// The error the server reported.
+        errno: Errno,
+        /// The server's message (may be empty).
+        message: String,
+        /// The offset an ERROR_OFFSET chunk named, if any.
+        error_offset: Option<u64>,
+    },
+    /// The client refused the request before sending anything.
+    #[error("request refused locally: {0}")]
+    Refused(#[from] Refusal),
+    /// A deadline passed (connect, handshake, or one request).
+    #[error("NBD {what} timed out after {after:?}")]
+    Timeout {
+        /// What timed out: "connect", "handshake" or "request".
+        what: &'static str,
+        /// The configured limit.
+        after: Duration,
+    },
+    /// `nbds://` and friends: this client does not implement TLS.
+    #[error("TLS is not supported by this NBD client (URI {uri:?})")]
+    TlsUnsupported {
+        /// The URI that asked for TLS.
+        uri: String,
+    },
+    /// The URI could not be parsed.
+    #[error("invalid NBD URI {uri:?}: {reason}")]
+    InvalidUri {
+        /// The text given.
+        uri: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// The server does not speak what we require (oldstyle, non-fixed newstyle).
+    #[error("unsupported NBD server: {0}")]
+    UnsupportedServer(&'static str),
+    /// The server refused a handshake option (e.g. the export does not exist).
+    #[error("NBD server refused option {option} with {reply}: {message:?}")]
+    OptionRefused {
+        /// The option (e.g. "GO").
+        option: &'static str,
+        /// The error reply's name (e.g. "ERR_UNKNOWN").
+        reply: &'static str,
+        /// The server's message.
+        message: String,
+    },
+    /// After a reconnect the export no longer matches what we negotiated first.
+    #[error("NBD export changed across reconnect: {0}")]
+    ExportChanged(String),
+    /// The reconnect window closed without a working connection.
+    #[error("NBD server unreachable: reconnect window of {window:?} closed; last error: {last}")]
+    ReconnectFailed {
+        /// The configured window.
+        window: Duration,
+        /// The last error seen while trying.
+        last: Box<Error>,
+    },
+    /// The client was closed.
+    #[error("NBD client is closed")]
+    Closed,
+}
+
+impl Error {
+    /// Whether retrying (after a reconnect) may succeed: socket errors, EOF and timeouts.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::ConnectionLost(_) | Error::Timeout { .. })
+    }
+
+    /// Whether this is a protocol violation by the server.
+    pub fn is_protocol_violation(&self) -> bool {
+        matches!(self, Error::Protocol(_))
+    }
+
+    /// The errno the server reported, if this is a server error.
+    pub fn server_errno(&self) -> Option<Errno> {
+        match self {
+            Error::Server { errno, .. } => Some(*errno),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn io(e: std::io::Error) -> Error {
+        Error::ConnectionLost(Arc::new(e))
+    }
+
+    pub(crate) fn eof() -> Error {
+        Error::io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "server closed the connection",
+        ))
+    }
+}
+
+/// An NBD error value as sent by a server (mapped like the spec: unknown values are kept).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Errno(pub u32);
+
+impl Errno {
+    pub const EPERM: Errno = Errno(1);
+    pub const EIO: Errno = Errno(5);
+    pub const ENOMEM: Errno = Errno(12);
+    pub const EINVAL: Errno = Errno(22);
+    pub const ENOSPC: Errno = Errno(28);
+    pub const EOVERFLOW: Errno = Errno(75);
+    pub const ENOTSUP: Errno = Errno(95);
+    pub const ESHUTDOWN: Errno = Errno(108);
+}
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match *self {
+            Errno::EPERM => "EPERM",
+            Errno::EIO => "EIO",
+            Errno::ENOMEM => "ENOMEM",
+            Errno::EINVAL => "EINVAL",
+            Errno::ENOSPC => "ENOSPC",
+            Errno::EOVERFLOW => "EOVERFLOW",
+            Errno::ENOTSUP => "ENOTSUP",
+            Errno::ESHUTDOWN => "ESHUTDOWN",
+            Errno(n) => return write!(f, "error {n}"),
+        };
+        f.write_str(name)
+    }
+}
+
+/// Why a request was refused without being sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The server did not advertise the command (or flag).
+    #[error("the server does not support {0}")]
+    Unsupported(&'static str),
+    /// The export is read-only.
+    #[error("the export is read-only")]
+    ReadOnly,
+    /// The range does not lie inside the export.
+    #[error("range {offset}+{length} is outside the export of {size} bytes")]
+    OutOfBounds {
+        /// Request offset.
+        offset: u64,
+        /// Request length.
+        length: u64,
+        /// Export size.
+        size: u64,
+    },
+    /// Offset or length is not a multiple of the server's minimum block size.
+    #[error("range {offset}+{length} is not aligned to the minimum block size {alignment}")]
+    Misaligned {
+        /// Request offset.
+        offset: u64,
+        /// Request length.
+        length: u64,
+        /// Required alignment.
+        alignment: u32,
+    },
+    /// A zero-length request.
+    #[error("zero-length request")]
+    ZeroLength,
+}
+
+/// A protocol violation: the server sent something the protocol forbids. Always fatal for the
+/// connection (QEMU's client does the same: no reconnect after a protocol error).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Violation {
+    /// A magic number was wrong.
+    #[error("bad magic in {what}: {found:#x}")]
+    BadMagic {
+        /// Which structure.
+        what: &'static str,
+        /// The value found.
+        found: u64,
+    },
+    /// The server did not offer fixed newstyle.
+    #[error("server did not set FIXED_NEWSTYLE")]
+    NotFixedNewstyle,
+    /// An option reply echoed the wrong option.
+    #[error("option reply echoed option {echoed}, sent {sent}")]
+    OptionMismatch {
+        /// Option sent.
+        sent: u32,
+        /// Option echoed.
+        echoed: u32,
+    },
+    /// An option reply announced a payload above our bound.
+    #[error("option {option} reply of {length} bytes exceeds the limit")]
+    OptionReplyTooLong {
+        /// The option.
+        option: u32,
+        /// The announced length.
+        length: u32,
+    },
+    /// An option reply of a type not valid for the option, or malformed.
+    #[error("malformed or unexpected reply to option {option}: {detail}")]
+    BadOptionReply {
+        /// The option.
+        option: u32,
+        /// What was wrong.
+        detail: &'static str,
+    },
+    /// The export's information is missing or inconsistent.
+    #[error("bad export information: {0}")]
+    BadExportInfo(&'static str),
+    /// A reply kind (simple/structured/extended) that was not negotiated.
+    #[error("reply with magic {magic:#x} not allowed by the negotiated mode")]
+    ReplyNotNegotiated {
+        /// The magic found.
+        magic: u32,
+    },
+    /// A reply for a cookie we have no request for.
+    #[error("reply for unknown cookie {0:#x}")]
+    UnknownCookie(u64),
+    /// A chunk type not allowed here (or unknown and not an error).
+    #[error("unexpected chunk type {chunk_type:#x} for {command}")]
+    UnexpectedChunk {
+        /// The chunk type.
+        chunk_type: u16,
+        /// The request's command.
+        command: Command,
+    },
+    /// A chunk's payload length is invalid for its type or above our bound.
+    #[error("chunk type {chunk_type:#x} has invalid payload length {length}")]
+    BadChunkLength {
+        /// The chunk type.
+        chunk_type: u16,
+        /// The payload length.
+        length: u64,
+    },
+    /// Read data or a hole outside the requested range.
+    #[error("chunk covers {offset}+{length}, outside the request {req_offset}+{req_length}")]
+    ChunkOutOfRange {
+        /// Chunk offset.
+        offset: u64,
+        /// Chunk length.
+        length: u64,
+        /// Request offset.
+        req_offset: u64,
+        /// Request length.
+        req_length: u64,
+    },
+    /// Two chunks of one read cover the same bytes.
+    #[error("chunk at {offset}+{length} overlaps data already received")]
+    ChunkOverlap {
+        /// Chunk offset.
+        offset: u64,
+        /// Chunk length.
+        length: u64,
+    },
+    /// A read completed without all of its bytes.
+    #[error("read of {req_offset}+{req_length} completed with only {received} bytes received")]
+    ReadIncomplete {
+        /// Request offset.
+        req_offset: u64,
+        /// Request length.
+        req_length: u64,
+        /// Bytes received.
+        received: u64,
+    },
+    /// A read was split into too many disjoint pieces.
+    #[error("read split into too many disjoint chunks")]
+    TooFragmented,
+    /// A block-status extent of length zero.
+    #[error("block status extent of length zero")]
+    ZeroLengthExtent,
+    /// Block status completed without an extent for our context.
+    #[error("block status reply without extents for the negotiated context")]
+    NoExtents,
+    /// A second block-status chunk for the same context.
+    #[error("duplicate block status chunk for one context")]
+    DuplicateBlockStatus,
+    /// An error chunk with error value 0.
+    #[error("error chunk with error value 0")]
+    ZeroErrno,
+    /// An ERROR_OFFSET chunk whose offset is outside the request.
+    #[error("error offset {0} outside the request")]
+    ErrorOffsetOutOfRange(u64),
+    /// An extended chunk whose offset does not echo the request's.
+    #[error("extended chunk offset {found} does not echo the request offset {expected}")]
+    OffsetNotEchoed {
+        /// Request offset.
+        expected: u64,
+        /// Offset in the chunk header.
+        found: u64,
+    },
+    /// A simple reply carrying success for a read after structured replies were agreed.
+    #[error("simple reply to a read after structured replies were negotiated")]
+    SimpleReplyToRead,
+    /// A final chunk without DONE semantic errors, e.g. NONE without DONE.
+    #[error("chunk NONE without the DONE flag or with a payload")]
+    BadNoneChunk,
+}

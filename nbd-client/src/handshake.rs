@@ -1,0 +1,533 @@
+//! The fixed-newstyle handshake: greeting, EXTENDED_HEADERS (else STRUCTURED_REPLY),
+//! SET_META_CONTEXT `base:allocation` immediately followed by GO (nothing may come between: nbdkit
+//! drops the contexts otherwise), the EXPORT_NAME fallback, LIST and ABORT.
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::error::{Error, Violation};
+use crate::protocol::*;
+
+/// Block size constraints (INFO_BLOCK_SIZE, or the protocol's defaults when not advertised).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockSize {
+    /// Offsets and lengths must be multiples of this.
+    pub minimum: u32,
+    /// The server prefers requests of (multiples of) this size.
+    pub preferred: u32,
+    /// Largest READ/WRITE payload.
+    pub maximum: u32,
+    /// Whether the server advertised them.
+    pub advertised: bool,
+}
+
+impl Default for BlockSize {
+    fn default() -> BlockSize {
+        BlockSize {
+            minimum: 1,
+            preferred: 4096,
+            maximum: MAX_REQUEST_PAYLOAD,
+            advertised: false,
+        }
+    }
+}
+
+/// Transmission flags of an export (the raw u16 plus queries).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TransmissionFlags(pub u16);
+
+impl TransmissionFlags {
+    fn has(self, bit: u16) -> bool {
+        self.0 & bit != 0
+    }
+    /// READ_ONLY.
+    pub fn read_only(self) -> bool {
+        self.has(TF_READ_ONLY)
+    }
+    /// SEND_FLUSH.
+    pub fn flush(self) -> bool {
+        self.has(TF_SEND_FLUSH)
+    }
+    /// SEND_FUA.
+    pub fn fua(self) -> bool {
+        self.has(TF_SEND_FUA)
+    }
+    /// SEND_TRIM.
+    pub fn trim(self) -> bool {
+        self.has(TF_SEND_TRIM)
+    }
+    /// SEND_WRITE_ZEROES.
+    pub fn write_zeroes(self) -> bool {
+        self.has(TF_SEND_WRITE_ZEROES)
+    }
+    /// SEND_FAST_ZERO.
+    pub fn fast_zero(self) -> bool {
+        self.has(TF_SEND_FAST_ZERO)
+    }
+    /// SEND_DF.
+    pub fn df(self) -> bool {
+        self.has(TF_SEND_DF)
+    }
+    /// CAN_MULTI_CONN.
+    pub fn multi_conn(self) -> bool {
+        self.has(TF_CAN_MULTI_CONN)
+    }
+    /// SEND_CACHE.
+    pub fn cache(self) -> bool {
+        self.has(TF_SEND_CACHE)
+    }
+    /// ROTATIONAL.
+    pub fn rotational(self) -> bool {
+        self.has(TF_ROTATIONAL)
+    }
+}
+
+/// What the handshake established about the export.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportInfo {
+    /// The export name asked for.
+    pub name: String,
+    /// The server's description, if it sent one.
+    pub description: Option<String>,
+    /// Size in bytes.
+    pub size: u64,
+    /// Transmission flags.
+    pub flags: TransmissionFlags,
+    /// Block size constraints.
+    pub block_size: BlockSize,
+    /// Header format in use.
+    pub mode: HeaderMode,
+    /// Context id of `base:allocation`, when negotiated (0 is a valid id).
+    pub base_allocation: Option<u32>,
+    /// Whether NBD_OPT_GO was refused and NBD_OPT_EXPORT_NAME used instead.
+    pub used_export_name: bool,
+}
+
+/// An entry of NBD_OPT_LIST.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportEntry {
+    /// Export name.
+    pub name: String,
+    /// Optional description.
+    pub description: Option<String>,
+}
+
+fn map_read_err(e: std::io::Error) -> Error {
+    Error::io(e)
+}
+
+async fn read_exact<S: AsyncRead + Unpin>(s: &mut S, buf: &mut [u8]) -> Result<(), Error> {
+    s.read_exact(buf).await.map(|_| ()).map_err(map_read_err)
+}
+
+async fn send_option<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    option: u32,
+    data: &[u8],
+) -> Result<(), Error> {
+    s.write_all(&encode_option(option, data))
+        .await
+        .map_err(Error::io)?;
+    s.flush().await.map_err(Error::io)
+}
+
+/// Read one option reply (header and payload, length already bounded).
+async fn read_option_reply<S: AsyncRead + Unpin>(
+    s: &mut S,
+    option: u32,
+) -> Result<(u32, Vec<u8>), Error> {
+    let mut h = [0u8; 20];
+    read_exact(s, &mut h).await?;
+    let h = decode_option_reply_header(&h, option)?;
+    let mut payload = vec![0u8; h.length as usize];
+    read_exact(s, &mut payload).await?;
+    Ok((h.reply_type, payload))
+}
+
+fn option_name(option: u32) -> &'static str {
+    match option {
+        OPT_EXPORT_NAME => "EXPORT_NAME",
+        OPT_ABORT => "ABORT",
+        OPT_LIST => "LIST",
+        OPT_STARTTLS => "STARTTLS",
+        OPT_INFO => "INFO",
+        OPT_GO => "GO",
+        OPT_STRUCTURED_REPLY => "STRUCTURED_REPLY",
+        OPT_LIST_META_CONTEXT => "LIST_META_CONTEXT",
+        OPT_SET_META_CONTEXT => "SET_META_CONTEXT",
+        OPT_EXTENDED_HEADERS => "EXTENDED_HEADERS",
+        _ => "unknown option",
+    }
+}
+
+fn reply_name(reply: u32) -> &'static str {
+    match reply {
+        REP_ERR_UNSUP => "ERR_UNSUP",
+        REP_ERR_POLICY => "ERR_POLICY",
+        REP_ERR_INVALID => "ERR_INVALID",
+        REP_ERR_PLATFORM => "ERR_PLATFORM",
+        REP_ERR_TLS_REQD => "ERR_TLS_REQD",
+        REP_ERR_UNKNOWN => "ERR_UNKNOWN",
+        REP_ERR_SHUTDOWN => "ERR_SHUTDOWN",
+        REP_ERR_BLOCK_SIZE_REQD => "ERR_BLOCK_SIZE_REQD",
+        REP_ERR_TOO_BIG => "ERR_TOO_BIG",
+        REP_ERR_EXT_HEADER_REQD => "ERR_EXT_HEADER_REQD",
+        _ => "error",
+    }
+}
+
+fn refused(option: u32, reply: u32, payload: &[u8]) -> Error {
+    let message = String::from_utf8_lossy(payload).into_owned();
+    if reply == REP_ERR_TLS_REQD {
+        return Error::TlsUnsupported {
+            uri: format!("(server requires TLS: {message})"),
+        };
+    }
+    Error::OptionRefused {
+        option: option_name(option),
+        reply: reply_name(reply),
+        message,
+    }
+}
+
+/// Read the greeting and send the client flags. Returns whether NO_ZEROES is in effect.
+async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<bool, Error> {
+    let mut g = [0u8; 16];
+    read_exact(s, &mut g).await?;
+    let m = be64(&g, 0);
+    if m != INIT_PASSWD {
+        return Err(Violation::BadMagic {
+            what: "greeting",
+            found: m,
+        }
+        .into());
+    }
+    match be64(&g, 8) {
+        IHAVEOPT => {}
+        CLISERV_MAGIC => {
+            return Err(Error::UnsupportedServer(
+                "oldstyle negotiation is not supported (fixed newstyle required)",
+            ))
+        }
+        other => {
+            return Err(Violation::BadMagic {
+                what: "greeting",
+                found: other,
+            }
+            .into())
+        }
+    }
+    let mut f = [0u8; 2];
+    read_exact(s, &mut f).await?;
+    let flags = u16::from_be_bytes(f);
+    if flags & FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(Error::UnsupportedServer(
+            "non-fixed newstyle negotiation is not supported",
+        ));
+    }
+    let no_zeroes = flags & FLAG_NO_ZEROES != 0;
+    let client = CLIENT_FIXED_NEWSTYLE | if no_zeroes { CLIENT_NO_ZEROES } else { 0 };
+    s.write_all(&client.to_be_bytes())
+        .await
+        .map_err(Error::io)?;
+    Ok(no_zeroes)
+}
+
+/// Send an option without data that the server answers with ACK or an error.
+/// `Ok(true)` on ACK, `Ok(false)` on an error reply (with its type).
+async fn simple_option<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    option: u32,
+) -> Result<Result<(), (u32, Vec<u8>)>, Error> {
+    send_option(s, option, &[]).await?;
+    let (reply, payload) = read_option_reply(s, option).await?;
+    match reply {
+        REP_ACK if payload.is_empty() => Ok(Ok(())),
+        r if r & REP_FLAG_ERROR != 0 => Ok(Err((r, payload))),
+        _ => Err(Violation::BadOptionReply {
+            option,
+            detail: "expected ACK or an error",
+        }
+        .into()),
+    }
+}
+
+/// Negotiate the transmission phase for `export` on a fresh stream.
+pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    export: &str,
+) -> Result<ExportInfo, Error> {
+    if export.len() > 4096 {
+        return Err(Error::InvalidUri {
+            uri: export.to_string(),
+            reason: "export name longer than 4096 bytes".into(),
+        });
+    }
+    let no_zeroes = greet(s).await?;
+
+    // Header mode.
+    let mut mode = HeaderMode::Simple;
+    match simple_option(s, OPT_EXTENDED_HEADERS).await? {
+        Ok(()) => mode = HeaderMode::Extended,
+        Err((REP_ERR_TLS_REQD, p)) => {
+            return Err(refused(OPT_EXTENDED_HEADERS, REP_ERR_TLS_REQD, &p))
+        }
+        Err(_) => match simple_option(s, OPT_STRUCTURED_REPLY).await? {
+            Ok(()) => mode = HeaderMode::Structured,
+            Err((REP_ERR_TLS_REQD, p)) => {
+                return Err(refused(OPT_STRUCTURED_REPLY, REP_ERR_TLS_REQD, &p))
+            }
+            Err(_) => {}
+        },
+    }
+
+    // Meta context, immediately followed by GO.
+    let mut base_allocation = None;
+    if mode.structured() {
+        let data = encode_meta_context_data(export, &[BASE_ALLOCATION]);
+        send_option(s, OPT_SET_META_CONTEXT, &data).await?;
+        loop {
+            let (reply, payload) = read_option_reply(s, OPT_SET_META_CONTEXT).await?;
+            match reply {
+                REP_META_CONTEXT => {
+                    if payload.len() < 5 {
+                        return Err(Violation::BadOptionReply {
+                            option: OPT_SET_META_CONTEXT,
+                            detail: "META_CONTEXT reply too short",
+                        }
+                        .into());
+                    }
+                    let id = be32(&payload, 0);
+                    if &payload[4..] == BASE_ALLOCATION.as_bytes() {
+                        if base_allocation.is_some() {
+                            return Err(Violation::BadOptionReply {
+                                option: OPT_SET_META_CONTEXT,
+                                detail: "base:allocation selected twice",
+                            }
+                            .into());
+                        }
+                        base_allocation = Some(id);
+                    }
+                }
+                REP_ACK if payload.is_empty() => break,
+                r if r & REP_FLAG_ERROR != 0 => {
+                    if r == REP_ERR_TLS_REQD {
+                        return Err(refused(OPT_SET_META_CONTEXT, r, &payload));
+                    }
+                    tracing::debug!(
+                        reply = reply_name(r),
+                        "SET_META_CONTEXT refused; no block status"
+                    );
+                    base_allocation = None;
+                    break;
+                }
+                _ => {
+                    return Err(Violation::BadOptionReply {
+                        option: OPT_SET_META_CONTEXT,
+                        detail: "expected META_CONTEXT, ACK or an error",
+                    }
+                    .into())
+                }
+            }
+        }
+    }
+
+    let data = encode_go_data(export, &[INFO_BLOCK_SIZE, INFO_NAME, INFO_DESCRIPTION]);
+    send_option(s, OPT_GO, &data).await?;
+    let mut size_flags = None;
+    let mut block_size = BlockSize::default();
+    let mut description = None;
+    let bad_info = |detail| {
+        Error::from(Violation::BadOptionReply {
+            option: OPT_GO,
+            detail,
+        })
+    };
+    loop {
+        let (reply, payload) = read_option_reply(s, OPT_GO).await?;
+        match reply {
+            REP_INFO => {
+                if payload.len() < 2 {
+                    return Err(bad_info("INFO reply too short"));
+                }
+                match be16(&payload, 0) {
+                    INFO_EXPORT => {
+                        if payload.len() != 12 {
+                            return Err(bad_info("INFO_EXPORT of wrong length"));
+                        }
+                        size_flags = Some((be64(&payload, 2), be16(&payload, 10)));
+                    }
+                    INFO_BLOCK_SIZE => {
+                        if payload.len() != 14 {
+                            return Err(bad_info("INFO_BLOCK_SIZE of wrong length"));
+                        }
+                        let (min, pref, max) =
+                            (be32(&payload, 2), be32(&payload, 6), be32(&payload, 10));
+                        let sane = min.is_power_of_two()
+                            && min <= 65536
+                            && pref.is_power_of_two()
+                            && pref >= min.max(512)
+                            && max >= pref;
+                        if sane {
+                            block_size = BlockSize {
+                                minimum: min,
+                                preferred: pref,
+                                maximum: max,
+                                advertised: true,
+                            };
+                        } else {
+                            tracing::debug!(
+                                min,
+                                pref,
+                                max,
+                                "ignoring inconsistent block size constraints"
+                            );
+                        }
+                    }
+                    INFO_DESCRIPTION => {
+                        description = Some(String::from_utf8_lossy(&payload[2..]).into_owned());
+                    }
+                    _ => {} // NAME and unknown items: ignored.
+                }
+            }
+            REP_ACK if payload.is_empty() => break,
+            REP_ERR_UNSUP if mode != HeaderMode::Extended => {
+                let info = export_name_fallback(s, export, no_zeroes, mode).await?;
+                return Ok(info);
+            }
+            r if r & REP_FLAG_ERROR != 0 => return Err(refused(OPT_GO, r, &payload)),
+            _ => return Err(bad_info("expected INFO, ACK or an error")),
+        }
+    }
+    let (size, flags) = size_flags.ok_or(Violation::BadExportInfo(
+        "GO acknowledged without INFO_EXPORT",
+    ))?;
+    finish(
+        export,
+        description,
+        size,
+        flags,
+        block_size,
+        mode,
+        base_allocation,
+        false,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish(
+    export: &str,
+    description: Option<String>,
+    size: u64,
+    flags: u16,
+    block_size: BlockSize,
+    mode: HeaderMode,
+    base_allocation: Option<u32>,
+    used_export_name: bool,
+) -> Result<ExportInfo, Error> {
+    if flags & TF_HAS_FLAGS == 0 {
+        return Err(Violation::BadExportInfo("transmission flags lack HAS_FLAGS").into());
+    }
+    if size > i64::MAX as u64 {
+        return Err(Violation::BadExportInfo("export size above 2^63").into());
+    }
+    Ok(ExportInfo {
+        name: export.to_string(),
+        description,
+        size,
+        flags: TransmissionFlags(flags),
+        block_size,
+        mode,
+        base_allocation,
+        used_export_name,
+    })
+}
+
+async fn export_name_fallback<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    export: &str,
+    no_zeroes: bool,
+    mode: HeaderMode,
+) -> Result<ExportInfo, Error> {
+    // The contexts set before GO do not survive EXPORT_NAME reliably; do without block status.
+    send_option(s, OPT_EXPORT_NAME, export.as_bytes()).await?;
+    let mut b = [0u8; 10 + 124];
+    let n = if no_zeroes { 10 } else { 134 };
+    s.read_exact(&mut b[..n]).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Error::OptionRefused {
+                option: "EXPORT_NAME",
+                reply: "disconnect",
+                message: format!("export {export:?} refused"),
+            }
+        } else {
+            Error::io(e)
+        }
+    })?;
+    finish(
+        export,
+        None,
+        be64(&b, 0),
+        be16(&b, 8),
+        BlockSize::default(),
+        mode,
+        None,
+        true,
+    )
+}
+
+/// NBD_OPT_LIST on a fresh stream, then NBD_OPT_ABORT.
+pub async fn list<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<Vec<ExportEntry>, Error> {
+    greet(s).await?;
+    send_option(s, OPT_LIST, &[]).await?;
+    let mut out = Vec::new();
+    loop {
+        let (reply, payload) = read_option_reply(s, OPT_LIST).await?;
+        match reply {
+            REP_SERVER => {
+                if payload.len() < 4 {
+                    return Err(Violation::BadOptionReply {
+                        option: OPT_LIST,
+                        detail: "SERVER reply too short",
+                    }
+                    .into());
+                }
+                let n = be32(&payload, 0) as usize;
+                if n > payload.len() - 4 {
+                    return Err(Violation::BadOptionReply {
+                        option: OPT_LIST,
+                        detail: "name longer than reply",
+                    }
+                    .into());
+                }
+                let name = String::from_utf8_lossy(&payload[4..4 + n]).into_owned();
+                let desc = &payload[4 + n..];
+                let description =
+                    (!desc.is_empty()).then(|| String::from_utf8_lossy(desc).into_owned());
+                out.push(ExportEntry { name, description });
+            }
+            REP_ACK if payload.is_empty() => break,
+            r if r & REP_FLAG_ERROR != 0 => return Err(refused(OPT_LIST, r, &payload)),
+            _ => {
+                return Err(Violation::BadOptionReply {
+                    option: OPT_LIST,
+                    detail: "expected SERVER or ACK",
+                }
+                .into())
+            }
+        }
+    }
+    abort(s).await;
+    Ok(out)
+}
+
+/// NBD_OPT_ABORT: send it, wait briefly for the ACK (servers may just close), ignore failures.
+pub async fn abort<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
+    if send_option(s, OPT_ABORT, &[]).await.is_ok() {
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            read_option_reply(s, OPT_ABORT),
+        )
+        .await;
+    }
+    let _ = s.shutdown().await;
+}

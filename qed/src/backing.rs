@@ -132,7 +132,11 @@ impl BackingRead for QedBacking {
         } else {
             (size - offset).min(buf.len() as u64) as usize
         };
-        self.image.read_at(&mut buf[..inside], offset)?;
+        // Past the backing's end there is nothing to ask the image for (and an empty read
+        // there would be out of range): those bytes are zeros.
+        if inside > 0 {
+            self.image.read_at(&mut buf[..inside], offset)?;
+        }
         buf[inside..].fill(0);
         Ok(())
     }

@@ -31,13 +31,22 @@ pub fn require_qed_support() {
     SUPPORTED.get_or_init(|| {
         let out = run_raw("qemu-img", &["--help"]);
         let text = String::from_utf8_lossy(&out.stdout);
-        let formats = text
-            .lines()
-            .find(|l| l.starts_with("Supported formats:"))
-            .unwrap_or_else(|| panic!("`qemu-img --help` printed no \"Supported formats\" line:\n{text}"));
+        // "Supported formats:" (older) or "Supported image formats:" (newer), then the names,
+        // on the same line and/or on the indented lines that follow.
+        let mut lines = text.lines().skip_while(|l| !(l.contains("Supported") && l.contains("formats:")));
+        let first = lines.next().unwrap_or_else(|| {
+            panic!("`qemu-img --help` lists no supported formats:\n{text}")
+        });
+        let mut formats: Vec<&str> = first.split(':').nth(1).unwrap_or("").split_whitespace().collect();
+        formats.extend(
+            lines
+                .skip_while(|l| l.trim().is_empty())
+                .take_while(|l| l.starts_with(' ') && !l.trim().is_empty())
+                .flat_map(str::split_whitespace),
+        );
         assert!(
-            formats.split_whitespace().any(|f| f == "qed"),
-            "this qemu-img was built without QED support ({formats}); the interop tests need it"
+            formats.contains(&"qed"),
+            "this qemu-img was built without QED support ({formats:?}); the interop tests need it"
         );
         let _ = run_raw("qemu-io", &["--version"]);
     });

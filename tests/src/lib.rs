@@ -534,3 +534,28 @@ pub fn assert_check_agrees(path: &Path) -> qed::CheckReport {
     );
     ours
 }
+
+/// A backing opener for in-memory tests: every name opens the same raw bytes.
+#[derive(Debug)]
+pub struct MemRawOpener(pub Vec<u8>);
+
+impl qed::BackingOpener for MemRawOpener {
+    fn open(
+        &self,
+        name: &str,
+        _format: qed::BackingFormat,
+        _image_path: Option<&Path>,
+        _depth: u32,
+    ) -> qed::Result<std::sync::Arc<dyn qed::BackingRead>> {
+        let storage = qed::MemStorage::from_bytes(self.0.clone());
+        Ok(std::sync::Arc::new(qed::RawBacking::new(
+            Box::new(storage),
+            name.to_string(),
+        )?))
+    }
+}
+
+/// Options that open the backing through `opener`.
+pub fn options_with(opener: impl qed::BackingOpener + 'static) -> OpenOptions {
+    OpenOptions::with_opener(std::sync::Arc::new(opener))
+}

@@ -1,0 +1,183 @@
+//! Side-by-side runs of the same QED workloads through our `qed` crate and through QEMU
+//! (`qemu-io`, `qemu-img convert -O qed`), in one run, on the same files. Prints medians of
+//! three runs and the ratio QEMU time / our time (above 1: we are faster).
+//!
+//! `cargo run --release -p qedstream-benches --bin qed-compare [-- --quick]`
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use engine::convert::{convert, Target};
+use engine::source::Source;
+use qed::{BackingFormat, CreateOptions, Image, OpenOptions};
+use qedstream_benches::XorShift;
+
+const MIB: u64 = 1 << 20;
+
+fn qemu_io(image: &Path, cmds: &[String]) {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "qed"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    let out = c.arg(image).output().expect("qemu-io is required (apt-get install qemu-utils)");
+    assert!(out.status.success(), "qemu-io failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img is required (apt-get install qemu-utils)");
+    assert!(out.status.success(), "qemu-img {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn time(runs: usize, mut setup: impl FnMut(), mut f: impl FnMut()) -> Duration {
+    median(
+        (0..runs)
+            .map(|_| {
+                setup();
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect(),
+    )
+}
+
+fn report(name: &str, bytes: u64, ours: Duration, qemu: Duration) {
+    let mbs = |d: Duration| bytes as f64 / d.as_secs_f64() / 1e6;
+    println!(
+        "{name:<48} ours {:>8.3}s ({:>7.1} MB/s)   qemu {:>8.3}s ({:>7.1} MB/s)   qemu/ours {:>5.2}x",
+        ours.as_secs_f64(),
+        mbs(ours),
+        qemu.as_secs_f64(),
+        mbs(qemu),
+        qemu.as_secs_f64() / ours.as_secs_f64()
+    );
+}
+
+fn create(path: &Path, size: u64, backing: Option<&str>) {
+    let _ = std::fs::remove_file(path);
+    let mut options = CreateOptions::new(size);
+    options.backing = backing.map(|b| (b.to_string(), BackingFormat::Raw));
+    Image::create_path(path, &options).unwrap();
+}
+
+fn open(path: &Path) -> Image {
+    Image::open_path(path, OpenOptions::default()).unwrap()
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let runs = if quick { 1 } else { 3 };
+    let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
+    let d = dir.path();
+    let img = d.join("w.qed");
+    let pattern = vec![0x5au8; MIB as usize];
+
+    // qemu-io's own start-up and close, to read the small cases fairly.
+    create(&img, 1 << 30, None);
+    let startup = time(runs, || {}, || qemu_io(&img, &["read 0 512".to_string()]));
+    println!("qemu-io start-up and close alone: {:.3}s (included in the qemu column)", startup.as_secs_f64());
+
+    // 1. Sequential 1 MiB allocating writes, no backing file.
+    let total = if quick { 64 * MIB } else { 256 * MIB };
+    let n = total / MIB;
+    let ours = time(runs, || create(&img, 1 << 30, None), || {
+        let image = open(&img);
+        for i in 0..n {
+            image.write_at(&pattern, i * MIB).unwrap();
+        }
+        image.close().unwrap();
+    });
+    let cmds: Vec<String> = (0..n).map(|i| format!("write -P 0x5a {} 1M", i * MIB)).collect();
+    let qemu = time(runs, || create(&img, 1 << 30, None), || qemu_io(&img, &cmds));
+    report(&format!("sequential 1 MiB writes, {} MiB, no backing", total / MIB), total, ours, qemu);
+
+    // 2. Sequential 64 KiB allocating writes over a raw backing (a flush per allocation).
+    let base = d.join("base.raw");
+    std::fs::write(&base, vec![0x11u8; (64 * MIB) as usize]).unwrap();
+    let total = 64 * MIB;
+    let n = total / 65536;
+    let ours = time(runs, || create(&img, 64 * MIB, Some("base.raw")), || {
+        let image = open(&img);
+        for i in 0..n {
+            image.write_at(&pattern[..65536], i * 65536).unwrap();
+        }
+        image.close().unwrap();
+    });
+    let cmds: Vec<String> = (0..n).map(|i| format!("write -P 0x5a {} 64k", i * 65536)).collect();
+    let qemu = time(runs, || create(&img, 64 * MIB, Some("base.raw")), || qemu_io(&img, &cmds));
+    report("sequential 64 KiB writes, 64 MiB, raw backing", total, ours, qemu);
+
+    // 3. One large write over a raw backing: we allocate one run and update each L2 once.
+    let ours = time(runs, || create(&img, 64 * MIB, Some("base.raw")), || {
+        let image = open(&img);
+        let big = vec![0x5au8; (32 * MIB) as usize];
+        image.write_at(&big, 1000).unwrap();
+        image.close().unwrap();
+    });
+    let cmds = vec!["write -P 0x5a 1000 32M".to_string()];
+    let qemu = time(runs, || create(&img, 64 * MIB, Some("base.raw")), || qemu_io(&img, &cmds));
+    report("one 32 MiB unaligned write, raw backing", 32 * MIB, ours, qemu);
+
+    // 4. Random 4 KiB allocating writes into a 1 GiB image.
+    let count = if quick { 1024 } else { 4096 };
+    let mut rng = XorShift::new(42);
+    let offsets: Vec<u64> = (0..count).map(|_| (rng.next_u64() % (1 << 30)) & !4095).collect();
+    let ours = time(runs, || create(&img, 1 << 30, None), || {
+        let image = open(&img);
+        for &o in &offsets {
+            image.write_at(&pattern[..4096], o).unwrap();
+        }
+        image.close().unwrap();
+    });
+    let cmds: Vec<String> = offsets.iter().map(|o| format!("write -P 0x5a {o} 4k")).collect();
+    let qemu = time(runs, || create(&img, 1 << 30, None), || qemu_io(&img, &cmds));
+    report(&format!("random 4 KiB allocating writes x{count}"), count * 4096, ours, qemu);
+
+    // 5. convert raw -> qed: 60% random data in 64 KiB..8 MiB extents, the rest holes.
+    let size = if quick { 256 * MIB } else { 1024 * MIB };
+    let src = d.join("src.raw");
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(size).unwrap();
+        let mut rng = XorShift::new(9);
+        let mut pos = 0;
+        let mut buf = vec![0u8; (8 * MIB) as usize];
+        while pos < size {
+            let len = (65536 << (rng.next_u64() % 8)).min(size - pos);
+            if rng.next_u64() % 10 < 6 {
+                rng.fill(&mut buf[..len as usize]);
+                f.write_all_at(&buf[..len as usize], pos).unwrap();
+            }
+            pos += len;
+        }
+        f.sync_all().unwrap();
+    }
+    let out = d.join("out.qed");
+    let ours = time(runs, || { let _ = std::fs::remove_file(&out); }, || {
+        let source = Source::open(&src, Some("raw")).unwrap();
+        convert(&source, &out, &Target::Qed { cluster_size: 65536, table_size: 4 }).unwrap();
+    });
+    let (src_s, out_s) = (src.to_str().unwrap(), out.to_str().unwrap());
+    let qemu = time(runs, || { let _ = std::fs::remove_file(&out); }, || {
+        qemu_img(&["convert", "-t", "writeback", "-f", "raw", "-O", "qed", src_s, out_s])
+    });
+    report(&format!("convert {} MiB raw (60% data) -> qed, synced", size / MIB), size, ours, qemu);
+    let unsafe_qemu = time(runs, || { let _ = std::fs::remove_file(&out); }, || {
+        qemu_img(&["convert", "-f", "raw", "-O", "qed", src_s, out_s])
+    });
+    println!(
+        "  (qemu-img convert's default cache=unsafe skips the final sync: {:.3}s; ours always syncs)",
+        unsafe_qemu.as_secs_f64()
+    );
+}

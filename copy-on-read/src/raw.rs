@@ -1,0 +1,221 @@
+//! A raw file as a block device. I/O runs on tokio's blocking pool (`spawn_blocking`) with
+//! positioned reads and writes; block status comes from `SEEK_DATA`/`SEEK_HOLE`.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::device::{check_range, BlockDevice, Capabilities, IoFuture, Status, StatusExtent};
+use crate::error::{blocking, Error, Result};
+
+/// A raw file. As a backing its size is the file length rounded up to 512 bytes (as QEMU's
+/// block layer sees it); the bytes past the end of the file read as zeros.
+#[derive(Debug)]
+pub struct RawFile {
+    file: Arc<File>,
+    path: PathBuf,
+    size: u64,
+    writable: bool,
+}
+
+impl RawFile {
+    /// Opens `path` (blocking; call from `spawn_blocking` or at start-up).
+    pub fn open(path: &Path, writable: bool) -> Result<RawFile> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(writable)
+            .open(path)
+            .map_err(|source| Error::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        RawFile::from_file(file, path.to_path_buf(), writable)
+    }
+
+    /// Wraps an open file.
+    pub fn from_file(file: File, path: PathBuf, writable: bool) -> Result<RawFile> {
+        let len = file
+            .metadata()
+            .map_err(Error::io("sizing raw file", 0))?
+            .len();
+        Ok(RawFile {
+            file: Arc::new(file),
+            path,
+            size: len.div_ceil(512) * 512,
+            writable,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+fn pread_padded(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => {
+                buf[done..].fill(0);
+                break;
+            }
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `lseek(fd, pos, whence)`, or `None` when the call fails.
+fn seek(file: &File, pos: u64, whence: libc::c_int) -> std::result::Result<u64, i32> {
+    let off = libc::off_t::try_from(pos).map_err(|_| libc::EINVAL)?;
+    // SAFETY: lseek only repositions the file offset of a descriptor `file` owns for the
+    // duration of the call; no memory is shared with the kernel, and all other I/O on the file
+    // is positioned (pread/pwrite), so the moved offset affects nothing.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+    if r < 0 {
+        Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    } else {
+        Ok(r as u64)
+    }
+}
+
+/// SEEK_DATA/SEEK_HOLE extents of `[offset, end)`; without support, all data.
+fn raw_status(file: &File, offset: u64, end: u64) -> Vec<StatusExtent> {
+    let mut out = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        let data = match seek(file, pos, libc::SEEK_DATA) {
+            Ok(d) => d,
+            Err(libc::ENXIO) => u64::MAX, // only a hole from here to EOF
+            Err(_) => {
+                crate::device::push_extent(
+                    &mut out,
+                    StatusExtent {
+                        offset: pos,
+                        length: end - pos,
+                        status: Status::Data,
+                    },
+                );
+                break;
+            }
+        };
+        if data > pos {
+            let hole_end = data.min(end);
+            crate::device::push_extent(
+                &mut out,
+                StatusExtent {
+                    offset: pos,
+                    length: hole_end - pos,
+                    status: Status::Zero,
+                },
+            );
+            pos = hole_end;
+            continue;
+        }
+        let hole = seek(file, pos, libc::SEEK_HOLE).unwrap_or(end).max(pos + 1);
+        let data_end = hole.min(end);
+        crate::device::push_extent(
+            &mut out,
+            StatusExtent {
+                offset: pos,
+                length: data_end - pos,
+                status: Status::Data,
+            },
+        );
+        pos = data_end;
+    }
+    out
+}
+
+impl BlockDevice for RawFile {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, mut buf: Vec<u8>) -> IoFuture<'_, Vec<u8>> {
+        let file = Arc::clone(&self.file);
+        Box::pin(async move {
+            check_range(offset, buf.len() as u64, self.size)?;
+            blocking(move || {
+                pread_padded(&file, &mut buf, offset).map_err(Error::io("reading raw file", offset))?;
+                Ok(buf)
+            })
+            .await
+        })
+    }
+
+    fn write_at(&self, offset: u64, data: Vec<u8>) -> IoFuture<'_, ()> {
+        let file = Arc::clone(&self.file);
+        Box::pin(async move {
+            if !self.writable {
+                return Err(Error::ReadOnly);
+            }
+            check_range(offset, data.len() as u64, self.size)?;
+            blocking(move || {
+                file.write_all_at(&data, offset)
+                    .map_err(Error::io("writing raw file", offset))
+            })
+            .await
+        })
+    }
+
+    fn write_zeroes(&self, offset: u64, length: u64) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let mut done = 0;
+            while done < length {
+                let n = (length - done).min(4 << 20);
+                self.write_at(offset + done, vec![0u8; n as usize]).await?;
+                done += n;
+            }
+            Ok(())
+        })
+    }
+
+    fn discard(&self, _offset: u64, _length: u64) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn flush(&self) -> IoFuture<'_, ()> {
+        let file = Arc::clone(&self.file);
+        let writable = self.writable;
+        Box::pin(async move {
+            if !writable {
+                return Ok(());
+            }
+            blocking(move || file.sync_data().map_err(Error::io("flushing raw file", 0))).await
+        })
+    }
+
+    fn block_status(&self, offset: u64, length: u64) -> IoFuture<'_, Vec<StatusExtent>> {
+        let file = Arc::clone(&self.file);
+        let size = self.size;
+        Box::pin(async move {
+            if offset >= size || length == 0 {
+                return Err(Error::OutOfRange {
+                    offset,
+                    length,
+                    size,
+                });
+            }
+            let end = offset + length.min(size - offset);
+            blocking(move || Ok(raw_status(&file, offset, end))).await
+        })
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            writable: self.writable,
+            block_status: true,
+            reconnect: false,
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("raw {}", self.path.display())
+    }
+}

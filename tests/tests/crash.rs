@@ -1,0 +1,261 @@
+//! Crash safety of the write path, seen through a `Storage` that records every write and
+//! flush:
+//!
+//! - the order QEMU relies on (qed-format.md §3.2, §9): with a backing file, data clusters are
+//!   written whole, then flushed, then the L2 table (a new one whole, then flushed), then the
+//!   L1 sector; without a backing file, NEED_CHECK is set before the first allocation and a
+//!   clean close clears it after a flush;
+//! - replaying every prefix of the recorded writes (a crash at each point, writes reaching the
+//!   disk in order), and every such crash with one write lost since the last flush, gives an
+//!   image that opens, repairs to clean, and shows, in every cluster, either the data from
+//!   before the interrupted operation or from after it.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use qed::{CreateOptions, Image, MemStorage, OpenOptions, Repair, Storage};
+use qedstream_tests::{options_with, random_ops, MemRawOpener, Model, XorShift};
+
+#[derive(Clone, Debug)]
+enum Event {
+    Write { offset: u64, data: Vec<u8> },
+    Flush,
+    SetLen(u64),
+}
+
+#[derive(Debug, Clone)]
+struct Recording {
+    inner: Arc<MemStorage>,
+    log: Arc<Mutex<Vec<Event>>>,
+}
+
+impl Recording {
+    fn new(bytes: Vec<u8>) -> Recording {
+        Recording {
+            inner: Arc::new(MemStorage::from_bytes(bytes)),
+            log: Arc::default(),
+        }
+    }
+    fn take_log(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.log.lock())
+    }
+}
+
+impl Storage for Recording {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.log.lock().push(Event::Write {
+            offset,
+            data: buf.to_vec(),
+        });
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.log.lock().push(Event::Flush);
+        Ok(())
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.log.lock().push(Event::SetLen(len));
+        self.inner.set_len(len)
+    }
+}
+
+const CS: u64 = 65536;
+
+fn fresh(backing: bool) -> Vec<u8> {
+    let s = MemStorage::new();
+    let mut o = CreateOptions::new(8 << 20);
+    if backing {
+        o.backing = Some(("base.raw".into(), qed::BackingFormat::Raw));
+    }
+    Image::create(&s, &o).unwrap();
+    s.to_bytes()
+}
+
+fn base_bytes() -> Vec<u8> {
+    let mut b = vec![0u8; 3 << 20];
+    XorShift::new(99).fill(&mut b);
+    b
+}
+
+/// Index of the first event matching `f`.
+fn position(log: &[Event], f: impl Fn(&Event) -> bool) -> usize {
+    log.iter().position(f).unwrap_or_else(|| panic!("event not found in {:#?}", summary(log)))
+}
+
+fn summary(log: &[Event]) -> Vec<String> {
+    log.iter()
+        .map(|e| match e {
+            Event::Write { offset, data } => format!("write {offset:#x}+{:#x}", data.len()),
+            Event::Flush => "flush".into(),
+            Event::SetLen(l) => format!("set_len {l:#x}"),
+        })
+        .collect()
+}
+
+#[test]
+fn allocating_write_with_backing_orders_data_flush_l2_flush_l1() {
+    let rec = Recording::new(fresh(true));
+    let image = Image::open(Box::new(rec.clone()), options_with(MemRawOpener(base_bytes()))).unwrap();
+    let l1 = image.header().l1_table_offset;
+    let end0 = image.file_end();
+    rec.take_log();
+    // Partial write into a fresh cluster: COW from the backing, a new L2 table.
+    image.write_at(&[0xab; 4096], 100 << 10).unwrap();
+    let log = rec.take_log();
+    let s = summary(&log);
+    let is_data = |e: &Event| matches!(e, Event::Write { offset, .. } if *offset >= end0 && *offset < end0 + CS);
+    let last_data = log.iter().rposition(is_data).expect("data written");
+    let data_bytes: usize = log
+        .iter()
+        .filter(|e| is_data(e))
+        .map(|e| match e {
+            Event::Write { data, .. } => data.len(),
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(data_bytes as u64, CS, "the new cluster is written whole: {s:?}");
+    let l2_write = position(&log, |e| matches!(e, Event::Write { offset, data } if *offset == end0 + CS && data.len() as u64 == 4 * CS));
+    let l1_write = position(&log, |e| matches!(e, Event::Write { offset, data } if *offset == l1 && data.len() == 512));
+    let flush_after_data = position(&log, |e| matches!(e, Event::Flush));
+    assert!(last_data < flush_after_data && flush_after_data < l2_write, "data, flush, L2: {s:?}");
+    assert!(
+        log[l2_write + 1..l1_write].iter().any(|e| matches!(e, Event::Flush)),
+        "new L2 flushed before the L1 points at it: {s:?}"
+    );
+    assert!(!log.iter().any(|e| matches!(e, Event::Write { offset: 0, .. })), "no header write with a backing: {s:?}");
+
+    // A second allocation in the same table: data, flush, one L2 sector, no L1.
+    let end1 = image.file_end();
+    image.write_at(&[0xcd; 100], 300 << 10).unwrap();
+    let log = rec.take_log();
+    let s = summary(&log);
+    let data = position(&log, |e| matches!(e, Event::Write { offset, .. } if *offset == end1));
+    let flush = position(&log, |e| matches!(e, Event::Flush));
+    let l2 = position(&log, |e| matches!(e, Event::Write { offset, data } if *offset == end0 + CS && data.len() == 512));
+    assert!(data < flush && flush < l2, "data, flush, L2 sector: {s:?}");
+    assert!(!log.iter().any(|e| matches!(e, Event::Write { offset, .. } if *offset == l1)), "{s:?}");
+    image.close().unwrap();
+}
+
+#[test]
+fn allocating_write_without_backing_sets_need_check_first_and_close_clears_it() {
+    let rec = Recording::new(fresh(false));
+    let image = Image::open(Box::new(rec.clone()), OpenOptions::default()).unwrap();
+    rec.take_log();
+    image.write_at(&[0x22; 65536], 0).unwrap();
+    let log = rec.take_log();
+    let s = summary(&log);
+    match &log[0] {
+        Event::Write { offset: 0, data } => {
+            assert_eq!(data[16] & 0x02, 0x02, "first write sets NEED_CHECK: {s:?}")
+        }
+        _ => panic!("the header write must come first: {s:?}"),
+    }
+    assert!(
+        !log.iter().skip(1).any(|e| matches!(e, Event::Write { offset: 0, .. })),
+        "NEED_CHECK is set once: {s:?}"
+    );
+    // A second allocation does not touch the header again.
+    image.write_at(&[0x23; 10], 1 << 20).unwrap();
+    let log = rec.take_log();
+    assert!(!log.iter().any(|e| matches!(e, Event::Write { offset: 0, .. })));
+    image.close().unwrap();
+    let log = rec.take_log();
+    let s = summary(&log);
+    let header = position(&log, |e| matches!(e, Event::Write { offset: 0, data } if data[16] & 0x02 == 0));
+    assert!(matches!(log[..header].first(), Some(Event::Flush)), "flush before clearing: {s:?}");
+    assert!(matches!(log.last(), Some(Event::Flush)), "flush after clearing: {s:?}");
+    assert_eq!(rec.inner.to_bytes()[16] & 0x02, 0);
+}
+
+/// Replays every prefix of the writes of `ops` and checks each crash image.
+fn replay_every_crash_point(backing: bool, seed: u64) {
+    let base = base_bytes();
+    let initial = fresh(backing);
+    let size = 8u64 << 20;
+    let view = {
+        let mut v = if backing { base.clone() } else { Vec::new() };
+        v.resize(size as usize, 0);
+        v
+    };
+    let opener = || options_with(MemRawOpener(base.clone()));
+    let rec = Recording::new(initial.clone());
+    let image = Image::open(Box::new(rec.clone()), opener()).unwrap();
+    let mut rng = XorShift::new(seed);
+    let mut model = Model::new(view, CS);
+    let ops = random_ops(&mut rng, &model, 12, 300 << 10, false);
+    // (events so far, model before, model after) per op.
+    let mut steps = Vec::new();
+    let mut log = Vec::new();
+    rec.take_log();
+    for op in &ops {
+        let before = model.bytes.clone();
+        op.apply(&image).unwrap();
+        model.apply(op);
+        let start = log.len();
+        log.extend(rec.take_log());
+        steps.push((start, log.len(), before, model.bytes.clone()));
+    }
+    drop(image); // no close: a crash after the last op is one of the cases
+    // Crash points: every prefix (writes reach the disk in order), and, within each span of
+    // writes between two flushes, that span with any one write lost (the disk reordered it).
+    let mut cases: Vec<(usize, Vec<usize>, &Vec<u8>, &Vec<u8>)> = Vec::new();
+    for (start, end, before, after) in &steps {
+        for k in *start..=*end {
+            cases.push((k, (0..k).collect(), before, after));
+        }
+        let mut epoch_start = *start;
+        for i in *start..=*end {
+            if i == *end || matches!(log[i], Event::Flush) {
+                for lost in epoch_start..i {
+                    let kept = (0..i).filter(|&j| j != lost).collect();
+                    cases.push((i, kept, before, after));
+                }
+                epoch_start = i + 1;
+            }
+        }
+    }
+    for (k, kept, before, after) in cases {
+        let disk = MemStorage::from_bytes(initial.clone());
+        for &j in &kept {
+            match &log[j] {
+                Event::Write { offset, data } => disk.write_at(data, *offset).unwrap(),
+                Event::Flush => {}
+                Event::SetLen(l) => disk.set_len(*l).unwrap(),
+            }
+        }
+        let what = format!("crash at event {k} keeping {} of them (backing {backing})", kept.len());
+        let crashed = Image::open(Box::new(disk), opener())
+            .unwrap_or_else(|e| panic!("{what}: open failed: {e}"));
+        let report = crashed.check(Repair::All).unwrap();
+        assert_eq!(report.exit_code(), 0, "{what}: {report:?}");
+        let mut got = vec![0u8; size as usize];
+        crashed.read_at(&mut got, 0).unwrap();
+        // Each cluster is updated atomically (an operation may span several).
+        for (c, chunk) in got.chunks(CS as usize).enumerate() {
+            let lo = c * CS as usize;
+            let hi = lo + chunk.len();
+            assert!(
+                chunk == &before[lo..hi] || chunk == &after[lo..hi],
+                "{what}: cluster {c} holds neither the old nor the new data"
+            );
+        }
+        crashed.close().unwrap();
+    }
+}
+
+#[test]
+fn every_crash_point_with_backing_shows_old_or_new_data() {
+    replay_every_crash_point(true, 5);
+}
+
+#[test]
+fn every_crash_point_without_backing_shows_old_or_new_data() {
+    replay_every_crash_point(false, 6);
+}

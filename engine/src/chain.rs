@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 #[derive(Debug)]
 pub enum Layer {
     /// A QED image (its own backing detached).
-    Qed(Image),
+    Qed(Box<Image>),
     /// A raw file.
     Raw {
         /// The open file.
@@ -160,7 +160,9 @@ fn open_layer(
             backing: BackingPolicy::Detached,
             ..OpenOptions::default()
         };
-        Layer::Qed(Image::open(Box::new(file), options).map_err(|e| Error::image(path, e))?)
+        Layer::Qed(Box::new(
+            Image::open(Box::new(file), options).map_err(|e| Error::image(path, e))?,
+        ))
     } else {
         return Err(Error::Usage(format!(
             "{}: format {detected} is not supported",

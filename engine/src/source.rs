@@ -15,7 +15,7 @@ pub enum Source {
     /// A QED image with its backing chain opened.
     Qed {
         /// The image.
-        image: Image,
+        image: Box<Image>,
         /// Its path.
         path: PathBuf,
     },
@@ -63,7 +63,7 @@ impl Source {
                 let image =
                     Image::open(Box::new(file), options).map_err(|e| Error::image(path, e))?;
                 Ok(Source::Qed {
-                    image,
+                    image: Box::new(image),
                     path: path.to_path_buf(),
                 })
             }

@@ -1105,7 +1105,14 @@ impl Image {
         if !state.header.has_backing_file() && state.header.features & F_NEED_CHECK == 0 {
             state.header.features |= F_NEED_CHECK;
             let bytes = state.header.encode();
-            if let Err(e) = self.storage.write_at(&bytes, 0) {
+            // Unlike QEMU, flush the bit before any metadata can change: after a power loss
+            // with the header write lost, an L2 entry could otherwise point past the end of
+            // the file in an image that does not say it needs a check.
+            if let Err(e) = self
+                .storage
+                .write_at(&bytes, 0)
+                .and_then(|()| self.storage.flush())
+            {
                 state.header.features &= !F_NEED_CHECK;
                 return Err(Error::io("setting need-check", 0)(e));
             }

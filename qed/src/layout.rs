@@ -305,7 +305,7 @@ impl Geometry {
         let mask = !(self.cluster_size() - 1);
         offset
             .checked_add(self.cluster_size() - 1)
-            .map_or(u64::MAX & mask, |v| v & mask)
+            .map_or(mask, |v| v & mask)
     }
 
     /// Number of clusters needed for `bytes` bytes.

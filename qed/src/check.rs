@@ -154,7 +154,9 @@ impl Image {
                     continue;
                 }
                 report.allocated_clusters += 1;
-                if last != 0 && last + cs != *e {
+                // QEMU compares in wrapping u64 arithmetic; an entry near u64::MAX (corrupt
+                // anyway) must not overflow here.
+                if last != 0 && last.wrapping_add(cs) != *e {
                     report.fragmented_clusters += 1;
                 }
                 last = *e;

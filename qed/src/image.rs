@@ -239,6 +239,8 @@ struct HeaderState {
 pub struct Image {
     storage: Box<dyn Storage>,
     geometry: Geometry,
+    /// File offset of the L1 table (fixed for the life of the image).
+    l1_offset: u64,
     read_only: bool,
     path: Option<PathBuf>,
     state: Mutex<HeaderState>,
@@ -422,9 +424,11 @@ impl Image {
             .clamp(1, cache_budget.max(1) as usize);
         let image_size = header.image_size;
         let need_check = header.features & F_NEED_CHECK != 0;
+        let l1_offset = header.l1_table_offset;
         let mut image = Image {
             storage,
             geometry,
+            l1_offset,
             read_only: options.read_only,
             path: options.path.clone(),
             state: Mutex::new(HeaderState {
@@ -591,6 +595,19 @@ impl Image {
         Ok(table)
     }
 
+    /// True when `offset` overlaps the L1 table.
+    fn overlaps_l1(&self, offset: u64, len: u64) -> bool {
+        let l1_end = self.l1_offset + self.geometry.table_bytes();
+        offset < l1_end && self.l1_offset < offset.saturating_add(len)
+    }
+
+    /// QEMU's table-offset test, plus: the table must not lie over the L1 table (its entries
+    /// would be read as L2 entries, and an update would overwrite the L1 behind our back).
+    fn is_usable_l2_offset(&self, offset: u64) -> bool {
+        self.geometry.is_valid_table_offset(offset, self.file_end())
+            && !self.overlaps_l1(offset, self.geometry.table_bytes())
+    }
+
     /// The L2 table for an L1 index, or `None` when the L1 entry is 0.
     fn l2_for(&self, guest: u64) -> Result<Option<Arc<Vec<u64>>>> {
         let l1_index = self.geometry.l1_index(guest) as usize;
@@ -598,7 +615,7 @@ impl Image {
         if entry == ENTRY_UNALLOCATED {
             return Ok(None);
         }
-        if !self.geometry.is_valid_table_offset(entry, self.file_end()) {
+        if !self.is_usable_l2_offset(entry) {
             return Err(Error::InvalidEntry {
                 table: TableKind::L1,
                 guest,
@@ -625,7 +642,11 @@ impl Image {
             match L2Entry::from_raw(raw) {
                 L2Entry::Unallocated => Ok(Mapping::Unallocated),
                 L2Entry::Zero => Ok(Mapping::Zero),
-                L2Entry::Data(off) if g.is_valid_cluster_offset(off, file_end) => {
+                // QEMU's cluster-offset test, plus: never the L1 table (reads would return
+                // metadata, writes would overwrite it).
+                L2Entry::Data(off)
+                    if g.is_valid_cluster_offset(off, file_end) && !self.overlaps_l1(off, cs) =>
+                {
                     Ok(Mapping::Data(off))
                 }
                 L2Entry::Data(_) => Err(Error::InvalidEntry {
@@ -932,7 +953,7 @@ impl Image {
         // Whole clusters, in batches bounded to one L2 table at a time.
         let mut pos = a;
         while pos < b_vis {
-            let batch_end = (g.round_down_to_cluster(pos) + g.l2_span())
+            let batch_end = ((pos / g.l2_span() + 1) * g.l2_span())
                 .min(b_vis)
                 .min(pos + (256 << 20));
             let c0 = pos >> g.cluster_bits();
@@ -1167,7 +1188,7 @@ impl Image {
                 self.write_l1_entry(l1_index, table_offset)?;
                 self.l2_cache.insert(table_offset, Arc::new(table));
             } else {
-                if !g.is_valid_table_offset(l1_entry, self.file_end()) {
+                if !self.is_usable_l2_offset(l1_entry) {
                     return Err(Error::InvalidEntry {
                         table: TableKind::L1,
                         guest: group[0].0 * g.cluster_size(),

@@ -54,7 +54,10 @@ pub fn from_qemu(map: &[Value], size: u64, unit: u64) -> Vec<UnitStatus> {
                 assert!(zero, "present extent that is neither data nor zero: {e}");
                 UnitStatus::Zero { depth }
             };
-            assert!(out[u as usize].is_none(), "qemu-img map extents overlap at {e}");
+            assert!(
+                out[u as usize].is_none(),
+                "qemu-img map extents overlap at {e}"
+            );
             out[u as usize] = Some(s);
         }
     }

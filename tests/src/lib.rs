@@ -56,7 +56,13 @@ impl std::fmt::Display for TestGeometry {
     }
 }
 
-const fn geo(cluster_size: u32, table_size: u32, size_mib: u64, ops: usize, max_len: u64) -> TestGeometry {
+const fn geo(
+    cluster_size: u32,
+    table_size: u32,
+    size_mib: u64,
+    ops: usize,
+    max_len: u64,
+) -> TestGeometry {
     TestGeometry {
         cluster_size,
         table_size,
@@ -90,7 +96,11 @@ pub struct XorShift(u64);
 impl XorShift {
     /// A generator from a seed (0 is replaced by a fixed non-zero value).
     pub fn new(seed: u64) -> XorShift {
-        XorShift(if seed == 0 { 0x9E37_79B9_7F4A_7C15 } else { seed })
+        XorShift(if seed == 0 {
+            0x9E37_79B9_7F4A_7C15
+        } else {
+            seed
+        })
     }
 
     /// The next 64 random bits.

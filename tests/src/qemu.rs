@@ -16,13 +16,16 @@ fn spawn(program: &str, args: &[&str]) -> Output {
 }
 
 fn run_raw(program: &str, args: &[&str]) -> Output {
-    Command::new(program).args(args).output().unwrap_or_else(|e| {
-        panic!(
-            "cannot run `{program}` ({e}). The QED interop tests need QEMU's tools \
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run `{program}` ({e}). The QED interop tests need QEMU's tools \
              (qemu-img and qemu-io, e.g. Debian's qemu-utils package) on PATH; \
              they fail rather than skip when the oracle is missing."
-        )
-    })
+            )
+        })
 }
 
 /// Panics unless `qemu-img` runs and lists `qed` among its formats (QED can be compiled out).
@@ -33,11 +36,18 @@ pub fn require_qed_support() {
         let text = String::from_utf8_lossy(&out.stdout);
         // "Supported formats:" (older) or "Supported image formats:" (newer), then the names,
         // on the same line and/or on the indented lines that follow.
-        let mut lines = text.lines().skip_while(|l| !(l.contains("Supported") && l.contains("formats:")));
-        let first = lines.next().unwrap_or_else(|| {
-            panic!("`qemu-img --help` lists no supported formats:\n{text}")
-        });
-        let mut formats: Vec<&str> = first.split(':').nth(1).unwrap_or("").split_whitespace().collect();
+        let mut lines = text
+            .lines()
+            .skip_while(|l| !(l.contains("Supported") && l.contains("formats:")));
+        let first = lines
+            .next()
+            .unwrap_or_else(|| panic!("`qemu-img --help` lists no supported formats:\n{text}"));
+        let mut formats: Vec<&str> = first
+            .split(':')
+            .nth(1)
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
         formats.extend(
             lines
                 .skip_while(|l| l.trim().is_empty())
@@ -111,7 +121,16 @@ pub fn io_commands(format: &str, path: &Path, commands: &[String]) -> String {
 pub fn convert_to_raw(path: &Path) -> Vec<u8> {
     let dir = crate::tempdir();
     let raw = dir.path().join("flat.raw");
-    img(&["convert", "-U", "-f", "qed", "-O", "raw", path_str(path), path_str(&raw)]);
+    img(&[
+        "convert",
+        "-U",
+        "-f",
+        "qed",
+        "-O",
+        "raw",
+        path_str(path),
+        path_str(&raw),
+    ]);
     std::fs::read(&raw).expect("reading qemu-img convert output")
 }
 
@@ -131,9 +150,17 @@ pub fn check_json(path: &Path) -> (i32, Value) {
 #[track_caller]
 pub fn assert_check_clean(path: &Path) {
     let (code, json) = check_json(path);
-    assert_eq!(code, 0, "qemu-img check of {} is not clean: {json:#}", path.display());
+    assert_eq!(
+        code,
+        0,
+        "qemu-img check of {} is not clean: {json:#}",
+        path.display()
+    );
     for key in ["leaks", "corruptions", "corruptions-fixed"] {
-        assert!(json.get(key).is_none(), "qemu-img check reports {key}: {json:#}");
+        assert!(
+            json.get(key).is_none(),
+            "qemu-img check reports {key}: {json:#}"
+        );
     }
     assert_eq!(json["check-errors"], 0, "{json:#}");
 }
@@ -151,5 +178,14 @@ pub fn map_json(path: &Path) -> Vec<Value> {
 
 /// `qemu-img compare` of a QED image with a raw file: panics unless they are identical.
 pub fn assert_compare_raw(qed: &Path, raw: &Path) {
-    img(&["compare", "-U", "-f", "qed", "-F", "raw", path_str(qed), path_str(raw)]);
+    img(&[
+        "compare",
+        "-U",
+        "-f",
+        "qed",
+        "-F",
+        "raw",
+        path_str(qed),
+        path_str(raw),
+    ]);
 }

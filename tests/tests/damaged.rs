@@ -19,11 +19,26 @@ fn recipe_d(dir: &Path) -> PathBuf {
     qemu::io_commands(
         "qed",
         &path,
-        &["write -P 0x33 0 64k".into(), "write -P 0x44 128k 64k".into()],
+        &[
+            "write -P 0x33 0 64k".into(),
+            "write -P 0x44 128k 64k".into(),
+        ],
     );
-    assert_eq!(peek_u64(&path, 0x10000), 0x60000, "L1[0] where recipe D says");
-    assert_eq!(peek_u64(&path, 0x60000), 0x50000, "L2[0] where recipe D says");
-    assert_eq!(peek_u64(&path, 0x60010), 0xa0000, "L2[2]: the second write's cluster");
+    assert_eq!(
+        peek_u64(&path, 0x10000),
+        0x60000,
+        "L1[0] where recipe D says"
+    );
+    assert_eq!(
+        peek_u64(&path, 0x60000),
+        0x50000,
+        "L2[0] where recipe D says"
+    );
+    assert_eq!(
+        peek_u64(&path, 0x60010),
+        0xa0000,
+        "L2[2]: the second write's cluster"
+    );
     path
 }
 
@@ -42,7 +57,9 @@ fn assert_read_fails_with_invalid_l2(path: &Path, entry: u64) {
     let image = open_detached(path).unwrap();
     let mut buf = vec![0u8; 4096];
     match image.read_at(&mut buf, 128 << 10) {
-        Err(Error::InvalidEntry { table, entry: e, .. }) => {
+        Err(Error::InvalidEntry {
+            table, entry: e, ..
+        }) => {
             assert_eq!(table, qed::error::TableKind::L2);
             assert_eq!(e, entry);
         }
@@ -77,14 +94,26 @@ fn l2_entry_past_eof_is_one_corruption_and_repair_zeroes_it() {
     assert_eq!((r.corruptions, r.exit_code()), (1, 2));
     assert_read_fails_with_invalid_l2(&path, 0x1000000);
     let fixed = repair_with_ours(&path);
-    assert_eq!((fixed.corruptions_fixed, fixed.exit_code()), (1, 0), "{fixed:?}");
-    assert_eq!(peek_u64(&path, 0x60010), 0, "the bad entry is zeroed on disk");
+    assert_eq!(
+        (fixed.corruptions_fixed, fixed.exit_code()),
+        (1, 0),
+        "{fixed:?}"
+    );
+    assert_eq!(
+        peek_u64(&path, 0x60010),
+        0,
+        "the bad entry is zeroed on disk"
+    );
     // The orphaned data cluster at 0xa0000 is now a leak, which our repair reclaims... only
     // if it is at the end of the file. The L2 table is after it here, so it stays a leak.
     let r = assert_check_agrees(&path);
     assert_eq!(r.corruptions, 0);
     qemu::img(&["check", "-f", "qed", "-r", "all", path_str(&path)]);
-    assert_eq!(qemu::convert_to_raw(&path)[128 << 10], 0, "the cluster reads as zeros now");
+    assert_eq!(
+        qemu::convert_to_raw(&path)[128 << 10],
+        0,
+        "the cluster reads as zeros now"
+    );
 }
 
 #[test]
@@ -95,7 +124,11 @@ fn duplicate_l2_entry_is_a_corruption_that_repair_leaves() {
     let r = assert_check_agrees(&path);
     assert_eq!(r.exit_code(), 2);
     let after = repair_with_ours(&path);
-    assert_eq!(after.exit_code(), 2, "duplicates cannot be repaired: {after:?}");
+    assert_eq!(
+        after.exit_code(),
+        2,
+        "duplicates cannot be repaired: {after:?}"
+    );
     let r = assert_check_agrees(&path);
     assert_eq!(r.exit_code(), 2);
 }
@@ -235,7 +268,13 @@ fn damaged_4k_image_counters_agree() {
         "8M",
     ]);
     let cmds: Vec<String> = (0..20u64)
-        .map(|i| format!("write -P {} {} 5000", i + 1, (i * 7919 * 37) % (8 << 20) & !511))
+        .map(|i| {
+            format!(
+                "write -P {} {} 5000",
+                i + 1,
+                ((i * 7919 * 37) % (8 << 20)) & !511
+            )
+        })
         .collect();
     qemu::io_commands("qed", &path, &cmds);
     let clean = assert_check_agrees(&path);
@@ -252,4 +291,21 @@ fn damaged_4k_image_counters_agree() {
     let fixed = repair_with_ours(&path);
     assert_eq!(fixed.corruptions, 0);
     assert_check_agrees(&path);
+}
+
+/// Regression (found by fuzzing `qed_image`): an L2 entry near `u64::MAX` overflowed the
+/// fragmentation count in our check (a panic with overflow checks on). QEMU counts in wrapping
+/// u64 arithmetic; the counters must agree.
+#[test]
+fn l2_entries_near_u64_max_are_counted_like_qemu_without_overflow() {
+    let dir = tempdir();
+    let path = recipe_d(dir.path());
+    poke_u64(&path, 0x60010, 0xffff_ffff_ffff_0000);
+    poke_u64(&path, 0x60018, u64::MAX);
+    poke_u64(&path, 0x60020, 0x123);
+    let r = assert_check_agrees(&path);
+    assert_eq!((r.corruptions, r.exit_code()), (3, 2), "{r:?}");
+    let fixed = repair_with_ours(&path);
+    assert_eq!(fixed.corruptions_fixed, 3, "{fixed:?}");
+    assert_eq!(assert_check_agrees(&path).corruptions, 0);
 }

@@ -49,7 +49,10 @@ fn assert_maps_agree(path: &Path, kind: BackingKind, g: &TestGeometry, what: &st
 }
 
 fn qemu_create(path: &Path, g: &TestGeometry, backing: &qedstream_tests::MadeBacking) {
-    let opts = format!("cluster_size={},table_size={}", g.cluster_size, g.table_size);
+    let opts = format!(
+        "cluster_size={},table_size={}",
+        g.cluster_size, g.table_size
+    );
     let size = g.size.to_string();
     let mut args = vec!["create", "-f", "qed", "-o", &opts];
     if let (Some(name), Some(fmt)) = (&backing.name, backing.format) {
@@ -135,7 +138,11 @@ fn we_write_qemu_grades(gi: usize) {
                 .unwrap_or_else(|e| panic!("{what}: op {i} {op:?}: {e}"));
             model.apply(op);
         }
-        assert_same_bytes(&read_all(&image), &model.bytes, &format!("{what}: our read-back"));
+        assert_same_bytes(
+            &read_all(&image),
+            &model.bytes,
+            &format!("{what}: our read-back"),
+        );
         image.close().unwrap();
 
         qemu::assert_check_clean(&path);
@@ -145,7 +152,10 @@ fn we_write_qemu_grades(gi: usize) {
             .iter()
             .filter(|&&c| c == qedstream_tests::ClusterState::Data)
             .count() as u64;
-        assert_eq!(report.allocated_clusters, data_clusters, "{what}: allocated clusters");
+        assert_eq!(
+            report.allocated_clusters, data_clusters,
+            "{what}: allocated clusters"
+        );
         let flat = qemu::convert_to_raw(&path);
         assert_same_bytes(&flat, &model.bytes, &format!("{what}: qemu-img convert"));
         let expect_raw = dir.path().join("expect.raw");

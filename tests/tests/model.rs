@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use qed::{BackingFormat, CreateOptions, Image, MemStorage, Repair};
-use qedstream_tests::{assert_same_bytes, options_with, proptest_cases, qemu, tempdir, MemRawOpener};
+use qedstream_tests::{
+    assert_same_bytes, options_with, proptest_cases, qemu, tempdir, MemRawOpener,
+};
 
 #[derive(Clone, Debug)]
 enum Step {
@@ -66,7 +68,9 @@ impl Harness {
         match *step {
             Step::Write { at, len, seed } => {
                 let (at, len) = self.range(at, len);
-                let data: Vec<u8> = (0..len).map(|i| seed.wrapping_add((i / 509) as u8) | 1).collect();
+                let data: Vec<u8> = (0..len)
+                    .map(|i| seed.wrapping_add((i / 509) as u8) | 1)
+                    .collect();
                 self.image().write_at(&data, at).unwrap();
                 self.model[at as usize..(at + len) as usize].copy_from_slice(&data);
             }
@@ -84,7 +88,10 @@ impl Harness {
                 let (at, len) = self.range(at, len);
                 let mut buf = vec![0u8; len as usize];
                 self.image().read_at(&mut buf, at).unwrap();
-                prop_assert!(buf == self.model[at as usize..(at + len) as usize], "read {at}+{len}");
+                prop_assert!(
+                    buf == self.model[at as usize..(at + len) as usize],
+                    "read {at}+{len}"
+                );
             }
             Step::Flush => self.image().flush().unwrap(),
             Step::Reopen { clean } => {
@@ -107,7 +114,8 @@ impl Harness {
                 self.image().resize(new).unwrap();
                 let backing = self.backing.clone().unwrap_or_default();
                 for pos in old..new {
-                    self.model.push(backing.get(pos as usize).copied().unwrap_or(0));
+                    self.model
+                        .push(backing.get(pos as usize).copied().unwrap_or(0));
                 }
             }
         }
@@ -115,7 +123,13 @@ impl Harness {
     }
 }
 
-fn run(cluster: u32, table: u32, backing: bool, steps: &[Step], grade_with_qemu: bool) -> Result<(), TestCaseError> {
+fn run(
+    cluster: u32,
+    table: u32,
+    backing: bool,
+    steps: &[Step],
+    grade_with_qemu: bool,
+) -> Result<(), TestCaseError> {
     let size = 16 * u64::from(cluster);
     let storage = Arc::new(MemStorage::new());
     let mut options = CreateOptions {
@@ -146,7 +160,12 @@ fn run(cluster: u32, table: u32, backing: bool, steps: &[Step], grade_with_qemu:
         h.apply(s)?;
         let mut all = vec![0u8; h.model.len()];
         h.image().read_at(&mut all, 0).unwrap();
-        prop_assert!(all == h.model, "after step {} ({:?}) the image differs from the model", i, s);
+        prop_assert!(
+            all == h.model,
+            "after step {} ({:?}) the image differs from the model",
+            i,
+            s
+        );
     }
     h.image.take().unwrap().close().unwrap();
     if grade_with_qemu {
@@ -157,7 +176,11 @@ fn run(cluster: u32, table: u32, backing: bool, steps: &[Step], grade_with_qemu:
             std::fs::write(dir.path().join("base.raw"), b).unwrap();
         }
         qemu::assert_check_clean(&path);
-        assert_same_bytes(&qemu::convert_to_raw(&path), &h.model, "qemu-img convert of the final image");
+        assert_same_bytes(
+            &qemu::convert_to_raw(&path),
+            &h.model,
+            "qemu-img convert of the final image",
+        );
     }
     Ok(())
 }

@@ -20,9 +20,17 @@ fn drop_without_close_leaves_need_check_and_rw_open_clears_it() {
     let image = open_rw(&path);
     image.write_at(&[0x22; 65536], 0).unwrap();
     image.write_at(&[0x23; 1000], 5 << 20).unwrap();
-    assert_eq!(features_on_disk(&path) & NEED_CHECK, NEED_CHECK, "set by the first allocation");
+    assert_eq!(
+        features_on_disk(&path) & NEED_CHECK,
+        NEED_CHECK,
+        "set by the first allocation"
+    );
     drop(image); // a crash, as far as the file is concerned
-    assert_eq!(features_on_disk(&path) & NEED_CHECK, NEED_CHECK, "drop leaves it set");
+    assert_eq!(
+        features_on_disk(&path) & NEED_CHECK,
+        NEED_CHECK,
+        "drop leaves it set"
+    );
 
     // QEMU checks it fine (nothing is actually inconsistent) and reads it.
     qemu::assert_check_clean(&path);
@@ -38,10 +46,18 @@ fn drop_without_close_leaves_need_check_and_rw_open_clears_it() {
     let bytes = read_all(&ro);
     assert!(bytes[..65536].iter().all(|&b| b == 0x22));
     drop(ro);
-    assert_eq!(features_on_disk(&path) & NEED_CHECK, NEED_CHECK, "read-only open never writes");
+    assert_eq!(
+        features_on_disk(&path) & NEED_CHECK,
+        NEED_CHECK,
+        "read-only open never writes"
+    );
 
     let rw = open_rw(&path);
-    assert_eq!(features_on_disk(&path) & NEED_CHECK, 0, "read-write open repairs and clears");
+    assert_eq!(
+        features_on_disk(&path) & NEED_CHECK,
+        0,
+        "read-write open repairs and clears"
+    );
     assert_eq!(read_all(&rw), bytes);
     rw.close().unwrap();
     qemu::assert_check_clean(&path);
@@ -56,7 +72,11 @@ fn close_clears_need_check() {
     Image::create_path(&path, &CreateOptions::new(8 << 20)).unwrap();
     let image = open_rw(&path);
     image.write_zeroes(0, 1 << 20).unwrap();
-    assert_eq!(features_on_disk(&path) & NEED_CHECK, NEED_CHECK, "zero clusters set it too");
+    assert_eq!(
+        features_on_disk(&path) & NEED_CHECK,
+        NEED_CHECK,
+        "zero clusters set it too"
+    );
     image.close().unwrap();
     assert_eq!(features_on_disk(&path), 0);
     qemu::assert_check_clean(&path);
@@ -86,11 +106,23 @@ fn qemu_abort_leaves_need_check_and_our_rw_open_repairs_it() {
     qemu::img(&["create", "-f", "qed", path_str(&path), "64M"]);
     // `abort` kills qemu-io, so its exit status is not success; run it raw.
     let out = std::process::Command::new("qemu-io")
-        .args(["-f", "qed", "-c", "write -P 0x22 0 64k", "-c", "abort", path_str(&path)])
+        .args([
+            "-f",
+            "qed",
+            "-c",
+            "write -P 0x22 0 64k",
+            "-c",
+            "abort",
+            path_str(&path),
+        ])
         .output()
         .expect("qemu-io is needed for this test (install QEMU's tools)");
     assert!(!out.status.success(), "abort should kill qemu-io");
-    assert_eq!(features_on_disk(&path) & NEED_CHECK, NEED_CHECK, "QEMU left NEED_CHECK set");
+    assert_eq!(
+        features_on_disk(&path) & NEED_CHECK,
+        NEED_CHECK,
+        "QEMU left NEED_CHECK set"
+    );
     let rw = open_rw(&path);
     assert_eq!(features_on_disk(&path) & NEED_CHECK, 0);
     let mut buf = vec![0u8; 65536];

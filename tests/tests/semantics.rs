@@ -65,16 +65,24 @@ fn qed_backing_shorter_than_image_reads_zeros_past_its_end() {
         v
     };
     b.close().unwrap();
-    let top = mem_image(&with_backing(4 << 20, BackingFormat::Probe), MemQedOpener(base_bytes));
+    let top = mem_image(
+        &with_backing(4 << 20, BackingFormat::Probe),
+        MemQedOpener(base_bytes),
+    );
     let mut buf = vec![0xffu8; 2 << 20];
     top.read_at(&mut buf, 0).unwrap();
     assert!(buf[..1 << 20].iter().all(|&x| x == 0x11));
-    assert!(buf[1 << 20..].iter().all(|&x| x == 0), "zeros past the backing's end");
+    assert!(
+        buf[1 << 20..].iter().all(|&x| x == 0),
+        "zeros past the backing's end"
+    );
     // A COW write that straddles the backing's end fills from both sides correctly.
     top.write_at(&[0x22; 100], (1 << 20) - 50).unwrap();
     top.read_at(&mut buf, 0).unwrap();
     assert!(buf[..(1 << 20) - 50].iter().all(|&x| x == 0x11));
-    assert!(buf[(1 << 20) - 50..(1 << 20) + 50].iter().all(|&x| x == 0x22));
+    assert!(buf[(1 << 20) - 50..(1 << 20) + 50]
+        .iter()
+        .all(|&x| x == 0x22));
     assert!(buf[(1 << 20) + 50..].iter().all(|&x| x == 0));
     top.close().unwrap();
 }
@@ -93,12 +101,21 @@ fn partial_write_into_zero_cluster_fills_zeros_even_with_backing() {
     image.write_zeroes(0, 65536).unwrap();
     assert_eq!(image.mapping_at(0, 65536).unwrap().0, Mapping::Zero);
     image.write_at(&[0xcd; 4096], 8192).unwrap();
-    assert!(matches!(image.mapping_at(0, 65536).unwrap().0, Mapping::Data(_)));
+    assert!(matches!(
+        image.mapping_at(0, 65536).unwrap().0,
+        Mapping::Data(_)
+    ));
     image.close().unwrap();
     let flat = qemu::convert_to_raw(&path);
-    assert!(flat[..8192].iter().all(|&b| b == 0), "front gap of a zero cluster is zeros");
+    assert!(
+        flat[..8192].iter().all(|&b| b == 0),
+        "front gap of a zero cluster is zeros"
+    );
     assert!(flat[8192..12288].iter().all(|&b| b == 0xcd));
-    assert!(flat[12288..65536].iter().all(|&b| b == 0), "back gap of a zero cluster is zeros");
+    assert!(
+        flat[12288..65536].iter().all(|&b| b == 0),
+        "back gap of a zero cluster is zeros"
+    );
     assert!(flat[65536..1 << 20].iter().all(|&b| b == 0x11));
     qemu::assert_check_clean(&path);
 }
@@ -120,9 +137,10 @@ fn aligned_zero_write_to_unallocated_cluster_stores_entry_one_and_no_data() {
         assert_eq!(peek_u64(&path, l2 + i * 8), want, "L2[{i}]");
     }
     let map = qemu::map_json(&path);
-    assert!(map
-        .iter()
-        .any(|e| e["start"] == 131072 && e["length"] == 196608 && e["zero"] == true && e["present"] == true));
+    assert!(map.iter().any(|e| e["start"] == 131072
+        && e["length"] == 196608
+        && e["zero"] == true
+        && e["present"] == true));
     qemu::assert_check_clean(&path);
 }
 
@@ -132,9 +150,15 @@ fn unaligned_zero_write_over_unallocated_clusters_allocates_only_the_edges() {
     image.write_zeroes(1000, 200_000).unwrap();
     let map = image.map(0, 8 << 20).unwrap();
     assert!(matches!(map[0].mapping, Mapping::Data(_)), "{map:?}");
-    assert_eq!((map[1].offset, map[1].length, map[1].mapping), (65536, 131072, Mapping::Zero));
+    assert_eq!(
+        (map[1].offset, map[1].length, map[1].mapping),
+        (65536, 131072, Mapping::Zero)
+    );
     assert!(matches!(map[2].mapping, Mapping::Data(_)), "{map:?}");
-    assert_eq!(image.check(qed::Repair::None).unwrap().allocated_clusters, 2);
+    assert_eq!(
+        image.check(qed::Repair::None).unwrap().allocated_clusters,
+        2
+    );
     image.close().unwrap();
 }
 
@@ -144,7 +168,11 @@ fn zero_write_to_allocated_cluster_writes_zeros_in_place() {
     image.write_at(&[7u8; 65536], 65536).unwrap();
     let before = image.mapping_at(65536, 65536).unwrap();
     image.write_zeroes(65536, 65536).unwrap();
-    assert_eq!(image.mapping_at(65536, 65536).unwrap(), before, "still the same data cluster");
+    assert_eq!(
+        image.mapping_at(65536, 65536).unwrap(),
+        before,
+        "still the same data cluster"
+    );
     let mut buf = vec![1u8; 65536];
     image.read_at(&mut buf, 65536).unwrap();
     assert!(buf.iter().all(|&b| b == 0));
@@ -153,7 +181,10 @@ fn zero_write_to_allocated_cluster_writes_zeros_in_place() {
 
 #[test]
 fn zero_write_over_a_backing_hides_it_with_zero_clusters() {
-    let image = mem_image(&with_backing(1 << 20, BackingFormat::Raw), MemRawOpener(vec![0x11; 1 << 20]));
+    let image = mem_image(
+        &with_backing(1 << 20, BackingFormat::Raw),
+        MemRawOpener(vec![0x11; 1 << 20]),
+    );
     image.write_zeroes(0, 1 << 20).unwrap();
     assert_eq!(image.map(0, 1 << 20).unwrap()[0].mapping, Mapping::Zero);
     assert!(read_all(&image).iter().all(|&b| b == 0));
@@ -162,7 +193,11 @@ fn zero_write_over_a_backing_hides_it_with_zero_clusters() {
 
 #[test]
 fn raw_backing_length_is_rounded_up_to_512() {
-    let raw = RawBacking::new(Box::new(MemStorage::from_bytes(vec![1; 70_000])), "b".into()).unwrap();
+    let raw = RawBacking::new(
+        Box::new(MemStorage::from_bytes(vec![1; 70_000])),
+        "b".into(),
+    )
+    .unwrap();
     assert_eq!(raw.size(), 70_144);
     let mut buf = [9u8; 200];
     raw.read_at(&mut buf, 69_950).unwrap();
@@ -179,7 +214,17 @@ fn raw_backing_shorter_than_image_reads_zeros_past_its_end_like_qemu() {
     let mut o = CreateOptions::new(1 << 20);
     o.backing = Some(("base.raw".into(), BackingFormat::Raw));
     Image::create_path(&ours, &o).unwrap();
-    qemu::img(&["create", "-f", "qed", "-b", "base.raw", "-F", "raw", path_str(&theirs), "1M"]);
+    qemu::img(&[
+        "create",
+        "-f",
+        "qed",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        path_str(&theirs),
+        "1M",
+    ]);
     let image = open_rw(&ours);
     let untouched = read_all(&image);
     assert!(untouched[..70_000].iter().all(|&b| b == 0x11));
@@ -188,8 +233,16 @@ fn raw_backing_shorter_than_image_reads_zeros_past_its_end_like_qemu() {
     image.write_at(&[0xaa; 100], 66_000).unwrap();
     image.close().unwrap();
     qemu::io_commands("qed", &theirs, &["write -P 0xaa 66000 100".into()]);
-    assert_same_bytes(&qemu::convert_to_raw(&ours), &qemu::convert_to_raw(&theirs), "COW at backing EOF");
-    assert_same_bytes(&read_all(&open_ro(&theirs)), &read_all(&open_ro(&ours)), "our reads");
+    assert_same_bytes(
+        &qemu::convert_to_raw(&ours),
+        &qemu::convert_to_raw(&theirs),
+        "COW at backing EOF",
+    );
+    assert_same_bytes(
+        &read_all(&open_ro(&theirs)),
+        &read_all(&open_ro(&ours)),
+        "our reads",
+    );
     qemu::assert_check_clean(&ours);
 }
 
@@ -214,8 +267,16 @@ fn write_to_last_cluster_of_an_unaligned_size_matches_qemu() {
         let image = open_rw(&ours);
         image.write_at(&[0x42; 300], size - 300).unwrap();
         image.close().unwrap();
-        qemu::io_commands("qed", &theirs, &[format!("write -P 0x42 {} 300", size - 300)]);
-        assert_same_bytes(&qemu::convert_to_raw(&ours), &qemu::convert_to_raw(&theirs), "tail write");
+        qemu::io_commands(
+            "qed",
+            &theirs,
+            &[format!("write -P 0x42 {} 300", size - 300)],
+        );
+        assert_same_bytes(
+            &qemu::convert_to_raw(&ours),
+            &qemu::convert_to_raw(&theirs),
+            "tail write",
+        );
         // The whole last cluster was allocated and filled (backing data past the disk's end).
         let g = 65536u64;
         let ours_img = open_detached(&ours).unwrap();
@@ -227,8 +288,15 @@ fn write_to_last_cluster_of_an_unaligned_size_matches_qemu() {
         let mut a = vec![0u8; g as usize];
         let mut b = vec![0u8; g as usize];
         ours_img.storage().read_at(&mut a, host(&ours_img)).unwrap();
-        theirs_img.storage().read_at(&mut b, host(&theirs_img)).unwrap();
-        assert_same_bytes(&a, &b, "the stored last cluster, including past the disk's end");
+        theirs_img
+            .storage()
+            .read_at(&mut b, host(&theirs_img))
+            .unwrap();
+        assert_same_bytes(
+            &a,
+            &b,
+            "the stored last cluster, including past the disk's end",
+        );
         qemu::assert_check_clean(&ours);
         assert_check_agrees(&ours);
     }
@@ -243,14 +311,28 @@ fn resize_grows_like_qemu_and_refuses_to_shrink() {
     qemu::img(&["create", "-f", "qed", path_str(&theirs), "1M"]);
     let image = open_rw(&ours);
     assert!(matches!(image.resize(512 << 10), Err(Error::Shrink)));
-    assert!(matches!(image.resize((2 << 20) + 1), Err(Error::InvalidOptions(_))));
+    assert!(matches!(
+        image.resize((2 << 20) + 1),
+        Err(Error::InvalidOptions(_))
+    ));
     image.resize(3 << 20).unwrap();
     image.write_at(&[1; 10], (3 << 20) - 10).unwrap();
     image.close().unwrap();
     qemu::img(&["resize", "-f", "qed", path_str(&theirs), "3M"]);
-    qemu::io_commands("qed", &theirs, &[format!("write -P 1 {} 10", (3 << 20) - 10)]);
-    assert_eq!(std::fs::read(&ours).unwrap()[..64], std::fs::read(&theirs).unwrap()[..64]);
-    assert_same_bytes(&qemu::convert_to_raw(&ours), &qemu::convert_to_raw(&theirs), "resized");
+    qemu::io_commands(
+        "qed",
+        &theirs,
+        &[format!("write -P 1 {} 10", (3 << 20) - 10)],
+    );
+    assert_eq!(
+        std::fs::read(&ours).unwrap()[..64],
+        std::fs::read(&theirs).unwrap()[..64]
+    );
+    assert_same_bytes(
+        &qemu::convert_to_raw(&ours),
+        &qemu::convert_to_raw(&theirs),
+        "resized",
+    );
     qemu::assert_check_clean(&ours);
 }
 
@@ -262,20 +344,180 @@ fn set_backing_writes_the_header_qemu_rebase_unsafe_writes() {
     let ours = dir.path().join("ours.qed");
     let theirs = dir.path().join("theirs.qed");
     for p in [&ours, &theirs] {
-        qemu::img(&["create", "-f", "qed", "-b", "a-long-base-name.raw", "-F", "raw", path_str(p), "1M"]);
+        qemu::img(&[
+            "create",
+            "-f",
+            "qed",
+            "-b",
+            "a-long-base-name.raw",
+            "-F",
+            "raw",
+            path_str(p),
+            "1M",
+        ]);
     }
     let first_cluster = |p: &Path| std::fs::read(p).unwrap()[..65536].to_vec();
     // Switch to a shorter raw name: stale bytes of the old name stay, as in QEMU.
     let image = open_rw(&ours);
-    image.set_backing(Some(("b.raw", BackingFormat::Raw)), None).unwrap();
+    image
+        .set_backing(Some(("b.raw", BackingFormat::Raw)), None)
+        .unwrap();
     image.close().unwrap();
-    qemu::img(&["rebase", "-u", "-f", "qed", "-b", "b.raw", "-F", "raw", path_str(&theirs)]);
-    assert_same_bytes(&first_cluster(&ours), &first_cluster(&theirs), "rebase -u to b.raw");
+    qemu::img(&[
+        "rebase",
+        "-u",
+        "-f",
+        "qed",
+        "-b",
+        "b.raw",
+        "-F",
+        "raw",
+        path_str(&theirs),
+    ]);
+    assert_same_bytes(
+        &first_cluster(&ours),
+        &first_cluster(&theirs),
+        "rebase -u to b.raw",
+    );
     // Remove the link.
     let image = open_rw(&ours);
     image.set_backing(None, None).unwrap();
     image.close().unwrap();
     qemu::img(&["rebase", "-u", "-f", "qed", "-b", "", path_str(&theirs)]);
-    assert_same_bytes(&first_cluster(&ours), &first_cluster(&theirs), "rebase -u -b ''");
+    assert_same_bytes(
+        &first_cluster(&ours),
+        &first_cluster(&theirs),
+        "rebase -u -b ''",
+    );
     qemu::assert_check_clean(&ours);
+}
+
+#[test]
+fn populate_then_unlink_backing_keeps_content_like_qemu_stream() {
+    // Our copy-on-read primitive, driven like block-stream: every cluster-aligned chunk of the
+    // backing is offered to `populate`; guest data already there wins; afterwards the backing
+    // link is removed and QEMU must see the same disk, clean.
+    let dir = tempdir();
+    let mut base = vec![0u8; 3 << 20];
+    qedstream_tests::XorShift::new(11).fill(&mut base);
+    base[1 << 20..(1 << 20) + (512 << 10)].fill(0);
+    std::fs::write(dir.path().join("base.raw"), &base).unwrap();
+    let path = dir.path().join("s.qed");
+    let mut o = CreateOptions::new(4 << 20);
+    o.backing = Some(("base.raw".into(), BackingFormat::Raw));
+    Image::create_path(&path, &o).unwrap();
+    let image = open_rw(&path);
+    image.write_at(&[0x77; 100_000], 30_000).unwrap();
+    image.write_zeroes(2 << 20, 128 << 10).unwrap();
+    let before = read_all(&image);
+    let mut total = qed::PopulateOutcome::default();
+    let mut pos = 0u64;
+    while pos < image.size() {
+        let n = (512u64 << 10).min(image.size() - pos);
+        let mut chunk = vec![0u8; n as usize];
+        image.backing().unwrap().read_at(&mut chunk, pos).unwrap();
+        let out = image.populate(pos, &chunk, true).unwrap();
+        total.written += out.written;
+        total.zeroed += out.zeroed;
+        total.skipped += out.skipped;
+        pos += n;
+    }
+    assert_eq!(total.written + total.zeroed + total.skipped, 4 << 20);
+    assert!(total.zeroed >= 512 << 10, "{total:?}");
+    // Populating again changes nothing.
+    let again = image.populate(0, &before[..1 << 20], true).unwrap();
+    assert_eq!(again.skipped, 1 << 20);
+    image.set_backing(None, None).unwrap();
+    assert_same_bytes(&read_all(&image), &before, "after unlinking the backing");
+    image.close().unwrap();
+    let flat = qemu::convert_to_raw(&path);
+    assert_same_bytes(&flat, &before, "QEMU's view after the stream");
+    qemu::assert_check_clean(&path);
+    assert_check_agrees(&path);
+    assert_eq!(qedstream_tests::features_on_disk(&path), 0);
+    // Misuse is refused.
+    let image = open_rw(&path);
+    assert!(matches!(
+        image.populate(100, &[0; 4096], true),
+        Err(Error::InvalidOptions(_))
+    ));
+    assert!(matches!(
+        image.populate(0, &[0; 100], true),
+        Err(Error::InvalidOptions(_))
+    ));
+    image.close().unwrap();
+}
+
+#[test]
+fn three_level_chain_reads_and_writes_like_qemu() {
+    // top.qed (4K clusters) -> mid.qed (64K) -> base.raw (shorter than both), QEMU-written;
+    // then the same writes on a copy of top by QEMU and by us.
+    let dir = tempdir();
+    let d = |n: &str| dir.path().join(n);
+    let mut base = vec![0u8; 700_001];
+    qedstream_tests::XorShift::new(5).fill(&mut base);
+    std::fs::write(d("base.raw"), &base).unwrap();
+    qemu::img(&[
+        "create",
+        "-f",
+        "qed",
+        "-b",
+        "base.raw",
+        "-F",
+        "raw",
+        path_str(&d("mid.qed")),
+        "2M",
+    ]);
+    qemu::io_commands(
+        "qed",
+        &d("mid.qed"),
+        &[
+            "write -P 0x21 60000 90000".into(),
+            "write -z 196608 131072".into(),
+        ],
+    );
+    qemu::img(&[
+        "create",
+        "-f",
+        "qed",
+        "-o",
+        "cluster_size=4096,table_size=2",
+        "-b",
+        "mid.qed",
+        "-F",
+        "qed",
+        path_str(&d("top.qed")),
+        "3M",
+    ]);
+    qemu::io_commands(
+        "qed",
+        &d("top.qed"),
+        &["write -P 0x31 100000 5000".into(), "write -z 1M 8k".into()],
+    );
+    let expected = qemu::convert_to_raw(&d("top.qed"));
+    assert_same_bytes(
+        &read_all(&open_ro(&d("top.qed"))),
+        &expected,
+        "three-level read",
+    );
+    std::fs::copy(d("top.qed"), d("theirs.qed")).unwrap();
+    let ours = open_rw(&d("top.qed"));
+    ours.write_at(&[0x41; 20_000], 190_000).unwrap();
+    ours.write_at(&[0x42; 3], 2_500_000).unwrap();
+    ours.close().unwrap();
+    qemu::io_commands(
+        "qed",
+        &d("theirs.qed"),
+        &[
+            "write -P 0x41 190000 20000".into(),
+            "write -P 0x42 2500000 3".into(),
+        ],
+    );
+    assert_same_bytes(
+        &qemu::convert_to_raw(&d("top.qed")),
+        &qemu::convert_to_raw(&d("theirs.qed")),
+        "COW through the chain",
+    );
+    qemu::assert_check_clean(&d("top.qed"));
+    assert_check_agrees(&d("top.qed"));
 }

@@ -21,8 +21,15 @@ fn qemu_io(image: &Path, cmds: &[String]) {
     for cmd in cmds {
         c.args(["-c", cmd]);
     }
-    let out = c.arg(image).output().expect("qemu-io is required (apt-get install qemu-utils)");
-    assert!(out.status.success(), "qemu-io failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = c
+        .arg(image)
+        .output()
+        .expect("qemu-io is required (apt-get install qemu-utils)");
+    assert!(
+        out.status.success(),
+        "qemu-io failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn qemu_img(args: &[&str]) {
@@ -30,7 +37,11 @@ fn qemu_img(args: &[&str]) {
         .args(args)
         .output()
         .expect("qemu-img is required (apt-get install qemu-utils)");
-    assert!(out.status.success(), "qemu-img {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -77,7 +88,9 @@ fn open(path: &Path) -> Image {
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let runs = if quick { 1 } else { 3 };
-    let dir = tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into())).unwrap();
+    let dir =
+        tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
+            .unwrap();
     let d = dir.path();
     let img = d.join("w.qed");
     let pattern = vec![0x5au8; MIB as usize];
@@ -85,63 +98,127 @@ fn main() {
     // qemu-io's own start-up and close, to read the small cases fairly.
     create(&img, 1 << 30, None);
     let startup = time(runs, || {}, || qemu_io(&img, &["read 0 512".to_string()]));
-    println!("qemu-io start-up and close alone: {:.3}s (included in the qemu column)", startup.as_secs_f64());
+    println!(
+        "qemu-io start-up and close alone: {:.3}s (included in the qemu column)",
+        startup.as_secs_f64()
+    );
 
     // 1. Sequential 1 MiB allocating writes, no backing file.
     let total = if quick { 64 * MIB } else { 256 * MIB };
     let n = total / MIB;
-    let ours = time(runs, || create(&img, 1 << 30, None), || {
-        let image = open(&img);
-        for i in 0..n {
-            image.write_at(&pattern, i * MIB).unwrap();
-        }
-        image.close().unwrap();
-    });
-    let cmds: Vec<String> = (0..n).map(|i| format!("write -P 0x5a {} 1M", i * MIB)).collect();
-    let qemu = time(runs, || create(&img, 1 << 30, None), || qemu_io(&img, &cmds));
-    report(&format!("sequential 1 MiB writes, {} MiB, no backing", total / MIB), total, ours, qemu);
+    let ours = time(
+        runs,
+        || create(&img, 1 << 30, None),
+        || {
+            let image = open(&img);
+            for i in 0..n {
+                image.write_at(&pattern, i * MIB).unwrap();
+            }
+            image.close().unwrap();
+        },
+    );
+    let cmds: Vec<String> = (0..n)
+        .map(|i| format!("write -P 0x5a {} 1M", i * MIB))
+        .collect();
+    let qemu = time(
+        runs,
+        || create(&img, 1 << 30, None),
+        || qemu_io(&img, &cmds),
+    );
+    report(
+        &format!("sequential 1 MiB writes, {} MiB, no backing", total / MIB),
+        total,
+        ours,
+        qemu,
+    );
 
     // 2. Sequential 64 KiB allocating writes over a raw backing (a flush per allocation).
     let base = d.join("base.raw");
     std::fs::write(&base, vec![0x11u8; (64 * MIB) as usize]).unwrap();
     let total = 64 * MIB;
     let n = total / 65536;
-    let ours = time(runs, || create(&img, 64 * MIB, Some("base.raw")), || {
-        let image = open(&img);
-        for i in 0..n {
-            image.write_at(&pattern[..65536], i * 65536).unwrap();
-        }
-        image.close().unwrap();
-    });
-    let cmds: Vec<String> = (0..n).map(|i| format!("write -P 0x5a {} 64k", i * 65536)).collect();
-    let qemu = time(runs, || create(&img, 64 * MIB, Some("base.raw")), || qemu_io(&img, &cmds));
-    report("sequential 64 KiB writes, 64 MiB, raw backing", total, ours, qemu);
+    let ours = time(
+        runs,
+        || create(&img, 64 * MIB, Some("base.raw")),
+        || {
+            let image = open(&img);
+            for i in 0..n {
+                image.write_at(&pattern[..65536], i * 65536).unwrap();
+            }
+            image.close().unwrap();
+        },
+    );
+    let cmds: Vec<String> = (0..n)
+        .map(|i| format!("write -P 0x5a {} 64k", i * 65536))
+        .collect();
+    let qemu = time(
+        runs,
+        || create(&img, 64 * MIB, Some("base.raw")),
+        || qemu_io(&img, &cmds),
+    );
+    report(
+        "sequential 64 KiB writes, 64 MiB, raw backing",
+        total,
+        ours,
+        qemu,
+    );
 
     // 3. One large write over a raw backing: we allocate one run and update each L2 once.
-    let ours = time(runs, || create(&img, 64 * MIB, Some("base.raw")), || {
-        let image = open(&img);
-        let big = vec![0x5au8; (32 * MIB) as usize];
-        image.write_at(&big, 1000).unwrap();
-        image.close().unwrap();
-    });
+    let ours = time(
+        runs,
+        || create(&img, 64 * MIB, Some("base.raw")),
+        || {
+            let image = open(&img);
+            let big = vec![0x5au8; (32 * MIB) as usize];
+            image.write_at(&big, 1000).unwrap();
+            image.close().unwrap();
+        },
+    );
     let cmds = vec!["write -P 0x5a 1000 32M".to_string()];
-    let qemu = time(runs, || create(&img, 64 * MIB, Some("base.raw")), || qemu_io(&img, &cmds));
-    report("one 32 MiB unaligned write, raw backing", 32 * MIB, ours, qemu);
+    let qemu = time(
+        runs,
+        || create(&img, 64 * MIB, Some("base.raw")),
+        || qemu_io(&img, &cmds),
+    );
+    report(
+        "one 32 MiB unaligned write, raw backing",
+        32 * MIB,
+        ours,
+        qemu,
+    );
 
     // 4. Random 4 KiB allocating writes into a 1 GiB image.
     let count = if quick { 1024 } else { 4096 };
     let mut rng = XorShift::new(42);
-    let offsets: Vec<u64> = (0..count).map(|_| (rng.next_u64() % (1 << 30)) & !4095).collect();
-    let ours = time(runs, || create(&img, 1 << 30, None), || {
-        let image = open(&img);
-        for &o in &offsets {
-            image.write_at(&pattern[..4096], o).unwrap();
-        }
-        image.close().unwrap();
-    });
-    let cmds: Vec<String> = offsets.iter().map(|o| format!("write -P 0x5a {o} 4k")).collect();
-    let qemu = time(runs, || create(&img, 1 << 30, None), || qemu_io(&img, &cmds));
-    report(&format!("random 4 KiB allocating writes x{count}"), count * 4096, ours, qemu);
+    let offsets: Vec<u64> = (0..count)
+        .map(|_| (rng.next_u64() % (1 << 30)) & !4095)
+        .collect();
+    let ours = time(
+        runs,
+        || create(&img, 1 << 30, None),
+        || {
+            let image = open(&img);
+            for &o in &offsets {
+                image.write_at(&pattern[..4096], o).unwrap();
+            }
+            image.close().unwrap();
+        },
+    );
+    let cmds: Vec<String> = offsets
+        .iter()
+        .map(|o| format!("write -P 0x5a {o} 4k"))
+        .collect();
+    let qemu = time(
+        runs,
+        || create(&img, 1 << 30, None),
+        || qemu_io(&img, &cmds),
+    );
+    report(
+        &format!("random 4 KiB allocating writes x{count}"),
+        count * 4096,
+        ours,
+        qemu,
+    );
 
     // 5. convert raw -> qed: 60% random data in 64 KiB..8 MiB extents, the rest holes.
     let size = if quick { 256 * MIB } else { 1024 * MIB };
@@ -164,18 +241,57 @@ fn main() {
         f.sync_all().unwrap();
     }
     let out = d.join("out.qed");
-    let ours = time(runs, || { let _ = std::fs::remove_file(&out); }, || {
-        let source = Source::open(&src, Some("raw")).unwrap();
-        convert(&source, &out, &Target::Qed { cluster_size: 65536, table_size: 4 }).unwrap();
-    });
+    let ours = time(
+        runs,
+        || {
+            let _ = std::fs::remove_file(&out);
+        },
+        || {
+            let source = Source::open(&src, Some("raw")).unwrap();
+            convert(
+                &source,
+                &out,
+                &Target::Qed {
+                    cluster_size: 65536,
+                    table_size: 4,
+                },
+            )
+            .unwrap();
+        },
+    );
     let (src_s, out_s) = (src.to_str().unwrap(), out.to_str().unwrap());
-    let qemu = time(runs, || { let _ = std::fs::remove_file(&out); }, || {
-        qemu_img(&["convert", "-t", "writeback", "-f", "raw", "-O", "qed", src_s, out_s])
-    });
-    report(&format!("convert {} MiB raw (60% data) -> qed, synced", size / MIB), size, ours, qemu);
-    let unsafe_qemu = time(runs, || { let _ = std::fs::remove_file(&out); }, || {
-        qemu_img(&["convert", "-f", "raw", "-O", "qed", src_s, out_s])
-    });
+    let qemu = time(
+        runs,
+        || {
+            let _ = std::fs::remove_file(&out);
+        },
+        || {
+            qemu_img(&[
+                "convert",
+                "-t",
+                "writeback",
+                "-f",
+                "raw",
+                "-O",
+                "qed",
+                src_s,
+                out_s,
+            ])
+        },
+    );
+    report(
+        &format!("convert {} MiB raw (60% data) -> qed, synced", size / MIB),
+        size,
+        ours,
+        qemu,
+    );
+    let unsafe_qemu = time(
+        runs,
+        || {
+            let _ = std::fs::remove_file(&out);
+        },
+        || qemu_img(&["convert", "-f", "raw", "-O", "qed", src_s, out_s]),
+    );
     println!(
         "  (qemu-img convert's default cache=unsafe skips the final sync: {:.3}s; ours always syncs)",
         unsafe_qemu.as_secs_f64()

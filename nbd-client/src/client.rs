@@ -41,6 +41,23 @@ pub struct ClientConfig {
     /// only when nothing else writes the same export (default false: they fail with
     /// [`Error::ConnectionLost`] and the caller decides).
     pub resend_writes: bool,
+    /// Like QEMU's `open-timeout`: keep retrying the first connection (after socket errors,
+    /// EOF or timeouts) for this long; zero means a single attempt (default zero).
+    pub open_timeout: Duration,
+}
+
+impl ClientConfig {
+    /// Apply the options a QEMU `json:` backing string carried (`reconnect-delay`,
+    /// `open-timeout`), keeping the defaults for those it did not.
+    pub fn with_uri_options(mut self, uri: &Uri) -> ClientConfig {
+        if let Some(d) = uri.reconnect_delay {
+            self.reconnect_delay = d;
+        }
+        if let Some(t) = uri.open_timeout {
+            self.open_timeout = t;
+        }
+        self
+    }
 }
 
 impl Default for ClientConfig {
@@ -55,6 +72,7 @@ impl Default for ClientConfig {
             max_in_flight: 16,
             max_bytes_in_flight: 64 * 1024 * 1024,
             resend_writes: false,
+            open_timeout: Duration::ZERO,
         }
     }
 }
@@ -338,14 +356,15 @@ impl Inner {
         let Some(uri) = this.uri.clone() else { return };
         let window = this.config.reconnect_delay;
         let deadline = tokio::time::Instant::now() + window;
-        let generation = {
+        let (generation, old) = {
             let mut pool = this.pool.write().unwrap_or_else(|p| p.into_inner());
-            for c in std::mem::take(&mut pool.conns) {
-                c.kill(first.clone());
-            }
             pool.generation += 1;
-            pool.generation
+            (pool.generation, std::mem::take(&mut pool.conns))
         };
+        // Outside the lock: killing runs the death hook, which reads the pool.
+        for c in old {
+            c.kill(first.clone());
+        }
         let mut last = first;
         let mut backoff = Duration::from_millis(20);
         loop {
@@ -363,6 +382,12 @@ impl Inner {
             let hook = death_hook(Arc::downgrade(&this), generation);
             match tokio::time::timeout(deadline - now, open_pool(&uri, &this.config, hook)).await {
                 Ok(Ok(conns)) => {
+                    if *this.state.borrow() == ConnectionState::Closed {
+                        for c in conns {
+                            c.close().await;
+                        }
+                        return;
+                    }
                     if let Err(e) = same_export(&this.export, conns[0].export()) {
                         for c in conns {
                             c.close().await;
@@ -411,7 +436,19 @@ impl Client {
     /// Connect to the export `uri` names and negotiate (see the crate documentation for what).
     pub async fn connect(uri: &Uri, config: ClientConfig) -> Result<Client, Error> {
         let slot = Arc::new(Mutex::new(None));
-        let conns = open_pool(uri, &config, pending_hook(slot.clone(), 0)).await?;
+        let deadline = tokio::time::Instant::now() + config.open_timeout;
+        let mut backoff = Duration::from_millis(50);
+        let conns = loop {
+            match open_pool(uri, &config, pending_hook(slot.clone(), 0)).await {
+                Ok(c) => break c,
+                Err(e) if e.is_retryable() && tokio::time::Instant::now() + backoff < deadline => {
+                    tracing::debug!(error = %e, "NBD connect failed; retrying within open_timeout");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let export = Arc::new(conns[0].export().clone());
         let inner = Arc::new(Inner {
             uri: Some(uri.clone()),
@@ -775,6 +812,18 @@ impl Client {
         let length = data.len() as u64;
         self.check_range(offset, length)?;
         let piece = u64::from(self.max_request_bytes());
+        if length <= piece {
+            return self
+                .request(
+                    Command::Write,
+                    0,
+                    offset,
+                    length,
+                    Some(Body::Write(data.to_vec())),
+                )
+                .await
+                .map(drop);
+        }
         let mut set = JoinSet::new();
         for (o, l) in Client::pieces(offset, length, piece) {
             let at = (o - offset) as usize;
@@ -808,6 +857,12 @@ impl Client {
         } else {
             self.max_effect_length()
         };
+        if length <= piece {
+            return self
+                .request(command, flags, offset, length, None)
+                .await
+                .map(drop);
+        }
         let mut set = JoinSet::new();
         for (o, l) in Client::pieces(offset, length, piece) {
             let c = self.clone();

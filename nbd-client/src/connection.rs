@@ -385,15 +385,27 @@ impl Connection {
         self.shared
             .closing
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        loop {
-            let notified = self.shared.drained.notified();
-            {
-                let g = self.shared.lock();
-                if g.slots.is_empty() || g.dead.is_some() {
-                    break;
+        let drain = async {
+            loop {
+                let notified = self.shared.drained.notified();
+                {
+                    let g = self.shared.lock();
+                    if g.slots.is_empty() || g.dead.is_some() {
+                        break;
+                    }
                 }
+                notified.await;
             }
-            notified.await;
+        };
+        // Requests have their own deadline; without one, do not wait for ever either.
+        let limit = self
+            .limits
+            .request_timeout
+            .unwrap_or(Duration::from_secs(30));
+        if tokio::time::timeout(limit, drain).await.is_err() {
+            tracing::warn!(
+                "NBD close: requests still in flight after {limit:?}; disconnecting anyway"
+            );
         }
         let mut dead_rx = self.shared.dead_tx.subscribe();
         if !self.is_dead() {
@@ -418,6 +430,7 @@ impl Drop for Connection {
         // No async drop: send NBD_CMD_DISC if still alive (queued after any pending request) so the
         // server sees a clean exit; the tasks then finish on their own.
         if !self.is_dead() {
+            tracing::warn!("NBD connection dropped without Client::close(); sending NBD_CMD_DISC");
             self.shared
                 .closing
                 .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -485,7 +498,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     }
 }
 
-async fn read_loop<R: AsyncRead + Unpin>(mut reader: R, shared: Arc<Shared>) {
+async fn read_loop<R: AsyncRead + Unpin>(reader: R, shared: Arc<Shared>) {
+    // A small buffer merges the header reads of a chunk into one syscall; payloads larger than
+    // it still go straight from the socket into the request's buffer.
+    let mut reader = tokio::io::BufReader::with_capacity(4096, reader);
     let mut dead = shared.dead_tx.subscribe();
     let result = tokio::select! {
         r = read_replies(&mut reader, &shared) => r,

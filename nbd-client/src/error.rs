@@ -315,7 +315,7 @@ pub enum Violation {
     /// A simple reply carrying success for a read after structured replies were agreed.
     #[error("simple reply to a read after structured replies were negotiated")]
     SimpleReplyToRead,
-    /// A final chunk without DONE semantic errors, e.g. NONE without DONE.
+    /// A NONE chunk without the DONE flag, or with a payload.
     #[error("chunk NONE without the DONE flag or with a payload")]
     BadNoneChunk,
 }

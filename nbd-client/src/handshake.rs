@@ -251,8 +251,26 @@ async fn simple_option<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-/// Negotiate the transmission phase for `export` on a fresh stream.
+/// Negotiate the transmission phase for `export` on a fresh stream. When the server refuses an
+/// option (no such export, TLS required) the handshake is ended politely with NBD_OPT_ABORT.
 pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    export: &str,
+) -> Result<ExportInfo, Error> {
+    let r = negotiate_options(s, export).await;
+    // (A refused EXPORT_NAME means the server closed the connection: nothing to abort.)
+    let polite = match &r {
+        Err(Error::OptionRefused { option, .. }) => *option != "EXPORT_NAME",
+        Err(Error::TlsUnsupported { .. }) => true,
+        _ => false,
+    };
+    if polite {
+        abort(s).await;
+    }
+    r
+}
+
+async fn negotiate_options<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     export: &str,
 ) -> Result<ExportInfo, Error> {

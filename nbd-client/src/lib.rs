@@ -27,6 +27,16 @@
 //! Main types: [`Uri`] (parses `nbd://`, `nbd+unix://`, legacy `nbd:` and QEMU `json:` backing
 //! strings), [`ClientConfig`], [`Client`], [`Extent`], [`Error`].
 //!
+//! Modules: [`uri`] (locations and QEMU backing strings), [`protocol`] (pure encode/decode of the
+//! wire structures, no I/O), `handshake` (option negotiation), `connection` (one socket: a writer
+//! task and a reader task that demultiplexes replies by cookie), `client` (validation, splitting,
+//! the connection pool, reconnection), [`error`].
+//!
+//! For a tool that takes "a file or an NBD URI" (as a QED backing name may be either):
+//! [`Uri::is_nbd_string`] tells which; [`ClientConfig::with_uri_options`] applies the
+//! `reconnect-delay` / `open-timeout` a QEMU `json:` string carried; [`Uri::to_qemu_string`] is
+//! what to store as a backing file name.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), nbd_client::Error> {
 //! use nbd_client::{Client, ClientConfig, Uri};
@@ -74,18 +84,19 @@ pub mod fuzzing {
             reconnect_delay: Duration::ZERO,
             max_request_bytes: 64 * 1024,
             connections: 1,
-            max_in_flight: 4,
+            max_in_flight: 16,
             max_bytes_in_flight: 1 << 20,
             resend_writes: false,
+            open_timeout: Duration::ZERO,
         }
     }
 
     /// Play `server_side` as everything the server sends on an in-memory socket (then EOF), while
-    /// the client negotiates export "" and issues, one after another: READ 0+4096, BLOCK_STATUS
-    /// 0+65536, READ 4096+128 KiB (two pieces), WRITE 0+512, WRITE_ZEROES, TRIM, CACHE, FLUSH
-    /// (each only if allowed), then closes. Cookies are numbered from 1 in that order, so a
-    /// transcript can answer them. Must never panic or hang.
-    pub async fn replay_server_bytes(server_side: &[u8]) {
+    /// the client negotiates export "" and issues, all at once: READ 0+4096, BLOCK_STATUS
+    /// 0+65536, READ 4096+65536, READ 69632+65536, WRITE 0+512, WRITE_ZEROES 0+512, TRIM 0+512,
+    /// CACHE 0+4096, FLUSH (each only if allowed), then closes. Cookies are numbered from 1 in
+    /// that order, so a transcript can answer them. Must never panic or hang.
+    pub async fn replay_server_bytes(server_side: &[u8]) -> ReplayOutcome {
         let (client_end, server_end) = tokio::io::duplex(1 << 16);
         let data = server_side.to_vec();
         let server = tokio::spawn(async move {
@@ -104,48 +115,62 @@ pub mod fuzzing {
             };
             tokio::join!(drain, write);
         });
+        let mut outcome = ReplayOutcome::default();
         let run = async {
             let Ok(client) = Client::from_stream(client_end, "", replay_config()).await else {
                 return;
             };
+            outcome.connected = true;
             let size = client.size();
-            let fits = |o: u64, l: u64| o + l <= size;
-            if fits(0, 4096) {
-                let _ = client.read(0, 4096).await;
-            }
-            if client.has_block_status() && size > 0 {
-                let _ = client.block_status(0, 65536).await;
-            }
-            if fits(4096, 128 * 1024) {
-                let _ = client.read(4096, 128 * 1024).await;
-            }
-            if client.can_write() && fits(0, 512) {
-                let _ = client.write(0, &[0xa5; 512]).await;
-                if client.can_zero() {
-                    let _ = client.write_zeroes(0, 512, ZeroFlags::default()).await;
-                }
-                if client.can_trim() {
-                    let _ = client.trim(0, 512).await;
-                }
-            }
-            if client.can_cache() && fits(0, 4096) {
-                let _ = client.cache(0, 4096).await;
-            }
-            if client.can_flush() && client.can_write() {
-                let _ = client.flush().await;
-            }
+            let fits = |o: u64, l: u64| o.checked_add(l).is_some_and(|e| e <= size);
+            let c = &client;
+            // All commands are polled once, in this order, before the reader task runs: cookies
+            // are assigned 1, 2, ... in this order (skipping commands not issued), whatever the
+            // transcript answers.
+            let results = tokio::join!(
+                async { fits(0, 4096).then_some(c.read(0, 4096).await.map(drop)) },
+                async {
+                    (c.has_block_status() && size > 0)
+                        .then_some(c.block_status(0, 65536).await.map(drop))
+                },
+                async { fits(4096, 65536).then_some(c.read(4096, 65536).await.map(drop)) },
+                async { fits(69632, 65536).then_some(c.read(69632, 65536).await.map(drop)) },
+                async { (c.can_write() && fits(0, 512)).then_some(c.write(0, &[0xa5; 512]).await) },
+                async {
+                    (c.can_zero() && fits(0, 512))
+                        .then_some(c.write_zeroes(0, 512, ZeroFlags::default()).await)
+                },
+                async { (c.can_trim() && fits(0, 512)).then_some(c.trim(0, 512).await) },
+                async { (c.can_cache() && fits(0, 4096)).then_some(c.cache(0, 4096).await) },
+                async { (c.can_flush() && c.can_write()).then_some(c.flush().await) },
+            );
+            let all = [
+                results.0, results.1, results.2, results.3, results.4, results.5, results.6,
+                results.7, results.8,
+            ];
+            outcome.succeeded = all.iter().filter(|r| matches!(r, Some(Ok(())))).count();
             client.close().await;
         };
         let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
         server.abort();
+        outcome
+    }
+
+    /// What a replay achieved (for tests of the seed corpus).
+    #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+    pub struct ReplayOutcome {
+        /// The handshake succeeded.
+        pub connected: bool,
+        /// Commands that succeeded.
+        pub succeeded: usize,
     }
 
     /// Synchronous wrapper for the fuzz target: a fresh current-thread runtime per input.
-    pub fn replay_server_bytes_blocking(server_side: &[u8]) {
+    pub fn replay_server_bytes_blocking(server_side: &[u8]) -> ReplayOutcome {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("tokio runtime");
-        rt.block_on(replay_server_bytes(server_side));
+        rt.block_on(replay_server_bytes(server_side))
     }
 }

@@ -5,11 +5,11 @@
 use crate::error::Violation;
 
 /// "NBDMAGIC", the first 8 bytes every server sends.
-pub const INIT_PASSWD: u64 = 0x4e42_444d_4149_4743;
+pub const INIT_PASSWD: u64 = 0x4e42_444d_4147_4943;
 /// "IHAVEOPT": newstyle greeting and every option request header.
 pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
 /// Second 8 bytes of the oldstyle greeting (which we refuse).
-pub const CLISERV_MAGIC: u64 = 0x0042_0281_8612_53;
+pub const CLISERV_MAGIC: u64 = 0x0000_4202_8186_1253;
 /// Magic of every option reply.
 pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 
@@ -570,5 +570,25 @@ mod tests {
             decode_error_chunk(CHUNK_ERROR, &z),
             Err(Violation::ZeroErrno)
         );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoders_never_panic(payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128), t in proptest::prelude::any::<u16>()) {
+            let mut v = Vec::new();
+            let _ = decode_block_status(&payload, &mut v);
+            let _ = decode_block_status_ext(&payload, &mut v);
+            let _ = decode_error_chunk(t, &payload);
+            if payload.len() >= 16 {
+                let b: [u8; 16] = payload[..16].try_into().unwrap();
+                for m in [HeaderMode::Simple, HeaderMode::Structured, HeaderMode::Extended] {
+                    let _ = decode_reply_start(&b, m);
+                }
+            }
+            if payload.len() >= 20 {
+                let b: [u8; 20] = payload[..20].try_into().unwrap();
+                let _ = decode_option_reply_header(&b, OPT_GO);
+            }
+        }
     }
 }

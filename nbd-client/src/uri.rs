@@ -67,6 +67,19 @@ impl Uri {
         }
     }
 
+    /// Whether `s` names an NBD export rather than a local file (`nbd:`, `nbd://`, `nbd+unix://`,
+    /// `nbds...`, or a `json:` string with an `nbd` driver), without validating it: lets a caller
+    /// decide which of [`Uri::parse`] or a file open should report the error.
+    pub fn is_nbd_string(s: &str) -> bool {
+        if let Some(json) = s.strip_prefix("json:") {
+            return json.contains("\"nbd\"");
+        }
+        s.starts_with("nbd:")
+            || s.starts_with("nbd+")
+            || s.starts_with("nbds:")
+            || s.starts_with("nbds+")
+    }
+
     /// Parse any of the accepted forms (see the module documentation).
     pub fn parse(s: &str) -> Result<Uri, Error> {
         let bad = |reason: &str| Error::InvalidUri {
@@ -489,6 +502,27 @@ mod tests {
     }
 
     #[test]
+    fn nbd_strings_are_recognised() {
+        for s in [
+            "nbd://h/e",
+            "nbd+unix:///e?socket=/s",
+            "nbd:unix:/s",
+            "nbds://h",
+            r#"json:{"driver":"nbd"}"#,
+        ] {
+            assert!(Uri::is_nbd_string(s), "{s}");
+        }
+        for s in [
+            "/var/img.raw",
+            "disk.qed",
+            "nbdfile",
+            r#"json:{"driver":"file","filename":"x"}"#,
+        ] {
+            assert!(!Uri::is_nbd_string(s), "{s}");
+        }
+    }
+
+    #[test]
     fn garbage_is_invalid() {
         for s in [
             "",
@@ -502,6 +536,25 @@ mod tests {
                 matches!(Uri::parse(s), Err(Error::InvalidUri { .. })),
                 "{s}"
             );
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn qemu_string_round_trips_unix(export in "[ -~]{0,24}", path in "/[ -~]{1,40}") {
+            let u = Uri::unix(path.as_str(), export.as_str());
+            proptest::prop_assert_eq!(Uri::parse(&u.to_qemu_string()).unwrap(), u);
+        }
+
+        #[test]
+        fn qemu_string_round_trips_tcp(export in "[ -~]{0,24}", host in "[a-z][a-z0-9.-]{0,20}", port in 1u16..) {
+            let u = Uri::tcp(host.as_str(), port, export.as_str());
+            proptest::prop_assert_eq!(Uri::parse(&u.to_qemu_string()).unwrap(), u);
+        }
+
+        #[test]
+        fn parse_never_panics(s in "\\PC{0,80}") {
+            let _ = Uri::parse(&s);
         }
     }
 }

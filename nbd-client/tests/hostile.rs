@@ -13,7 +13,9 @@ use nbd_client::{Client, ConnectionState, Errno, Error, Refusal, Violation, Zero
 const MIB: u64 = 1 << 20;
 
 async fn connect(s: &Scripted) -> Client {
-    Client::connect(&s.uri, test_config()).await.expect("connect to scripted server")
+    Client::connect(&s.uri, test_config())
+        .await
+        .expect("connect to scripted server")
 }
 
 fn protocol(e: Error) -> Violation {
@@ -23,9 +25,18 @@ fn protocol(e: Error) -> Violation {
     }
 }
 
+#[test]
+fn client_is_clone_send_sync() {
+    fn assert_shareable<T: Clone + Send + Sync + 'static>() {}
+    assert_shareable::<Client>();
+    assert_shareable::<Error>();
+}
+
 #[tokio::test]
 async fn well_behaved_script_reads_and_checks_the_option_order() {
-    let s = serve(Script::new(Mode::Structured, MIB, |r| Action::Send(good_read(r))));
+    let s = serve(Script::new(Mode::Structured, MIB, |r| {
+        Action::Send(good_read(r))
+    }));
     let c = connect(&s).await;
     assert_eq!(c.read(4096, 8192).await.unwrap(), pattern(4096, 8192));
     // Trap: nothing between SET_META_CONTEXT and GO; EXTENDED_HEADERS first.
@@ -43,9 +54,21 @@ async fn bad_magic_kills_the_connection() {
     }));
     let c = connect(&s).await;
     let v = protocol(c.read(0, 4096).await.unwrap_err());
-    assert!(matches!(v, Violation::BadMagic { found: 0x1256_0953, .. }), "{v:?}");
+    assert!(
+        matches!(
+            v,
+            Violation::BadMagic {
+                found: 0x1256_0953,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
     assert_eq!(c.state(), ConnectionState::Failed);
-    assert!(c.read(0, 4096).await.unwrap_err().is_protocol_violation(), "no reconnect after a violation");
+    assert!(
+        c.read(0, 4096).await.unwrap_err().is_protocol_violation(),
+        "no reconnect after a violation"
+    );
 }
 
 #[tokio::test]
@@ -56,7 +79,10 @@ async fn unknown_cookie_kills_the_connection() {
         Action::Send(good_read(&r2))
     }));
     let c = connect(&s).await;
-    assert!(matches!(protocol(c.read(0, 512).await.unwrap_err()), Violation::UnknownCookie(_)));
+    assert!(matches!(
+        protocol(c.read(0, 512).await.unwrap_err()),
+        Violation::UnknownCookie(_)
+    ));
 }
 
 #[tokio::test]
@@ -68,7 +94,10 @@ async fn oversize_data_chunk_is_rejected_before_reading_it() {
         Action::Send(b)
     }));
     let c = connect(&s).await;
-    assert!(matches!(protocol(c.read(0, 512).await.unwrap_err()), Violation::BadChunkLength { .. }));
+    assert!(matches!(
+        protocol(c.read(0, 512).await.unwrap_err()),
+        Violation::BadChunkLength { .. }
+    ));
 }
 
 #[tokio::test]
@@ -77,7 +106,10 @@ async fn data_outside_the_request_is_rejected() {
         Action::Send(data(DONE, r.cookie, r.offset + 512, &pattern(0, r.length)))
     }));
     let c = connect(&s).await;
-    assert!(matches!(protocol(c.read(4096, 1024).await.unwrap_err()), Violation::ChunkOutOfRange { .. }));
+    assert!(matches!(
+        protocol(c.read(4096, 1024).await.unwrap_err()),
+        Violation::ChunkOutOfRange { .. }
+    ));
 }
 
 #[tokio::test]
@@ -90,7 +122,10 @@ async fn duplicated_half_with_missing_half_is_rejected() {
         Action::Send(b)
     }));
     let c = connect(&s).await;
-    assert!(matches!(protocol(c.read(0, 4096).await.unwrap_err()), Violation::ChunkOverlap { .. }));
+    assert!(matches!(
+        protocol(c.read(0, 4096).await.unwrap_err()),
+        Violation::ChunkOverlap { .. }
+    ));
 }
 
 #[tokio::test]
@@ -102,14 +137,26 @@ async fn gap_in_a_read_is_rejected() {
     }));
     let c = connect(&s).await;
     let v = protocol(c.read(0, 4096).await.unwrap_err());
-    assert_eq!(v, Violation::ReadIncomplete { req_offset: 0, req_length: 4096, received: 2048 });
+    assert_eq!(
+        v,
+        Violation::ReadIncomplete {
+            req_offset: 0,
+            req_length: 4096,
+            received: 2048
+        }
+    );
 }
 
 #[tokio::test]
 async fn holes_and_out_of_order_chunks_assemble() {
     let s = serve(Script::new(Mode::Structured, MIB, |r| {
         let half = r.length / 2;
-        let mut b = data(0, r.cookie, r.offset + half, &pattern(r.offset + half, half));
+        let mut b = data(
+            0,
+            r.cookie,
+            r.offset + half,
+            &pattern(r.offset + half, half),
+        );
         b.extend(hole(DONE, r.cookie, r.offset, half as u32));
         Action::Send(b)
     }));
@@ -131,7 +178,11 @@ async fn truncated_reply_is_a_lost_connection() {
     let e = c.read(0, 4096).await.unwrap_err();
     assert!(matches!(e, Error::ConnectionLost(_)), "{e:?}");
     assert!(e.is_retryable());
-    assert_eq!(c.state(), ConnectionState::Failed, "reconnect disabled in this config");
+    assert_eq!(
+        c.state(),
+        ConnectionState::Failed,
+        "reconnect disabled in this config"
+    );
 }
 
 #[tokio::test]
@@ -146,7 +197,13 @@ async fn absurd_option_reply_length_is_refused() {
     }));
     let s = serve(script);
     let e = Client::connect(&s.uri, test_config()).await.unwrap_err();
-    assert!(matches!(protocol(e), Violation::OptionReplyTooLong { option: 7, length: 0xffff_fff0 }));
+    assert!(matches!(
+        protocol(e),
+        Violation::OptionReplyTooLong {
+            option: 7,
+            length: 0xffff_fff0
+        }
+    ));
 }
 
 #[tokio::test]
@@ -158,24 +215,44 @@ async fn reply_never_marked_done_times_out() {
     cfg.request_timeout = Some(Duration::from_millis(300));
     let c = Client::connect(&s.uri, cfg).await.unwrap();
     let e = c.read(0, 4096).await.unwrap_err();
-    assert!(matches!(e, Error::Timeout { what: "request", .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            Error::Timeout {
+                what: "request",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
 }
 
 #[tokio::test]
-async fn server_that_stops_answering_times_out_and_reconnect_window_closes() {
+async fn server_that_stops_answering_times_out_then_reconnects() {
     let s = serve(Script::new(Mode::Structured, MIB, |_| Action::Nothing));
     let mut cfg = test_config();
     cfg.request_timeout = Some(Duration::from_millis(200));
-    cfg.reconnect_delay = Duration::from_millis(800);
+    cfg.reconnect_delay = Duration::from_secs(5);
     let c = Client::connect(&s.uri, cfg).await.unwrap();
     let mut states = c.subscribe_state();
     let e = c.read(0, 4096).await.unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
-    // The timeout dropped the connection; the server accepts again but never answers.
-    states.wait_for(|s| *s == ConnectionState::Failed).await.unwrap();
-    assert!(matches!(c.failure(), Some(Error::ReconnectFailed { .. })), "{:?}", c.failure());
-    let e = c.read(0, 4096).await.unwrap_err();
-    assert!(e.to_string().contains("reconnect window"), "{e}");
+    assert!(e.is_retryable());
+    // The timeout dropped the connection and the client reconnected (the server still
+    // accepts and negotiates; it just never answers requests).
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        states.wait_for(|s| *s == ConnectionState::Connected),
+    )
+    .await
+    .expect("reconnected in time")
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(s.log.lock().unwrap().connections, 2);
+    assert!(matches!(
+        c.read(0, 4096).await.unwrap_err(),
+        Error::Timeout { .. }
+    ));
 }
 
 #[tokio::test]
@@ -209,14 +286,19 @@ async fn unknown_error_chunk_type_fails_the_request_only() {
         }
     }));
     let c = connect(&s).await;
-    assert_eq!(c.read(0, 512).await.unwrap_err().server_errno(), Some(Errno::EINVAL));
+    assert_eq!(
+        c.read(0, 512).await.unwrap_err().server_errno(),
+        Some(Errno::EINVAL)
+    );
     assert!(c.read(0, 512).await.is_ok());
 }
 
 #[tokio::test]
 async fn simple_replies_to_non_reads_after_structured_are_accepted() {
     // qemu-nbd answers successful WRITE/TRIM/FLUSH/CACHE with simple replies.
-    let s = serve(Script::new(Mode::Structured, MIB, |r| Action::Send(simple(r.cookie, 0))));
+    let s = serve(Script::new(Mode::Structured, MIB, |r| {
+        Action::Send(simple(r.cookie, 0))
+    }));
     let c = connect(&s).await;
     c.write(0, &[1u8; 4096]).await.unwrap();
     c.trim(0, 4096).await.unwrap();
@@ -224,22 +306,35 @@ async fn simple_replies_to_non_reads_after_structured_are_accepted() {
     c.cache(0, 4096).await.unwrap();
     c.flush().await.unwrap();
     let reqs = s.requests();
-    assert_eq!(reqs.iter().map(|r| r.typ).collect::<Vec<_>>(), vec![1, 4, 6, 5, 3]);
+    assert_eq!(
+        reqs.iter().map(|r| r.typ).collect::<Vec<_>>(),
+        vec![1, 4, 6, 5, 3]
+    );
     assert_eq!(reqs[0].payload, vec![1u8; 4096]);
 }
 
 #[tokio::test]
 async fn simple_reply_to_a_read_after_structured_is_a_violation() {
-    let s = serve(Script::new(Mode::Structured, MIB, |r| Action::Send(simple(r.cookie, 0))));
+    let s = serve(Script::new(Mode::Structured, MIB, |r| {
+        Action::Send(simple(r.cookie, 0))
+    }));
     let c = connect(&s).await;
-    assert_eq!(protocol(c.read(0, 512).await.unwrap_err()), Violation::SimpleReplyToRead);
+    assert_eq!(
+        protocol(c.read(0, 512).await.unwrap_err()),
+        Violation::SimpleReplyToRead
+    );
 }
 
 #[tokio::test]
 async fn context_id_zero_is_valid_and_extents_are_clamped() {
     let s = serve(Script::new(Mode::Structured, MIB, |r| {
         // 64 KiB data, then a zero extent running far past the request and the export.
-        Action::Send(block_status(DONE, r.cookie, 0, &[(65536, 0), (0x4000_0000, 3)]))
+        Action::Send(block_status(
+            DONE,
+            r.cookie,
+            0,
+            &[(65536, 0), (0x4000_0000, 3)],
+        ))
     }));
     let c = connect(&s).await;
     assert!(c.has_block_status());
@@ -253,7 +348,10 @@ async fn zero_length_extent_is_a_violation() {
         Action::Send(block_status(DONE, r.cookie, 0, &[(0, 0)]))
     }));
     let c = connect(&s).await;
-    assert_eq!(protocol(c.block_status(0, 4096).await.unwrap_err()), Violation::ZeroLengthExtent);
+    assert_eq!(
+        protocol(c.block_status(0, 4096).await.unwrap_err()),
+        Violation::ZeroLengthExtent
+    );
 }
 
 #[tokio::test]
@@ -264,49 +362,85 @@ async fn duplicate_block_status_chunk_is_a_violation() {
         Action::Send(b)
     }));
     let c = connect(&s).await;
-    assert_eq!(protocol(c.block_status(0, 4096).await.unwrap_err()), Violation::DuplicateBlockStatus);
+    assert_eq!(
+        protocol(c.block_status(0, 4096).await.unwrap_err()),
+        Violation::DuplicateBlockStatus
+    );
 }
 
 #[tokio::test]
 async fn dropped_request_future_does_not_desynchronise() {
-    let s = serve(Script::new(Mode::Structured, MIB, |r| {
-        if r.offset == 0 {
-            // Answer the first read late, in two chunks, so the drop happens mid-request.
-            std::thread::sleep(Duration::from_millis(200));
-        }
+    // The first read is answered (in two chunks) only when the next request arrives, after
+    // its future was dropped: its chunks must be consumed and discarded.
+    let held: Arc<std::sync::Mutex<Option<scripted::Req>>> = Arc::default();
+    let h2 = held.clone();
+    let two_chunks = |r: &scripted::Req| {
         let half = r.length / 2;
         let mut b = data(0, r.cookie, r.offset, &pattern(r.offset, half));
-        b.extend(data(DONE, r.cookie, r.offset + half, &pattern(r.offset + half, half)));
-        Action::Send(b)
+        b.extend(data(
+            DONE,
+            r.cookie,
+            r.offset + half,
+            &pattern(r.offset + half, half),
+        ));
+        b
+    };
+    let s = serve(Script::new(Mode::Structured, MIB, move |r| {
+        let mut held = h2.lock().unwrap();
+        if r.offset == 0 && r.length == 65536 {
+            *held = Some(r.clone());
+            return Action::Nothing;
+        }
+        let mut out = held
+            .take()
+            .map(|first| two_chunks(&first))
+            .unwrap_or_default();
+        out.extend(two_chunks(r));
+        Action::Send(out)
     }));
     let c = connect(&s).await;
     let slow = c.read(0, 65536);
-    assert!(tokio::time::timeout(Duration::from_millis(50), slow).await.is_err(), "dropped");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), slow)
+            .await
+            .is_err(),
+        "dropped"
+    );
     assert_eq!(c.read(65536, 65536).await.unwrap(), pattern(65536, 65536));
     assert_eq!(c.read(0, 4096).await.unwrap(), pattern(0, 4096));
     assert_eq!(c.state(), ConnectionState::Connected);
+    assert!(
+        held.lock().unwrap().is_none(),
+        "the abandoned read was answered"
+    );
 }
 
 #[tokio::test]
 async fn oldstyle_and_non_fixed_newstyle_are_refused() {
-    let mut old = 0x4e42_444d_4149_4743u64.to_be_bytes().to_vec();
-    old.extend_from_slice(&0x0042_0281_8612_53u64.to_be_bytes());
+    let mut old = 0x4e42_444d_4147_4943u64.to_be_bytes().to_vec();
+    old.extend_from_slice(&0x0000_4202_8186_1253u64.to_be_bytes());
     old.extend_from_slice(&(1u64 << 20).to_be_bytes());
     old.extend_from_slice(&[0u8; 128]);
     let mut script = Script::new(Mode::Structured, MIB, |_| Action::Nothing);
     script.greeting = Some(old);
     let s = serve(script);
     let e = Client::connect(&s.uri, test_config()).await.unwrap_err();
-    assert!(matches!(e, Error::UnsupportedServer(m) if m.contains("oldstyle")), "{e:?}");
+    assert!(
+        matches!(e, Error::UnsupportedServer(m) if m.contains("oldstyle")),
+        "{e:?}"
+    );
 
-    let mut plain = 0x4e42_444d_4149_4743u64.to_be_bytes().to_vec();
+    let mut plain = 0x4e42_444d_4147_4943u64.to_be_bytes().to_vec();
     plain.extend_from_slice(&0x4948_4156_454F_5054u64.to_be_bytes());
     plain.extend_from_slice(&0u16.to_be_bytes());
     let mut script = Script::new(Mode::Structured, MIB, |_| Action::Nothing);
     script.greeting = Some(plain);
     let s = serve(script);
     let e = Client::connect(&s.uri, test_config()).await.unwrap_err();
-    assert!(matches!(e, Error::UnsupportedServer(m) if m.contains("non-fixed")), "{e:?}");
+    assert!(
+        matches!(e, Error::UnsupportedServer(m) if m.contains("non-fixed")),
+        "{e:?}"
+    );
 }
 
 #[tokio::test]
@@ -331,14 +465,27 @@ async fn simple_mode_reads_work() {
     let c = connect(&s).await;
     assert!(!c.has_block_status());
     assert_eq!(c.read(512, 8192).await.unwrap(), pattern(512, 8192));
-    assert!(matches!(c.block_status(0, 4096).await, Err(Error::Refused(Refusal::Unsupported(_)))));
-    assert_eq!(s.options(), vec![11, 8, 7], "no SET_META_CONTEXT without structured replies");
+    assert!(matches!(
+        c.block_status(0, 4096).await,
+        Err(Error::Refused(Refusal::Unsupported(_)))
+    ));
+    assert_eq!(
+        s.options(),
+        vec![11, 8, 7],
+        "no SET_META_CONTEXT without structured replies"
+    );
 }
 
 #[tokio::test]
 async fn extended_headers_and_offset_echo() {
     let s = serve(Script::new(Mode::Extended, MIB, |r| match r.typ {
-        0 => Action::Send(ext_chunk(DONE, 1, r.cookie, r.offset, &data_payload(r.offset, &pattern(r.offset, r.length)))),
+        0 => Action::Send(ext_chunk(
+            DONE,
+            1,
+            r.cookie,
+            r.offset,
+            &data_payload(r.offset, &pattern(r.offset, r.length)),
+        )),
         7 => {
             let mut p = 0u32.to_be_bytes().to_vec();
             p.extend_from_slice(&1u32.to_be_bytes());
@@ -354,7 +501,10 @@ async fn extended_headers_and_offset_echo() {
     let e = c.block_status(4096, 8192).await.unwrap();
     assert_eq!(common::as_map(&e), vec![(4096, 8192, 2)]);
     // The chunk for the flush does not echo the request offset.
-    assert!(matches!(protocol(c.flush().await.unwrap_err()), Violation::OffsetNotEchoed { .. }));
+    assert!(matches!(
+        protocol(c.flush().await.unwrap_err()),
+        Violation::OffsetNotEchoed { .. }
+    ));
 }
 
 #[tokio::test]
@@ -369,19 +519,37 @@ async fn local_refusals_send_nothing() {
     };
     assert_eq!(refused(c.write(0, &[0; 512]).await), Refusal::ReadOnly);
     assert_eq!(refused(c.trim(0, 512).await), Refusal::ReadOnly);
-    assert_eq!(refused(c.write_zeroes(0, 512, ZeroFlags::default()).await), Refusal::ReadOnly);
+    assert_eq!(
+        refused(c.write_zeroes(0, 512, ZeroFlags::default()).await),
+        Refusal::ReadOnly
+    );
     assert_eq!(refused(c.flush().await), Refusal::Unsupported("FLUSH"));
-    assert_eq!(refused(c.cache(0, 512).await), Refusal::Unsupported("CACHE"));
-    assert!(matches!(c.read(MIB - 512, 1024).await, Err(Error::Refused(Refusal::OutOfBounds { .. }))));
-    assert!(matches!(c.read(0, 0).await, Err(Error::Refused(Refusal::ZeroLength))));
+    assert_eq!(
+        refused(c.cache(0, 512).await),
+        Refusal::Unsupported("CACHE")
+    );
+    assert!(matches!(
+        c.read(MIB - 512, 1024).await,
+        Err(Error::Refused(Refusal::OutOfBounds { .. }))
+    ));
+    assert!(matches!(
+        c.read(0, 0).await,
+        Err(Error::Refused(Refusal::ZeroLength))
+    ));
     assert!(s.requests().is_empty(), "nothing may reach the server");
 
     let mut script = Script::new(Mode::Structured, MIB, |r| Action::Send(simple(r.cookie, 0)));
     script.flags = 1 | 64; // writable, WRITE_ZEROES but no FAST_ZERO
     let s = serve(script);
     let c = connect(&s).await;
-    let fast = ZeroFlags { fast: true, no_hole: false };
-    assert_eq!(refused(c.write_zeroes(0, 512, fast).await), Refusal::Unsupported("FAST_ZERO"));
+    let fast = ZeroFlags {
+        fast: true,
+        no_hole: false,
+    };
+    assert_eq!(
+        refused(c.write_zeroes(0, 512, fast).await),
+        Refusal::Unsupported("FAST_ZERO")
+    );
     assert!(s.requests().is_empty());
 }
 
@@ -408,4 +576,47 @@ async fn many_requests_in_flight_answered_in_reverse_order() {
     assert_eq!(c.read(0, 512 * 1024).await.unwrap(), pattern(0, 512 * 1024));
     assert_eq!(s.requests().len(), 8);
     assert!(s.requests().iter().all(|r| r.length == 64 * 1024));
+}
+
+/// The first WRITE kills the connection (EOF mid-request); later ones succeed.
+fn write_once_drops_connection() -> Scripted {
+    let n = Arc::new(AtomicUsize::new(0));
+    serve(Script::new(Mode::Structured, MIB, move |r| match r.typ {
+        1 if n.fetch_add(1, Ordering::SeqCst) == 0 => Action::SendClose(Vec::new()),
+        0 => Action::Send(good_read(r)),
+        _ => Action::Send(simple(r.cookie, 0)),
+    }))
+}
+
+#[tokio::test]
+async fn writes_in_flight_are_not_resent_unless_configured() {
+    let s = write_once_drops_connection();
+    let cfg = nbd_client::ClientConfig {
+        reconnect_delay: Duration::from_secs(5),
+        ..test_config()
+    };
+    let c = Client::connect(&s.uri, cfg).await.unwrap();
+    let e = c.write(0, &[1; 4096]).await.unwrap_err();
+    assert!(matches!(e, Error::ConnectionLost(_)), "{e:?}");
+    // Reads wait for the reconnect and succeed.
+    assert_eq!(c.read(0, 4096).await.unwrap(), pattern(0, 4096));
+    assert_eq!(c.state(), ConnectionState::Connected);
+    c.close().await;
+
+    let s = write_once_drops_connection();
+    let cfg = nbd_client::ClientConfig {
+        reconnect_delay: Duration::from_secs(5),
+        resend_writes: true,
+        ..test_config()
+    };
+    let c = Client::connect(&s.uri, cfg).await.unwrap();
+    c.write(0, &[1; 4096]).await.unwrap();
+    let writes: Vec<_> = s.requests().into_iter().filter(|r| r.typ == 1).collect();
+    assert_eq!(
+        writes.len(),
+        2,
+        "sent once, re-sent once after the reconnect"
+    );
+    assert_eq!(writes[1].payload, vec![1; 4096]);
+    c.close().await;
 }

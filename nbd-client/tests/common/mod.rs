@@ -20,7 +20,10 @@ pub fn require_tool(name: &str) {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    assert!(ok, "required tool `{name}` is not installed (apt-get install -y nbdkit libnbd-bin qemu-utils)");
+    assert!(
+        ok,
+        "required tool `{name}` is not installed (apt-get install -y nbdkit libnbd-bin qemu-utils)"
+    );
 }
 
 /// A free TCP port on 127.0.0.1 (bind port 0, read it, release it).
@@ -44,16 +47,30 @@ pub struct Server {
     pub uri: Uri,
     program: String,
     args: Vec<String>,
+    pid_file: PathBuf,
 }
 
 impl Server {
-    fn spawn(program: &str, args: Vec<String>, listen: Listen, export: &str) -> Server {
+    fn spawn(
+        program: &str,
+        args: Vec<String>,
+        listen: Listen,
+        export: &str,
+        pid_file: PathBuf,
+    ) -> Server {
         require_tool(program);
         let uri = match &listen {
             Listen::Unix(p) => Uri::unix(p, export),
             Listen::Tcp(port) => Uri::tcp("127.0.0.1", *port, export),
         };
-        let mut s = Server { child: None, listen, uri, program: program.into(), args };
+        let mut s = Server {
+            child: None,
+            listen,
+            uri,
+            program: program.into(),
+            args,
+            pid_file,
+        };
         s.start();
         s
     }
@@ -63,6 +80,7 @@ impl Server {
         if let Listen::Unix(p) = &self.listen {
             let _ = std::fs::remove_file(p);
         }
+        let _ = std::fs::remove_file(&self.pid_file);
         let child = Command::new(&self.program)
             .args(&self.args)
             .stdin(Stdio::null())
@@ -74,14 +92,16 @@ impl Server {
         self.wait_ready();
     }
 
+    /// Ready when the server wrote its pid file (qemu-nbd and nbdkit write it after binding the
+    /// socket). Probing with a connection would count against qemu-nbd's client limit (`-e`).
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let ok = match &self.listen {
-                Listen::Unix(p) => std::os::unix::net::UnixStream::connect(p).is_ok(),
-                Listen::Tcp(port) => std::net::TcpStream::connect(("127.0.0.1", *port)).is_ok(),
-            };
-            if ok {
+            if self.pid_file.exists()
+                && std::fs::metadata(&self.pid_file)
+                    .map(|m| m.len() > 0)
+                    .unwrap_or(false)
+            {
                 return;
             }
             if let Some(c) = self.child.as_mut() {
@@ -89,8 +109,12 @@ impl Server {
                     panic!("{} {:?} exited early: {status}", self.program, self.args);
                 }
             }
-            assert!(Instant::now() < deadline, "{} did not start listening", self.program);
-            std::thread::sleep(Duration::from_millis(20));
+            assert!(
+                Instant::now() < deadline,
+                "{} did not start listening",
+                self.program
+            );
+            std::thread::sleep(Duration::from_millis(10));
         }
     }
 
@@ -100,6 +124,7 @@ impl Server {
             let _ = c.kill();
             let _ = c.wait();
         }
+        let _ = std::fs::remove_file(&self.pid_file);
     }
 
     /// The URI as a string for external tools.
@@ -116,15 +141,35 @@ impl Drop for Server {
 
 /// A temporary directory per test.
 pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("nbd-client-test").tempdir().expect("tempdir")
+    tempfile::Builder::new()
+        .prefix("nbd-client-test")
+        .tempdir()
+        .expect("tempdir")
+}
+
+fn pid_file_for(image: &Path) -> PathBuf {
+    let mut p = image.as_os_str().to_owned();
+    p.push(".qemu-nbd.pid");
+    PathBuf::from(p)
 }
 
 /// Start `qemu-nbd` on `image` (raw) with extra args (e.g. `-r`, `-e 4`), persistent.
 pub fn qemu_nbd(image: &Path, listen: Listen, extra: &[&str]) -> Server {
-    let mut args: Vec<String> = vec!["-t".into(), "-f".into(), "raw".into()];
+    let pid_file = pid_file_for(image);
+    let mut args: Vec<String> = vec![
+        "-t".into(),
+        "-f".into(),
+        "raw".into(),
+        format!("--pid-file={}", pid_file.display()),
+    ];
     match &listen {
         Listen::Unix(p) => args.extend(["-k".into(), p.display().to_string()]),
-        Listen::Tcp(port) => args.extend(["-b".into(), "127.0.0.1".into(), "-p".into(), port.to_string()]),
+        Listen::Tcp(port) => args.extend([
+            "-b".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+        ]),
     }
     let mut export = String::new();
     let mut it = extra.iter();
@@ -137,18 +182,34 @@ pub fn qemu_nbd(image: &Path, listen: Listen, extra: &[&str]) -> Server {
         }
     }
     args.push(image.display().to_string());
-    Server::spawn("qemu-nbd", args, listen, &export)
+    Server::spawn("qemu-nbd", args, listen, &export, pid_file)
 }
 
 /// Start `nbdkit -f` with the given plugin/filter arguments.
 pub fn nbdkit(listen: Listen, args: &[&str]) -> Server {
-    let mut a: Vec<String> = vec!["-f".into(), "--exit-with-parent".into()];
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let pid_file = std::env::temp_dir().join(format!(
+        "nbdkit-test-{}-{}.pid",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    ));
+    let mut a: Vec<String> = vec![
+        "-f".into(),
+        "--exit-with-parent".into(),
+        "-P".into(),
+        pid_file.display().to_string(),
+    ];
     match &listen {
         Listen::Unix(p) => a.extend(["-U".into(), p.display().to_string()]),
-        Listen::Tcp(port) => a.extend(["-i".into(), "127.0.0.1".into(), "-p".into(), port.to_string()]),
+        Listen::Tcp(port) => a.extend([
+            "-i".into(),
+            "127.0.0.1".into(),
+            "-p".into(),
+            port.to_string(),
+        ]),
     }
     a.extend(args.iter().map(|s| s.to_string()));
-    Server::spawn("nbdkit", a, listen, "")
+    Server::spawn("nbdkit", a, listen, "", pid_file)
 }
 
 /// A deterministic pseudo-random generator (xorshift) for fixture data.
@@ -202,13 +263,25 @@ pub fn sparse_image(path: &Path, size: u64, seed: u64) -> Vec<u8> {
 /// `nbdinfo --map` parsed into extents (offset, length, type bits).
 pub fn nbdinfo_map(uri: &str) -> Vec<(u64, u64, u32)> {
     require_tool("nbdinfo");
-    let out = Command::new("nbdinfo").arg("--map").arg(uri).output().expect("run nbdinfo");
-    assert!(out.status.success(), "nbdinfo --map failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("nbdinfo")
+        .arg("--map")
+        .arg(uri)
+        .output()
+        .expect("run nbdinfo");
+    assert!(
+        out.status.success(),
+        "nbdinfo --map failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| {
             let mut it = l.split_whitespace();
-            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+            Some((
+                it.next()?.parse().ok()?,
+                it.next()?.parse().ok()?,
+                it.next()?.parse().ok()?,
+            ))
         })
         .collect()
 }
@@ -254,7 +327,10 @@ pub async fn full_map(client: &nbd_client::Client, window: u64) -> Vec<Extent> {
     let mut out = Vec::new();
     let mut at = 0;
     while at < client.size() {
-        let e = client.block_status(at, window.min(client.size() - at)).await.expect("block status");
+        let e = client
+            .block_status(at, window.min(client.size() - at))
+            .await
+            .expect("block status");
         assert!(!e.is_empty());
         assert_eq!(e[0].offset, at);
         at = e.last().map(|x| x.offset + x.length).unwrap();

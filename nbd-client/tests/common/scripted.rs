@@ -10,7 +10,7 @@ use tokio::net::{UnixListener, UnixStream};
 
 use nbd_client::Uri;
 
-pub const NBDMAGIC: u64 = 0x4e42_444d_4149_4743;
+pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
 pub const IHAVEOPT: u64 = 0x4948_4156_454F_5054;
 pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 pub const SIMPLE: u32 = 0x6744_6698;
@@ -67,7 +67,11 @@ pub struct Script {
 }
 
 impl Script {
-    pub fn new(mode: Mode, size: u64, on_request: impl FnMut(&Req) -> Action + Send + 'static) -> Script {
+    pub fn new(
+        mode: Mode,
+        size: u64,
+        on_request: impl FnMut(&Req) -> Action + Send + 'static,
+    ) -> Script {
         Script {
             mode,
             size,
@@ -123,7 +127,9 @@ pub fn serve(script: Script) -> Scripted {
     let l2 = log.clone();
     let task = tokio::spawn(async move {
         loop {
-            let Ok((sock, _)) = listener.accept().await else { return };
+            let Ok((sock, _)) = listener.accept().await else {
+                return;
+            };
             l2.lock().unwrap().connections += 1;
             let (script, log) = (script.clone(), l2.clone());
             tokio::spawn(async move {
@@ -132,7 +138,12 @@ pub fn serve(script: Script) -> Scripted {
             });
         }
     });
-    Scripted { uri: Uri::unix(&path, ""), log, _dir: dir, task }
+    Scripted {
+        uri: Uri::unix(&path, ""),
+        log,
+        _dir: dir,
+        task,
+    }
 }
 
 pub fn option_reply(option: u32, typ: u32, data: &[u8]) -> Vec<u8> {
@@ -176,11 +187,19 @@ async fn run(mut s: UnixStream, script: &mut Script, log: &Mutex<Log>) -> std::i
         let err_unsup = 0x8000_0001u32;
         match opt {
             11 => {
-                let t = if script.mode == Mode::Extended { 1 } else { err_unsup };
+                let t = if script.mode == Mode::Extended {
+                    1
+                } else {
+                    err_unsup
+                };
                 s.write_all(&option_reply(opt, t, &[])).await?;
             }
             8 => {
-                let t = if script.mode == Mode::Structured { 1 } else { err_unsup };
+                let t = if script.mode == Mode::Structured {
+                    1
+                } else {
+                    err_unsup
+                };
                 s.write_all(&option_reply(opt, t, &[])).await?;
             }
             10 => {

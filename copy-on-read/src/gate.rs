@@ -200,8 +200,10 @@ impl Gate {
                     })
                     .await?;
                     let below = self.open_below(&image, &path, depth, seen).await?;
-                    Ok(Arc::new(QedImage::new(image, path.display().to_string(), below))
-                        as Arc<dyn BlockDevice>)
+                    Ok(
+                        Arc::new(QedImage::new(image, path.display().to_string(), below))
+                            as Arc<dyn BlockDevice>,
+                    )
                 }
                 other => Err(self.refuse(name, image_path, GateRefusal::UnsupportedFormat(other))),
             }
@@ -239,7 +241,9 @@ mod tests {
             ..Gate::default()
         };
         let top = dir.path().join("top.qed");
-        assert!(gate.admit_file("../../etc/passwd", Some(&top), 1, &[]).is_err());
+        assert!(gate
+            .admit_file("../../etc/passwd", Some(&top), 1, &[])
+            .is_err());
         assert!(gate.admit_file("/etc/passwd", Some(&top), 1, &[]).is_err());
         assert!(gate.admit_file("base.raw", Some(&top), 1, &[]).is_ok());
         assert!(gate.admit_file("base.raw", Some(&top), 17, &[]).is_err());

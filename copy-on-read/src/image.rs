@@ -30,7 +30,12 @@ pub struct QedImage {
 pub(crate) type LocalRead = (Vec<u8>, Vec<(u64, u64)>);
 
 /// Reads what `image` holds of `[offset, offset + buf.len())` (blocking).
-pub(crate) fn read_local(image: &Image, name: &str, mut buf: Vec<u8>, offset: u64) -> Result<LocalRead> {
+pub(crate) fn read_local(
+    image: &Image,
+    name: &str,
+    mut buf: Vec<u8>,
+    offset: u64,
+) -> Result<LocalRead> {
     let mut missing = Vec::new();
     let extents = image
         .map(offset, buf.len() as u64)
@@ -195,7 +200,12 @@ impl BlockDevice for QedImage {
             }
             let image = Arc::clone(&self.image);
             let name = self.name.clone();
-            blocking(move || image.write_zeroes(offset, length).map_err(Error::qed(&name))).await
+            blocking(move || {
+                image
+                    .write_zeroes(offset, length)
+                    .map_err(Error::qed(&name))
+            })
+            .await
         })
     }
 

@@ -142,7 +142,8 @@ impl BlockDevice for RawFile {
         Box::pin(async move {
             check_range(offset, buf.len() as u64, self.size)?;
             blocking(move || {
-                pread_padded(&file, &mut buf, offset).map_err(Error::io("reading raw file", offset))?;
+                pread_padded(&file, &mut buf, offset)
+                    .map_err(Error::io("reading raw file", offset))?;
                 Ok(buf)
             })
             .await

@@ -36,6 +36,21 @@ pub enum Error {
     /// The command line asks for something impossible.
     #[error("{0}")]
     Usage(String),
+    /// A block device (the copy-on-read image or its backing) failed.
+    #[error("{0}")]
+    Device(#[source] copy_on_read::Error),
+    /// The backing went away (an NBD server that did not come back within the reconnect
+    /// window). The image is intact and still linked to its backing.
+    #[error("the backing is unavailable: {0}; the image is intact and still linked to its backing: run the stream again when the backing is back")]
+    BackingUnavailable(#[source] copy_on_read::Error),
+    /// A stream was cancelled; the image is valid and still linked to its backing.
+    #[error("stream cancelled at offset {offset} of {total} bytes; the image is valid and still linked to its backing: run the stream again to resume")]
+    Cancelled {
+        /// Everything below this offset was done.
+        offset: u64,
+        /// The virtual size.
+        total: u64,
+    },
     /// A size did not parse.
     #[error(transparent)]
     Size(#[from] crate::size::SizeError),
@@ -55,6 +70,15 @@ impl Error {
         Error::Image {
             path: path.to_path_buf(),
             source,
+        }
+    }
+
+    /// A device error, told apart when the backing is gone.
+    pub fn device(source: copy_on_read::Error) -> Error {
+        if source.is_backing_unavailable() {
+            Error::BackingUnavailable(source)
+        } else {
+            Error::Device(source)
         }
     }
 

@@ -8,7 +8,12 @@
 //! - [`source`]: something to copy from (a QED chain or a raw file), read through its chain.
 //! - [`convert`]: copies a source into a raw file (holes where zero) or a new QED image (zero
 //!   data never stored).
+//! - [`demo`]: `qedstream demo`, the quick start end to end.
+//! - [`progress`]: the `qedstream stream` command: a progress bar or JSON lines, SIGINT.
 //! - [`size`]: sizes as operators type them (`64K`, `2G`).
+//! - [`stream`]: the stream job ([`stream::StreamJob`]) that makes a copy-on-read image local
+//!   and drops its backing link, with progress, a live rate limit, pause, resume and cancel,
+//!   and the single-step mode ([`stream::step`]).
 //!
 //! ```no_run
 //! use engine::chain::Chain;
@@ -22,8 +27,11 @@
 
 pub mod chain;
 pub mod convert;
+pub mod demo;
 pub mod error;
+pub mod progress;
 pub mod size;
 pub mod source;
+pub mod stream;
 
 pub use error::{Error, Result};

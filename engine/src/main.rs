@@ -151,6 +151,45 @@ enum Command {
         /// The image.
         image: PathBuf,
     },
+    /// Make an image local: copy what it lacks from its backing chain, then drop the link.
+    Stream {
+        /// Rate limit in bytes per second (suffixes allowed: 10M).
+        #[arg(long, value_name = "BYTES_PER_S")]
+        rate: Option<String>,
+        /// Keep the backing link at the end.
+        #[arg(long)]
+        keep_backing: bool,
+        /// human (a progress bar on a terminal) or json (one object per line).
+        #[arg(long, value_enum, default_value = "human")]
+        output: Output,
+        /// Copy one unit and print the offset to continue from (or `done`).
+        #[arg(long)]
+        step: bool,
+        /// With --step: where to start (default 0).
+        #[arg(long, requires = "step")]
+        offset: Option<String>,
+        /// With --step: the unit's length (default 1M).
+        #[arg(long, requires = "step")]
+        length: Option<String>,
+        /// Seconds an NBD backing may be away before the stream fails.
+        #[arg(long, value_name = "SECONDS", default_value = "30")]
+        reconnect_delay: f64,
+        /// Copy requests in flight.
+        #[arg(long, default_value = "4")]
+        in_flight: usize,
+        /// The image.
+        image: PathBuf,
+    },
+    /// The quick start: build a base image, serve it over NBD, read through copy-on-read,
+    /// stream it local, check the result.
+    Demo {
+        /// Where to put the demo's files (a new temporary folder by default; kept).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Size of the sample base image.
+        #[arg(long, default_value = "64M")]
+        size: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -226,7 +265,70 @@ fn run(cli: Cli) -> Result<u8> {
             backing_format,
             image,
         } => cmd_rebase(&image, &backing, backing_format.as_deref()),
+        Command::Stream {
+            rate,
+            keep_backing,
+            output,
+            step,
+            offset,
+            length,
+            reconnect_delay,
+            in_flight,
+            image,
+        } => cmd_stream(
+            image,
+            rate,
+            keep_backing,
+            output,
+            step.then_some((offset, length)),
+            reconnect_delay,
+            in_flight,
+        ),
+        Command::Demo { dir, size } => engine::demo::run(dir, parse_size(&size)?),
     }
+}
+
+fn cmd_stream(
+    image: PathBuf,
+    rate: Option<String>,
+    keep_backing: bool,
+    output: Output,
+    step: Option<(Option<String>, Option<String>)>,
+    reconnect_delay: f64,
+    in_flight: usize,
+) -> Result<u8> {
+    let rate = match rate {
+        Some(r) => Some(
+            std::num::NonZeroU64::new(parse_size(&r)?)
+                .ok_or_else(|| Error::Usage("--rate must be at least 1 byte per second".into()))?,
+        ),
+        None => None,
+    };
+    if !(0.0..=86400.0).contains(&reconnect_delay) {
+        return Err(Error::Usage(
+            "--reconnect-delay must be between 0 and 86400 seconds".into(),
+        ));
+    }
+    let step = match step {
+        Some((offset, length)) => Some((
+            offset.as_deref().map(parse_size).transpose()?.unwrap_or(0),
+            length
+                .as_deref()
+                .map(parse_size)
+                .transpose()?
+                .unwrap_or(engine::progress::STEP_UNIT),
+        )),
+        None => None,
+    };
+    engine::progress::run(engine::progress::StreamCommand {
+        image,
+        rate,
+        keep_backing,
+        json: output == Output::Json,
+        step,
+        reconnect_delay: std::time::Duration::from_secs_f64(reconnect_delay),
+        in_flight,
+    })
 }
 
 /// Parses `cluster_size=64K,table_size=4`.

@@ -1,0 +1,635 @@
+//! The copy-on-read device: a QED image stacked on its backing chain.
+//!
+//! Reads of clusters the image lacks fetch them from the backing into a buffer of the
+//! device's own (never the caller's, which the guest may change under us), return the data,
+//! and store whole clusters into the image with [`qed::Image::populate`]; all-zero clusters
+//! become zero clusters, never stored data. Copy-on-read can be switched off
+//! ([`CorDevice::set_copy_on_read`]): misses are then read through without being stored.
+//!
+//! Guest writes, copy-on-read fills and the stream job ([`CorDevice::populate_range`]) take
+//! the same per-cluster-range lock ([`RangeLock`]) and look the mapping up again under it, so
+//! a guest write is never overwritten by older backing data and a read never sees a
+//! half-written cluster. The lock guard moves into the blocking task that does the image I/O,
+//! so a dropped (cancelled) request keeps its clusters locked until its I/O has really ended.
+//!
+//! The image is opened with `BackingPolicy::Detached`: the `qed` crate never reads the backing
+//! itself. A guest write that covers only part of an unallocated cluster therefore fetches the
+//! rest of the cluster from the backing (asynchronously, under the lock), merges, and stores
+//! whole clusters with `populate`. The one difference from QEMU: the bytes of the last cluster
+//! that lie past the end of the virtual disk are stored as zeros, not backing bytes.
+//!
+//! Guest misses go ahead of background work: while any guest request waits for the backing,
+//! [`CorDevice::populate_range`] does not start new copies.
+//!
+//! All `qed` calls run on tokio's blocking pool (`spawn_blocking`); backing reads are async.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use tokio::sync::Notify;
+
+use qed::{BackingPolicy, Image, Mapping, OpenOptions};
+
+use crate::device::{check_range, read_padded, BlockDevice, Capabilities, IoFuture, StatusExtent};
+use crate::error::{blocking, Error, Result};
+use crate::gate::Gate;
+use crate::image::{qed_status, read_local};
+use crate::lock::{RangeGuard, RangeLock};
+
+/// Options for [`CorDevice::open`].
+#[derive(Clone, Debug)]
+pub struct CorOptions {
+    /// The gate the backing chain is opened through.
+    pub gate: Gate,
+    /// Store what reads fetch from the backing (default true).
+    pub copy_on_read: bool,
+    /// Open the image read-only (no copy-on-read, no writes).
+    pub read_only: bool,
+}
+
+impl Default for CorOptions {
+    fn default() -> CorOptions {
+        CorOptions {
+            gate: Gate::default(),
+            copy_on_read: true,
+            read_only: false,
+        }
+    }
+}
+
+/// What one [`CorDevice::populate_range`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PopulateStats {
+    /// Bytes stored as new data clusters.
+    pub copied: u64,
+    /// Bytes recorded as zero clusters (the backing had zeros there).
+    pub zeroed: u64,
+    /// Bytes that were already local (allocated or zero clusters) under the lock.
+    pub local: u64,
+}
+
+/// Counters of a [`CorDevice`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CorStats {
+    /// Bytes that guest reads fetched from the backing and stored.
+    pub cor_bytes: u64,
+    /// Guest reads that missed (needed the backing).
+    pub misses: u64,
+}
+
+/// A QED image over its backing chain, with copy-on-read. See the module documentation.
+#[derive(Debug)]
+pub struct CorDevice {
+    image: Arc<Image>,
+    name: String,
+    path: Option<PathBuf>,
+    backing: RwLock<Option<Arc<dyn BlockDevice>>>,
+    locks: RangeLock,
+    copy_on_read: AtomicBool,
+    urgent: Arc<AtomicUsize>,
+    urgent_done: Arc<Notify>,
+    cor_bytes: AtomicU64,
+    misses: AtomicU64,
+}
+
+/// Counts a guest request waiting on the backing while it lives.
+struct Urgent {
+    count: Arc<AtomicUsize>,
+    done: Arc<Notify>,
+}
+
+impl Drop for Urgent {
+    fn drop(&mut self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.done.notify_waiters();
+        }
+    }
+}
+
+/// Reads from the backing (zeros past its end), or zeros when the link is gone.
+async fn fetch(backing: Option<&Arc<dyn BlockDevice>>, at: u64, len: usize) -> Result<Vec<u8>> {
+    match backing {
+        Some(b) => read_padded(&**b, at, len).await,
+        None => Ok(vec![0u8; len]),
+    }
+}
+
+/// Closes a backing, giving up after two seconds (a dead NBD server must not hold up the
+/// close of the image, whose own state is already flushed).
+async fn close_backing(b: &dyn BlockDevice) {
+    if b.reconnect()
+        .is_some_and(|r| r.state() != crate::device::LinkState::Connected)
+    {
+        // Never wait on a dead peer: dropping the device closes its sockets.
+        tracing::warn!(backing = %b.describe(), "backing is not connected; not closing it cleanly");
+        return;
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs(2), b.close()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(backing = %b.describe(), error = %e, "closing the backing failed")
+        }
+        Err(_) => tracing::warn!(backing = %b.describe(), "closing the backing timed out"),
+    }
+}
+
+/// One piece of a guest write, planned under the lock.
+enum WritePiece {
+    /// Into allocated or zero clusters: an ordinary write of `data[s..e]` at `at`.
+    Direct { at: u64, s: usize, e: usize },
+    /// Into unallocated clusters: whole clusters from `at` (backing gaps merged in).
+    Fill { at: u64, merged: Vec<u8> },
+}
+
+impl CorDevice {
+    /// Opens the QED image at `path` (read-write unless `options.read_only`) and its backing
+    /// chain through `options.gate`.
+    pub async fn open(path: &Path, options: CorOptions) -> Result<CorDevice> {
+        let p = path.to_path_buf();
+        let read_only = options.read_only;
+        let image = blocking(move || {
+            let o = OpenOptions {
+                read_only,
+                backing: BackingPolicy::Detached,
+                ..OpenOptions::default()
+            };
+            Image::open_path(&p, o).map_err(Error::qed(&p.display().to_string()))
+        })
+        .await?;
+        let seen = vec![path.canonicalize().unwrap_or_else(|_| path.to_path_buf())];
+        let backing = options.gate.open_below(&image, path, 0, seen).await?;
+        let mut dev = CorDevice::new(image, path.display().to_string(), backing);
+        dev.path = Some(path.to_path_buf());
+        dev.set_copy_on_read(options.copy_on_read && !read_only);
+        Ok(dev)
+    }
+
+    /// Stacks an image opened with `BackingPolicy::Detached` on `backing` (the device its
+    /// header names; `None` when it names none).
+    pub fn new(image: Image, name: String, backing: Option<Arc<dyn BlockDevice>>) -> CorDevice {
+        let cor = !image.is_read_only();
+        CorDevice {
+            path: image.path().map(Path::to_path_buf),
+            image: Arc::new(image),
+            name,
+            backing: RwLock::new(backing),
+            locks: RangeLock::new(),
+            copy_on_read: AtomicBool::new(cor),
+            urgent: Arc::new(AtomicUsize::new(0)),
+            urgent_done: Arc::new(Notify::new()),
+            cor_bytes: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// The image.
+    pub fn image(&self) -> &Arc<Image> {
+        &self.image
+    }
+
+    /// The image's name (its path as opened).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The image's path, when opened from one.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// The backing device, if the image is still linked to one.
+    pub fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
+        self.backing.read().clone()
+    }
+
+    /// The image's cluster size.
+    pub fn cluster_size(&self) -> u64 {
+        self.image.geometry().cluster_size()
+    }
+
+    /// Turns copy-on-read on or off (reads still work either way).
+    pub fn set_copy_on_read(&self, on: bool) {
+        self.copy_on_read
+            .store(on && !self.image.is_read_only(), Ordering::Release);
+    }
+
+    /// Whether copy-on-read is on.
+    pub fn copy_on_read(&self) -> bool {
+        self.copy_on_read.load(Ordering::Acquire)
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> CorStats {
+        CorStats {
+            cor_bytes: self.cor_bytes.load(Ordering::Relaxed),
+            misses: self.misses.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The lock shared by guest writes, copy-on-read and the stream job (cluster indices).
+    pub fn range_lock(&self) -> &RangeLock {
+        &self.locks
+    }
+
+    fn urgent(&self) -> Urgent {
+        self.urgent.fetch_add(1, Ordering::AcqRel);
+        Urgent {
+            count: Arc::clone(&self.urgent),
+            done: Arc::clone(&self.urgent_done),
+        }
+    }
+
+    /// Waits until no guest request is waiting on the backing.
+    pub async fn wait_for_guest(&self) {
+        loop {
+            let notified = self.urgent_done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.urgent.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Cluster range `[c0, c1)` covering guest bytes `[start, end)`.
+    fn clusters(&self, start: u64, end: u64) -> (u64, u64) {
+        let cs = self.cluster_size();
+        (start / cs, end.div_ceil(cs).max(start / cs + 1))
+    }
+
+    /// `[start, end)` widened to cluster boundaries, the end clamped to the disk.
+    fn widen(&self, start: u64, end: u64) -> (u64, u64) {
+        let cs = self.cluster_size();
+        (
+            start / cs * cs,
+            end.div_ceil(cs).saturating_mul(cs).min(self.size()),
+        )
+    }
+
+    async fn lock(&self, start: u64, end: u64) -> RangeGuard {
+        let (c0, c1) = self.clusters(start, end);
+        self.locks.lock(c0, c1).await
+    }
+
+    /// The image's own mapping of `[offset, offset + length)` (no backing lookups).
+    pub async fn local_map(&self, offset: u64, length: u64) -> Result<Vec<qed::Extent>> {
+        let image = Arc::clone(&self.image);
+        let name = self.name.clone();
+        blocking(move || image.map(offset, length).map_err(Error::qed(&name))).await
+    }
+
+    /// Copies the unallocated clusters of `[offset, offset + length)` (widened to whole
+    /// clusters) from the backing into the image, under the range lock, after any guest
+    /// request waiting on the backing. Clusters a guest wrote meanwhile are left alone.
+    pub async fn populate_range(&self, offset: u64, length: u64) -> Result<PopulateStats> {
+        check_range(offset, length, self.size())?;
+        if length == 0 {
+            return Ok(PopulateStats::default());
+        }
+        if self.image.is_read_only() {
+            return Err(Error::ReadOnly);
+        }
+        self.wait_for_guest().await;
+        let Some(backing) = self.backing() else {
+            return Ok(PopulateStats {
+                local: length,
+                ..PopulateStats::default()
+            });
+        };
+        drop(backing);
+        let (lo, hi) = self.widen(offset, offset + length);
+        let guard = self.lock(lo, hi).await;
+        // The link may have been dropped while we waited.
+        let backing = self.backing();
+        let extents = self.local_map(lo, hi - lo).await?;
+        let mut stats = PopulateStats::default();
+        let mut fills = Vec::new();
+        for e in extents {
+            if e.mapping == Mapping::Unallocated {
+                let data = fetch(backing.as_ref(), e.offset, e.length as usize).await?;
+                fills.push((e.offset, data));
+            } else {
+                stats.local += e.length;
+            }
+        }
+        if fills.is_empty() {
+            return Ok(stats);
+        }
+        let image = Arc::clone(&self.image);
+        let name = self.name.clone();
+        let outcome = blocking(move || {
+            let _guard = guard;
+            let mut total = qed::PopulateOutcome::default();
+            for (at, data) in fills {
+                let o = image.populate(at, &data, true).map_err(Error::qed(&name))?;
+                total.written += o.written;
+                total.zeroed += o.zeroed;
+                total.skipped += o.skipped;
+            }
+            Ok(total)
+        })
+        .await?;
+        stats.copied += outcome.written;
+        stats.zeroed += outcome.zeroed;
+        stats.local += outcome.skipped;
+        Ok(stats)
+    }
+
+    /// Drops the backing link once everything the backing holds is local: flush, then rewrite
+    /// the header with no backing (flags cleared, name offset 64, size 0, as QEMU's
+    /// block-stream leaves it; the write is flushed), then closes the backing device. The
+    /// caller must have made sure that every unallocated range reads as zeros in the backing.
+    pub async fn drop_backing_link(&self) -> Result<()> {
+        let guard = self.locks.lock(0, u64::MAX).await;
+        let image = Arc::clone(&self.image);
+        let name = self.name.clone();
+        blocking(move || {
+            let _guard = guard;
+            image.flush().map_err(Error::qed(&name))?;
+            image.set_backing(None, None).map_err(Error::qed(&name))?;
+            image.flush().map_err(Error::qed(&name))
+        })
+        .await?;
+        let old = self.backing.write().take();
+        if let Some(b) = old {
+            close_backing(&*b).await;
+        }
+        Ok(())
+    }
+
+    async fn write_unlocked_no_backing(&self, offset: u64, data: Vec<u8>) -> Result<()> {
+        let image = Arc::clone(&self.image);
+        let name = self.name.clone();
+        blocking(move || image.write_at(&data, offset).map_err(Error::qed(&name))).await
+    }
+
+    async fn guest_write(&self, offset: u64, data: Vec<u8>) -> Result<()> {
+        if self.image.is_read_only() {
+            return Err(Error::ReadOnly);
+        }
+        check_range(offset, data.len() as u64, self.size())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        if self.backing().is_none() {
+            return self.write_unlocked_no_backing(offset, data).await;
+        }
+        // Fast path: all allocated, so nothing can race with a fill: write in place.
+        let image = Arc::clone(&self.image);
+        let name = self.name.clone();
+        let (done, data) = blocking(move || {
+            let extents = image
+                .map(offset, data.len() as u64)
+                .map_err(Error::qed(&name))?;
+            if extents
+                .iter()
+                .all(|e| matches!(e.mapping, Mapping::Data(_)))
+            {
+                image.write_at(&data, offset).map_err(Error::qed(&name))?;
+                return Ok((true, data));
+            }
+            Ok((false, data))
+        })
+        .await?;
+        if done {
+            return Ok(());
+        }
+        let _urgent = self.urgent();
+        let end = offset + data.len() as u64;
+        let guard = self.lock(offset, end).await;
+        let backing = self.backing();
+        let extents = self.local_map(offset, data.len() as u64).await?;
+        let mut pieces = Vec::new();
+        for e in extents {
+            let s = (e.offset - offset) as usize;
+            let e_end = e.offset + e.length;
+            if e.mapping != Mapping::Unallocated {
+                pieces.push(WritePiece::Direct {
+                    at: e.offset,
+                    s,
+                    e: s + e.length as usize,
+                });
+                continue;
+            }
+            let (ws, we) = self.widen(e.offset, e_end);
+            let mut merged = Vec::with_capacity((we - ws) as usize);
+            if ws < e.offset {
+                merged.extend(fetch(backing.as_ref(), ws, (e.offset - ws) as usize).await?);
+            }
+            merged.extend_from_slice(&data[s..s + e.length as usize]);
+            if e_end < we {
+                merged.extend(fetch(backing.as_ref(), e_end, (we - e_end) as usize).await?);
+            }
+            pieces.push(WritePiece::Fill { at: ws, merged });
+        }
+        let image = Arc::clone(&self.image);
+        let name = self.name.clone();
+        blocking(move || {
+            let _guard = guard;
+            for p in pieces {
+                match p {
+                    WritePiece::Direct { at, s, e } => {
+                        image.write_at(&data[s..e], at).map_err(Error::qed(&name))?
+                    }
+                    WritePiece::Fill { at, merged } => {
+                        let o = image
+                            .populate(at, &merged, true)
+                            .map_err(Error::qed(&name))?;
+                        if o.skipped != 0 {
+                            // Cannot happen: the clusters were unallocated under our lock.
+                            tracing::error!(
+                                at,
+                                "guest write raced an allocation it holds the lock for"
+                            );
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn guest_read(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+        let len = buf.len() as u64;
+        check_range(offset, len, self.size())?;
+        let image = Arc::clone(&self.image);
+        let name = self.name.clone();
+        let (mut buf, missing) = blocking(move || read_local(&image, &name, buf, offset)).await?;
+        if missing.is_empty() {
+            return Ok(buf);
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let Some(backing) = self.backing() else {
+            for (at, l) in missing {
+                let s = (at - offset) as usize;
+                buf[s..s + l as usize].fill(0);
+            }
+            return Ok(buf);
+        };
+        if !self.copy_on_read() {
+            for (at, l) in missing {
+                let s = (at - offset) as usize;
+                let data = match read_padded(&*backing, at, l as usize).await {
+                    Ok(d) => d,
+                    // The link was dropped under us (the stream finished): what the image
+                    // lacks now reads as zeros, which is what the backing held there.
+                    Err(_) if self.backing().is_none() => vec![0u8; l as usize],
+                    Err(e) => return Err(e),
+                };
+                buf[s..s + l as usize].copy_from_slice(&data);
+            }
+            return Ok(buf);
+        }
+        let _urgent = self.urgent();
+        let (lo, hi) = self.widen(offset, offset + len);
+        drop(backing);
+        let guard = self.lock(lo, hi).await;
+        let backing = self.backing();
+        // Re-check under the lock: a write or another fill may have landed.
+        let image = Arc::clone(&self.image);
+        let name = self.name.clone();
+        let (mut wide, wmissing) =
+            blocking(move || read_local(&image, &name, vec![0u8; (hi - lo) as usize], lo)).await?;
+        let mut fills = Vec::new();
+        for (at, l) in wmissing {
+            let data = fetch(backing.as_ref(), at, l as usize).await?;
+            let s = (at - lo) as usize;
+            wide[s..s + l as usize].copy_from_slice(&data);
+            fills.push((at, data));
+        }
+        let image = Arc::clone(&self.image);
+        let name = self.name.clone();
+        let stored = blocking(move || {
+            let _guard = guard;
+            let mut n = 0;
+            for (at, data) in fills {
+                let o = image.populate(at, &data, true).map_err(Error::qed(&name))?;
+                n += o.written + o.zeroed;
+            }
+            Ok(n)
+        })
+        .await?;
+        self.cor_bytes.fetch_add(stored, Ordering::Relaxed);
+        let s = (offset - lo) as usize;
+        buf.copy_from_slice(&wide[s..s + len as usize]);
+        Ok(buf)
+    }
+
+    async fn guest_write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
+        if self.image.is_read_only() {
+            return Err(Error::ReadOnly);
+        }
+        let size = self.size();
+        check_range(offset, length, size)?;
+        if length == 0 {
+            return Ok(());
+        }
+        let cs = self.cluster_size();
+        let end = offset + length;
+        let a = offset.div_ceil(cs) * cs;
+        let b = if end == size {
+            end.div_ceil(cs) * cs
+        } else {
+            end / cs * cs
+        };
+        if a >= b {
+            return self.guest_write(offset, vec![0u8; length as usize]).await;
+        }
+        if offset < a {
+            self.guest_write(offset, vec![0u8; (a - offset) as usize])
+                .await?;
+        }
+        let b_vis = b.min(size);
+        let mut pos = a;
+        while pos < b_vis {
+            let step = (b_vis - pos).min(256 << 20);
+            let guard = self.lock(pos, pos + step).await;
+            let image = Arc::clone(&self.image);
+            let name = self.name.clone();
+            blocking(move || {
+                let _guard = guard;
+                image.write_zeroes(pos, step).map_err(Error::qed(&name))
+            })
+            .await?;
+            pos += step;
+        }
+        if b < end {
+            self.guest_write(b, vec![0u8; (end - b) as usize]).await?;
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for CorDevice {
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+
+    fn read_at(&self, offset: u64, buf: Vec<u8>) -> IoFuture<'_, Vec<u8>> {
+        Box::pin(self.guest_read(offset, buf))
+    }
+
+    fn write_at(&self, offset: u64, data: Vec<u8>) -> IoFuture<'_, ()> {
+        Box::pin(self.guest_write(offset, data))
+    }
+
+    fn write_zeroes(&self, offset: u64, length: u64) -> IoFuture<'_, ()> {
+        Box::pin(self.guest_write_zeroes(offset, length))
+    }
+
+    fn discard(&self, offset: u64, length: u64) -> IoFuture<'_, ()> {
+        // QED cannot free clusters; QEMU's QED reports success and changes nothing.
+        Box::pin(async move { check_range(offset, length, self.size()) })
+    }
+
+    fn flush(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let image = Arc::clone(&self.image);
+            let name = self.name.clone();
+            blocking(move || image.flush().map_err(Error::qed(&name))).await
+        })
+    }
+
+    fn block_status(&self, offset: u64, length: u64) -> IoFuture<'_, Vec<StatusExtent>> {
+        Box::pin(async move {
+            let backing = self.backing();
+            qed_status(&self.image, &self.name, backing.as_ref(), offset, length).await
+        })
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            writable: !self.image.is_read_only(),
+            block_status: true,
+            reconnect: self.backing().is_some_and(|b| b.capabilities().reconnect),
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("qed+cor {}", self.name)
+    }
+
+    /// Waits for every request in flight (including the blocking I/O of cancelled ones),
+    /// flushes the image (which clears NEED_CHECK) and closes the backing.
+    fn close(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let guard = self.locks.lock(0, u64::MAX).await;
+            let image = Arc::clone(&self.image);
+            let name = self.name.clone();
+            blocking(move || {
+                let _guard = guard;
+                image.flush().map_err(Error::qed(&name))
+            })
+            .await?;
+            let backing = self.backing();
+            if let Some(b) = backing {
+                close_backing(&*b).await;
+            }
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,57 @@
+//! # copy-on-read: block devices and the copy-on-read device
+//!
+//! One async block-device trait, [`BlockDevice`] (read, write, write zeroes, discard, flush,
+//! size, allocation status), and its implementations:
+//!
+//! - [`RawFile`]: a raw file (block status from `SEEK_DATA`/`SEEK_HOLE`);
+//! - [`QedImage`]: a QED image read through its own backing device (the lower layers of a
+//!   chain);
+//! - [`NbdExport`]: an NBD export through `nbd-client` (block status from `base:allocation`;
+//!   the [`Reconnect`] capability reports the connection state);
+//! - [`CorDevice`]: the product: a QED image stacked on its backing chain, with copy-on-read,
+//!   guest writes that are never overwritten by older backing data, and the
+//!   [`CorDevice::populate_range`] primitive the stream job (in `engine`) is built on.
+//!
+//! Backing chains are opened as QEMU reads the header, through one [`Gate`] that can forbid
+//! probing, confine file names to a directory, refuse NBD names and bound the chain depth
+//! (a chain that loops is an error).
+//!
+//! Threads: the `qed` crate is synchronous, so every image call runs on tokio's blocking pool
+//! (`spawn_blocking`), as do raw-file reads and writes; NBD I/O is async. Nothing blocks the
+//! runtime's worker threads. Buffers are owned by the request (`Vec<u8>` in, `Vec<u8>` out), so
+//! dropping a request future at any `.await` is safe.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), copy_on_read::Error> {
+//! use copy_on_read::{BlockDevice, CorDevice, CorOptions};
+//!
+//! let dev = CorDevice::open("vm.qed".as_ref(), CorOptions::default()).await?;
+//! // A read of clusters the image lacks fetches them from the backing and stores them.
+//! let data = dev.read_at(0, vec![0u8; 4096]).await?;
+//! dev.write_at(512, vec![0xab; 512]).await?;
+//! dev.close().await?;
+//! # let _ = data; Ok(()) }
+//! ```
+//!
+//! Close devices with [`BlockDevice::close`]: there is no async drop.
+
+pub mod cor;
+pub mod device;
+pub mod error;
+pub mod gate;
+pub mod image;
+pub mod lock;
+pub mod nbd;
+pub mod raw;
+
+pub use cor::{CorDevice, CorOptions, CorStats, PopulateStats};
+pub use device::{
+    read_padded, status_padded, BlockDevice, Capabilities, IoFuture, LinkState, Reconnect, Status,
+    StatusExtent,
+};
+pub use error::{Error, GateRefusal, Result};
+pub use gate::Gate;
+pub use image::QedImage;
+pub use lock::{RangeGuard, RangeLock};
+pub use nbd::NbdExport;
+pub use raw::RawFile;

@@ -1,0 +1,191 @@
+//! How `qedstream stream` shows a job: a progress bar on a terminal, or one JSON object per
+//! line (`--output=json`), and the command's whole flow (open, stream or step, SIGINT, close).
+
+use std::io::{IsTerminal, Write};
+use std::num::NonZeroU64;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use copy_on_read::{BlockDevice, CorDevice, CorOptions, Gate};
+use serde_json::{json, Value};
+
+use crate::error::{Error, Result};
+use crate::stream::{step, Progress, StreamJob, StreamOptions};
+
+/// What `qedstream stream` was asked to do.
+#[derive(Clone, Debug)]
+pub struct StreamCommand {
+    /// The QED image.
+    pub image: PathBuf,
+    /// Rate limit in bytes per second.
+    pub rate: Option<NonZeroU64>,
+    /// Keep the backing link at the end.
+    pub keep_backing: bool,
+    /// One JSON object per line instead of a bar.
+    pub json: bool,
+    /// Single-step mode: `(offset, length)`.
+    pub step: Option<(u64, u64)>,
+    /// How long an NBD backing may be away before the stream fails.
+    pub reconnect_delay: Duration,
+    /// Requests in flight.
+    pub in_flight: usize,
+}
+
+/// The default unit of a step.
+pub const STEP_UNIT: u64 = 1 << 20;
+
+fn progress_json(event: &str, p: &Progress) -> Value {
+    json!({
+        "event": event,
+        "image": p.image,
+        "offset": p.offset,
+        "total": p.total,
+        "copied": p.copied,
+        "skipped": p.skipped,
+        "local": p.local,
+        "rate": p.rate,
+        "rate_limit": p.rate_limit,
+        "state": p.state,
+    })
+}
+
+fn print_line(v: &Value) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{v}");
+    let _ = out.flush();
+}
+
+/// Opens the image with copy-on-read and the gate the command uses.
+pub async fn open_device(image: &std::path::Path, reconnect_delay: Duration) -> Result<CorDevice> {
+    let mut gate = Gate::default();
+    gate.nbd.reconnect_delay = reconnect_delay;
+    gate.nbd.connect_timeout = Duration::from_secs(10);
+    gate.nbd.request_timeout = Some(Duration::from_secs(30));
+    // One connection per backing: nbd-client's reconnect can self-deadlock when it has to
+    // kill a second, still-live connection of a multi-conn pool (see the report); one
+    // connection with many requests in flight is what QEMU uses too.
+    gate.nbd.connections = 1;
+    let options = CorOptions {
+        gate,
+        ..CorOptions::default()
+    };
+    CorDevice::open(image, options).await.map_err(Error::device)
+}
+
+async fn close(dev: &CorDevice) -> Result<()> {
+    dev.close().await.map_err(Error::device)
+}
+
+/// Runs `qedstream stream` on a fresh runtime; returns the exit code.
+pub fn run(cmd: StreamCommand) -> Result<u8> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(Error::io("starting the runtime"))?;
+    let r = rt.block_on(run_async(cmd));
+    // Never wait on a task stuck on a dead peer when leaving.
+    rt.shutdown_timeout(Duration::from_secs(1));
+    r
+}
+
+async fn run_async(cmd: StreamCommand) -> Result<u8> {
+    let dev = Arc::new(open_device(&cmd.image, cmd.reconnect_delay).await?);
+    if let Some((offset, length)) = cmd.step {
+        let r = step(&dev, offset, length).await;
+        close(&dev).await?;
+        match r?.next {
+            Some(n) => println!("{n}"),
+            None => println!("done"),
+        }
+        return Ok(0);
+    }
+    let options = StreamOptions {
+        rate: cmd.rate,
+        keep_backing: cmd.keep_backing,
+        in_flight: cmd.in_flight.max(1),
+        ..StreamOptions::default()
+    };
+    let job = StreamJob::start(Arc::clone(&dev), options);
+    let handle = job.handle();
+    let h = handle.clone();
+    let sigint = tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            h.cancel();
+        }
+    });
+    let bar = (!cmd.json && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(dev.size());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar
+    });
+    let mut job = std::pin::pin!(job.wait());
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let result = loop {
+        tokio::select! {
+            r = &mut job => break r,
+            _ = tick.tick() => {
+                let p = handle.progress();
+                if cmd.json {
+                    print_line(&progress_json("progress", &p));
+                }
+                if let Some(bar) = &bar {
+                    bar.set_position(p.offset);
+                    bar.set_message(format!("{:?}", p.state).to_lowercase());
+                }
+            }
+        }
+    };
+    sigint.abort();
+    if let Some(bar) = &bar {
+        bar.finish_and_clear();
+    }
+    let closed = close(&dev).await;
+    let p = handle.progress();
+    match result {
+        Ok(outcome) => {
+            closed?;
+            if cmd.json {
+                let mut v = progress_json("completed", &outcome.progress);
+                v["unlinked"] = json!(outcome.unlinked);
+                v["elapsed"] = json!(outcome.elapsed.as_secs_f64());
+                print_line(&v);
+            } else {
+                println!(
+                    "{}: streamed {} bytes, skipped {}, {} already local, in {:.1} s; {}",
+                    outcome.progress.image,
+                    outcome.progress.copied,
+                    outcome.progress.skipped,
+                    outcome.progress.local,
+                    outcome.elapsed.as_secs_f64(),
+                    if outcome.unlinked {
+                        "backing link dropped"
+                    } else {
+                        "backing link kept"
+                    }
+                );
+            }
+            Ok(0)
+        }
+        Err(e) => {
+            if cmd.json {
+                let event = if matches!(e, Error::Cancelled { .. }) {
+                    "cancelled"
+                } else {
+                    "failed"
+                };
+                let mut v = progress_json(event, &p);
+                v["error"] = json!(e.to_string());
+                print_line(&v);
+            }
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,681 @@
+//! The stream job: makes a copy-on-read image local, while a guest uses it or before it boots,
+//! then drops its backing link.
+//!
+//! Full mode ([`StreamJob::start`]) walks the image in windows, skips what is already local
+//! (data or zero clusters) and what the backing reports as holes or zeros (NBD block status,
+//! `SEEK_DATA`/`SEEK_HOLE` on raw files, the map of a QED chain) or lies past the backing's end,
+//! and copies the rest in cluster-aligned requests of up to [`StreamOptions::request_bytes`],
+//! [`StreamOptions::in_flight`] at a time, through [`CorDevice::populate_range`]: the same
+//! per-cluster-range lock as guest writes and copy-on-read, and behind any guest read that
+//! waits on the backing. When a pass finds nothing left, the job flushes, drops the backing
+//! link (flags cleared, name offset 64 and size 0, as QEMU's block-stream leaves it) and
+//! flushes. On error or cancel the link stays; a later stream resumes from the allocation
+//! state (also after SIGKILL: a cluster is visible only once its data is on disk).
+//!
+//! Single-step mode ([`step`]) copies one unit and returns the offset to continue from.
+//!
+//! The [`StreamHandle`] gives [`Progress`] at any time and takes a new rate limit
+//! ([`StreamHandle::set_rate`]), pause, resume and cancel. Cancel aborts the requests in flight
+//! (an NBD read waiting on a dead server is simply dropped), so it takes effect at once; image
+//! I/O already started finishes in the background under its range lock, and
+//! [`copy_on_read::BlockDevice::close`] waits for it.
+
+use std::collections::VecDeque;
+use std::num::NonZeroU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
+
+use copy_on_read::{status_padded, BlockDevice, CorDevice, LinkState, Status};
+use qed::Mapping;
+
+use crate::error::{Error, Result};
+
+/// How a stream runs.
+#[derive(Clone, Debug)]
+pub struct StreamOptions {
+    /// Bytes per second copied from the backing; `None` is unlimited.
+    pub rate: Option<NonZeroU64>,
+    /// Leave the backing link in place at the end.
+    pub keep_backing: bool,
+    /// Largest copy request (rounded to clusters). Default 4 MiB.
+    pub request_bytes: u64,
+    /// Copy requests in flight. Default 4.
+    pub in_flight: usize,
+    /// How many times one request is retried after a retryable backing error (a lost NBD
+    /// connection that `nbd-client` could not ride out by itself). Default 3.
+    pub retries: u32,
+}
+
+impl Default for StreamOptions {
+    fn default() -> StreamOptions {
+        StreamOptions {
+            rate: None,
+            keep_backing: false,
+            request_bytes: 4 << 20,
+            in_flight: 4,
+            retries: 3,
+        }
+    }
+}
+
+/// Where a job is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Copying.
+    Running,
+    /// Paused by [`StreamHandle::pause`].
+    Paused,
+    /// The backing connection is down; requests wait for it to come back.
+    WaitingForBacking,
+    /// Everything is local (and the link dropped unless kept).
+    Completed,
+    /// Cancelled; the link stays.
+    Cancelled,
+    /// Failed; the link stays.
+    Failed,
+}
+
+/// A snapshot of a job's progress.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Progress {
+    /// The image being streamed.
+    pub image: String,
+    /// Everything below this offset is done.
+    pub offset: u64,
+    /// The virtual size.
+    pub total: u64,
+    /// Bytes copied from the backing into new data clusters.
+    pub copied: u64,
+    /// Bytes skipped without copying: holes and zeros in the backing, past its end, and
+    /// ranges that read as zeros in copied requests (stored as zero clusters).
+    pub skipped: u64,
+    /// Bytes that were already local.
+    pub local: u64,
+    /// Copy rate over the last few seconds, bytes per second.
+    pub rate: u64,
+    /// The rate limit, bytes per second (0: none).
+    pub rate_limit: u64,
+    /// The job's state.
+    pub state: JobState,
+}
+
+/// What a finished stream did.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StreamOutcome {
+    /// The last progress snapshot.
+    pub progress: Progress,
+    /// Whether the backing link was dropped.
+    pub unlinked: bool,
+    /// Wall time.
+    pub elapsed: Duration,
+}
+
+#[derive(Debug)]
+struct Shared {
+    image: String,
+    total: u64,
+    offset: AtomicU64,
+    copied: AtomicU64,
+    skipped: AtomicU64,
+    local: AtomicU64,
+    rate_limit: AtomicU64,
+    rate_epoch: AtomicU64,
+    paused: watch::Sender<bool>,
+    cancelled: AtomicBool,
+    cancel: Notify,
+    state: Mutex<JobState>,
+    samples: Mutex<VecDeque<(Instant, u64)>>,
+    next_slot: Mutex<Instant>,
+    backing_state: Mutex<Option<watch::Receiver<LinkState>>>,
+}
+
+/// Controls a running [`StreamJob`]; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct StreamHandle {
+    shared: Arc<Shared>,
+}
+
+impl StreamHandle {
+    /// A snapshot of the progress.
+    pub fn progress(&self) -> Progress {
+        let s = &self.shared;
+        let mut state = *s.state.lock();
+        if state == JobState::Running {
+            if let Some(rx) = &*s.backing_state.lock() {
+                if *rx.borrow() != LinkState::Connected {
+                    state = JobState::WaitingForBacking;
+                }
+            }
+        }
+        Progress {
+            image: s.image.clone(),
+            offset: s.offset.load(Ordering::Acquire),
+            total: s.total,
+            copied: s.copied.load(Ordering::Acquire),
+            skipped: s.skipped.load(Ordering::Acquire),
+            local: s.local.load(Ordering::Acquire),
+            rate: self.rate(),
+            rate_limit: s.rate_limit.load(Ordering::Acquire),
+            state,
+        }
+    }
+
+    fn rate(&self) -> u64 {
+        let samples = self.shared.samples.lock();
+        let (Some(first), Some(last)) = (samples.front(), samples.back()) else {
+            return 0;
+        };
+        let dt = Instant::now().duration_since(first.0).as_secs_f64();
+        if dt <= 0.05 {
+            return 0;
+        }
+        ((last.1 - first.1) as f64 / dt) as u64
+    }
+
+    /// Sets (or removes, with `None`) the rate limit in bytes per second, effective at once.
+    pub fn set_rate(&self, rate: Option<NonZeroU64>) {
+        let s = &self.shared;
+        s.rate_limit
+            .store(rate.map_or(0, NonZeroU64::get), Ordering::Release);
+        *s.next_slot.lock() = Instant::now();
+        s.rate_epoch.fetch_add(1, Ordering::AcqRel);
+        s.cancel.notify_waiters();
+    }
+
+    /// Stops issuing new copies (those in flight finish).
+    pub fn pause(&self) {
+        self.shared.paused.send_replace(true);
+        let mut st = self.shared.state.lock();
+        if *st == JobState::Running {
+            *st = JobState::Paused;
+        }
+    }
+
+    /// Resumes after [`StreamHandle::pause`].
+    pub fn resume(&self) {
+        self.shared.paused.send_replace(false);
+        let mut st = self.shared.state.lock();
+        if *st == JobState::Paused {
+            *st = JobState::Running;
+        }
+    }
+
+    /// Cancels the job: requests in flight are abandoned, the backing link stays.
+    pub fn cancel(&self) {
+        self.shared.cancelled.store(true, Ordering::Release);
+        self.shared.cancel.notify_waiters();
+        self.shared.paused.send_replace(false);
+    }
+
+    /// True once [`StreamHandle::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.shared.cancelled.load(Ordering::Acquire)
+    }
+
+    fn set_state(&self, state: JobState) {
+        *self.shared.state.lock() = state;
+    }
+
+    /// Waits until cancel is called (or the rate changes). Returns true on cancel.
+    async fn cancelled_or_nudged(&self) -> bool {
+        let n = self.shared.cancel.notified();
+        tokio::pin!(n);
+        n.as_mut().enable();
+        if self.is_cancelled() {
+            return true;
+        }
+        n.await;
+        self.is_cancelled()
+    }
+
+    /// Sleeps for `d`, returning early (true) on cancel.
+    async fn sleep(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => self.is_cancelled(),
+            c = self.cancelled_or_nudged_until_cancel() => c,
+        }
+    }
+
+    async fn cancelled_or_nudged_until_cancel(&self) -> bool {
+        loop {
+            if self.cancelled_or_nudged().await {
+                return true;
+            }
+        }
+    }
+
+    /// Charges `n` bytes against the rate limit, sleeping as needed. Returns true on cancel.
+    async fn charge(&self, n: u64) -> bool {
+        let s = &self.shared;
+        loop {
+            let rate = s.rate_limit.load(Ordering::Acquire);
+            if rate == 0 {
+                return self.is_cancelled();
+            }
+            let epoch = s.rate_epoch.load(Ordering::Acquire);
+            let start = {
+                let mut next = s.next_slot.lock();
+                let now = Instant::now();
+                // A bounded burst: at most 100 ms of credit accumulates.
+                let start = (*next).max(now.checked_sub(Duration::from_millis(100)).unwrap_or(now));
+                *next = start + Duration::from_secs_f64(n as f64 / rate as f64);
+                start
+            };
+            let until = start;
+            loop {
+                let now = Instant::now();
+                if now >= until {
+                    return self.is_cancelled();
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep((until - now).min(Duration::from_millis(100))) => {}
+                    c = self.cancelled_or_nudged() => if c { return true; },
+                }
+                if self.is_cancelled() {
+                    return true;
+                }
+                if s.rate_epoch.load(Ordering::Acquire) != epoch {
+                    break; // the limit changed: charge again under the new one
+                }
+            }
+        }
+    }
+
+    /// Waits while paused. Returns true on cancel.
+    async fn wait_unpaused(&self) -> bool {
+        let mut rx = self.shared.paused.subscribe();
+        loop {
+            if self.is_cancelled() {
+                return true;
+            }
+            if !*rx.borrow_and_update() {
+                return false;
+            }
+            tokio::select! {
+                r = rx.changed() => if r.is_err() { return self.is_cancelled(); },
+                c = self.cancelled_or_nudged() => if c { return true; },
+            }
+        }
+    }
+
+    fn record_copy(&self, copied: u64, zeroed: u64, local: u64) {
+        let s = &self.shared;
+        let total = s.copied.fetch_add(copied, Ordering::AcqRel) + copied;
+        s.skipped.fetch_add(zeroed, Ordering::AcqRel);
+        s.local.fetch_add(local, Ordering::AcqRel);
+        let now = Instant::now();
+        let mut samples = s.samples.lock();
+        samples.push_back((now, total));
+        while samples.len() > 2
+            && samples
+                .front()
+                .is_some_and(|f| now.duration_since(f.0) > Duration::from_secs(3))
+        {
+            samples.pop_front();
+        }
+    }
+}
+
+/// A running stream.
+#[derive(Debug)]
+pub struct StreamJob {
+    handle: StreamHandle,
+    task: tokio::task::JoinHandle<Result<StreamOutcome>>,
+}
+
+/// Ranges to copy in a window, and what the window skips.
+#[derive(Debug, Default)]
+struct Plan {
+    copy: Vec<(u64, u64)>,
+    skipped: u64,
+    local: u64,
+}
+
+/// Looks at `[from, to)` (cluster aligned `from`): what is local, what the backing reports as
+/// zeros (or lacks), and the cluster-aligned ranges left to copy.
+async fn plan(dev: &CorDevice, from: u64, to: u64) -> Result<Plan> {
+    let mut out = Plan::default();
+    let cs = dev.cluster_size();
+    let size = dev.size();
+    let extents = dev
+        .local_map(from, to - from)
+        .await
+        .map_err(Error::device)?;
+    let Some(backing) = dev.backing() else {
+        for e in extents {
+            if e.mapping == Mapping::Unallocated {
+                out.skipped += e.length;
+            } else {
+                out.local += e.length;
+            }
+        }
+        return Ok(out);
+    };
+    for e in extents {
+        if e.mapping != Mapping::Unallocated {
+            out.local += e.length;
+            continue;
+        }
+        let end = e.offset + e.length;
+        let mut pos = e.offset;
+        let mut data_bytes = 0;
+        while pos < end {
+            let status = status_padded(&*backing, pos, end - pos)
+                .await
+                .map_err(Error::device)?;
+            for s in status {
+                let s_end = (s.offset + s.length).min(end);
+                if s_end <= pos {
+                    continue;
+                }
+                if s.status == Status::Data {
+                    let a = pos / cs * cs;
+                    let b = s_end.div_ceil(cs).saturating_mul(cs).min(size).min(end);
+                    match out.copy.last_mut() {
+                        Some(last) if last.0 + last.1 >= a => {
+                            let new_end = (last.0 + last.1).max(b);
+                            data_bytes += new_end - (last.0 + last.1);
+                            last.1 = new_end - last.0;
+                        }
+                        _ => {
+                            data_bytes += b - a;
+                            out.copy.push((a, b - a));
+                        }
+                    }
+                }
+                pos = s_end;
+            }
+        }
+        out.skipped += e.length - data_bytes.min(e.length);
+    }
+    Ok(out)
+}
+
+/// Splits ranges into requests of at most `max` bytes.
+fn requests(ranges: &[(u64, u64)], max: u64) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for &(a, l) in ranges {
+        let mut p = a;
+        while p < a + l {
+            let n = (a + l - p).min(max);
+            out.push((p, n));
+            p += n;
+        }
+    }
+    out
+}
+
+/// Copies one request, retrying retryable backing errors while the backing is not gone.
+async fn copy_one(
+    dev: Arc<CorDevice>,
+    handle: StreamHandle,
+    offset: u64,
+    len: u64,
+    retries: u32,
+) -> Result<()> {
+    let mut attempt = 0;
+    loop {
+        match dev.populate_range(offset, len).await {
+            Ok(s) => {
+                handle.record_copy(s.copied, s.zeroed, s.local);
+                return Ok(());
+            }
+            Err(e) if e.is_retryable() && attempt < retries => {
+                attempt += 1;
+                tracing::warn!(offset, len, attempt, error = %e, "backing read failed; retrying");
+                if handle.sleep(Duration::from_millis(500)).await {
+                    return Err(Error::Cancelled {
+                        offset,
+                        total: dev.size(),
+                    });
+                }
+            }
+            Err(e) => return Err(Error::device(e)),
+        }
+    }
+}
+
+impl StreamJob {
+    /// Starts streaming `dev` on the current tokio runtime.
+    pub fn start(dev: Arc<CorDevice>, options: StreamOptions) -> StreamJob {
+        let (paused, _) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            image: dev.name().to_string(),
+            total: dev.size(),
+            offset: AtomicU64::new(0),
+            copied: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            local: AtomicU64::new(0),
+            rate_limit: AtomicU64::new(options.rate.map_or(0, NonZeroU64::get)),
+            rate_epoch: AtomicU64::new(0),
+            paused,
+            cancelled: AtomicBool::new(false),
+            cancel: Notify::new(),
+            state: Mutex::new(JobState::Running),
+            samples: Mutex::new(VecDeque::new()),
+            next_slot: Mutex::new(Instant::now()),
+            backing_state: Mutex::new(
+                dev.backing()
+                    .and_then(|b| b.reconnect().map(|r| r.subscribe())),
+            ),
+        });
+        let handle = StreamHandle { shared };
+        let h = handle.clone();
+        let task = tokio::spawn(async move {
+            let start = Instant::now();
+            // Cancel wins over whatever the job awaits (a block-status query or a read from a
+            // dead server included): dropping `run` drops its JoinSet, which aborts the copies.
+            let r = tokio::select! {
+                r = run(&dev, &h, &options) => r,
+                _ = h.cancelled_or_nudged_until_cancel() => Err(Error::Cancelled {
+                    offset: h.shared.offset.load(Ordering::Acquire),
+                    total: h.shared.total,
+                }),
+            };
+            let state = match &r {
+                Ok(()) => JobState::Completed,
+                Err(Error::Cancelled { .. }) => JobState::Cancelled,
+                Err(_) => JobState::Failed,
+            };
+            h.set_state(state);
+            r.map(|()| StreamOutcome {
+                progress: h.progress(),
+                unlinked: dev.backing().is_none(),
+                elapsed: start.elapsed(),
+            })
+        });
+        StreamJob { handle, task }
+    }
+
+    /// The job's handle.
+    pub fn handle(&self) -> StreamHandle {
+        self.handle.clone()
+    }
+
+    /// Waits for the job to end.
+    pub async fn wait(self) -> Result<StreamOutcome> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(Error::Usage(format!("the stream task failed: {e}"))),
+        }
+    }
+}
+
+/// The body of a full stream.
+async fn run(dev: &Arc<CorDevice>, h: &StreamHandle, options: &StreamOptions) -> Result<()> {
+    const WINDOW: u64 = 256 << 20;
+    let size = dev.size();
+    let cs = dev.cluster_size();
+    let cancelled = |offset: u64| Error::Cancelled {
+        offset,
+        total: size,
+    };
+    let mut pass = 0;
+    loop {
+        pass += 1;
+        let mut found_work = false;
+        let mut pos = 0;
+        // Counters describe the first pass; later passes only mop up.
+        while pos < size {
+            if h.wait_unpaused().await {
+                return Err(cancelled(h.shared.offset.load(Ordering::Acquire)));
+            }
+            let to = (pos + WINDOW).min(size);
+            let p = plan(dev, pos, to).await?;
+            if pass == 1 {
+                h.shared.skipped.fetch_add(p.skipped, Ordering::AcqRel);
+                h.shared.local.fetch_add(p.local, Ordering::AcqRel);
+            }
+            let limit = h.shared.rate_limit.load(Ordering::Acquire);
+            let mut max = options.request_bytes.max(cs) / cs * cs;
+            if limit > 0 {
+                max = max.min((limit / 4).max(cs) / cs * cs);
+            }
+            let reqs = requests(&p.copy, max);
+            found_work |= !reqs.is_empty();
+            let mut set: JoinSet<(u64, Result<()>)> = JoinSet::new();
+            let mut in_flight: std::collections::BTreeSet<u64> = Default::default();
+            let mut next = 0;
+            let mut failure: Option<Error> = None;
+            while next < reqs.len() || !set.is_empty() {
+                while failure.is_none() && next < reqs.len() && set.len() < options.in_flight.max(1)
+                {
+                    let (o, l) = reqs[next];
+                    if h.wait_unpaused().await || h.charge(l).await {
+                        set.abort_all();
+                        return Err(cancelled(in_flight.first().copied().unwrap_or(o)));
+                    }
+                    in_flight.insert(o);
+                    h.shared
+                        .offset
+                        .store(in_flight.first().copied().unwrap_or(o), Ordering::Release);
+                    let d = Arc::clone(dev);
+                    let hh = h.clone();
+                    let retries = options.retries;
+                    set.spawn(async move { (o, copy_one(d, hh, o, l, retries).await) });
+                    next += 1;
+                }
+                if set.is_empty() {
+                    break;
+                }
+                let joined = tokio::select! {
+                    j = set.join_next() => j,
+                    c = h.cancelled_or_nudged() => {
+                        if c {
+                            set.abort_all();
+                            return Err(cancelled(in_flight.first().copied().unwrap_or(pos)));
+                        }
+                        continue;
+                    }
+                };
+                let Some(j) = joined else { break };
+                match j {
+                    Ok((o, Ok(()))) => {
+                        in_flight.remove(&o);
+                        let frontier = in_flight
+                            .first()
+                            .copied()
+                            .unwrap_or_else(|| reqs.get(next).map_or(to, |r| r.0));
+                        h.shared.offset.store(frontier, Ordering::Release);
+                    }
+                    Ok((_, Err(e))) => {
+                        if failure.is_none() {
+                            failure = Some(e);
+                        }
+                    }
+                    Err(e) if e.is_cancelled() => {}
+                    Err(e) => {
+                        failure.get_or_insert(Error::Usage(format!("a copy task failed: {e}")));
+                    }
+                }
+            }
+            if let Some(e) = failure {
+                return Err(e);
+            }
+            pos = to;
+            h.shared.offset.store(pos, Ordering::Release);
+        }
+        if !found_work || pass >= 3 {
+            if found_work {
+                return Err(Error::Usage(
+                    "the image still lacks data after three passes".into(),
+                ));
+            }
+            break;
+        }
+    }
+    if h.is_cancelled() {
+        return Err(cancelled(size));
+    }
+    if !options.keep_backing && dev.backing().is_some() {
+        dev.drop_backing_link().await.map_err(Error::device)?;
+    } else {
+        dev.flush().await.map_err(Error::device)?;
+    }
+    Ok(())
+}
+
+/// What [`step`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepOutcome {
+    /// Bytes copied into new data clusters.
+    pub copied: u64,
+    /// Where to continue from, or `None` when nothing is left from the given offset on.
+    pub next: Option<u64>,
+}
+
+/// Finds the first range at or after `from` that still needs copying.
+async fn next_work(dev: &CorDevice, from: u64) -> Result<Option<u64>> {
+    const WINDOW: u64 = 1 << 30;
+    let size = dev.size();
+    let cs = dev.cluster_size();
+    let mut pos = from / cs * cs;
+    while pos < size {
+        let to = (pos + WINDOW).min(size);
+        let p = plan(dev, pos, to).await?;
+        if let Some(&(a, _)) = p.copy.first() {
+            return Ok(Some(a));
+        }
+        pos = to;
+    }
+    Ok(None)
+}
+
+/// Single-step mode: copies the unit of `length` bytes (rounded to clusters) that starts at
+/// the first range needing a copy at or after `offset`, and says where to continue from
+/// (`None`: nothing is left from `offset` to the end). Never drops the backing link.
+pub async fn step(dev: &CorDevice, offset: u64, length: u64) -> Result<StepOutcome> {
+    let size = dev.size();
+    let cs = dev.cluster_size();
+    let length = length.max(1).div_ceil(cs) * cs;
+    let Some(start) = next_work(dev, offset.min(size)).await? else {
+        return Ok(StepOutcome {
+            copied: 0,
+            next: None,
+        });
+    };
+    let end = (start + length).min(size);
+    let p = plan(dev, start, end).await?;
+    let mut copied = 0;
+    for (a, l) in p.copy {
+        copied += dev
+            .populate_range(a, l)
+            .await
+            .map_err(Error::device)?
+            .copied;
+    }
+    dev.flush().await.map_err(Error::device)?;
+    let next = if end >= size {
+        None
+    } else {
+        next_work(dev, end).await?
+    };
+    Ok(StepOutcome { copied, next })
+}

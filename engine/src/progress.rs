@@ -62,10 +62,6 @@ pub async fn open_device(image: &std::path::Path, reconnect_delay: Duration) -> 
     gate.nbd.reconnect_delay = reconnect_delay;
     gate.nbd.connect_timeout = Duration::from_secs(10);
     gate.nbd.request_timeout = Some(Duration::from_secs(30));
-    // One connection per backing: nbd-client's reconnect can self-deadlock when it has to
-    // kill a second, still-live connection of a multi-conn pool (see the report); one
-    // connection with many requests in flight is what QEMU uses too.
-    gate.nbd.connections = 1;
     let options = CorOptions {
         gate,
         ..CorOptions::default()

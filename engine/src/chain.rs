@@ -21,6 +21,13 @@ use crate::error::{Error, Result};
 pub enum Layer {
     /// A QED image (its own backing detached).
     Qed(Box<Image>),
+    /// An NBD export (read as raw), with the runtime its client runs on.
+    Nbd {
+        /// The export.
+        export: Box<copy_on_read::NbdExport>,
+        /// The runtime driving the client.
+        runtime: tokio::runtime::Runtime,
+    },
     /// A raw file.
     Raw {
         /// The open file.
@@ -47,14 +54,15 @@ impl ChainLayer {
         match &self.layer {
             Layer::Qed(image) => image.size(),
             Layer::Raw { size, .. } => *size,
+            Layer::Nbd { export, .. } => copy_on_read::BlockDevice::size(&**export),
         }
     }
 
-    /// `"qed"` or `"raw"`.
+    /// `"qed"` or `"raw"` (an NBD export reads as raw).
     pub fn format(&self) -> &'static str {
         match &self.layer {
             Layer::Qed(_) => "qed",
-            Layer::Raw { .. } => "raw",
+            Layer::Raw { .. } | Layer::Nbd { .. } => "raw",
         }
     }
 }
@@ -136,6 +144,24 @@ fn open_layer(
     format: BackingFormat,
     allow_probe: bool,
 ) -> Result<ChainLayer> {
+    if crate::source::is_nbd_name(path) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(Error::io("starting the I/O runtime"))?;
+        let uri = path.to_string_lossy().into_owned();
+        let export = runtime
+            .block_on(copy_on_read::NbdExport::connect(&uri, Default::default()))
+            .map_err(Error::device)?;
+        return Ok(ChainLayer {
+            layer: Layer::Nbd {
+                export: Box::new(export),
+                runtime,
+            },
+            path: path.to_path_buf(),
+            name,
+        });
+    }
     let file = File::open(path).map_err(|e| Error::open(path, e))?;
     let mut head = [0u8; 64];
     let len = Storage::len(&file).map_err(|e| Error::open(path, e))?;
@@ -209,9 +235,18 @@ impl Chain {
                 }
             };
             let depth = layers.len() as u32;
-            let backing_path = gate
-                .admit(&name, Some(&above), depth)
-                .map_err(|e| Error::image(&above, e))?;
+            let backing_path = if qed::backing::is_protocol_name(&name) {
+                if depth > gate.max_depth {
+                    return Err(Error::Usage(format!(
+                        "backing chain deeper than {} layers",
+                        gate.max_depth
+                    )));
+                }
+                PathBuf::from(&name)
+            } else {
+                gate.admit(&name, Some(&above), depth)
+                    .map_err(|e| Error::image(&above, e))?
+            };
             layers.push(open_layer(&backing_path, name, format, gate.allow_probe)?);
         }
         Ok(Chain { layers })
@@ -288,6 +323,29 @@ impl Chain {
                         }
                         Mapping::Unallocated => {}
                     }
+                }
+                Layer::Nbd { export, runtime } => {
+                    let extents = runtime
+                        .block_on(copy_on_read::BlockDevice::block_status(&**export, pos, len))
+                        .map_err(Error::device)?;
+                    let (data, n) = extents
+                        .first()
+                        .map(|e| {
+                            (
+                                e.status == copy_on_read::Status::Data,
+                                (e.offset + e.length).saturating_sub(pos).clamp(1, len),
+                            )
+                        })
+                        .unwrap_or((true, len));
+                    return Ok(MapEntry {
+                        start: pos,
+                        length: n,
+                        depth,
+                        present: true,
+                        zero: !data,
+                        data,
+                        offset: Some(pos),
+                    });
                 }
                 Layer::Raw { file, .. } => {
                     let (data, n) = raw_extent(file, pos, len);
@@ -410,9 +468,24 @@ pub fn info_json(chain: &Chain, index: usize) -> Value {
             m.insert("actual-size".into(), json!(actual_size(file)));
             m.insert("dirty-flag".into(), json!(false));
         }
+        Layer::Nbd { .. } => {
+            m.insert("protocol".into(), json!("nbd"));
+        }
     }
     if index + 1 < chain.layers.len() {
         m.insert("backing-image".into(), info_json(chain, index + 1));
     }
     Value::Object(m)
+}
+
+impl Drop for ChainLayer {
+    /// Says goodbye to an NBD server (NBD_CMD_DISC) instead of vanishing mid-connection.
+    fn drop(&mut self) {
+        if let Layer::Nbd { export, runtime } = &self.layer {
+            let close = copy_on_read::BlockDevice::close(&**export);
+            let _ = runtime.block_on(async {
+                tokio::time::timeout(std::time::Duration::from_secs(2), close).await
+            });
+        }
+    }
 }

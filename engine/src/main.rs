@@ -13,7 +13,7 @@ use engine::chain::{info_json, Chain};
 use engine::convert::{convert, Target};
 use engine::error::{Error, Result};
 use engine::size::parse_size;
-use engine::source::Source;
+use engine::source::{Source, SourceKind};
 use qed::backing::resolve_backing_path;
 use qed::{
     BackingFormat, BackingPolicy, CheckReport, CreateOptions, FileGate, Image, OpenOptions, Repair,
@@ -383,7 +383,11 @@ fn cmd_create(
     let mut recorded = None;
     let mut backing_size = None;
     if let Some(name) = &backing {
-        let path = resolve_backing_path(name, Some(image));
+        let path = if engine::source::is_nbd_name(Path::new(name)) {
+            PathBuf::from(name)
+        } else {
+            resolve_backing_path(name, Some(image))
+        };
         let fmt = parse_backing_format(backing_format.as_deref())?;
         let src_format = match fmt {
             Some(BackingFormat::Raw) => Some("raw"),
@@ -392,10 +396,11 @@ fn cmd_create(
         };
         let source = Source::open(&path, src_format)?;
         backing_size = Some(source.size());
-        let fmt = fmt.unwrap_or(match source {
-            Source::Raw { .. } => BackingFormat::Raw,
-            Source::Qed { .. } => BackingFormat::Probe,
+        let fmt = fmt.unwrap_or(match source.kind() {
+            SourceKind::Qed => BackingFormat::Probe,
+            SourceKind::Raw | SourceKind::Nbd => BackingFormat::Raw,
         });
+        source.close()?;
         recorded = Some((name.clone(), fmt));
     }
     let size = match (size, backing_size) {
@@ -709,6 +714,7 @@ fn cmd_convert(
     };
     let source = Source::open(src, format)?;
     convert(&source, dst, &target)?;
+    source.close()?;
     Ok(0)
 }
 

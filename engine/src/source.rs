@@ -1,101 +1,185 @@
-//! What `convert` and `read` copy from: a QED image read through its backing chain, or a raw
-//! file.
+//! What `convert` and `read` copy from: a QED image read through its backing chain (files or
+//! NBD), a raw file, or an NBD export named by a URI (`nbd://`, `nbd+unix://`, `json:`).
+//!
+//! A source is a `copy_on_read` block device (opened read-only, copy-on-read off) driven from
+//! synchronous code through a small tokio runtime of its own.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use qed::backing::probe_format;
-use qed::{FileGate, Image, OpenOptions, Storage};
+use copy_on_read::{BlockDevice, CorDevice, CorOptions, Gate, NbdExport, RawFile, Status};
+use qed::backing::{is_protocol_name, probe_format};
+use qed::Storage;
 
 use crate::error::{Error, Result};
 
+/// What kind of source was opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourceKind {
+    /// A QED image with its backing chain.
+    Qed,
+    /// A raw file.
+    Raw,
+    /// An NBD export.
+    Nbd,
+}
+
 /// A readable virtual disk.
 #[derive(Debug)]
-pub enum Source {
-    /// A QED image with its backing chain opened.
-    Qed {
-        /// The image.
-        image: Box<Image>,
-        /// Its path.
-        path: PathBuf,
-    },
-    /// A raw file.
-    Raw {
-        /// The file.
-        file: File,
-        /// Its path.
-        path: PathBuf,
-        /// Its size.
-        size: u64,
-    },
+pub struct Source {
+    runtime: tokio::runtime::Runtime,
+    device: Arc<dyn BlockDevice>,
+    kind: SourceKind,
+    name: PathBuf,
+    size: u64,
+    /// The last block-status answer, so a sequential copy asks once per window.
+    status: parking_lot::Mutex<Vec<copy_on_read::StatusExtent>>,
+}
+
+/// True when `name` is an NBD URI or QEMU `json:` string rather than a file path.
+pub fn is_nbd_name(name: &Path) -> bool {
+    name.to_str().is_some_and(is_protocol_name)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(Error::io("starting the I/O runtime"))
 }
 
 impl Source {
-    /// Opens `path` as `format` (`"qed"`, `"raw"`, or probed when `None`), read-only.
-    pub fn open(path: &Path, format: Option<&str>) -> Result<Source> {
-        let file = File::open(path).map_err(|e| Error::open(path, e))?;
-        let len = Storage::len(&file).map_err(|e| Error::open(path, e))?;
-        let mut head = [0u8; 64];
-        Storage::read_at(&file, &mut head, 0).map_err(|e| Error::open(path, e))?;
-        let detected = probe_format(&head[..len.min(64) as usize]);
-        let format = match format {
-            Some(f) => f,
-            None if detected == "qed" || detected == "raw" => detected,
-            None => {
+    /// Opens `name` as `format` (`"qed"`, `"raw"`, or probed when `None`), read-only. An NBD
+    /// URI is always raw.
+    pub fn open(name: &Path, format: Option<&str>) -> Result<Source> {
+        Source::open_with(name, format, Gate::default())
+    }
+
+    /// As [`Source::open`], with backings opened through `gate`.
+    pub fn open_with(name: &Path, format: Option<&str>, gate: Gate) -> Result<Source> {
+        let runtime = runtime()?;
+        let (device, kind): (Arc<dyn BlockDevice>, SourceKind) = if is_nbd_name(name) {
+            if format.is_some_and(|f| f != "raw") {
                 return Err(Error::Usage(format!(
-                    "{}: format {detected} is not supported",
-                    path.display()
-                )))
+                    "{}: an NBD export is read as raw, not {}",
+                    name.display(),
+                    format.unwrap_or_default()
+                )));
+            }
+            let uri = name.to_string_lossy().into_owned();
+            let export = runtime
+                .block_on(NbdExport::connect(&uri, gate.nbd.clone()))
+                .map_err(Error::device)?;
+            (Arc::new(export), SourceKind::Nbd)
+        } else {
+            let format = match format {
+                Some(f) => f.to_string(),
+                None => {
+                    let file = std::fs::File::open(name).map_err(|e| Error::open(name, e))?;
+                    let len = Storage::len(&file).map_err(|e| Error::open(name, e))?;
+                    let mut head = [0u8; 64];
+                    Storage::read_at(&file, &mut head, 0).map_err(|e| Error::open(name, e))?;
+                    probe_format(&head[..len.min(64) as usize]).to_string()
+                }
+            };
+            match format.as_str() {
+                "raw" => (
+                    Arc::new(RawFile::open(name, false).map_err(Error::device)?),
+                    SourceKind::Raw,
+                ),
+                "qed" => {
+                    let options = CorOptions {
+                        gate,
+                        copy_on_read: false,
+                        read_only: true,
+                    };
+                    let dev = runtime
+                        .block_on(CorDevice::open(name, options))
+                        .map_err(Error::device)?;
+                    (Arc::new(dev), SourceKind::Qed)
+                }
+                other => {
+                    return Err(Error::Usage(format!(
+                        "{}: format {other} is not supported (qed or raw)",
+                        name.display()
+                    )))
+                }
             }
         };
-        match format {
-            "raw" => Ok(Source::Raw {
-                file,
-                path: path.to_path_buf(),
-                size: len,
-            }),
-            "qed" => {
-                let options = OpenOptions {
-                    read_only: true,
-                    path: Some(path.to_path_buf()),
-                    ..OpenOptions::with_opener(std::sync::Arc::new(FileGate::default()))
-                };
-                let image =
-                    Image::open(Box::new(file), options).map_err(|e| Error::image(path, e))?;
-                Ok(Source::Qed {
-                    image: Box::new(image),
-                    path: path.to_path_buf(),
-                })
-            }
-            other => Err(Error::Usage(format!("unknown format {other:?}"))),
-        }
+        let size = device.size();
+        Ok(Source {
+            runtime,
+            device,
+            kind,
+            name: name.to_path_buf(),
+            size,
+            status: parking_lot::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// What was opened.
+    pub fn kind(&self) -> SourceKind {
+        self.kind
     }
 
     /// The virtual size.
     pub fn size(&self) -> u64 {
-        match self {
-            Source::Qed { image, .. } => image.size(),
-            Source::Raw { size, .. } => *size,
-        }
+        self.size
     }
 
-    /// Reads `buf.len()` bytes at `offset` (zeros past the end of a raw file).
+    /// The name it was opened by.
+    pub fn name(&self) -> &Path {
+        &self.name
+    }
+
+    /// The device underneath.
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.device
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        match self {
-            Source::Qed { image, path } => image
-                .read_at(buf, offset)
-                .map_err(|e| Error::image(path, e)),
-            Source::Raw { file, path, .. } => {
-                Storage::read_at(file, buf, offset).map_err(|e| Error::open(path, e))
-            }
-        }
+        let data = self
+            .runtime
+            .block_on(self.device.read_at(offset, vec![0u8; buf.len()]))
+            .map_err(Error::device)?;
+        buf.copy_from_slice(&data);
+        Ok(())
     }
 
-    /// The next offset at or after `offset` that may hold non-zero data (`None`: unknown).
+    /// The next offset at or after `offset` that may hold non-zero data, from the device's
+    /// block status (`None`: unknown). Looks at most 1 GiB ahead.
     pub fn next_data(&self, offset: u64) -> Option<u64> {
-        match self {
-            Source::Qed { .. } => None,
-            Source::Raw { file, .. } => file.next_data(offset).ok().flatten(),
+        if offset >= self.size {
+            return Some(u64::MAX);
         }
+        let mut cache = self.status.lock();
+        let covered = cache.first().is_some_and(|f| f.offset <= offset)
+            && cache.last().is_some_and(|l| l.offset + l.length > offset);
+        if !covered {
+            let window = (self.size - offset).min(1 << 30);
+            *cache = self
+                .runtime
+                .block_on(self.device.block_status(offset, window))
+                .ok()?;
+        }
+        let mut end = offset;
+        for e in cache.iter().filter(|e| e.offset + e.length > offset) {
+            if e.status == Status::Data {
+                return Some(e.offset.max(offset));
+            }
+            end = e.offset + e.length;
+        }
+        // Everything reported was zero; nothing is known past it.
+        (end > offset).then_some(end)
+    }
+
+    /// Closes the device (and its NBD connections).
+    pub fn close(self) -> Result<()> {
+        let r = self.runtime.block_on(self.device.close());
+        self.runtime
+            .shutdown_timeout(std::time::Duration::from_secs(1));
+        r.map_err(Error::device)
     }
 }

@@ -522,3 +522,145 @@ fn errors_are_one_line_and_non_zero() {
         assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
     }
 }
+
+/// A server started by a test, killed when the test ends.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_for_socket(sock: &Path, server: &mut Server) {
+    for _ in 0..200 {
+        if sock.exists() {
+            return;
+        }
+        if let Ok(Some(status)) = server.0.try_wait() {
+            panic!("NBD server exited early: {status}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    panic!("NBD server did not create {}", sock.display());
+}
+
+fn qemu_nbd(dir: &Path, image: &str, sock: &Path) -> Server {
+    let child = Command::new("qemu-nbd")
+        .current_dir(dir)
+        .args(["-r", "-f", "raw", "-x", "exp", "--persistent", "-k"])
+        .arg(sock)
+        .arg(image)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run qemu-nbd (is qemu-utils installed?): {e}"));
+    let mut server = Server(child);
+    wait_for_socket(sock, &mut server);
+    server
+}
+
+fn nbdkit(sock: &Path, args: &[&str]) -> Server {
+    let child = Command::new("nbdkit")
+        .args(["-f", "-U"])
+        .arg(sock)
+        .args(args)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run nbdkit (is nbdkit installed?): {e}"));
+    let mut server = Server(child);
+    wait_for_socket(sock, &mut server);
+    server
+}
+
+#[test]
+fn convert_and_info_take_an_nbd_uri_from_qemu_nbd() {
+    let dir = tempdir();
+    let d = dir.path();
+    fixture(d);
+    let sock = d.join("nbd.sock");
+    let _server = qemu_nbd(d, "base.raw", &sock);
+    let uri = format!("nbd+unix:///exp?socket={}", sock.display());
+    ok(&mut ours(
+        d,
+        &["convert", "-f", "raw", "-O", "raw", &uri, "out.raw"],
+    ));
+    assert!(
+        std::fs::read(d.join("out.raw")).unwrap() == std::fs::read(d.join("base.raw")).unwrap()
+    );
+    let info: Value =
+        serde_json::from_str(&ok(&mut ours(d, &["info", "--output=json", &uri]))).unwrap();
+    assert_eq!(info["virtual-size"], 4 << 20);
+    assert_eq!(info["format"], "raw");
+    // A QED overlay on the export: map, info and convert agree with QEMU.
+    ok(&mut ours(
+        d,
+        &["create", "-b", &uri, "-F", "raw", "nb.qed", "8M"],
+    ));
+    qemu_io(
+        d,
+        "qed",
+        "nb.qed",
+        &["write -P 9 64k 64k", "write -z 1M 64k"],
+    );
+    let theirs = ok(&mut qemu_img(d, &["map", "--output=json", "nb.qed"]));
+    let mine = ok(&mut ours(d, &["map", "--output=json", "nb.qed"]));
+    assert_eq!(mine, theirs);
+    let info: Value =
+        serde_json::from_str(&ok(&mut ours(d, &["info", "--output=json", "nb.qed"]))).unwrap();
+    assert_eq!(info["backing-filename"], uri.as_str());
+    assert_eq!(info["backing-filename-format"], "raw");
+    assert_eq!(info["backing-image"]["virtual-size"], 4 << 20);
+    ok(&mut ours(
+        d,
+        &["convert", "-O", "qed", "nb.qed", "flat.qed"],
+    ));
+    let out = run(&mut qemu_img(d, &["compare", "nb.qed", "flat.qed"]));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn convert_takes_an_nbd_uri_from_nbdkit() {
+    let dir = tempdir();
+    let d = dir.path();
+    let sock = d.join("kit.sock");
+    let _server = nbdkit(&sock, &["sparse-random", "48M", "seed=7", "percent=30"]);
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    ok(&mut qemu_img(
+        d,
+        &["convert", "-f", "raw", "-O", "raw", &uri, "expect.raw"],
+    ));
+    ok(&mut ours(
+        d,
+        &["convert", "-f", "raw", "-O", "raw", &uri, "out.raw"],
+    ));
+    assert!(
+        std::fs::read(d.join("out.raw")).unwrap() == std::fs::read(d.join("expect.raw")).unwrap()
+    );
+    ok(&mut ours(d, &["convert", "-O", "qed", &uri, "out.qed"]));
+    let out = run(&mut qemu_img(
+        d,
+        &["compare", "-f", "qed", "-F", "raw", "out.qed", "expect.raw"],
+    ));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        run(&mut qemu_img(d, &["check", "out.qed"])).status.code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn nbds_is_a_clear_error() {
+    let dir = tempdir();
+    let out = run(&mut ours(
+        dir.path(),
+        &["convert", "-O", "raw", "nbds://127.0.0.1/x", "out.raw"],
+    ));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TLS"), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}

@@ -133,6 +133,11 @@ impl Source {
         &self.name
     }
 
+    /// The runtime the device's I/O runs on.
+    pub fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.runtime
+    }
+
     /// The device underneath.
     pub fn device(&self) -> &Arc<dyn BlockDevice> {
         &self.device
@@ -151,19 +156,25 @@ impl Source {
     /// The next offset at or after `offset` that may hold non-zero data, from the device's
     /// block status (`None`: unknown). Looks at most 1 GiB ahead.
     pub fn next_data(&self, offset: u64) -> Option<u64> {
+        self.runtime.block_on(self.next_data_async(offset))
+    }
+
+    /// [`Source::next_data`] for async callers (on this source's runtime).
+    pub async fn next_data_async(&self, offset: u64) -> Option<u64> {
         if offset >= self.size {
             return Some(u64::MAX);
         }
-        let mut cache = self.status.lock();
-        let covered = cache.first().is_some_and(|f| f.offset <= offset)
-            && cache.last().is_some_and(|l| l.offset + l.length > offset);
+        let covered = {
+            let cache = self.status.lock();
+            cache.first().is_some_and(|f| f.offset <= offset)
+                && cache.last().is_some_and(|l| l.offset + l.length > offset)
+        };
         if !covered {
             let window = (self.size - offset).min(1 << 30);
-            *cache = self
-                .runtime
-                .block_on(self.device.block_status(offset, window))
-                .ok()?;
+            let extents = self.device.block_status(offset, window).await.ok()?;
+            *self.status.lock() = extents;
         }
+        let cache = self.status.lock();
         let mut end = offset;
         for e in cache.iter().filter(|e| e.offset + e.length > offset) {
             if e.status == Status::Data {

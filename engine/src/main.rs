@@ -4,7 +4,6 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Map, Value};
@@ -636,29 +635,48 @@ fn cmd_read(image: &Path, offset: u64, length: u64) -> Result<u8> {
     Ok(0)
 }
 
-fn open_rw(path: &Path) -> Result<Image> {
-    let options = OpenOptions::with_opener(Arc::new(FileGate::default()));
+/// Opens an image read-write without its backing (for header-only changes).
+fn open_detached(path: &Path) -> Result<Image> {
+    let options = OpenOptions {
+        backing: BackingPolicy::Detached,
+        ..OpenOptions::default()
+    };
     Image::open_path(path, options).map_err(|e| Error::image(path, e))
 }
 
+/// `write`: through the copy-on-read device, so a partial write into a cluster the image lacks
+/// keeps the backing's bytes around it, whatever the backing is (file, QED chain, NBD).
 fn cmd_write(path: &Path, offset: u64, zero: Option<String>, file: Option<PathBuf>) -> Result<u8> {
-    let image = open_rw(path)?;
-    if let Some(len) = zero {
-        if file.is_some() {
-            return Err(Error::Usage("--zero takes no input file".into()));
+    use copy_on_read::{BlockDevice, CorDevice, CorOptions};
+    if zero.is_some() && file.is_some() {
+        return Err(Error::Usage("--zero takes no input file".into()));
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(Error::io("starting the I/O runtime"))?;
+    let options = CorOptions {
+        copy_on_read: false,
+        ..CorOptions::default()
+    };
+    let dev = runtime
+        .block_on(CorDevice::open(path, options))
+        .map_err(Error::device)?;
+    let result = (|| -> Result<()> {
+        if let Some(len) = zero {
+            let len = parse_size(&len)?;
+            return runtime
+                .block_on(dev.write_zeroes(offset, len))
+                .map_err(Error::device);
         }
-        let len = parse_size(&len)?;
-        image
-            .write_zeroes(offset, len)
-            .map_err(|e| Error::image(path, e))?;
-    } else {
         let mut input: Box<dyn Read> = match &file {
             Some(f) => Box::new(std::fs::File::open(f).map_err(|e| Error::open(f, e))?),
             None => Box::new(std::io::stdin()),
         };
-        let mut buf = vec![0u8; 4 << 20];
         let mut pos = offset;
         loop {
+            let mut buf = vec![0u8; 4 << 20];
             let mut filled = 0;
             while filled < buf.len() {
                 let n = input
@@ -670,18 +688,21 @@ fn cmd_write(path: &Path, offset: u64, zero: Option<String>, file: Option<PathBu
                 filled += n;
             }
             if filled == 0 {
-                break;
+                return Ok(());
             }
-            image
-                .write_at(&buf[..filled], pos)
-                .map_err(|e| Error::image(path, e))?;
+            buf.truncate(filled);
+            runtime
+                .block_on(dev.write_at(pos, buf))
+                .map_err(Error::device)?;
             pos += filled as u64;
-            if filled < buf.len() {
-                break;
+            if filled < 4 << 20 {
+                return Ok(());
             }
         }
-    }
-    image.close().map_err(|e| Error::image(path, e))?;
+    })();
+    let closed = runtime.block_on(dev.close()).map_err(Error::device);
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    result.and(closed)?;
     Ok(0)
 }
 
@@ -719,7 +740,7 @@ fn cmd_convert(
 }
 
 fn cmd_resize(path: &Path, size: &str) -> Result<u8> {
-    let image = open_rw(path)?;
+    let image = open_detached(path)?;
     let new_size = match size.strip_prefix('+') {
         Some(delta) => image
             .size()

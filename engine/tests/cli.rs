@@ -609,6 +609,24 @@ fn convert_and_info_take_an_nbd_uri_from_qemu_nbd() {
     assert_eq!(info["backing-filename"], uri.as_str());
     assert_eq!(info["backing-filename-format"], "raw");
     assert_eq!(info["backing-image"]["virtual-size"], 4 << 20);
+    // A partial write through ours keeps the export's bytes around it in the cluster.
+    let payload: Vec<u8> = (0..5000u32).map(|i| (i % 200) as u8 + 1).collect();
+    std::fs::write(d.join("payload"), &payload).unwrap();
+    ok(&mut ours(d, &["write", "nb.qed", "300001", "payload"]));
+    ok(&mut qemu_img(
+        d,
+        &["convert", "-O", "raw", "nb.qed", "nb.raw"],
+    ));
+    let mut model = std::fs::read(d.join("base.raw")).unwrap();
+    model.resize(8 << 20, 0);
+    model[64 << 10..128 << 10].fill(9);
+    model[1 << 20..(1 << 20) + (64 << 10)].fill(0);
+    model[300001..305001].copy_from_slice(&payload);
+    assert!(std::fs::read(d.join("nb.raw")).unwrap() == model);
+    assert_eq!(
+        run(&mut qemu_img(d, &["check", "nb.qed"])).status.code(),
+        Some(0)
+    );
     ok(&mut ours(
         d,
         &["convert", "-O", "qed", "nb.qed", "flat.qed"],

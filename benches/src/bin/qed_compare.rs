@@ -223,23 +223,7 @@ fn main() {
     // 5. convert raw -> qed: 60% random data in 64 KiB..8 MiB extents, the rest holes.
     let size = if quick { 256 * MIB } else { 1024 * MIB };
     let src = d.join("src.raw");
-    {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::File::create(&src).unwrap();
-        f.set_len(size).unwrap();
-        let mut rng = XorShift::new(9);
-        let mut pos = 0;
-        let mut buf = vec![0u8; (8 * MIB) as usize];
-        while pos < size {
-            let len = (65536 << (rng.next_u64() % 8)).min(size - pos);
-            if rng.next_u64() % 10 < 6 {
-                rng.fill(&mut buf[..len as usize]);
-                f.write_all_at(&buf[..len as usize], pos).unwrap();
-            }
-            pos += len;
-        }
-        f.sync_all().unwrap();
-    }
+    qedstream_benches::sparse_random_file(&src, size, 60, 9);
     let out = d.join("out.qed");
     let ours = time(
         runs,

@@ -11,11 +11,11 @@
 //! already in it is refused as a loop.
 
 use std::future::Future;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use qed::backing::{is_protocol_name, probe_format, resolve_backing_path};
+use qed::backing::{is_protocol_name, normalise, probe_format, resolve_backing_path};
 use qed::{BackingFormat, BackingPolicy, Image, OpenOptions};
 
 use crate::device::BlockDevice;
@@ -52,21 +52,6 @@ impl Default for Gate {
 }
 
 type OpenFuture<'a> = Pin<Box<dyn Future<Output = Result<Arc<dyn BlockDevice>>> + Send + 'a>>;
-
-/// Lexically normalises a path (no symlink resolution): drops `.`, folds `..`.
-fn normalise(path: &Path) -> PathBuf {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                out.pop();
-            }
-            other => out.push(other.as_os_str()),
-        }
-    }
-    out
-}
 
 fn absolute(path: &Path) -> PathBuf {
     let abs = if path.is_absolute() {

@@ -227,7 +227,7 @@ pub fn resolve_backing_path(name: &str, image_path: Option<&Path>) -> PathBuf {
 }
 
 /// Lexically normalises a path (no symlink resolution): drops `.`, folds `..`.
-fn normalise(path: &Path) -> PathBuf {
+pub fn normalise(path: &Path) -> PathBuf {
     let mut out = PathBuf::new();
     for c in path.components() {
         match c {

@@ -41,7 +41,9 @@ pub struct ConvertStats {
 
 /// Bytes read per chunk: the NBD client's default request size, so a chunk is one request
 /// read straight into a recycled buffer.
-const CHUNK: u64 = 256 << 10;
+const NBD_CHUNK: u64 = 256 << 10;
+/// Bytes read per chunk from local files (fewer hops to the blocking pool).
+const FILE_CHUNK: u64 = 2 << 20;
 /// Chunks in flight.
 const IN_FLIGHT: usize = 16;
 
@@ -142,7 +144,11 @@ fn write_nonzero(sink: &Sink, buf: &[u8], at: u64, block: usize, dst: &Path) -> 
 /// flight, write their non-zero blocks on the blocking pool.
 fn copy_nonzero(source: &Source, block: u64, sink: &Arc<Sink>, dst: &Path) -> Result<u64> {
     let size = source.size();
-    let chunk = CHUNK.max(block);
+    let chunk = match source.kind() {
+        crate::source::SourceKind::Nbd => NBD_CHUNK,
+        _ => FILE_CHUNK,
+    }
+    .max(block);
     // Chunk buffers are recycled: a fresh 2 MiB allocation per chunk costs a page fault per
     // 4 KiB on first touch.
     let pool: Arc<parking_lot::Mutex<Vec<Vec<u8>>>> = Arc::default();

@@ -41,8 +41,11 @@ pub enum Error {
     Device(#[source] copy_on_read::Error),
     /// The backing went away (an NBD server that did not come back within the reconnect
     /// window). The image is intact and still linked to its backing.
-    #[error("the backing is unavailable: {0}; the image is intact and still linked to its backing: run the stream again when the backing is back")]
+    #[error("the backing is unavailable: {0}")]
     BackingUnavailable(#[source] copy_on_read::Error),
+    /// A stream stopped because its backing went away; says how to finish.
+    #[error("{0}; the image is intact and still linked to its backing: run the stream again when the backing is back")]
+    StreamInterrupted(#[source] Box<Error>),
     /// A stream was cancelled; the image is valid and still linked to its backing.
     #[error("stream cancelled at offset {offset} of {total} bytes; the image is valid and still linked to its backing: run the stream again to resume")]
     Cancelled {

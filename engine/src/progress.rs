@@ -171,6 +171,10 @@ async fn run_async(cmd: StreamCommand) -> Result<u8> {
             Ok(0)
         }
         Err(e) => {
+            let e = match e {
+                Error::BackingUnavailable(_) => Error::StreamInterrupted(Box::new(e)),
+                other => other,
+            };
             if cmd.json {
                 let event = if matches!(e, Error::Cancelled { .. }) {
                     "cancelled"

@@ -7,34 +7,9 @@
 //!
 //! Helpers shared by both live here.
 
-/// A small, fast, seeded generator (xorshift64*), so runs are repeatable.
-#[derive(Debug, Clone)]
-pub struct XorShift(u64);
-
-impl XorShift {
-    /// A generator from a non-zero seed.
-    pub fn new(seed: u64) -> XorShift {
-        XorShift(seed.max(1))
-    }
-
-    /// The next value.
-    pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    /// Fills `buf` with pseudo-random bytes.
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            let v = self.next_u64().to_le_bytes();
-            chunk.copy_from_slice(&v[..chunk.len()]);
-        }
-    }
-}
+/// A small, fast, seeded generator (xorshift64*), so runs are repeatable; shared with the
+/// tests.
+pub use qedstream_tests::XorShift;
 
 /// Writes a sparse file of `size` bytes: extents of 64 KiB to 8 MiB, each random data with
 /// probability `data_percent`/100, the rest holes. Returns the data bytes written.

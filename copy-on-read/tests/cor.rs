@@ -3,19 +3,40 @@
 //! store whole clusters (zero clusters for zeros), and guest writes into unallocated clusters
 //! keep the backing data around them.
 
-mod common;
-
+use std::path::Path;
 use std::sync::Arc;
 
-use common::*;
 use copy_on_read::{BlockDevice, CorDevice, CorOptions, Error, Gate, GateRefusal, Status};
 use qed::Mapping;
+use qedstream_tests::tools::{
+    chain_fixture, create_overlay, flatten, ok, qemu_check, qemu_io, raw_fixture,
+};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
+        .unwrap()
+}
+
+/// Recipe A with `cmds` applied by QEMU to a copy of `top.qed`: the flattened content the
+/// same writes through our device must give.
+fn oracle_after(dir: &Path, cmds: &[&str]) -> Vec<u8> {
+    raw_fixture(dir);
+    std::fs::copy(dir.join("top.qed"), dir.join("oracle.qed")).unwrap();
+    qemu_io(dir, "qed", "oracle.qed", cmds);
+    flatten(dir, "oracle.qed", "qed")
+}
+
+/// Opens `top.qed` in `dir` with copy-on-read off: only writes may allocate.
+async fn open_without_cor(dir: &Path) -> CorDevice {
+    let options = CorOptions {
+        copy_on_read: false,
+        ..CorOptions::default()
+    };
+    CorDevice::open(&dir.join("top.qed"), options)
+        .await
         .unwrap()
 }
 
@@ -67,13 +88,9 @@ fn reads_equal_qemu_convert_and_store_whole_clusters() {
 fn partial_writes_into_unallocated_clusters_keep_the_backing_around_them() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    raw_fixture(dir);
-    std::fs::copy(dir.join("top.qed"), dir.join("oracle.qed")).unwrap();
     // QEMU does the same writes on a copy.
-    qemu_io(
+    let expect = oracle_after(
         dir,
-        "qed",
-        "oracle.qed",
         &[
             "write -P 0x5a 70000 100",
             "write -P 0x5b 2200000 200000",
@@ -81,16 +98,9 @@ fn partial_writes_into_unallocated_clusters_keep_the_backing_around_them() {
             "write -P 0x5d 3200000 70000",
         ],
     );
-    let expect = flatten(dir, "oracle.qed", "qed");
     rt().block_on(async {
         // Writes only: nothing else may allocate.
-        let options = CorOptions {
-            copy_on_read: false,
-            ..CorOptions::default()
-        };
-        let dev = CorDevice::open(&dir.join("top.qed"), options)
-            .await
-            .unwrap();
+        let dev = open_without_cor(dir).await;
         dev.write_at(70_000, vec![0x5a; 100]).await.unwrap();
         dev.write_at(2_200_000, vec![0x5b; 200_000]).await.unwrap();
         dev.write_at(12_582_400, vec![0x5c; 512]).await.unwrap();
@@ -107,23 +117,9 @@ fn partial_writes_into_unallocated_clusters_keep_the_backing_around_them() {
 fn write_zeroes_and_copy_on_read_off() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    raw_fixture(dir);
-    std::fs::copy(dir.join("top.qed"), dir.join("oracle.qed")).unwrap();
-    qemu_io(
-        dir,
-        "qed",
-        "oracle.qed",
-        &["write -z 60000 200000", "write -z 6M 64k"],
-    );
-    let expect = flatten(dir, "oracle.qed", "qed");
+    let expect = oracle_after(dir, &["write -z 60000 200000", "write -z 6M 64k"]);
     rt().block_on(async {
-        let options = CorOptions {
-            copy_on_read: false,
-            ..CorOptions::default()
-        };
-        let dev = CorDevice::open(&dir.join("top.qed"), options)
-            .await
-            .unwrap();
+        let dev = open_without_cor(dir).await;
         let before = dev.local_map(0, dev.size()).await.unwrap();
         let _ = dev.read_at(1 << 20, vec![0u8; 1 << 20]).await.unwrap();
         assert_eq!(
@@ -153,42 +149,11 @@ fn write_zeroes_and_copy_on_read_off() {
 fn a_three_deep_chain_reads_like_qemu() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
-    ok(dir, "qemu-img", &["create", "-f", "raw", "base.raw", "6M"]);
-    qemu_io(dir, "raw", "base.raw", &["write -P 0x01 0 6M"]);
-    ok(
+    chain_fixture(
         dir,
-        "qemu-img",
-        &[
-            "create", "-f", "qed", "-b", "base.raw", "-F", "raw", "b1.qed", "8M",
-        ],
-    );
-    qemu_io(
-        dir,
-        "qed",
-        "b1.qed",
+        &["write -P 0x01 0 6M"],
         &["write -P 0x02 1M 1M", "write -z 3M 128k"],
     );
-    ok(
-        dir,
-        "qemu-img",
-        &[
-            "create", "-f", "qed", "-b", "b1.qed", "-F", "qed", "b2.qed", "8M",
-        ],
-    );
-    qemu_io(
-        dir,
-        "qed",
-        "b2.qed",
-        &["write -P 0x03 1536k 1M", "write -P 0x04 7M 4k"],
-    );
-    ok(
-        dir,
-        "qemu-img",
-        &[
-            "create", "-f", "qed", "-b", "b2.qed", "-F", "qed", "top.qed", "8M",
-        ],
-    );
-    qemu_io(dir, "qed", "top.qed", &["write -P 0x05 100k 10k"]);
     let expect = flatten(dir, "top.qed", "qed");
     rt().block_on(async {
         let dev = CorDevice::open(&dir.join("top.qed"), CorOptions::default())
@@ -213,13 +178,7 @@ fn the_gate_refuses_loops_probing_escapes_and_depth() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     ok(dir, "qemu-img", &["create", "-f", "qed", "a.qed", "1M"]);
-    ok(
-        dir,
-        "qemu-img",
-        &[
-            "create", "-f", "qed", "-b", "a.qed", "-F", "qed", "b.qed", "1M",
-        ],
-    );
+    create_overlay(dir, "a.qed", "qed", "b.qed", Some("1M"));
     ok(
         dir,
         "qemu-img",

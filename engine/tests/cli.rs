@@ -2,31 +2,17 @@
 //! same info keys, the same check verdicts, identical fresh images, and data that round-trips.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
+use qedstream_tests::nbd_server::NbdServer;
+use qedstream_tests::tempdir;
+use qedstream_tests::tools::{
+    create_overlay, ok_command as ok, qemu_io, raw_overlay_fixture, run_command as run,
+};
 use serde_json::Value;
 
 fn qedstream() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qedstream"))
-}
-
-/// Runs a tool; a missing tool fails the test loudly.
-fn run(cmd: &mut Command) -> Output {
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    cmd.output().unwrap_or_else(|e| {
-        panic!("cannot run {program} (is it installed? .ci/run installs it): {e}")
-    })
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn qemu_img(dir: &Path, args: &[&str]) -> Command {
@@ -35,58 +21,24 @@ fn qemu_img(dir: &Path, args: &[&str]) -> Command {
     c
 }
 
-fn qemu_io(dir: &Path, format: &str, image: &str, cmds: &[&str]) {
-    let mut c = Command::new("qemu-io");
-    c.current_dir(dir).args(["-f", format]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    c.arg(image);
-    ok(&mut c);
-}
-
 fn ours(dir: &Path, args: &[&str]) -> Command {
     let mut c = qedstream();
     c.current_dir(dir).args(args);
     c
 }
 
-fn tempdir() -> tempfile::TempDir {
-    tempfile::tempdir().expect("temp dir")
-}
-
 /// A raw base with data and holes, a QED image over it with data, partial writes and a zero
 /// cluster, and a QED chain three deep.
 fn fixture(dir: &Path) {
-    ok(&mut qemu_img(
+    raw_overlay_fixture(
         dir,
-        &["create", "-f", "raw", "base.raw", "4M"],
-    ));
-    qemu_io(
-        dir,
-        "raw",
-        "base.raw",
+        "4M",
         &[
             "write -P 0x11 0 1M",
             "write -P 0x22 2M 1M",
             "write -P 0x33 3M 100k",
         ],
-    );
-    ok(&mut qemu_img(
-        dir,
-        &[
-            "create", "-f", "qed", "-b", "base.raw", "-F", "raw", "top.qed", "8M",
-        ],
-    ));
-    qemu_io(
-        dir,
-        "qed",
-        "top.qed",
-        &[
-            "write -P 0xaa 512k 64k",
-            "write -P 0xcd 100k 4k",
-            "write -z 2M 64k",
-        ],
+        "8M",
     );
     ok(&mut qemu_img(dir, &["create", "-f", "qed", "b1.qed", "8M"]));
     qemu_io(
@@ -99,24 +51,14 @@ fn fixture(dir: &Path) {
             "write -P 5 1M 200k",
         ],
     );
-    ok(&mut qemu_img(
-        dir,
-        &[
-            "create", "-f", "qed", "-b", "b1.qed", "-F", "qed", "b2.qed", "6M",
-        ],
-    ));
+    create_overlay(dir, "b1.qed", "qed", "b2.qed", Some("6M"));
     qemu_io(
         dir,
         "qed",
         "b2.qed",
         &["write -P 2 64k 64k", "write -z 1M 64k"],
     );
-    ok(&mut qemu_img(
-        dir,
-        &[
-            "create", "-f", "qed", "-b", "b2.qed", "-F", "qed", "t.qed", "12M",
-        ],
-    ));
+    create_overlay(dir, "b2.qed", "qed", "t.qed", Some("12M"));
     qemu_io(
         dir,
         "qed",
@@ -523,52 +465,27 @@ fn errors_are_one_line_and_non_zero() {
     }
 }
 
-/// A server started by a test, killed when the test ends.
-struct Server(std::process::Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// qemu-nbd serving `image` (raw, read-only) in `dir` as export `exp` on `sock`.
+fn qemu_nbd(dir: &Path, image: &str, sock: &Path) -> NbdServer {
+    let mut args = vec![
+        "-r".into(),
+        "-f".into(),
+        "raw".into(),
+        "-x".into(),
+        "exp".into(),
+        "--persistent".into(),
+        "-k".into(),
+        sock.as_os_str().to_owned(),
+    ];
+    args.push(dir.join(image).into_os_string());
+    NbdServer::start("qemu-nbd", args, sock)
 }
 
-fn wait_for_socket(sock: &Path, server: &mut Server) {
-    for _ in 0..200 {
-        if sock.exists() {
-            return;
-        }
-        if let Ok(Some(status)) = server.0.try_wait() {
-            panic!("NBD server exited early: {status}");
-        }
-        std::thread::sleep(std::time::Duration::from_millis(25));
-    }
-    panic!("NBD server did not create {}", sock.display());
-}
-
-fn qemu_nbd(dir: &Path, image: &str, sock: &Path) -> Server {
-    let child = Command::new("qemu-nbd")
-        .current_dir(dir)
-        .args(["-r", "-f", "raw", "-x", "exp", "--persistent", "-k"])
-        .arg(sock)
-        .arg(image)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run qemu-nbd (is qemu-utils installed?): {e}"));
-    let mut server = Server(child);
-    wait_for_socket(sock, &mut server);
-    server
-}
-
-fn nbdkit(sock: &Path, args: &[&str]) -> Server {
-    let child = Command::new("nbdkit")
-        .args(["-f", "-U"])
-        .arg(sock)
-        .args(args)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run nbdkit (is nbdkit installed?): {e}"));
-    let mut server = Server(child);
-    wait_for_socket(sock, &mut server);
-    server
+/// nbdkit with plugin arguments `args` on `sock`.
+fn nbdkit(sock: &Path, args: &[&str]) -> NbdServer {
+    let mut all = vec!["-f".into(), "-U".into(), sock.as_os_str().to_owned()];
+    all.extend(args.iter().map(Into::into));
+    NbdServer::start::<std::ffi::OsString>("nbdkit", all, sock)
 }
 
 #[test]

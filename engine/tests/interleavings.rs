@@ -142,6 +142,15 @@ fn rng(seed: &mut u64) -> u64 {
     *seed
 }
 
+/// A two-worker multi-threaded runtime.
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 #[test]
 fn concurrent_guest_writes_cor_reads_and_stream_lose_nothing() {
     const SIZE: u64 = 2 << 20;
@@ -307,11 +316,7 @@ proptest! {
     /// always matches the model, and a final stream leaves the same content, unlinked.
     #[test]
     fn interleavings_of_guest_io_copy_on_read_and_stream_steps(ops in proptest::collection::vec(op(), 1..24)) {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = rt();
         let backing = backing_bytes(PSIZE as usize - 8192, 3); // shorter than the image
         let mut model = backing.clone();
         model.resize(PSIZE as usize, 0);
@@ -352,11 +357,7 @@ proptest! {
 #[test]
 fn rate_pause_resume_and_live_rate_change() {
     const SIZE: u64 = 2 << 20;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = rt();
     let backing = backing_bytes(SIZE as usize, 11);
     let dev = device(backing.clone(), SIZE, false);
     rt.block_on(async {
@@ -396,11 +397,7 @@ fn rate_pause_resume_and_live_rate_change() {
 #[test]
 fn cancel_keeps_the_link_and_a_new_job_resumes() {
     const SIZE: u64 = 2 << 20;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = rt();
     let backing = backing_bytes(SIZE as usize, 12);
     let dev = device(backing.clone(), SIZE, false);
     rt.block_on(async {

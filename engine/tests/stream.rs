@@ -6,46 +6,17 @@
 //! Every test that needs a QEMU tool or nbdkit fails loudly when it is missing.
 
 use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use qedstream_tests::nbd_server::NbdServer;
+use qedstream_tests::tempdir;
+use qedstream_tests::tools::{create_overlay, ok, qemu_check as check_code, run};
 use serde_json::Value;
 
 fn qedstream() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qedstream"))
-}
-
-fn run(dir: &Path, program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("cannot run {program} (is it installed? .ci/run installs it): {e}")
-        })
-}
-
-fn ok(dir: &Path, program: &str, args: &[&str]) -> String {
-    let out = run(dir, program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn qemu_io(dir: &Path, format: &str, image: &str, cmds: &[&str]) {
-    let mut args = vec!["-f", format];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(image);
-    ok(dir, "qemu-io", &args);
 }
 
 fn ours(dir: &Path, args: &[&str]) -> Output {
@@ -66,13 +37,6 @@ fn ours_ok(dir: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn check_code(dir: &Path, image: &str) -> i32 {
-    run(dir, "qemu-img", &["check", image])
-        .status
-        .code()
-        .unwrap_or(-1)
 }
 
 fn info(dir: &Path, image: &str) -> Value {
@@ -114,42 +78,15 @@ fn assert_streamed(dir: &Path, image: &str, expect: &str) {
     );
 }
 
-fn tempdir() -> tempfile::TempDir {
-    tempfile::tempdir().expect("temp dir")
+/// Recipe A (see [`qedstream_tests::tools::raw_fixture`]) and expect.raw = qemu-img convert
+/// of the chain.
+fn raw_fixture(dir: &Path) {
+    qedstream_tests::tools::raw_fixture(dir);
+    convert_expect(dir);
 }
 
-/// Recipe A: raw base (8M) with data and holes; top.qed (12M) with data, a partial write and a
-/// zero cluster; expect.raw = qemu-img convert of the chain.
-fn raw_fixture(dir: &Path) {
-    ok(dir, "qemu-img", &["create", "-f", "raw", "base.raw", "8M"]);
-    qemu_io(
-        dir,
-        "raw",
-        "base.raw",
-        &[
-            "write -P 0x11 0 1M",
-            "write -P 0x22 2M 1M",
-            "write -P 0x33 3M 100k",
-            "write -P 0x44 7M 1M",
-        ],
-    );
-    ok(
-        dir,
-        "qemu-img",
-        &[
-            "create", "-f", "qed", "-b", "base.raw", "-F", "raw", "top.qed", "12M",
-        ],
-    );
-    qemu_io(
-        dir,
-        "qed",
-        "top.qed",
-        &[
-            "write -P 0xaa 512k 64k",
-            "write -P 0xcd 100k 4k",
-            "write -z 2M 64k",
-        ],
-    );
+/// expect.raw = qemu-img convert of top.qed's chain.
+fn convert_expect(dir: &Path) {
     ok(
         dir,
         "qemu-img",
@@ -157,54 +94,14 @@ fn raw_fixture(dir: &Path) {
     );
 }
 
-/// A chain three deep: base.raw <- b1.qed <- b2.qed <- top.qed.
+/// A chain three deep: base.raw <- b1.qed <- b2.qed <- top.qed, and expect.raw.
 fn chain_fixture(dir: &Path) {
-    ok(dir, "qemu-img", &["create", "-f", "raw", "base.raw", "6M"]);
-    qemu_io(
+    qedstream_tests::tools::chain_fixture(
         dir,
-        "raw",
-        "base.raw",
         &["write -P 0x01 0 2M", "write -P 0x06 5M 1M"],
-    );
-    ok(
-        dir,
-        "qemu-img",
-        &[
-            "create", "-f", "qed", "-b", "base.raw", "-F", "raw", "b1.qed", "8M",
-        ],
-    );
-    qemu_io(
-        dir,
-        "qed",
-        "b1.qed",
         &["write -P 0x02 1M 1M", "write -z 5M 128k"],
     );
-    ok(
-        dir,
-        "qemu-img",
-        &[
-            "create", "-f", "qed", "-b", "b1.qed", "-F", "qed", "b2.qed", "8M",
-        ],
-    );
-    qemu_io(
-        dir,
-        "qed",
-        "b2.qed",
-        &["write -P 0x03 1536k 1M", "write -P 0x04 7M 4k"],
-    );
-    ok(
-        dir,
-        "qemu-img",
-        &[
-            "create", "-f", "qed", "-b", "b2.qed", "-F", "qed", "top.qed", "8M",
-        ],
-    );
-    qemu_io(dir, "qed", "top.qed", &["write -P 0x05 100k 10k"]);
-    ok(
-        dir,
-        "qemu-img",
-        &["convert", "-f", "qed", "-O", "raw", "top.qed", "expect.raw"],
-    );
+    convert_expect(dir);
 }
 
 #[test]
@@ -335,13 +232,7 @@ fn big_fixture(dir: &Path, mib: u64) {
         f.write_all(&buf).unwrap();
     }
     drop(f);
-    ok(
-        dir,
-        "qemu-img",
-        &[
-            "create", "-f", "qed", "-b", "base.raw", "-F", "raw", "top.qed",
-        ],
-    );
+    create_overlay(dir, "base.raw", "raw", "top.qed", None);
 }
 
 fn spawn_ours(dir: &Path, args: &[&str]) -> Child {
@@ -377,13 +268,19 @@ fn signal(child: &Child, sig: i32) {
     assert_eq!(r, 0);
 }
 
-#[test]
-fn sigint_cancels_cleanly_and_a_rerun_completes() {
-    let d = tempdir();
-    let dir = d.path();
-    big_fixture(dir, 24);
-    let mut child = spawn_ours(dir, &["stream", "--output=json", "--rate", "8M", "top.qed"]);
-    wait_copied(&mut child, 2 << 20);
+/// Spawns `qedstream stream --output=json --rate 8M EXTRA... top.qed` in `dir` and waits until
+/// it has copied `copied` bytes.
+fn stream_under_way(dir: &Path, extra: &[&str], copied: u64) -> Child {
+    let mut args = vec!["stream", "--output=json", "--rate", "8M"];
+    args.extend_from_slice(extra);
+    args.push("top.qed");
+    let mut child = spawn_ours(dir, &args);
+    wait_copied(&mut child, copied);
+    child
+}
+
+/// SIGINT to a running stream: it must exit, unsuccessfully, within 3 s. Returns its stderr.
+fn cancel_promptly(child: Child) -> String {
     let t = Instant::now();
     signal(&child, libc::SIGINT);
     let out = child.wait_with_output().unwrap();
@@ -393,7 +290,15 @@ fn sigint_cancels_cleanly_and_a_rerun_completes() {
         t.elapsed()
     );
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn sigint_cancels_cleanly_and_a_rerun_completes() {
+    let d = tempdir();
+    let dir = d.path();
+    big_fixture(dir, 24);
+    let err = cancel_promptly(stream_under_way(dir, &[], 2 << 20));
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("cancelled"), "{err}");
     assert_eq!(check_code(dir, "top.qed"), 0);
@@ -411,8 +316,7 @@ fn sigkill_mid_stream_then_resume_gives_the_same_content() {
     let d = tempdir();
     let dir = d.path();
     big_fixture(dir, 24);
-    let mut child = spawn_ours(dir, &["stream", "--output=json", "--rate", "8M", "top.qed"]);
-    wait_copied(&mut child, 4 << 20);
+    let mut child = stream_under_way(dir, &[], 4 << 20);
     signal(&child, libc::SIGKILL);
     let _ = child.wait();
     // No corruption (leaks are allowed after a crash: QED never frees them).
@@ -434,95 +338,13 @@ fn sigkill_mid_stream_then_resume_gives_the_same_content() {
 // ---------------------------------------------------------------------------------------------
 // qemu-storage-daemon's block-stream as the oracle (recipe F)
 
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn qmp(stream: &mut UnixStream, reader: &mut BufReader<UnixStream>, cmd: &str) -> Value {
-    stream.write_all(cmd.as_bytes()).unwrap();
-    stream.write_all(b"\n").unwrap();
-    loop {
-        let mut line = String::new();
-        assert!(reader.read_line(&mut line).unwrap() > 0, "QMP closed");
-        let v: Value = serde_json::from_str(&line).unwrap();
-        if v.get("return").is_some() || v.get("error").is_some() {
-            return v;
-        }
-    }
-}
-
-/// Streams `image` with qemu-storage-daemon's block-stream; returns the job's wall time.
-fn qsd_block_stream(dir: &Path, image: &str) -> Duration {
-    let sock = dir.join("qmp.sock");
-    let child = Command::new("qemu-storage-daemon")
-        .current_dir(dir)
-        .args([
-            "--blockdev",
-            &format!("driver=file,node-name=f,filename={image}"),
-            "--blockdev",
-            "driver=qed,node-name=top,file=f",
-            "--chardev",
-            &format!("socket,id=m,path={},server=on,wait=off", sock.display()),
-            "--monitor",
-            "chardev=m",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("cannot run qemu-storage-daemon (is it installed? .ci/run installs it)");
-    let daemon = Daemon(child);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut stream = loop {
-        match UnixStream::connect(&sock) {
-            Ok(s) => break s,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Err(e) => panic!("QMP socket: {e}"),
-        }
-    };
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut greeting = String::new();
-    reader.read_line(&mut greeting).unwrap();
-    let r = qmp(
-        &mut stream,
-        &mut reader,
-        r#"{"execute":"qmp_capabilities"}"#,
-    );
-    assert!(r.get("return").is_some(), "{r}");
-    let t = Instant::now();
-    let r = qmp(
-        &mut stream,
-        &mut reader,
-        r#"{"execute":"block-stream","arguments":{"job-id":"s","device":"top"}}"#,
-    );
-    assert!(r.get("return").is_some(), "{r}");
-    loop {
-        let mut line = String::new();
-        assert!(reader.read_line(&mut line).unwrap() > 0, "QMP closed");
-        let v: Value = serde_json::from_str(&line).unwrap();
-        if v["event"] == "BLOCK_JOB_COMPLETED" {
-            assert!(v["data"].get("error").is_none(), "{v}");
-            break;
-        }
-    }
-    let elapsed = t.elapsed();
-    let _ = qmp(&mut stream, &mut reader, r#"{"execute":"quit"}"#);
-    let mut daemon = daemon;
-    let _ = daemon.0.wait();
-    elapsed
-}
-
 #[test]
 fn stream_equals_qemu_storage_daemon_block_stream() {
     let d = tempdir();
     let dir = d.path();
     raw_fixture(dir);
     std::fs::copy(dir.join("top.qed"), dir.join("qsd.qed")).unwrap();
-    qsd_block_stream(dir, "qsd.qed");
+    qedstream_tests::qsd::block_stream(dir, "qsd.qed");
     assert_eq!(check_code(dir, "qsd.qed"), 0);
     ours_ok(dir, &["stream", "top.qed"]);
     assert_streamed(dir, "top.qed", "expect.raw");
@@ -539,7 +361,7 @@ fn stream_throughput_against_qemu_storage_daemon() {
     let dir = d.path();
     big_fixture(dir, 64);
     std::fs::copy(dir.join("top.qed"), dir.join("qsd.qed")).unwrap();
-    let theirs = qsd_block_stream(dir, "qsd.qed");
+    let theirs = qedstream_tests::qsd::block_stream(dir, "qsd.qed");
     let t = Instant::now();
     ours_ok(dir, &["stream", "top.qed"]);
     let mine = t.elapsed();
@@ -559,90 +381,11 @@ fn stream_throughput_against_qemu_storage_daemon() {
 // ---------------------------------------------------------------------------------------------
 // NBD backings
 
-/// An NBD server on a unix socket, killed on drop.
-struct Server {
-    child: Option<Child>,
-    sock: PathBuf,
-    kind: &'static str,
-    file: PathBuf,
-}
-
-impl Server {
-    fn start(kind: &'static str, file: &Path, sock: &Path) -> Server {
-        let _ = std::fs::remove_file(sock);
-        let child = match kind {
-            "qemu-nbd" => Command::new("qemu-nbd")
-                .args([
-                    "-r",
-                    "-f",
-                    "raw",
-                    "-x",
-                    "exp",
-                    "--persistent",
-                    "--shared=8",
-                    "-k",
-                ])
-                .arg(sock)
-                .arg(file)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("cannot run qemu-nbd (is it installed? .ci/run installs it)"),
-            _ => Command::new("nbdkit")
-                .args(["-f", "-r", "-e", "exp", "-U"])
-                .arg(sock)
-                .arg("file")
-                .arg(file)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("cannot run nbdkit (is it installed? .ci/run installs it)"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while UnixStream::connect(sock).is_err() {
-            assert!(Instant::now() < deadline, "{kind} did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Server {
-            child: Some(child),
-            sock: sock.to_path_buf(),
-            kind,
-            file: file.to_path_buf(),
-        }
-    }
-
-    fn uri(&self) -> String {
-        format!("nbd+unix:///exp?socket={}", self.sock.display())
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on the PID of a child we spawned and have not yet waited for.
-            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGKILL) };
-            let _ = c.wait();
-        }
-        let _ = std::fs::remove_file(&self.sock);
-    }
-
-    fn restart(&mut self) {
-        self.kill();
-        let mut fresh = Server::start(self.kind, &self.file, &self.sock);
-        self.child = fresh.child.take(); // `fresh` drops with nothing to kill
-        std::mem::forget(fresh);
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn nbd_stream(kind: &'static str) {
+fn nbd_stream(kind: &str) {
     let d = tempdir();
     let dir = d.path();
     raw_fixture(dir);
-    let server = Server::start(kind, &dir.join("base.raw"), &dir.join("nbd.sock"));
+    let server = NbdServer::serve_file(kind, &dir.join("base.raw"), &dir.join("nbd.sock"));
     ok(
         dir,
         "qemu-img",
@@ -674,18 +417,24 @@ fn stream_over_nbdkit_equals_qemu_convert() {
     nbd_stream("nbdkit");
 }
 
-#[test]
-fn nbd_server_killed_for_two_seconds_the_stream_completes() {
-    let d = tempdir();
-    let dir = d.path();
+/// A 24 MiB base served by `kind`, top.qed rebased onto the export, and a stream of it (with
+/// `extra` arguments) under way.
+fn nbd_stream_under_way(dir: &Path, kind: &str, extra: &[&str]) -> (NbdServer, Child) {
     big_fixture(dir, 24);
-    let mut server = Server::start("qemu-nbd", &dir.join("base.raw"), &dir.join("nbd.sock"));
+    let server = NbdServer::serve_file(kind, &dir.join("base.raw"), &dir.join("nbd.sock"));
     ours_ok(
         dir,
         &["rebase", "-u", "-b", &server.uri(), "-F", "raw", "top.qed"],
     );
-    let mut child = spawn_ours(dir, &["stream", "--output=json", "--rate", "8M", "top.qed"]);
-    wait_copied(&mut child, 2 << 20);
+    let child = stream_under_way(dir, extra, 2 << 20);
+    (server, child)
+}
+
+#[test]
+fn nbd_server_killed_for_two_seconds_the_stream_completes() {
+    let d = tempdir();
+    let dir = d.path();
+    let (mut server, child) = nbd_stream_under_way(dir, "qemu-nbd", &[]);
     server.kill();
     std::thread::sleep(Duration::from_secs(2));
     server.restart();
@@ -703,25 +452,7 @@ fn nbd_server_killed_for_two_seconds_the_stream_completes() {
 fn nbd_server_gone_for_good_fails_clearly_then_completes_when_back() {
     let d = tempdir();
     let dir = d.path();
-    big_fixture(dir, 24);
-    let mut server = Server::start("nbdkit", &dir.join("base.raw"), &dir.join("nbd.sock"));
-    ours_ok(
-        dir,
-        &["rebase", "-u", "-b", &server.uri(), "-F", "raw", "top.qed"],
-    );
-    let mut child = spawn_ours(
-        dir,
-        &[
-            "stream",
-            "--output=json",
-            "--rate",
-            "8M",
-            "--reconnect-delay",
-            "2",
-            "top.qed",
-        ],
-    );
-    wait_copied(&mut child, 2 << 20);
+    let (mut server, child) = nbd_stream_under_way(dir, "nbdkit", &["--reconnect-delay", "2"]);
     server.kill();
     let t = Instant::now();
     let out = child.wait_with_output().unwrap();
@@ -746,26 +477,10 @@ fn nbd_server_gone_for_good_fails_clearly_then_completes_when_back() {
 fn cancel_is_prompt_when_the_nbd_backing_is_dead() {
     let d = tempdir();
     let dir = d.path();
-    big_fixture(dir, 24);
-    let mut server = Server::start("qemu-nbd", &dir.join("base.raw"), &dir.join("nbd.sock"));
-    ours_ok(
-        dir,
-        &["rebase", "-u", "-b", &server.uri(), "-F", "raw", "top.qed"],
-    );
-    let mut child = spawn_ours(dir, &["stream", "--output=json", "--rate", "8M", "top.qed"]);
-    wait_copied(&mut child, 2 << 20);
+    let (mut server, child) = nbd_stream_under_way(dir, "qemu-nbd", &[]);
     server.kill();
     std::thread::sleep(Duration::from_millis(500));
-    let t = Instant::now();
-    signal(&child, libc::SIGINT);
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        t.elapsed() < Duration::from_secs(3),
-        "cancel took {:?}",
-        t.elapsed()
-    );
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled"));
+    assert!(cancel_promptly(child).contains("cancelled"));
     // Still linked to the (dead) server; point it at the same data locally to let QEMU check.
     assert!(info_unopened(dir, "top.qed").contains("nbd+unix"));
     ok(

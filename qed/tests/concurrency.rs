@@ -1,20 +1,14 @@
 //! Many threads writing disjoint byte ranges that share clusters: every write must land, no
 //! cluster may be allocated twice, and the image must check clean.
 
+mod common;
+
 use std::sync::Arc;
 
 use qed::backing::RawBacking;
 use qed::{BackingFormat, BackingPolicy, CreateOptions, Image, MemStorage, OpenOptions, Repair};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+use common::Rng;
 
 fn run(with_backing: bool, seed: u64) {
     const SIZE: u64 = 8 << 20;

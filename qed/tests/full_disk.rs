@@ -2,19 +2,13 @@
 //! back, the failed ones leave at most leaked clusters (never a corruption), and the image
 //! reopens and repairs to clean, before and after a simulated crash.
 
+mod common;
+
 use std::sync::Arc;
 
 use qed::{CreateOptions, Image, MemStorage, OpenOptions, Repair, Storage};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
+use common::Rng;
 
 /// Writes until the disk is full, keeping a model of acknowledged bytes and marking the bytes
 /// a failed write may have touched as unknown.

@@ -8,6 +8,9 @@
 //! - [`Model`] and [`Op`]: a byte model of a virtual disk and the operations the tests apply to
 //!   it, to QEMU (as `qemu-io` commands) and to our [`qed::Image`] alike.
 //! - [`GEOMETRIES`]: the cluster and table sizes QEMU can handle, with a test image size each.
+//! - [`tools`], [`nbd_server`], [`qsd`]: external tools for the other crates' tests: run a
+//!   tool in a directory (failing loudly when it is missing), QEMU fixtures, an NBD server on a
+//!   unix socket killed on drop, and qemu-storage-daemon's block-stream over QMP.
 //! - [`chain`]: a per-unit view of a backing chain's allocation, from `qemu-img map` and from
 //!   our [`qed::Image::map`], so the two can be compared exactly.
 //!
@@ -27,7 +30,10 @@ use std::path::{Path, PathBuf};
 use qed::{Image, OpenOptions};
 
 pub mod chain;
+pub mod nbd_server;
 pub mod qemu;
+pub mod qsd;
+pub mod tools;
 
 /// A geometry under test and the virtual size its images get.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -79,6 +79,15 @@ pub fn img(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `qemu-img create -f qed OPTIONS... PATH SIZE`, where OPTIONS are e.g. `-o
+/// cluster_size=4096` or `-b NAME -F FORMAT`; panics unless it succeeds.
+pub fn create_qed(path: &Path, size: &str, options: &[&str]) {
+    let mut args = vec!["create", "-f", "qed"];
+    args.extend_from_slice(options);
+    args.extend([path_str(path), size]);
+    img(&args);
+}
+
 /// Runs `qemu-img` with `args` and returns its exit code and output, whatever they are.
 pub fn img_status(args: &[&str]) -> (i32, String, String) {
     let out = spawn("qemu-img", args);

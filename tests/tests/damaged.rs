@@ -77,6 +77,18 @@ fn repair_with_ours(path: &Path) -> qed::CheckReport {
     report
 }
 
+/// Appends `by` zero bytes to the file at `path`; returns its length before.
+fn extend_file(path: &Path, by: u64) -> u64 {
+    let len = std::fs::metadata(path).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len + by)
+        .unwrap();
+    len
+}
+
 #[test]
 fn clean_recipe_d_image_counters_agree() {
     let dir = tempdir();
@@ -189,13 +201,7 @@ fn l1_entry_past_eof_is_a_corruption_and_repair_zeroes_it() {
 fn trailing_cluster_of_junk_is_a_leak_and_our_repair_reclaims_it() {
     let dir = tempdir();
     let path = recipe_d(dir.path());
-    let len = std::fs::metadata(&path).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(len + 65536)
-        .unwrap();
+    let len = extend_file(&path, 65536);
     let r = assert_check_agrees(&path);
     assert_eq!((r.leaks, r.exit_code()), (1, 3));
     let fixed = repair_with_ours(&path);
@@ -208,13 +214,7 @@ fn trailing_cluster_of_junk_is_a_leak_and_our_repair_reclaims_it() {
 fn trailing_partial_cluster_is_not_a_leak() {
     let dir = tempdir();
     let path = recipe_d(dir.path());
-    let len = std::fs::metadata(&path).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&path)
-        .unwrap()
-        .set_len(len + 1000)
-        .unwrap();
+    extend_file(&path, 1000);
     let r = assert_check_agrees(&path);
     assert_eq!(r.exit_code(), 0);
     // And the next allocation overwrites it, as QEMU's does.
@@ -258,15 +258,7 @@ fn damaged_4k_image_counters_agree() {
     // The same damage on a 4K/ts2 image with scattered clusters (fragmentation counters).
     let dir = tempdir();
     let path = dir.path().join("s.qed");
-    qemu::img(&[
-        "create",
-        "-f",
-        "qed",
-        "-o",
-        "cluster_size=4096,table_size=2",
-        path_str(&path),
-        "8M",
-    ]);
+    qemu::create_qed(&path, "8M", &["-o", "cluster_size=4096,table_size=2"]);
     let cmds: Vec<String> = (0..20u64)
         .map(|i| {
             format!(

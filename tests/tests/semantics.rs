@@ -214,17 +214,7 @@ fn raw_backing_shorter_than_image_reads_zeros_past_its_end_like_qemu() {
     let mut o = CreateOptions::new(1 << 20);
     o.backing = Some(("base.raw".into(), BackingFormat::Raw));
     Image::create_path(&ours, &o).unwrap();
-    qemu::img(&[
-        "create",
-        "-f",
-        "qed",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        path_str(&theirs),
-        "1M",
-    ]);
+    qemu::create_qed(&theirs, "1M", &["-b", "base.raw", "-F", "raw"]);
     let image = open_rw(&ours);
     let untouched = read_all(&image);
     assert!(untouched[..70_000].iter().all(|&b| b == 0x11));
@@ -344,17 +334,7 @@ fn set_backing_writes_the_header_qemu_rebase_unsafe_writes() {
     let ours = dir.path().join("ours.qed");
     let theirs = dir.path().join("theirs.qed");
     for p in [&ours, &theirs] {
-        qemu::img(&[
-            "create",
-            "-f",
-            "qed",
-            "-b",
-            "a-long-base-name.raw",
-            "-F",
-            "raw",
-            path_str(p),
-            "1M",
-        ]);
+        qemu::create_qed(p, "1M", &["-b", "a-long-base-name.raw", "-F", "raw"]);
     }
     let first_cluster = |p: &Path| std::fs::read(p).unwrap()[..65536].to_vec();
     // Switch to a shorter raw name: stale bytes of the old name stay, as in QEMU.
@@ -457,17 +437,7 @@ fn three_level_chain_reads_and_writes_like_qemu() {
     let mut base = vec![0u8; 700_001];
     qedstream_tests::XorShift::new(5).fill(&mut base);
     std::fs::write(d("base.raw"), &base).unwrap();
-    qemu::img(&[
-        "create",
-        "-f",
-        "qed",
-        "-b",
-        "base.raw",
-        "-F",
-        "raw",
-        path_str(&d("mid.qed")),
-        "2M",
-    ]);
+    qemu::create_qed(&d("mid.qed"), "2M", &["-b", "base.raw", "-F", "raw"]);
     qemu::io_commands(
         "qed",
         &d("mid.qed"),
@@ -476,19 +446,18 @@ fn three_level_chain_reads_and_writes_like_qemu() {
             "write -z 196608 131072".into(),
         ],
     );
-    qemu::img(&[
-        "create",
-        "-f",
-        "qed",
-        "-o",
-        "cluster_size=4096,table_size=2",
-        "-b",
-        "mid.qed",
-        "-F",
-        "qed",
-        path_str(&d("top.qed")),
+    qemu::create_qed(
+        &d("top.qed"),
         "3M",
-    ]);
+        &[
+            "-o",
+            "cluster_size=4096,table_size=2",
+            "-b",
+            "mid.qed",
+            "-F",
+            "qed",
+        ],
+    );
     qemu::io_commands(
         "qed",
         &d("top.qed"),

@@ -12,6 +12,7 @@ use engine::convert::{convert, Target};
 use engine::source::Source;
 use qed::{BackingFormat, CreateOptions, Image, OpenOptions};
 use qedstream_benches::XorShift;
+use qedstream_tests::tools::ok_command;
 
 const MIB: u64 = 1 << 20;
 
@@ -21,27 +22,11 @@ fn qemu_io(image: &Path, cmds: &[String]) {
     for cmd in cmds {
         c.args(["-c", cmd]);
     }
-    let out = c
-        .arg(image)
-        .output()
-        .expect("qemu-io is required (apt-get install qemu-utils)");
-    assert!(
-        out.status.success(),
-        "qemu-io failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok_command(c.arg(image));
 }
 
 fn qemu_img(args: &[&str]) {
-    let out = Command::new("qemu-img")
-        .args(args)
-        .output()
-        .expect("qemu-img is required (apt-get install qemu-utils)");
-    assert!(
-        out.status.success(),
-        "qemu-img {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok_command(Command::new("qemu-img").args(args));
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {

@@ -7,110 +7,18 @@
 //!
 //! `cargo run --release -p qedstream-benches --bin stream-compare [-- --quick]`
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::ffi::OsString;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use copy_on_read::{CorDevice, CorOptions};
 use engine::stream::{StreamJob, StreamOptions};
 use qedstream_benches::sparse_random_file;
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd.output().expect("qemu-utils is required");
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn qmp(
-    stream: &mut UnixStream,
-    reader: &mut BufReader<UnixStream>,
-    cmd: &str,
-) -> serde_json::Value {
-    stream.write_all(cmd.as_bytes()).unwrap();
-    stream.write_all(b"\n").unwrap();
-    loop {
-        let mut line = String::new();
-        assert!(reader.read_line(&mut line).unwrap() > 0, "QMP closed");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if v.get("return").is_some() || v.get("error").is_some() {
-            return v;
-        }
-    }
-}
-
-/// QEMU's block-stream of `image` (in `dir`); returns the job's wall time.
-fn qemu_stream(dir: &Path, image: &str) -> Duration {
-    let sock = dir.join("qmp.sock");
-    let _ = std::fs::remove_file(&sock);
-    let daemon = Killed(
-        Command::new("qemu-storage-daemon")
-            .current_dir(dir)
-            .args([
-                "--blockdev",
-                &format!("driver=file,node-name=f,filename={image}"),
-                "--blockdev",
-                "driver=qed,node-name=top,file=f",
-                "--chardev",
-                &format!("socket,id=m,path={},server=on,wait=off", sock.display()),
-                "--monitor",
-                "chardev=m",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-storage-daemon is required"),
-    );
-    let mut stream = loop {
-        if let Ok(s) = UnixStream::connect(&sock) {
-            break s;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let mut reader = BufReader::new(stream.try_clone().unwrap());
-    let mut greeting = String::new();
-    reader.read_line(&mut greeting).unwrap();
-    qmp(
-        &mut stream,
-        &mut reader,
-        r#"{"execute":"qmp_capabilities"}"#,
-    );
-    let t = Instant::now();
-    let r = qmp(
-        &mut stream,
-        &mut reader,
-        r#"{"execute":"block-stream","arguments":{"job-id":"s","device":"top"}}"#,
-    );
-    assert!(r.get("return").is_some(), "{r}");
-    loop {
-        let mut line = String::new();
-        assert!(reader.read_line(&mut line).unwrap() > 0, "QMP closed");
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if v["event"] == "BLOCK_JOB_COMPLETED" {
-            assert!(v["data"].get("error").is_none(), "{v}");
-            break;
-        }
-    }
-    let elapsed = t.elapsed();
-    let _ = qmp(&mut stream, &mut reader, r#"{"execute":"quit"}"#);
-    let mut daemon = daemon;
-    let _ = daemon.0.wait();
-    elapsed
-}
+use qedstream_tests::nbd_server::NbdServer;
+use qedstream_tests::qsd;
+use qedstream_tests::tools::ok_command;
 
 fn our_stream(rt: &tokio::runtime::Runtime, image: &Path) -> Duration {
     rt.block_on(async {
@@ -148,19 +56,12 @@ fn main() {
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let sock = d.join("nbd.sock");
-    let _nbd = Killed(
-        Command::new("qemu-nbd")
-            .args(["-r", "-t", "-e", "8", "-f", "raw", "-k"])
-            .arg(&sock)
-            .arg(d.join("base.raw"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-nbd is required"),
-    );
-    while !sock.exists() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let mut args: Vec<OsString> = ["-r", "-t", "-e", "8", "-f", "raw", "-k"]
+        .map(OsString::from)
+        .to_vec();
+    args.push(sock.clone().into());
+    args.push(d.join("base.raw").into());
+    let _nbd = NbdServer::start("qemu-nbd", args, &sock);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     for (name, backing) in [
         ("raw file", "base.raw".to_string()),
@@ -170,16 +71,20 @@ fn main() {
         for _ in 0..runs {
             for img in ["ours.qed", "qemu.qed"] {
                 let _ = std::fs::remove_file(d.join(img));
-                run(Command::new("qemu-img")
-                    .current_dir(d)
-                    .args(["create", "-f", "qed", "-b", &backing, "-F", "raw", img]));
+                ok_command(
+                    Command::new("qemu-img")
+                        .current_dir(d)
+                        .args(["create", "-f", "qed", "-b", &backing, "-F", "raw", img]),
+                );
             }
             ours.push(our_stream(&rt, &d.join("ours.qed")));
-            theirs.push(qemu_stream(d, "qemu.qed"));
+            theirs.push(qsd::block_stream(d, "qemu.qed"));
             for img in ["ours.qed", "qemu.qed"] {
-                run(Command::new("qemu-img")
-                    .current_dir(d)
-                    .args(["compare", "-f", "qed", "-F", "raw", img, "base.raw"]));
+                ok_command(
+                    Command::new("qemu-img")
+                        .current_dir(d)
+                        .args(["compare", "-f", "qed", "-F", "raw", img, "base.raw"]),
+                );
             }
         }
         let (o, q) = (median(ours), median(theirs));

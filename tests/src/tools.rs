@@ -1,0 +1,152 @@
+//! Running external tools (QEMU, nbdkit) from tests. A missing tool **fails the test with a
+//! clear message** ("is it installed?"): tests never skip silently.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// Runs `cmd` and returns its output; a missing tool fails the test loudly.
+pub fn run_command(cmd: &mut Command) -> Output {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    cmd.output().unwrap_or_else(|e| {
+        panic!("cannot run {program} (is it installed? .ci/run installs it): {e}")
+    })
+}
+
+/// Runs `cmd` and asserts success; returns stdout.
+pub fn ok_command(cmd: &mut Command) -> String {
+    let out = run_command(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Runs `program` with `args` in `dir`; a missing tool fails the test loudly.
+pub fn run(dir: &Path, program: &str, args: &[&str]) -> Output {
+    run_command(Command::new(program).current_dir(dir).args(args))
+}
+
+/// Runs `program` with `args` in `dir` and asserts success; returns stdout.
+pub fn ok(dir: &Path, program: &str, args: &[&str]) -> String {
+    let out = run(dir, program, args);
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `qemu-io -f FORMAT -c CMD... IMAGE` in `dir`, asserting success.
+pub fn qemu_io(dir: &Path, format: &str, image: &str, cmds: &[&str]) {
+    let mut args = vec!["-f", format];
+    for c in cmds {
+        args.push("-c");
+        args.push(c);
+    }
+    args.push(image);
+    ok(dir, "qemu-io", &args);
+}
+
+/// The exit code of `qemu-img check IMAGE` in `dir` (-1 when killed by a signal).
+pub fn qemu_check(dir: &Path, image: &str) -> i32 {
+    run(dir, "qemu-img", &["check", image])
+        .status
+        .code()
+        .unwrap_or(-1)
+}
+
+/// The flattened contents of an image chain, as `qemu-img convert -O raw` makes them.
+pub fn flatten(dir: &Path, image: &str, format: &str) -> Vec<u8> {
+    let out = format!("{image}.flat.raw");
+    ok(
+        dir,
+        "qemu-img",
+        &["convert", "-f", format, "-O", "raw", image, &out],
+    );
+    std::fs::read(dir.join(&out)).unwrap()
+}
+
+/// Recipe A of qed-format.md, in `dir`: a raw base `base.raw` (8 MiB: data, holes, a partial
+/// tail block) and a QED overlay `top.qed` (12 MiB) with its own data, a partial write and a
+/// zero cluster.
+pub fn raw_fixture(dir: &Path) {
+    raw_overlay_fixture(
+        dir,
+        "8M",
+        &[
+            "write -P 0x11 0 1M",
+            "write -P 0x22 2M 1M",
+            "write -P 0x33 3M 100k",
+            "write -P 0x44 7M 1M",
+        ],
+        "12M",
+    );
+}
+
+/// In `dir`: a raw base `base.raw` of `base_size` with `base_writes` (qemu-io commands), and
+/// a QED overlay `top.qed` of `top_size` on it with recipe A's own writes: data at 512k, a
+/// partial write at 100k and a zero cluster at 2M.
+pub fn raw_overlay_fixture(dir: &Path, base_size: &str, base_writes: &[&str], top_size: &str) {
+    ok(
+        dir,
+        "qemu-img",
+        &["create", "-f", "raw", "base.raw", base_size],
+    );
+    qemu_io(dir, "raw", "base.raw", base_writes);
+    create_overlay(dir, "base.raw", "raw", "top.qed", Some(top_size));
+    qemu_io(
+        dir,
+        "qed",
+        "top.qed",
+        &[
+            "write -P 0xaa 512k 64k",
+            "write -P 0xcd 100k 4k",
+            "write -z 2M 64k",
+        ],
+    );
+}
+
+/// `qemu-img create -f qed -b BACKING -F BACKING_FORMAT IMAGE [SIZE]` in `dir`.
+pub fn create_overlay(
+    dir: &Path,
+    backing: &str,
+    backing_format: &str,
+    image: &str,
+    size: Option<&str>,
+) {
+    let mut args = vec![
+        "create",
+        "-f",
+        "qed",
+        "-b",
+        backing,
+        "-F",
+        backing_format,
+        image,
+    ];
+    args.extend(size);
+    ok(dir, "qemu-img", &args);
+}
+
+/// A QED chain three deep in `dir`: `base.raw` (6 MiB, `base_writes`) <- `b1.qed` (8 MiB,
+/// `b1_writes`) <- `b2.qed` (8 MiB, data at 1.5M and 7M) <- `top.qed` (8 MiB, data at 100k).
+pub fn chain_fixture(dir: &Path, base_writes: &[&str], b1_writes: &[&str]) {
+    ok(dir, "qemu-img", &["create", "-f", "raw", "base.raw", "6M"]);
+    qemu_io(dir, "raw", "base.raw", base_writes);
+    create_overlay(dir, "base.raw", "raw", "b1.qed", Some("8M"));
+    qemu_io(dir, "qed", "b1.qed", b1_writes);
+    create_overlay(dir, "b1.qed", "qed", "b2.qed", Some("8M"));
+    qemu_io(
+        dir,
+        "qed",
+        "b2.qed",
+        &["write -P 0x03 1536k 1M", "write -P 0x04 7M 4k"],
+    );
+    create_overlay(dir, "b2.qed", "qed", "top.qed", Some("8M"));
+    qemu_io(dir, "qed", "top.qed", &["write -P 0x05 100k 10k"]);
+}

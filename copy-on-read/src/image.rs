@@ -46,8 +46,8 @@ pub(crate) fn read_local(
         match e.mapping {
             Mapping::Data(host) => image
                 .storage()
-                .read_at(chunk, host)
-                .map_err(Error::io("reading image data", host))?,
+                .read_at(chunk, host.0)
+                .map_err(Error::io("reading image data", host.0))?,
             Mapping::Zero => chunk.fill(0),
             Mapping::Unallocated => missing.push((e.offset, e.length)),
         }

@@ -307,7 +307,7 @@ impl Chain {
                                 present: true,
                                 zero: false,
                                 data: true,
-                                offset: Some(host),
+                                offset: Some(host.0),
                             })
                         }
                         Mapping::Zero => {

@@ -29,6 +29,7 @@ use crate::layout::{
     F_BACKING_FORMAT_NO_PROBE, F_NEED_CHECK, HEADER_SIZE_BYTES, MAGIC, SECTOR,
 };
 use crate::storage::Storage;
+use crate::types::HostOffset;
 
 /// How an image's backing is handled at open.
 #[derive(Clone, Debug)]
@@ -107,7 +108,7 @@ impl CreateOptions {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mapping {
     /// Data stored in this image at the given file offset (for the extent's first byte).
-    Data(u64),
+    Data(HostOffset),
     /// A zero cluster: reads as zeros, does not fall through.
     Zero,
     /// Not allocated here: the backing shows through (or zeros without one).
@@ -647,7 +648,7 @@ impl Image {
                 L2Entry::Data(off)
                     if g.is_valid_cluster_offset(off, file_end) && !self.overlaps_l1(off, cs) =>
                 {
-                    Ok(Mapping::Data(off))
+                    Ok(Mapping::Data(HostOffset(off)))
                 }
                 L2Entry::Data(_) => Err(Error::InvalidEntry {
                     table: TableKind::L2,
@@ -756,8 +757,8 @@ impl Image {
             match mapping {
                 Mapping::Data(host) => self
                     .storage
-                    .read_at(chunk, host)
-                    .map_err(Error::io("reading data", host))?,
+                    .read_at(chunk, host.0)
+                    .map_err(Error::io("reading data", host.0))?,
                 Mapping::Zero => chunk.fill(0),
                 Mapping::Unallocated => self.read_backing(chunk, pos)?,
             }
@@ -810,8 +811,8 @@ impl Image {
         }
         for (start, len, host) in runs {
             self.storage
-                .write_at(&data[start as usize..(start + len) as usize], host)
-                .map_err(Error::io("writing data", host))?;
+                .write_at(&data[start as usize..(start + len) as usize], host.0)
+                .map_err(Error::io("writing data", host.0))?;
         }
         Ok(true)
     }
@@ -830,8 +831,8 @@ impl Image {
                 Mapping::Data(host) => {
                     let s = (pos - offset) as usize;
                     self.storage
-                        .write_at(&data[s..s + len as usize], host)
-                        .map_err(Error::io("writing data", host))?;
+                        .write_at(&data[s..s + len as usize], host.0)
+                        .map_err(Error::io("writing data", host.0))?;
                 }
                 prior => {
                     let c0 = pos >> g.cluster_bits();
@@ -964,7 +965,7 @@ impl Image {
             while p < batch_end {
                 let (mapping, len) = self.lookup_run(p, batch_end - p)?;
                 match mapping {
-                    Mapping::Data(host) => self.write_zero_data(host, len)?,
+                    Mapping::Data(host) => self.write_zero_data(host.0, len)?,
                     Mapping::Zero => {}
                     Mapping::Unallocated => {
                         let k0 = p >> g.cluster_bits();

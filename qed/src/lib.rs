@@ -57,3 +57,4 @@ pub use image::{
 };
 pub use layout::{Geometry, Header};
 pub use storage::{MemStorage, Storage};
+pub use types::HostOffset;

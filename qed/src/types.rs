@@ -1,23 +1,19 @@
-//! Newtypes for the kinds of offsets QED juggles, so a guest offset can never be used as a
-//! position in the image file by accident.
+//! Newtypes for offsets that must not be mixed up. The likeliest bug in a format driver is a
+//! guest offset used as a position in the image file: a mapping therefore hands out file
+//! positions as [`HostOffset`], never as a bare `u64`.
 
 use std::fmt;
+use std::ops::Add;
 
-/// A byte offset in the virtual disk the guest sees.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct GuestOffset(pub u64);
-
-/// A byte offset in the image file.
+/// A byte offset in the image file (as opposed to an offset in the guest's virtual disk).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct HostOffset(pub u64);
 
-/// The index of a guest cluster (guest offset divided by the cluster size).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
-pub struct GuestCluster(pub u64);
+impl Add<u64> for HostOffset {
+    type Output = HostOffset;
 
-impl fmt::Display for GuestOffset {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "guest offset {:#x}", self.0)
+    fn add(self, bytes: u64) -> HostOffset {
+        HostOffset(self.0 + bytes)
     }
 }
 

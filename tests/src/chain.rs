@@ -106,7 +106,7 @@ pub fn from_ours(layers: &[&Image], unit: u64) -> Vec<UnitStatus> {
                     Some(Mapping::Data(offset)) => {
                         return UnitStatus::Data {
                             depth: depth as u64,
-                            offset,
+                            offset: offset.0,
                         }
                     }
                     Some(Mapping::Zero) => {

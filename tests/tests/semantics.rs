@@ -272,7 +272,7 @@ fn write_to_last_cluster_of_an_unaligned_size_matches_qemu() {
         let ours_img = open_detached(&ours).unwrap();
         let theirs_img = open_detached(&theirs).unwrap();
         let host = |i: &Image| match i.mapping_at(size - 1, 1).unwrap().0 {
-            Mapping::Data(h) => h / g * g,
+            Mapping::Data(h) => h.0 / g * g,
             m => panic!("{m:?}"),
         };
         let mut a = vec![0u8; g as usize];

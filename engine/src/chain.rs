@@ -123,6 +123,20 @@ impl MapEntry {
         line
     }
 
+    /// An extent of a raw layer (a file or an NBD export): always present, its offset in the
+    /// layer is the guest offset, data or a hole.
+    fn raw(start: u64, length: u64, depth: u32, data: bool) -> MapEntry {
+        MapEntry {
+            start,
+            length,
+            depth,
+            present: true,
+            zero: !data,
+            data,
+            offset: Some(start),
+        }
+    }
+
     fn extends(&self, next: &MapEntry) -> bool {
         self.start + self.length == next.start
             && self.depth == next.depth
@@ -337,27 +351,11 @@ impl Chain {
                             )
                         })
                         .unwrap_or((true, len));
-                    return Ok(MapEntry {
-                        start: pos,
-                        length: n,
-                        depth,
-                        present: true,
-                        zero: !data,
-                        data,
-                        offset: Some(pos),
-                    });
+                    return Ok(MapEntry::raw(pos, n, depth, data));
                 }
                 Layer::Raw { file, .. } => {
                     let (data, n) = raw_extent(file, pos, len);
-                    return Ok(MapEntry {
-                        start: pos,
-                        length: n,
-                        depth,
-                        present: true,
-                        zero: !data,
-                        data,
-                        offset: Some(pos),
-                    });
+                    return Ok(MapEntry::raw(pos, n, depth, data));
                 }
             }
         }

@@ -450,8 +450,26 @@ impl Client {
             }
         };
         let export = Arc::new(conns[0].export().clone());
+        Ok(Client::assemble(
+            Some(uri.clone()),
+            config,
+            export,
+            conns,
+            &slot,
+        ))
+    }
+
+    /// Builds the client around freshly opened connections and arms their death hooks (the
+    /// `slot` the connections' pending hooks look in).
+    fn assemble(
+        uri: Option<Uri>,
+        config: ClientConfig,
+        export: Arc<ExportInfo>,
+        conns: Vec<Arc<Connection>>,
+        slot: &Mutex<Option<Weak<Inner>>>,
+    ) -> Client {
         let inner = Arc::new(Inner {
-            uri: Some(uri.clone()),
+            uri,
             config,
             export,
             pool: RwLock::new(Pool {
@@ -474,7 +492,7 @@ impl Client {
         if dead {
             Inner::on_death(&inner, 0, &Error::eof());
         }
-        Ok(Client { inner })
+        Client { inner }
     }
 
     /// Parse `uri` and connect.
@@ -504,30 +522,13 @@ impl Client {
             limits(&config),
             pending_hook(slot.clone(), 0),
         );
-        let inner = Arc::new(Inner {
-            uri: None,
+        Ok(Client::assemble(
+            None,
             config,
-            export: info,
-            pool: RwLock::new(Pool {
-                generation: 0,
-                conns: vec![Arc::new(conn)],
-            }),
-            state: watch::channel(ConnectionState::Connected).0,
-            failure: Mutex::new(None),
-            next: AtomicUsize::new(0),
-        });
-        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Arc::downgrade(&inner));
-        let dead = inner
-            .pool
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .conns
-            .iter()
-            .any(|c| c.is_dead());
-        if dead {
-            Inner::on_death(&inner, 0, &Error::eof());
-        }
-        Ok(Client { inner })
+            info,
+            vec![Arc::new(conn)],
+            &slot,
+        ))
     }
 
     /// What the handshake established.

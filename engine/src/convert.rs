@@ -99,13 +99,13 @@ pub fn convert(source: &Source, dst: &Path, target: &Target) -> Result<ConvertSt
     };
     let sink = Arc::new(sink);
     let data_bytes = copy_nonzero(source, block, &sink, dst)?;
-    let sink =
-        Arc::try_unwrap(sink).map_err(|_| Error::Usage("convert: sink still in use".into()))?;
-    match sink {
+    // Every task has finished; make the output durable (a QED flush also clears NEED_CHECK,
+    // so the image is clean when the last reference drops).
+    match &*sink {
         Sink::Raw(out) => out
             .sync_all()
             .map_err(Error::io(format!("finishing {}", dst.display())))?,
-        Sink::Qed(image) => image.close().map_err(|e| Error::image(dst, e))?,
+        Sink::Qed(image) => image.flush().map_err(|e| Error::image(dst, e))?,
     }
     Ok(ConvertStats {
         virtual_size: size,
@@ -169,8 +169,7 @@ fn copy_nonzero(source: &Source, block: u64, sink: &Arc<Sink>, dst: &Path) -> Re
             let n = chunk.min(size - pos);
             while tasks.len() >= IN_FLIGHT {
                 if let Some(done) = tasks.join_next().await {
-                    total +=
-                        done.map_err(|e| Error::Usage(format!("convert task failed: {e}")))??;
+                    total += done.map_err(Error::task("convert"))??;
                 }
             }
             let device = Arc::clone(source.device());
@@ -187,12 +186,12 @@ fn copy_nonzero(source: &Source, block: u64, sink: &Arc<Sink>, dst: &Path) -> Re
                     written
                 })
                 .await
-                .map_err(|e| Error::Usage(format!("convert task failed: {e}")))?
+                .map_err(Error::task("convert"))?
             });
             pos += n;
         }
         while let Some(done) = tasks.join_next().await {
-            total += done.map_err(|e| Error::Usage(format!("convert task failed: {e}")))??;
+            total += done.map_err(Error::task("convert"))??;
         }
         Ok(total)
     })

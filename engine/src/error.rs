@@ -54,6 +54,22 @@ pub enum Error {
         /// The virtual size.
         total: u64,
     },
+    /// A worker task of a copy panicked or was aborted.
+    #[error("a {what} task failed: {source}")]
+    Task {
+        /// Which job it belonged to.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// The stream copied everything it was shown three times and the image still lacks data
+    /// (the backing keeps reporting ranges the image cannot store).
+    #[error("the image still lacks data after {passes} passes over it")]
+    Incomplete {
+        /// How many passes ran.
+        passes: u32,
+    },
     /// A size did not parse.
     #[error(transparent)]
     Size(#[from] crate::size::SizeError),
@@ -89,6 +105,13 @@ impl Error {
     pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
         let what = what.into();
         move |source| Error::Io { what, source }
+    }
+}
+
+impl Error {
+    /// A failed worker task of `what` (convert, stream).
+    pub fn task(what: &'static str) -> impl FnOnce(tokio::task::JoinError) -> Error {
+        move |source| Error::Task { what, source }
     }
 }
 

@@ -592,7 +592,7 @@ async fn run(dev: &Arc<CorDevice>, h: &StreamHandle, options: &StreamOptions) ->
                     }
                     Err(e) if e.is_cancelled() => {}
                     Err(e) => {
-                        failure.get_or_insert(Error::Usage(format!("a copy task failed: {e}")));
+                        failure.get_or_insert(Error::task("stream copy")(e));
                     }
                 }
             }
@@ -604,9 +604,7 @@ async fn run(dev: &Arc<CorDevice>, h: &StreamHandle, options: &StreamOptions) ->
         }
         if !found_work || pass >= 3 {
             if found_work {
-                return Err(Error::Usage(
-                    "the image still lacks data after three passes".into(),
-                ));
+                return Err(Error::Incomplete { passes: pass });
             }
             break;
         }

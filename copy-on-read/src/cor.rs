@@ -35,7 +35,7 @@ use qed::{BackingPolicy, Image, Mapping, OpenOptions};
 use crate::device::{check_range, read_padded, BlockDevice, Capabilities, IoFuture, StatusExtent};
 use crate::error::{blocking, Error, Result};
 use crate::gate::Gate;
-use crate::image::{qed_status, read_local};
+use crate::image::{on_image, qed_status, read_local};
 use crate::lock::{RangeGuard, RangeLock};
 
 /// Options for [`CorDevice::open`].
@@ -276,9 +276,7 @@ impl CorDevice {
 
     /// The image's own mapping of `[offset, offset + length)` (no backing lookups).
     pub async fn local_map(&self, offset: u64, length: u64) -> Result<Vec<qed::Extent>> {
-        let image = Arc::clone(&self.image);
-        let name = self.name.clone();
-        blocking(move || image.map(offset, length).map_err(Error::qed(&name))).await
+        on_image(&self.image, &self.name, move |i| i.map(offset, length)).await
     }
 
     /// Copies the unallocated clusters of `[offset, offset + length)` (widened to whole
@@ -361,9 +359,7 @@ impl CorDevice {
     }
 
     async fn write_unlocked_no_backing(&self, offset: u64, data: Vec<u8>) -> Result<()> {
-        let image = Arc::clone(&self.image);
-        let name = self.name.clone();
-        blocking(move || image.write_at(&data, offset).map_err(Error::qed(&name))).await
+        on_image(&self.image, &self.name, move |i| i.write_at(&data, offset)).await
     }
 
     async fn guest_write(&self, offset: u64, data: Vec<u8>) -> Result<()> {
@@ -587,11 +583,7 @@ impl BlockDevice for CorDevice {
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {
-        Box::pin(async move {
-            let image = Arc::clone(&self.image);
-            let name = self.name.clone();
-            blocking(move || image.flush().map_err(Error::qed(&name))).await
-        })
+        Box::pin(async move { on_image(&self.image, &self.name, |i| i.flush()).await })
     }
 
     fn block_status(&self, offset: u64, length: u64) -> IoFuture<'_, Vec<StatusExtent>> {

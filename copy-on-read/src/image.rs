@@ -17,6 +17,18 @@ use crate::device::{
 };
 use crate::error::{blocking, Error, Result};
 
+/// Runs one call on a QED image on tokio's blocking pool (the `qed` crate is synchronous),
+/// naming the image in its error.
+pub(crate) async fn on_image<T, F>(image: &Arc<Image>, name: &str, f: F) -> Result<T>
+where
+    F: FnOnce(&Image) -> qed::Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    let image = Arc::clone(image);
+    let name = name.to_string();
+    blocking(move || f(&image).map_err(Error::qed(&name))).await
+}
+
 /// A QED image (backing detached) over an optional backing device.
 #[derive(Debug)]
 pub struct QedImage {
@@ -185,9 +197,7 @@ impl BlockDevice for QedImage {
                     "writes to a QED layer with a backing go through a CorDevice",
                 ));
             }
-            let image = Arc::clone(&self.image);
-            let name = self.name.clone();
-            blocking(move || image.write_at(&data, offset).map_err(Error::qed(&name))).await
+            on_image(&self.image, &self.name, move |i| i.write_at(&data, offset)).await
         })
     }
 
@@ -198,12 +208,8 @@ impl BlockDevice for QedImage {
                     "writes to a QED layer with a backing go through a CorDevice",
                 ));
             }
-            let image = Arc::clone(&self.image);
-            let name = self.name.clone();
-            blocking(move || {
-                image
-                    .write_zeroes(offset, length)
-                    .map_err(Error::qed(&name))
+            on_image(&self.image, &self.name, move |i| {
+                i.write_zeroes(offset, length)
             })
             .await
         })
@@ -214,11 +220,7 @@ impl BlockDevice for QedImage {
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {
-        Box::pin(async move {
-            let image = Arc::clone(&self.image);
-            let name = self.name.clone();
-            blocking(move || image.flush().map_err(Error::qed(&name))).await
-        })
+        Box::pin(async move { on_image(&self.image, &self.name, |i| i.flush()).await })
     }
 
     fn block_status(&self, offset: u64, length: u64) -> IoFuture<'_, Vec<StatusExtent>> {

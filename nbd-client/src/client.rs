@@ -195,6 +195,8 @@ async fn open_connection(
     hook: DeathHook,
 ) -> Result<Connection, Error> {
     let stream = open_stream(&uri.address, config).await?;
+    // The two arms differ only in type: each splits into owned halves (`into_split`), which,
+    // unlike `tokio::io::split`, need no lock between the reader and writer tasks.
     match stream {
         Stream::Unix(mut s) => {
             let export =

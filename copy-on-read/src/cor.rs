@@ -149,9 +149,11 @@ impl CorDevice {
     pub async fn open(path: &Path, options: CorOptions) -> Result<CorDevice> {
         let p = path.to_path_buf();
         let read_only = options.read_only;
+        let force_share = options.gate.force_share;
         let image = blocking(move || {
             let o = OpenOptions {
                 read_only,
+                force_share,
                 backing: BackingPolicy::Detached,
                 ..OpenOptions::default()
             };
@@ -603,6 +605,14 @@ impl BlockDevice for CorDevice {
 
     fn describe(&self) -> String {
         format!("qed+cor {}", self.name)
+    }
+
+    fn files(&self) -> Vec<qed::FileId> {
+        let mut files: Vec<qed::FileId> = self.image.file_id().into_iter().collect();
+        if let Some(b) = self.backing() {
+            files.extend(b.files());
+        }
+        files
     }
 
     /// Waits for every request in flight (including the blocking I/O of cancelled ones),

@@ -86,6 +86,13 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         None
     }
 
+    /// The local files the device reads or writes, its own first and then those of its
+    /// backing chain (none for an NBD export), so that a caller can refuse to overwrite one of
+    /// them.
+    fn files(&self) -> Vec<qed::FileId> {
+        Vec::new()
+    }
+
     /// A short description: format and name (`raw /a/b.raw`, `nbd nbd+unix:///x?...`).
     fn describe(&self) -> String;
 

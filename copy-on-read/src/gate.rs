@@ -37,6 +37,10 @@ pub struct Gate {
     pub max_depth: u32,
     /// How NBD backings connect (timeouts, reconnect window).
     pub nbd: nbd_client::ClientConfig,
+    /// Open backing files, and a read-only top image, with [`qed::Access::SharedRead`]
+    /// (`-U`: inspect an image another process may be writing) instead of
+    /// [`qed::Access::ReadOnly`], which keeps writers and resizers out.
+    pub force_share: bool,
 }
 
 impl Default for Gate {
@@ -47,6 +51,7 @@ impl Default for Gate {
             allow_nbd: true,
             max_depth: 16,
             nbd: nbd_client::ClientConfig::default(),
+            force_share: false,
         }
     }
 }
@@ -144,44 +149,49 @@ impl Gate {
                 return Ok(Arc::new(export) as Arc<dyn BlockDevice>);
             }
             let path = self.admit_file(name, image_path, depth, &seen)?;
-            let allow_probe = self.allow_probe;
+            let access = self.read_access();
             let p = path.clone();
-            let opened = blocking(move || {
-                let raw = RawFile::open(&p, false)?;
+            // One open: the descriptor that is locked and probed is the one that is used.
+            let (file, found) = blocking(move || {
+                let file =
+                    qed::file::open(&p, access).map_err(Error::qed(&p.display().to_string()))?;
                 if format == BackingFormat::Raw {
-                    return Ok((raw, "raw"));
+                    return Ok((file, "raw"));
                 }
                 let mut head = [0u8; 64];
-                let n = std::fs::File::open(&p)
-                    .and_then(|f| {
-                        use std::os::unix::fs::FileExt;
-                        f.read_at(&mut head, 0)
-                    })
-                    .map_err(|source| Error::Open {
-                        path: p.clone(),
-                        source,
-                    })?;
-                Ok((raw, probe_format(&head[..n])))
+                let n = {
+                    use std::os::unix::fs::FileExt;
+                    file.read_at(&mut head, 0)
+                }
+                .map_err(|source| Error::Open {
+                    path: p.clone(),
+                    source,
+                })?;
+                Ok((file, probe_format(&head[..n])))
             })
             .await?;
-            let (raw, found) = opened;
-            if format == BackingFormat::Probe && !allow_probe {
+            if format == BackingFormat::Probe && !self.allow_probe {
                 return Err(self.refuse(name, image_path, GateRefusal::ProbeForbidden));
             }
             match found {
-                "raw" => Ok(Arc::new(raw) as Arc<dyn BlockDevice>),
+                "raw" => {
+                    Ok(Arc::new(RawFile::from_file(file, path, false)?) as Arc<dyn BlockDevice>)
+                }
                 "qed" => {
-                    drop(raw);
                     let mut seen = seen;
                     seen.push(absolute(&path));
                     let p = path.clone();
+                    let force_share = self.force_share;
                     let image = blocking(move || {
                         let options = OpenOptions {
                             read_only: true,
+                            force_share,
+                            path: Some(p.clone()),
                             backing: BackingPolicy::Detached,
                             ..OpenOptions::default()
                         };
-                        Image::open_path(&p, options).map_err(Error::qed(&p.display().to_string()))
+                        Image::open(Box::new(file), options)
+                            .map_err(Error::qed(&p.display().to_string()))
                     })
                     .await?;
                     let below = self.open_below(&image, &path, depth, seen).await?;
@@ -193,6 +203,16 @@ impl Gate {
                 other => Err(self.refuse(name, image_path, GateRefusal::UnsupportedFormat(other))),
             }
         })
+    }
+
+    /// How files below the top are opened: [`qed::Access::ReadOnly`], or
+    /// [`qed::Access::SharedRead`] with [`Gate::force_share`].
+    pub fn read_access(&self) -> qed::Access {
+        if self.force_share {
+            qed::Access::SharedRead
+        } else {
+            qed::Access::ReadOnly
+        }
     }
 
     /// Opens the chain below `image` (opened from `path` at `depth`), if its header names one.

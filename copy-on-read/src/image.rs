@@ -245,6 +245,14 @@ impl BlockDevice for QedImage {
         format!("qed {}", self.name)
     }
 
+    fn files(&self) -> Vec<qed::FileId> {
+        let mut files: Vec<qed::FileId> = self.image.file_id().into_iter().collect();
+        if let Some(b) = &self.backing {
+            files.extend(b.files());
+        }
+        files
+    }
+
     fn close(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
             if let Some(b) = &self.backing {

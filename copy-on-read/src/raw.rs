@@ -1,7 +1,7 @@
 //! A raw file as a block device. I/O runs on tokio's blocking pool (`spawn_blocking`) with
 //! positioned reads and writes; block status comes from `SEEK_DATA`/`SEEK_HOLE`.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -21,17 +21,22 @@ pub struct RawFile {
 }
 
 impl RawFile {
-    /// Opens `path` (blocking; call from `spawn_blocking` or at start-up).
+    /// Opens `path` (blocking; call from `spawn_blocking` or at start-up) with QEMU's image
+    /// locks: [`qed::Access::ReadWrite`] when `writable`, else [`qed::Access::ReadOnly`].
     pub fn open(path: &Path, writable: bool) -> Result<RawFile> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(writable)
-            .open(path)
-            .map_err(|source| Error::Open {
-                path: path.to_path_buf(),
-                source,
-            })?;
-        RawFile::from_file(file, path.to_path_buf(), writable)
+        let access = if writable {
+            qed::Access::ReadWrite
+        } else {
+            qed::Access::ReadOnly
+        };
+        RawFile::open_with(path, access)
+    }
+
+    /// Opens `path` for `access` (with its image locks).
+    pub fn open_with(path: &Path, access: qed::Access) -> Result<RawFile> {
+        let file =
+            qed::file::open(path, access).map_err(Error::qed(&path.display().to_string()))?;
+        RawFile::from_file(file, path.to_path_buf(), access.writes())
     }
 
     /// Wraps an open file.
@@ -218,5 +223,9 @@ impl BlockDevice for RawFile {
 
     fn describe(&self) -> String {
         format!("raw {}", self.path.display())
+    }
+
+    fn files(&self) -> Vec<qed::FileId> {
+        qed::FileId::of(&self.file).into_iter().collect()
     }
 }

@@ -157,6 +157,7 @@ fn open_layer(
     name: String,
     format: BackingFormat,
     allow_probe: bool,
+    access: qed::Access,
 ) -> Result<ChainLayer> {
     if crate::source::is_nbd_name(path) {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -176,7 +177,7 @@ fn open_layer(
             name,
         });
     }
-    let file = File::open(path).map_err(|e| Error::open(path, e))?;
+    let file = qed::file::open(path, access).map_err(|e| Error::image(path, e))?;
     let mut head = [0u8; 64];
     let len = Storage::len(&file).map_err(|e| Error::open(path, e))?;
     Storage::read_at(&file, &mut head, 0).map_err(|e| Error::open(path, e))?;
@@ -196,6 +197,7 @@ fn open_layer(
     } else if detected == "qed" {
         let options = OpenOptions {
             read_only: true,
+            force_share: access == qed::Access::SharedRead,
             path: Some(path.to_path_buf()),
             backing: BackingPolicy::Detached,
             ..OpenOptions::default()
@@ -217,15 +219,35 @@ fn open_layer(
 }
 
 impl Chain {
+    /// Opens `path` (QED, or raw when `format` says so or it is not QED) alone, as plain
+    /// `qemu-img info` does: its backing is named, never opened.
+    pub fn open_top(path: &Path, format: Option<&str>, gate: &FileGate) -> Result<Chain> {
+        Chain::open_layers(path, format, gate, false)
+    }
+
     /// Opens `path` (QED, or raw when `format` says so or it is not QED) and every backing
     /// below it through `gate`.
     pub fn open(path: &Path, format: Option<&str>, gate: &FileGate) -> Result<Chain> {
+        Chain::open_layers(path, format, gate, true)
+    }
+
+    fn open_layers(
+        path: &Path,
+        format: Option<&str>,
+        gate: &FileGate,
+        whole_chain: bool,
+    ) -> Result<Chain> {
+        let access = if gate.force_share {
+            qed::Access::SharedRead
+        } else {
+            qed::Access::ReadOnly
+        };
         let top_format = match format {
             Some("raw") => BackingFormat::Raw,
             Some("qed") | None => BackingFormat::Probe,
             Some(other) => return Err(Error::Usage(format!("unknown format {other:?}"))),
         };
-        let top = open_layer(path, path.display().to_string(), top_format, true)?;
+        let top = open_layer(path, path.display().to_string(), top_format, true, access)?;
         if format == Some("qed") && top.format() != "qed" {
             return Err(Error::Usage(format!(
                 "{}: image not in QED format",
@@ -234,6 +256,9 @@ impl Chain {
         }
         let mut layers = vec![top];
         loop {
+            if !whole_chain {
+                break;
+            }
             let (name, format, above) = {
                 let last = layers.last().map(|l| (&l.layer, &l.path));
                 match last {
@@ -261,7 +286,13 @@ impl Chain {
                 gate.admit(&name, Some(&above), depth)
                     .map_err(|e| Error::image(&above, e))?
             };
-            layers.push(open_layer(&backing_path, name, format, gate.allow_probe)?);
+            layers.push(open_layer(
+                &backing_path,
+                name,
+                format,
+                gate.allow_probe,
+                access,
+            )?);
         }
         Ok(Chain { layers })
     }
@@ -412,8 +443,7 @@ pub fn actual_size(file: &File) -> u64 {
     file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
-/// `qemu-img info --output=json` for one layer, with the layers below nested under
-/// `backing-image`.
+/// `qemu-img info --output=json` for one layer of `chain` (its backing named, not nested).
 pub fn info_json(chain: &Chain, index: usize) -> Value {
     let cl = &chain.layers[index];
     let mut m = Map::new();
@@ -422,10 +452,7 @@ pub fn info_json(chain: &Chain, index: usize) -> Value {
     m.insert("virtual-size".into(), json!(cl.size()));
     match &cl.layer {
         Layer::Qed(image) => {
-            let file_actual = std::fs::File::open(&cl.path)
-                .map(|f| actual_size(&f))
-                .unwrap_or(0);
-            m.insert("actual-size".into(), json!(file_actual));
+            m.insert("actual-size".into(), json!(image_actual_size(image)));
             m.insert(
                 "cluster-size".into(),
                 json!(image.geometry().cluster_size()),
@@ -437,11 +464,13 @@ pub fn info_json(chain: &Chain, index: usize) -> Value {
             );
             if let Some(name) = image.backing_name() {
                 m.insert("backing-filename".into(), json!(name));
-                let full = chain
-                    .layers
-                    .get(index + 1)
-                    .map(|b| b.path.display().to_string())
-                    .unwrap_or_else(|| name.clone());
+                let full = match chain.layers.get(index + 1) {
+                    Some(b) => b.path.display().to_string(),
+                    None if qed::backing::is_protocol_name(&name) => name.clone(),
+                    None => qed::backing::resolve_backing_path(&name, Some(&cl.path))
+                        .display()
+                        .to_string(),
+                };
                 m.insert("full-backing-filename".into(), json!(full));
                 if image.backing_format() == Some(BackingFormat::Raw) {
                     m.insert("backing-filename-format".into(), json!("raw"));
@@ -470,10 +499,32 @@ pub fn info_json(chain: &Chain, index: usize) -> Value {
             m.insert("protocol".into(), json!("nbd"));
         }
     }
-    if index + 1 < chain.layers.len() {
-        m.insert("backing-image".into(), info_json(chain, index + 1));
-    }
     Value::Object(m)
+}
+
+/// The bytes a QED layer's file takes on disk, through the descriptor it was opened by.
+fn image_actual_size(image: &Image) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let path = image.path();
+    // The storage is the file itself; its length is known, its block count is not exposed
+    // through `Storage`, so ask the path's metadata only when it is still the same file.
+    match (path, image.file_id()) {
+        (Some(p), Some(id)) => std::fs::metadata(p)
+            .ok()
+            .filter(|m| m.dev() == id.dev && m.ino() == id.ino)
+            .map(|m| m.blocks() * 512)
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// `qemu-img info --backing-chain --output=json`: one object per layer, top first.
+pub fn chain_info_json(chain: &Chain) -> Value {
+    Value::Array(
+        (0..chain.layers.len())
+            .map(|i| info_json(chain, i))
+            .collect(),
+    )
 }
 
 impl Drop for ChainLayer {

@@ -7,7 +7,7 @@
 //! `pwrite` and `qed::Image` are synchronous) while the next chunks are being read. The output
 //! is flushed to stable storage before `convert` returns.
 
-use std::fs::{File, OpenOptions as FsOpenOptions};
+use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -69,14 +69,11 @@ pub fn convert(source: &Source, dst: &Path, target: &Target) -> Result<ConvertSt
     let size = source.size();
     let (sink, block) = match target {
         Target::Raw => {
-            let out = FsOpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .open(dst)
-                .map_err(|e| Error::open(dst, e))?;
-            out.set_len(size)
+            // Refuses an input (by device and inode) and a file another process holds before
+            // anything is truncated.
+            let out = qed::file::create(dst, &source.files()).map_err(|e| Error::image(dst, e))?;
+            out.set_len(0)
+                .and_then(|()| out.set_len(size))
                 .map_err(Error::io(format!("sizing {}", dst.display())))?;
             (Sink::Raw(out), 64 << 10)
         }
@@ -90,9 +87,13 @@ pub fn convert(source: &Source, dst: &Path, target: &Target) -> Result<ConvertSt
                 table_size: *table_size,
                 backing: None,
             };
-            Image::create_path(dst, &options).map_err(|e| Error::image(dst, e))?;
-            let image =
-                Image::open_path(dst, OpenOptions::default()).map_err(|e| Error::image(dst, e))?;
+            let file = Image::create_file(dst, &options, &source.files())
+                .map_err(|e| Error::image(dst, e))?;
+            let options = OpenOptions {
+                path: Some(dst.to_path_buf()),
+                ..OpenOptions::default()
+            };
+            let image = Image::open(Box::new(file), options).map_err(|e| Error::image(dst, e))?;
             let cs = image.geometry().cluster_size();
             (Sink::Qed(Box::new(image)), cs)
         }

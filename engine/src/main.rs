@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Map, Value};
 
-use engine::chain::{info_json, Chain};
+use engine::chain::{chain_info_json, info_json, Chain};
 use engine::convert::{convert, Target};
 use engine::error::{Error, Result};
 use engine::size::parse_size;
@@ -62,11 +62,19 @@ enum Command {
         /// Virtual size (K/M/G/T suffixes).
         size: Option<String>,
     },
-    /// Show what an image is, with its backing chain.
+    /// Show what an image is (and, with --backing-chain, every layer below it).
     Info {
         /// human or json.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
+        /// Also open and show every backing layer, top first.
+        #[arg(long)]
+        backing_chain: bool,
+        /// Inspect an image that another process may be using (take only the "read" image
+        /// lock, as qemu-img -U); what is read may be inconsistent while a writer runs.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+
         /// Image format (qed or raw; probed when omitted).
         #[arg(short = 'f')]
         format: Option<String>,
@@ -76,8 +84,13 @@ enum Command {
     /// Check an image's consistency (exit 0 clean, 1 error, 2 corruptions, 3 leaks).
     Check {
         /// Repair: leaks (reclaim leaked clusters) or all (also zero invalid entries).
-        #[arg(short = 'r', value_enum)]
+        #[arg(short = 'r', value_enum, conflicts_with = "force_share")]
         repair: Option<RepairArg>,
+        /// Inspect an image that another process may be using (take only the "read" image
+        /// lock, as qemu-img -U); what is read may be inconsistent while a writer runs.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+
         /// human or json.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
@@ -89,11 +102,21 @@ enum Command {
         /// human or json.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
+        /// Inspect an image that another process may be using (take only the "read" image
+        /// lock, as qemu-img -U); what is read may be inconsistent while a writer runs.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+
         /// The image.
         image: PathBuf,
     },
     /// Write bytes of the virtual disk to stdout.
     Read {
+        /// Inspect an image that another process may be using (take only the "read" image
+        /// lock, as qemu-img -U); what is read may be inconsistent while a writer runs.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
+
         /// The image.
         image: PathBuf,
         /// Offset in bytes (suffixes allowed).
@@ -124,6 +147,10 @@ enum Command {
         /// Output options for qed: cluster_size=N,table_size=N.
         #[arg(short = 'o')]
         options: Option<String>,
+        /// Inspect an image that another process may be using (take only the "read" image
+        /// lock, as qemu-img -U); what is read may be inconsistent while a writer runs.
+        #[arg(short = 'U', long = "force-share")]
+        force_share: bool,
         /// Source.
         src: PathBuf,
         /// Destination.
@@ -230,20 +257,39 @@ fn run(cli: Cli) -> Result<u8> {
         } => cmd_create(backing, backing_format, &format, options, &image, size),
         Command::Info {
             output,
+            backing_chain,
+            force_share,
             format,
             image,
-        } => cmd_info(output, format.as_deref(), &image),
+        } => cmd_info(
+            output,
+            backing_chain,
+            force_share,
+            format.as_deref(),
+            &image,
+        ),
         Command::Check {
             repair,
+            force_share,
             output,
             image,
-        } => cmd_check(repair, output, &image),
-        Command::Map { output, image } => cmd_map(output, &image),
+        } => cmd_check(repair, force_share, output, &image),
+        Command::Map {
+            output,
+            force_share,
+            image,
+        } => cmd_map(output, force_share, &image),
         Command::Read {
+            force_share,
             image,
             offset,
             length,
-        } => cmd_read(&image, parse_size(&offset)?, parse_size(&length)?),
+        } => cmd_read(
+            &image,
+            force_share,
+            parse_size(&offset)?,
+            parse_size(&length)?,
+        ),
         Command::Write {
             zero,
             image,
@@ -254,9 +300,17 @@ fn run(cli: Cli) -> Result<u8> {
             format,
             output_format,
             options,
+            force_share,
             src,
             dst,
-        } => cmd_convert(format.as_deref(), &output_format, options, &src, &dst),
+        } => cmd_convert(
+            format.as_deref(),
+            &output_format,
+            options,
+            force_share,
+            &src,
+            &dst,
+        ),
         Command::Resize { image, size } => cmd_resize(&image, &size),
         Command::Rebase {
             unsafe_mode: _,
@@ -381,6 +435,7 @@ fn cmd_create(
     let (cluster_size, table_size) = parse_qed_options(options.as_deref())?;
     let mut recorded = None;
     let mut backing_size = None;
+    let mut inputs = Vec::new();
     if let Some(name) = &backing {
         let path = if engine::source::is_nbd_name(Path::new(name)) {
             PathBuf::from(name)
@@ -395,6 +450,7 @@ fn cmd_create(
         };
         let source = Source::open(&path, src_format)?;
         backing_size = Some(source.size());
+        inputs = source.files();
         let fmt = fmt.unwrap_or(match source.kind() {
             SourceKind::Qed => BackingFormat::Probe,
             SourceKind::Raw | SourceKind::Nbd => BackingFormat::Raw,
@@ -417,27 +473,51 @@ fn cmd_create(
         table_size,
         backing: recorded,
     };
-    Image::create_path(image, &options).map_err(|e| Error::image(image, e))?;
+    // Validates every option before the file is touched; refuses the backing itself (by
+    // device and inode) and a file another process holds.
+    Image::create_file(image, &options, &inputs).map_err(|e| Error::image(image, e))?;
     Ok(0)
 }
 
-fn cmd_info(output: Output, format: Option<&str>, image: &Path) -> Result<u8> {
-    let chain = Chain::open(image, format, &FileGate::default())?;
-    let info = info_json(&chain, 0);
+fn file_gate(force_share: bool) -> FileGate {
+    FileGate {
+        force_share,
+        ..FileGate::default()
+    }
+}
+
+fn cmd_info(
+    output: Output,
+    backing_chain: bool,
+    force_share: bool,
+    format: Option<&str>,
+    image: &Path,
+) -> Result<u8> {
+    let gate = file_gate(force_share);
+    let (info, layers) = if backing_chain {
+        let chain = Chain::open(image, format, &gate)?;
+        let layers = (0..chain.layers.len())
+            .map(|i| info_json(&chain, i))
+            .collect::<Vec<_>>();
+        (chain_info_json(&chain), layers)
+    } else {
+        let chain = Chain::open_top(image, format, &gate)?;
+        let top = info_json(&chain, 0);
+        (top.clone(), vec![top])
+    };
     match output {
         Output::Json => println!(
             "{}",
             serde_json::to_string_pretty(&info).unwrap_or_default()
         ),
-        Output::Human => print_info_human(&info),
+        Output::Human => print_info_human(&layers),
     }
     Ok(0)
 }
 
-fn print_info_human(info: &Value) {
-    let mut layer = Some(info);
+fn print_info_human(layers: &[Value]) {
     let mut first = true;
-    while let Some(v) = layer {
+    for v in layers {
         if !first {
             println!();
         }
@@ -455,7 +535,7 @@ fn print_info_human(info: &Value) {
             println!("cluster_size: {cs}");
         }
         if let Some(b) = get("backing-filename").as_str() {
-            println!("backing file: {b}");
+            println!("backing file: {}", b.escape_debug());
         }
         if let Some(f) = get("backing-filename-format").as_str() {
             println!("backing file format: {f}");
@@ -465,7 +545,6 @@ fn print_info_human(info: &Value) {
                 println!("dirty: needs check");
             }
         }
-        layer = v.get("backing-image");
     }
 }
 
@@ -544,9 +623,15 @@ fn print_check_human(report: &CheckReport) {
     }
 }
 
-fn cmd_check(repair: Option<RepairArg>, output: Output, path: &Path) -> Result<u8> {
+fn cmd_check(
+    repair: Option<RepairArg>,
+    force_share: bool,
+    output: Output,
+    path: &Path,
+) -> Result<u8> {
     let options = OpenOptions {
         read_only: repair.is_none(),
+        force_share,
         backing: BackingPolicy::Detached,
         repair_on_open: false,
         ..OpenOptions::default()
@@ -587,8 +672,8 @@ fn cmd_check(repair: Option<RepairArg>, output: Output, path: &Path) -> Result<u
     Ok(report.exit_code() as u8)
 }
 
-fn cmd_map(output: Output, image: &Path) -> Result<u8> {
-    let chain = Chain::open(image, None, &FileGate::default())?;
+fn cmd_map(output: Output, force_share: bool, image: &Path) -> Result<u8> {
+    let chain = Chain::open(image, None, &file_gate(force_share))?;
     let extents = chain.map()?;
     match output {
         Output::Json => {
@@ -612,8 +697,17 @@ fn cmd_map(output: Output, image: &Path) -> Result<u8> {
     Ok(0)
 }
 
-fn cmd_read(image: &Path, offset: u64, length: u64) -> Result<u8> {
-    let source = Source::open(image, None)?;
+/// Opens a source for reading: read-only image locks, or only "read" with `force_share`.
+fn open_source(name: &Path, format: Option<&str>, force_share: bool) -> Result<Source> {
+    let gate = copy_on_read::Gate {
+        force_share,
+        ..copy_on_read::Gate::default()
+    };
+    Source::open_with(name, format, gate)
+}
+
+fn cmd_read(image: &Path, force_share: bool, offset: u64, length: u64) -> Result<u8> {
+    let source = open_source(image, None, force_share)?;
     let size = source.size();
     if offset.checked_add(length).is_none_or(|end| end > size) {
         return Err(Error::Usage(format!(
@@ -710,6 +804,7 @@ fn cmd_convert(
     format: Option<&str>,
     output_format: &str,
     options: Option<String>,
+    force_share: bool,
     src: &Path,
     dst: &Path,
 ) -> Result<u8> {
@@ -733,7 +828,7 @@ fn cmd_convert(
             )))
         }
     };
-    let source = Source::open(src, format)?;
+    let source = open_source(src, format, force_share)?;
     convert(&source, dst, &target)?;
     source.close()?;
     Ok(0)

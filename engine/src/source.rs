@@ -73,10 +73,12 @@ impl Source {
                 .map_err(Error::device)?;
             (Arc::new(export), SourceKind::Nbd)
         } else {
+            // Only files (never a FIFO or a device that blocks), with the image locks.
+            let file =
+                qed::file::open(name, gate.read_access()).map_err(|e| Error::image(name, e))?;
             let format = match format {
                 Some(f) => f.to_string(),
                 None => {
-                    let file = std::fs::File::open(name).map_err(|e| Error::open(name, e))?;
                     let len = Storage::len(&file).map_err(|e| Error::open(name, e))?;
                     let mut head = [0u8; 64];
                     Storage::read_at(&file, &mut head, 0).map_err(|e| Error::open(name, e))?;
@@ -85,10 +87,14 @@ impl Source {
             };
             match format.as_str() {
                 "raw" => (
-                    Arc::new(RawFile::open(name, false).map_err(Error::device)?),
+                    Arc::new(
+                        RawFile::from_file(file, name.to_path_buf(), false)
+                            .map_err(Error::device)?,
+                    ),
                     SourceKind::Raw,
                 ),
                 "qed" => {
+                    drop(file);
                     let options = CorOptions {
                         gate,
                         copy_on_read: false,
@@ -136,6 +142,11 @@ impl Source {
     /// The runtime the device's I/O runs on.
     pub fn runtime(&self) -> &tokio::runtime::Runtime {
         &self.runtime
+    }
+
+    /// The local files the source reads (its own and its backing chain's).
+    pub fn files(&self) -> Vec<qed::FileId> {
+        self.device.files()
     }
 
     /// The device underneath.

@@ -102,14 +102,36 @@ fn info_agrees_with_qemu_img_info() {
             assert_eq!(mine.get(key), theirs.get(key), "{image}: key {key}");
         }
     }
-    // The whole chain is listed.
-    let mine: Value =
+    // Plain info shows the top image alone; --backing-chain lists every layer, top first,
+    // with the keys qemu-img gives each.
+    let theirs: Value = serde_json::from_str(&ok(&mut qemu_img(
+        d,
+        &["info", "--backing-chain", "--output=json", "t.qed"],
+    )))
+    .unwrap();
+    let mine: Value = serde_json::from_str(&ok(&mut ours(
+        d,
+        &["info", "--backing-chain", "--output=json", "t.qed"],
+    )))
+    .unwrap();
+    let (theirs, mine) = (theirs.as_array().unwrap(), mine.as_array().unwrap());
+    assert_eq!(mine.len(), 3);
+    assert_eq!(mine.len(), theirs.len());
+    for (m, t) in mine.iter().zip(theirs) {
+        for key in [
+            "filename",
+            "format",
+            "virtual-size",
+            "backing-filename",
+            "full-backing-filename",
+        ] {
+            assert_eq!(m.get(key), t.get(key), "layer {}: key {key}", t["filename"]);
+        }
+    }
+    let top: Value =
         serde_json::from_str(&ok(&mut ours(d, &["info", "--output=json", "t.qed"]))).unwrap();
-    assert_eq!(mine["backing-image"]["filename"], "b2.qed");
-    assert_eq!(mine["backing-image"]["backing-image"]["filename"], "b1.qed");
-    assert!(mine["backing-image"]["backing-image"]
-        .get("backing-image")
-        .is_none());
+    assert!(top.get("backing-image").is_none());
+    assert_eq!(top["full-backing-filename"], "b2.qed");
 }
 
 #[test]
@@ -525,7 +547,12 @@ fn convert_and_info_take_an_nbd_uri_from_qemu_nbd() {
         serde_json::from_str(&ok(&mut ours(d, &["info", "--output=json", "nb.qed"]))).unwrap();
     assert_eq!(info["backing-filename"], uri.as_str());
     assert_eq!(info["backing-filename-format"], "raw");
-    assert_eq!(info["backing-image"]["virtual-size"], 4 << 20);
+    let chain: Value = serde_json::from_str(&ok(&mut ours(
+        d,
+        &["info", "--backing-chain", "--output=json", "nb.qed"],
+    )))
+    .unwrap();
+    assert_eq!(chain[1]["virtual-size"], 4 << 20);
     // A partial write through ours keeps the export's bytes around it in the cluster.
     let payload: Vec<u8> = (0..5000u32).map(|i| (i % 200) as u8 + 1).collect();
     std::fs::write(d.join("payload"), &payload).unwrap();

@@ -9,11 +9,12 @@
 //! asked, and bounds the chain depth.
 
 use std::fmt;
-use std::fs::File;
+
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
+use crate::file::Access;
 use crate::image::{Image, OpenOptions};
 use crate::layout::{MAGIC, SECTOR};
 use crate::storage::Storage;
@@ -179,6 +180,9 @@ pub struct FileGate {
     pub confine_to: Option<PathBuf>,
     /// The deepest chain accepted (the top image is depth 0). Default 16.
     pub max_depth: u32,
+    /// Open backing files with [`Access::SharedRead`] (`-U`) instead of
+    /// [`Access::ReadOnly`], which keeps writers and resizers out of them.
+    pub force_share: bool,
 }
 
 impl Default for FileGate {
@@ -187,6 +191,7 @@ impl Default for FileGate {
             allow_probe: true,
             confine_to: None,
             max_depth: 16,
+            force_share: false,
         }
     }
 }
@@ -305,7 +310,15 @@ impl BackingOpener for FileGate {
         depth: u32,
     ) -> Result<Arc<dyn BackingRead>> {
         let path = self.admit(name, image_path, depth)?;
-        let file = File::open(&path).map_err(|e| gate_err(name, GateError::Open(e)))?;
+        let access = if self.force_share {
+            Access::SharedRead
+        } else {
+            Access::ReadOnly
+        };
+        let file = crate::file::open(&path, access).map_err(|e| Error::Backing {
+            name: name.to_string(),
+            source: Box::new(e),
+        })?;
         let display = path.display().to_string();
         if format == BackingFormat::Raw {
             return Ok(Arc::new(RawBacking::new(Box::new(file), display)?));
@@ -321,6 +334,7 @@ impl BackingOpener for FileGate {
             "qed" => {
                 let options = OpenOptions {
                     read_only: true,
+                    force_share: self.force_share,
                     path: Some(path.clone()),
                     depth: depth + 1,
                     ..OpenOptions::with_opener(Arc::new(self.clone()))

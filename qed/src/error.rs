@@ -129,6 +129,17 @@ pub enum Error {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Another process (or another open file of this one) holds the image in a way that
+    /// conflicts with this use: QEMU's image locks (see [`crate::file`]).
+    #[error(transparent)]
+    Locked(#[from] crate::file::LockConflict),
+    /// The path names something that cannot hold an image (a FIFO, a socket, a directory,
+    /// a character device).
+    #[error("{0} cannot be an image (only regular files and block devices)")]
+    NotAnImageFile(&'static str),
+    /// The output of a command is one of its inputs, or a file in an input's backing chain.
+    #[error("the output is the same file as an input or a file in its backing chain")]
+    OutputIsInput,
     /// The image needs a consistency check that could not be completed.
     #[error("the image is marked as needing a check, and the check found {corruptions} unrepairable corruptions and {check_errors} errors")]
     CheckFailed {

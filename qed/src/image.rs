@@ -15,7 +15,7 @@
 //! [`Image::close`].
 
 use std::collections::HashMap;
-use std::fs::OpenOptions as FsOpenOptions;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -24,6 +24,7 @@ use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::backing::{BackingDescription, BackingFormat, BackingOpener, BackingRead, FileGate};
 use crate::error::{Error, Result, TableKind};
+use crate::file::{Access, FileId};
 use crate::layout::{
     self, Geometry, Header, L2Entry, ENTRY_UNALLOCATED, ENTRY_ZERO, F_BACKING_FILE,
     F_BACKING_FORMAT_NO_PROBE, F_NEED_CHECK, HEADER_SIZE_BYTES, MAGIC, SECTOR,
@@ -46,6 +47,10 @@ pub enum BackingPolicy {
 pub struct OpenOptions {
     /// Open without ever writing.
     pub read_only: bool,
+    /// With `read_only`, inspect an image that another process may hold for writing
+    /// (`-U`, QEMU's `force-share`): [`Image::open_path`] then takes only the "read" lock
+    /// ([`Access::SharedRead`]). What is read may be inconsistent while a writer runs.
+    pub force_share: bool,
     /// The image's path, to resolve a relative backing name.
     pub path: Option<PathBuf>,
     /// What to do with the backing file.
@@ -70,6 +75,7 @@ impl OpenOptions {
     pub fn with_opener(opener: Arc<dyn BackingOpener>) -> OpenOptions {
         OpenOptions {
             read_only: false,
+            force_share: false,
             path: None,
             backing: BackingPolicy::Open(opener),
             l2_cache_tables: 64,
@@ -284,6 +290,13 @@ impl Image {
     /// Writes a new, empty image to `storage` (which should be empty), exactly as
     /// `qemu-img create -f qed` does for the same arguments.
     pub fn create(storage: &dyn Storage, options: &CreateOptions) -> Result<()> {
+        let (head, file_len) = Image::plan_create(options)?;
+        Image::write_new(storage, &head, file_len)
+    }
+
+    /// Validates `options` and returns the first bytes of the new image (header and backing
+    /// name) and its initial file length. Nothing is written.
+    fn plan_create(options: &CreateOptions) -> Result<(Vec<u8>, u64)> {
         let geometry = Geometry::new(options.cluster_size, options.table_size, 1)?;
         if options.table_size == 1 {
             return Err(Error::InvalidOptions(
@@ -334,36 +347,49 @@ impl Image {
             head.extend_from_slice(name.as_bytes());
         }
         let file_len = geometry.cluster_size() * (1 + u64::from(options.table_size));
+        Ok((head, file_len))
+    }
+
+    fn write_new(storage: &dyn Storage, head: &[u8], file_len: u64) -> Result<()> {
         storage
             .set_len(0)
             .and_then(|()| storage.set_len(file_len))
             .map_err(Error::io("sizing new image", 0))?;
         storage
-            .write_at(&head, 0)
+            .write_at(head, 0)
             .map_err(Error::io("writing header", 0))?;
         storage.flush().map_err(Error::io("flushing", 0))?;
         Ok(())
     }
 
-    /// Creates the file at `path` (truncating it) and writes a new image.
+    /// Creates the file at `path` (replacing what it held) and writes a new image.
     pub fn create_path(path: &Path, options: &CreateOptions) -> Result<()> {
-        let file = FsOpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(Error::io("creating image file", 0))?;
-        Image::create(&file, options)
+        Image::create_file(path, options, &[]).map(drop)
     }
 
-    /// Opens the file at `path`.
+    /// Creates the image at `path` as [`Image::create_path`] does, and returns its file, held
+    /// with the read-write image locks ([`Access::ReadWrite`]) so that nobody can take it
+    /// before the caller opens it ([`Image::open`]). Every option is validated before the file
+    /// is touched; a file another process holds is refused untouched (image locks); a path
+    /// that names one of `inputs` (through symlinks or hard links) is refused untouched.
+    pub fn create_file(path: &Path, options: &CreateOptions, inputs: &[FileId]) -> Result<File> {
+        let (head, file_len) = Image::plan_create(options)?;
+        let file = crate::file::create(path, inputs)?;
+        Image::write_new(&file, &head, file_len)?;
+        crate::file::lock(&file, Access::ReadWrite)?;
+        Ok(file)
+    }
+
+    /// Opens the file at `path`, with QEMU's image locks: [`Access::ReadWrite`], or
+    /// [`Access::ReadOnly`] when `options.read_only` ([`Access::SharedRead`] with
+    /// `options.force_share`).
     pub fn open_path(path: &Path, mut options: OpenOptions) -> Result<Image> {
-        let file = FsOpenOptions::new()
-            .read(true)
-            .write(!options.read_only)
-            .open(path)
-            .map_err(Error::io("opening image file", 0))?;
+        let access = match (options.read_only, options.force_share) {
+            (false, _) => Access::ReadWrite,
+            (true, false) => Access::ReadOnly,
+            (true, true) => Access::SharedRead,
+        };
+        let file = crate::file::open(path, access)?;
         options.path = Some(path.to_path_buf());
         Image::open(Box::new(file), options)
     }
@@ -530,6 +556,11 @@ impl Image {
     /// True when opened read-only.
     pub fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    /// The file under the image, when it is one.
+    pub fn file_id(&self) -> Option<FileId> {
+        self.storage.file_id()
     }
 
     /// The storage under the image.

@@ -7,6 +7,8 @@
 //! trait:
 //!
 //! - [`layout`]: the on-disk header, feature bits, geometry rules and table entries (pure).
+//! - [`file`]: opening image files as QEMU does: regular files and block devices only, with
+//!   QEMU's image locks ([`Access`]), and file identity ([`FileId`]).
 //! - [`storage`]: the [`Storage`] trait (positioned, thread-safe I/O) with a file and an
 //!   in-memory implementation.
 //! - [`image`]: an open [`Image`]: mapping lookups ([`Image::map`]), reads through the backing
@@ -44,6 +46,7 @@
 pub mod backing;
 pub mod check;
 pub mod error;
+pub mod file;
 pub mod image;
 pub mod layout;
 pub mod storage;
@@ -52,6 +55,7 @@ pub mod types;
 pub use backing::{BackingFormat, BackingOpener, BackingRead, FileGate, QedBacking, RawBacking};
 pub use check::{CheckReport, Repair};
 pub use error::{Error, Result};
+pub use file::{Access, FileId, LockConflict};
 pub use image::{
     BackingPolicy, CreateOptions, Extent, Image, Mapping, OpenOptions, PopulateOutcome,
 };

@@ -31,6 +31,10 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn next_data(&self, _offset: u64) -> io::Result<Option<u64>> {
         Ok(None)
     }
+    /// The file under the storage, when it is one (to tell whether two names are one file).
+    fn file_id(&self) -> Option<crate::file::FileId> {
+        None
+    }
 }
 
 impl Storage for File {
@@ -64,6 +68,10 @@ impl Storage for File {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         File::set_len(self, len)
+    }
+
+    fn file_id(&self) -> Option<crate::file::FileId> {
+        crate::file::FileId::of(self).ok()
     }
 
     fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
@@ -188,5 +196,8 @@ impl<S: Storage + ?Sized> Storage for std::sync::Arc<S> {
     }
     fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
         (**self).next_data(offset)
+    }
+    fn file_id(&self) -> Option<crate::file::FileId> {
+        (**self).file_id()
     }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use qed::backing::{probe_format, FileGate};
+use qed::backing::{probe_storage, FileGate};
 use qed::{BackingFormat, BackingPolicy, Image, Mapping, OpenOptions, Storage};
 
 use crate::error::{Error, Result};
@@ -177,10 +177,8 @@ fn open_layer(
         });
     }
     let file = File::open(path).map_err(|e| Error::open(path, e))?;
-    let mut head = [0u8; 64];
     let len = Storage::len(&file).map_err(|e| Error::open(path, e))?;
-    Storage::read_at(&file, &mut head, 0).map_err(|e| Error::open(path, e))?;
-    let detected = probe_format(&head[..len.min(64) as usize]);
+    let detected = probe_storage(&file).map_err(|e| Error::open(path, e))?;
     let as_raw = format == BackingFormat::Raw || detected == "raw";
     if !as_raw && !allow_probe {
         return Err(Error::Usage(format!(

@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use copy_on_read::{BlockDevice, CorDevice, CorOptions, Gate, NbdExport, RawFile, Status};
-use qed::backing::{is_protocol_name, probe_format};
-use qed::Storage;
+use qed::backing::{is_protocol_name, probe_storage};
 
 use crate::error::{Error, Result};
 
@@ -44,6 +43,7 @@ pub fn is_nbd_name(name: &Path) -> bool {
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_stack_size(crate::STACK_SIZE)
         .enable_all()
         .build()
         .map_err(Error::io("starting the I/O runtime"))
@@ -77,10 +77,9 @@ impl Source {
                 Some(f) => f.to_string(),
                 None => {
                     let file = std::fs::File::open(name).map_err(|e| Error::open(name, e))?;
-                    let len = Storage::len(&file).map_err(|e| Error::open(name, e))?;
-                    let mut head = [0u8; 64];
-                    Storage::read_at(&file, &mut head, 0).map_err(|e| Error::open(name, e))?;
-                    probe_format(&head[..len.min(64) as usize]).to_string()
+                    probe_storage(&file)
+                        .map_err(|e| Error::open(name, e))?
+                        .to_string()
                 }
             };
             match format.as_str() {

@@ -153,7 +153,8 @@ impl Source {
     }
 
     /// The next offset at or after `offset` that may hold non-zero data, from the device's
-    /// block status (`None`: unknown). Looks at most 1 GiB ahead.
+    /// block status (`None`: unknown). Asks for everything up to the end; the device answers
+    /// for as much as it can at once.
     pub fn next_data(&self, offset: u64) -> Option<u64> {
         self.runtime.block_on(self.next_data_async(offset))
     }
@@ -169,7 +170,7 @@ impl Source {
                 && cache.last().is_some_and(|l| l.offset + l.length > offset)
         };
         if !covered {
-            let window = (self.size - offset).min(1 << 30);
+            let window = self.size - offset;
             let extents = self.device.block_status(offset, window).await.ok()?;
             *self.status.lock() = extents;
         }

@@ -969,3 +969,51 @@ fn deep_backing_chains_open_and_the_bound_is_an_option() {
         ok(&mut ours(d, &args));
     }
 }
+
+/// Block-status requests an nbdkit `--filter=log` log file records.
+fn block_status_requests(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("Extents id=") && !l.contains("...Extents"))
+        .count()
+}
+
+#[test]
+fn huge_sparse_exports_are_walked_in_few_block_status_requests() {
+    let dir = tempdir();
+    let d = dir.path();
+    let sock = d.join("sparse.sock");
+    let log = d.join("nbdkit.log");
+    let logfile = format!("logfile={}", log.display());
+    // 1 TiB with three small pieces of data, at 0, 512 GiB and near the end.
+    let _server = nbdkit(
+        &sock,
+        &[
+            "--filter=log",
+            "data",
+            "data=1 @549755813888 2 @1099511562240 3",
+            "size=1T",
+            &logfile,
+        ],
+    );
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    // 256 MiB or 1 GiB windows would need 1024 to 4096 requests; 4 GiB ones need 256.
+    let map = ok(&mut ours(d, &["map", "--output=json", &uri]));
+    assert_eq!(map.matches("\"data\": true").count(), 3, "{map}");
+    let n = block_status_requests(&log);
+    assert!(n <= 300, "map asked for block status {n} times");
+    ok(&mut ours(
+        d,
+        &["create", "-b", &uri, "-F", "raw", "top.qed", "1T"],
+    ));
+    let before = block_status_requests(&log);
+    ok(&mut ours(d, &["stream", "top.qed"]));
+    let n = block_status_requests(&log) - before;
+    assert!(n <= 600, "stream asked for block status {n} times");
+    let out = run(&mut ours(d, &["read", "top.qed", "549755813888", "1"]));
+    assert_eq!(out.stdout, [2]);
+    let info: Value =
+        serde_json::from_str(&ok(&mut ours(d, &["info", "--output=json", "top.qed"]))).unwrap();
+    assert!(info.get("backing-filename").is_none(), "{info}");
+}

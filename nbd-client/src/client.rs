@@ -868,6 +868,21 @@ impl Client {
         (cap / align * align).max(align)
     }
 
+    /// The largest BLOCK_STATUS length asked for in one request: as much as the header format
+    /// can carry (32 bits in compact mode, 64 with extended headers), so a sparse export is
+    /// walked in few requests. The server may answer for less.
+    ///
+    /// The length stays a multiple of 1 MiB so that the next request starts aligned too
+    /// (nbdkit 1.32 asserts on answers for an unaligned offset near 4 GiB).
+    fn max_status_length(&self) -> u64 {
+        let align = u64::from(self.inner.export.block_size.minimum.max(1)).max(1 << 20);
+        let cap = match self.inner.export.mode {
+            HeaderMode::Extended => crate::MAX_EXPORT_SIZE,
+            _ => u64::from(u32::MAX),
+        };
+        (cap / align * align).max(align)
+    }
+
     async fn effect_command(
         &self,
         command: Command,
@@ -964,7 +979,7 @@ impl Client {
             }
             .into());
         }
-        let length = length.min(size - offset).min(self.max_effect_length());
+        let length = length.min(size - offset).min(self.max_status_length());
         self.check_range(offset, length)?;
         let raw = match self
             .request(Command::BlockStatus, 0, offset, length, None)

@@ -15,7 +15,9 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
 
-use qed::backing::{is_protocol_name, normalise, probe_format, resolve_backing_path};
+use qed::backing::{
+    is_protocol_name, normalise, probe_format, probe_storage, resolve_backing_path,
+};
 use qed::{BackingFormat, BackingPolicy, Image, OpenOptions};
 
 use crate::device::BlockDevice;
@@ -33,7 +35,8 @@ pub struct Gate {
     pub confine_to: Option<PathBuf>,
     /// Allow NBD names (`nbd://`, `nbd+unix://`, `nbd:`, `json:`). Default true.
     pub allow_nbd: bool,
-    /// The deepest layer accepted (the top image is depth 0). Default 16.
+    /// The deepest layer accepted (the top image is depth 0). Default
+    /// [`qed::backing::DEFAULT_MAX_DEPTH`].
     pub max_depth: u32,
     /// How NBD backings connect (timeouts, reconnect window).
     pub nbd: nbd_client::ClientConfig,
@@ -49,7 +52,7 @@ impl Default for Gate {
             allow_probe: true,
             confine_to: None,
             allow_nbd: true,
-            max_depth: 16,
+            max_depth: qed::backing::DEFAULT_MAX_DEPTH,
             nbd: nbd_client::ClientConfig::default(),
             force_share: false,
         }
@@ -158,16 +161,11 @@ impl Gate {
                 if format == BackingFormat::Raw {
                     return Ok((file, "raw"));
                 }
-                let mut head = [0u8; 64];
-                let n = {
-                    use std::os::unix::fs::FileExt;
-                    file.read_at(&mut head, 0)
-                }
-                .map_err(|source| Error::Open {
+                let found = probe_storage(&file).map_err(|source| Error::Open {
                     path: p.clone(),
                     source,
                 })?;
-                Ok((file, probe_format(&head[..n])))
+                Ok((file, found))
             })
             .await?;
             if format == BackingFormat::Probe && !self.allow_probe {
@@ -251,7 +249,11 @@ mod tests {
             .is_err());
         assert!(gate.admit_file("/etc/passwd", Some(&top), 1, &[]).is_err());
         assert!(gate.admit_file("base.raw", Some(&top), 1, &[]).is_ok());
-        assert!(gate.admit_file("base.raw", Some(&top), 17, &[]).is_err());
+        let max = qed::backing::DEFAULT_MAX_DEPTH;
+        assert!(gate.admit_file("base.raw", Some(&top), max, &[]).is_ok());
+        assert!(gate
+            .admit_file("base.raw", Some(&top), max + 1, &[])
+            .is_err());
         let seen = vec![absolute(&dir.path().join("base.raw"))];
         assert!(matches!(
             gate.admit_file("base.raw", Some(&top), 1, &seen),

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use qed::backing::{probe_format, FileGate};
+use qed::backing::{probe_storage, FileGate};
 use qed::{BackingFormat, BackingPolicy, Image, Mapping, OpenOptions, Storage};
 
 use crate::error::{Error, Result};
@@ -178,10 +178,8 @@ fn open_layer(
         });
     }
     let file = qed::file::open(path, access).map_err(|e| Error::image(path, e))?;
-    let mut head = [0u8; 64];
     let len = Storage::len(&file).map_err(|e| Error::open(path, e))?;
-    Storage::read_at(&file, &mut head, 0).map_err(|e| Error::open(path, e))?;
-    let detected = probe_format(&head[..len.min(64) as usize]);
+    let detected = probe_storage(&file).map_err(|e| Error::open(path, e))?;
     let as_raw = format == BackingFormat::Raw || detected == "raw";
     if !as_raw && !allow_probe {
         return Err(Error::Usage(format!(
@@ -307,8 +305,10 @@ impl Chain {
         let size = self.top().size();
         let mut out: Vec<MapEntry> = Vec::new();
         let mut pos = 0;
+        // The last block-status answer of an NBD layer: one request answers for many extents.
+        let mut status = Vec::new();
         while pos < size {
-            let e = self.map_at(pos, size - pos)?;
+            let e = self.map_at(pos, size - pos, &mut status)?;
             pos += e.length;
             match out.last_mut() {
                 Some(last) if last.extends(&e) => last.length += e.length,
@@ -319,7 +319,12 @@ impl Chain {
     }
 
     /// The extent at `pos`, as far as one answer reaches (at most `max`).
-    fn map_at(&self, pos: u64, max: u64) -> Result<MapEntry> {
+    fn map_at(
+        &self,
+        pos: u64,
+        max: u64,
+        status: &mut Vec<copy_on_read::StatusExtent>,
+    ) -> Result<MapEntry> {
         let mut len = max;
         for (depth, cl) in self.layers.iter().enumerate() {
             let depth = depth as u32;
@@ -370,11 +375,22 @@ impl Chain {
                     }
                 }
                 Layer::Nbd { export, runtime } => {
-                    let extents = runtime
-                        .block_on(copy_on_read::BlockDevice::block_status(&**export, pos, len))
-                        .map_err(Error::device)?;
-                    let (data, n) = extents
-                        .first()
+                    let covers = |s: &[copy_on_read::StatusExtent]| {
+                        s.iter()
+                            .any(|e| e.offset <= pos && pos < e.offset + e.length)
+                    };
+                    if !covers(status) {
+                        // Ask as far as the export goes: the answer covers a prefix.
+                        let rest = cl.size() - pos;
+                        *status = runtime
+                            .block_on(copy_on_read::BlockDevice::block_status(
+                                &**export, pos, rest,
+                            ))
+                            .map_err(Error::device)?;
+                    }
+                    let (data, n) = status
+                        .iter()
+                        .find(|e| e.offset <= pos && pos < e.offset + e.length)
                         .map(|e| {
                             (
                                 e.status == copy_on_read::Status::Data,

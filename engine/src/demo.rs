@@ -157,7 +157,14 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
         .build()
         .map_err(Error::io("starting the runtime"))?;
     let (stats, first) = rt.block_on(async {
-        let dev = Arc::new(open_device(&overlay, Duration::from_secs(5)).await?);
+        let dev = Arc::new(
+            open_device(
+                &overlay,
+                Duration::from_secs(5),
+                qed::backing::DEFAULT_MAX_DEPTH,
+            )
+            .await?,
+        );
         let buf = dev
             .read_at(0, vec![0u8; 1 << 20])
             .await
@@ -184,6 +191,7 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
         step: None,
         reconnect_delay: Duration::from_secs(5),
         in_flight: 4,
+        max_chain_depth: qed::backing::DEFAULT_MAX_DEPTH,
     })?;
     drop(served);
 

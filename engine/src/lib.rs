@@ -25,6 +25,12 @@
 //! }
 //! ```
 
+/// Stack size of the threads that open and read backing chains (the command's main thread and
+/// the I/O runtimes' workers). Opening and reading a chain recurses once per layer, so a chain
+/// as deep as [`qed::backing::DEFAULT_MAX_DEPTH`] needs more than the usual 2 MiB (the memory
+/// is reserved, and only touched as deep as a chain goes).
+pub const STACK_SIZE: usize = 256 << 20;
+
 pub mod chain;
 pub mod convert;
 pub mod demo;

@@ -41,10 +41,59 @@ enum RepairArg {
     All,
 }
 
+/// The bound on backing chains, for every command that opens one.
+#[derive(clap::Args, Debug, Clone, Copy)]
+struct ChainArgs {
+    /// The deepest backing chain opened (layers below the image).
+    #[arg(long, value_name = "N", default_value_t = qed::backing::DEFAULT_MAX_DEPTH)]
+    max_chain_depth: u32,
+}
+
+impl ChainArgs {
+    fn gate(self) -> copy_on_read::Gate {
+        self.shared(false).gate()
+    }
+
+    /// The bound, and whether images in use may be inspected (`-U`).
+    fn shared(self, force_share: bool) -> SharedChainArgs {
+        SharedChainArgs {
+            max_depth: self.max_chain_depth,
+            force_share,
+        }
+    }
+}
+
+/// How an inspection command opens a chain: its depth bound and `-U`.
+#[derive(Debug, Clone, Copy)]
+struct SharedChainArgs {
+    max_depth: u32,
+    force_share: bool,
+}
+
+impl SharedChainArgs {
+    fn file_gate(self) -> FileGate {
+        FileGate {
+            max_depth: self.max_depth,
+            force_share: self.force_share,
+            ..FileGate::default()
+        }
+    }
+
+    fn gate(self) -> copy_on_read::Gate {
+        copy_on_read::Gate {
+            max_depth: self.max_depth,
+            force_share: self.force_share,
+            ..copy_on_read::Gate::default()
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Create a QED image (size defaults to the backing's size).
     Create {
+        #[command(flatten)]
+        chain: ChainArgs,
         /// Backing file (path, relative to the image's folder, or absolute).
         #[arg(short = 'b', long = "backing")]
         backing: Option<String>,
@@ -64,6 +113,8 @@ enum Command {
     },
     /// Show what an image is (and, with --backing-chain, every layer below it).
     Info {
+        #[command(flatten)]
+        chain: ChainArgs,
         /// human or json.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
@@ -99,6 +150,8 @@ enum Command {
     },
     /// Show where each range of the virtual disk comes from.
     Map {
+        #[command(flatten)]
+        chain: ChainArgs,
         /// human or json.
         #[arg(long, value_enum, default_value = "human")]
         output: Output,
@@ -112,11 +165,12 @@ enum Command {
     },
     /// Write bytes of the virtual disk to stdout.
     Read {
+        #[command(flatten)]
+        chain: ChainArgs,
         /// Inspect an image that another process may be using (take only the "read" image
         /// lock, as qemu-img -U); what is read may be inconsistent while a writer runs.
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
-
         /// The image.
         image: PathBuf,
         /// Offset in bytes (suffixes allowed).
@@ -126,6 +180,8 @@ enum Command {
     },
     /// Write FILE (stdin by default), or zeros, into the virtual disk.
     Write {
+        #[command(flatten)]
+        chain: ChainArgs,
         /// Write LENGTH zero bytes instead of data.
         #[arg(long = "zero", short = 'z', value_name = "LENGTH")]
         zero: Option<String>,
@@ -138,6 +194,8 @@ enum Command {
     },
     /// Copy a virtual disk into a raw file or a new QED image.
     Convert {
+        #[command(flatten)]
+        chain: ChainArgs,
         /// Source format: qed or raw (probed when omitted).
         #[arg(short = 'f')]
         format: Option<String>,
@@ -179,6 +237,8 @@ enum Command {
     },
     /// Make an image local: copy what it lacks from its backing chain, then drop the link.
     Stream {
+        #[command(flatten)]
+        chain: ChainArgs,
         /// Rate limit in bytes per second (suffixes allowed: 10M).
         #[arg(long, value_name = "BYTES_PER_S")]
         rate: Option<String>,
@@ -200,7 +260,7 @@ enum Command {
         /// Seconds an NBD backing may be away before the stream fails.
         #[arg(long, value_name = "SECONDS", default_value = "30")]
         reconnect_delay: f64,
-        /// Copy requests in flight.
+        /// Copy requests in flight (1 to 64).
         #[arg(long, default_value = "4")]
         in_flight: usize,
         /// The image.
@@ -220,7 +280,15 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    // Opening and reading a backing chain recurses once per layer: run on a stack that holds a
+    // chain as deep as `--max-chain-depth` allows by default.
+    let result = std::thread::Builder::new()
+        .name("qedstream".into())
+        .stack_size(engine::STACK_SIZE)
+        .spawn(move || run(cli))
+        .map_err(Error::io("starting the main thread"))
+        .and_then(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+    match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             let mut msg = e.to_string();
@@ -233,10 +301,29 @@ fn main() -> ExitCode {
                 }
                 source = s_next(source);
             }
-            eprintln!("qedstream: {msg}");
+            eprintln!("qedstream: {}", escape_controls(&msg));
             ExitCode::from(1)
         }
     }
+}
+
+/// `s` with control characters escaped (`\x1b`, `\u{85}`): names from image headers (backing
+/// names, paths built from them) are untrusted and must not drive the terminal.
+fn escape_controls(s: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() {
+            if (c as u32) < 0x80 {
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            } else {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn s_next<'a>(
@@ -248,20 +335,31 @@ fn s_next<'a>(
 fn run(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Create {
+            chain,
             backing,
             backing_format,
             format,
             options,
             image,
             size,
-        } => cmd_create(backing, backing_format, &format, options, &image, size),
+        } => cmd_create(
+            chain,
+            backing,
+            backing_format,
+            &format,
+            options,
+            &image,
+            size,
+        ),
         Command::Info {
+            chain,
             output,
             backing_chain,
             force_share,
             format,
             image,
         } => cmd_info(
+            chain,
             output,
             backing_chain,
             force_share,
@@ -275,28 +373,32 @@ fn run(cli: Cli) -> Result<u8> {
             image,
         } => cmd_check(repair, force_share, output, &image),
         Command::Map {
+            chain,
             output,
             force_share,
             image,
-        } => cmd_map(output, force_share, &image),
+        } => cmd_map(chain, output, force_share, &image),
         Command::Read {
+            chain,
             force_share,
             image,
             offset,
             length,
         } => cmd_read(
+            chain.shared(force_share),
             &image,
-            force_share,
             parse_size(&offset)?,
             parse_size(&length)?,
         ),
         Command::Write {
+            chain,
             zero,
             image,
             offset,
             file,
-        } => cmd_write(&image, parse_size(&offset)?, zero, file),
+        } => cmd_write(chain, &image, parse_size(&offset)?, zero, file),
         Command::Convert {
+            chain,
             format,
             output_format,
             options,
@@ -304,10 +406,10 @@ fn run(cli: Cli) -> Result<u8> {
             src,
             dst,
         } => cmd_convert(
+            chain.shared(force_share),
             format.as_deref(),
             &output_format,
             options,
-            force_share,
             &src,
             &dst,
         ),
@@ -319,6 +421,7 @@ fn run(cli: Cli) -> Result<u8> {
             image,
         } => cmd_rebase(&image, &backing, backing_format.as_deref()),
         Command::Stream {
+            chain,
             rate,
             keep_backing,
             output,
@@ -329,6 +432,7 @@ fn run(cli: Cli) -> Result<u8> {
             in_flight,
             image,
         } => cmd_stream(
+            chain,
             image,
             rate,
             keep_backing,
@@ -341,7 +445,9 @@ fn run(cli: Cli) -> Result<u8> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn cmd_stream(
+    chain: ChainArgs,
     image: PathBuf,
     rate: Option<String>,
     keep_backing: bool,
@@ -362,15 +468,28 @@ fn cmd_stream(
             "--reconnect-delay must be between 0 and 86400 seconds".into(),
         ));
     }
+    if !(1..=64).contains(&in_flight) {
+        return Err(Error::Usage(format!(
+            "--in-flight must be between 1 and 64, not {in_flight}"
+        )));
+    }
     let step = match step {
-        Some((offset, length)) => Some((
-            offset.as_deref().map(parse_size).transpose()?.unwrap_or(0),
-            length
+        Some((offset, length)) => {
+            let length = length
                 .as_deref()
                 .map(parse_size)
                 .transpose()?
-                .unwrap_or(engine::progress::STEP_UNIT),
-        )),
+                .unwrap_or(engine::progress::STEP_UNIT);
+            if length == 0 {
+                return Err(Error::Usage(
+                    "--length must be at least 1 byte (a step copies at least one cluster)".into(),
+                ));
+            }
+            Some((
+                offset.as_deref().map(parse_size).transpose()?.unwrap_or(0),
+                length,
+            ))
+        }
         None => None,
     };
     engine::progress::run(engine::progress::StreamCommand {
@@ -381,6 +500,7 @@ fn cmd_stream(
         step,
         reconnect_delay: std::time::Duration::from_secs_f64(reconnect_delay),
         in_flight,
+        max_chain_depth: chain.max_chain_depth,
     })
 }
 
@@ -420,6 +540,7 @@ fn parse_backing_format(f: Option<&str>) -> Result<Option<BackingFormat>> {
 }
 
 fn cmd_create(
+    chain: ChainArgs,
     backing: Option<String>,
     backing_format: Option<String>,
     format: &str,
@@ -448,7 +569,7 @@ fn cmd_create(
             Some(BackingFormat::Probe) => Some("qed"),
             None => None,
         };
-        let source = Source::open(&path, src_format)?;
+        let source = Source::open_with(&path, src_format, chain.gate())?;
         backing_size = Some(source.size());
         inputs = source.files();
         let fmt = fmt.unwrap_or(match source.kind() {
@@ -479,21 +600,15 @@ fn cmd_create(
     Ok(0)
 }
 
-fn file_gate(force_share: bool) -> FileGate {
-    FileGate {
-        force_share,
-        ..FileGate::default()
-    }
-}
-
 fn cmd_info(
+    chain: ChainArgs,
     output: Output,
     backing_chain: bool,
     force_share: bool,
     format: Option<&str>,
     image: &Path,
 ) -> Result<u8> {
-    let gate = file_gate(force_share);
+    let gate = chain.shared(force_share).file_gate();
     let (info, layers) = if backing_chain {
         let chain = Chain::open(image, format, &gate)?;
         let layers = (0..chain.layers.len())
@@ -523,7 +638,11 @@ fn print_info_human(layers: &[Value]) {
         }
         first = false;
         let get = |k: &str| v.get(k).cloned().unwrap_or(Value::Null);
-        println!("image: {}", get("filename").as_str().unwrap_or(""));
+        // Names come from untrusted headers: control characters are escaped.
+        println!(
+            "image: {}",
+            escape_controls(get("filename").as_str().unwrap_or(""))
+        );
         println!("file format: {}", get("format").as_str().unwrap_or(""));
         let vs = get("virtual-size").as_u64().unwrap_or(0);
         println!("virtual size: {} ({vs} bytes)", human_size(vs));
@@ -535,7 +654,7 @@ fn print_info_human(layers: &[Value]) {
             println!("cluster_size: {cs}");
         }
         if let Some(b) = get("backing-filename").as_str() {
-            println!("backing file: {}", b.escape_debug());
+            println!("backing file: {}", escape_controls(b));
         }
         if let Some(f) = get("backing-filename-format").as_str() {
             println!("backing file format: {f}");
@@ -672,8 +791,8 @@ fn cmd_check(
     Ok(report.exit_code() as u8)
 }
 
-fn cmd_map(output: Output, force_share: bool, image: &Path) -> Result<u8> {
-    let chain = Chain::open(image, None, &file_gate(force_share))?;
+fn cmd_map(chain: ChainArgs, output: Output, force_share: bool, image: &Path) -> Result<u8> {
+    let chain = Chain::open(image, None, &chain.shared(force_share).file_gate())?;
     let extents = chain.map()?;
     match output {
         Output::Json => {
@@ -689,7 +808,7 @@ fn cmd_map(output: Output, force_share: bool, image: &Path) -> Result<u8> {
                     e.start,
                     e.length,
                     e.offset.unwrap_or(0),
-                    file.display()
+                    escape_controls(&file.display().to_string())
                 );
             }
         }
@@ -697,17 +816,8 @@ fn cmd_map(output: Output, force_share: bool, image: &Path) -> Result<u8> {
     Ok(0)
 }
 
-/// Opens a source for reading: read-only image locks, or only "read" with `force_share`.
-fn open_source(name: &Path, format: Option<&str>, force_share: bool) -> Result<Source> {
-    let gate = copy_on_read::Gate {
-        force_share,
-        ..copy_on_read::Gate::default()
-    };
-    Source::open_with(name, format, gate)
-}
-
-fn cmd_read(image: &Path, force_share: bool, offset: u64, length: u64) -> Result<u8> {
-    let source = open_source(image, None, force_share)?;
+fn cmd_read(chain: SharedChainArgs, image: &Path, offset: u64, length: u64) -> Result<u8> {
+    let source = Source::open_with(image, None, chain.gate())?;
     let size = source.size();
     if offset.checked_add(length).is_none_or(|end| end > size) {
         return Err(Error::Usage(format!(
@@ -740,59 +850,91 @@ fn open_detached(path: &Path) -> Result<Image> {
 
 /// `write`: through the copy-on-read device, so a partial write into a cluster the image lacks
 /// keeps the backing's bytes around it, whatever the backing is (file, QED chain, NBD).
-fn cmd_write(path: &Path, offset: u64, zero: Option<String>, file: Option<PathBuf>) -> Result<u8> {
+///
+/// Nothing is written unless the whole range fits in the virtual disk: a file's length is taken
+/// up front, and a pipe is read to its end first (at most the space left plus one byte, so an
+/// input that would run past the end is refused before anything is written).
+fn cmd_write(
+    chain: ChainArgs,
+    path: &Path,
+    offset: u64,
+    zero: Option<String>,
+    file: Option<PathBuf>,
+) -> Result<u8> {
     use copy_on_read::{BlockDevice, CorDevice, CorOptions};
     if zero.is_some() && file.is_some() {
         return Err(Error::Usage("--zero takes no input file".into()));
     }
+    let zero = zero.as_deref().map(parse_size).transpose()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_stack_size(engine::STACK_SIZE)
         .enable_all()
         .build()
         .map_err(Error::io("starting the I/O runtime"))?;
     let options = CorOptions {
         copy_on_read: false,
+        gate: chain.gate(),
         ..CorOptions::default()
     };
     let dev = runtime
         .block_on(CorDevice::open(path, options))
         .map_err(Error::device)?;
     let result = (|| -> Result<()> {
+        let size = dev.size();
+        let fits = |len: u64| -> Result<()> {
+            if offset.checked_add(len).is_none_or(|end| end > size) {
+                return Err(Error::Usage(format!(
+                    "range {offset}+{len} is outside the virtual disk ({size} bytes); nothing was written"
+                )));
+            }
+            Ok(())
+        };
         if let Some(len) = zero {
-            let len = parse_size(&len)?;
+            fits(len)?;
             return runtime
                 .block_on(dev.write_zeroes(offset, len))
                 .map_err(Error::device);
         }
-        let mut input: Box<dyn Read> = match &file {
-            Some(f) => Box::new(std::fs::File::open(f).map_err(|e| Error::open(f, e))?),
-            None => Box::new(std::io::stdin()),
-        };
-        let mut pos = offset;
-        loop {
-            let mut buf = vec![0u8; 4 << 20];
-            let mut filled = 0;
-            while filled < buf.len() {
-                let n = input
-                    .read(&mut buf[filled..])
-                    .map_err(Error::io("reading input"))?;
-                if n == 0 {
-                    break;
+        fits(0)?;
+        let space = size - offset;
+        let (mut input, len): (Box<dyn Read>, u64) = match &file {
+            Some(f) => {
+                let file = std::fs::File::open(f).map_err(|e| Error::open(f, e))?;
+                let meta = file.metadata().map_err(|e| Error::open(f, e))?;
+                if meta.is_file() {
+                    fits(meta.len())?;
+                    // Read what was measured, even if the file grows meanwhile.
+                    (Box::new(file.take(meta.len())), meta.len())
+                } else {
+                    let data = read_bounded(file, space, &f.display().to_string())?;
+                    let len = data.len() as u64;
+                    (Box::new(std::io::Cursor::new(data)), len)
                 }
-                filled += n;
             }
-            if filled == 0 {
-                return Ok(());
+            None => {
+                let data = read_bounded(std::io::stdin(), space, "stdin")?;
+                let len = data.len() as u64;
+                (Box::new(std::io::Cursor::new(data)), len)
             }
-            buf.truncate(filled);
+        };
+        if len > space {
+            fits(len)?;
+        }
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let n = (end - pos).min(4 << 20) as usize;
+            let mut buf = vec![0u8; n];
+            input
+                .read_exact(&mut buf)
+                .map_err(Error::io("reading input"))?;
             runtime
                 .block_on(dev.write_at(pos, buf))
                 .map_err(Error::device)?;
-            pos += filled as u64;
-            if filled < 4 << 20 {
-                return Ok(());
-            }
+            pos += n as u64;
         }
+        Ok(())
     })();
     let closed = runtime.block_on(dev.close()).map_err(Error::device);
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
@@ -800,11 +942,27 @@ fn cmd_write(path: &Path, offset: u64, zero: Option<String>, file: Option<PathBu
     Ok(0)
 }
 
+/// Reads `input` to its end, refusing it (before anything is written) once it holds more than
+/// `space` bytes.
+fn read_bounded(input: impl Read, space: u64, what: &str) -> Result<Vec<u8>> {
+    let mut data = Vec::new();
+    input
+        .take(space.saturating_add(1))
+        .read_to_end(&mut data)
+        .map_err(Error::io("reading input"))?;
+    if data.len() as u64 > space {
+        return Err(Error::Usage(format!(
+            "the input from {what} is longer than the {space} bytes left in the virtual disk; nothing was written"
+        )));
+    }
+    Ok(data)
+}
+
 fn cmd_convert(
+    chain: SharedChainArgs,
     format: Option<&str>,
     output_format: &str,
     options: Option<String>,
-    force_share: bool,
     src: &Path,
     dst: &Path,
 ) -> Result<u8> {
@@ -828,7 +986,7 @@ fn cmd_convert(
             )))
         }
     };
-    let source = open_source(src, format, force_share)?;
+    let source = Source::open_with(src, format, chain.gate())?;
     convert(&source, dst, &target)?;
     source.close()?;
     Ok(0)

@@ -30,6 +30,8 @@ pub struct StreamCommand {
     pub reconnect_delay: Duration,
     /// Requests in flight.
     pub in_flight: usize,
+    /// The deepest backing chain opened.
+    pub max_chain_depth: u32,
 }
 
 /// The default unit of a step.
@@ -50,6 +52,21 @@ fn progress_json(event: &str, p: &Progress) -> Value {
     })
 }
 
+/// The progress of a stream that had nothing to do.
+fn idle_progress(dev: &CorDevice) -> Progress {
+    Progress {
+        image: dev.name().to_string(),
+        offset: dev.size(),
+        total: dev.size(),
+        copied: 0,
+        skipped: 0,
+        local: 0,
+        rate: 0,
+        rate_limit: 0,
+        state: crate::stream::JobState::Completed,
+    }
+}
+
 fn print_line(v: &Value) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{v}");
@@ -57,8 +74,15 @@ fn print_line(v: &Value) {
 }
 
 /// Opens the image with copy-on-read and the gate the command uses.
-pub async fn open_device(image: &std::path::Path, reconnect_delay: Duration) -> Result<CorDevice> {
-    let mut gate = Gate::default();
+pub async fn open_device(
+    image: &std::path::Path,
+    reconnect_delay: Duration,
+    max_chain_depth: u32,
+) -> Result<CorDevice> {
+    let mut gate = Gate {
+        max_depth: max_chain_depth,
+        ..Gate::default()
+    };
     gate.nbd.reconnect_delay = reconnect_delay;
     gate.nbd.connect_timeout = Duration::from_secs(10);
     gate.nbd.request_timeout = Some(Duration::from_secs(30));
@@ -77,6 +101,7 @@ async fn close(dev: &CorDevice) -> Result<()> {
 pub fn run(cmd: StreamCommand) -> Result<u8> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_stack_size(crate::STACK_SIZE)
         .enable_all()
         .build()
         .map_err(Error::io("starting the runtime"))?;
@@ -87,13 +112,26 @@ pub fn run(cmd: StreamCommand) -> Result<u8> {
 }
 
 async fn run_async(cmd: StreamCommand) -> Result<u8> {
-    let dev = Arc::new(open_device(&cmd.image, cmd.reconnect_delay).await?);
+    let dev = Arc::new(open_device(&cmd.image, cmd.reconnect_delay, cmd.max_chain_depth).await?);
     if let Some((offset, length)) = cmd.step {
         let r = step(&dev, offset, length).await;
         close(&dev).await?;
         match r?.next {
             Some(n) => println!("{n}"),
             None => println!("done"),
+        }
+        return Ok(0);
+    }
+    if dev.backing().is_none() {
+        // A standalone image: there is no link to drop and nothing to copy.
+        close(&dev).await?;
+        if cmd.json {
+            let mut v = progress_json("completed", &idle_progress(&dev));
+            v["unlinked"] = json!(false);
+            v["nothing_to_stream"] = json!(true);
+            print_line(&v);
+        } else {
+            println!("{}: no backing file, nothing to stream", dev.name());
         }
         return Ok(0);
     }

@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use copy_on_read::{BlockDevice, CorDevice, CorOptions, Gate, NbdExport, RawFile, Status};
-use qed::backing::{is_protocol_name, probe_format};
-use qed::Storage;
+use qed::backing::{is_protocol_name, probe_storage};
 
 use crate::error::{Error, Result};
 
@@ -44,6 +43,7 @@ pub fn is_nbd_name(name: &Path) -> bool {
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .thread_stack_size(crate::STACK_SIZE)
         .enable_all()
         .build()
         .map_err(Error::io("starting the I/O runtime"))
@@ -78,12 +78,9 @@ impl Source {
                 qed::file::open(name, gate.read_access()).map_err(|e| Error::image(name, e))?;
             let format = match format {
                 Some(f) => f.to_string(),
-                None => {
-                    let len = Storage::len(&file).map_err(|e| Error::open(name, e))?;
-                    let mut head = [0u8; 64];
-                    Storage::read_at(&file, &mut head, 0).map_err(|e| Error::open(name, e))?;
-                    probe_format(&head[..len.min(64) as usize]).to_string()
-                }
+                None => probe_storage(&file)
+                    .map_err(|e| Error::open(name, e))?
+                    .to_string(),
             };
             match format.as_str() {
                 "raw" => (
@@ -165,7 +162,8 @@ impl Source {
     }
 
     /// The next offset at or after `offset` that may hold non-zero data, from the device's
-    /// block status (`None`: unknown). Looks at most 1 GiB ahead.
+    /// block status (`None`: unknown). Asks for everything up to the end; the device answers
+    /// for as much as it can at once.
     pub fn next_data(&self, offset: u64) -> Option<u64> {
         self.runtime.block_on(self.next_data_async(offset))
     }
@@ -181,7 +179,7 @@ impl Source {
                 && cache.last().is_some_and(|l| l.offset + l.length > offset)
         };
         if !covered {
-            let window = (self.size - offset).min(1 << 30);
+            let window = self.size - offset;
             let extents = self.device.block_status(offset, window).await.ok()?;
             *self.status.lock() = extents;
         }

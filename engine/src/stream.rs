@@ -336,12 +336,25 @@ struct Plan {
     copy: Vec<(u64, u64)>,
     skipped: u64,
     local: u64,
+    /// Where the plan stops: the window's end, or earlier once the copy budget is reached
+    /// (cluster aligned, or the disk's end).
+    end: u64,
 }
 
+/// How far one plan looks ahead: holes in the backing are skipped a window at a time, with as
+/// few block-status requests as the backing allows per window.
+const PLAN_WINDOW: u64 = 64 << 30;
+/// How much data one plan hands to the copiers before the next plan.
+const PLAN_BUDGET: u64 = 256 << 20;
+
 /// Looks at `[from, to)` (cluster aligned `from`): what is local, what the backing reports as
-/// zeros (or lacks), and the cluster-aligned ranges left to copy.
-async fn plan(dev: &CorDevice, from: u64, to: u64) -> Result<Plan> {
-    let mut out = Plan::default();
+/// zeros (or lacks), and the cluster-aligned ranges left to copy. Stops early, at a cluster
+/// boundary, once `budget` bytes are planned for copying.
+async fn plan(dev: &CorDevice, from: u64, to: u64, budget: u64) -> Result<Plan> {
+    let mut out = Plan {
+        end: to,
+        ..Plan::default()
+    };
     let cs = dev.cluster_size();
     let size = dev.size();
     let extents = dev
@@ -358,6 +371,7 @@ async fn plan(dev: &CorDevice, from: u64, to: u64) -> Result<Plan> {
         }
         return Ok(out);
     };
+    let mut planned = 0;
     for e in extents {
         if e.mapping != Mapping::Unallocated {
             out.local += e.length;
@@ -375,9 +389,11 @@ async fn plan(dev: &CorDevice, from: u64, to: u64) -> Result<Plan> {
                 if s_end <= pos {
                     continue;
                 }
+                let mut stop = s_end;
                 if s.status == Status::Data {
                     let a = pos / cs * cs;
                     let b = s_end.div_ceil(cs).saturating_mul(cs).min(size).min(end);
+                    stop = b.max(s_end);
                     match out.copy.last_mut() {
                         Some(last) if last.0 + last.1 >= a => {
                             let new_end = (last.0 + last.1).max(b);
@@ -390,9 +406,19 @@ async fn plan(dev: &CorDevice, from: u64, to: u64) -> Result<Plan> {
                         }
                     }
                 }
-                pos = s_end;
+                pos = stop;
+                if planned + data_bytes >= budget && pos < end {
+                    // Enough for one round of copies: stop here, after the last copy range.
+                    out.skipped += (pos - e.offset) - data_bytes.min(pos - e.offset);
+                    out.end = pos;
+                    return Ok(out);
+                }
+                if pos >= end {
+                    break;
+                }
             }
         }
+        planned += data_bytes;
         out.skipped += e.length - data_bytes.min(e.length);
     }
     Ok(out)
@@ -510,7 +536,6 @@ impl StreamJob {
 
 /// The body of a full stream.
 async fn run(dev: &Arc<CorDevice>, h: &StreamHandle, options: &StreamOptions) -> Result<()> {
-    const WINDOW: u64 = 256 << 20;
     let size = dev.size();
     let cs = dev.cluster_size();
     let cancelled = |offset: u64| Error::Cancelled {
@@ -527,8 +552,8 @@ async fn run(dev: &Arc<CorDevice>, h: &StreamHandle, options: &StreamOptions) ->
             if h.wait_unpaused().await {
                 return Err(cancelled(h.shared.offset.load(Ordering::Acquire)));
             }
-            let to = (pos + WINDOW).min(size);
-            let p = plan(dev, pos, to).await?;
+            let p = plan(dev, pos, (pos + PLAN_WINDOW).min(size), PLAN_BUDGET).await?;
+            let to = p.end;
             if pass == 1 {
                 h.shared.skipped.fetch_add(p.skipped, Ordering::AcqRel);
                 h.shared.local.fetch_add(p.local, Ordering::AcqRel);
@@ -631,17 +656,15 @@ pub struct StepOutcome {
 
 /// Finds the first range at or after `from` that still needs copying.
 async fn next_work(dev: &CorDevice, from: u64) -> Result<Option<u64>> {
-    const WINDOW: u64 = 1 << 30;
     let size = dev.size();
     let cs = dev.cluster_size();
     let mut pos = from / cs * cs;
     while pos < size {
-        let to = (pos + WINDOW).min(size);
-        let p = plan(dev, pos, to).await?;
+        let p = plan(dev, pos, (pos + PLAN_WINDOW).min(size), 1).await?;
         if let Some(&(a, _)) = p.copy.first() {
             return Ok(Some(a));
         }
-        pos = to;
+        pos = p.end;
     }
     Ok(None)
 }
@@ -660,7 +683,7 @@ pub async fn step(dev: &CorDevice, offset: u64, length: u64) -> Result<StepOutco
         });
     };
     let end = (start + length).min(size);
-    let p = plan(dev, start, end).await?;
+    let p = plan(dev, start, end, u64::MAX).await?;
     let mut copied = 0;
     for (a, l) in p.copy {
         copied += dev

@@ -626,3 +626,425 @@ fn nbds_is_a_clear_error() {
     assert!(err.contains("TLS"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
+
+/// Stderr of a failed run, asserting it failed with one line.
+fn fails(d: &Path, args: &[&str]) -> String {
+    let out = run(&mut ours(d, args));
+    assert!(!out.status.success(), "{args:?} succeeded");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+    err
+}
+
+/// The virtual disk of `image` as qemu-img reads it.
+fn qemu_raw(d: &Path, image: &str) -> Vec<u8> {
+    let out = d.join(format!("{image}.check.raw"));
+    ok(&mut qemu_img(
+        d,
+        &["convert", "-O", "raw", image, out.to_str().unwrap()],
+    ));
+    std::fs::read(out).unwrap()
+}
+
+#[test]
+fn writes_past_the_end_write_nothing() {
+    let dir = tempdir();
+    let d = dir.path();
+    ok(&mut ours(d, &["create", "img.qed", "10M"]));
+    qemu_io(d, "qed", "img.qed", &["write -P 0x5a 5M 3M"]);
+    let before = qemu_raw(d, "img.qed");
+    std::fs::write(d.join("six"), vec![0xa5u8; 6 << 20]).unwrap();
+    // A file input that crosses the end.
+    let err = fails(d, &["write", "img.qed", "6M", "six"]);
+    assert!(err.contains("outside") || err.contains("past"), "{err}");
+    assert!(
+        qemu_raw(d, "img.qed") == before,
+        "a file write past the end changed the image"
+    );
+    // The same from a pipe, whose length is not known up front.
+    let out = ours(d, &["write", "img.qed", "6M"])
+        .stdin(std::fs::File::open(d.join("six")).unwrap())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let mut child = ours(d, &["write", "img.qed", "6M"])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        // The writer may see a broken pipe once the command refuses: that is fine.
+        let _ = stdin.write_all(&vec![0xa5u8; 6 << 20]);
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "a piped write past the end succeeded"
+    );
+    assert!(
+        qemu_raw(d, "img.qed") == before,
+        "a piped write past the end changed the image"
+    );
+    // Zeros past the end.
+    fails(d, &["write", "--zero", "6M", "img.qed", "6M"]);
+    fails(d, &["write", "--zero", "1", "img.qed", "10M"]);
+    assert!(
+        qemu_raw(d, "img.qed") == before,
+        "a zero write past the end changed the image"
+    );
+    // Offsets past the end, or that overflow.
+    fails(d, &["write", "img.qed", "11M", "six"]);
+    fails(
+        d,
+        &["write", "--zero", "1", "img.qed", "18446744073709551615"],
+    );
+    // A write that ends exactly at the end works, from a file and from a pipe.
+    std::fs::write(d.join("four"), vec![0x11u8; 4 << 20]).unwrap();
+    ok(&mut ours(d, &["write", "img.qed", "6M", "four"]));
+    let out = ours(d, &["write", "img.qed", "2M"])
+        .stdin(std::fs::File::open(d.join("four")).unwrap())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ok(&mut ours(d, &["write", "--zero", "1M", "img.qed", "9M"]));
+    let mut model = before;
+    model[6 << 20..10 << 20].fill(0x11);
+    model[2 << 20..6 << 20].fill(0x11);
+    model[9 << 20..10 << 20].fill(0);
+    assert!(qemu_raw(d, "img.qed") == model);
+}
+
+#[test]
+fn truncated_qed_images_are_reported_not_read_as_raw() {
+    let dir = tempdir();
+    let d = dir.path();
+    ok(&mut ours(d, &["create", "full.qed", "1M"]));
+    let full = std::fs::read(d.join("full.qed")).unwrap();
+    for cut in [40usize, 4, 63] {
+        std::fs::write(d.join("cut.qed"), &full[..cut]).unwrap();
+        for args in [
+            &["info", "cut.qed"][..],
+            &["info", "--output=json", "cut.qed"],
+            &["map", "cut.qed"],
+            &["read", "cut.qed", "0", "4"],
+            &["convert", "-O", "raw", "cut.qed", "out.raw"],
+            &["create", "-b", "cut.qed", "over.qed"],
+        ] {
+            let err = fails(d, args);
+            assert!(err.contains("truncated"), "{args:?} on {cut} bytes: {err}");
+        }
+    }
+    // As a backing whose format is probed: the overlay's reads fail, never read zeros.
+    ok(&mut qemu_img(
+        d,
+        &[
+            "create", "-f", "qed", "-b", "full.qed", "-F", "qed", "top.qed",
+        ],
+    ));
+    std::fs::write(d.join("full.qed"), &full[..40]).unwrap();
+    for args in [
+        &["read", "top.qed", "0", "4"][..],
+        &["info", "--backing-chain", "top.qed"],
+        &["map", "top.qed"],
+        &["convert", "-O", "raw", "top.qed", "out.raw"],
+        &["stream", "top.qed"],
+    ] {
+        let err = fails(d, args);
+        assert!(err.contains("truncated"), "{args:?}: {err}");
+    }
+}
+
+#[test]
+fn connection_errors_say_what_failed() {
+    let dir = tempdir();
+    let d = dir.path();
+    // No server on the socket: nothing was ever connected.
+    let uri = format!("nbd+unix:///?socket={}", d.join("none.sock").display());
+    let err = fails(d, &["info", &uri]);
+    assert!(err.contains("cannot connect"), "{err}");
+    assert!(!err.contains("lost"), "{err}");
+    // A server that hangs up during the handshake.
+    let sock = d.join("rude.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            drop(s);
+        }
+    });
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    for args in [
+        &["info", &uri][..],
+        &["convert", "-O", "raw", &uri, "out.raw"],
+    ] {
+        let err = fails(d, args);
+        assert!(err.contains("handshake failed"), "{err}");
+        assert!(!err.contains("lost"), "{err}");
+    }
+}
+
+#[test]
+fn stream_of_a_standalone_image_says_there_was_nothing_to_stream() {
+    let dir = tempdir();
+    let d = dir.path();
+    ok(&mut ours(d, &["create", "alone.qed", "4M"]));
+    let out = ok(&mut ours(d, &["stream", "alone.qed"]));
+    assert!(out.contains("no backing"), "{out}");
+    assert!(!out.contains("dropped"), "{out}");
+}
+
+#[test]
+fn stream_options_are_bounded() {
+    let dir = tempdir();
+    let d = dir.path();
+    ok(&mut ours(d, &["create", "base.qed", "4M"]));
+    qemu_io(d, "qed", "base.qed", &["write -P 7 0 4M"]);
+    create_overlay(d, "base.qed", "qed", "top.qed", None);
+    for n in ["0", "65", "100000"] {
+        let err = fails(d, &["stream", "--in-flight", n, "top.qed"]);
+        assert!(err.contains("in-flight"), "{err}");
+    }
+    let err = fails(d, &["stream", "--step", "--length", "0", "top.qed"]);
+    assert!(err.contains("length"), "{err}");
+    // Nothing was copied by the refused commands.
+    let map = ok(&mut ours(d, &["map", "--output=json", "top.qed"]));
+    assert!(!map.contains("\"depth\": 0"), "{map}");
+    ok(&mut ours(d, &["stream", "--in-flight", "64", "top.qed"]));
+}
+
+#[test]
+fn control_characters_in_backing_names_are_escaped() {
+    let dir = tempdir();
+    let d = dir.path();
+    let evil = "ev\x1b[2Jil\x07\r.raw";
+    std::fs::write(d.join(evil), vec![1u8; 1 << 20]).unwrap();
+    ok(&mut qemu_img(
+        d,
+        &[
+            "create", "-f", "qed", "-b", evil, "-F", "raw", "top.qed", "1M",
+        ],
+    ));
+    let clean = |s: &str, what: &str| {
+        assert!(
+            !s.chars().any(|c| c.is_control() && c != '\n'),
+            "{what} prints control characters raw: {s:?}"
+        );
+    };
+    let out = ok(&mut ours(d, &["info", "top.qed"]));
+    clean(&out, "info");
+    assert!(
+        out.contains("ev\\u{1b}[2Jil") || out.contains("ev\\x1b[2Jil"),
+        "{out}"
+    );
+    qemu_io(d, "qed", "top.qed", &["write -P 3 0 64k"]);
+    clean(&ok(&mut ours(d, &["map", "top.qed"])), "map");
+    // Errors naming it: the backing is gone.
+    std::fs::remove_file(d.join(evil)).unwrap();
+    for args in [
+        &["info", "--backing-chain", "top.qed"][..],
+        &["map", "top.qed"],
+        &["read", "top.qed", "0", "1"],
+        &["stream", "top.qed"],
+        &["convert", "-O", "raw", "top.qed", "o.raw"],
+    ] {
+        let err = fails(d, args);
+        clean(&err, &format!("{args:?}"));
+    }
+}
+
+/// Bytes per sector count QEMU can address: `BDRV_MAX_LENGTH`, INT64_MAX aligned down to 1 GiB.
+const BDRV_MAX_LENGTH: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+
+#[test]
+fn nbd_exports_larger_than_qemu_allows_are_refused() {
+    let dir = tempdir();
+    let d = dir.path();
+    let sock = d.join("big.sock");
+    let _server = nbdkit(&sock, &["null", "size=9223372036854775807"]);
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    // qemu-img refuses it too ("File too large").
+    assert!(!run(&mut qemu_img(d, &["info", &uri])).status.success());
+    for args in [
+        &["info", &uri][..],
+        &["map", &uri],
+        &["read", &uri, "0", "512"],
+        &["convert", "-O", "raw", &uri, "out.raw"],
+        &["create", "-b", &uri, "-F", "raw", "over.qed", "1M"],
+    ] {
+        let err = fails(d, args);
+        assert!(err.contains("too large"), "{args:?}: {err}");
+    }
+    drop(_server);
+    // The largest size QEMU accepts opens.
+    let sock = d.join("max.sock");
+    let size = format!("size={BDRV_MAX_LENGTH}");
+    let _server = nbdkit(&sock, &["null", &size]);
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let info: Value =
+        serde_json::from_str(&ok(&mut ours(d, &["info", "--output=json", &uri]))).unwrap();
+    assert_eq!(info["virtual-size"], BDRV_MAX_LENGTH);
+}
+
+#[test]
+fn qed_headers_larger_than_qemu_allows_are_refused() {
+    let dir = tempdir();
+    let d = dir.path();
+    // 2 MiB clusters and 8-cluster tables: the geometry itself allows 2^63 bytes.
+    ok(&mut ours(
+        d,
+        &[
+            "create",
+            "-o",
+            "cluster_size=2M,table_size=8",
+            "big.qed",
+            "1G",
+        ],
+    ));
+    poke(&d.join("big.qed"), 48, BDRV_MAX_LENGTH + (1 << 30));
+    let err = fails(d, &["info", "big.qed"]);
+    assert!(err.contains("image size"), "{err}");
+    fails(d, &["read", "big.qed", "0", "1"]);
+    poke(&d.join("big.qed"), 48, BDRV_MAX_LENGTH);
+    ok(&mut ours(d, &["info", "big.qed"]));
+    let err = fails(
+        d,
+        &[
+            "create",
+            "-o",
+            "cluster_size=2M,table_size=8",
+            "huge.qed",
+            "9223372036854775296",
+        ],
+    );
+    assert!(err.contains("size"), "{err}");
+}
+
+/// A raw base under `overlays` QED images (4 KiB clusters, so the chain stays small), named
+/// `l0.qed` (top) .. and `base.raw`; layer `l{data_at}.qed` holds 64 KiB of 0x77 at 128 KiB.
+fn deep_chain(d: &Path, overlays: usize, data_at: usize) {
+    std::fs::write(d.join("base.raw"), vec![0x42u8; 1 << 20]).unwrap();
+    for i in (0..overlays).rev() {
+        let below = if i + 1 == overlays {
+            ("base.raw".to_string(), qed::BackingFormat::Raw)
+        } else {
+            (format!("l{}.qed", i + 1), qed::BackingFormat::Probe)
+        };
+        let options = qed::CreateOptions {
+            size: 1 << 20,
+            cluster_size: 4096,
+            table_size: 2,
+            backing: Some(below),
+        };
+        qed::Image::create_path(&d.join(format!("l{i}.qed")), &options).unwrap();
+    }
+    qemu_io(
+        d,
+        "qed",
+        &format!("l{data_at}.qed"),
+        &["write -P 0x77 128k 64k"],
+    );
+}
+
+#[test]
+fn deep_backing_chains_open_and_the_bound_is_an_option() {
+    let dir = tempdir();
+    let d = dir.path();
+    // 1000 QED layers over a raw base: 1001 images, as deep as QEMU users meet.
+    deep_chain(d, 1000, 600);
+    let mut expect = vec![0x42u8; 1 << 20];
+    expect[128 << 10..192 << 10].fill(0x77);
+    let out = ok(&mut ours(
+        d,
+        &["info", "--backing-chain", "--output=json", "l0.qed"],
+    ));
+    let layers: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(layers.as_array().unwrap().len(), 1001);
+    ok(&mut ours(d, &["info", "--backing-chain", "l0.qed"]));
+    let theirs = ok(&mut qemu_img(d, &["map", "--output=json", "l0.qed"]));
+    let mine = ok(&mut ours(d, &["map", "--output=json", "l0.qed"]));
+    assert_eq!(mine, theirs);
+    let out = run(&mut ours(d, &["read", "l0.qed", "0", "1M"]));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == expect, "read through 1001 layers");
+    ok(&mut ours(d, &["convert", "-O", "raw", "l0.qed", "out.raw"]));
+    assert!(std::fs::read(d.join("out.raw")).unwrap() == expect);
+    ok(&mut ours(d, &["write", "--zero", "4k", "l0.qed", "0"]));
+    expect[..4096].fill(0);
+    ok(&mut ours(d, &["stream", "l0.qed"]));
+    assert!(qemu_raw(d, "l0.qed") == expect);
+    // The bound is an option of every command that opens a chain.
+    deep_chain(d, 20, 5);
+    for args in [
+        &["info", "--backing-chain", "l0.qed"][..],
+        &["map", "l0.qed"],
+        &["read", "l0.qed", "0", "1"],
+        &["convert", "-O", "raw", "l0.qed", "o.raw"],
+        &["write", "--zero", "4k", "l0.qed", "0"],
+        &["create", "-b", "l0.qed", "over.qed"],
+        &["stream", "l0.qed"],
+    ] {
+        let mut args = args.to_vec();
+        args.insert(1, "--max-chain-depth=10");
+        let err = fails(d, &args);
+        assert!(err.contains("deeper than 10"), "{args:?}: {err}");
+        args[1] = "--max-chain-depth=30";
+        ok(&mut ours(d, &args));
+    }
+}
+
+/// Block-status requests an nbdkit `--filter=log` log file records.
+fn block_status_requests(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("Extents id=") && !l.contains("...Extents"))
+        .count()
+}
+
+#[test]
+fn huge_sparse_exports_are_walked_in_few_block_status_requests() {
+    let dir = tempdir();
+    let d = dir.path();
+    let sock = d.join("sparse.sock");
+    let log = d.join("nbdkit.log");
+    let logfile = format!("logfile={}", log.display());
+    // 1 TiB with three small pieces of data, at 0, 512 GiB and near the end.
+    let _server = nbdkit(
+        &sock,
+        &[
+            "--filter=log",
+            "data",
+            "data=1 @549755813888 2 @1099511562240 3",
+            "size=1T",
+            &logfile,
+        ],
+    );
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    // 256 MiB or 1 GiB windows would need 1024 to 4096 requests; 4 GiB ones need 256.
+    let map = ok(&mut ours(d, &["map", "--output=json", &uri]));
+    assert_eq!(map.matches("\"data\": true").count(), 3, "{map}");
+    let n = block_status_requests(&log);
+    assert!(n <= 300, "map asked for block status {n} times");
+    ok(&mut ours(
+        d,
+        &["create", "-b", &uri, "-F", "raw", "top.qed", "1T"],
+    ));
+    let before = block_status_requests(&log);
+    ok(&mut ours(d, &["stream", "top.qed"]));
+    let n = block_status_requests(&log) - before;
+    assert!(n <= 600, "stream asked for block status {n} times");
+    let out = run(&mut ours(d, &["read", "top.qed", "549755813888", "1"]));
+    assert_eq!(out.stdout, [2]);
+    let info: Value =
+        serde_json::from_str(&ok(&mut ours(d, &["info", "--output=json", "top.qed"]))).unwrap();
+    assert!(info.get("backing-filename").is_none(), "{info}");
+}

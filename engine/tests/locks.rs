@@ -62,7 +62,7 @@ impl Holder {
     }
 
     /// Ends the holder: SIGINT (a stream cancels cleanly), then SIGKILL if it lingers.
-    fn stop(mut self) -> std::process::ExitStatus {
+    fn stop(self) -> std::process::ExitStatus {
         // SAFETY: kill() sends a signal to the child we spawned and still own (not yet reaped).
         unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGINT) };
         self.finish()

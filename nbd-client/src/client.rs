@@ -159,7 +159,13 @@ async fn open_stream(address: &Address, config: &ClientConfig) -> Result<Stream,
         }
     };
     match tokio::time::timeout(config.connect_timeout, fut).await {
-        Ok(r) => r.map_err(Error::io),
+        Ok(r) => r.map_err(|e| Error::CannotConnect {
+            address: match address {
+                Address::Unix(p) => p.display().to_string(),
+                Address::Tcp { host, port } => format!("{host}:{port}"),
+            },
+            source: Arc::new(e),
+        }),
         Err(_) => Err(Error::Timeout {
             what: "connect",
             after: config.connect_timeout,
@@ -172,12 +178,30 @@ async fn with_handshake_timeout<T>(
     f: impl std::future::Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
     match tokio::time::timeout(config.handshake_timeout, f).await {
+        // A socket error or EOF before the handshake completed: the connection never existed.
+        Ok(Err(Error::ConnectionLost(e))) => Err(Error::HandshakeFailed(e)),
         Ok(r) => r,
         Err(_) => Err(Error::Timeout {
             what: "handshake",
             after: config.handshake_timeout,
         }),
     }
+}
+
+/// The handshake, refusing an export larger than [`crate::MAX_EXPORT_SIZE`] (as QEMU does:
+/// "File too large"), which no QED image could have as a backing and no request could cover.
+async fn negotiate<S>(stream: &mut S, export: &str) -> Result<ExportInfo, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let info = handshake::negotiate(stream, export).await?;
+    if info.size > crate::MAX_EXPORT_SIZE {
+        return Err(Error::ExportTooLarge {
+            size: info.size,
+            limit: crate::MAX_EXPORT_SIZE,
+        });
+    }
+    Ok(info)
 }
 
 fn limits(config: &ClientConfig) -> Limits {
@@ -199,8 +223,7 @@ async fn open_connection(
     // unlike `tokio::io::split`, need no lock between the reader and writer tasks.
     match stream {
         Stream::Unix(mut s) => {
-            let export =
-                with_handshake_timeout(config, handshake::negotiate(&mut s, &uri.export)).await?;
+            let export = with_handshake_timeout(config, negotiate(&mut s, &uri.export)).await?;
             let (r, w) = s.into_split();
             Ok(Connection::start(
                 r,
@@ -211,8 +234,7 @@ async fn open_connection(
             ))
         }
         Stream::Tcp(mut s) => {
-            let export =
-                with_handshake_timeout(config, handshake::negotiate(&mut s, &uri.export)).await?;
+            let export = with_handshake_timeout(config, negotiate(&mut s, &uri.export)).await?;
             let (r, w) = s.into_split();
             Ok(Connection::start(
                 r,
@@ -512,8 +534,7 @@ impl Client {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let info =
-            with_handshake_timeout(&config, handshake::negotiate(&mut stream, export)).await?;
+        let info = with_handshake_timeout(&config, negotiate(&mut stream, export)).await?;
         let (r, w) = tokio::io::split(stream);
         let slot = Arc::new(Mutex::new(None));
         let info = Arc::new(info);
@@ -847,6 +868,21 @@ impl Client {
         (cap / align * align).max(align)
     }
 
+    /// The largest BLOCK_STATUS length asked for in one request: as much as the header format
+    /// can carry (32 bits in compact mode, 64 with extended headers), so a sparse export is
+    /// walked in few requests. The server may answer for less.
+    ///
+    /// The length stays a multiple of 1 MiB so that the next request starts aligned too
+    /// (nbdkit 1.32 asserts on answers for an unaligned offset near 4 GiB).
+    fn max_status_length(&self) -> u64 {
+        let align = u64::from(self.inner.export.block_size.minimum.max(1)).max(1 << 20);
+        let cap = match self.inner.export.mode {
+            HeaderMode::Extended => crate::MAX_EXPORT_SIZE,
+            _ => u64::from(u32::MAX),
+        };
+        (cap / align * align).max(align)
+    }
+
     async fn effect_command(
         &self,
         command: Command,
@@ -943,7 +979,7 @@ impl Client {
             }
             .into());
         }
-        let length = length.min(size - offset).min(self.max_effect_length());
+        let length = length.min(size - offset).min(self.max_status_length());
         self.check_range(offset, length)?;
         let raw = match self
             .request(Command::BlockStatus, 0, offset, length, None)

@@ -14,6 +14,28 @@ use crate::protocol::Command;
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
+    /// No connection could be made (nothing listens there, refused, unreachable); nothing was
+    /// ever connected (retryable: the server may be starting).
+    #[error("cannot connect to NBD server at {address}: {source}")]
+    CannotConnect {
+        /// The socket path or host:port.
+        address: String,
+        /// Why.
+        source: Arc<std::io::Error>,
+    },
+    /// The socket connected but the server hung up (or the socket failed) before the handshake
+    /// completed (retryable).
+    #[error("NBD handshake failed: {0}")]
+    HandshakeFailed(Arc<std::io::Error>),
+    /// The export is larger than any disk QEMU (or QED) can address: `BDRV_MAX_LENGTH`, 2^63
+    /// minus 1 GiB.
+    #[error("NBD export of {size} bytes is too large (the limit is {limit} bytes)")]
+    ExportTooLarge {
+        /// The size the server announced.
+        size: u64,
+        /// [`crate::MAX_EXPORT_SIZE`].
+        limit: u64,
+    },
     /// The server broke the protocol. The connection is dead and is not reconnected.
     #[error("NBD protocol violation by the server: {0}")]
     Protocol(#[from] Violation),
@@ -93,7 +115,13 @@ pub enum Error {
 impl Error {
     /// Whether retrying (after a reconnect) may succeed: socket errors, EOF and timeouts.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::ConnectionLost(_) | Error::Timeout { .. })
+        matches!(
+            self,
+            Error::ConnectionLost(_)
+                | Error::Timeout { .. }
+                | Error::CannotConnect { .. }
+                | Error::HandshakeFailed(_)
+        )
     }
 
     /// Whether this is a protocol violation by the server.

@@ -60,6 +60,10 @@ mod handshake;
 pub mod protocol;
 pub mod uri;
 
+/// The largest export accepted: QEMU's `BDRV_MAX_LENGTH` (`INT64_MAX` aligned down to 1 GiB).
+/// A larger export is refused at connect with [`Error::ExportTooLarge`].
+pub const MAX_EXPORT_SIZE: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
+
 pub use client::{list_exports, Client, ClientConfig, ConnectionState, Extent, ZeroFlags};
 pub use error::{Errno, Error, Refusal, Violation};
 pub use handshake::{BlockSize, ExportEntry, ExportInfo, TransmissionFlags};

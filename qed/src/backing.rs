@@ -178,19 +178,23 @@ pub struct FileGate {
     pub allow_probe: bool,
     /// If set, every backing path must resolve inside this directory.
     pub confine_to: Option<PathBuf>,
-    /// The deepest chain accepted (the top image is depth 0). Default 16.
+    /// The deepest chain accepted (the top image is depth 0). Default [`DEFAULT_MAX_DEPTH`].
     pub max_depth: u32,
     /// Open backing files with [`Access::SharedRead`] (`-U`) instead of
     /// [`Access::ReadOnly`], which keeps writers and resizers out of them.
     pub force_share: bool,
 }
 
+/// The default bound on backing chain depth: deeper than QEMU users meet (QEMU itself has no
+/// fixed limit), while still stopping a runaway or hostile chain.
+pub const DEFAULT_MAX_DEPTH: u32 = 1024;
+
 impl Default for FileGate {
     fn default() -> FileGate {
         FileGate {
             allow_probe: true,
             confine_to: None,
-            max_depth: 16,
+            max_depth: DEFAULT_MAX_DEPTH,
             force_share: false,
         }
     }
@@ -251,19 +255,38 @@ pub fn is_protocol_name(name: &str) -> bool {
     name.starts_with("json:") || name.contains("://") || name.starts_with("nbd:")
 }
 
-/// What the first bytes of a file say its format is.
+/// How many leading bytes [`probe_format`] looks at.
+pub const PROBE_BYTES: usize = 64;
+
+/// What the first bytes of a file say its format is. Bytes past the end of a short file count
+/// as zeros, as in QEMU's probe buffer: a QED image cut short (even to its 4-byte magic) is
+/// still QED, so opening it reports the damage instead of reading it as raw.
 pub fn probe_format(head: &[u8]) -> &'static str {
-    if head.len() >= 64 && head[0..4] == MAGIC.to_le_bytes() {
+    let mut buf = [0u8; 8];
+    let n = head.len().min(buf.len());
+    buf[..n].copy_from_slice(&head[..n]);
+    if n == 0 {
+        "raw"
+    } else if buf[0..4] == MAGIC.to_le_bytes() {
         "qed"
-    } else if head.len() >= 4 && &head[0..4] == b"QFI\xfb" {
+    } else if &buf[0..4] == b"QFI\xfb" {
         "qcow2"
-    } else if head.len() >= 4 && &head[0..4] == b"KDMV" {
+    } else if &buf[0..4] == b"KDMV" {
         "vmdk"
-    } else if head.len() >= 8 && &head[0..8] == b"conectix" {
+    } else if &buf[0..8] == b"conectix" {
         "vpc"
     } else {
         "raw"
     }
+}
+
+/// Probes the format of `storage` from its first [`PROBE_BYTES`] bytes (see [`probe_format`]).
+pub fn probe_storage(storage: &dyn Storage) -> std::io::Result<&'static str> {
+    let len = storage.len()?;
+    let mut head = [0u8; PROBE_BYTES];
+    let head = &mut head[..len.min(PROBE_BYTES as u64) as usize];
+    storage.read_at(head, 0)?;
+    Ok(probe_format(head))
 }
 
 fn gate_err(name: &str, e: GateError) -> Error {
@@ -326,11 +349,7 @@ impl BackingOpener for FileGate {
         if !self.allow_probe {
             return Err(gate_err(name, GateError::ProbeForbidden));
         }
-        let mut head = [0u8; 64];
-        Storage::read_at(&file, &mut head, 0).map_err(Error::io("probing backing", 0))?;
-        let len = Storage::len(&file).map_err(Error::io("probing backing", 0))?;
-        let head = &head[..len.min(64) as usize];
-        match probe_format(head) {
+        match probe_storage(&file).map_err(Error::io("probing backing", 0))? {
             "qed" => {
                 let options = OpenOptions {
                     read_only: true,
@@ -376,7 +395,12 @@ mod tests {
         assert!(gate.admit("/etc/passwd", Some(&top), 1).is_err());
         assert!(gate.admit("base.raw", Some(&top), 1).is_ok());
         assert!(gate.admit("nbd://127.0.0.1/x", Some(&top), 1).is_err());
-        assert!(gate.admit("base.raw", Some(&top), 17).is_err());
+        assert!(gate
+            .admit("base.raw", Some(&top), DEFAULT_MAX_DEPTH)
+            .is_ok());
+        assert!(gate
+            .admit("base.raw", Some(&top), DEFAULT_MAX_DEPTH + 1)
+            .is_err());
     }
 
     #[test]
@@ -387,5 +411,11 @@ mod tests {
         assert_eq!(probe_format(b"QFI\xfbxxxx"), "qcow2");
         assert_eq!(probe_format(b"hello"), "raw");
         assert_eq!(probe_format(b""), "raw");
+        // A QED image cut short is still QED (its header parse reports the damage), as in
+        // QEMU, whose probe buffer reads zeros past the end of the file.
+        assert_eq!(probe_format(b"QED\0"), "qed");
+        assert_eq!(probe_format(b"QED\0\0\0\x01\0\0\0"), "qed");
+        assert_eq!(probe_format(b"QED"), "qed");
+        assert_eq!(probe_format(b"QEE\0"), "raw");
     }
 }

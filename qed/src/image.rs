@@ -307,6 +307,11 @@ impl Image {
             .size
             .checked_next_multiple_of(SECTOR)
             .ok_or(Error::InvalidOptions("size too large"))?;
+        if size > layout::MAX_VIRTUAL_SIZE {
+            return Err(Error::InvalidOptions(
+                "size exceeds QEMU's maximum disk size (2^63 - 2^30 bytes)",
+            ));
+        }
         if geometry.qemu_max_image_size() == 0 {
             return Err(Error::InvalidOptions(
                 "this cluster_size/table_size overflows QEMU's maximum-size computation; use smaller clusters or tables",
@@ -1325,6 +1330,11 @@ impl Image {
         if new_size % SECTOR != 0 {
             return Err(Error::InvalidOptions(
                 "the new size must be a multiple of 512",
+            ));
+        }
+        if new_size > layout::MAX_VIRTUAL_SIZE {
+            return Err(Error::InvalidOptions(
+                "the new size exceeds QEMU's maximum disk size (2^63 - 2^30 bytes)",
             ));
         }
         if new_size > self.geometry.max_image_size() {

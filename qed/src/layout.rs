@@ -24,6 +24,9 @@ pub const DEFAULT_CLUSTER_SIZE: u32 = 65536;
 pub const DEFAULT_TABLE_SIZE: u32 = 4;
 /// The longest backing file name QEMU reads (its buffer is `PATH_MAX`, the name must be shorter).
 pub const MAX_BACKING_NAME: u32 = 4096;
+/// The largest virtual disk QEMU's block layer addresses (`BDRV_MAX_LENGTH`: `INT64_MAX`
+/// aligned down to 1 GiB). Larger sizes are refused in headers, at create and at resize.
+pub const MAX_VIRTUAL_SIZE: u64 = (i64::MAX as u64) & !((1 << 30) - 1);
 /// Table writes are done in units of this many bytes (a sector): the unit QEMU assumes atomic.
 pub const SECTOR: u64 = 512;
 
@@ -122,6 +125,13 @@ impl Header {
             return Err(Error::UnsupportedFeatures(self.features & !KNOWN_FEATURES));
         }
         let geometry = Geometry::from_header(self)?;
+        if self.image_size > MAX_VIRTUAL_SIZE {
+            return Err(Error::InvalidHeader {
+                field: HeaderField::ImageSize,
+                value: self.image_size,
+                reason: "larger than QEMU's maximum disk size (2^63 - 2^30 bytes)",
+            });
+        }
         if self.image_size % SECTOR != 0 || self.image_size > geometry.max_image_size() {
             return Err(Error::InvalidHeader {
                 field: HeaderField::ImageSize,

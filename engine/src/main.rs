@@ -902,6 +902,13 @@ fn cmd_write(
             Some(f) => {
                 let file = std::fs::File::open(f).map_err(|e| Error::open(f, e))?;
                 let meta = file.metadata().map_err(|e| Error::open(f, e))?;
+                let input = qed::FileId::of(&file).map_err(|e| Error::open(f, e))?;
+                if dev.files().first() == Some(&input) {
+                    return Err(Error::Usage(format!(
+                        "{}: the input is the image being written; nothing was written",
+                        f.display()
+                    )));
+                }
                 if meta.is_file() {
                     fits(meta.len())?;
                     // Read what was measured, even if the file grows meanwhile.

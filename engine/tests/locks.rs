@@ -8,11 +8,11 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use qedstream_tests::tempdir;
-use qedstream_tests::tools::{ok, qemu_io};
+use qedstream_tests::tools::{ok, qemu_io, run_with_deadline as run};
 
 /// A process that holds an image; killed (SIGINT first, so ours close cleanly) on drop.
 struct Holder {
@@ -115,26 +115,6 @@ fn lock_bytes(path: &Path) -> BTreeSet<i64> {
         out.extend(start..=end);
     }
     out
-}
-
-/// Runs `cmd`; a command that does not end within 60 s is a hang and fails the test.
-fn run(cmd: &mut Command) -> Output {
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {program} (is it installed?): {e}"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("{cmd:?} hung");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    child.wait_with_output().unwrap()
 }
 
 fn ours(dir: &Path, args: &[&str]) -> Command {

@@ -12,6 +12,32 @@ pub fn run_command(cmd: &mut Command) -> Output {
     })
 }
 
+/// Runs `cmd` with no input; one that has not ended after 60 s is a hang and fails the test
+/// (it is killed first). A missing tool fails the test loudly.
+pub fn run_with_deadline(cmd: &mut Command) -> Output {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program} (is it installed?): {e}"));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().expect("waiting for a child").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{cmd:?} hung (still running after 60 s)");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+        .wait_with_output()
+        .expect("collecting a child's output")
+}
+
 /// Runs `cmd` and asserts success; returns stdout.
 pub fn ok_command(cmd: &mut Command) -> String {
     let out = run_command(cmd);

@@ -14,6 +14,7 @@ use copy_on_read::BlockDevice;
 use qed::{BackingFormat, CreateOptions, Image, OpenOptions, Repair, Storage};
 
 use crate::error::{Error, Result};
+use crate::outln;
 use crate::progress::{open_device, StreamCommand};
 
 /// A server process killed on drop.
@@ -26,8 +27,8 @@ impl Drop for Server {
     }
 }
 
-fn say(step: usize, text: &str) {
-    println!("[{step}] {text}");
+fn say(step: usize, text: &str) -> Result<()> {
+    outln!("[{step}] {text}")
 }
 
 /// Writes the sample base: a pattern in every other MiB, a hole in the rest, and a tail.
@@ -121,19 +122,19 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
             size >> 20,
             data >> 20
         ),
-    );
+    )?;
 
     let served = serve(&dir, &base)?;
     let backing_name = match &served {
         Some((_, uri)) => {
-            say(2, &format!("serving it over NBD with qemu-nbd at {uri}"));
+            say(2, &format!("serving it over NBD with qemu-nbd at {uri}"))?;
             uri.clone()
         }
         None => {
             say(
                 2,
                 "qemu-nbd is not installed: using the base as a local raw file instead",
-            );
+            )?;
             "base.raw".to_string()
         }
     };
@@ -149,7 +150,7 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
             "created {} (QED) on backing {backing_name} (raw)",
             overlay.display()
         ),
-    );
+    )?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -172,10 +173,10 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
             "read 1 MiB at offset 0 through copy-on-read: first byte {first:#04x}; {} KiB fetched from the backing and stored in the overlay",
             stats.cor_bytes >> 10
         ),
-    );
+    )?;
     rt.shutdown_timeout(Duration::from_secs(1));
 
-    say(5, "streaming the rest:");
+    say(5, "streaming the rest:")?;
     crate::progress::run(StreamCommand {
         image: overlay.clone(),
         rate: None,
@@ -225,7 +226,7 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
             },
             if unlinked { "dropped" } else { "still there" }
         ),
-    );
+    )?;
     if same && report.exit_code() == 0 && unlinked {
         say(
             7,
@@ -234,7 +235,7 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
                 overlay.display(),
                 overlay.display()
             ),
-        );
+        )?;
         Ok(0)
     } else {
         Ok(1)

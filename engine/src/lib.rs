@@ -9,6 +9,7 @@
 //! - [`convert`]: copies a source into a raw file (holes where zero) or a new QED image (zero
 //!   data never stored).
 //! - [`demo`]: `qedstream demo`, the quick start end to end.
+//! - [`out`]: the command's stdout, with write errors returned ([`outln!`]), never a panic.
 //! - [`progress`]: the `qedstream stream` command: a progress bar or JSON lines, SIGINT.
 //! - [`size`]: sizes as operators type them (`64K`, `2G`).
 //! - [`stream`]: the stream job ([`stream::StreamJob`]) that makes a copy-on-read image local
@@ -29,6 +30,7 @@ pub mod chain;
 pub mod convert;
 pub mod demo;
 pub mod error;
+pub mod out;
 pub mod progress;
 pub mod size;
 pub mod source;

@@ -11,6 +11,7 @@ use serde_json::{json, Map, Value};
 use engine::chain::{info_json, Chain};
 use engine::convert::{convert, Target};
 use engine::error::{Error, Result};
+use engine::outln;
 use engine::size::parse_size;
 use engine::source::{Source, SourceKind};
 use qed::backing::resolve_backing_path;
@@ -193,8 +194,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match run(cli) {
+    // Whatever the command printed is on stdout before it counts as done.
+    match run(cli).and_then(|code| engine::out::flush().map(|()| code)) {
         Ok(code) => ExitCode::from(code),
+        // stdout's reader went away (`| head`): end quietly, but not with success.
+        Err(e) if e.is_broken_pipe() => ExitCode::from(1),
         Err(e) => {
             let mut msg = e.to_string();
             let mut source = std::error::Error::source(&e);
@@ -206,7 +210,8 @@ fn main() -> ExitCode {
                 }
                 source = s_next(source);
             }
-            eprintln!("qedstream: {msg}");
+            // Nothing more can be done when stderr fails too; the exit code still says it.
+            let _ = writeln!(std::io::stderr().lock(), "qedstream: {msg}");
             ExitCode::from(1)
         }
     }
@@ -425,48 +430,49 @@ fn cmd_info(output: Output, format: Option<&str>, image: &Path) -> Result<u8> {
     let chain = Chain::open(image, format, &FileGate::default())?;
     let info = info_json(&chain, 0);
     match output {
-        Output::Json => println!(
+        Output::Json => outln!(
             "{}",
             serde_json::to_string_pretty(&info).unwrap_or_default()
-        ),
-        Output::Human => print_info_human(&info),
+        )?,
+        Output::Human => print_info_human(&info)?,
     }
     Ok(0)
 }
 
-fn print_info_human(info: &Value) {
+fn print_info_human(info: &Value) -> Result<()> {
     let mut layer = Some(info);
     let mut first = true;
     while let Some(v) = layer {
         if !first {
-            println!();
+            outln!()?;
         }
         first = false;
         let get = |k: &str| v.get(k).cloned().unwrap_or(Value::Null);
-        println!("image: {}", get("filename").as_str().unwrap_or(""));
-        println!("file format: {}", get("format").as_str().unwrap_or(""));
+        outln!("image: {}", get("filename").as_str().unwrap_or(""))?;
+        outln!("file format: {}", get("format").as_str().unwrap_or(""))?;
         let vs = get("virtual-size").as_u64().unwrap_or(0);
-        println!("virtual size: {} ({vs} bytes)", human_size(vs));
-        println!(
+        outln!("virtual size: {} ({vs} bytes)", human_size(vs))?;
+        outln!(
             "disk size: {}",
             human_size(get("actual-size").as_u64().unwrap_or(0))
-        );
+        )?;
         if let Some(cs) = get("cluster-size").as_u64() {
-            println!("cluster_size: {cs}");
+            outln!("cluster_size: {cs}")?;
         }
         if let Some(b) = get("backing-filename").as_str() {
-            println!("backing file: {b}");
+            outln!("backing file: {b}")?;
         }
         if let Some(f) = get("backing-filename-format").as_str() {
-            println!("backing file format: {f}");
+            outln!("backing file format: {f}")?;
         }
         if let Some(d) = get("dirty-flag").as_bool() {
             if d {
-                println!("dirty: needs check");
+                outln!("dirty: needs check")?;
             }
         }
         layer = v.get("backing-image");
     }
+    Ok(())
 }
 
 fn human_size(n: u64) -> String {
@@ -510,38 +516,39 @@ fn check_json(report: &CheckReport, image: &Path) -> Value {
     Value::Object(m)
 }
 
-fn print_check_human(report: &CheckReport) {
+fn print_check_human(report: &CheckReport) -> Result<()> {
     if report.corruptions == 0 && report.leaks == 0 && report.check_errors == 0 {
-        println!("No errors were found on the image.");
+        outln!("No errors were found on the image.")?;
     }
     if report.corruptions > 0 {
-        println!(
+        outln!(
             "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
             report.corruptions
-        );
+        )?;
     }
     if report.leaks > 0 {
-        println!(
+        outln!(
             "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.",
             report.leaks
-        );
+        )?;
     }
     if report.check_errors > 0 {
-        println!(
+        outln!(
             "\n{} internal errors have occurred during the check.",
             report.check_errors
-        );
+        )?;
     }
     if report.total_clusters > 0 {
         let pct = |n: u64| n as f64 * 100.0 / report.total_clusters as f64;
-        println!(
+        outln!(
             "{}/{} = {:.2}% allocated, {:.2}% fragmented, 0.00% compressed clusters",
             report.allocated_clusters,
             report.total_clusters,
             pct(report.allocated_clusters),
             pct(report.fragmented_clusters)
-        );
+        )?;
     }
+    Ok(())
 }
 
 fn cmd_check(repair: Option<RepairArg>, output: Output, path: &Path) -> Result<u8> {
@@ -560,12 +567,15 @@ fn cmd_check(repair: Option<RepairArg>, output: Output, path: &Path) -> Result<u
     let mut report = image.check(mode).map_err(|e| Error::image(path, e))?;
     if mode != Repair::None {
         let fixed = (report.leaks_fixed, report.corruptions_fixed);
-        if output == Output::Human && (fixed.0 > 0 || fixed.1 > 0) {
-            println!(
+        // Reported after the image is closed, so a failing stdout never leaves it open.
+        let said = if output == Output::Human && (fixed.0 > 0 || fixed.1 > 0) {
+            outln!(
                 "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...",
                 fixed.0, fixed.1
-            );
-        }
+            )
+        } else {
+            Ok(())
+        };
         report = CheckReport {
             leaks_fixed: fixed.0,
             corruptions_fixed: fixed.1,
@@ -574,15 +584,16 @@ fn cmd_check(repair: Option<RepairArg>, output: Output, path: &Path) -> Result<u
                 .map_err(|e| Error::image(path, e))?
         };
         image.close().map_err(|e| Error::image(path, e))?;
+        said?;
     } else {
         image.close().map_err(|e| Error::image(path, e))?;
     }
     match output {
-        Output::Json => println!(
+        Output::Json => outln!(
             "{}",
             serde_json::to_string_pretty(&check_json(&report, path)).unwrap_or_default()
-        ),
-        Output::Human => print_check_human(&report),
+        )?,
+        Output::Human => print_check_human(&report)?,
     }
     Ok(report.exit_code() as u8)
 }
@@ -593,19 +604,19 @@ fn cmd_map(output: Output, image: &Path) -> Result<u8> {
     match output {
         Output::Json => {
             let lines: Vec<String> = extents.iter().map(|e| e.to_qemu_json_line()).collect();
-            println!("[{}]", lines.join(",\n"));
+            outln!("[{}]", lines.join(",\n"))?;
         }
         Output::Human => {
-            println!("{:<20}{:<20}{:<20}File", "Offset", "Length", "Mapped to");
+            outln!("{:<20}{:<20}{:<20}File", "Offset", "Length", "Mapped to")?;
             for e in extents.iter().filter(|e| e.data) {
                 let file = &chain.layers[e.depth as usize].path;
-                println!(
+                outln!(
                     "{:<#20x}{:<#20x}{:<#20x}{}",
                     e.start,
                     e.length,
                     e.offset.unwrap_or(0),
                     file.display()
-                );
+                )?;
             }
         }
     }
@@ -620,18 +631,14 @@ fn cmd_read(image: &Path, offset: u64, length: u64) -> Result<u8> {
             "range {offset}+{length} is outside the virtual disk ({size} bytes)"
         )));
     }
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
     let mut buf = vec![0u8; length.min(4 << 20) as usize];
     let mut done = 0;
     while done < length {
         let n = (length - done).min(buf.len() as u64) as usize;
         source.read_at(&mut buf[..n], offset + done)?;
-        out.write_all(&buf[..n])
-            .map_err(Error::io("writing to stdout"))?;
+        engine::out::write_all(&buf[..n])?;
         done += n as u64;
     }
-    out.flush().map_err(Error::io("writing to stdout"))?;
     Ok(0)
 }
 

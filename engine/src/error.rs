@@ -36,6 +36,26 @@ pub enum Error {
     /// The command's output could not be written to stdout (a full disk, a closed pipe).
     #[error("writing to stdout: {}", os_message(.0))]
     Stdout(std::io::Error),
+    /// A helper process (`qemu-nbd`) failed to start or serve.
+    #[error("{name} {what}")]
+    Helper {
+        /// The helper.
+        name: String,
+        /// What went wrong.
+        what: String,
+    },
+    /// A file the command creates is already there (a file or a symlink someone planted);
+    /// nothing was written through it.
+    #[error("{0}: already exists; refusing to write through it (use a new folder)")]
+    Exists(PathBuf),
+    /// A folder the command was told to write into is not safe to use.
+    #[error("{path}: {why}")]
+    UnsafeDir {
+        /// The folder.
+        path: PathBuf,
+        /// Why it is refused.
+        why: &'static str,
+    },
     /// The command line asks for something impossible.
     #[error("{0}")]
     Usage(String),

@@ -6,6 +6,7 @@
 //! - [`chain`]: a backing chain opened layer by layer for inspection ([`chain::Chain`]), with
 //!   `qemu-img`-compatible `map` extents ([`chain::MapEntry`]) and `info` JSON.
 //! - [`source`]: something to copy from (a QED chain or a raw file), read through its chain.
+//! - [`child`]: helper processes (`qemu-nbd`) that die with the command, on signals too.
 //! - [`convert`]: copies a source into a raw file (holes where zero) or a new QED image (zero
 //!   data never stored).
 //! - [`demo`]: `qedstream demo`, the quick start end to end.
@@ -27,6 +28,7 @@
 //! ```
 
 pub mod chain;
+pub mod child;
 pub mod convert;
 pub mod demo;
 pub mod error;

@@ -332,6 +332,7 @@ fn cmd_stream(
         step,
         reconnect_delay: std::time::Duration::from_secs_f64(reconnect_delay),
         in_flight,
+        cancel_on_sigint: true,
     })
 }
 

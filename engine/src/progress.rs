@@ -31,6 +31,8 @@ pub struct StreamCommand {
     pub reconnect_delay: Duration,
     /// Requests in flight.
     pub in_flight: usize,
+    /// Cancel the stream on SIGINT (a caller that handles signals itself says no).
+    pub cancel_on_sigint: bool,
 }
 
 /// The default unit of a step.
@@ -109,8 +111,9 @@ async fn run_async(cmd: StreamCommand) -> Result<u8> {
     let job = StreamJob::start(Arc::clone(&dev), options);
     let handle = job.handle();
     let h = handle.clone();
+    let cancel_on_sigint = cmd.cancel_on_sigint;
     let sigint = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
+        if cancel_on_sigint && tokio::signal::ctrl_c().await.is_ok() {
             h.cancel();
         }
     });

@@ -4,10 +4,45 @@
 //! report stops with the image valid and its data intact.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
 
 use qedstream_tests::tempdir;
-use qedstream_tests::tools::{ok_command as ok, run_command as run};
+
+/// Held while a process is started. Between fork and exec a child holds a copy of every fd of
+/// ours, so a "closed" pipe would have a reader in a child another test thread is starting;
+/// spawning returns only after exec, which closes those copies (they are close-on-exec).
+static SPAWN: Mutex<()> = Mutex::new(());
+
+fn spawn_lock() -> MutexGuard<'static, ()> {
+    SPAWN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn spawn_locked(cmd: &mut Command) -> Child {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("cannot run {program} (is it installed?): {e}"))
+}
+
+/// Runs `cmd` to the end, capturing what it did not get told to send elsewhere.
+fn run(cmd: &mut Command) -> Output {
+    let child = {
+        let _spawning = spawn_lock();
+        spawn_locked(cmd.stdin(Stdio::null()))
+    };
+    child.wait_with_output().expect("waiting for a child")
+}
+
+/// Runs `cmd` and asserts success; returns stdout.
+fn ok(cmd: &mut Command) -> String {
+    let out = run(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
 
 fn ours(dir: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_qedstream"));
@@ -25,33 +60,35 @@ enum Sink {
 }
 
 /// The write end of a pipe nobody reads any more: `true`'s stdin, after `true` has exited
-/// (it never reads it, and std closes the parent's copy of the read end at spawn).
+/// (it never reads it, and std closes the parent's copy of the read end at spawn). Call with
+/// the spawn lock held.
 fn closed_pipe() -> Stdio {
-    let mut reader = run_spawn(Command::new("true").stdin(Stdio::piped()));
+    let mut reader = spawn_locked(Command::new("true").stdin(Stdio::piped()));
     let write_end = reader.stdin.take().expect("piped stdin");
     let status = reader.wait().expect("waiting for `true`");
     assert!(status.success(), "`true` failed: {status}");
     Stdio::from(write_end)
 }
 
-fn run_spawn(cmd: &mut Command) -> std::process::Child {
-    let program = cmd.get_program().to_string_lossy().into_owned();
-    cmd.spawn()
-        .unwrap_or_else(|e| panic!("cannot run {program} (is it installed?): {e}"))
-}
-
 fn run_into(mut cmd: Command, sink: Sink) -> Output {
-    let stdout = match sink {
-        Sink::Full => Stdio::from(
-            std::fs::OpenOptions::new()
-                .write(true)
-                .open("/dev/full")
-                .expect("opening /dev/full"),
-        ),
-        Sink::ClosedPipe => closed_pipe(),
+    let child = {
+        let _spawning = spawn_lock();
+        let stdout = match sink {
+            Sink::Full => Stdio::from(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open("/dev/full")
+                    .expect("opening /dev/full"),
+            ),
+            Sink::ClosedPipe => closed_pipe(),
+        };
+        spawn_locked(
+            cmd.stdin(Stdio::null())
+                .stdout(stdout)
+                .stderr(Stdio::piped()),
+        )
     };
-    cmd.stdout(stdout).stderr(Stdio::piped());
-    run(&mut cmd)
+    child.wait_with_output().expect("waiting for a child")
 }
 
 /// Asserts how a command ended when its stdout failed.
@@ -164,7 +201,7 @@ fn stream_fails_cleanly_on_a_full_or_closed_stdout_and_keeps_the_data() {
             // The image is consistent and holds the same virtual disk, linked or not.
             ok(&mut ours(d, &["check", &name]));
             let mut read = ours(d, &["read", &name, "0", "8M"]);
-            let data = run(&mut read);
+            let data = run(read.stdout(Stdio::piped()));
             assert!(data.status.success(), "read {name} after {args:?}");
             assert!(
                 data.stdout == expected,

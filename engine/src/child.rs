@@ -109,30 +109,36 @@ impl Drop for Helper {
     }
 }
 
-fn stop_slot(slot: &Slot) {
-    if let Some(mut child) = slot.lock().take() {
-        // It may have ended on its own already: then kill fails and wait reaps it.
-        let _ = child.kill();
-        let _ = child.wait();
+/// Kills and reaps the slot's process; whether there was one.
+fn stop_slot(slot: &Slot) -> bool {
+    match slot.lock().take() {
+        Some(mut child) => {
+            // It may have ended on its own already: then kill fails and wait reaps it.
+            let _ = child.kill();
+            let _ = child.wait();
+            true
+        }
+        None => false,
     }
 }
 
 /// SIGTERM, SIGHUP and SIGINT, caught for as long as the process lives: the helpers started
-/// with [`SignalExit::spawn`] are killed and reaped, the line `message(signal name)` goes to
-/// stderr, and the process exits with 128 + the signal's number.
+/// with [`SignalExit::spawn`] are killed and reaped, one line goes to stderr
+/// (`qedstream: WHAT stopped by SIGTERM (qemu-nbd stopped); NOTE`), and the process exits with
+/// 128 + the signal's number.
 ///
 /// Once installed, the three signals no longer end the process by themselves (tokio keeps its
 /// handler until the process exits), so a command using this must not also cancel work on
 /// SIGINT.
 #[derive(Debug)]
 pub struct SignalExit {
-    helpers: Arc<Mutex<Vec<Slot>>>,
+    helpers: Arc<Mutex<Vec<(String, Slot)>>>,
 }
 
 impl SignalExit {
     /// Installs the handlers (they are in place when this returns) and the thread that acts
     /// on them.
-    pub fn install(message: impl Fn(&str) -> String + Send + 'static) -> Result<SignalExit> {
+    pub fn install(what: &str, note: &str) -> Result<SignalExit> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .build()
@@ -144,8 +150,9 @@ impl SignalExit {
         let mut term = listen(SignalKind::terminate())?;
         let mut hup = listen(SignalKind::hangup())?;
         let mut int = listen(SignalKind::interrupt())?;
-        let helpers: Arc<Mutex<Vec<Slot>>> = Arc::default();
+        let helpers: Arc<Mutex<Vec<(String, Slot)>>> = Arc::default();
         let watched = Arc::clone(&helpers);
+        let (what, note) = (what.to_string(), note.to_string());
         std::thread::Builder::new()
             .name("qedstream-signals".into())
             .spawn(move || {
@@ -162,10 +169,19 @@ impl SignalExit {
                 };
                 // Held to the end: no helper can be started past this point.
                 let helpers = watched.lock();
-                for slot in helpers.iter() {
-                    stop_slot(slot);
+                let stopped: Vec<&str> = helpers
+                    .iter()
+                    .filter(|(_, slot)| stop_slot(slot))
+                    .map(|(helper, _)| helper.as_str())
+                    .collect();
+                let mut line = format!("qedstream: {what} stopped by {name}");
+                if !stopped.is_empty() {
+                    line += &format!(" ({} stopped)", stopped.join(", "));
                 }
-                let _ = writeln!(std::io::stderr().lock(), "{}", message(name));
+                if !note.is_empty() {
+                    line += &format!("; {note}");
+                }
+                let _ = writeln!(std::io::stderr().lock(), "{line}");
                 std::process::exit(128 + number);
             })
             .map_err(Error::io("starting the signal watcher"))?;
@@ -178,8 +194,8 @@ impl SignalExit {
         // process before it starts.
         let mut helpers = self.helpers.lock();
         let helper = Helper::spawn(name, cmd)?;
-        helpers.retain(|slot| slot.lock().is_some());
-        helpers.push(Arc::clone(&helper.child));
+        helpers.retain(|(_, slot)| slot.lock().is_some());
+        helpers.push((name.to_string(), Arc::clone(&helper.child)));
         Ok(helper)
     }
 }

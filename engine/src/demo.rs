@@ -198,13 +198,7 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
             (d, None)
         }
     };
-    let shown = dir.clone();
-    let signals = SignalExit::install(move |signal| {
-        format!(
-            "qedstream: demo stopped by {signal}; qemu-nbd stopped, the files are kept in {}",
-            shown.display()
-        )
-    })?;
+    let signals = SignalExit::install("demo", &format!("the files are kept in {}", dir.display()))?;
     let base = dir.join(BASE);
     let overlay = dir.join(OVERLAY);
     let data = build_base(&base, size)?;

@@ -310,7 +310,10 @@ fn no_qemu_nbd_outlives_a_demo_stopped_by_a_signal() {
             1,
             "SIG{signal}: not one line on stderr: {err:?}"
         );
-        assert!(err.contains(&format!("SIG{signal}")), "{err}");
+        assert!(
+            err.contains(&format!("SIG{signal}")) && err.contains("qemu-nbd stopped"),
+            "SIG{signal}: {err}"
+        );
     }
 }
 

@@ -193,28 +193,47 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version go to stdout, which may fail like any other output.
+        Err(e) if !e.use_stderr() => {
+            return match e
+                .print()
+                .map_err(Error::Stdout)
+                .and_then(|()| engine::out::flush())
+            {
+                Ok(()) => ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1)),
+                Err(e) => report(e),
+            };
+        }
+        Err(e) => e.exit(),
+    };
     // Whatever the command printed is on stdout before it counts as done.
     match run(cli).and_then(|code| engine::out::flush().map(|()| code)) {
         Ok(code) => ExitCode::from(code),
-        // stdout's reader went away (`| head`): end quietly, but not with success.
-        Err(e) if e.is_broken_pipe() => ExitCode::from(1),
-        Err(e) => {
-            let mut msg = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                let s = s.to_string();
-                if !msg.contains(&s) {
-                    msg.push_str(": ");
-                    msg.push_str(&s);
-                }
-                source = s_next(source);
-            }
-            // Nothing more can be done when stderr fails too; the exit code still says it.
-            let _ = writeln!(std::io::stderr().lock(), "qedstream: {msg}");
-            ExitCode::from(1)
-        }
+        Err(e) => report(e),
     }
+}
+
+/// Says why the command failed, in one line on stderr; exit code 1.
+fn report(e: Error) -> ExitCode {
+    // stdout's reader went away (`| head`): end quietly, but not with success.
+    if e.is_broken_pipe() {
+        return ExitCode::from(1);
+    }
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        let s = s.to_string();
+        if !msg.contains(&s) {
+            msg.push_str(": ");
+            msg.push_str(&s);
+        }
+        source = s_next(source);
+    }
+    // Nothing more can be done when stderr fails too; the exit code still says it.
+    let _ = writeln!(std::io::stderr().lock(), "qedstream: {msg}");
+    ExitCode::from(1)
 }
 
 fn s_next<'a>(

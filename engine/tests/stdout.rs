@@ -166,6 +166,9 @@ fn inspecting_commands_fail_cleanly_on_a_full_or_closed_stdout() {
         &["map", "--output=json", "top.qed"],
         &["read", "top.qed", "0", "8M"],
         &["read", "top.qed", "1M", "1"],
+        &["--help"],
+        &["--version"],
+        &["map", "--help"],
     ];
     for args in cases {
         for sink in [Sink::Full, Sink::ClosedPipe] {

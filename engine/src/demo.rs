@@ -176,8 +176,8 @@ fn prepare_dir(dir: &Path) -> Result<()> {
 /// base of `size`.
 pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
     let size = size.max(4 << 20) / (1 << 20) * (1 << 20);
-    // The NBD socket goes in a folder only we can enter: the demo's own when it makes it,
-    // a private temporary one (removed at the end) beside a --dir.
+    // The NBD socket goes in a folder only we can enter (mode 0700): the demo's own when it
+    // makes it; with --dir, a private one under the temp dir, removed when the demo ends.
     let (dir, sock_dir) = match dir {
         Some(d) => {
             prepare_dir(&d)?;

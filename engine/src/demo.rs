@@ -5,34 +5,46 @@
 //! copy-on-read, streams the overlay local with a progress bar, checks the result against the
 //! base, and prints what happened at each step.
 
+use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use copy_on_read::BlockDevice;
 use qed::{BackingFormat, CreateOptions, Image, OpenOptions, Repair, Storage};
 
+use crate::child::{die_with_us, Helper, SignalExit};
 use crate::error::{Error, Result};
+use crate::outln;
 use crate::progress::{open_device, StreamCommand};
 
-/// A server process killed on drop.
-struct Server(Child);
+/// The files the demo creates in its folder.
+const BASE: &str = "base.raw";
+const OVERLAY: &str = "vm.qed";
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+fn say(step: usize, text: &str) -> Result<()> {
+    outln!("[{step}] {text}")
 }
 
-fn say(step: usize, text: &str) {
-    println!("[{step}] {text}");
+/// Creates `path`, which must not exist: `O_CREAT | O_EXCL`, so a file or a symlink (even a
+/// dangling one) planted there is an error, never followed.
+fn create_new(path: &Path) -> Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => Error::Exists(path.to_path_buf()),
+            _ => Error::open(path, e),
+        })
 }
 
 /// Writes the sample base: a pattern in every other MiB, a hole in the rest, and a tail.
 fn build_base(path: &Path, size: u64) -> Result<u64> {
-    let file = std::fs::File::create(path).map_err(|e| Error::open(path, e))?;
+    let file = create_new(path)?;
     file.set_len(size).map_err(|e| Error::open(path, e))?;
     let mut data_bytes = 0;
     let mib = 1u64 << 20;
@@ -51,42 +63,52 @@ fn build_base(path: &Path, size: u64) -> Result<u64> {
 }
 
 fn which(tool: &str) -> bool {
-    Command::new(tool)
-        .arg("--version")
+    die_with_us(Command::new(tool).arg("--version"))
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
 }
 
-fn serve(dir: &Path, base: &Path) -> Result<Option<(Server, String)>> {
+/// Serves `base` with qemu-nbd on a socket in `sock_dir` (a folder only we can write to).
+fn serve(signals: &SignalExit, sock_dir: &Path, base: &Path) -> Result<Option<(Helper, String)>> {
     if !which("qemu-nbd") {
         return Ok(None);
     }
-    let sock = dir.join("nbd.sock");
-    let _ = std::fs::remove_file(&sock);
-    let child = Command::new("qemu-nbd")
-        .args([
-            "-r",
-            "-f",
-            "raw",
-            "-x",
-            "base",
-            "--persistent",
-            "--shared=8",
-            "-k",
-        ])
-        .arg(&sock)
-        .arg(base)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(Error::io("starting qemu-nbd"))?;
-    let server = Server(child);
+    let sock = sock_dir.join("nbd.sock");
+    let server = signals.spawn(
+        "qemu-nbd",
+        Command::new("qemu-nbd")
+            .args([
+                "-r",
+                "-f",
+                "raw",
+                "-x",
+                "base",
+                "--persistent",
+                "--shared=8",
+                "-k",
+            ])
+            .arg(&sock)
+            .arg(base)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
     let deadline = Instant::now() + Duration::from_secs(10);
     while !sock.exists() {
+        if let Some(status) = server.try_wait()? {
+            return Err(Error::Helper {
+                name: server.name().into(),
+                what: format!("exited ({status}) before serving {}", base.display()),
+            });
+        }
         if Instant::now() > deadline {
-            return Err(Error::Usage("qemu-nbd did not start within 10 s".into()));
+            return Err(Error::Helper {
+                name: server.name().into(),
+                what: "did not start within 10 s".into(),
+            });
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -96,22 +118,89 @@ fn serve(dir: &Path, base: &Path) -> Result<Option<(Server, String)>> {
     )))
 }
 
-/// Runs the demo in `dir` (a new folder under the temp dir by default) with a base of `size`.
+/// Mode 0700: a folder only we can list, enter or write to.
+fn private() -> std::fs::Permissions {
+    std::fs::Permissions::from_mode(0o700)
+}
+
+/// The current user, who must own a `--dir` that already exists.
+fn euid() -> u32 {
+    // SAFETY: geteuid takes no arguments and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Makes `dir` ready for the demo: created (mode 0700) when missing; when it exists, it must be
+/// a real folder (not a symlink), ours, writable by nobody else (unless sticky, as /tmp), and
+/// free of the demo's files. The files are still created with `O_EXCL` afterwards, so a race
+/// with someone planting them ends in an error too.
+fn prepare_dir(dir: &Path) -> Result<()> {
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::open(parent, e))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => return Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::open(dir, e)),
+    }
+    let refuse = |why| {
+        Err(Error::UnsafeDir {
+            path: dir.to_path_buf(),
+            why,
+        })
+    };
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| Error::open(dir, e))?;
+    if meta.file_type().is_symlink() {
+        return refuse("is a symbolic link; pass the folder itself");
+    }
+    if !meta.is_dir() {
+        return refuse("is not a folder");
+    }
+    if meta.uid() != euid() {
+        return refuse("belongs to another user; pass a folder of your own");
+    }
+    if meta.mode() & 0o022 != 0 && meta.mode() & 0o1000 == 0 {
+        return refuse("can be written by other users; pass a folder only you can write to");
+    }
+    for name in [BASE, OVERLAY] {
+        let path = dir.join(name);
+        match std::fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Ok(_) => return Err(Error::Exists(path)),
+            Err(e) => return Err(Error::open(&path, e)),
+        }
+    }
+    Ok(())
+}
+
+/// Runs the demo in `dir` (a new private folder under the temp dir by default, kept) with a
+/// base of `size`.
 pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
     let size = size.max(4 << 20) / (1 << 20) * (1 << 20);
-    let dir = match dir {
+    // The NBD socket goes in a folder only we can enter (mode 0700): the demo's own when it
+    // makes it; with --dir, a private one under the temp dir, removed when the demo ends.
+    let (dir, sock_dir) = match dir {
         Some(d) => {
-            std::fs::create_dir_all(&d).map_err(|e| Error::open(&d, e))?;
-            d
+            prepare_dir(&d)?;
+            let sock_dir = tempfile::Builder::new()
+                .prefix("qedstream-demo-nbd-")
+                .permissions(private())
+                .tempdir()
+                .map_err(Error::io("creating a private folder for the NBD socket"))?;
+            (d, Some(sock_dir))
         }
         None => {
-            let d = std::env::temp_dir().join(format!("qedstream-demo-{}", std::process::id()));
-            std::fs::create_dir_all(&d).map_err(|e| Error::open(&d, e))?;
-            d
+            let d = tempfile::Builder::new()
+                .prefix("qedstream-demo-")
+                .permissions(private())
+                .tempdir()
+                .map_err(Error::io("creating the demo's folder"))?
+                .keep();
+            (d, None)
         }
     };
-    let base = dir.join("base.raw");
-    let overlay = dir.join("vm.qed");
+    let signals = SignalExit::install("demo", &format!("the files are kept in {}", dir.display()))?;
+    let base = dir.join(BASE);
+    let overlay = dir.join(OVERLAY);
     let data = build_base(&base, size)?;
     say(
         1,
@@ -121,20 +210,24 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
             size >> 20,
             data >> 20
         ),
-    );
+    )?;
 
-    let served = serve(&dir, &base)?;
+    let served = serve(
+        &signals,
+        sock_dir.as_ref().map_or(&dir, |d| d.path()),
+        &base,
+    )?;
     let backing_name = match &served {
         Some((_, uri)) => {
-            say(2, &format!("serving it over NBD with qemu-nbd at {uri}"));
+            say(2, &format!("serving it over NBD with qemu-nbd at {uri}"))?;
             uri.clone()
         }
         None => {
             say(
                 2,
                 "qemu-nbd is not installed: using the base as a local raw file instead",
-            );
-            "base.raw".to_string()
+            )?;
+            BASE.to_string()
         }
     };
 
@@ -142,14 +235,14 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
         backing: Some((backing_name.clone(), BackingFormat::Raw)),
         ..CreateOptions::new(size)
     };
-    Image::create_path(&overlay, &options).map_err(|e| Error::image(&overlay, e))?;
+    Image::create(&create_new(&overlay)?, &options).map_err(|e| Error::image(&overlay, e))?;
     say(
         3,
         &format!(
             "created {} (QED) on backing {backing_name} (raw)",
             overlay.display()
         ),
-    );
+    )?;
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -179,10 +272,10 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
             "read 1 MiB at offset 0 through copy-on-read: first byte {first:#04x}; {} KiB fetched from the backing and stored in the overlay",
             stats.cor_bytes >> 10
         ),
-    );
+    )?;
     rt.shutdown_timeout(Duration::from_secs(1));
 
-    say(5, "streaming the rest:");
+    say(5, "streaming the rest:")?;
     crate::progress::run(StreamCommand {
         image: overlay.clone(),
         rate: None,
@@ -192,8 +285,11 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
         reconnect_delay: Duration::from_secs(5),
         in_flight: 4,
         max_chain_depth: qed::backing::DEFAULT_MAX_DEPTH,
+        // SIGINT ends the demo through `signals`, as SIGTERM does.
+        cancel_on_sigint: false,
     })?;
     drop(served);
+    drop(sock_dir);
 
     let image = Image::open_path(
         &overlay,
@@ -233,7 +329,7 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
             },
             if unlinked { "dropped" } else { "still there" }
         ),
-    );
+    )?;
     if same && report.exit_code() == 0 && unlinked {
         say(
             7,
@@ -242,7 +338,7 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
                 overlay.display(),
                 overlay.display()
             ),
-        );
+        )?;
         Ok(0)
     } else {
         Ok(1)

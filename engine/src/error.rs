@@ -33,6 +33,29 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The command's output could not be written to stdout (a full disk, a closed pipe).
+    #[error("writing to stdout: {}", os_message(.0))]
+    Stdout(std::io::Error),
+    /// A helper process (`qemu-nbd`) failed to start or serve.
+    #[error("{name} {what}")]
+    Helper {
+        /// The helper.
+        name: String,
+        /// What went wrong.
+        what: String,
+    },
+    /// A file the command creates is already there (a file or a symlink someone planted);
+    /// nothing was written through it.
+    #[error("{0}: already exists; refusing to write through it (use a new folder)")]
+    Exists(PathBuf),
+    /// A folder the command was told to write into is not safe to use.
+    #[error("{path}: {why}")]
+    UnsafeDir {
+        /// The folder.
+        path: PathBuf,
+        /// Why it is refused.
+        why: &'static str,
+    },
     /// The command line asks for something impossible.
     #[error("{0}")]
     Usage(String),
@@ -105,6 +128,26 @@ impl Error {
     pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
         let what = what.into();
         move |source| Error::Io { what, source }
+    }
+}
+
+impl Error {
+    /// Whether this is stdout's reader going away (EPIPE): the command ends quietly, as when
+    /// SIGPIPE kills a C tool in `qedstream map IMG | head`, but not with success.
+    pub fn is_broken_pipe(&self) -> bool {
+        matches!(self, Error::Stdout(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
+    }
+}
+
+/// An OS error's text without Rust's ` (os error N)` suffix: `No space left on device`.
+fn os_message(e: &std::io::Error) -> String {
+    let text = e.to_string();
+    match e.raw_os_error() {
+        Some(code) => match text.strip_suffix(&format!(" (os error {code})")) {
+            Some(bare) => bare.to_string(),
+            None => text,
+        },
+        None => text,
     }
 }
 

@@ -6,9 +6,11 @@
 //! - [`chain`]: a backing chain opened layer by layer for inspection ([`chain::Chain`]), with
 //!   `qemu-img`-compatible `map` extents ([`chain::MapEntry`]) and `info` JSON.
 //! - [`source`]: something to copy from (a QED chain or a raw file), read through its chain.
+//! - [`child`]: helper processes (`qemu-nbd`) that die with the command, on signals too.
 //! - [`convert`]: copies a source into a raw file (holes where zero) or a new QED image (zero
 //!   data never stored).
 //! - [`demo`]: `qedstream demo`, the quick start end to end.
+//! - [`out`]: the command's stdout, with write errors returned ([`outln!`]), never a panic.
 //! - [`progress`]: the `qedstream stream` command: a progress bar or JSON lines, SIGINT.
 //! - [`size`]: sizes as operators type them (`64K`, `2G`).
 //! - [`stream`]: the stream job ([`stream::StreamJob`]) that makes a copy-on-read image local
@@ -32,9 +34,11 @@
 pub const STACK_SIZE: usize = 256 << 20;
 
 pub mod chain;
+pub mod child;
 pub mod convert;
 pub mod demo;
 pub mod error;
+pub mod out;
 pub mod progress;
 pub mod size;
 pub mod source;

@@ -11,6 +11,7 @@ use serde_json::{json, Map, Value};
 use engine::chain::{chain_info_json, info_json, Chain};
 use engine::convert::{convert, Target};
 use engine::error::{Error, Result};
+use engine::outln;
 use engine::size::parse_size;
 use engine::source::{Source, SourceKind};
 use qed::backing::resolve_backing_path;
@@ -279,31 +280,33 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version go to stdout, which may fail like any other output.
+        Err(e) if !e.use_stderr() => {
+            return match e
+                .print()
+                .map_err(Error::Stdout)
+                .and_then(|()| engine::out::flush())
+            {
+                Ok(()) => ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1)),
+                Err(e) => report(e),
+            };
+        }
+        Err(e) => e.exit(),
+    };
     // Opening and reading a backing chain recurses once per layer: run on a stack that holds a
-    // chain as deep as `--max-chain-depth` allows by default.
+    // chain as deep as `--max-chain-depth` allows by default. Whatever the command printed is
+    // on stdout before it counts as done.
     let result = std::thread::Builder::new()
         .name("qedstream".into())
         .stack_size(engine::STACK_SIZE)
-        .spawn(move || run(cli))
+        .spawn(move || run(cli).and_then(|code| engine::out::flush().map(|()| code)))
         .map_err(Error::io("starting the main thread"))
         .and_then(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
     match result {
         Ok(code) => ExitCode::from(code),
-        Err(e) => {
-            let mut msg = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                let s = s.to_string();
-                if !msg.contains(&s) {
-                    msg.push_str(": ");
-                    msg.push_str(&s);
-                }
-                source = s_next(source);
-            }
-            eprintln!("qedstream: {}", escape_controls(&msg));
-            ExitCode::from(1)
-        }
+        Err(e) => report(e),
     }
 }
 
@@ -324,6 +327,31 @@ fn escape_controls(s: &str) -> String {
         }
     }
     out
+}
+
+/// Says why the command failed, in one line on stderr; exit code 1.
+fn report(e: Error) -> ExitCode {
+    // stdout's reader went away (`| head`): end quietly, but not with success.
+    if e.is_broken_pipe() {
+        return ExitCode::from(1);
+    }
+    let mut msg = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        let s = s.to_string();
+        if !msg.contains(&s) {
+            msg.push_str(": ");
+            msg.push_str(&s);
+        }
+        source = s_next(source);
+    }
+    // Nothing more can be done when stderr fails too; the exit code still says it.
+    let _ = writeln!(
+        std::io::stderr().lock(),
+        "qedstream: {}",
+        escape_controls(&msg)
+    );
+    ExitCode::from(1)
 }
 
 fn s_next<'a>(
@@ -501,6 +529,7 @@ fn cmd_stream(
         reconnect_delay: std::time::Duration::from_secs_f64(reconnect_delay),
         in_flight,
         max_chain_depth: chain.max_chain_depth,
+        cancel_on_sigint: true,
     })
 }
 
@@ -621,50 +650,51 @@ fn cmd_info(
         (top.clone(), vec![top])
     };
     match output {
-        Output::Json => println!(
+        Output::Json => outln!(
             "{}",
             serde_json::to_string_pretty(&info).unwrap_or_default()
-        ),
-        Output::Human => print_info_human(&layers),
+        )?,
+        Output::Human => print_info_human(&layers)?,
     }
     Ok(0)
 }
 
-fn print_info_human(layers: &[Value]) {
+fn print_info_human(layers: &[Value]) -> Result<()> {
     let mut first = true;
     for v in layers {
         if !first {
-            println!();
+            outln!()?;
         }
         first = false;
         let get = |k: &str| v.get(k).cloned().unwrap_or(Value::Null);
         // Names come from untrusted headers: control characters are escaped.
-        println!(
+        outln!(
             "image: {}",
             escape_controls(get("filename").as_str().unwrap_or(""))
-        );
-        println!("file format: {}", get("format").as_str().unwrap_or(""));
+        )?;
+        outln!("file format: {}", get("format").as_str().unwrap_or(""))?;
         let vs = get("virtual-size").as_u64().unwrap_or(0);
-        println!("virtual size: {} ({vs} bytes)", human_size(vs));
-        println!(
+        outln!("virtual size: {} ({vs} bytes)", human_size(vs))?;
+        outln!(
             "disk size: {}",
             human_size(get("actual-size").as_u64().unwrap_or(0))
-        );
+        )?;
         if let Some(cs) = get("cluster-size").as_u64() {
-            println!("cluster_size: {cs}");
+            outln!("cluster_size: {cs}")?;
         }
         if let Some(b) = get("backing-filename").as_str() {
-            println!("backing file: {}", escape_controls(b));
+            outln!("backing file: {}", escape_controls(b))?;
         }
         if let Some(f) = get("backing-filename-format").as_str() {
-            println!("backing file format: {f}");
+            outln!("backing file format: {f}")?;
         }
         if let Some(d) = get("dirty-flag").as_bool() {
             if d {
-                println!("dirty: needs check");
+                outln!("dirty: needs check")?;
             }
         }
     }
+    Ok(())
 }
 
 fn human_size(n: u64) -> String {
@@ -708,38 +738,39 @@ fn check_json(report: &CheckReport, image: &Path) -> Value {
     Value::Object(m)
 }
 
-fn print_check_human(report: &CheckReport) {
+fn print_check_human(report: &CheckReport) -> Result<()> {
     if report.corruptions == 0 && report.leaks == 0 && report.check_errors == 0 {
-        println!("No errors were found on the image.");
+        outln!("No errors were found on the image.")?;
     }
     if report.corruptions > 0 {
-        println!(
+        outln!(
             "\n{} errors were found on the image.\nData may be corrupted, or further writes to the image may corrupt it.",
             report.corruptions
-        );
+        )?;
     }
     if report.leaks > 0 {
-        println!(
+        outln!(
             "\n{} leaked clusters were found on the image.\nThis means waste of disk space, but no harm to data.",
             report.leaks
-        );
+        )?;
     }
     if report.check_errors > 0 {
-        println!(
+        outln!(
             "\n{} internal errors have occurred during the check.",
             report.check_errors
-        );
+        )?;
     }
     if report.total_clusters > 0 {
         let pct = |n: u64| n as f64 * 100.0 / report.total_clusters as f64;
-        println!(
+        outln!(
             "{}/{} = {:.2}% allocated, {:.2}% fragmented, 0.00% compressed clusters",
             report.allocated_clusters,
             report.total_clusters,
             pct(report.allocated_clusters),
             pct(report.fragmented_clusters)
-        );
+        )?;
     }
+    Ok(())
 }
 
 fn cmd_check(
@@ -764,12 +795,15 @@ fn cmd_check(
     let mut report = image.check(mode).map_err(|e| Error::image(path, e))?;
     if mode != Repair::None {
         let fixed = (report.leaks_fixed, report.corruptions_fixed);
-        if output == Output::Human && (fixed.0 > 0 || fixed.1 > 0) {
-            println!(
+        // Reported after the image is closed, so a failing stdout never leaves it open.
+        let said = if output == Output::Human && (fixed.0 > 0 || fixed.1 > 0) {
+            outln!(
                 "The following inconsistencies were found and repaired:\n\n    {} leaked clusters\n    {} corruptions\n\nDouble checking the fixed image now...",
                 fixed.0, fixed.1
-            );
-        }
+            )
+        } else {
+            Ok(())
+        };
         report = CheckReport {
             leaks_fixed: fixed.0,
             corruptions_fixed: fixed.1,
@@ -778,15 +812,16 @@ fn cmd_check(
                 .map_err(|e| Error::image(path, e))?
         };
         image.close().map_err(|e| Error::image(path, e))?;
+        said?;
     } else {
         image.close().map_err(|e| Error::image(path, e))?;
     }
     match output {
-        Output::Json => println!(
+        Output::Json => outln!(
             "{}",
             serde_json::to_string_pretty(&check_json(&report, path)).unwrap_or_default()
-        ),
-        Output::Human => print_check_human(&report),
+        )?,
+        Output::Human => print_check_human(&report)?,
     }
     Ok(report.exit_code() as u8)
 }
@@ -797,19 +832,19 @@ fn cmd_map(chain: ChainArgs, output: Output, force_share: bool, image: &Path) ->
     match output {
         Output::Json => {
             let lines: Vec<String> = extents.iter().map(|e| e.to_qemu_json_line()).collect();
-            println!("[{}]", lines.join(",\n"));
+            outln!("[{}]", lines.join(",\n"))?;
         }
         Output::Human => {
-            println!("{:<20}{:<20}{:<20}File", "Offset", "Length", "Mapped to");
+            outln!("{:<20}{:<20}{:<20}File", "Offset", "Length", "Mapped to")?;
             for e in extents.iter().filter(|e| e.data) {
                 let file = &chain.layers[e.depth as usize].path;
-                println!(
+                outln!(
                     "{:<#20x}{:<#20x}{:<#20x}{}",
                     e.start,
                     e.length,
                     e.offset.unwrap_or(0),
                     escape_controls(&file.display().to_string())
-                );
+                )?;
             }
         }
     }
@@ -824,18 +859,14 @@ fn cmd_read(chain: SharedChainArgs, image: &Path, offset: u64, length: u64) -> R
             "range {offset}+{length} is outside the virtual disk ({size} bytes)"
         )));
     }
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
     let mut buf = vec![0u8; length.min(4 << 20) as usize];
     let mut done = 0;
     while done < length {
         let n = (length - done).min(buf.len() as u64) as usize;
         source.read_at(&mut buf[..n], offset + done)?;
-        out.write_all(&buf[..n])
-            .map_err(Error::io("writing to stdout"))?;
+        engine::out::write_all(&buf[..n])?;
         done += n as u64;
     }
-    out.flush().map_err(Error::io("writing to stdout"))?;
     Ok(0)
 }
 

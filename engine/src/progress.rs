@@ -11,6 +11,7 @@ use copy_on_read::{BlockDevice, CorDevice, CorOptions, Gate};
 use serde_json::{json, Value};
 
 use crate::error::{Error, Result};
+use crate::outln;
 use crate::stream::{step, Progress, StreamJob, StreamOptions};
 
 /// What `qedstream stream` was asked to do.
@@ -32,6 +33,8 @@ pub struct StreamCommand {
     pub in_flight: usize,
     /// The deepest backing chain opened.
     pub max_chain_depth: u32,
+    /// Cancel the stream on SIGINT (a caller that handles signals itself says no).
+    pub cancel_on_sigint: bool,
 }
 
 /// The default unit of a step.
@@ -67,10 +70,12 @@ fn idle_progress(dev: &CorDevice) -> Progress {
     }
 }
 
-fn print_line(v: &Value) {
+/// One JSON event on a line of its own, written out at once (a reader acts on each).
+fn print_line(v: &Value) -> Result<()> {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{v}");
-    let _ = out.flush();
+    writeln!(out, "{v}")
+        .and_then(|()| out.flush())
+        .map_err(Error::Stdout)
 }
 
 /// Opens the image with copy-on-read and the gate the command uses.
@@ -117,8 +122,8 @@ async fn run_async(cmd: StreamCommand) -> Result<u8> {
         let r = step(&dev, offset, length).await;
         close(&dev).await?;
         match r?.next {
-            Some(n) => println!("{n}"),
-            None => println!("done"),
+            Some(n) => outln!("{n}")?,
+            None => outln!("done")?,
         }
         return Ok(0);
     }
@@ -129,9 +134,9 @@ async fn run_async(cmd: StreamCommand) -> Result<u8> {
             let mut v = progress_json("completed", &idle_progress(&dev));
             v["unlinked"] = json!(false);
             v["nothing_to_stream"] = json!(true);
-            print_line(&v);
+            print_line(&v)?;
         } else {
-            println!("{}: no backing file, nothing to stream", dev.name());
+            outln!("{}: no backing file, nothing to stream", dev.name())?;
         }
         return Ok(0);
     }
@@ -144,8 +149,9 @@ async fn run_async(cmd: StreamCommand) -> Result<u8> {
     let job = StreamJob::start(Arc::clone(&dev), options);
     let handle = job.handle();
     let h = handle.clone();
+    let cancel_on_sigint = cmd.cancel_on_sigint;
     let sigint = tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
+        if cancel_on_sigint && tokio::signal::ctrl_c().await.is_ok() {
             h.cancel();
         }
     });
@@ -162,13 +168,19 @@ async fn run_async(cmd: StreamCommand) -> Result<u8> {
     });
     let mut job = std::pin::pin!(job.wait());
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // A stream nobody can follow any more (stdout full or its reader gone) is cancelled: it
+    // stops at a unit boundary with the image valid and still linked, and the command fails.
+    let mut report_failed = None;
     let result = loop {
         tokio::select! {
             r = &mut job => break r,
             _ = tick.tick() => {
                 let p = handle.progress();
-                if cmd.json {
-                    print_line(&progress_json("progress", &p));
+                if cmd.json && report_failed.is_none() {
+                    if let Err(e) = print_line(&progress_json("progress", &p)) {
+                        handle.cancel();
+                        report_failed = Some(e);
+                    }
                 }
                 if let Some(bar) = &bar {
                     bar.set_position(p.offset);
@@ -183,6 +195,15 @@ async fn run_async(cmd: StreamCommand) -> Result<u8> {
     }
     let closed = close(&dev).await;
     let p = handle.progress();
+    let result = match (result, report_failed) {
+        // Cancelled for the failed report, or finished before the cancel landed: either way
+        // the image is consistent; the report is what failed.
+        (Ok(_) | Err(Error::Cancelled { .. }), Some(report)) => {
+            closed?;
+            return Err(report);
+        }
+        (result, _) => result,
+    };
     match result {
         Ok(outcome) => {
             closed?;
@@ -190,9 +211,9 @@ async fn run_async(cmd: StreamCommand) -> Result<u8> {
                 let mut v = progress_json("completed", &outcome.progress);
                 v["unlinked"] = json!(outcome.unlinked);
                 v["elapsed"] = json!(outcome.elapsed.as_secs_f64());
-                print_line(&v);
+                print_line(&v)?;
             } else {
-                println!(
+                outln!(
                     "{}: streamed {} bytes, skipped {}, {} already local, in {:.1} s; {}",
                     outcome.progress.image,
                     outcome.progress.copied,
@@ -204,7 +225,7 @@ async fn run_async(cmd: StreamCommand) -> Result<u8> {
                     } else {
                         "backing link kept"
                     }
-                );
+                )?;
             }
             Ok(0)
         }
@@ -221,7 +242,9 @@ async fn run_async(cmd: StreamCommand) -> Result<u8> {
                 };
                 let mut v = progress_json(event, &p);
                 v["error"] = json!(e.to_string());
-                print_line(&v);
+                // The stream's own error is the one to report (on stderr); a stdout that
+                // fails as well cannot add to it.
+                let _ = print_line(&v);
             }
             Err(e)
         }

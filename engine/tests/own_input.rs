@@ -195,7 +195,7 @@ fn inspection_opens_only_what_it_must_and_never_blocks() {
             &["convert", image, "out.raw"],
             &["stream", image],
         ] {
-            let err = refused(d, &args.to_vec());
+            let err = refused(d, args);
             assert!(
                 err.contains("FIFO") || err.contains("device"),
                 "{args:?}: {err}"

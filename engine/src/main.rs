@@ -945,16 +945,10 @@ fn cmd_write(
                     // Read what was measured, even if the file grows meanwhile.
                     (Box::new(file.take(meta.len())), meta.len())
                 } else {
-                    let data = read_bounded(file, space, &f.display().to_string())?;
-                    let len = data.len() as u64;
-                    (Box::new(std::io::Cursor::new(data)), len)
+                    spool_bounded(file, space, &f.display().to_string())?
                 }
             }
-            None => {
-                let data = read_bounded(std::io::stdin(), space, "stdin")?;
-                let len = data.len() as u64;
-                (Box::new(std::io::Cursor::new(data)), len)
-            }
+            None => spool_bounded(std::io::stdin(), space, "stdin")?,
         };
         if len > space {
             fits(len)?;
@@ -980,20 +974,48 @@ fn cmd_write(
     Ok(0)
 }
 
-/// Reads `input` to its end, refusing it (before anything is written) once it holds more than
-/// `space` bytes.
-fn read_bounded(input: impl Read, space: u64, what: &str) -> Result<Vec<u8>> {
-    let mut data = Vec::new();
-    input
-        .take(space.saturating_add(1))
-        .read_to_end(&mut data)
-        .map_err(Error::io("reading input"))?;
-    if data.len() as u64 > space {
-        return Err(Error::Usage(format!(
+/// Input kept in memory before it spills to a temporary file.
+const SPOOL_IN_MEMORY: u64 = 64 << 20;
+
+/// Reads `input` (a pipe: its length is unknown) to its end, refusing it (before anything is
+/// written) once it holds more than `space` bytes. Up to 64 MiB stays in memory; the rest
+/// goes to an unlinked temporary file, so memory stays bounded whatever the input's length.
+fn spool_bounded(mut input: impl Read, space: u64, what: &str) -> Result<(Box<dyn Read>, u64)> {
+    let too_long = || {
+        Error::Usage(format!(
             "the input from {what} is longer than the {space} bytes left in the virtual disk; nothing was written"
-        )));
+        ))
+    };
+    let mut head = Vec::new();
+    (&mut input)
+        .take(SPOOL_IN_MEMORY.min(space.saturating_add(1)))
+        .read_to_end(&mut head)
+        .map_err(Error::io("reading input"))?;
+    if (head.len() as u64) < SPOOL_IN_MEMORY.min(space.saturating_add(1)) {
+        // The input ended within the memory budget.
+        let len = head.len() as u64;
+        return if len > space {
+            Err(too_long())
+        } else {
+            Ok((Box::new(std::io::Cursor::new(head)), len))
+        };
     }
-    Ok(data)
+    let mut spool = tempfile::tempfile().map_err(Error::io("creating a temporary file"))?;
+    spool
+        .write_all(&head)
+        .map_err(Error::io("spooling input"))?;
+    let rest = std::io::copy(
+        &mut input.take(space.saturating_add(1) - head.len() as u64),
+        &mut spool,
+    )
+    .map_err(Error::io("spooling input"))?;
+    let len = head.len() as u64 + rest;
+    if len > space {
+        return Err(too_long());
+    }
+    use std::io::Seek;
+    spool.rewind().map_err(Error::io("spooling input"))?;
+    Ok((Box::new(std::io::BufReader::new(spool)), len))
 }
 
 fn cmd_convert(

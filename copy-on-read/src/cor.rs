@@ -160,8 +160,7 @@ impl CorDevice {
             Image::open_path(&p, o).map_err(Error::qed(&p.display().to_string()))
         })
         .await?;
-        let seen = vec![path.canonicalize().unwrap_or_else(|_| path.to_path_buf())];
-        let backing = options.gate.open_below(&image, path, 0, seen).await?;
+        let backing = options.gate.open_below(&image, path, 0).await?;
         let mut dev = CorDevice::new(image, path.display().to_string(), backing);
         dev.path = Some(path.to_path_buf());
         dev.set_copy_on_read(options.copy_on_read && !read_only);

@@ -3,29 +3,8 @@
 
 use std::path::PathBuf;
 
-/// Why a backing could not be admitted by the [`crate::gate::Gate`].
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum GateRefusal {
-    /// The chain is deeper than the gate allows.
-    #[error("backing chain deeper than {0} layers")]
-    TooDeep(u32),
-    /// The chain names a file that is already part of it.
-    #[error("backing chain loops back to {0:?}")]
-    Loop(PathBuf),
-    /// The header records no format and probing is forbidden.
-    #[error("the backing format is not recorded and probing is forbidden")]
-    ProbeForbidden,
-    /// The path resolves outside the confinement directory.
-    #[error("backing path {0:?} is outside the allowed directory")]
-    OutsideConfinement(PathBuf),
-    /// The name is a protocol the gate does not open (or NBD names are forbidden).
-    #[error("backing protocol of {0:?} is not allowed or not supported")]
-    Protocol(String),
-    /// The probed format is not one we read.
-    #[error("backing has format {0}, which is not supported")]
-    UnsupportedFormat(&'static str),
-}
+/// Why a backing could not be admitted: the one set of gate rules ([`qed::gate::Refusal`]).
+pub use qed::gate::Refusal as GateRefusal;
 
 /// Everything a block device can fail with.
 #[derive(Debug, thiserror::Error)]

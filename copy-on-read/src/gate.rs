@@ -10,14 +10,10 @@
 //! whether NBD names may be opened, and bounds the chain depth; a chain that names a file
 //! already in it is refused as a loop.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Arc;
 
-use qed::backing::{
-    is_protocol_name, normalise, probe_format, probe_storage, resolve_backing_path,
-};
+use qed::backing::{is_protocol_name, probe_format};
 use qed::{BackingFormat, BackingPolicy, Image, OpenOptions};
 
 use crate::device::BlockDevice;
@@ -59,20 +55,55 @@ impl Default for Gate {
     }
 }
 
-type OpenFuture<'a> = Pin<Box<dyn Future<Output = Result<Arc<dyn BlockDevice>>> + Send + 'a>>;
+/// One layer of a backing chain as the gate opened it, before layers are stacked into
+/// devices (see [`Gate::open_chain`]).
+#[derive(Debug)]
+pub enum OpenedLayer {
+    /// A raw file, opened and admitted once.
+    Raw {
+        /// The admitted file.
+        raw: RawFile,
+        /// The path it resolved to.
+        path: PathBuf,
+    },
+    /// A QED image, opened read-only with its backing detached.
+    Qed {
+        /// The image.
+        image: Box<Image>,
+        /// The path it resolved to.
+        path: PathBuf,
+    },
+    /// An NBD export (read as raw).
+    Nbd {
+        /// The connected export.
+        export: NbdExport,
+    },
+}
 
-fn absolute(path: &Path) -> PathBuf {
-    let abs = if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        std::env::current_dir()
-            .map(|d| d.join(path))
-            .unwrap_or_else(|_| path.to_path_buf())
-    };
-    abs.canonicalize().unwrap_or_else(|_| normalise(&abs))
+impl OpenedLayer {
+    /// The layer's name in messages: its path, or the export's URI.
+    pub fn describe(&self) -> String {
+        match self {
+            OpenedLayer::Raw { path, .. } | OpenedLayer::Qed { path, .. } => {
+                path.display().to_string()
+            }
+            OpenedLayer::Nbd { export } => export.describe(),
+        }
+    }
 }
 
 impl Gate {
+    /// The admission rules for files (shared with every other path that opens a backing:
+    /// [`qed::gate::Rules::admit_file`]).
+    pub fn rules(&self) -> qed::gate::Rules {
+        qed::gate::Rules {
+            allow_probe: self.allow_probe,
+            confine_to: self.confine_to.clone(),
+            max_depth: self.max_depth,
+            force_share: self.force_share,
+        }
+    }
+
     fn refuse(&self, name: &str, image: Option<&Path>, refusal: GateRefusal) -> Error {
         Error::Gate {
             name: name.to_string(),
@@ -81,186 +112,141 @@ impl Gate {
         }
     }
 
-    /// Checks a file name: depth, confinement and loops. Returns the resolved path.
-    pub fn admit_file(
-        &self,
-        name: &str,
-        image_path: Option<&Path>,
-        depth: u32,
-        seen: &[PathBuf],
-    ) -> Result<PathBuf> {
-        if depth > self.max_depth {
-            return Err(self.refuse(name, image_path, GateRefusal::TooDeep(self.max_depth)));
-        }
-        let path = resolve_backing_path(name, image_path);
-        let real = absolute(&path);
-        if let Some(root) = &self.confine_to {
-            if !real.starts_with(absolute(root)) {
-                return Err(self.refuse(name, image_path, GateRefusal::OutsideConfinement(path)));
-            }
-        }
-        if seen.contains(&real) {
-            return Err(self.refuse(name, image_path, GateRefusal::Loop(path)));
-        }
-        Ok(path)
-    }
-
-    /// Opens the backing `name` (as stored in the header of the image at `image_path`) with
-    /// the recorded `format`, `depth` layers below the top, and its own chain below it.
-    /// `seen` holds the canonical paths of the layers above.
-    pub fn open_backing<'a>(
-        &'a self,
-        name: &'a str,
-        format: BackingFormat,
-        image_path: Option<&'a Path>,
-        depth: u32,
-        seen: Vec<PathBuf>,
-    ) -> OpenFuture<'a> {
-        Box::pin(async move {
-            if is_protocol_name(name) {
-                if !self.allow_nbd {
-                    return Err(self.refuse(
-                        name,
-                        image_path,
-                        GateRefusal::Protocol(name.to_string()),
-                    ));
-                }
-                if depth > self.max_depth {
-                    return Err(self.refuse(
-                        name,
-                        image_path,
-                        GateRefusal::TooDeep(self.max_depth),
-                    ));
-                }
-                let export = NbdExport::connect(name, self.nbd.clone()).await?;
-                if format == BackingFormat::Probe {
-                    // QEMU would probe the export's first bytes. We read raw only: refuse a
-                    // QED image exported as raw rather than misread it.
-                    let head =
-                        crate::device::read_padded(&export, 0, 64.min(export.size() as usize))
-                            .await?;
-                    let found = probe_format(&head);
-                    if found != "raw" {
-                        export.close().await?;
-                        return Err(self.refuse(
-                            name,
-                            image_path,
-                            GateRefusal::UnsupportedFormat(found),
-                        ));
-                    }
-                }
-                return Ok(Arc::new(export) as Arc<dyn BlockDevice>);
-            }
-            let path = self.admit_file(name, image_path, depth, &seen)?;
-            let access = self.read_access();
-            let p = path.clone();
-            // One open: the descriptor that is locked and probed is the one that is used.
-            let (file, found) = blocking(move || {
-                let file =
-                    qed::file::open(&p, access).map_err(Error::qed(&p.display().to_string()))?;
-                if format == BackingFormat::Raw {
-                    return Ok((file, "raw"));
-                }
-                let found = probe_storage(&file).map_err(|source| Error::Open {
-                    path: p.clone(),
-                    source,
-                })?;
-                Ok((file, found))
-            })
-            .await?;
-            if format == BackingFormat::Probe && !self.allow_probe {
-                return Err(self.refuse(name, image_path, GateRefusal::ProbeForbidden));
-            }
-            match found {
-                "raw" => {
-                    Ok(Arc::new(RawFile::from_file(file, path, false)?) as Arc<dyn BlockDevice>)
-                }
-                "qed" => {
-                    let mut seen = seen;
-                    seen.push(absolute(&path));
-                    let p = path.clone();
-                    let force_share = self.force_share;
-                    let image = blocking(move || {
-                        let options = OpenOptions {
-                            read_only: true,
-                            force_share,
-                            path: Some(p.clone()),
-                            backing: BackingPolicy::Detached,
-                            ..OpenOptions::default()
-                        };
-                        Image::open(Box::new(file), options)
-                            .map_err(Error::qed(&p.display().to_string()))
-                    })
-                    .await?;
-                    let below = self.open_below(&image, &path, depth, seen).await?;
-                    Ok(
-                        Arc::new(QedImage::new(image, path.display().to_string(), below))
-                            as Arc<dyn BlockDevice>,
-                    )
-                }
-                other => Err(self.refuse(name, image_path, GateRefusal::UnsupportedFormat(other))),
-            }
-        })
-    }
-
     /// How files below the top are opened: [`qed::Access::ReadOnly`], or
     /// [`qed::Access::SharedRead`] with [`Gate::force_share`].
     pub fn read_access(&self) -> qed::Access {
-        if self.force_share {
-            qed::Access::SharedRead
-        } else {
-            qed::Access::ReadOnly
-        }
+        self.rules().access()
     }
 
-    /// Opens the chain below `image` (opened from `path` at `depth`), if its header names one.
+    /// Opens one backing layer: `name`, as stored in the header of the image at `image_path`,
+    /// `depth` layers below the top, with the `recorded` format; `seen` holds the files above.
+    async fn open_layer(
+        &self,
+        name: &str,
+        recorded: BackingFormat,
+        image_path: Option<&Path>,
+        depth: u32,
+        seen: &[qed::FileId],
+    ) -> Result<OpenedLayer> {
+        let refuse = |r| self.refuse(name, image_path, r);
+        if is_protocol_name(name) {
+            if !self.allow_nbd {
+                return Err(refuse(GateRefusal::Protocol(name.to_string())));
+            }
+            self.rules().check_depth(depth).map_err(refuse)?;
+            let export = NbdExport::connect(name, self.nbd.clone()).await?;
+            if recorded == BackingFormat::Probe {
+                // QEMU would probe the export's first bytes. We read raw only: refuse a QED
+                // image exported as raw rather than misread it.
+                let head =
+                    crate::device::read_padded(&export, 0, 64.min(export.size() as usize)).await?;
+                let found = probe_format(&head);
+                if found != "raw" {
+                    export.close().await?;
+                    return Err(refuse(GateRefusal::UnsupportedFormat(found)));
+                }
+            }
+            return Ok(OpenedLayer::Nbd { export });
+        }
+        let rules = self.rules();
+        let (n, at, seen_now) = (
+            name.to_string(),
+            image_path.map(Path::to_path_buf),
+            seen.to_vec(),
+        );
+        let force_share = self.force_share;
+        let opened = blocking(move || {
+            let admitted = match rules.admit_file(&n, at.as_deref(), depth, &seen_now, recorded) {
+                Ok(a) => a,
+                Err(qed::Error::Refused(r)) => return Ok(Err(r)),
+                Err(e) => return Err(Error::qed(&n)(e)),
+            };
+            let path = admitted.path;
+            match admitted.format {
+                "raw" => Ok(Ok(OpenedLayer::Raw {
+                    raw: RawFile::from_file(admitted.file, path.clone(), false)?,
+                    path,
+                })),
+                "qed" => {
+                    let options = OpenOptions {
+                        read_only: true,
+                        force_share,
+                        path: Some(path.clone()),
+                        backing: BackingPolicy::Detached,
+                        ..OpenOptions::default()
+                    };
+                    let image = Image::open(Box::new(admitted.file), options)
+                        .map_err(Error::qed(&path.display().to_string()))?;
+                    Ok(Ok(OpenedLayer::Qed {
+                        image: Box::new(image),
+                        path,
+                    }))
+                }
+                other => Ok(Err(GateRefusal::UnsupportedFormat(other))),
+            }
+        })
+        .await?;
+        opened.map_err(refuse)
+    }
+
+    /// Opens every layer below `image` (opened from `path`, `depth` layers below the top),
+    /// top first, walking the chain iteratively: a chain as deep as [`Gate::max_depth`] costs
+    /// no stack. Every file is admitted by the shared rules; a file met twice is a loop.
+    pub async fn open_chain(
+        &self,
+        image: &Image,
+        path: &Path,
+        depth: u32,
+    ) -> Result<Vec<OpenedLayer>> {
+        let mut seen: Vec<qed::FileId> = image.file_id().into_iter().collect();
+        let mut layers: Vec<OpenedLayer> = Vec::new();
+        let mut next = image
+            .backing_name()
+            .map(|n| (n, image.backing_format().unwrap_or(BackingFormat::Probe)));
+        let mut above = path.to_path_buf();
+        let mut depth = depth;
+        while let Some((name, format)) = next.take() {
+            depth += 1;
+            let layer = self
+                .open_layer(&name, format, Some(&above), depth, &seen)
+                .await?;
+            if let OpenedLayer::Qed { image, path } = &layer {
+                seen.extend(image.file_id());
+                next = image
+                    .backing_name()
+                    .map(|n| (n, image.backing_format().unwrap_or(BackingFormat::Probe)));
+                above = path.clone();
+            }
+            layers.push(layer);
+        }
+        Ok(layers)
+    }
+
+    /// Opens the chain below `image` (opened from `path` at `depth`) and stacks it into one
+    /// device, if its header names a backing.
     pub async fn open_below(
         &self,
         image: &Image,
         path: &Path,
         depth: u32,
-        seen: Vec<PathBuf>,
     ) -> Result<Option<Arc<dyn BlockDevice>>> {
-        let Some(name) = image.backing_name() else {
-            return Ok(None);
-        };
-        let format = image.backing_format().unwrap_or(BackingFormat::Probe);
-        let dev = self
-            .open_backing(&name, format, Some(path), depth + 1, seen)
-            .await?;
-        Ok(Some(dev))
+        let layers = self.open_chain(image, path, depth).await?;
+        Ok(stack(layers))
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn confinement_and_depth_are_enforced() {
-        let dir = tempfile::tempdir().unwrap();
-        let gate = Gate {
-            confine_to: Some(dir.path().to_path_buf()),
-            ..Gate::default()
-        };
-        let top = dir.path().join("top.qed");
-        assert!(gate
-            .admit_file("../../etc/passwd", Some(&top), 1, &[])
-            .is_err());
-        assert!(gate.admit_file("/etc/passwd", Some(&top), 1, &[]).is_err());
-        assert!(gate.admit_file("base.raw", Some(&top), 1, &[]).is_ok());
-        let max = qed::backing::DEFAULT_MAX_DEPTH;
-        assert!(gate.admit_file("base.raw", Some(&top), max, &[]).is_ok());
-        assert!(gate
-            .admit_file("base.raw", Some(&top), max + 1, &[])
-            .is_err());
-        let seen = vec![absolute(&dir.path().join("base.raw"))];
-        assert!(matches!(
-            gate.admit_file("base.raw", Some(&top), 1, &seen),
-            Err(Error::Gate {
-                refusal: GateRefusal::Loop(_),
-                ..
-            })
-        ));
+/// Stacks opened layers (top first) into devices, bottom up: each QED layer reads what it
+/// lacks from the device below it.
+pub fn stack(layers: Vec<OpenedLayer>) -> Option<Arc<dyn BlockDevice>> {
+    let mut below: Option<Arc<dyn BlockDevice>> = None;
+    for layer in layers.into_iter().rev() {
+        below = Some(match layer {
+            OpenedLayer::Raw { raw, .. } => Arc::new(raw),
+            OpenedLayer::Qed { image, path } => {
+                Arc::new(QedImage::new(*image, path.display().to_string(), below))
+            }
+            OpenedLayer::Nbd { export } => Arc::new(export),
+        });
     }
+    below
 }

@@ -57,6 +57,11 @@ impl RawFile {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
 }
 
 fn pread_padded(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {

@@ -1,9 +1,10 @@
 //! A backing chain opened layer by layer for inspection: `info` and `map` walk it the way
 //! `qemu-img info --backing-chain` and `qemu-img map` do.
 //!
-//! Every layer below the top is admitted by the [`FileGate`] (probing policy, confinement,
-//! depth bound). Each QED layer is opened with its backing detached: the chain, not the image,
-//! decides where unallocated ranges come from.
+//! Every layer below the top is opened by the one chain opener, [`Gate::open_chain`]: each
+//! file admitted by the shared rules (opened once, confinement on the opened file, loops by
+//! identity, depth bound, probe policy). Each QED layer is opened with its backing detached:
+//! the chain, not the image, decides where unallocated ranges come from.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -11,7 +12,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
-use qed::backing::{probe_storage, FileGate};
+use copy_on_read::gate::OpenedLayer;
+use copy_on_read::{BlockDevice, Gate, NbdExport, RawFile};
+use qed::backing::probe_storage;
 use qed::{BackingFormat, BackingPolicy, Image, Mapping, OpenOptions, Storage};
 
 use crate::error::{Error, Result};
@@ -21,20 +24,10 @@ use crate::error::{Error, Result};
 pub enum Layer {
     /// A QED image (its own backing detached).
     Qed(Box<Image>),
-    /// An NBD export (read as raw), with the runtime its client runs on.
-    Nbd {
-        /// The export.
-        export: Box<copy_on_read::NbdExport>,
-        /// The runtime driving the client.
-        runtime: tokio::runtime::Runtime,
-    },
-    /// A raw file.
-    Raw {
-        /// The open file.
-        file: File,
-        /// Its virtual size (length rounded up to 512).
-        size: u64,
-    },
+    /// An NBD export (read as raw), driven by the chain's runtime.
+    Nbd(Box<NbdExport>),
+    /// A raw file (its size is its length rounded up to 512).
+    Raw(RawFile),
 }
 
 /// A layer and the name it was opened by.
@@ -53,8 +46,8 @@ impl ChainLayer {
     pub fn size(&self) -> u64 {
         match &self.layer {
             Layer::Qed(image) => image.size(),
-            Layer::Raw { size, .. } => *size,
-            Layer::Nbd { export, .. } => copy_on_read::BlockDevice::size(&**export),
+            Layer::Raw(raw) => raw.size(),
+            Layer::Nbd(export) => export.size(),
         }
     }
 
@@ -62,7 +55,7 @@ impl ChainLayer {
     pub fn format(&self) -> &'static str {
         match &self.layer {
             Layer::Qed(_) => "qed",
-            Layer::Raw { .. } | Layer::Nbd { .. } => "raw",
+            Layer::Raw(_) | Layer::Nbd(_) => "raw",
         }
     }
 }
@@ -72,6 +65,8 @@ impl ChainLayer {
 pub struct Chain {
     /// Top first.
     pub layers: Vec<ChainLayer>,
+    /// Drives the NBD layers' clients.
+    runtime: tokio::runtime::Runtime,
 }
 
 /// One extent of `qemu-img map --output=json`.
@@ -151,47 +146,29 @@ impl MapEntry {
     }
 }
 
-/// Opens a file as raw or QED by its first bytes.
-fn open_layer(
+/// Opens the top of a chain (a file as raw or QED by its first bytes, or an NBD URI).
+fn open_top_layer(
     path: &Path,
-    name: String,
     format: BackingFormat,
-    allow_probe: bool,
     access: qed::Access,
+    runtime: &tokio::runtime::Runtime,
 ) -> Result<ChainLayer> {
+    let name = path.display().to_string();
     if crate::source::is_nbd_name(path) {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(Error::io("starting the I/O runtime"))?;
         let uri = path.to_string_lossy().into_owned();
         let export = runtime
-            .block_on(copy_on_read::NbdExport::connect(&uri, Default::default()))
+            .block_on(NbdExport::connect(&uri, Default::default()))
             .map_err(Error::device)?;
         return Ok(ChainLayer {
-            layer: Layer::Nbd {
-                export: Box::new(export),
-                runtime,
-            },
+            layer: Layer::Nbd(Box::new(export)),
             path: path.to_path_buf(),
             name,
         });
     }
     let file = qed::file::open(path, access).map_err(|e| Error::image(path, e))?;
-    let len = Storage::len(&file).map_err(|e| Error::open(path, e))?;
     let detected = probe_storage(&file).map_err(|e| Error::open(path, e))?;
-    let as_raw = format == BackingFormat::Raw || detected == "raw";
-    if !as_raw && !allow_probe {
-        return Err(Error::Usage(format!(
-            "{}: the backing format is not recorded and probing is forbidden",
-            path.display()
-        )));
-    }
-    let layer = if as_raw {
-        Layer::Raw {
-            file,
-            size: len.div_ceil(512) * 512,
-        }
+    let layer = if format == BackingFormat::Raw || detected == "raw" {
+        Layer::Raw(RawFile::from_file(file, path.to_path_buf(), false).map_err(Error::device)?)
     } else if detected == "qed" {
         let options = OpenOptions {
             read_only: true,
@@ -219,80 +196,59 @@ fn open_layer(
 impl Chain {
     /// Opens `path` (QED, or raw when `format` says so or it is not QED) alone, as plain
     /// `qemu-img info` does: its backing is named, never opened.
-    pub fn open_top(path: &Path, format: Option<&str>, gate: &FileGate) -> Result<Chain> {
+    pub fn open_top(path: &Path, format: Option<&str>, gate: &Gate) -> Result<Chain> {
         Chain::open_layers(path, format, gate, false)
     }
 
     /// Opens `path` (QED, or raw when `format` says so or it is not QED) and every backing
     /// below it through `gate`.
-    pub fn open(path: &Path, format: Option<&str>, gate: &FileGate) -> Result<Chain> {
+    pub fn open(path: &Path, format: Option<&str>, gate: &Gate) -> Result<Chain> {
         Chain::open_layers(path, format, gate, true)
     }
 
     fn open_layers(
         path: &Path,
         format: Option<&str>,
-        gate: &FileGate,
+        gate: &Gate,
         whole_chain: bool,
     ) -> Result<Chain> {
-        let access = if gate.force_share {
-            qed::Access::SharedRead
-        } else {
-            qed::Access::ReadOnly
-        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(Error::io("starting the I/O runtime"))?;
         let top_format = match format {
             Some("raw") => BackingFormat::Raw,
             Some("qed") | None => BackingFormat::Probe,
             Some(other) => return Err(Error::Usage(format!("unknown format {other:?}"))),
         };
-        let top = open_layer(path, path.display().to_string(), top_format, true, access)?;
+        let top = open_top_layer(path, top_format, gate.read_access(), &runtime)?;
         if format == Some("qed") && top.format() != "qed" {
             return Err(Error::Usage(format!(
                 "{}: image not in QED format",
                 path.display()
             )));
         }
+        let below = match (&top.layer, whole_chain) {
+            (Layer::Qed(image), true) => runtime
+                .block_on(gate.open_chain(image, path, 0))
+                .map_err(Error::device)?,
+            _ => Vec::new(),
+        };
         let mut layers = vec![top];
-        loop {
-            if !whole_chain {
-                break;
-            }
-            let (name, format, above) = {
-                let last = layers.last().map(|l| (&l.layer, &l.path));
-                match last {
-                    Some((Layer::Qed(image), p)) => match image.backing_name() {
-                        Some(name) => (
-                            name,
-                            image.backing_format().unwrap_or(BackingFormat::Probe),
-                            p.clone(),
-                        ),
-                        None => break,
-                    },
-                    _ => break,
-                }
+        for opened in below {
+            // The name as the layer above stores it.
+            let name = match &layers.last().map(|l| &l.layer) {
+                Some(Layer::Qed(image)) => image.backing_name().unwrap_or_default(),
+                _ => String::new(),
             };
-            let depth = layers.len() as u32;
-            let backing_path = if qed::backing::is_protocol_name(&name) {
-                if depth > gate.max_depth {
-                    return Err(Error::Usage(format!(
-                        "backing chain deeper than {} layers",
-                        gate.max_depth
-                    )));
-                }
-                PathBuf::from(&name)
-            } else {
-                gate.admit(&name, Some(&above), depth)
-                    .map_err(|e| Error::image(&above, e))?
+            let (layer, path) = match opened {
+                OpenedLayer::Raw { raw, path } => (Layer::Raw(raw), path),
+                OpenedLayer::Qed { image, path } => (Layer::Qed(image), path),
+                OpenedLayer::Nbd { export } => (Layer::Nbd(Box::new(export)), PathBuf::from(&name)),
             };
-            layers.push(open_layer(
-                &backing_path,
-                name,
-                format,
-                gate.allow_probe,
-                access,
-            )?);
+            layers.push(ChainLayer { layer, path, name });
         }
-        Ok(Chain { layers })
+        Ok(Chain { layers, runtime })
     }
 
     /// The top layer.
@@ -374,7 +330,7 @@ impl Chain {
                         Mapping::Unallocated => {}
                     }
                 }
-                Layer::Nbd { export, runtime } => {
+                Layer::Nbd(export) => {
                     let covers = |s: &[copy_on_read::StatusExtent]| {
                         s.iter()
                             .any(|e| e.offset <= pos && pos < e.offset + e.length)
@@ -382,10 +338,9 @@ impl Chain {
                     if !covers(status) {
                         // Ask as far as the export goes: the answer covers a prefix.
                         let rest = cl.size() - pos;
-                        *status = runtime
-                            .block_on(copy_on_read::BlockDevice::block_status(
-                                &**export, pos, rest,
-                            ))
+                        *status = self
+                            .runtime
+                            .block_on(export.block_status(pos, rest))
                             .map_err(Error::device)?;
                     }
                     let (data, n) = status
@@ -400,8 +355,8 @@ impl Chain {
                         .unwrap_or((true, len));
                     return Ok(MapEntry::raw(pos, n, depth, data));
                 }
-                Layer::Raw { file, .. } => {
-                    let (data, n) = raw_extent(file, pos, len);
+                Layer::Raw(raw) => {
+                    let (data, n) = raw_extent(raw.file(), pos, len);
                     return Ok(MapEntry::raw(pos, n, depth, data));
                 }
             }
@@ -507,11 +462,11 @@ pub fn info_json(chain: &Chain, index: usize) -> Value {
                 }),
             );
         }
-        Layer::Raw { file, .. } => {
-            m.insert("actual-size".into(), json!(actual_size(file)));
+        Layer::Raw(raw) => {
+            m.insert("actual-size".into(), json!(actual_size(raw.file())));
             m.insert("dirty-flag".into(), json!(false));
         }
-        Layer::Nbd { .. } => {
+        Layer::Nbd(_) => {
             m.insert("protocol".into(), json!("nbd"));
         }
     }
@@ -543,14 +498,15 @@ pub fn chain_info_json(chain: &Chain) -> Value {
     )
 }
 
-impl Drop for ChainLayer {
-    /// Says goodbye to an NBD server (NBD_CMD_DISC) instead of vanishing mid-connection.
+impl Drop for Chain {
+    /// Says goodbye to NBD servers (NBD_CMD_DISC) instead of vanishing mid-connection.
     fn drop(&mut self) {
-        if let Layer::Nbd { export, runtime } = &self.layer {
-            let close = copy_on_read::BlockDevice::close(&**export);
-            let _ = runtime.block_on(async {
-                tokio::time::timeout(std::time::Duration::from_secs(2), close).await
-            });
+        for cl in &self.layers {
+            if let Layer::Nbd(export) = &cl.layer {
+                let _ = self.runtime.block_on(async {
+                    tokio::time::timeout(std::time::Duration::from_secs(2), export.close()).await
+                });
+            }
         }
     }
 }

@@ -19,9 +19,9 @@
 //!
 //! ```no_run
 //! use engine::chain::Chain;
-//! use qed::FileGate;
+//! use copy_on_read::Gate;
 //!
-//! let chain = Chain::open("top.qed".as_ref(), None, &FileGate::default()).unwrap();
+//! let chain = Chain::open("top.qed".as_ref(), None, &Gate::default()).unwrap();
 //! for extent in chain.map().unwrap() {
 //!     println!("{}", extent.to_json());
 //! }

@@ -15,9 +15,7 @@ use engine::outln;
 use engine::size::parse_size;
 use engine::source::{Source, SourceKind};
 use qed::backing::resolve_backing_path;
-use qed::{
-    BackingFormat, BackingPolicy, CheckReport, CreateOptions, FileGate, Image, OpenOptions, Repair,
-};
+use qed::{BackingFormat, BackingPolicy, CheckReport, CreateOptions, Image, OpenOptions, Repair};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -72,14 +70,6 @@ struct SharedChainArgs {
 }
 
 impl SharedChainArgs {
-    fn file_gate(self) -> FileGate {
-        FileGate {
-            max_depth: self.max_depth,
-            force_share: self.force_share,
-            ..FileGate::default()
-        }
-    }
-
     fn gate(self) -> copy_on_read::Gate {
         copy_on_read::Gate {
             max_depth: self.max_depth,
@@ -637,7 +627,7 @@ fn cmd_info(
     format: Option<&str>,
     image: &Path,
 ) -> Result<u8> {
-    let gate = chain.shared(force_share).file_gate();
+    let gate = chain.shared(force_share).gate();
     let (info, layers) = if backing_chain {
         let chain = Chain::open(image, format, &gate)?;
         let layers = (0..chain.layers.len())
@@ -827,7 +817,7 @@ fn cmd_check(
 }
 
 fn cmd_map(chain: ChainArgs, output: Output, force_share: bool, image: &Path) -> Result<u8> {
-    let chain = Chain::open(image, None, &chain.shared(force_share).file_gate())?;
+    let chain = Chain::open(image, None, &chain.shared(force_share).gate())?;
     let extents = chain.map()?;
     match output {
         Output::Json => {

@@ -215,3 +215,47 @@ fn inspection_opens_only_what_it_must_and_never_blocks() {
         refused(d, args);
     }
 }
+
+#[test]
+fn a_chain_that_loops_is_refused_on_every_path() {
+    let dir = tempdir();
+    let d = dir.path();
+    // a.qed -> b.qed -> (a hard link to a.qed): the same file under another name.
+    ok(d, "qemu-img", &["create", "-f", "qed", "a.qed", "1M"]);
+    ok(
+        d,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qed",
+            "-u",
+            "-b",
+            "a-again.qed",
+            "-F",
+            "qed",
+            "b.qed",
+            "1M",
+        ],
+    );
+    std::fs::hard_link(d.join("a.qed"), d.join("a-again.qed")).unwrap();
+    ok(
+        d,
+        "qemu-img",
+        &["rebase", "-u", "-b", "b.qed", "-F", "qed", "a.qed"],
+    );
+    for args in [
+        &["info", "--backing-chain", "a.qed"][..],
+        &["map", "a.qed"],
+        &["read", "a.qed", "0", "1"],
+        &["convert", "a.qed", "out.raw"],
+        &["stream", "a.qed"],
+        &["write", "a.qed", "0", "/dev/null"],
+        &["create", "-b", "a.qed", "c.qed"],
+    ] {
+        let err = refused(d, args);
+        assert!(err.contains("loops"), "{args:?}: {err}");
+    }
+    // Plain info names the backing without following it.
+    succeeds(d, &["info", "a.qed"]);
+}

@@ -14,7 +14,6 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
-use crate::file::Access;
 use crate::image::{Image, OpenOptions};
 use crate::layout::{MAGIC, SECTOR};
 use crate::storage::Storage;
@@ -161,13 +160,15 @@ impl BackingRead for QedBacking {
 /// Opens the backing an image header names. Implementations decide what names may be opened.
 pub trait BackingOpener: Send + Sync + fmt::Debug {
     /// Opens `name` (as stored in the header of the image at `image_path`, if known) with the
-    /// recorded `format`, `depth` layers below the top image.
+    /// recorded `format`, `depth` layers below the top image; `seen` holds the files of the
+    /// layers above (the naming image's last), so that a loop can be refused.
     fn open(
         &self,
         name: &str,
         format: BackingFormat,
         image_path: Option<&Path>,
         depth: u32,
+        seen: &[crate::file::FileId],
     ) -> Result<Arc<dyn BackingRead>>;
 }
 
@@ -198,29 +199,6 @@ impl Default for FileGate {
             force_share: false,
         }
     }
-}
-
-/// Errors of the gate.
-#[derive(Debug, thiserror::Error)]
-pub enum GateError {
-    /// The chain is deeper than allowed (or loops).
-    #[error("backing chain deeper than {0} layers (or it loops)")]
-    TooDeep(u32),
-    /// Probing was needed but is forbidden.
-    #[error("the backing format is not recorded and probing is forbidden")]
-    ProbeForbidden,
-    /// The path leaves the confinement directory.
-    #[error("backing path {0:?} is outside the allowed directory")]
-    OutsideConfinement(PathBuf),
-    /// A protocol name the file gate cannot open.
-    #[error("backing {0:?} is a protocol URI; open it through a gate that supports it")]
-    Protocol(String),
-    /// A probed format we cannot read.
-    #[error("backing has format {0}, which is not supported")]
-    UnsupportedFormat(&'static str),
-    /// The file could not be opened.
-    #[error("cannot open: {0}")]
-    Open(#[source] std::io::Error),
 }
 
 /// Resolves a backing name against the directory of the image that names it.
@@ -289,38 +267,15 @@ pub fn probe_storage(storage: &dyn Storage) -> std::io::Result<&'static str> {
     Ok(probe_format(head))
 }
 
-fn gate_err(name: &str, e: GateError) -> Error {
-    Error::Backing {
-        name: name.to_string(),
-        source: Box::new(e),
-    }
-}
-
 impl FileGate {
-    /// Checks depth, protocol names and confinement, and returns the resolved path.
-    pub fn admit(&self, name: &str, image_path: Option<&Path>, depth: u32) -> Result<PathBuf> {
-        if depth > self.max_depth {
-            return Err(gate_err(name, GateError::TooDeep(self.max_depth)));
+    /// The admission rules this gate applies ([`crate::gate::Rules::admit_file`]).
+    pub fn rules(&self) -> crate::gate::Rules {
+        crate::gate::Rules {
+            allow_probe: self.allow_probe,
+            confine_to: self.confine_to.clone(),
+            max_depth: self.max_depth,
+            force_share: self.force_share,
         }
-        if is_protocol_name(name) {
-            return Err(gate_err(name, GateError::Protocol(name.to_string())));
-        }
-        let path = resolve_backing_path(name, image_path);
-        if let Some(root) = &self.confine_to {
-            let abs = if path.is_absolute() {
-                path.clone()
-            } else {
-                std::env::current_dir()
-                    .map_err(|e| gate_err(name, GateError::Open(e)))?
-                    .join(&path)
-            };
-            let real = abs.canonicalize().unwrap_or_else(|_| normalise(&abs));
-            let root = root.canonicalize().unwrap_or_else(|_| normalise(root));
-            if !real.starts_with(&root) {
-                return Err(gate_err(name, GateError::OutsideConfinement(path)));
-            }
-        }
-        Ok(path)
     }
 }
 
@@ -331,38 +286,36 @@ impl BackingOpener for FileGate {
         format: BackingFormat,
         image_path: Option<&Path>,
         depth: u32,
+        seen: &[crate::file::FileId],
     ) -> Result<Arc<dyn BackingRead>> {
-        let path = self.admit(name, image_path, depth)?;
-        let access = if self.force_share {
-            Access::SharedRead
-        } else {
-            Access::ReadOnly
-        };
-        let file = crate::file::open(&path, access).map_err(|e| Error::Backing {
+        let wrap = |e: Error| Error::Backing {
             name: name.to_string(),
             source: Box::new(e),
-        })?;
-        let display = path.display().to_string();
-        if format == BackingFormat::Raw {
-            return Ok(Arc::new(RawBacking::new(Box::new(file), display)?));
-        }
-        if !self.allow_probe {
-            return Err(gate_err(name, GateError::ProbeForbidden));
-        }
-        match probe_storage(&file).map_err(Error::io("probing backing", 0))? {
+        };
+        let admitted = self
+            .rules()
+            .admit_file(name, image_path, depth, seen, format)
+            .map_err(wrap)?;
+        let display = admitted.path.display().to_string();
+        match admitted.format {
             "qed" => {
+                let mut above = seen.to_vec();
+                above.push(admitted.id);
                 let options = OpenOptions {
                     read_only: true,
                     force_share: self.force_share,
-                    path: Some(path.clone()),
-                    depth: depth + 1,
+                    path: Some(admitted.path.clone()),
+                    depth,
+                    above,
                     ..OpenOptions::with_opener(Arc::new(self.clone()))
                 };
-                let image = Image::open(Box::new(file), options)?;
+                let image = Image::open(Box::new(admitted.file), options)?;
                 Ok(Arc::new(QedBacking::new(image, display)))
             }
-            "raw" => Ok(Arc::new(RawBacking::new(Box::new(file), display)?)),
-            other => Err(gate_err(name, GateError::UnsupportedFormat(other))),
+            "raw" => Ok(Arc::new(RawBacking::new(Box::new(admitted.file), display)?)),
+            other => Err(wrap(Error::Refused(
+                crate::gate::Refusal::UnsupportedFormat(other),
+            ))),
         }
     }
 }
@@ -384,23 +337,22 @@ mod tests {
     }
 
     #[test]
-    fn confinement_refuses_escapes() {
+    fn the_file_gate_applies_the_rules() {
         let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("base.raw"), b"data").unwrap();
         let gate = FileGate {
             confine_to: Some(dir.path().to_path_buf()),
             ..FileGate::default()
         };
         let top = dir.path().join("top.qed");
-        assert!(gate.admit("../../etc/passwd", Some(&top), 1).is_err());
-        assert!(gate.admit("/etc/passwd", Some(&top), 1).is_err());
-        assert!(gate.admit("base.raw", Some(&top), 1).is_ok());
-        assert!(gate.admit("nbd://127.0.0.1/x", Some(&top), 1).is_err());
-        assert!(gate
-            .admit("base.raw", Some(&top), DEFAULT_MAX_DEPTH)
-            .is_ok());
-        assert!(gate
-            .admit("base.raw", Some(&top), DEFAULT_MAX_DEPTH + 1)
-            .is_err());
+        let open =
+            |name: &str, depth: u32| gate.open(name, BackingFormat::Raw, Some(&top), depth, &[]);
+        assert!(open("../../etc/passwd", 1).is_err());
+        assert!(open("/etc/passwd", 1).is_err());
+        assert!(open("base.raw", 1).is_ok());
+        assert!(open("nbd://127.0.0.1/x", 1).is_err());
+        assert!(open("base.raw", DEFAULT_MAX_DEPTH).is_ok());
+        assert!(open("base.raw", DEFAULT_MAX_DEPTH + 1).is_err());
     }
 
     #[test]

@@ -137,6 +137,9 @@ pub enum Error {
     /// a character device).
     #[error("{0} cannot be an image (only regular files and block devices)")]
     NotAnImageFile(&'static str),
+    /// The gate refused a backing file ([`crate::gate::Rules::admit_file`]).
+    #[error(transparent)]
+    Refused(#[from] crate::gate::Refusal),
     /// The output of a command is one of its inputs, or a file in an input's backing chain.
     #[error("the output is the same file as an input or a file in its backing chain")]
     OutputIsInput,

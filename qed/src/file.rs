@@ -290,6 +290,14 @@ fn file_kind(ft: std::fs::FileType) -> &'static str {
 /// refuses anything but a regular file or a block device without blocking on it (a FIFO is
 /// opened non-blocking, then refused), and takes the image locks.
 pub fn open(path: &Path, access: Access) -> Result<File> {
+    let file = open_unlocked(path, access)?;
+    lock(&file, access)?;
+    Ok(file)
+}
+
+/// As [`open`], without taking the image locks yet: for a caller that must look at the file
+/// (its identity) before it [`lock`]s it.
+pub fn open_unlocked(path: &Path, access: Access) -> Result<File> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(access.writes())
@@ -297,7 +305,6 @@ pub fn open(path: &Path, access: Access) -> Result<File> {
         .open(path)
         .map_err(Error::io("opening image file", 0))?;
     usable(&file)?;
-    lock(&file, access)?;
     Ok(file)
 }
 

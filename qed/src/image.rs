@@ -59,6 +59,9 @@ pub struct OpenOptions {
     pub l2_cache_tables: usize,
     /// How deep below the top image this one is (set by backing openers).
     pub depth: u32,
+    /// The files of the layers above this one (set by backing openers), so that a chain that
+    /// names one of them again is refused as a loop.
+    pub above: Vec<FileId>,
     /// Repair an image marked NEED_CHECK when opening it read-write (QEMU does; `check`
     /// turns it off to report what it finds).
     pub repair_on_open: bool,
@@ -80,6 +83,7 @@ impl OpenOptions {
             backing: BackingPolicy::Open(opener),
             l2_cache_tables: 64,
             depth: 0,
+            above: Vec::new(),
             repair_on_open: true,
         }
     }
@@ -502,7 +506,17 @@ impl Image {
                     } else {
                         BackingFormat::Probe
                     };
-                    Some(opener.open(name, format, options.path.as_deref(), options.depth + 1)?)
+                    {
+                        let mut seen = options.above.clone();
+                        seen.extend(image.storage.file_id());
+                        Some(opener.open(
+                            name,
+                            format,
+                            options.path.as_deref(),
+                            options.depth + 1,
+                            &seen,
+                        )?)
+                    }
                 }
                 None => None,
             };

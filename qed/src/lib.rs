@@ -9,6 +9,9 @@
 //! - [`layout`]: the on-disk header, feature bits, geometry rules and table entries (pure).
 //! - [`file`]: opening image files as QEMU does: regular files and block devices only, with
 //!   QEMU's image locks ([`Access`]), and file identity ([`FileId`]).
+//! - [`gate`]: the rules every backing file is admitted by, in one place ([`gate::Rules`]):
+//!   opened once, confinement checked on the opened descriptor, loops by file identity,
+//!   depth bound, probe policy.
 //! - [`storage`]: the [`Storage`] trait (positioned, thread-safe I/O) with a file and an
 //!   in-memory implementation.
 //! - [`image`]: an open [`Image`]: mapping lookups ([`Image::map`]), reads through the backing
@@ -47,6 +50,7 @@ pub mod backing;
 pub mod check;
 pub mod error;
 pub mod file;
+pub mod gate;
 pub mod image;
 pub mod layout;
 pub mod storage;

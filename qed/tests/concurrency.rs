@@ -86,6 +86,7 @@ impl qed::BackingOpener for Fixed {
         _format: BackingFormat,
         _image_path: Option<&std::path::Path>,
         _depth: u32,
+        _seen: &[qed::FileId],
     ) -> qed::Result<Arc<dyn qed::BackingRead>> {
         Ok(self.0.clone())
     }

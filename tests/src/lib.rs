@@ -562,6 +562,7 @@ impl qed::BackingOpener for MemRawOpener {
         _format: qed::BackingFormat,
         _image_path: Option<&Path>,
         _depth: u32,
+        _seen: &[qed::FileId],
     ) -> qed::Result<std::sync::Arc<dyn qed::BackingRead>> {
         let storage = qed::MemStorage::from_bytes(self.0.clone());
         Ok(std::sync::Arc::new(qed::RawBacking::new(

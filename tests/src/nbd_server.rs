@@ -75,14 +75,15 @@ impl NbdServer {
     fn spawn(&mut self) {
         let program = self.program;
         let _ = std::fs::remove_file(&self.sock);
-        let child = Command::new(program)
-            .args(&self.args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!("cannot run {program} (is it installed? .ci/run installs it): {e}")
-            });
+        let child = crate::tools::spawn(
+            Command::new(program)
+                .args(&self.args)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .unwrap_or_else(|e| {
+            panic!("cannot run {program} (is it installed? .ci/run installs it): {e}")
+        });
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while UnixStream::connect(&self.sock).is_err() {

@@ -16,16 +16,13 @@ fn spawn(program: &str, args: &[&str]) -> Output {
 }
 
 fn run_raw(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run `{program}` ({e}). The QED interop tests need QEMU's tools \
+    crate::tools::output(Command::new(program).args(args)).unwrap_or_else(|e| {
+        panic!(
+            "cannot run `{program}` ({e}). The QED interop tests need QEMU's tools \
              (qemu-img and qemu-io, e.g. Debian's qemu-utils package) on PATH; \
              they fail rather than skip when the oracle is missing."
-            )
-        })
+        )
+    })
 }
 
 /// Panics unless `qemu-img` runs and lists `qed` among its formats (QED can be compiled out).

@@ -39,8 +39,8 @@ fn qmp(stream: &mut UnixStream, reader: &mut BufReader<UnixStream>, cmd: &str) -
 pub fn block_stream(dir: &Path, image: &str) -> Duration {
     let sock = dir.join("qmp.sock");
     let _ = std::fs::remove_file(&sock);
-    let child = Command::new("qemu-storage-daemon")
-        .current_dir(dir)
+    let mut cmd = Command::new("qemu-storage-daemon");
+    cmd.current_dir(dir)
         .args([
             "--blockdev",
             &format!("driver=file,node-name=f,filename={image}"),
@@ -52,11 +52,10 @@ pub fn block_stream(dir: &Path, image: &str) -> Duration {
             "chardev=m",
         ])
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!("cannot run qemu-storage-daemon (is it installed? .ci/run installs it): {e}")
-        });
+        .stderr(Stdio::null());
+    let child = crate::tools::spawn(&mut cmd).unwrap_or_else(|e| {
+        panic!("cannot run qemu-storage-daemon (is it installed? .ci/run installs it): {e}")
+    });
     let mut daemon = Killed(child);
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut stream = loop {

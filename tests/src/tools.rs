@@ -4,10 +4,35 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
+/// Held while a child process is being started.
+static SPAWNING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Starts `cmd`, one child at a time in this test process.
+///
+/// Image locks are open-file-description locks, and a child started by `fork` holds every
+/// descriptor of the test process, locks included, until it `exec`s (close-on-exec). A test
+/// thread that closes an image and at once runs `qemu-img` on it would otherwise meet a lock
+/// still held for an instant by a child another thread is starting, and QEMU does not retry.
+/// `Command::spawn` returns only after the child's `exec`, so starting children one at a
+/// time closes that window; the children still run in parallel.
+pub fn spawn(cmd: &mut Command) -> std::io::Result<std::process::Child> {
+    let _one_at_a_time = SPAWNING.lock().unwrap_or_else(|p| p.into_inner());
+    cmd.spawn()
+}
+
+/// `cmd.output()`, with the child started through [`spawn`].
+pub fn output(cmd: &mut Command) -> std::io::Result<Output> {
+    use std::process::Stdio;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    spawn(cmd)?.wait_with_output()
+}
+
 /// Runs `cmd` and returns its output; a missing tool fails the test loudly.
 pub fn run_command(cmd: &mut Command) -> Output {
     let program = cmd.get_program().to_string_lossy().into_owned();
-    cmd.output().unwrap_or_else(|e| {
+    output(cmd).unwrap_or_else(|e| {
         panic!("cannot run {program} (is it installed? .ci/run installs it): {e}")
     })
 }
@@ -18,12 +43,12 @@ pub fn run_with_deadline(cmd: &mut Command) -> Output {
     use std::process::Stdio;
     use std::time::{Duration, Instant};
     let program = cmd.get_program().to_string_lossy().into_owned();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {program} (is it installed?): {e}"));
+    let mut child = spawn(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .unwrap_or_else(|e| panic!("cannot run {program} (is it installed?): {e}"));
     let deadline = Instant::now() + Duration::from_secs(60);
     while child.try_wait().expect("waiting for a child").is_none() {
         if Instant::now() > deadline {

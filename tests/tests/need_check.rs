@@ -105,18 +105,16 @@ fn qemu_abort_leaves_need_check_and_our_rw_open_repairs_it() {
     let path = dir.path().join("q.qed");
     qemu::img(&["create", "-f", "qed", path_str(&path), "64M"]);
     // `abort` kills qemu-io, so its exit status is not success; run it raw.
-    let out = std::process::Command::new("qemu-io")
-        .args([
-            "-f",
-            "qed",
-            "-c",
-            "write -P 0x22 0 64k",
-            "-c",
-            "abort",
-            path_str(&path),
-        ])
-        .output()
-        .expect("qemu-io is needed for this test (install QEMU's tools)");
+    let out = qedstream_tests::tools::output(std::process::Command::new("qemu-io").args([
+        "-f",
+        "qed",
+        "-c",
+        "write -P 0x22 0 64k",
+        "-c",
+        "abort",
+        path_str(&path),
+    ]))
+    .expect("qemu-io is needed for this test (install QEMU's tools)");
     assert!(!out.status.success(), "abort should kill qemu-io");
     assert_eq!(
         features_on_disk(&path) & NEED_CHECK,
@@ -143,20 +141,18 @@ fn qemu_reads_an_image_we_keep_open_and_write() {
     // QEMU, sharing the file read-only while we hold it open, sees the flushed data.
     let out = qemu::img(&["check", "-U", "-f", "qed", "--output=json", path_str(&path)]);
     assert!(!out.contains("corruptions"), "{out}");
-    let out = std::process::Command::new("qemu-io")
-        .args([
-            "-r",
-            "-U",
-            "-f",
-            "qed",
-            "-c",
-            "read -P 0x5a 1000000 200000",
-            "-c",
-            "read -P 0 0 1000000",
-            path_str(&path),
-        ])
-        .output()
-        .expect("qemu-io is needed for this test (install QEMU's tools)");
+    let out = qedstream_tests::tools::output(std::process::Command::new("qemu-io").args([
+        "-r",
+        "-U",
+        "-f",
+        "qed",
+        "-c",
+        "read -P 0x5a 1000000 200000",
+        "-c",
+        "read -P 0 0 1000000",
+        path_str(&path),
+    ]))
+    .expect("qemu-io is needed for this test (install QEMU's tools)");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && !text.contains("failed"), "{text}");
     // More writes while it stays open, then QEMU looks again.

@@ -24,6 +24,7 @@ impl BackingOpener for MemQedOpener {
         _format: BackingFormat,
         _image_path: Option<&Path>,
         _depth: u32,
+        _seen: &[qed::FileId],
     ) -> qed::Result<Arc<dyn BackingRead>> {
         let image = Image::open(
             Box::new(MemStorage::from_bytes(self.0.clone())),

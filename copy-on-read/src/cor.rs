@@ -32,10 +32,14 @@ use tokio::sync::Notify;
 
 use qed::{BackingPolicy, Image, Mapping, OpenOptions};
 
-use crate::device::{check_range, read_padded, BlockDevice, Capabilities, IoFuture, StatusExtent};
+pub use crate::device::PopulateStats;
+use crate::device::{
+    check_range, read_padded, BlockDevice, Capabilities, Closed, Geometry, IoBufs, IoFuture,
+    LocalExtent, Populate, Reconnect, StatusExtent, WriteFlags,
+};
 use crate::error::{blocking, Error, Result};
 use crate::gate::Gate;
-use crate::image::{on_image, qed_status, read_local};
+use crate::image::{on_image, qed_status, read_local, read_local_bufs};
 use crate::lock::{RangeGuard, RangeLock};
 
 /// Options for [`CorDevice::open`].
@@ -57,17 +61,6 @@ impl Default for CorOptions {
             read_only: false,
         }
     }
-}
-
-/// What one [`CorDevice::populate_range`] did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PopulateStats {
-    /// Bytes stored as new data clusters.
-    pub copied: u64,
-    /// Bytes recorded as zero clusters (the backing had zeros there).
-    pub zeroed: u64,
-    /// Bytes that were already local (allocated or zero clusters) under the lock.
-    pub local: u64,
 }
 
 /// Counters of a [`CorDevice`].
@@ -92,6 +85,7 @@ pub struct CorDevice {
     urgent_done: Arc<Notify>,
     cor_bytes: AtomicU64,
     misses: AtomicU64,
+    closed: Closed,
 }
 
 /// Counts a guest request waiting on the backing while it lives.
@@ -147,6 +141,26 @@ impl CorDevice {
     /// Opens the QED image at `path` (read-write unless `options.read_only`) and its backing
     /// chain through `options.gate`.
     pub async fn open(path: &Path, options: CorOptions) -> Result<CorDevice> {
+        let access = match (options.read_only, options.gate.force_share) {
+            (false, _) => qed::Access::ReadWrite,
+            (true, false) => qed::Access::ReadOnly,
+            (true, true) => qed::Access::SharedRead,
+        };
+        let p = path.to_path_buf();
+        let file = blocking(move || {
+            qed::file::open(&p, access).map_err(Error::qed(&p.display().to_string()))
+        })
+        .await?;
+        CorDevice::open_file(file, path, options).await
+    }
+
+    /// As [`CorDevice::open`], on a file the caller has already opened (and locked, with
+    /// [`qed::file::open`]) from `path`: the descriptor it probed is the one used.
+    pub async fn open_file(
+        file: std::fs::File,
+        path: &Path,
+        options: CorOptions,
+    ) -> Result<CorDevice> {
         let p = path.to_path_buf();
         let read_only = options.read_only;
         let force_share = options.gate.force_share;
@@ -154,10 +168,11 @@ impl CorDevice {
             let o = OpenOptions {
                 read_only,
                 force_share,
+                path: Some(p.clone()),
                 backing: BackingPolicy::Detached,
                 ..OpenOptions::default()
             };
-            Image::open_path(&p, o).map_err(Error::qed(&p.display().to_string()))
+            Image::open(Box::new(file), o).map_err(Error::qed(&p.display().to_string()))
         })
         .await?;
         let backing = options.gate.open_below(&image, path, 0).await?;
@@ -182,6 +197,7 @@ impl CorDevice {
             urgent_done: Arc::new(Notify::new()),
             cor_bytes: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            closed: Closed::default(),
         }
     }
 
@@ -284,6 +300,7 @@ impl CorDevice {
     /// clusters) from the backing into the image, under the range lock, after any guest
     /// request waiting on the backing. Clusters a guest wrote meanwhile are left alone.
     pub async fn populate_range(&self, offset: u64, length: u64) -> Result<PopulateStats> {
+        self.closed.check()?;
         check_range(offset, length, self.size())?;
         if length == 0 {
             return Ok(PopulateStats::default());
@@ -359,41 +376,68 @@ impl CorDevice {
         Ok(())
     }
 
-    async fn write_unlocked_no_backing(&self, offset: u64, data: Vec<u8>) -> Result<()> {
-        on_image(&self.image, &self.name, move |i| i.write_at(&data, offset)).await
-    }
-
-    async fn guest_write(&self, offset: u64, data: Vec<u8>) -> Result<()> {
+    /// A guest write: from the caller's segments straight into the image where the clusters
+    /// are local (or there is no backing); through a merged buffer of ours where a partial
+    /// cluster must be filled from the backing. With FUA, the image is flushed before the
+    /// write completes.
+    async fn guest_writev(&self, offset: u64, bufs: IoBufs, flags: WriteFlags) -> Result<IoBufs> {
+        self.closed.check()?;
         if self.image.is_read_only() {
             return Err(Error::ReadOnly);
         }
-        check_range(offset, data.len() as u64, self.size())?;
-        if data.is_empty() {
-            return Ok(());
+        check_range(offset, bufs.len() as u64, self.size())?;
+        if bufs.is_empty() {
+            return Ok(bufs);
         }
-        if self.backing().is_none() {
-            return self.write_unlocked_no_backing(offset, data).await;
-        }
-        // Fast path: all allocated, so nothing can race with a fill: write in place.
+        // Fast path: no backing, or all allocated, so nothing can race with a fill: write in
+        // place from the caller's memory.
+        let no_backing = self.backing().is_none();
         let image = Arc::clone(&self.image);
         let name = self.name.clone();
-        let (done, data) = blocking(move || {
-            let extents = image
-                .map(offset, data.len() as u64)
-                .map_err(Error::qed(&name))?;
-            if extents
-                .iter()
-                .all(|e| matches!(e.mapping, Mapping::Data(_)))
-            {
-                image.write_at(&data, offset).map_err(Error::qed(&name))?;
-                return Ok((true, data));
+        let (done, bufs) = blocking(move || {
+            let local = no_backing
+                || image
+                    .map(offset, bufs.len() as u64)
+                    .map_err(Error::qed(&name))?
+                    .iter()
+                    .all(|e| matches!(e.mapping, Mapping::Data(_)));
+            if local {
+                for (at, seg) in bufs.segments() {
+                    image
+                        .write_at(seg, offset + at as u64)
+                        .map_err(Error::qed(&name))?;
+                }
+                if flags.fua {
+                    image.flush().map_err(Error::qed(&name))?;
+                }
             }
-            Ok((false, data))
+            Ok((local, bufs))
         })
         .await?;
         if done {
-            return Ok(());
+            return Ok(bufs);
         }
+        let data = {
+            let mut data = vec![0u8; bufs.len()];
+            bufs.copy_out(0, &mut data);
+            data
+        };
+        self.guest_write_filling(offset, data).await?;
+        if flags.fua {
+            on_image(&self.image, &self.name, |i| i.flush()).await?;
+        }
+        Ok(bufs)
+    }
+
+    async fn guest_write(&self, offset: u64, data: Vec<u8>) -> Result<()> {
+        self.guest_writev(offset, IoBufs::from(data), WriteFlags::default())
+            .await
+            .map(drop)
+    }
+
+    /// A write that touches unallocated clusters, under the range lock: partial clusters are
+    /// filled from the backing and stored whole.
+    async fn guest_write_filling(&self, offset: u64, data: Vec<u8>) -> Result<()> {
         let _urgent = self.urgent();
         let end = offset + data.len() as u64;
         let guard = self.lock(offset, end).await;
@@ -450,26 +494,32 @@ impl CorDevice {
         .await
     }
 
-    async fn guest_read(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
-        let len = buf.len() as u64;
+    /// A guest read: local data straight into the caller's segments; what the image lacks is
+    /// fetched into a buffer of ours, stored (copy-on-read) and copied out.
+    async fn guest_readv(&self, offset: u64, bufs: IoBufs) -> Result<IoBufs> {
+        self.closed.check()?;
+        let len = bufs.len() as u64;
         check_range(offset, len, self.size())?;
         let image = Arc::clone(&self.image);
         let name = self.name.clone();
-        let (mut buf, missing) = blocking(move || read_local(&image, &name, buf, offset)).await?;
+        let (mut bufs, missing) = blocking(move || {
+            let mut bufs = bufs;
+            let missing = read_local_bufs(&image, &name, &mut bufs, offset)?;
+            Ok((bufs, missing))
+        })
+        .await?;
         if missing.is_empty() {
-            return Ok(buf);
+            return Ok(bufs);
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let Some(backing) = self.backing() else {
             for (at, l) in missing {
-                let s = (at - offset) as usize;
-                buf[s..s + l as usize].fill(0);
+                bufs.zero((at - offset) as usize, l as usize);
             }
-            return Ok(buf);
+            return Ok(bufs);
         };
         if !self.copy_on_read() {
             for (at, l) in missing {
-                let s = (at - offset) as usize;
                 let data = match read_padded(&*backing, at, l as usize).await {
                     Ok(d) => d,
                     // The link was dropped under us (the stream finished): what the image
@@ -477,9 +527,9 @@ impl CorDevice {
                     Err(_) if self.backing().is_none() => vec![0u8; l as usize],
                     Err(e) => return Err(e),
                 };
-                buf[s..s + l as usize].copy_from_slice(&data);
+                bufs.copy_in((at - offset) as usize, &data);
             }
-            return Ok(buf);
+            return Ok(bufs);
         }
         let _urgent = self.urgent();
         let (lo, hi) = self.widen(offset, offset + len);
@@ -512,11 +562,12 @@ impl CorDevice {
         .await?;
         self.cor_bytes.fetch_add(stored, Ordering::Relaxed);
         let s = (offset - lo) as usize;
-        buf.copy_from_slice(&wide[s..s + len as usize]);
-        Ok(buf)
+        bufs.copy_in(0, &wide[s..s + len as usize]);
+        Ok(bufs)
     }
 
     async fn guest_write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
+        self.closed.check()?;
         if self.image.is_read_only() {
             return Err(Error::ReadOnly);
         }
@@ -561,45 +612,97 @@ impl CorDevice {
     }
 }
 
+impl Populate for CorDevice {
+    fn name(&self) -> &str {
+        CorDevice::name(self)
+    }
+
+    fn cluster_size(&self) -> u64 {
+        CorDevice::cluster_size(self)
+    }
+
+    fn backing(&self) -> Option<Arc<dyn BlockDevice>> {
+        CorDevice::backing(self)
+    }
+
+    fn local_map(&self, offset: u64, length: u64) -> IoFuture<'_, Vec<LocalExtent>> {
+        Box::pin(async move {
+            self.closed.check()?;
+            let extents = CorDevice::local_map(self, offset, length).await?;
+            Ok(extents
+                .into_iter()
+                .map(|e| LocalExtent {
+                    offset: e.offset,
+                    length: e.length,
+                    local: e.mapping != Mapping::Unallocated,
+                })
+                .collect())
+        })
+    }
+
+    fn populate_range(&self, offset: u64, length: u64) -> IoFuture<'_, PopulateStats> {
+        Box::pin(CorDevice::populate_range(self, offset, length))
+    }
+
+    fn drop_backing_link(&self) -> IoFuture<'_, ()> {
+        Box::pin(CorDevice::drop_backing_link(self))
+    }
+}
+
 impl BlockDevice for CorDevice {
     fn size(&self) -> u64 {
         self.image.size()
     }
 
-    fn read_at(&self, offset: u64, buf: Vec<u8>) -> IoFuture<'_, Vec<u8>> {
-        Box::pin(self.guest_read(offset, buf))
+    fn geometry(&self) -> Geometry {
+        Geometry::clustered(1, self.cluster_size())
     }
 
-    fn write_at(&self, offset: u64, data: Vec<u8>) -> IoFuture<'_, ()> {
-        Box::pin(self.guest_write(offset, data))
+    fn readv(&self, offset: u64, bufs: IoBufs) -> IoFuture<'_, IoBufs> {
+        Box::pin(self.guest_readv(offset, bufs))
+    }
+
+    fn writev(&self, offset: u64, bufs: IoBufs, flags: WriteFlags) -> IoFuture<'_, IoBufs> {
+        Box::pin(self.guest_writev(offset, bufs, flags))
     }
 
     fn write_zeroes(&self, offset: u64, length: u64) -> IoFuture<'_, ()> {
         Box::pin(self.guest_write_zeroes(offset, length))
     }
 
-    fn discard(&self, offset: u64, length: u64) -> IoFuture<'_, ()> {
-        // QED cannot free clusters; QEMU's QED reports success and changes nothing.
-        Box::pin(async move { check_range(offset, length, self.size()) })
+    fn discard(&self, _offset: u64, _length: u64) -> IoFuture<'_, ()> {
+        // QED cannot free clusters (QEMU's QED driver ignores discard): say so.
+        Box::pin(async { Err(Error::Unsupported("discard on a QED image")) })
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {
-        Box::pin(async move { on_image(&self.image, &self.name, |i| i.flush()).await })
+        Box::pin(async move {
+            self.closed.check()?;
+            on_image(&self.image, &self.name, |i| i.flush()).await
+        })
     }
 
     fn block_status(&self, offset: u64, length: u64) -> IoFuture<'_, Vec<StatusExtent>> {
         Box::pin(async move {
+            self.closed.check()?;
             let backing = self.backing();
             qed_status(&self.image, &self.name, backing.as_ref(), offset, length).await
         })
     }
 
     fn capabilities(&self) -> Capabilities {
+        let writable = !self.image.is_read_only();
         Capabilities {
-            writable: !self.image.is_read_only(),
+            writable,
             block_status: true,
-            reconnect: self.backing().is_some_and(|b| b.capabilities().reconnect),
+            fua: writable,
+            reconnect: self.reconnect().is_some(),
+            ..Capabilities::default()
         }
+    }
+
+    fn reconnect(&self) -> Option<Arc<dyn Reconnect>> {
+        self.backing().and_then(|b| b.reconnect())
     }
 
     fn describe(&self) -> String {
@@ -618,6 +721,9 @@ impl BlockDevice for CorDevice {
     /// flushes the image (which clears NEED_CHECK) and closes the backing.
     fn close(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
+            if !self.closed.close() {
+                return Ok(());
+            }
             let guard = self.locks.lock(0, u64::MAX).await;
             let image = Arc::clone(&self.image);
             let name = self.name.clone();

@@ -1,16 +1,24 @@
 //! The async block-device trait every layer implements, and the small capability traits where
 //! layers differ.
 //!
-//! Buffers are owned: a read takes a `Vec<u8>` and gives it back filled, a write takes its data
-//! by value. A request's buffer therefore outlives the request even when the future that asked
-//! for it is dropped (cancellation is safe at every `.await`).
+//! Requests read into and write from caller-provided memory ([`IoBufs`]: vectored, owned by the
+//! request until it completes, so that dropping a request future at any `.await` is safe and a
+//! VMM's guest memory is used without a copy for data already local). [`BlockDevice::read_at`]
+//! and [`BlockDevice::write_at`] are the one-`Vec` conveniences on top.
+//!
+//! The trait says only what is true: a capability a device lacks is `false` in
+//! [`Capabilities`] and its method fails with [`Error::Unsupported`] (never a fake answer);
+//! [`BlockDevice::reconnect`] reaches through every layer down to an NBD backing; after
+//! [`BlockDevice::close`] every request fails with [`Error::Closed`]. No runtime type appears in
+//! the trait: futures are `std` futures, and the link state is watched through
+//! [`Reconnect::changed`].
 
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
-use tokio::sync::watch;
-
+pub use crate::buf::{IoBuf, IoBufs};
 use crate::error::{Error, Result};
 
 /// The future a [`BlockDevice`] method returns.
@@ -36,17 +44,63 @@ pub struct StatusExtent {
     pub status: Status,
 }
 
-/// What a device can do beyond reading.
+/// What a device can do beyond reading. A `false` here means the matching method fails with
+/// [`Error::Unsupported`] (or [`Error::ReadOnly`] for writes); nothing is faked.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Capabilities {
     /// Writes are accepted.
     pub writable: bool,
-    /// [`BlockDevice::block_status`] reports real holes and zeros (otherwise it says "data"
-    /// everywhere).
+    /// [`BlockDevice::block_status`] reports real holes and zeros.
     pub block_status: bool,
+    /// [`BlockDevice::discard`] frees space.
+    pub discard: bool,
+    /// Writes with [`WriteFlags::fua`] are durable when they complete.
+    pub fua: bool,
     /// The device sits on a network connection that can drop and come back
     /// ([`BlockDevice::reconnect`] returns `Some`).
     pub reconnect: bool,
+}
+
+/// Options of one write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WriteFlags {
+    /// Force unit access: the write is durable when it completes (as if followed by a flush
+    /// of what it wrote).
+    pub fua: bool,
+}
+
+impl WriteFlags {
+    /// A write that is durable when it completes.
+    pub const FUA: WriteFlags = WriteFlags { fua: true };
+}
+
+/// How a device likes its requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Geometry {
+    /// Requests at offsets and lengths that are multiples of this are served without a
+    /// read-modify-write (1: any byte).
+    pub request_alignment: u32,
+    /// The unit the device allocates in (a QED cluster), if it has one.
+    pub cluster_size: Option<u64>,
+}
+
+impl Geometry {
+    /// Byte-addressable, no allocation unit.
+    pub const BYTES: Geometry = Geometry {
+        request_alignment: 1,
+        cluster_size: None,
+    };
+
+    /// A device allocating in clusters of `cluster_size` bytes.
+    pub fn clustered(request_alignment: u32, cluster_size: u64) -> Geometry {
+        Geometry {
+            request_alignment,
+            cluster_size: Some(cluster_size),
+        }
+    }
 }
 
 /// One async block device: a raw file, a QED image, an NBD export, or the copy-on-read device.
@@ -56,35 +110,44 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// The size in bytes.
     fn size(&self) -> u64;
 
-    /// Fills `buf` from `offset` and returns it. Reads past the end are refused.
-    fn read_at(&self, offset: u64, buf: Vec<u8>) -> IoFuture<'_, Vec<u8>>;
+    /// Request alignment and allocation unit.
+    fn geometry(&self) -> Geometry {
+        Geometry::BYTES
+    }
 
-    /// Writes `data` at `offset`.
-    fn write_at(&self, offset: u64, data: Vec<u8>) -> IoFuture<'_, ()>;
+    /// Fills `bufs` with the bytes from `offset` and gives them back. Reads past the end are
+    /// refused.
+    fn readv(&self, offset: u64, bufs: IoBufs) -> IoFuture<'_, IoBufs>;
+
+    /// Writes `bufs` at `offset` and gives them back.
+    fn writev(&self, offset: u64, bufs: IoBufs, flags: WriteFlags) -> IoFuture<'_, IoBufs>;
 
     /// Makes `[offset, offset + length)` read as zeros.
     fn write_zeroes(&self, offset: u64, length: u64) -> IoFuture<'_, ()>;
 
-    /// Advises that `[offset, offset + length)` is no longer needed. Devices that cannot free
-    /// space (QED) succeed and change nothing, as QEMU does; the contents are then unspecified
-    /// only in the sense that they may stay as they were.
+    /// Frees `[offset, offset + length)`; afterwards it reads as anything the device chooses.
+    /// Fails with [`Error::Unsupported`] where [`Capabilities::discard`] is false.
     fn discard(&self, offset: u64, length: u64) -> IoFuture<'_, ()>;
 
     /// Makes completed writes durable.
     fn flush(&self) -> IoFuture<'_, ()>;
 
     /// What `[offset, offset + length)` reads as: extents covering a non-empty prefix of the
-    /// range (clamped to the device). Devices without [`Capabilities::block_status`] say
-    /// [`Status::Data`].
+    /// range (clamped to the device). Fails with [`Error::Unsupported`] where
+    /// [`Capabilities::block_status`] is false (see [`status_padded`] for a caller's fallback).
     fn block_status(&self, offset: u64, length: u64) -> IoFuture<'_, Vec<StatusExtent>>;
 
     /// What the device can do.
     fn capabilities(&self) -> Capabilities;
 
-    /// The connection state, for devices that reconnect (NBD).
-    fn reconnect(&self) -> Option<&dyn Reconnect> {
+    /// The state of the connection under this device: its own (NBD), or that of the first
+    /// layer below it that rides on one. `None` when nothing under it can drop.
+    fn reconnect(&self) -> Option<Arc<dyn Reconnect>> {
         None
     }
+
+    /// A short description: format and name (`raw /a/b.raw`, `nbd nbd+unix:///x?...`).
+    fn describe(&self) -> String;
 
     /// The local files the device reads or writes, its own first and then those of its
     /// backing chain (none for an NBD export), so that a caller can refuse to overwrite one of
@@ -93,22 +156,73 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         Vec::new()
     }
 
-    /// A short description: format and name (`raw /a/b.raw`, `nbd nbd+unix:///x?...`).
-    fn describe(&self) -> String;
+    /// Waits for requests in flight, flushes, and closes its backing (NBD connections say
+    /// goodbye). Every request after it fails with [`Error::Closed`]. Files and their image
+    /// locks are released when the last reference to the device is dropped.
+    fn close(&self) -> IoFuture<'_, ()>;
 
-    /// Releases what the device holds (sockets, files) after flushing. Requests after close
-    /// fail.
-    fn close(&self) -> IoFuture<'_, ()> {
-        Box::pin(async { Ok(()) })
+    /// Reads `buf.len()` bytes at `offset` into `buf` and gives it back.
+    fn read_at(&self, offset: u64, buf: Vec<u8>) -> IoFuture<'_, Vec<u8>> {
+        Box::pin(async move { Ok(self.readv(offset, IoBufs::from(buf)).await?.into_vec()) })
+    }
+
+    /// Writes `data` at `offset`.
+    fn write_at(&self, offset: u64, data: Vec<u8>) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            self.writev(offset, IoBufs::from(data), WriteFlags::default())
+                .await
+                .map(drop)
+        })
     }
 }
 
+/// A run of a layered device that is, or is not, stored locally.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LocalExtent {
+    /// First byte.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// Stored in the local layer (data or zero clusters); `false`: the backing shows through.
+    pub local: bool,
+}
+
+/// What one populate call did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PopulateStats {
+    /// Bytes stored as new data clusters.
+    pub copied: u64,
+    /// Bytes recorded as zero clusters (the backing had zeros there).
+    pub zeroed: u64,
+    /// Bytes that were already local (allocated or zero clusters) under the lock.
+    pub local: u64,
+}
+
+/// The capability a stream job needs: a local layer over a backing it can be filled from,
+/// safely while guest I/O runs (the copy-on-read device offers it).
+pub trait Populate: BlockDevice {
+    /// The name in messages and progress.
+    fn name(&self) -> &str;
+    /// The allocation unit of the local layer.
+    fn cluster_size(&self) -> u64;
+    /// The device missing ranges come from; `None` once the device stands alone.
+    fn backing(&self) -> Option<Arc<dyn BlockDevice>>;
+    /// Which runs of `[offset, offset + length)` are local.
+    fn local_map(&self, offset: u64, length: u64) -> IoFuture<'_, Vec<LocalExtent>>;
+    /// Copies what the local layer lacks of `[offset, offset + length)` (whole clusters) from
+    /// the backing, under the same range locks as guest I/O; guest writes are never undone.
+    fn populate_range(&self, offset: u64, length: u64) -> IoFuture<'_, PopulateStats>;
+    /// Flushes, drops the backing link from the local layer's header, flushes again, and
+    /// closes the backing.
+    fn drop_backing_link(&self) -> IoFuture<'_, ()>;
+}
+
 /// The capability of a device that rides on a connection that can drop (NBD).
-pub trait Reconnect: Send + Sync {
+pub trait Reconnect: Send + Sync + fmt::Debug {
     /// The current state.
     fn state(&self) -> LinkState;
-    /// A receiver that sees every state change.
-    fn subscribe(&self) -> watch::Receiver<LinkState>;
+    /// Resolves with the new state once it is no longer `seen` (at once if it already is not).
+    fn changed(&self, seen: LinkState) -> Pin<Box<dyn Future<Output = LinkState> + Send + '_>>;
 }
 
 /// The state of a device's connection.
@@ -120,6 +234,25 @@ pub enum LinkState {
     Reconnecting,
     /// Gone for good; requests fail until the device is reopened.
     Failed,
+}
+
+/// Marks a device closed: requests check it first and fail with [`Error::Closed`].
+#[derive(Debug, Default)]
+pub(crate) struct Closed(std::sync::atomic::AtomicBool);
+
+impl Closed {
+    /// Fails when the device is closed.
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.0.load(std::sync::atomic::Ordering::Acquire) {
+            Err(Error::Closed)
+        } else {
+            Ok(())
+        }
+    }
+    /// Marks it closed; true the first time.
+    pub(crate) fn close(&self) -> bool {
+        !self.0.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
 }
 
 /// Checks that `[offset, offset + length)` lies inside a device of `size` bytes.
@@ -152,7 +285,9 @@ pub async fn read_padded(device: &dyn BlockDevice, offset: u64, length: usize) -
 }
 
 /// Block status of `device` over `[offset, offset + length)`, where everything at or past its
-/// end is [`Status::Zero`]. Covers a non-empty prefix of the range.
+/// end is [`Status::Zero`] and a device without [`Capabilities::block_status`] says
+/// [`Status::Data`] (the caller's choice, made here explicitly). Covers a non-empty prefix of
+/// the range.
 pub async fn status_padded(
     device: &dyn BlockDevice,
     offset: u64,
@@ -166,13 +301,17 @@ pub async fn status_padded(
             status: Status::Zero,
         }]);
     }
-    let mut out = device
-        .block_status(offset, length.min(size - offset))
-        .await?;
+    let length = length.min(size - offset);
+    let mut out = match device.block_status(offset, length).await {
+        Ok(out) => out,
+        // A device that cannot tell: everything may be data.
+        Err(Error::Unsupported(_)) => Vec::new(),
+        Err(e) => return Err(e),
+    };
     if out.is_empty() {
         out.push(StatusExtent {
             offset,
-            length: length.min(size - offset),
+            length,
             status: Status::Data,
         });
     }

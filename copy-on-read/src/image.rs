@@ -12,8 +12,8 @@ use std::sync::Arc;
 use qed::{Image, Mapping};
 
 use crate::device::{
-    check_range, push_extent, read_padded, status_padded, BlockDevice, Capabilities, IoFuture,
-    Status, StatusExtent,
+    check_range, push_extent, read_padded, status_padded, BlockDevice, Capabilities, Closed,
+    Geometry, IoBufs, IoFuture, Reconnect, Status, StatusExtent, WriteFlags,
 };
 use crate::error::{blocking, Error, Result};
 
@@ -35,19 +35,17 @@ pub struct QedImage {
     image: Arc<Image>,
     name: String,
     backing: Option<Arc<dyn BlockDevice>>,
+    closed: Closed,
 }
 
-/// The local part of a read: the buffer with allocated and zero ranges filled, and the
-/// unallocated ranges (guest offsets) still to fill from the backing.
-pub(crate) type LocalRead = (Vec<u8>, Vec<(u64, u64)>);
-
-/// Reads what `image` holds of `[offset, offset + buf.len())` (blocking).
-pub(crate) fn read_local(
+/// Reads what `image` holds of `[offset, offset + buf.len())` into `buf` (blocking) and
+/// returns the unallocated ranges (guest offsets) still to fill from the backing.
+pub(crate) fn read_local_into(
     image: &Image,
     name: &str,
-    mut buf: Vec<u8>,
+    buf: &mut [u8],
     offset: u64,
-) -> Result<LocalRead> {
+) -> Result<Vec<(u64, u64)>> {
     let mut missing = Vec::new();
     let extents = image
         .map(offset, buf.len() as u64)
@@ -64,6 +62,42 @@ pub(crate) fn read_local(
             Mapping::Unallocated => missing.push((e.offset, e.length)),
         }
     }
+    Ok(missing)
+}
+
+/// [`read_local_into`] over every segment of `bufs` (the request at `offset`): local data
+/// lands in the caller's memory with no copy of ours.
+pub(crate) fn read_local_bufs(
+    image: &Image,
+    name: &str,
+    bufs: &mut IoBufs,
+    offset: u64,
+) -> Result<Vec<(u64, u64)>> {
+    let mut missing: Vec<(u64, u64)> = Vec::new();
+    for (at, seg) in bufs.segments_mut() {
+        for (o, l) in read_local_into(image, name, seg, offset + at as u64)? {
+            match missing.last_mut() {
+                Some(last) if last.0 + last.1 == o => last.1 += l,
+                _ => missing.push((o, l)),
+            }
+        }
+    }
+    Ok(missing)
+}
+
+/// The local part of a read: the buffer with allocated and zero ranges filled, and the
+/// unallocated ranges (guest offsets) still to fill from the backing.
+pub(crate) type LocalRead = (Vec<u8>, Vec<(u64, u64)>);
+
+/// Reads what `image` holds of `[offset, offset + buf.len())` (blocking): the buffer, and the
+/// unallocated ranges still to fill from the backing.
+pub(crate) fn read_local(
+    image: &Image,
+    name: &str,
+    mut buf: Vec<u8>,
+    offset: u64,
+) -> Result<LocalRead> {
+    let missing = read_local_into(image, name, &mut buf, offset)?;
     Ok((buf, missing))
 }
 
@@ -75,6 +109,7 @@ impl QedImage {
             image: Arc::new(image),
             name,
             backing,
+            closed: Closed::default(),
         }
     }
 
@@ -172,38 +207,57 @@ impl BlockDevice for QedImage {
         self.image.size()
     }
 
-    fn read_at(&self, offset: u64, buf: Vec<u8>) -> IoFuture<'_, Vec<u8>> {
+    fn geometry(&self) -> Geometry {
+        Geometry::clustered(1, self.image.geometry().cluster_size())
+    }
+
+    fn readv(&self, offset: u64, bufs: IoBufs) -> IoFuture<'_, IoBufs> {
         Box::pin(async move {
-            check_range(offset, buf.len() as u64, self.size())?;
+            self.closed.check()?;
+            check_range(offset, bufs.len() as u64, self.size())?;
             let image = Arc::clone(&self.image);
             let name = self.name.clone();
-            let (mut buf, missing) =
-                blocking(move || read_local(&image, &name, buf, offset)).await?;
+            let (mut bufs, missing) = blocking(move || {
+                let mut bufs = bufs;
+                let missing = read_local_bufs(&image, &name, &mut bufs, offset)?;
+                Ok((bufs, missing))
+            })
+            .await?;
             for (at, len) in missing {
                 let s = (at - offset) as usize;
-                let chunk = &mut buf[s..s + len as usize];
                 match &self.backing {
-                    Some(b) => chunk.copy_from_slice(&read_padded(&**b, at, len as usize).await?),
-                    None => chunk.fill(0),
+                    Some(b) => bufs.copy_in(s, &read_padded(&**b, at, len as usize).await?),
+                    None => bufs.zero(s, len as usize),
                 }
             }
-            Ok(buf)
+            Ok(bufs)
         })
     }
 
-    fn write_at(&self, offset: u64, data: Vec<u8>) -> IoFuture<'_, ()> {
+    fn writev(&self, offset: u64, bufs: IoBufs, flags: WriteFlags) -> IoFuture<'_, IoBufs> {
         Box::pin(async move {
+            self.closed.check()?;
             if self.backing.is_some() {
                 return Err(Error::Unsupported(
                     "writes to a QED layer with a backing go through a CorDevice",
                 ));
             }
-            on_image(&self.image, &self.name, move |i| i.write_at(&data, offset)).await
+            on_image(&self.image, &self.name, move |i| {
+                for (at, seg) in bufs.segments() {
+                    i.write_at(seg, offset + at as u64)?;
+                }
+                if flags.fua {
+                    i.flush()?;
+                }
+                Ok(bufs)
+            })
+            .await
         })
     }
 
     fn write_zeroes(&self, offset: u64, length: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
+            self.closed.check()?;
             if self.backing.is_some() {
                 return Err(Error::Unsupported(
                     "writes to a QED layer with a backing go through a CorDevice",
@@ -217,29 +271,44 @@ impl BlockDevice for QedImage {
     }
 
     fn discard(&self, _offset: u64, _length: u64) -> IoFuture<'_, ()> {
-        Box::pin(async { Ok(()) })
+        // QED cannot free clusters (QEMU's QED driver ignores discard too): say so.
+        Box::pin(async { Err(Error::Unsupported("discard on a QED image")) })
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {
-        Box::pin(async move { on_image(&self.image, &self.name, |i| i.flush()).await })
+        Box::pin(async move {
+            self.closed.check()?;
+            on_image(&self.image, &self.name, |i| i.flush()).await
+        })
     }
 
     fn block_status(&self, offset: u64, length: u64) -> IoFuture<'_, Vec<StatusExtent>> {
-        Box::pin(qed_status(
-            &self.image,
-            &self.name,
-            self.backing.as_ref(),
-            offset,
-            length,
-        ))
+        Box::pin(async move {
+            self.closed.check()?;
+            qed_status(
+                &self.image,
+                &self.name,
+                self.backing.as_ref(),
+                offset,
+                length,
+            )
+            .await
+        })
     }
 
     fn capabilities(&self) -> Capabilities {
+        let writable = !self.image.is_read_only() && self.backing.is_none();
         Capabilities {
-            writable: !self.image.is_read_only() && self.backing.is_none(),
+            writable,
             block_status: true,
-            reconnect: false,
+            fua: writable,
+            reconnect: self.reconnect().is_some(),
+            ..Capabilities::default()
         }
+    }
+
+    fn reconnect(&self) -> Option<Arc<dyn Reconnect>> {
+        self.backing.as_ref().and_then(|b| b.reconnect())
     }
 
     fn describe(&self) -> String {
@@ -256,10 +325,13 @@ impl BlockDevice for QedImage {
 
     fn close(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
+            if !self.closed.close() {
+                return Ok(());
+            }
             if let Some(b) = &self.backing {
                 b.close().await?;
             }
-            self.flush().await
+            on_image(&self.image, &self.name, |i| i.flush()).await
         })
     }
 }

@@ -35,6 +35,7 @@
 //!
 //! Close devices with [`BlockDevice::close`]: there is no async drop.
 
+pub mod buf;
 pub mod cor;
 pub mod device;
 pub mod error;
@@ -44,10 +45,11 @@ pub mod lock;
 pub mod nbd;
 pub mod raw;
 
+pub use buf::{IoBuf, IoBufs};
 pub use cor::{CorDevice, CorOptions, CorStats, PopulateStats};
 pub use device::{
-    read_padded, status_padded, BlockDevice, Capabilities, IoFuture, LinkState, Reconnect, Status,
-    StatusExtent,
+    read_padded, status_padded, BlockDevice, Capabilities, Geometry, IoFuture, LinkState,
+    LocalExtent, Populate, Reconnect, Status, StatusExtent, WriteFlags,
 };
 pub use error::{Error, GateRefusal, Result};
 pub use gate::Gate;

@@ -2,13 +2,17 @@
 //! `base:allocation` context when it offers one; the connection state is exposed through the
 //! [`Reconnect`] capability.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
 use tokio::sync::watch;
 
 use nbd_client::{Client, ConnectionState};
 
 use crate::device::{
-    check_range, push_extent, BlockDevice, Capabilities, IoFuture, LinkState, Reconnect, Status,
-    StatusExtent,
+    check_range, push_extent, BlockDevice, Capabilities, Closed, Geometry, IoBufs, IoFuture,
+    LinkState, Reconnect, Status, StatusExtent, WriteFlags,
 };
 use crate::error::{Error, Result};
 
@@ -17,8 +21,37 @@ use crate::error::{Error, Result};
 pub struct NbdExport {
     client: Client,
     uri: String,
-    state: watch::Receiver<LinkState>,
+    link: Arc<LinkWatch>,
+    closed: Closed,
     _forward: tokio::task::JoinHandle<()>,
+}
+
+/// The connection state of an export, watched (the [`Reconnect`] capability).
+#[derive(Debug)]
+struct LinkWatch {
+    rx: watch::Receiver<LinkState>,
+}
+
+impl Reconnect for LinkWatch {
+    fn state(&self) -> LinkState {
+        *self.rx.borrow()
+    }
+
+    fn changed(&self, seen: LinkState) -> Pin<Box<dyn Future<Output = LinkState> + Send + '_>> {
+        let mut rx = self.rx.clone();
+        Box::pin(async move {
+            loop {
+                let now = *rx.borrow_and_update();
+                if now != seen {
+                    return now;
+                }
+                if rx.changed().await.is_err() {
+                    // The export is gone: its last state stands.
+                    return *rx.borrow();
+                }
+            }
+        })
+    }
 }
 
 fn link_state(s: ConnectionState) -> LinkState {
@@ -45,7 +78,8 @@ impl NbdExport {
         NbdExport {
             client,
             uri,
-            state,
+            link: Arc::new(LinkWatch { rx: state }),
+            closed: Closed::default(),
             _forward: forward,
         }
     }
@@ -92,27 +126,51 @@ impl BlockDevice for NbdExport {
         self.client.size()
     }
 
-    fn read_at(&self, offset: u64, buf: Vec<u8>) -> IoFuture<'_, Vec<u8>> {
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            request_alignment: self.client.export().block_size.minimum.max(1),
+            ..Geometry::BYTES
+        }
+    }
+
+    fn readv(&self, offset: u64, mut bufs: IoBufs) -> IoFuture<'_, IoBufs> {
         Box::pin(async move {
-            check_range(offset, buf.len() as u64, self.size())?;
-            if buf.is_empty() {
-                return Ok(buf);
+            self.closed.check()?;
+            check_range(offset, bufs.len() as u64, self.size())?;
+            for (at, seg) in bufs.segments_mut() {
+                if !seg.is_empty() {
+                    self.client
+                        .read_into(offset + at as u64, seg)
+                        .await
+                        .map_err(self.err())?;
+                }
             }
-            self.client.read_buf(offset, buf).await.map_err(self.err())
+            Ok(bufs)
         })
     }
 
-    fn write_at(&self, offset: u64, data: Vec<u8>) -> IoFuture<'_, ()> {
+    fn writev(&self, offset: u64, bufs: IoBufs, flags: WriteFlags) -> IoFuture<'_, IoBufs> {
         Box::pin(async move {
+            self.closed.check()?;
             if !self.client.can_write() {
                 return Err(Error::ReadOnly);
             }
-            self.client.write(offset, &data).await.map_err(self.err())
+            for (at, seg) in bufs.segments() {
+                let at = offset + at as u64;
+                let done = if flags.fua {
+                    self.client.write_fua(at, seg).await
+                } else {
+                    self.client.write(at, seg).await
+                };
+                done.map_err(self.err())?;
+            }
+            Ok(bufs)
         })
     }
 
     fn write_zeroes(&self, offset: u64, length: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
+            self.closed.check()?;
             if !self.client.can_write() {
                 return Err(Error::ReadOnly);
             }
@@ -138,16 +196,20 @@ impl BlockDevice for NbdExport {
 
     fn discard(&self, offset: u64, length: u64) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            if self.client.can_trim() && self.client.can_write() {
+            self.closed.check()?;
+            if self.client.can_trim() {
                 self.client.trim(offset, length).await.map_err(self.err())
             } else {
-                Ok(())
+                Err(Error::Unsupported(
+                    "discard: the NBD server does not offer TRIM",
+                ))
             }
         })
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
+            self.closed.check()?;
             if self.client.can_flush() && self.client.can_write() {
                 self.client.flush().await.map_err(self.err())
             } else {
@@ -166,13 +228,12 @@ impl BlockDevice for NbdExport {
                     size,
                 });
             }
+            self.closed.check()?;
             let length = length.min(size - offset);
             if !self.client.has_block_status() {
-                return Ok(vec![StatusExtent {
-                    offset,
-                    length,
-                    status: Status::Data,
-                }]);
+                return Err(Error::Unsupported(
+                    "block status: the NBD server offers no base:allocation context",
+                ));
             }
             let extents = self
                 .client
@@ -205,12 +266,14 @@ impl BlockDevice for NbdExport {
         Capabilities {
             writable: self.client.can_write(),
             block_status: self.client.has_block_status(),
+            discard: self.client.can_trim(),
+            fua: self.client.can_write(),
             reconnect: true,
         }
     }
 
-    fn reconnect(&self) -> Option<&dyn Reconnect> {
-        Some(self)
+    fn reconnect(&self) -> Option<Arc<dyn Reconnect>> {
+        Some(self.link.clone())
     }
 
     fn describe(&self) -> String {
@@ -219,18 +282,10 @@ impl BlockDevice for NbdExport {
 
     fn close(&self) -> IoFuture<'_, ()> {
         Box::pin(async move {
-            self.client.close().await;
+            if self.closed.close() {
+                self.client.close().await;
+            }
             Ok(())
         })
-    }
-}
-
-impl Reconnect for NbdExport {
-    fn state(&self) -> LinkState {
-        *self.state.borrow()
-    }
-
-    fn subscribe(&self) -> watch::Receiver<LinkState> {
-        self.state.clone()
     }
 }

@@ -7,7 +7,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::device::{check_range, BlockDevice, Capabilities, IoFuture, Status, StatusExtent};
+use crate::device::{
+    check_range, BlockDevice, Capabilities, Closed, IoBufs, IoFuture, Status, StatusExtent,
+    WriteFlags,
+};
 use crate::error::{blocking, Error, Result};
 
 /// A raw file. As a backing its size is the file length rounded up to 512 bytes (as QEMU's
@@ -18,6 +21,7 @@ pub struct RawFile {
     path: PathBuf,
     size: u64,
     writable: bool,
+    closed: Closed,
 }
 
 impl RawFile {
@@ -50,6 +54,7 @@ impl RawFile {
             path,
             size: len.div_ceil(512) * 512,
             writable,
+            closed: Closed::default(),
         })
     }
 
@@ -147,29 +152,41 @@ impl BlockDevice for RawFile {
         self.size
     }
 
-    fn read_at(&self, offset: u64, mut buf: Vec<u8>) -> IoFuture<'_, Vec<u8>> {
+    fn readv(&self, offset: u64, mut bufs: IoBufs) -> IoFuture<'_, IoBufs> {
         let file = Arc::clone(&self.file);
         Box::pin(async move {
-            check_range(offset, buf.len() as u64, self.size)?;
+            self.closed.check()?;
+            check_range(offset, bufs.len() as u64, self.size)?;
+            // Straight into the caller's segments.
             blocking(move || {
-                pread_padded(&file, &mut buf, offset)
-                    .map_err(Error::io("reading raw file", offset))?;
-                Ok(buf)
+                for (at, seg) in bufs.segments_mut() {
+                    pread_padded(&file, seg, offset + at as u64)
+                        .map_err(Error::io("reading raw file", offset + at as u64))?;
+                }
+                Ok(bufs)
             })
             .await
         })
     }
 
-    fn write_at(&self, offset: u64, data: Vec<u8>) -> IoFuture<'_, ()> {
+    fn writev(&self, offset: u64, bufs: IoBufs, flags: WriteFlags) -> IoFuture<'_, IoBufs> {
         let file = Arc::clone(&self.file);
         Box::pin(async move {
+            self.closed.check()?;
             if !self.writable {
                 return Err(Error::ReadOnly);
             }
-            check_range(offset, data.len() as u64, self.size)?;
+            check_range(offset, bufs.len() as u64, self.size)?;
             blocking(move || {
-                file.write_all_at(&data, offset)
-                    .map_err(Error::io("writing raw file", offset))
+                for (at, seg) in bufs.segments() {
+                    file.write_all_at(seg, offset + at as u64)
+                        .map_err(Error::io("writing raw file", offset + at as u64))?;
+                }
+                if flags.fua {
+                    file.sync_data()
+                        .map_err(Error::io("flushing raw file", offset))?;
+                }
+                Ok(bufs)
             })
             .await
         })
@@ -188,13 +205,14 @@ impl BlockDevice for RawFile {
     }
 
     fn discard(&self, _offset: u64, _length: u64) -> IoFuture<'_, ()> {
-        Box::pin(async { Ok(()) })
+        Box::pin(async { Err(Error::Unsupported("discard on a raw file")) })
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {
         let file = Arc::clone(&self.file);
         let writable = self.writable;
         Box::pin(async move {
+            self.closed.check()?;
             if !writable {
                 return Ok(());
             }
@@ -206,6 +224,7 @@ impl BlockDevice for RawFile {
         let file = Arc::clone(&self.file);
         let size = self.size;
         Box::pin(async move {
+            self.closed.check()?;
             if offset >= size || length == 0 {
                 return Err(Error::OutOfRange {
                     offset,
@@ -222,7 +241,8 @@ impl BlockDevice for RawFile {
         Capabilities {
             writable: self.writable,
             block_status: true,
-            reconnect: false,
+            fua: self.writable,
+            ..Capabilities::default()
         }
     }
 
@@ -232,5 +252,18 @@ impl BlockDevice for RawFile {
 
     fn files(&self) -> Vec<qed::FileId> {
         qed::FileId::of(&self.file).into_iter().collect()
+    }
+
+    /// Flushes (when writable) and refuses every later request; the file and its image locks
+    /// are released when the last reference to the device is dropped.
+    fn close(&self) -> IoFuture<'_, ()> {
+        Box::pin(async move {
+            let flushed = self.flush().await;
+            self.closed.close();
+            match flushed {
+                Err(Error::Closed) => Ok(()),
+                other => other,
+            }
+        })
     }
 }

@@ -119,7 +119,7 @@ pub fn run(cmd: StreamCommand) -> Result<u8> {
 async fn run_async(cmd: StreamCommand) -> Result<u8> {
     let dev = Arc::new(open_device(&cmd.image, cmd.reconnect_delay, cmd.max_chain_depth).await?);
     if let Some((offset, length)) = cmd.step {
-        let r = step(&dev, offset, length).await;
+        let r = step(&*dev, offset, length).await;
         close(&dev).await?;
         match r?.next {
             Some(n) => outln!("{n}")?,

@@ -91,14 +91,13 @@ impl Source {
                     SourceKind::Raw,
                 ),
                 "qed" => {
-                    drop(file);
                     let options = CorOptions {
                         gate,
                         copy_on_read: false,
                         read_only: true,
                     };
                     let dev = runtime
-                        .block_on(CorDevice::open(name, options))
+                        .block_on(CorDevice::open_file(file, name, options))
                         .map_err(Error::device)?;
                     (Arc::new(dev), SourceKind::Qed)
                 }

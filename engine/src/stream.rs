@@ -5,7 +5,7 @@
 //! (data or zero clusters) and what the backing reports as holes or zeros (NBD block status,
 //! `SEEK_DATA`/`SEEK_HOLE` on raw files, the map of a QED chain) or lies past the backing's end,
 //! and copies the rest in cluster-aligned requests of up to [`StreamOptions::request_bytes`],
-//! [`StreamOptions::in_flight`] at a time, through [`CorDevice::populate_range`]: the same
+//! [`StreamOptions::in_flight`] at a time, through [`Populate::populate_range`]: the same
 //! per-cluster-range lock as guest writes and copy-on-read, and behind any guest read that
 //! waits on the backing. When a pass finds nothing left, the job flushes, drops the backing
 //! link (flags cleared, name offset 64 and size 0, as QEMU's block-stream leaves it) and
@@ -31,8 +31,7 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
-use copy_on_read::{status_padded, BlockDevice, CorDevice, LinkState, Status};
-use qed::Mapping;
+use copy_on_read::{status_padded, LinkState, Populate, Reconnect, Status};
 
 use crate::error::{Error, Result};
 
@@ -133,7 +132,7 @@ struct Shared {
     state: Mutex<JobState>,
     samples: Mutex<VecDeque<(Instant, u64)>>,
     next_slot: Mutex<Instant>,
-    backing_state: Mutex<Option<watch::Receiver<LinkState>>>,
+    backing_state: Option<Arc<dyn Reconnect>>,
 }
 
 /// Controls a running [`StreamJob`]; cheap to clone.
@@ -148,8 +147,8 @@ impl StreamHandle {
         let s = &self.shared;
         let mut state = *s.state.lock();
         if state == JobState::Running {
-            if let Some(rx) = &*s.backing_state.lock() {
-                if *rx.borrow() != LinkState::Connected {
+            if let Some(link) = &s.backing_state {
+                if link.state() != LinkState::Connected {
                     state = JobState::WaitingForBacking;
                 }
             }
@@ -350,7 +349,7 @@ const PLAN_BUDGET: u64 = 256 << 20;
 /// Looks at `[from, to)` (cluster aligned `from`): what is local, what the backing reports as
 /// zeros (or lacks), and the cluster-aligned ranges left to copy. Stops early, at a cluster
 /// boundary, once `budget` bytes are planned for copying.
-async fn plan(dev: &CorDevice, from: u64, to: u64, budget: u64) -> Result<Plan> {
+async fn plan(dev: &dyn Populate, from: u64, to: u64, budget: u64) -> Result<Plan> {
     let mut out = Plan {
         end: to,
         ..Plan::default()
@@ -363,7 +362,7 @@ async fn plan(dev: &CorDevice, from: u64, to: u64, budget: u64) -> Result<Plan> 
         .map_err(Error::device)?;
     let Some(backing) = dev.backing() else {
         for e in extents {
-            if e.mapping == Mapping::Unallocated {
+            if !e.local {
                 out.skipped += e.length;
             } else {
                 out.local += e.length;
@@ -373,7 +372,7 @@ async fn plan(dev: &CorDevice, from: u64, to: u64, budget: u64) -> Result<Plan> 
     };
     let mut planned = 0;
     for e in extents {
-        if e.mapping != Mapping::Unallocated {
+        if e.local {
             out.local += e.length;
             continue;
         }
@@ -440,7 +439,7 @@ fn requests(ranges: &[(u64, u64)], max: u64) -> Vec<(u64, u64)> {
 
 /// Copies one request, retrying retryable backing errors while the backing is not gone.
 async fn copy_one(
-    dev: Arc<CorDevice>,
+    dev: Arc<dyn Populate>,
     handle: StreamHandle,
     offset: u64,
     len: u64,
@@ -469,8 +468,14 @@ async fn copy_one(
 }
 
 impl StreamJob {
-    /// Starts streaming `dev` on the current tokio runtime.
-    pub fn start(dev: Arc<CorDevice>, options: StreamOptions) -> StreamJob {
+    /// Starts streaming `dev` (any device that can [`Populate`] itself from its backing, such
+    /// as a [`copy_on_read::CorDevice`]) on the current tokio runtime.
+    pub fn start<D: Populate + 'static>(dev: Arc<D>, options: StreamOptions) -> StreamJob {
+        StreamJob::start_dyn(dev, options)
+    }
+
+    /// [`StreamJob::start`] for a device behind a trait object.
+    pub fn start_dyn(dev: Arc<dyn Populate>, options: StreamOptions) -> StreamJob {
         let (paused, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             image: dev.name().to_string(),
@@ -487,10 +492,7 @@ impl StreamJob {
             state: Mutex::new(JobState::Running),
             samples: Mutex::new(VecDeque::new()),
             next_slot: Mutex::new(Instant::now()),
-            backing_state: Mutex::new(
-                dev.backing()
-                    .and_then(|b| b.reconnect().map(|r| r.subscribe())),
-            ),
+            backing_state: dev.reconnect(),
         });
         let handle = StreamHandle { shared };
         let h = handle.clone();
@@ -535,7 +537,7 @@ impl StreamJob {
 }
 
 /// The body of a full stream.
-async fn run(dev: &Arc<CorDevice>, h: &StreamHandle, options: &StreamOptions) -> Result<()> {
+async fn run(dev: &Arc<dyn Populate>, h: &StreamHandle, options: &StreamOptions) -> Result<()> {
     let size = dev.size();
     let cs = dev.cluster_size();
     let cancelled = |offset: u64| Error::Cancelled {
@@ -552,7 +554,7 @@ async fn run(dev: &Arc<CorDevice>, h: &StreamHandle, options: &StreamOptions) ->
             if h.wait_unpaused().await {
                 return Err(cancelled(h.shared.offset.load(Ordering::Acquire)));
             }
-            let p = plan(dev, pos, (pos + PLAN_WINDOW).min(size), PLAN_BUDGET).await?;
+            let p = plan(&**dev, pos, (pos + PLAN_WINDOW).min(size), PLAN_BUDGET).await?;
             let to = p.end;
             if pass == 1 {
                 h.shared.skipped.fetch_add(p.skipped, Ordering::AcqRel);
@@ -655,7 +657,7 @@ pub struct StepOutcome {
 }
 
 /// Finds the first range at or after `from` that still needs copying.
-async fn next_work(dev: &CorDevice, from: u64) -> Result<Option<u64>> {
+async fn next_work(dev: &dyn Populate, from: u64) -> Result<Option<u64>> {
     let size = dev.size();
     let cs = dev.cluster_size();
     let mut pos = from / cs * cs;
@@ -672,7 +674,7 @@ async fn next_work(dev: &CorDevice, from: u64) -> Result<Option<u64>> {
 /// Single-step mode: copies the unit of `length` bytes (rounded to clusters) that starts at
 /// the first range needing a copy at or after `offset`, and says where to continue from
 /// (`None`: nothing is left from `offset` to the end). Never drops the backing link.
-pub async fn step(dev: &CorDevice, offset: u64, length: u64) -> Result<StepOutcome> {
+pub async fn step(dev: &dyn Populate, offset: u64, length: u64) -> Result<StepOutcome> {
     let size = dev.size();
     let cs = dev.cluster_size();
     let length = length.max(1).div_ceil(cs) * cs;

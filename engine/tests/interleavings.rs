@@ -7,7 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use copy_on_read::{BlockDevice, Capabilities, CorDevice, IoFuture, Status, StatusExtent};
+use copy_on_read::{
+    BlockDevice, Capabilities, CorDevice, IoBufs, IoFuture, Status, StatusExtent, WriteFlags,
+};
 use engine::stream::{step, StreamJob, StreamOptions};
 use proptest::prelude::*;
 use qed::{BackingFormat, BackingPolicy, CreateOptions, Image, MemStorage, OpenOptions, Repair};
@@ -33,25 +35,28 @@ impl BlockDevice for SlowMem {
     fn size(&self) -> u64 {
         self.bytes.len() as u64
     }
-    fn read_at(&self, offset: u64, mut buf: Vec<u8>) -> IoFuture<'_, Vec<u8>> {
+    fn readv(&self, offset: u64, mut bufs: IoBufs) -> IoFuture<'_, IoBufs> {
         Box::pin(async move {
             if self.delay {
                 tokio::time::sleep(self.jitter()).await;
             }
             let o = offset as usize;
-            let n = buf.len();
-            buf.copy_from_slice(&self.bytes[o..o + n]);
-            Ok(buf)
+            let n = bufs.len();
+            bufs.copy_in(0, &self.bytes[o..o + n]);
+            Ok(bufs)
         })
     }
-    fn write_at(&self, _: u64, _: Vec<u8>) -> IoFuture<'_, ()> {
+    fn writev(&self, _: u64, _: IoBufs, _: WriteFlags) -> IoFuture<'_, IoBufs> {
         Box::pin(async { Err(copy_on_read::Error::ReadOnly) })
+    }
+    fn close(&self) -> IoFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
     }
     fn write_zeroes(&self, _: u64, _: u64) -> IoFuture<'_, ()> {
         Box::pin(async { Err(copy_on_read::Error::ReadOnly) })
     }
     fn discard(&self, _: u64, _: u64) -> IoFuture<'_, ()> {
-        Box::pin(async { Ok(()) })
+        Box::pin(async { Err(copy_on_read::Error::Unsupported("discard")) })
     }
     fn flush(&self) -> IoFuture<'_, ()> {
         Box::pin(async { Ok(()) })
@@ -80,11 +85,9 @@ impl BlockDevice for SlowMem {
         })
     }
     fn capabilities(&self) -> Capabilities {
-        Capabilities {
-            writable: false,
-            block_status: true,
-            reconnect: false,
-        }
+        let mut c = Capabilities::default();
+        c.block_status = true;
+        c
     }
     fn describe(&self) -> String {
         "mem".into()

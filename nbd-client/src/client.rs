@@ -574,6 +574,11 @@ impl Client {
         !self.flags().read_only()
     }
 
+    /// Whether writes may carry FUA (and the export is writable).
+    pub fn can_fua(&self) -> bool {
+        self.flags().fua() && self.can_write()
+    }
+
     /// Whether FLUSH is supported.
     pub fn can_flush(&self) -> bool {
         self.flags().flush()
@@ -832,6 +837,25 @@ impl Client {
 
     /// Write `data` at `offset` (split into pieces issued concurrently).
     pub async fn write(&self, offset: u64, data: &[u8]) -> Result<(), Error> {
+        self.write_flags(offset, data, 0).await
+    }
+
+    /// Write `data` at `offset` with force unit access: durable on the server when it
+    /// completes. Needs [`Client::can_fua`]; without it, the write is followed by a FLUSH.
+    pub async fn write_fua(&self, offset: u64, data: &[u8]) -> Result<(), Error> {
+        if self.can_fua() {
+            return self
+                .write_flags(offset, data, crate::protocol::CMD_FLAG_FUA)
+                .await;
+        }
+        self.write_flags(offset, data, 0).await?;
+        if self.can_flush() {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_flags(&self, offset: u64, data: &[u8], flags: u16) -> Result<(), Error> {
         self.check_writable()?;
         let length = data.len() as u64;
         self.check_range(offset, length)?;
@@ -840,7 +864,7 @@ impl Client {
             return self
                 .request(
                     Command::Write,
-                    0,
+                    flags,
                     offset,
                     length,
                     Some(Body::Write(data.to_vec())),
@@ -854,7 +878,7 @@ impl Client {
             let payload = data[at..at + l as usize].to_vec();
             let c = self.clone();
             set.spawn(async move {
-                c.request(Command::Write, 0, o, l, Some(Body::Write(payload)))
+                c.request(Command::Write, flags, o, l, Some(Body::Write(payload)))
                     .await
             });
         }

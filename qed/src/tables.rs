@@ -5,12 +5,12 @@
 //! guest data. Updates follow QEMU's order: the changed 512-byte sectors of an existing L2
 //! table, or a new table written whole and flushed before the L1 sector that points at it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, MutexGuard, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::error::{Error, Result, TableKind};
 use crate::layout::{self, Geometry, ENTRY_UNALLOCATED, ENTRY_ZERO, SECTOR};
@@ -121,28 +121,68 @@ impl L2Cache {
     }
 }
 
-/// Serialises metadata updates.
+/// A lock per L2 table (by L1 index), plus "all tables" for the consistency check. Updates of
+/// different tables run concurrently; the L1 table has its own short lock (the `RwLock`
+/// around it), and the allocation cursor is an atomic.
 #[derive(Debug, Default)]
 struct TableLocks {
-    meta: Mutex<()>,
+    state: Mutex<LockState>,
+    released: Condvar,
 }
 
-/// A table lock; metadata of the table may change only while it is held.
+#[derive(Debug, Default)]
+struct LockState {
+    held: HashSet<L1Index>,
+    all: bool,
+}
+
+/// A held table lock (or all of them); dropping it releases them.
 pub(crate) struct TableGuard<'a> {
-    _meta: MutexGuard<'a, ()>,
+    locks: &'a TableLocks,
+    /// `None` for "all tables".
+    table: Option<L1Index>,
 }
 
 impl TableLocks {
-    fn lock(&self, _table: L1Index) -> TableGuard<'_> {
+    fn lock(&self, table: L1Index) -> TableGuard<'_> {
+        let mut state = self.state.lock();
+        while state.all || state.held.contains(&table) {
+            self.released.wait(&mut state);
+        }
+        state.held.insert(table);
         TableGuard {
-            _meta: self.meta.lock(),
+            locks: self,
+            table: Some(table),
         }
     }
 
+    /// Holds every table: new lockers wait, then this waits for the holders to finish.
     fn lock_all(&self) -> TableGuard<'_> {
-        TableGuard {
-            _meta: self.meta.lock(),
+        let mut state = self.state.lock();
+        while state.all {
+            self.released.wait(&mut state);
         }
+        state.all = true;
+        while !state.held.is_empty() {
+            self.released.wait(&mut state);
+        }
+        TableGuard {
+            locks: self,
+            table: None,
+        }
+    }
+}
+
+impl Drop for TableGuard<'_> {
+    fn drop(&mut self) {
+        let mut state = self.locks.state.lock();
+        match self.table {
+            Some(table) => {
+                state.held.remove(&table);
+            }
+            None => state.all = false,
+        }
+        self.locks.released.notify_all();
     }
 }
 
@@ -537,5 +577,102 @@ mod tests {
         ));
         assert_eq!(t.data_offset(CS, t.file_end()), None);
         assert_eq!(t.data_offset(0x123, t.file_end()), None);
+    }
+
+    /// Storage that holds a write into `[slow, slow + len)` until a write into
+    /// `[other, other + len)` has started (or fails it after a few seconds).
+    #[derive(Debug)]
+    struct Rendezvous {
+        inner: crate::MemStorage,
+        armed: std::sync::atomic::AtomicBool,
+        slow: u64,
+        other: u64,
+        len: u64,
+        tx: Mutex<std::sync::mpsc::Sender<()>>,
+        rx: Mutex<std::sync::mpsc::Receiver<()>>,
+    }
+
+    impl Storage for Rendezvous {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+            if self.armed.load(Ordering::Acquire) {
+                if (self.other..self.other + self.len).contains(&offset) {
+                    self.tx.lock().send(()).unwrap();
+                } else if (self.slow..self.slow + self.len).contains(&offset) {
+                    let waited = self
+                        .rx
+                        .lock()
+                        .recv_timeout(std::time::Duration::from_secs(5));
+                    waited.map_err(|_| io::Error::other("the other table's update never ran"))?;
+                }
+            }
+            self.inner.write_at(buf, offset)
+        }
+        fn flush(&self) -> io::Result<()> {
+            Ok(())
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.inner.set_len(len)
+        }
+    }
+
+    #[test]
+    fn updates_of_different_tables_run_concurrently() {
+        let (s, t) = tables(4);
+        let g = t.geometry();
+        let per_table = g.table_entries();
+        t.update(&[(GuestCluster(0), NewEntry::Zero)]).unwrap();
+        t.update(&[(GuestCluster(per_table), NewEntry::Zero)])
+            .unwrap();
+        let l1 = t.l1_entries();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let storage = Arc::new(Rendezvous {
+            inner: crate::MemStorage::from_bytes(s.bytes()),
+            armed: std::sync::atomic::AtomicBool::new(false),
+            slow: l1[0],
+            other: l1[1],
+            len: g.table_bytes(),
+            tx: Mutex::new(tx),
+            rx: Mutex::new(rx),
+        });
+        let len = storage.len().unwrap();
+        let t = Tables::load(storage.clone(), g, HostOffset(CS), len, 4).unwrap();
+        storage.armed.store(true, Ordering::Release);
+        // The update of table 0 waits inside its write for the update of table 1: with one
+        // lock for all tables, table 1 could not start and table 0's write would fail.
+        std::thread::scope(|scope| {
+            let slow = scope.spawn(|| t.update(&[(GuestCluster(5), NewEntry::Zero)]));
+            let other = scope.spawn(|| t.update(&[(GuestCluster(per_table + 5), NewEntry::Zero)]));
+            other.join().unwrap().unwrap();
+            slow.join().unwrap().unwrap();
+        });
+        assert_eq!(t.read_l2(HostOffset(l1[0])).unwrap()[5], ENTRY_ZERO);
+        assert_eq!(t.read_l2(HostOffset(l1[1])).unwrap()[5], ENTRY_ZERO);
+    }
+
+    #[test]
+    fn lock_all_waits_for_table_holders_and_holds_new_ones() {
+        let locks = TableLocks::default();
+        let one = locks.lock(L1Index(1));
+        let _two = locks.lock(L1Index(2)); // another table: no wait
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let _all = locks.lock_all();
+                tx.send(()).unwrap();
+            });
+            let short = std::time::Duration::from_millis(100);
+            assert!(rx.recv_timeout(short).is_err());
+            drop(one);
+            assert!(rx.recv_timeout(short).is_err());
+            drop(_two);
+            rx.recv().unwrap();
+        });
+        let _again = locks.lock(L1Index(1));
     }
 }

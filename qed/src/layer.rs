@@ -3,7 +3,7 @@
 //! format a header records ([`BackingFormat`]).
 //!
 //! These are the only backing items the image depends on. Their implementations (raw files,
-//! QED images, the file gate) live in [`backing`](crate::backing), which depends on the image
+//! QED images, the file gate) live in the `backing` module, which depends on the image
 //! and not the other way round.
 
 use std::fmt;

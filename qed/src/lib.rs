@@ -61,6 +61,8 @@ pub mod layer;
 pub mod layout;
 pub mod storage;
 mod tables;
+#[cfg(test)]
+mod testing;
 pub mod types;
 
 pub use backing::{BackingFormat, BackingOpener, BackingRead, FileGate, QedBacking, RawBacking};

@@ -438,8 +438,8 @@ struct Populate {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{image, image_over_pattern, writes_in, Op, Pattern};
     use super::*;
+    use crate::testing::{image, image_over_pattern, writes_in, Op, Pattern};
 
     const CS: u64 = 65536;
 
@@ -497,19 +497,16 @@ mod tests {
         assert_eq!(&buf[1000..1100], &[0xeeu8; 100]);
         assert_eq!(buf[1100], Pattern::byte(CS + 1100));
         // Order: the data cluster, a flush, then the new L2 table (flushed) and its L1 sector.
-        let data = ops.iter().position(|o| {
-            *o == Op::Write {
-                offset: host,
-                len: CS,
-            }
-        });
-        let flush = ops.iter().position(|o| *o == Op::Flush);
-        let l1 = image.tables.l1_offset().0;
-        let l1_write = ops
-            .iter()
-            .position(|o| matches!(*o, Op::Write { offset, .. } if offset == l1));
-        assert!(data < flush && flush < l1_write, "{ops:?}");
-        assert!(data.is_some());
+        let table = image.tables.l1_entries()[0];
+        let at = |target: u64| {
+            ops.iter()
+                .position(|o| matches!(*o, Op::Write { offset, .. } if offset == target))
+                .unwrap()
+        };
+        let (data, table_write, l1_write) = (at(host), at(table), at(image.tables.l1_offset().0));
+        assert!(data < table_write && table_write < l1_write, "{ops:?}");
+        assert!(ops[data..table_write].contains(&Op::Flush), "{ops:?}");
+        assert!(ops[table_write..l1_write].contains(&Op::Flush), "{ops:?}");
     }
 
     #[test]

@@ -220,8 +220,8 @@ impl Image {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{image, image_over_pattern, Op};
     use super::*;
+    use crate::testing::{image, image_over_pattern, Op};
 
     #[test]
     fn need_check_is_durable_before_the_first_allocation_and_cleared_by_flush() {

@@ -132,8 +132,8 @@ impl Image {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::{image, image_over_pattern, Pattern};
     use super::*;
+    use crate::testing::{image, image_over_pattern, Pattern};
 
     const CS: u64 = 65536;
 

@@ -303,6 +303,3 @@ impl Drop for Image {
         }
     }
 }
-
-#[cfg(test)]
-pub(crate) mod testing;

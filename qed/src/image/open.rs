@@ -263,9 +263,9 @@ fn write_new(storage: &dyn Storage, head: &[u8], file_len: u64) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::image;
     use super::*;
     use crate::storage::MemStorage;
+    use crate::testing::image;
 
     fn detached() -> OpenOptions {
         OpenOptions {

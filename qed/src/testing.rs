@@ -1,4 +1,5 @@
-//! Test support: a storage that records every write and flush, to observe crash order.
+//! Test support (above every other module): a storage that records every write and flush,
+//! to observe crash order; a patterned backing; images on them.
 
 use std::io;
 use std::sync::Arc;
@@ -86,8 +87,8 @@ impl crate::layer::BackingRead for Pattern {
     fn size(&self) -> u64 {
         self.0
     }
-    fn describe(&self) -> crate::backing::BackingDescription {
-        crate::backing::BackingDescription {
+    fn describe(&self) -> crate::layer::BackingDescription {
+        crate::layer::BackingDescription {
             filename: "pattern".into(),
             format: "raw".into(),
             virtual_size: self.0,

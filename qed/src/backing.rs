@@ -8,56 +8,14 @@
 //! [`FileGate`] therefore decides whether probing is allowed, confines names to a directory if
 //! asked, and bounds the chain depth.
 
-use std::fmt;
-
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::image::{Image, OpenOptions};
+pub use crate::layer::{BackingDescription, BackingFormat, BackingOpener, BackingRead};
 use crate::layout::{MAGIC, SECTOR};
 use crate::storage::Storage;
-
-/// The backing format an image header records.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum BackingFormat {
-    /// `F_BACKING_FORMAT_NO_PROBE`: raw, never probe.
-    Raw,
-    /// No format recorded: probe (QED or raw here).
-    Probe,
-}
-
-/// Where unallocated clusters come from: a read-only view of the backing's virtual disk.
-pub trait BackingRead: Send + Sync + fmt::Debug {
-    /// Fills `buf` with the backing's bytes at `offset`; bytes past its end read as zeros.
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()>;
-    /// The backing's virtual size in bytes.
-    fn size(&self) -> u64;
-    /// Where the next possibly-non-zero data is at or after `offset`, if known; `None` means
-    /// "assume data". `Some(u64::MAX)` means nothing but zeros from `offset` on.
-    fn next_data(&self, _offset: u64) -> Result<Option<u64>> {
-        Ok(None)
-    }
-    /// A short description (format and name) for `info` and error messages.
-    fn describe(&self) -> BackingDescription;
-}
-
-/// What `info` shows about one backing layer.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct BackingDescription {
-    /// The name as opened (path or URI).
-    pub filename: String,
-    /// `"qed"`, `"raw"` or a protocol (`"nbd"`).
-    pub format: String,
-    /// Virtual size.
-    pub virtual_size: u64,
-    /// The next layer, for a chain.
-    pub backing: Option<Box<BackingDescription>>,
-    /// The backing's own backing name as stored, if any.
-    pub backing_filename: Option<String>,
-    /// Cluster size, for QED layers.
-    pub cluster_size: Option<u64>,
-}
 
 /// A raw backing file: its bytes are the virtual disk. Its length is rounded up to 512 bytes,
 /// as QEMU's block layer does.
@@ -157,21 +115,6 @@ impl BackingRead for QedBacking {
     }
 }
 
-/// Opens the backing an image header names. Implementations decide what names may be opened.
-pub trait BackingOpener: Send + Sync + fmt::Debug {
-    /// Opens `name` (as stored in the header of the image at `image_path`, if known) with the
-    /// recorded `format`, `depth` layers below the top image; `seen` holds the files of the
-    /// layers above (the naming image's last), so that a loop can be refused.
-    fn open(
-        &self,
-        name: &str,
-        format: BackingFormat,
-        image_path: Option<&Path>,
-        depth: u32,
-        seen: &[crate::file::FileId],
-    ) -> Result<Arc<dyn BackingRead>>;
-}
-
 /// The default gate for backing files on the local file system.
 #[derive(Clone, Debug)]
 pub struct FileGate {
@@ -198,6 +141,14 @@ impl Default for FileGate {
             max_depth: DEFAULT_MAX_DEPTH,
             force_share: false,
         }
+    }
+}
+
+/// The default options open the backing through a default [`FileGate`] (defined here, so that
+/// the image does not depend on the gate).
+impl Default for OpenOptions {
+    fn default() -> OpenOptions {
+        OpenOptions::with_opener(Arc::new(FileGate::default()))
     }
 }
 

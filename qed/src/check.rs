@@ -11,9 +11,9 @@
 //! QEMU), and, unlike QEMU, reclaims leaked clusters at the end of the file by truncating it.
 //! Duplicates cannot be repaired safely and are left alone.
 
-use crate::error::{Error, Result};
-use crate::image::Image;
-use crate::layout::{self, ENTRY_UNALLOCATED, ENTRY_ZERO};
+use crate::layout::{Geometry, ENTRY_UNALLOCATED, ENTRY_ZERO};
+use crate::tables::Tables;
+use crate::types::{HostCluster, HostOffset};
 
 /// What a check may repair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,9 +77,9 @@ impl Used {
     }
 
     /// Marks `n` clusters from `first`; returns how many were already marked.
-    fn mark(&mut self, first: u64, n: u64) -> u64 {
+    fn mark(&mut self, first: HostCluster, n: u64) -> u64 {
         let mut dups = 0;
-        for c in first..first + n {
+        for c in first.0..first.0 + n {
             if c >= self.clusters {
                 continue;
             }
@@ -97,130 +97,141 @@ impl Used {
     }
 }
 
-impl Image {
-    /// Checks the image; with a repair mode other than [`Repair::None`], also repairs what it
-    /// can and clears NEED_CHECK when nothing is left. Takes every lock of the image for the
-    /// duration, so it can run on an image in use (writes wait).
-    pub fn check(&self, repair: Repair) -> Result<CheckReport> {
-        let fix = repair != Repair::None;
-        if fix && self.is_read_only() {
-            return Err(Error::ReadOnly);
-        }
-        let _locks = self.lock_all();
-        let g = self.geometry();
-        let cs = g.cluster_size();
-        let file_end = self.file_end();
-        let nclusters = file_end / cs;
-        let mut used = Used::new(nclusters);
-        let mut report = CheckReport {
-            total_clusters: self.size().div_ceil(cs),
-            ..CheckReport::default()
-        };
-        let header = self.header();
-        let ts = u64::from(g.table_size());
-        report.corruptions += used.mark(header.l1_table_offset / cs, ts);
+/// A check in progress: the bitmap, the counters, and whether to repair.
+struct Walk<'a> {
+    tables: &'a Tables,
+    g: Geometry,
+    file_end: HostOffset,
+    fix: bool,
+    used: Used,
+    report: CheckReport,
+}
 
-        let mut l1 = self.l1_snapshot();
+/// Checks (and with `repair`, repairs) the tables of an image whose virtual disk is `size`
+/// bytes. The caller holds [`Tables::lock_all`] and keeps allocations out for the duration,
+/// and clears NEED_CHECK afterwards when the report allows it.
+pub(crate) fn run(tables: &Tables, size: u64, repair: Repair) -> CheckReport {
+    let g = tables.geometry();
+    let file_end = tables.file_end();
+    let mut walk = Walk {
+        tables,
+        g,
+        file_end,
+        fix: repair != Repair::None,
+        used: Used::new(file_end.cluster(g).0),
+        report: CheckReport {
+            total_clusters: size.div_ceil(g.cluster_size()),
+            ..CheckReport::default()
+        },
+    };
+    let ts = u64::from(g.table_size());
+    walk.report.corruptions += walk.used.mark(tables.l1_offset().cluster(g), ts);
+    walk.l1();
+    if walk.fix {
+        tables.invalidate_cache();
+    }
+    if walk.report.check_errors == 0 {
+        walk.leaks();
+    }
+    walk.report
+}
+
+impl Walk<'_> {
+    /// Walks the L1 table and each L2 table it names; zeroes invalid L1 entries when fixing.
+    fn l1(&mut self) {
+        let mut l1 = self.tables.l1_entries();
         let mut l1_fixed = false;
         for entry in l1.iter_mut() {
             if *entry == ENTRY_UNALLOCATED {
                 continue;
             }
-            if !g.is_valid_table_offset(*entry, file_end) {
-                if fix {
-                    *entry = 0;
+            if !self.g.is_valid_table_offset(*entry, self.file_end.0) {
+                if self.fix {
+                    *entry = ENTRY_UNALLOCATED;
                     l1_fixed = true;
-                    report.corruptions_fixed += 1;
+                    self.report.corruptions_fixed += 1;
                 } else {
-                    report.corruptions += 1;
+                    self.report.corruptions += 1;
                 }
                 continue;
             }
-            let dups = used.mark(*entry / cs, ts);
+            let table = HostOffset(*entry);
+            let dups = self
+                .used
+                .mark(table.cluster(self.g), u64::from(self.g.table_size()));
             if dups > 0 {
-                report.corruptions += dups;
+                self.report.corruptions += dups;
                 continue;
             }
-            let mut bytes = vec![0u8; g.table_bytes() as usize];
-            if self.storage().read_at(&mut bytes, *entry).is_err() {
-                report.check_errors += 1;
+            self.l2(table);
+        }
+        if l1_fixed && self.tables.replace_l1(l1).is_err() {
+            self.report.check_errors += 1;
+        }
+    }
+
+    /// Walks one L2 table; zeroes invalid entries (and rewrites the table) when fixing.
+    fn l2(&mut self, offset: HostOffset) {
+        let Ok(mut table) = self.tables.read_l2(offset) else {
+            self.report.check_errors += 1;
+            return;
+        };
+        let cs = self.g.cluster_size();
+        let mut table_fixed = false;
+        let mut last = 0u64;
+        for e in table.iter_mut() {
+            if *e == ENTRY_UNALLOCATED || *e == ENTRY_ZERO {
                 continue;
             }
-            let mut table = layout::decode_table(&bytes);
-            let mut table_fixed = false;
-            let mut last = 0u64;
-            for e in table.iter_mut() {
-                if *e == ENTRY_UNALLOCATED || *e == ENTRY_ZERO {
-                    continue;
-                }
-                report.allocated_clusters += 1;
-                // QEMU compares in wrapping u64 arithmetic; an entry near u64::MAX (corrupt
-                // anyway) must not overflow here.
-                if last != 0 && last.wrapping_add(cs) != *e {
-                    report.fragmented_clusters += 1;
-                }
-                last = *e;
-                if !g.is_valid_cluster_offset(*e, file_end) {
-                    if fix {
-                        *e = 0;
-                        table_fixed = true;
-                        report.corruptions_fixed += 1;
-                    } else {
-                        report.corruptions += 1;
-                    }
-                    continue;
-                }
-                report.corruptions += used.mark(*e / cs, 1);
+            self.report.allocated_clusters += 1;
+            // QEMU compares in wrapping u64 arithmetic; an entry near u64::MAX (corrupt
+            // anyway) must not overflow here.
+            if last != 0 && last.wrapping_add(cs) != *e {
+                self.report.fragmented_clusters += 1;
             }
-            if table_fixed {
-                let at = *entry;
-                if self
-                    .storage()
-                    .write_at(&layout::encode_table(&table), at)
-                    .is_err()
-                {
-                    report.check_errors += 1;
+            last = *e;
+            if !self.g.is_valid_cluster_offset(*e, self.file_end.0) {
+                if self.fix {
+                    *e = ENTRY_UNALLOCATED;
+                    table_fixed = true;
+                    self.report.corruptions_fixed += 1;
+                } else {
+                    self.report.corruptions += 1;
                 }
+                continue;
             }
+            self.report.corruptions += self.used.mark(HostOffset(*e).cluster(self.g), 1);
         }
-        if l1_fixed {
-            if self.write_l1_table(&l1).is_err() {
-                report.check_errors += 1;
-            }
-            self.replace_l1(l1);
+        if table_fixed && self.tables.write_l2(offset, &table).is_err() {
+            self.report.check_errors += 1;
         }
-        if fix {
-            self.invalidate_cache();
-        }
-        if report.check_errors > 0 {
-            return Ok(report);
-        }
-        let first = u64::from(g.header_size());
-        let mut leaks: u64 = (first..nclusters).filter(|&c| !used.is_marked(c)).count() as u64;
-        if fix && leaks > 0 {
-            // Reclaim the leaked clusters at the end of the file.
+    }
+
+    /// Counts unreferenced clusters after the header; when fixing, reclaims those at the end
+    /// of the file by truncating it.
+    fn leaks(&mut self) {
+        let nclusters = self.used.clusters;
+        let first = u64::from(self.g.header_size());
+        let mut leaks = (first..nclusters)
+            .filter(|&c| !self.used.is_marked(c))
+            .count() as u64;
+        if self.fix && leaks > 0 {
             let mut new_end = nclusters;
-            while new_end > first && !used.is_marked(new_end - 1) {
+            while new_end > first && !self.used.is_marked(new_end - 1) {
                 new_end -= 1;
             }
             if new_end < nclusters {
-                let bytes = new_end * cs;
-                match self.storage().set_len(bytes) {
+                match self.tables.truncate(HostCluster(new_end).start(self.g)) {
                     Ok(()) => {
-                        self.set_file_end(bytes);
                         let reclaimed = nclusters - new_end;
-                        report.leaks_fixed = reclaimed;
+                        self.report.leaks_fixed = reclaimed;
                         leaks -= reclaimed;
                     }
-                    Err(_) => report.check_errors += 1,
+                    Err(_) => self.report.check_errors += 1,
                 }
             }
         }
-        report.leaks = leaks;
-        if fix && report.corruptions == 0 && report.check_errors == 0 {
-            self.mark_clean()?;
-        }
-        Ok(report)
+        self.report.leaks = leaks;
     }
 }
 

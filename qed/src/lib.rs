@@ -4,9 +4,11 @@
 //! images it writes pass `qemu-img check`, and every QED image QEMU writes reads back here.
 //!
 //! The crate is layered so that the format is one pure module and I/O goes through one small
-//! trait:
+//! trait. Each module depends only on those listed before it (no module cycles):
 //!
-//! - [`layout`]: the on-disk header, feature bits, geometry rules and table entries (pure).
+//! - [`error`], [`types`] (offset newtypes: [`GuestOffset`], [`HostOffset`],
+//!   [`GuestCluster`], [`HostCluster`], [`L1Index`]) and [`layout`]: the on-disk header,
+//!   feature bits, geometry rules and table entries (pure).
 //! - [`file`]: opening image files as QEMU does: regular files and block devices only, with
 //!   QEMU's image locks ([`Access`]), and file identity ([`FileId`]).
 //! - [`gate`]: the rules every backing file is admitted by, in one place ([`gate::Rules`]):
@@ -14,14 +16,21 @@
 //!   depth bound, probe policy.
 //! - [`storage`]: the [`Storage`] trait (positioned, thread-safe I/O) with a file and an
 //!   in-memory implementation.
+//! - `tables` (internal): the L1/L2 tables of an open image: the L2 cache, crash-safe
+//!   updates under a lock per L2 table, the allocation cursor, and the walk API the check
+//!   uses. It answers "where" and keeps metadata consistent; it never touches guest data.
+//! - [`check`]: the consistency check and repair, with `qemu-img check`'s counters and exit
+//!   codes ([`CheckReport`]). It walks the tables through their API only.
+//! - [`layer`]: what an image needs of its backing: [`BackingRead`], [`BackingOpener`],
+//!   [`BackingFormat`].
 //! - [`image`]: an open [`Image`]: mapping lookups ([`Image::map`]), reads through the backing
 //!   chain, crash-safe allocating writes, zero writes, copy-on-read population
-//!   ([`Image::populate`]), resize and backing-link changes.
-//! - [`check`]: the consistency check and repair, with `qemu-img check`'s counters and exit
-//!   codes ([`CheckReport`]).
-//! - [`backing`]: what unallocated clusters are read from ([`BackingRead`]: raw files, QED
-//!   images) and the gate every backing open goes through ([`FileGate`]: probing policy,
-//!   confinement, chain depth).
+//!   ([`Image::populate`]), resize and backing-link changes. It uses `tables` and `check`
+//!   (the NEED_CHECK repair at open), never the other way round.
+//! - [`backing`]: the backings themselves ([`RawBacking`], [`QedBacking`]) and the gate every
+//!   backing open goes through ([`FileGate`]: probing policy, confinement, chain depth). It
+//!   opens images, so it sits above [`image`]; it also provides `OpenOptions::default()`
+//!   (open the backing through a default [`FileGate`]).
 //!
 //! Writes follow QEMU's crash-safe order (data appended at the end of the file and filled
 //! whole, a flush when there is a backing file, the L2 table, then the L1 sector); unlike QEMU,
@@ -52,8 +61,12 @@ pub mod error;
 pub mod file;
 pub mod gate;
 pub mod image;
+pub mod layer;
 pub mod layout;
 pub mod storage;
+mod tables;
+#[cfg(test)]
+mod testing;
 pub mod types;
 
 pub use backing::{BackingFormat, BackingOpener, BackingRead, FileGate, QedBacking, RawBacking};
@@ -65,4 +78,4 @@ pub use image::{
 };
 pub use layout::{Geometry, Header};
 pub use storage::{MemStorage, Storage};
-pub use types::HostOffset;
+pub use types::{GuestCluster, GuestOffset, HostCluster, HostOffset, L1Index};

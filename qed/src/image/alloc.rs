@@ -1,0 +1,585 @@
+//! Allocating writes, zero writes and copy-on-read population, under guest cluster range
+//! locks: new clusters are reserved as one contiguous run at the end of the file, written
+//! whole, and only then linked into the L2 tables (one update per table per request).
+
+use parking_lot::{Condvar, Mutex};
+
+use super::{Image, Mapping, PopulateOutcome};
+use crate::error::{Error, Result};
+use crate::tables::{L2Update, NewEntry};
+use crate::types::{GuestCluster, GuestOffset, HostOffset};
+
+/// Locks on guest cluster ranges `[start, end)`, held by allocating writes.
+#[derive(Debug, Default)]
+pub(super) struct RangeLocks {
+    held: Mutex<Vec<(GuestCluster, GuestCluster)>>,
+    released: Condvar,
+}
+
+/// A held range; dropping it releases the range.
+pub(super) struct RangeGuard<'a> {
+    locks: &'a RangeLocks,
+    range: (GuestCluster, GuestCluster),
+}
+
+impl RangeLocks {
+    /// Waits until no held range overlaps `[start, end)`, then holds it.
+    pub(super) fn lock(&self, start: GuestCluster, end: GuestCluster) -> RangeGuard<'_> {
+        let mut held = self.held.lock();
+        while held.iter().any(|&(s, e)| s < end && start < e) {
+            self.released.wait(&mut held);
+        }
+        held.push((start, end));
+        RangeGuard {
+            locks: self,
+            range: (start, end),
+        }
+    }
+
+    /// Holds every cluster of the disk.
+    pub(super) fn lock_all(&self) -> RangeGuard<'_> {
+        self.lock(GuestCluster(0), GuestCluster(u64::MAX))
+    }
+
+    /// The clusters that `[offset, offset + len)` touches (`len > 0`), locked.
+    fn lock_bytes(&self, image: &Image, offset: u64, len: u64) -> RangeGuard<'_> {
+        let g = image.geometry();
+        let first = GuestOffset(offset).cluster(g);
+        let last = GuestOffset(offset + len - 1).cluster(g);
+        self.lock(first, last.next())
+    }
+}
+
+impl Drop for RangeGuard<'_> {
+    fn drop(&mut self) {
+        let mut held = self.locks.held.lock();
+        if let Some(i) = held.iter().position(|&r| r == self.range) {
+            held.swap_remove(i);
+        }
+        self.locks.released.notify_all();
+    }
+}
+
+/// Splits sorted guest clusters into runs of consecutive clusters: `(first index, end index)`
+/// into `clusters`.
+fn consecutive_runs(clusters: &[GuestCluster]) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        if i >= clusters.len() {
+            return None;
+        }
+        let start = i;
+        i += 1;
+        while i < clusters.len() && clusters[i].0 == clusters[i - 1].0 + 1 {
+            i += 1;
+        }
+        Some((start, i))
+    })
+}
+
+/// The L2 updates that link `clusters` to the contiguous run at `host_base`.
+fn data_updates(clusters: &[GuestCluster], host_base: HostOffset, cs: u64) -> Vec<L2Update> {
+    clusters
+        .iter()
+        .enumerate()
+        .map(|(k, &c)| (c, NewEntry::Data(host_base + k as u64 * cs)))
+        .collect()
+}
+
+impl Image {
+    /// Writes `data` at `offset` of the virtual disk.
+    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        // Fast path: everything already allocated, write in place with no lock.
+        if self.write_in_place_if_allocated(data, offset)? {
+            return Ok(());
+        }
+        let _guard = self.range_locks.lock_bytes(self, offset, data.len() as u64);
+        self.write_locked(data, offset)
+    }
+
+    /// Writes in place when every byte maps to data. Returns false (having written nothing)
+    /// when some part needs allocation.
+    fn write_in_place_if_allocated(&self, data: &[u8], offset: u64) -> Result<bool> {
+        let mut runs = Vec::new();
+        let mut done = 0u64;
+        while done < data.len() as u64 {
+            let pos = GuestOffset(offset + done);
+            let (mapping, len) = self.lookup_run(pos, data.len() as u64 - done)?;
+            match mapping {
+                Mapping::Data(host) => runs.push((done, len, host)),
+                _ => return Ok(false),
+            }
+            done += len;
+        }
+        for (start, len, host) in runs {
+            self.write_data(
+                &data[start as usize..(start + len) as usize],
+                host,
+                "writing data",
+            )?;
+        }
+        Ok(true)
+    }
+
+    fn write_data(&self, data: &[u8], host: HostOffset, what: &'static str) -> Result<()> {
+        self.storage
+            .write_at(data, host.0)
+            .map_err(Error::io(what, host.0))
+    }
+
+    /// The body of an allocating write, under the range lock: in-place runs are written now,
+    /// the rest is allocated as one run, written, and linked.
+    fn write_locked(&self, data: &[u8], offset: u64) -> Result<()> {
+        let g = self.geometry();
+        let cs = g.cluster_size();
+        let end = offset + data.len() as u64;
+        let mut to_allocate: Vec<GuestCluster> = Vec::new();
+        let mut prior: Vec<Mapping> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let (mapping, len) = self.lookup_run(GuestOffset(pos), end - pos)?;
+            match mapping {
+                Mapping::Data(host) => {
+                    let s = (pos - offset) as usize;
+                    self.write_data(&data[s..s + len as usize], host, "writing data")?;
+                }
+                _ => {
+                    let c0 = GuestOffset(pos).cluster(g).0;
+                    let c1 = GuestOffset(pos + len - 1).cluster(g).0;
+                    to_allocate.extend((c0..=c1).map(GuestCluster));
+                    prior.extend((c0..=c1).map(|_| mapping));
+                }
+            }
+            pos += len;
+        }
+        if to_allocate.is_empty() {
+            return Ok(());
+        }
+        let _alloc = self.begin_allocation()?;
+        let host_base = self.tables.allocate(to_allocate.len() as u64);
+        for (i, j) in consecutive_runs(&to_allocate) {
+            let host = host_base + i as u64 * cs;
+            self.write_new_run(&to_allocate[i..j], &prior[i..j], host, data, offset)?;
+        }
+        self.flush_before_metadata()?;
+        self.tables
+            .update(&data_updates(&to_allocate, host_base, cs))
+    }
+
+    /// Writes the new clusters of one guest-contiguous run to `host`: payload from `data`
+    /// where it covers, gaps from the prior contents (zeros for a zero cluster, the backing
+    /// for an unallocated one). At most three writes: head cluster, middle, tail cluster.
+    fn write_new_run(
+        &self,
+        run: &[GuestCluster],
+        prior: &[Mapping],
+        host: HostOffset,
+        data: &[u8],
+        offset: u64,
+    ) -> Result<()> {
+        let g = self.geometry();
+        let cs = g.cluster_size();
+        let data_end = offset + data.len() as u64;
+        let mut c = 0usize;
+        while c < run.len() {
+            let cg = run[c].start(g).0;
+            let at = host + c as u64 * cs;
+            if offset > cg || data_end < cg + cs {
+                self.write_partial_cluster(GuestOffset(cg), prior[c], at, data, offset)?;
+                c += 1;
+                continue;
+            }
+            // A run of fully covered clusters: write straight from the caller's buffer.
+            let mut k = c;
+            while k < run.len() && run[k].start(g).0 + cs <= data_end {
+                k += 1;
+            }
+            let s = (cg - offset) as usize;
+            let e = s + (k - c) * cs as usize;
+            self.write_data(&data[s..e], at, "writing new clusters")?;
+            c = k;
+        }
+        Ok(())
+    }
+
+    /// Writes one new cluster that `data` covers only in part, the rest from `prior`.
+    fn write_partial_cluster(
+        &self,
+        cluster: GuestOffset,
+        prior: Mapping,
+        host: HostOffset,
+        data: &[u8],
+        offset: u64,
+    ) -> Result<()> {
+        let cs = self.geometry().cluster_size();
+        let cg = cluster.0;
+        let mut buf = vec![0u8; cs as usize];
+        let lo = offset.max(cg);
+        let hi = (offset + data.len() as u64).min(cg + cs);
+        if prior == Mapping::Unallocated {
+            if lo > cg {
+                self.read_backing(&mut buf[..(lo - cg) as usize], cluster)?;
+            }
+            if hi < cg + cs {
+                self.read_backing(&mut buf[(hi - cg) as usize..], GuestOffset(hi))?;
+            }
+        }
+        buf[(lo - cg) as usize..(hi - cg) as usize]
+            .copy_from_slice(&data[(lo - offset) as usize..(hi - offset) as usize]);
+        self.write_data(&buf, host, "writing new cluster")
+    }
+
+    /// Writes zeros over `[offset, offset + length)`. Whole clusters that are unallocated
+    /// become zero clusters (no storage); zero clusters stay; allocated clusters get zeros
+    /// written in place. Partial clusters at the edges are ordinary writes of zeros.
+    pub fn write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, length)?;
+        let g = self.geometry();
+        let size = self.size();
+        let end = offset + length;
+        // Whole clusters: [a, b). A cluster that reaches the disk's end counts as whole.
+        let a = g.round_up_to_cluster(offset);
+        let b = if end == size {
+            g.round_up_to_cluster(end)
+        } else {
+            g.round_down_to_cluster(end)
+        };
+        if a >= b {
+            return self.write_zero_bytes(offset, length);
+        }
+        if offset < a {
+            self.write_zero_bytes(offset, a - offset)?;
+        }
+        // Whole clusters, in batches bounded to one L2 table at a time.
+        let b_vis = b.min(size);
+        let mut pos = a;
+        while pos < b_vis {
+            let batch_end = ((pos / g.l2_span() + 1) * g.l2_span())
+                .min(b_vis)
+                .min(pos + (256 << 20));
+            self.zero_whole_clusters(pos, batch_end)?;
+            pos = batch_end;
+        }
+        if b < end {
+            self.write_zero_bytes(b, end - b)?;
+        }
+        Ok(())
+    }
+
+    /// Zeroes whole clusters `[pos, end)` (within one L2 table), under their range lock.
+    fn zero_whole_clusters(&self, pos: u64, end: u64) -> Result<()> {
+        let g = self.geometry();
+        let _guard = self.range_locks.lock_bytes(self, pos, end - pos);
+        let mut updates: Vec<L2Update> = Vec::new();
+        let mut p = pos;
+        while p < end {
+            let (mapping, len) = self.lookup_run(GuestOffset(p), end - p)?;
+            match mapping {
+                Mapping::Data(host) => self.write_zero_data(host, len)?,
+                Mapping::Zero => {}
+                Mapping::Unallocated => {
+                    let k0 = GuestOffset(p).cluster(g).0;
+                    let k1 = GuestOffset(p + len - 1).cluster(g).0;
+                    updates.extend((k0..=k1).map(|k| (GuestCluster(k), NewEntry::Zero)));
+                }
+            }
+            p += len;
+        }
+        if !updates.is_empty() {
+            let _alloc = self.begin_allocation()?;
+            self.tables.update(&updates)?;
+        }
+        Ok(())
+    }
+
+    fn write_zero_data(&self, host: HostOffset, len: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; len.min(CHUNK) as usize];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            self.write_data(&zeros[..n as usize], host + done, "writing zeros")?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn write_zero_bytes(&self, offset: u64, length: u64) -> Result<()> {
+        const CHUNK: u64 = 4 << 20;
+        let zeros = vec![0u8; length.min(CHUNK) as usize];
+        let mut done = 0;
+        while done < length {
+            let n = (length - done).min(CHUNK);
+            self.write_at(&zeros[..n as usize], offset + done)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Copy-on-read and streaming: stores `data` (whole clusters starting at the
+    /// cluster-aligned `offset`; the last may stop at the disk's end) into the clusters that
+    /// are still unallocated, re-checked under the range lock, so a guest write that got
+    /// there first is never overwritten. All-zero clusters become zero clusters when
+    /// `zero_clusters` is set and are left unallocated otherwise; they are never stored as
+    /// data.
+    pub fn populate(
+        &self,
+        offset: u64,
+        data: &[u8],
+        zero_clusters: bool,
+    ) -> Result<PopulateOutcome> {
+        self.check_writable()?;
+        self.check_range(offset, data.len() as u64)?;
+        let g = self.geometry();
+        if g.offset_in_cluster(offset) != 0 {
+            return Err(Error::InvalidOptions(
+                "populate needs a cluster-aligned offset",
+            ));
+        }
+        let end = offset + data.len() as u64;
+        if g.offset_in_cluster(end) != 0 && end != self.size() {
+            return Err(Error::InvalidOptions("populate needs whole clusters"));
+        }
+        if data.is_empty() {
+            return Ok(PopulateOutcome::default());
+        }
+        let _guard = self.range_locks.lock_bytes(self, offset, data.len() as u64);
+        let plan = self.plan_populate(offset, data, zero_clusters)?;
+        if plan.data_clusters.is_empty() && plan.updates.is_empty() {
+            return Ok(plan.outcome);
+        }
+        let _alloc = self.begin_allocation()?;
+        let mut updates = plan.updates;
+        if !plan.data_clusters.is_empty() {
+            let host_base = self.store_populated(&plan.data_clusters, offset, data)?;
+            let cs = g.cluster_size();
+            updates.extend(data_updates(&plan.data_clusters, host_base, cs));
+        }
+        updates.sort_unstable();
+        self.tables.update(&updates)?;
+        Ok(plan.outcome)
+    }
+
+    /// Which clusters of a populate are still unallocated, and what becomes of each.
+    fn plan_populate(&self, offset: u64, data: &[u8], zero_clusters: bool) -> Result<Populate> {
+        let g = self.geometry();
+        let cs = g.cluster_size();
+        let end = offset + data.len() as u64;
+        let mut plan = Populate::default();
+        let mut pos = offset;
+        while pos < end {
+            let (mapping, len) = self.lookup_run(GuestOffset(pos), end - pos)?;
+            if mapping != Mapping::Unallocated {
+                plan.outcome.skipped += len;
+                pos += len;
+                continue;
+            }
+            for p in (pos..pos + len).step_by(cs as usize) {
+                let n = cs.min(end - p);
+                let chunk = &data[(p - offset) as usize..(p - offset + n) as usize];
+                let c = GuestOffset(p).cluster(g);
+                if chunk.iter().any(|&b| b != 0) {
+                    plan.data_clusters.push(c);
+                    plan.outcome.written += n;
+                } else if zero_clusters {
+                    plan.updates.push((c, NewEntry::Zero));
+                    plan.outcome.zeroed += n;
+                } else {
+                    plan.outcome.skipped += n;
+                }
+            }
+            pos += len;
+        }
+        Ok(plan)
+    }
+
+    /// Writes the data clusters of a populate as one run at the end of the file (the last
+    /// cluster padded with zeros) and returns where the run starts.
+    fn store_populated(
+        &self,
+        clusters: &[GuestCluster],
+        offset: u64,
+        data: &[u8],
+    ) -> Result<HostOffset> {
+        let g = self.geometry();
+        let cs = g.cluster_size();
+        let host_base = self.tables.allocate(clusters.len() as u64);
+        for (i, j) in consecutive_runs(clusters) {
+            let gs = clusters[i].start(g).0 - offset;
+            let ge = (clusters[j - 1].next().start(g).0 - offset).min(data.len() as u64);
+            let host = host_base + i as u64 * cs;
+            let chunk = &data[gs as usize..ge as usize];
+            self.write_data(chunk, host, "writing populated clusters")?;
+            let tail = (j - i) as u64 * cs - chunk.len() as u64;
+            if tail > 0 {
+                let zeros = vec![0u8; tail as usize];
+                let at = host + chunk.len() as u64;
+                self.write_data(&zeros, at, "writing populated clusters")?;
+            }
+        }
+        self.flush_before_metadata()?;
+        Ok(host_base)
+    }
+}
+
+/// What a populate will do, decided under its range lock.
+#[derive(Debug, Default)]
+struct Populate {
+    data_clusters: Vec<GuestCluster>,
+    updates: Vec<L2Update>,
+    outcome: PopulateOutcome,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{image, image_over_pattern, writes_in, Op, Pattern};
+
+    const CS: u64 = 65536;
+
+    fn host_of(image: &Image, guest: u64) -> u64 {
+        match image.mapping_at(guest, 1).unwrap().0 {
+            Mapping::Data(h) => h.0,
+            other => panic!("{guest:#x} maps to {other:?}"),
+        }
+    }
+
+    #[test]
+    fn one_request_allocates_one_contiguous_run() {
+        let (_s, image) = image(16 << 20);
+        image.write_at(&[1u8; 10], 2 * CS).unwrap(); // cluster 2 allocated first
+                                                     // Clusters 0..=4, with 2 already allocated: 0, 1, 3, 4 are new and contiguous.
+        image.write_at(&vec![5u8; 5 * CS as usize], 0).unwrap();
+        let base = host_of(&image, 0);
+        assert_eq!(host_of(&image, CS), base + CS);
+        assert_eq!(host_of(&image, 3 * CS), base + 2 * CS);
+        assert_eq!(host_of(&image, 4 * CS), base + 3 * CS);
+        assert!(host_of(&image, 2 * CS) < base);
+    }
+
+    #[test]
+    fn each_l2_table_is_written_once_per_request() {
+        let (s, image) = image(16 << 20);
+        image.write_at(&[1u8], 0).unwrap(); // creates the first L2 table
+        let table = image.tables.l1_entries()[0];
+        let table_end = table + image.geometry().table_bytes();
+        s.take();
+        // 16 clusters, entries 60..76: two sectors of the table, one write.
+        image
+            .write_at(&vec![2u8; 16 * CS as usize], 60 * CS)
+            .unwrap();
+        let ops = s.take();
+        assert_eq!(writes_in(&ops, table, table_end).len(), 1, "{ops:?}");
+        assert_eq!(
+            writes_in(&ops, table, table_end)[0],
+            Op::Write {
+                offset: table,
+                len: 1024
+            }
+        );
+    }
+
+    #[test]
+    fn partial_clusters_are_filled_from_the_backing_and_flushed_before_the_l2_update() {
+        let (s, image) = image_over_pattern(16 << 20);
+        image.write_at(&[0xeeu8; 100], CS + 1000).unwrap();
+        let ops = s.take();
+        let host = host_of(&image, CS);
+        let mut buf = vec![0u8; CS as usize];
+        image.storage().read_at(&mut buf, host).unwrap();
+        assert_eq!(buf[999], Pattern::byte(CS + 999));
+        assert_eq!(&buf[1000..1100], &[0xeeu8; 100]);
+        assert_eq!(buf[1100], Pattern::byte(CS + 1100));
+        // Order: the data cluster, a flush, then the new L2 table (flushed) and its L1 sector.
+        let table = image.tables.l1_entries()[0];
+        let at = |target: u64| {
+            ops.iter()
+                .position(|o| matches!(*o, Op::Write { offset, .. } if offset == target))
+                .unwrap()
+        };
+        let (data, table_write, l1_write) = (at(host), at(table), at(image.tables.l1_offset().0));
+        assert!(data < table_write && table_write < l1_write, "{ops:?}");
+        assert!(ops[data..table_write].contains(&Op::Flush), "{ops:?}");
+        assert!(ops[table_write..l1_write].contains(&Op::Flush), "{ops:?}");
+    }
+
+    #[test]
+    fn write_zeroes_makes_zero_clusters_without_storage() {
+        let (_s, image) = image(16 << 20);
+        let end = image.file_end();
+        image.write_zeroes(CS, 4 * CS).unwrap();
+        assert_eq!(
+            image.mapping_at(CS, 4 * CS).unwrap(),
+            (Mapping::Zero, 4 * CS)
+        );
+        // Only the new L2 table was allocated, no data cluster.
+        assert_eq!(
+            image.file_end(),
+            end + u64::from(image.geometry().table_size()) * CS
+        );
+        // An allocated cluster is zeroed in place and stays data.
+        image.write_at(&[3u8; 10], 8 * CS).unwrap();
+        image.write_zeroes(8 * CS, CS).unwrap();
+        let mut buf = [1u8; 10];
+        image.read_at(&mut buf, 8 * CS).unwrap();
+        assert_eq!(buf, [0u8; 10]);
+        assert!(matches!(
+            image.mapping_at(8 * CS, 1).unwrap().0,
+            Mapping::Data(_)
+        ));
+    }
+
+    #[test]
+    fn populate_never_overwrites_and_zero_clusters_stay_unstored() {
+        let (_s, image) = image(16 << 20);
+        image.write_at(&[8u8; 1], CS).unwrap();
+        let mut data = vec![4u8; 3 * CS as usize];
+        data[2 * CS as usize..].fill(0);
+        let out = image.populate(0, &data, true).unwrap();
+        assert_eq!(
+            out,
+            PopulateOutcome {
+                written: CS,
+                zeroed: CS,
+                skipped: CS
+            }
+        );
+        let mut b = [0u8; 2];
+        image.read_at(&mut b, CS).unwrap();
+        assert_eq!(b, [8, 0]);
+        assert_eq!(image.mapping_at(2 * CS, 1).unwrap().0, Mapping::Zero);
+        let again = image.populate(0, &data, false).unwrap();
+        assert_eq!(again.skipped, 3 * CS);
+        assert!(image.populate(1, &data[..CS as usize], true).is_err());
+    }
+
+    #[test]
+    fn range_locks_exclude_overlapping_ranges_only() {
+        let locks = RangeLocks::default();
+        let a = locks.lock(GuestCluster(0), GuestCluster(4));
+        let _b = locks.lock(GuestCluster(4), GuestCluster(8)); // adjacent: no wait
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let _c = locks.lock(GuestCluster(3), GuestCluster(5));
+                tx.send(()).unwrap();
+            });
+            assert!(rx
+                .recv_timeout(std::time::Duration::from_millis(100))
+                .is_err());
+            drop(a);
+            // Still blocked by `_b`, which overlaps cluster 4.
+            assert!(rx
+                .recv_timeout(std::time::Duration::from_millis(100))
+                .is_err());
+            drop(_b);
+            rx.recv().unwrap();
+        });
+    }
+}

@@ -1,0 +1,206 @@
+//! What a guest range maps to, and reads: data from this image, zeros, or the backing.
+
+use super::{out_of_range, Extent, Image, Mapping};
+use crate::error::{Error, Result, TableKind};
+use crate::layout::L2Entry;
+use crate::types::GuestOffset;
+
+impl Image {
+    /// The mapping of the run starting at `guest` (at most `max_len` bytes, within one L2
+    /// table): its kind and length. Data runs are contiguous in the file.
+    pub(super) fn lookup_run(&self, guest: GuestOffset, max_len: u64) -> Result<(Mapping, u64)> {
+        let g = self.geometry();
+        let span_left = g.l2_span() - (guest.0 & (g.l2_span() - 1));
+        let max_len = max_len.min(span_left);
+        let Some(table) = self.tables.l2_for(guest)? else {
+            return Ok((Mapping::Unallocated, max_len));
+        };
+        let file_end = self.tables.file_end();
+        let cs = g.cluster_size();
+        let first = g.l2_index(guest.0) as usize;
+        let in_cluster = g.offset_in_cluster(guest.0);
+        let classify = |raw: u64| -> Result<Mapping> {
+            match L2Entry::from_raw(raw) {
+                L2Entry::Unallocated => Ok(Mapping::Unallocated),
+                L2Entry::Zero => Ok(Mapping::Zero),
+                L2Entry::Data(_) => match self.tables.data_offset(raw, file_end) {
+                    Some(host) => Ok(Mapping::Data(host)),
+                    None => Err(Error::InvalidEntry {
+                        table: TableKind::L2,
+                        guest: guest.0,
+                        entry: raw,
+                    }),
+                },
+            }
+        };
+        let kind = classify(table[first])?;
+        let mut len = (cs - in_cluster).min(max_len);
+        let mut i = first + 1;
+        while len < max_len && i < table.len() {
+            let Ok(next) = classify(table[i]) else {
+                break; // the bad entry fails the request that reaches it
+            };
+            let same = match (kind, next) {
+                (Mapping::Data(a), Mapping::Data(b)) => b == a + (i - first) as u64 * cs,
+                (a, b) => a == b,
+            };
+            if !same {
+                break;
+            }
+            len = (len + cs).min(max_len);
+            i += 1;
+        }
+        let mapping = match kind {
+            Mapping::Data(off) => Mapping::Data(off + in_cluster),
+            other => other,
+        };
+        Ok((mapping, len))
+    }
+
+    /// The mapping of `[offset, offset + length)`, as extents of one kind each (data extents
+    /// are contiguous in the file). Clamped to the virtual size.
+    pub fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+        let end = offset.saturating_add(length).min(self.size());
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let (mapping, len) = self.lookup_run(GuestOffset(pos), end - pos)?;
+            let joins = out
+                .last()
+                .is_some_and(|last| match (last.mapping, mapping) {
+                    (Mapping::Data(lh), Mapping::Data(h)) => lh + last.length == h,
+                    (a, b) => a == b,
+                });
+            match out.last_mut() {
+                Some(last) if joins => last.length += len,
+                _ => out.push(Extent {
+                    offset: pos,
+                    length: len,
+                    mapping,
+                }),
+            }
+            pos += len;
+        }
+        Ok(out)
+    }
+
+    /// The mapping at `offset` and how far it extends (at most `max_len`, within the disk).
+    pub fn mapping_at(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
+        let size = self.size();
+        if offset >= size {
+            return Err(out_of_range(offset, max_len, size));
+        }
+        self.lookup_run(GuestOffset(offset), max_len.min(size - offset))
+    }
+
+    /// Reads the backing's bytes at `guest` (zeros without a backing file).
+    pub(super) fn read_backing(&self, buf: &mut [u8], guest: GuestOffset) -> Result<()> {
+        if !self.state.lock().header.has_backing_file() {
+            buf.fill(0);
+            return Ok(());
+        }
+        match self.backing() {
+            Some(b) => b.read_at(buf, guest.0),
+            None => Err(Error::Backing {
+                name: self.backing_name().unwrap_or_default(),
+                source: "the backing is not opened (detached)".into(),
+            }),
+        }
+    }
+
+    /// Reads `buf.len()` bytes of the virtual disk at `offset`.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.check_range(offset, buf.len() as u64)?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = GuestOffset(offset + done as u64);
+            let (mapping, len) = self.lookup_run(pos, (buf.len() - done) as u64)?;
+            let chunk = &mut buf[done..done + len as usize];
+            match mapping {
+                Mapping::Data(host) => self
+                    .storage
+                    .read_at(chunk, host.0)
+                    .map_err(Error::io("reading data", host.0))?,
+                Mapping::Zero => chunk.fill(0),
+                Mapping::Unallocated => self.read_backing(chunk, pos)?,
+            }
+            done += len as usize;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{image, image_over_pattern, Pattern};
+
+    const CS: u64 = 65536;
+
+    #[test]
+    fn fresh_clusters_are_unallocated_to_the_end_of_the_table() {
+        let (_s, image) = image(8 << 30);
+        let span = image.geometry().l2_span();
+        assert!(span < 8 << 30);
+        // One run per L2 table at most, even when nothing is allocated.
+        assert_eq!(
+            image.mapping_at(100, 8 << 30).unwrap(),
+            (Mapping::Unallocated, span - 100)
+        );
+        assert!(image.mapping_at(8 << 30, 1).is_err());
+        assert_eq!(image.map(0, 8 << 30).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn allocated_and_zero_clusters_map_as_such() {
+        let (_s, image) = image(16 << 20);
+        image.write_at(&vec![7u8; 3 * CS as usize], CS).unwrap();
+        image.write_zeroes(8 * CS, 2 * CS).unwrap();
+        let Mapping::Data(host) = image.mapping_at(CS + 5, 1 << 20).unwrap().0 else {
+            panic!("expected data");
+        };
+        assert_eq!(image.mapping_at(CS + 5, 1 << 20).unwrap().1, 3 * CS - 5);
+        let map = image.map(0, 16 << 20).unwrap();
+        let kinds: Vec<_> = map
+            .iter()
+            .map(|e| (e.offset, e.length, e.mapping))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (0, CS, Mapping::Unallocated),
+                (CS, 3 * CS, Mapping::Data(crate::HostOffset(host.0 - 5))),
+                (4 * CS, 4 * CS, Mapping::Unallocated),
+                (8 * CS, 2 * CS, Mapping::Zero),
+                (10 * CS, (16 << 20) - 10 * CS, Mapping::Unallocated),
+            ]
+        );
+    }
+
+    #[test]
+    fn reads_fall_through_to_the_backing_only_where_unallocated() {
+        let (_s, image) = image_over_pattern(4 << 20);
+        image.write_at(&[9u8; 10], CS).unwrap();
+        image.write_zeroes(2 * CS, CS).unwrap();
+        let mut buf = vec![0u8; 3 * CS as usize];
+        image.read_at(&mut buf, 0).unwrap();
+        assert_eq!(buf[5], Pattern::byte(5));
+        assert_eq!(&buf[CS as usize..CS as usize + 10], &[9u8; 10]);
+        // The rest of the allocated cluster was filled from the backing when allocated.
+        assert_eq!(buf[CS as usize + 10], Pattern::byte(CS + 10));
+        assert!(buf[2 * CS as usize..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn a_detached_backing_fails_reads_of_unallocated_clusters() {
+        let (_s, image) = image_over_pattern(4 << 20);
+        image
+            .set_backing(Some(("pattern", crate::BackingFormat::Raw)), None)
+            .unwrap();
+        let mut buf = [0u8; 4];
+        assert!(matches!(
+            image.read_at(&mut buf, 0),
+            Err(Error::Backing { .. })
+        ));
+    }
+}

@@ -182,10 +182,10 @@ fn open_layer(
     let detected = probe_storage(&file).map_err(|e| Error::open(path, e))?;
     let as_raw = format == BackingFormat::Raw || detected == "raw";
     if !as_raw && !allow_probe {
-        return Err(Error::Usage(format!(
-            "{}: the backing format is not recorded and probing is forbidden",
-            path.display()
-        )));
+        return Err(Error::Refused {
+            image: path.to_path_buf(),
+            refusal: copy_on_read::GateRefusal::ProbeForbidden,
+        });
     }
     let layer = if as_raw {
         Layer::Raw {
@@ -204,10 +204,11 @@ fn open_layer(
             Image::open(Box::new(file), options).map_err(|e| Error::image(path, e))?,
         ))
     } else {
-        return Err(Error::Usage(format!(
-            "{}: format {detected} is not supported",
-            path.display()
-        )));
+        return Err(Error::UnsupportedFormat {
+            path: Some(path.to_path_buf()),
+            format: detected.to_string(),
+            supported: "qed or raw",
+        });
     };
     Ok(ChainLayer {
         layer,
@@ -243,14 +244,21 @@ impl Chain {
         let top_format = match format {
             Some("raw") => BackingFormat::Raw,
             Some("qed") | None => BackingFormat::Probe,
-            Some(other) => return Err(Error::Usage(format!("unknown format {other:?}"))),
+            Some(other) => {
+                return Err(Error::UnsupportedFormat {
+                    path: None,
+                    format: other.to_string(),
+                    supported: "qed or raw",
+                })
+            }
         };
         let top = open_layer(path, path.display().to_string(), top_format, true, access)?;
         if format == Some("qed") && top.format() != "qed" {
-            return Err(Error::Usage(format!(
-                "{}: image not in QED format",
-                path.display()
-            )));
+            return Err(Error::FormatMismatch {
+                path: path.to_path_buf(),
+                expected: "QED",
+                found: top.format(),
+            });
         }
         let mut layers = vec![top];
         loop {
@@ -274,10 +282,10 @@ impl Chain {
             let depth = layers.len() as u32;
             let backing_path = if qed::backing::is_protocol_name(&name) {
                 if depth > gate.max_depth {
-                    return Err(Error::Usage(format!(
-                        "backing chain deeper than {} layers",
-                        gate.max_depth
-                    )));
+                    return Err(Error::Refused {
+                        image: above,
+                        refusal: copy_on_read::GateRefusal::TooDeep(gate.max_depth),
+                    });
                 }
                 PathBuf::from(&name)
             } else {

@@ -529,7 +529,7 @@ impl StreamJob {
     pub async fn wait(self) -> Result<StreamOutcome> {
         match self.task.await {
             Ok(r) => r,
-            Err(e) => Err(Error::Usage(format!("the stream task failed: {e}"))),
+            Err(e) => Err(Error::task("stream")(e)),
         }
     }
 }

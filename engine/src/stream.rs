@@ -24,12 +24,14 @@ use std::collections::VecDeque;
 use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
+// tokio's clock, so the rate limit, the rate and the elapsed time follow a paused test clock.
+use tokio::time::Instant;
 
 use copy_on_read::{status_padded, BlockDevice, CorDevice, LinkState, Status};
 use qed::Mapping;

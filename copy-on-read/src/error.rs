@@ -30,7 +30,7 @@ pub enum Error {
         #[source]
         source: qed::Error,
     },
-    /// The NBD backing failed. [`Error::is_retryable`] tells a lost connection apart.
+    /// The NBD backing failed. [`Error::is_retryable`] tells a failed transport apart.
     #[error("NBD backing {uri}: {source}")]
     Nbd {
         /// The URI as stored in the header.
@@ -77,26 +77,22 @@ pub enum Error {
     /// The device was closed, or the backing link was dropped while a request needed it.
     #[error("the device is closed")]
     Closed,
-    /// A blocking task panicked or was cancelled by the runtime.
+    /// A blocking task panicked, or the runtime cancelled it (it is shutting down). Tell the
+    /// two apart with [`tokio::task::JoinError::is_panic`].
     #[error("a blocking I/O task failed: {0}")]
-    Task(String),
+    Task(#[source] tokio::task::JoinError),
 }
 
 impl Error {
-    /// True when retrying later may succeed: the NBD connection was lost or timed out.
+    /// Whether the same request may succeed later: exactly [`nbd_client::Error::is_retryable`]
+    /// of the NBD backing's error (its transport failed, so no definitive answer came back; a
+    /// failed read changed nothing). False for everything else: a local I/O error, a damaged
+    /// image, a refusal, an error the server reported for the request, a protocol violation.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Nbd { source, .. } => {
-                source.is_retryable() || matches!(source, nbd_client::Error::ReconnectFailed { .. })
-            }
+            Error::Nbd { source, .. } => source.is_retryable(),
             _ => false,
         }
-    }
-
-    /// True when the error comes from the backing's transport (the server went away), as
-    /// opposed to the local image.
-    pub fn is_backing_unavailable(&self) -> bool {
-        matches!(self, Error::Nbd { .. })
     }
 
     pub(crate) fn io(op: &'static str, offset: u64) -> impl FnOnce(std::io::Error) -> Error {
@@ -122,6 +118,60 @@ where
 {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
-        Err(e) => Err(Error::Task(e.to_string())),
+        Err(e) => Err(Error::Task(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nbd(source: nbd_client::Error) -> Error {
+        Error::Nbd {
+            uri: "nbd://x".into(),
+            source,
+        }
+    }
+
+    /// Retryable here is exactly the NBD client's meaning, for the NBD backing only.
+    #[test]
+    fn retryable_forwards_the_nbd_meaning() {
+        let lost = nbd_client::Error::ConnectionLost(std::sync::Arc::new(std::io::Error::from(
+            std::io::ErrorKind::UnexpectedEof,
+        )));
+        let gone = nbd_client::Error::ReconnectFailed {
+            window: std::time::Duration::from_secs(1),
+            last: Box::new(lost.clone()),
+        };
+        let server = nbd_client::Error::Server {
+            command: nbd_client::Command::Read,
+            offset: 0,
+            length: 1,
+            errno: nbd_client::Errno::EIO,
+            message: String::new(),
+            error_offset: None,
+        };
+        let violation = nbd_client::Error::Protocol(nbd_client::Violation::TooFragmented);
+        for e in [lost, gone, server, violation, nbd_client::Error::Closed] {
+            assert_eq!(nbd(e.clone()).is_retryable(), e.is_retryable(), "{e:?}");
+        }
+        let local = Error::Io {
+            op: "reading",
+            offset: 0,
+            source: std::io::Error::from(std::io::ErrorKind::TimedOut),
+        };
+        assert!(!local.is_retryable());
+        assert!(!Error::Closed.is_retryable());
+    }
+
+    #[tokio::test]
+    async fn a_panicking_blocking_task_is_a_typed_error() {
+        let e = blocking(|| -> Result<()> { panic!("boom") })
+            .await
+            .unwrap_err();
+        match e {
+            Error::Task(join) => assert!(join.is_panic()),
+            other => panic!("not a task error: {other:?}"),
+        }
     }
 }

@@ -181,10 +181,11 @@ fn open_top_layer(
             Image::open(Box::new(file), options).map_err(|e| Error::image(path, e))?,
         ))
     } else {
-        return Err(Error::Usage(format!(
-            "{}: format {detected} is not supported",
-            path.display()
-        )));
+        return Err(Error::UnsupportedFormat {
+            path: Some(path.to_path_buf()),
+            format: detected.to_string(),
+            supported: "qed or raw",
+        });
     };
     Ok(ChainLayer {
         layer,
@@ -219,14 +220,21 @@ impl Chain {
         let top_format = match format {
             Some("raw") => BackingFormat::Raw,
             Some("qed") | None => BackingFormat::Probe,
-            Some(other) => return Err(Error::Usage(format!("unknown format {other:?}"))),
+            Some(other) => {
+                return Err(Error::UnsupportedFormat {
+                    path: None,
+                    format: other.to_string(),
+                    supported: "qed or raw",
+                })
+            }
         };
         let top = open_top_layer(path, top_format, gate.read_access(), &runtime)?;
         if format == Some("qed") && top.format() != "qed" {
-            return Err(Error::Usage(format!(
-                "{}: image not in QED format",
-                path.display()
-            )));
+            return Err(Error::FormatMismatch {
+                path: path.to_path_buf(),
+                expected: "QED",
+                found: top.format(),
+            });
         }
         let below = match (&top.layer, whole_chain) {
             (Layer::Qed(image), true) => runtime

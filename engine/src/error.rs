@@ -1,8 +1,42 @@
-//! The engine's error type: what failed, on which file, and why.
+//! The engine's error type: a stable [`ErrorKind`] to match on, the context (which file, which
+//! format, which offset), and the source.
+//!
+//! Match on [`Error::kind`] to decide what to do; the variants carry the context and may grow
+//! (the enum is `#[non_exhaustive]`), the kinds are the stable part.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 
-/// Everything the engine and the `qedstream` command can fail with.
+/// What kind of failure an [`Error`] is: what a caller decides on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// The operating system refused or failed a file operation (open, read, write).
+    Io,
+    /// The QED layer refused or failed: a damaged or locked image, an unsupported feature.
+    Image,
+    /// The caller asked for something the operation does not take: an unknown or mismatched
+    /// format, a size that does not parse. Nothing was changed.
+    InvalidInput,
+    /// A backing chain the image names is refused (too deep, or probing forbidden). Nothing
+    /// was opened past the refusal.
+    Refused,
+    /// The backing's transport failed (an NBD server that did not come back within the
+    /// reconnect window): [`copy_on_read::Error::is_retryable`]. The image is intact; the same
+    /// operation may succeed once the backing is reachable again.
+    BackingUnavailable,
+    /// A block device failed otherwise (local I/O of the image, a request the server refused).
+    Device,
+    /// The job was cancelled; the image is valid and still linked to its backing.
+    Cancelled,
+    /// The stream could not make the image local (the backing keeps reporting ranges the
+    /// image cannot store).
+    Incomplete,
+    /// A worker task panicked or was aborted: a bug, not a condition of the input.
+    Internal,
+}
+
+/// Everything the engine can fail with.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -33,42 +67,42 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
-    /// The command's output could not be written to stdout (a full disk, a closed pipe).
-    #[error("writing to stdout: {}", os_message(.0))]
-    Stdout(std::io::Error),
-    /// A helper process (`qemu-nbd`) failed to start or serve.
-    #[error("{name} {what}")]
-    Helper {
-        /// The helper.
-        name: String,
-        /// What went wrong.
-        what: String,
+    /// A format that is unknown, or not one this operation reads.
+    #[error("{}format {format:?} is not supported ({supported})", PathPrefix(.path))]
+    UnsupportedFormat {
+        /// The file it was asked for, if any.
+        path: Option<PathBuf>,
+        /// The format asked for or found.
+        format: String,
+        /// What is supported instead.
+        supported: &'static str,
     },
-    /// A file the command creates is already there (a file or a symlink someone planted);
-    /// nothing was written through it.
-    #[error("{0}: already exists; refusing to write through it (use a new folder)")]
-    Exists(PathBuf),
-    /// A folder the command was told to write into is not safe to use.
-    #[error("{path}: {why}")]
-    UnsafeDir {
-        /// The folder.
+    /// A file was asked for as one format and is another.
+    #[error("{}: image not in {expected} format", .path.display())]
+    FormatMismatch {
+        /// The file.
         path: PathBuf,
-        /// Why it is refused.
-        why: &'static str,
+        /// The format asked for.
+        expected: &'static str,
+        /// The format found.
+        found: &'static str,
     },
-    /// The command line asks for something impossible.
-    #[error("{0}")]
-    Usage(String),
+    /// A backing chain was refused before the refused layer was opened.
+    #[error("{}: {refusal}", .image.display())]
+    Refused {
+        /// The image whose backing is refused.
+        image: PathBuf,
+        /// Why.
+        refusal: copy_on_read::GateRefusal,
+    },
     /// A block device (the copy-on-read image or its backing) failed.
     #[error("{0}")]
     Device(#[source] copy_on_read::Error),
-    /// The backing went away (an NBD server that did not come back within the reconnect
-    /// window). The image is intact and still linked to its backing.
+    /// The backing's transport failed (an NBD server that did not come back within the
+    /// reconnect window); see [`copy_on_read::Error::is_retryable`]. The image is intact and
+    /// still linked to its backing.
     #[error("the backing is unavailable: {0}")]
     BackingUnavailable(#[source] copy_on_read::Error),
-    /// A stream stopped because its backing went away; says how to finish.
-    #[error("{0}; the image is intact and still linked to its backing: run the stream again when the backing is back")]
-    StreamInterrupted(#[source] Box<Error>),
     /// A stream was cancelled; the image is valid and still linked to its backing.
     #[error("stream cancelled at offset {offset} of {total} bytes; the image is valid and still linked to its backing: run the stream again to resume")]
     Cancelled {
@@ -98,7 +132,36 @@ pub enum Error {
     Size(#[from] crate::size::SizeError),
 }
 
+/// `PATH: ` when there is a path, nothing otherwise.
+struct PathPrefix<'a>(&'a Option<PathBuf>);
+
+impl fmt::Display for PathPrefix<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(p) => write!(f, "{}: ", p.display()),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Error {
+    /// What kind of failure this is.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Open { .. } | Error::Io { .. } => ErrorKind::Io,
+            Error::Image { .. } => ErrorKind::Image,
+            Error::UnsupportedFormat { .. } | Error::FormatMismatch { .. } | Error::Size(_) => {
+                ErrorKind::InvalidInput
+            }
+            Error::Refused { .. } => ErrorKind::Refused,
+            Error::Device(_) => ErrorKind::Device,
+            Error::BackingUnavailable(_) => ErrorKind::BackingUnavailable,
+            Error::Cancelled { .. } => ErrorKind::Cancelled,
+            Error::Incomplete { .. } => ErrorKind::Incomplete,
+            Error::Task { .. } => ErrorKind::Internal,
+        }
+    }
+
     /// An open/read error on `path`.
     pub fn open(path: &Path, source: std::io::Error) -> Error {
         Error::Open {
@@ -115,9 +178,10 @@ impl Error {
         }
     }
 
-    /// A device error, told apart when the backing is gone.
+    /// A device error; [`Error::BackingUnavailable`] when the backing's transport failed
+    /// ([`copy_on_read::Error::is_retryable`]).
     pub fn device(source: copy_on_read::Error) -> Error {
-        if source.is_backing_unavailable() {
+        if source.is_retryable() {
             Error::BackingUnavailable(source)
         } else {
             Error::Device(source)
@@ -129,29 +193,7 @@ impl Error {
         let what = what.into();
         move |source| Error::Io { what, source }
     }
-}
 
-impl Error {
-    /// Whether this is stdout's reader going away (EPIPE): the command ends quietly, as when
-    /// SIGPIPE kills a C tool in `qedstream map IMG | head`, but not with success.
-    pub fn is_broken_pipe(&self) -> bool {
-        matches!(self, Error::Stdout(e) if e.kind() == std::io::ErrorKind::BrokenPipe)
-    }
-}
-
-/// An OS error's text without Rust's ` (os error N)` suffix: `No space left on device`.
-fn os_message(e: &std::io::Error) -> String {
-    let text = e.to_string();
-    match e.raw_os_error() {
-        Some(code) => match text.strip_suffix(&format!(" (os error {code})")) {
-            Some(bare) => bare.to_string(),
-            None => text,
-        },
-        None => text,
-    }
-}
-
-impl Error {
     /// A failed worker task of `what` (convert, stream).
     pub fn task(what: &'static str) -> impl FnOnce(tokio::task::JoinError) -> Error {
         move |source| Error::Task { what, source }
@@ -160,3 +202,39 @@ impl Error {
 
 /// Result with the engine's error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_and_messages() {
+        let e = Error::UnsupportedFormat {
+            path: Some("a.img".into()),
+            format: "vmdk".into(),
+            supported: "qed or raw",
+        };
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert_eq!(
+            e.to_string(),
+            "a.img: format \"vmdk\" is not supported (qed or raw)"
+        );
+        let e = Error::UnsupportedFormat {
+            path: None,
+            format: "vmdk".into(),
+            supported: "qed or raw",
+        };
+        assert_eq!(
+            e.to_string(),
+            "format \"vmdk\" is not supported (qed or raw)"
+        );
+        let e = Error::Refused {
+            image: "top.qed".into(),
+            refusal: copy_on_read::GateRefusal::TooDeep(3),
+        };
+        assert_eq!(e.kind(), ErrorKind::Refused);
+        assert_eq!(e.to_string(), "top.qed: backing chain deeper than 3 layers");
+        let e = Error::device(copy_on_read::Error::ReadOnly);
+        assert_eq!(e.kind(), ErrorKind::Device);
+    }
+}

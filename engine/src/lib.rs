@@ -1,21 +1,24 @@
-//! # engine: qedstream's image operations and the `qedstream` command
+//! # engine: qedstream's image operations (the library of the `qedstream` command)
 //!
-//! The engine sits on top of the `qed` crate and turns images into operations an operator or a
-//! hypervisor backend asks for:
+//! The engine sits on top of the `qed` and `copy-on-read` crates and turns images into
+//! operations an operator or a hypervisor backend asks for:
 //!
 //! - [`chain`]: a backing chain opened layer by layer for inspection ([`chain::Chain`]), with
 //!   `qemu-img`-compatible `map` extents ([`chain::MapEntry`]) and `info` JSON.
 //! - [`source`]: something to copy from (a QED chain or a raw file), read through its chain.
-//! - [`child`]: helper processes (`qemu-nbd`) that die with the command, on signals too.
 //! - [`convert`]: copies a source into a raw file (holes where zero) or a new QED image (zero
 //!   data never stored).
-//! - [`demo`]: `qedstream demo`, the quick start end to end.
-//! - [`out`]: the command's stdout, with write errors returned ([`outln!`]), never a panic.
-//! - [`progress`]: the `qedstream stream` command: a progress bar or JSON lines, SIGINT.
+//! - [`error`]: the one error type, [`Error`], with a stable [`ErrorKind`] to match on.
 //! - [`size`]: sizes as operators type them (`64K`, `2G`).
 //! - [`stream`]: the stream job ([`stream::StreamJob`]) that makes a copy-on-read image local
 //!   and drops its backing link, with progress, a live rate limit, pause, resume and cancel,
 //!   and the single-step mode ([`stream::step`]).
+//!
+//! The library has no command-line parts: the `qedstream` binary (`src/bin/qedstream/`, behind
+//! the default `cli` feature) adds the argument parsing, the progress bar, stdout handling,
+//! signal handling and the demo. Embed the library with `default-features = false` and it
+//! pulls in neither clap nor indicatif; it never installs signal handlers, writes to stdout or
+//! exits the process.
 //!
 //! ```no_run
 //! use engine::chain::Chain;
@@ -34,14 +37,10 @@
 pub const STACK_SIZE: usize = 256 << 20;
 
 pub mod chain;
-pub mod child;
 pub mod convert;
-pub mod demo;
 pub mod error;
-pub mod out;
-pub mod progress;
 pub mod size;
 pub mod source;
 pub mod stream;
 
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};

@@ -61,11 +61,11 @@ impl Source {
         let runtime = runtime()?;
         let (device, kind): (Arc<dyn BlockDevice>, SourceKind) = if is_nbd_name(name) {
             if format.is_some_and(|f| f != "raw") {
-                return Err(Error::Usage(format!(
-                    "{}: an NBD export is read as raw, not {}",
-                    name.display(),
-                    format.unwrap_or_default()
-                )));
+                return Err(Error::UnsupportedFormat {
+                    path: Some(name.to_path_buf()),
+                    format: format.unwrap_or_default().to_string(),
+                    supported: "an NBD export is read as raw",
+                });
             }
             let uri = name.to_string_lossy().into_owned();
             let export = runtime
@@ -102,10 +102,11 @@ impl Source {
                     (Arc::new(dev), SourceKind::Qed)
                 }
                 other => {
-                    return Err(Error::Usage(format!(
-                        "{}: format {other} is not supported (qed or raw)",
-                        name.display()
-                    )))
+                    return Err(Error::UnsupportedFormat {
+                        path: Some(name.to_path_buf()),
+                        format: other.to_string(),
+                        supported: "qed or raw",
+                    })
                 }
             }
         };

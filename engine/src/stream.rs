@@ -24,12 +24,14 @@ use std::collections::VecDeque;
 use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
+// tokio's clock, so the rate limit, the rate and the elapsed time follow a paused test clock.
+use tokio::time::Instant;
 
 use copy_on_read::{status_padded, LinkState, Populate, Reconnect, Status};
 
@@ -531,7 +533,7 @@ impl StreamJob {
     pub async fn wait(self) -> Result<StreamOutcome> {
         match self.task.await {
             Ok(r) => r,
-            Err(e) => Err(Error::Usage(format!("the stream task failed: {e}"))),
+            Err(e) => Err(Error::task("stream")(e)),
         }
     }
 }

@@ -5,25 +5,39 @@
 //!
 //! - [`fuzz_qed_image`]: any byte string, opened as a QED image in memory (read-only and
 //!   read-write, backing detached), read, mapped, checked, repaired and written to. Errors are
-//!   fine; panics, hangs and unbounded allocations are the bugs.
+//!   fine; panics, hangs and unbounded allocations are the bugs. It returns what the checks
+//!   found ([`Exercised`]), so a regression test asserts on the verdict, not only on the
+//!   absence of a panic.
 //!
 //! ```
-//! qedstream_fuzz::fuzz_qed_image(b"QED\0 not really an image");
+//! let seen = qedstream_fuzz::fuzz_qed_image(b"QED\0 not really an image");
+//! assert_eq!(seen.check, None, "refused: not an image");
 //! ```
 //!
 //! Run it with cargo-fuzz: `cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run qed_image`.
 
-use qed::{BackingPolicy, Image, MemStorage, OpenOptions, Repair};
+use qed::{BackingPolicy, CheckReport, Image, MemStorage, OpenOptions, Repair};
 
 /// The most a fuzzed image's storage may grow past its input: allocations beyond fail with
 /// ENOSPC, so a header promising huge tables cannot make the fuzzer allocate gigabytes.
 const GROWTH_LIMIT: u64 = 8 << 20;
 
+/// What [`fuzz_qed_image`] saw of an input: the verdicts of its checks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Exercised {
+    /// `check` without repair on the read-only open; `None` when the input was refused (on
+    /// open, or by the check itself).
+    pub check: Option<CheckReport>,
+    /// `check -r all` on the read-write open (what it found and fixed); `None` when refused.
+    pub repair: Option<CheckReport>,
+}
+
 /// Opens `data` as a QED image in memory, read-only and then read-write (with the backing
 /// detached), and exercises reads, `map`, `mapping_at`, `check` (no repair, then repair all),
 /// a few small writes and zero writes, a flush and a close. Never panics on any input; every
-/// failure must be a `qed::Error`.
-pub fn fuzz_qed_image(data: &[u8]) {
+/// failure must be a `qed::Error`. Returns the checks' verdicts.
+pub fn fuzz_qed_image(data: &[u8]) -> Exercised {
+    let mut seen = Exercised::default();
     for read_only in [true, false] {
         let limit = data.len() as u64 + GROWTH_LIMIT;
         let storage = MemStorage::with_limit(data.to_vec(), limit);
@@ -36,12 +50,20 @@ pub fn fuzz_qed_image(data: &[u8]) {
         let Ok(image) = Image::open(Box::new(storage), options) else {
             continue;
         };
-        exercise(&image, read_only);
+        let report = exercise(&image, read_only);
+        if read_only {
+            seen.check = report;
+        } else {
+            seen.repair = report;
+        }
         let _ = image.close();
     }
+    seen
 }
 
-fn exercise(image: &Image, read_only: bool) {
+/// Exercises `image`; the report of its first check (no repair read-only, repair all
+/// read-write).
+fn exercise(image: &Image, read_only: bool) -> Option<CheckReport> {
     let size = image.size();
     let cluster = image.geometry().cluster_size();
     let mut buf = vec![0u8; 8192];
@@ -63,15 +85,15 @@ fn exercise(image: &Image, read_only: bool) {
     if size > 0 {
         let _ = image.mapping_at(size / 2, size);
     }
-    let _ = image.check(Repair::None);
+    let checked = image.check(Repair::None).ok();
     if read_only {
         assert!(
             image.write_at(&[1], 0).is_err(),
             "write to a read-only image succeeded"
         );
-        return;
+        return checked;
     }
-    let _ = image.check(Repair::All);
+    let repaired = image.check(Repair::All).ok();
     if size > 0 {
         let _ = image.write_at(&[0x5a; 700], size.saturating_sub(700).min(cluster - 1));
         let _ = image.write_zeroes(0, cluster.min(size));
@@ -81,4 +103,5 @@ fn exercise(image: &Image, read_only: bool) {
     let _ = image.resize(size.saturating_add(512));
     let _ = image.flush();
     let _ = image.check(Repair::None);
+    repaired
 }

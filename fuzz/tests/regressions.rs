@@ -1,9 +1,10 @@
 //! Inputs that crashed `qed_image`, as named tests with annotated bytes (the way crosvm keeps
 //! `test_huge_header`). The full crashing files also live in the seed corpus.
 
+use qed::CheckReport;
 use qedstream_fuzz::fuzz_qed_image;
 
-/// A 4K/ts2 image (header, L1 at 0x1000, L2 at 0x3000) with `n` L2 entries.
+/// A 4K/ts2 image (header, L1 at 0x1000, L2 at 0x3000..0x5000) with `n` L2 entries.
 fn image_with_l2(entries: &[u64]) -> Vec<u8> {
     let mut b = vec![0u8; 0x5000];
     b[0..4].copy_from_slice(b"QED\0");
@@ -19,15 +20,32 @@ fn image_with_l2(entries: &[u64]) -> Vec<u8> {
     b
 }
 
+/// The read-only check's report; the image must open and the check must finish.
+fn checked(entries: &[u64]) -> CheckReport {
+    fuzz_qed_image(&image_with_l2(entries))
+        .check
+        .unwrap_or_else(|| panic!("{entries:x?}: refused instead of checked"))
+}
+
 /// `check` computed `last + cluster_size` for the fragmentation count with an L2 entry of
 /// 0x1000_0000_0000_0000-ish and overflowed (crash-43b5e3a2…, now
-/// `corpus/qed_image/regression-check-fragmented-overflow`).
+/// `corpus/qed_image/regression-check-fragmented-overflow`). The count is QEMU's, in wrapping
+/// u64 arithmetic, and the bad entries are corruptions.
 #[test]
 fn test_check_fragmentation_count_does_not_overflow() {
-    fuzz_qed_image(&image_with_l2(&[u64::MAX, 0x4000]));
-    fuzz_qed_image(&image_with_l2(&[
-        0xffff_ffff_ffff_f000,
-        0x123,
-        u64::MAX - 1,
-    ]));
+    // u64::MAX: past the file's end. 0x4000: inside the L2 table itself. 0x4000 does not follow
+    // u64::MAX (u64::MAX + 0x1000 wraps to 0xfff): one fragment.
+    let r = checked(&[u64::MAX, 0x4000]);
+    assert_eq!(r.total_clusters, 256, "{r:?}");
+    assert_eq!(r.allocated_clusters, 2, "{r:?}");
+    assert_eq!(r.fragmented_clusters, 1, "{r:?}");
+    assert_eq!(r.corruptions, 2, "{r:?}");
+    assert_eq!(r.exit_code(), 2, "{r:?}");
+    // 0xffff_ffff_ffff_f000 + 0x1000 wraps to exactly 0; every entry is invalid (past the end,
+    // unaligned, both) and none follows the one before.
+    let r = checked(&[0xffff_ffff_ffff_f000, 0x123, u64::MAX - 1]);
+    assert_eq!(r.allocated_clusters, 3, "{r:?}");
+    assert_eq!(r.fragmented_clusters, 2, "{r:?}");
+    assert_eq!(r.corruptions, 3, "{r:?}");
+    assert_eq!(r.exit_code(), 2, "{r:?}");
 }

@@ -7,10 +7,24 @@ use crate::protocol::Command;
 
 /// Everything that can go wrong talking to an NBD server.
 ///
-/// The variants tell apart what a caller must treat differently: a lost connection
-/// ([`Error::ConnectionLost`], [`Error::Timeout`]) may be retried, a protocol violation never, an
-/// error the server reported ([`Error::Server`]) concerns one request only, and a local refusal
-/// ([`Error::Refused`]) means nothing was sent.
+/// The variants tell apart what a caller must treat differently: a failed transport may be
+/// retried ([`Error::is_retryable`]), a protocol violation never, an error the server reported
+/// ([`Error::Server`]) concerns one request only, and a local refusal ([`Error::Refused`]) means
+/// nothing was sent.
+///
+/// # Retryable
+///
+/// This is the one meaning of "retryable" in the workspace (`copy_on_read::Error::is_retryable`
+/// forwards it): **the request did not reach a definitive answer because the transport failed**
+/// (no connection could be made, the handshake was cut, the connection was lost, a deadline
+/// passed, or the reconnect window closed), not because of what was asked or what the server
+/// answered. The same request may succeed once a connection works again: on this client after it
+/// reconnects, or, after [`Error::ReconnectFailed`] (this client gave up), on a new one. The data
+/// on the server is unchanged by a failed read, block status or cache; a failed write, zero or
+/// trim may or may not have reached the server, and repeating it at the same offset is safe.
+/// Never retryable: a protocol violation (the server is broken), an error the server reported
+/// (it answered), a local refusal, a bad URI, an unsupported server or TLS, a changed export, a
+/// closed client.
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -99,7 +113,8 @@ pub enum Error {
     /// After a reconnect the export no longer matches what we negotiated first.
     #[error("NBD export changed across reconnect: {0}")]
     ExportChanged(String),
-    /// The reconnect window closed without a working connection.
+    /// The reconnect window closed without a working connection; the client stays failed
+    /// (retryable on a new client once the server is back).
     #[error("NBD server unreachable: reconnect window of {window:?} closed; last error: {last}")]
     ReconnectFailed {
         /// The configured window.
@@ -113,7 +128,10 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether retrying (after a reconnect) may succeed: socket errors, EOF and timeouts.
+    /// Whether the request failed because the transport failed, so that the same request may
+    /// succeed once a connection works again (see [Retryable](Error#retryable)):
+    /// [`Error::CannotConnect`], [`Error::HandshakeFailed`], [`Error::ConnectionLost`],
+    /// [`Error::Timeout`] and [`Error::ReconnectFailed`].
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
@@ -121,6 +139,7 @@ impl Error {
                 | Error::Timeout { .. }
                 | Error::CannotConnect { .. }
                 | Error::HandshakeFailed(_)
+                | Error::ReconnectFailed { .. }
         )
     }
 
@@ -346,4 +365,65 @@ pub enum Violation {
     /// A NONE chunk without the DONE flag, or with a payload.
     #[error("chunk NONE without the DONE flag or with a payload")]
     BadNoneChunk,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every variant on its side of [Retryable](Error#retryable): a failed transport, and
+    /// nothing else.
+    #[test]
+    fn retryable_means_the_transport_failed() {
+        let io = || Arc::new(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        let lost = Error::ConnectionLost(io());
+        let transport = [
+            Error::CannotConnect {
+                address: "x".into(),
+                source: io(),
+            },
+            Error::HandshakeFailed(io()),
+            lost.clone(),
+            Error::Timeout {
+                what: "request",
+                after: Duration::from_secs(1),
+            },
+            Error::ReconnectFailed {
+                window: Duration::from_secs(1),
+                last: Box::new(lost),
+            },
+        ];
+        for e in &transport {
+            assert!(e.is_retryable(), "{e:?}");
+        }
+        let answered_or_refused = [
+            Error::ExportTooLarge { size: 1, limit: 0 },
+            Error::Protocol(Violation::TooFragmented),
+            Error::Server {
+                command: Command::Read,
+                offset: 0,
+                length: 1,
+                errno: Errno::EIO,
+                message: String::new(),
+                error_offset: None,
+            },
+            Error::Refused(Refusal::ZeroLength),
+            Error::TlsUnsupported { uri: "x".into() },
+            Error::InvalidUri {
+                uri: "x".into(),
+                reason: "y".into(),
+            },
+            Error::UnsupportedServer("oldstyle"),
+            Error::OptionRefused {
+                option: "GO",
+                reply: "ERR_UNKNOWN",
+                message: String::new(),
+            },
+            Error::ExportChanged("size".into()),
+            Error::Closed,
+        ];
+        for e in &answered_or_refused {
+            assert!(!e.is_retryable(), "{e:?}");
+        }
+    }
 }

@@ -77,7 +77,12 @@ pub mod fuzzing {
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    use crate::{Client, ClientConfig, ZeroFlags};
+    use crate::{Client, ClientConfig, Error, ZeroFlags};
+
+    /// How long a replay may take before it counts as hung. Everything the server says is in
+    /// memory and ends in EOF, and every deadline of [`replay_config`] is shorter, so a replay
+    /// that is still running by then never ends by itself.
+    pub const REPLAY_LIMIT: Duration = Duration::from_secs(10);
 
     /// Configuration for replays: small requests, short timeouts, no reconnect.
     pub fn replay_config() -> ClientConfig {
@@ -95,12 +100,59 @@ pub mod fuzzing {
         }
     }
 
+    /// What no replay may end in: the bugs the fuzz target looks for besides panics.
+    #[derive(Debug, Clone, thiserror::Error)]
+    #[non_exhaustive]
+    pub enum ReplayFailure {
+        /// The replay did not end within [`REPLAY_LIMIT`].
+        #[error("the replay hung: no end within {0:?}")]
+        Hung(Duration),
+        /// The handshake or a command ended in an error a transcript followed by EOF cannot
+        /// explain: a timeout (the client waited for an answer although the server had hung
+        /// up), or a kind of error that has nothing to do with what the server said.
+        #[error("{stage} ended in an error no transcript explains: {error}")]
+        Unexpected {
+            /// The handshake, or the command (`READ 0+4096`).
+            stage: &'static str,
+            /// The error.
+            error: Error,
+        },
+    }
+
+    /// Whether a handshake may end in `e` when the server's side is a transcript then EOF.
+    fn explained_at_handshake(e: &Error) -> bool {
+        matches!(
+            e,
+            Error::Protocol(_)
+                | Error::HandshakeFailed(_)
+                | Error::UnsupportedServer(_)
+                | Error::OptionRefused { .. }
+                | Error::ExportTooLarge { .. }
+        )
+    }
+
+    /// Whether a command may end in `e` then: the server answered it (an error, a protocol
+    /// violation), hung up before answering, or the client refused it without sending.
+    fn explained_for_command(e: &Error) -> bool {
+        matches!(
+            e,
+            Error::Protocol(_)
+                | Error::ConnectionLost(_)
+                | Error::Server { .. }
+                | Error::Refused(_)
+        )
+    }
+
     /// Play `server_side` as everything the server sends on an in-memory socket (then EOF), while
     /// the client negotiates export "" and issues, all at once: READ 0+4096, BLOCK_STATUS
     /// 0+65536, READ 4096+65536, READ 69632+65536, WRITE 0+512, WRITE_ZEROES 0+512, TRIM 0+512,
     /// CACHE 0+4096, FLUSH (each only if allowed), then closes. Cookies are numbered from 1 in
-    /// that order, so a transcript can answer them. Must never panic or hang.
-    pub async fn replay_server_bytes(server_side: &[u8]) -> ReplayOutcome {
+    /// that order, so a transcript can answer them.
+    ///
+    /// Must never panic, and never fails otherwise: a replay that hangs (runs past
+    /// [`REPLAY_LIMIT`]) or ends in an error the transcript cannot explain (see
+    /// [`ReplayFailure`]) is an error.
+    pub async fn replay_server_bytes(server_side: &[u8]) -> Result<ReplayOutcome, ReplayFailure> {
         let (client_end, server_end) = tokio::io::duplex(1 << 16);
         let data = server_side.to_vec();
         let server = tokio::spawn(async move {
@@ -119,12 +171,19 @@ pub mod fuzzing {
             };
             tokio::join!(drain, write);
         });
-        let mut outcome = ReplayOutcome::default();
         let run = async {
-            let Ok(client) = Client::from_stream(client_end, "", replay_config()).await else {
-                return;
+            let client = match Client::from_stream(client_end, "", replay_config()).await {
+                Ok(client) => client,
+                Err(error) if explained_at_handshake(&error) => {
+                    return Ok(ReplayOutcome::default());
+                }
+                Err(error) => {
+                    return Err(ReplayFailure::Unexpected {
+                        stage: "the handshake",
+                        error,
+                    })
+                }
             };
-            outcome.connected = true;
             let size = client.size();
             let fits = |o: u64, l: u64| o.checked_add(l).is_some_and(|e| e <= size);
             let c = &client;
@@ -148,16 +207,35 @@ pub mod fuzzing {
                 async { (c.can_cache() && fits(0, 4096)).then_some(c.cache(0, 4096).await) },
                 async { (c.can_flush() && c.can_write()).then_some(c.flush().await) },
             );
-            let all = [
-                results.0, results.1, results.2, results.3, results.4, results.5, results.6,
-                results.7, results.8,
-            ];
-            outcome.succeeded = all.iter().filter(|r| matches!(r, Some(Ok(())))).count();
             client.close().await;
+            let all = [
+                ("READ 0+4096", results.0),
+                ("BLOCK_STATUS 0+65536", results.1),
+                ("READ 4096+65536", results.2),
+                ("READ 69632+65536", results.3),
+                ("WRITE 0+512", results.4),
+                ("WRITE_ZEROES 0+512", results.5),
+                ("TRIM 0+512", results.6),
+                ("CACHE 0+4096", results.7),
+                ("FLUSH", results.8),
+            ];
+            let mut outcome = ReplayOutcome {
+                connected: true,
+                succeeded: 0,
+            };
+            for (stage, result) in all {
+                match result {
+                    None => {}
+                    Some(Ok(())) => outcome.succeeded += 1,
+                    Some(Err(error)) if explained_for_command(&error) => {}
+                    Some(Err(error)) => return Err(ReplayFailure::Unexpected { stage, error }),
+                }
+            }
+            Ok(outcome)
         };
-        let _ = tokio::time::timeout(Duration::from_secs(10), run).await;
+        let r = tokio::time::timeout(REPLAY_LIMIT, run).await;
         server.abort();
-        outcome
+        r.unwrap_or(Err(ReplayFailure::Hung(REPLAY_LIMIT)))
     }
 
     /// What a replay achieved (for tests of the seed corpus).
@@ -170,7 +248,9 @@ pub mod fuzzing {
     }
 
     /// Synchronous wrapper for the fuzz target: a fresh current-thread runtime per input.
-    pub fn replay_server_bytes_blocking(server_side: &[u8]) -> ReplayOutcome {
+    pub fn replay_server_bytes_blocking(
+        server_side: &[u8],
+    ) -> Result<ReplayOutcome, ReplayFailure> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -1,5 +1,16 @@
 //! `qedstream`: create, inspect, check, read, write and convert QED images, with `qemu-img`'s
 //! spelling where the two overlap.
+//!
+//! Everything that only a command line needs lives here, not in the `engine` library: argument
+//! parsing (clap), the stream's progress bar (indicatif) and JSON lines ([`progress`]), stdout
+//! that reports its failures ([`out`]), helper processes and signal handling ([`child`]), the
+//! demo ([`demo`]), and the command's error ([`error`]).
+
+mod child;
+mod demo;
+mod error;
+mod out;
+mod progress;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -10,12 +21,13 @@ use serde_json::{json, Map, Value};
 
 use engine::chain::{chain_info_json, info_json, Chain};
 use engine::convert::{convert, Target};
-use engine::error::{Error, Result};
-use engine::outln;
 use engine::size::parse_size;
 use engine::source::{Source, SourceKind};
 use qed::backing::resolve_backing_path;
 use qed::{BackingFormat, BackingPolicy, CheckReport, CreateOptions, Image, OpenOptions, Repair};
+
+use crate::error::{Error, Result};
+use crate::out::outln;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -277,7 +289,7 @@ fn main() -> ExitCode {
             return match e
                 .print()
                 .map_err(Error::Stdout)
-                .and_then(|()| engine::out::flush())
+                .and_then(|()| crate::out::flush())
             {
                 Ok(()) => ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(1)),
                 Err(e) => report(e),
@@ -291,7 +303,7 @@ fn main() -> ExitCode {
     let result = std::thread::Builder::new()
         .name("qedstream".into())
         .stack_size(engine::STACK_SIZE)
-        .spawn(move || run(cli).and_then(|code| engine::out::flush().map(|()| code)))
+        .spawn(move || run(cli).and_then(|code| crate::out::flush().map(|()| code)))
         .map_err(Error::io("starting the main thread"))
         .and_then(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
     match result {
@@ -459,7 +471,7 @@ fn run(cli: Cli) -> Result<u8> {
             reconnect_delay,
             in_flight,
         ),
-        Command::Demo { dir, size } => engine::demo::run(dir, parse_size(&size)?),
+        Command::Demo { dir, size } => crate::demo::run(dir, parse_size(&size)?),
     }
 }
 
@@ -475,21 +487,22 @@ fn cmd_stream(
     in_flight: usize,
 ) -> Result<u8> {
     let rate = match rate {
-        Some(r) => Some(
-            std::num::NonZeroU64::new(parse_size(&r)?)
-                .ok_or_else(|| Error::Usage("--rate must be at least 1 byte per second".into()))?,
-        ),
+        Some(r) => Some(std::num::NonZeroU64::new(parse_size(&r)?).ok_or_else(|| {
+            Error::invalid("--rate", "--rate must be at least 1 byte per second")
+        })?),
         None => None,
     };
     if !(0.0..=86400.0).contains(&reconnect_delay) {
-        return Err(Error::Usage(
-            "--reconnect-delay must be between 0 and 86400 seconds".into(),
+        return Err(Error::invalid(
+            "--reconnect-delay",
+            "--reconnect-delay must be between 0 and 86400 seconds",
         ));
     }
     if !(1..=64).contains(&in_flight) {
-        return Err(Error::Usage(format!(
-            "--in-flight must be between 1 and 64, not {in_flight}"
-        )));
+        return Err(Error::invalid(
+            "--in-flight",
+            format!("--in-flight must be between 1 and 64, not {in_flight}"),
+        ));
     }
     let step = match step {
         Some((offset, length)) => {
@@ -497,10 +510,11 @@ fn cmd_stream(
                 .as_deref()
                 .map(parse_size)
                 .transpose()?
-                .unwrap_or(engine::progress::STEP_UNIT);
+                .unwrap_or(crate::progress::STEP_UNIT);
             if length == 0 {
-                return Err(Error::Usage(
-                    "--length must be at least 1 byte (a step copies at least one cluster)".into(),
+                return Err(Error::invalid(
+                    "--length",
+                    "--length must be at least 1 byte (a step copies at least one cluster)",
                 ));
             }
             Some((
@@ -510,7 +524,7 @@ fn cmd_stream(
         }
         None => None,
     };
-    engine::progress::run(engine::progress::StreamCommand {
+    crate::progress::run(crate::progress::StreamCommand {
         image,
         rate,
         keep_backing,
@@ -528,19 +542,20 @@ fn parse_qed_options(options: Option<&str>) -> Result<(u32, u32)> {
     let mut cluster_size = qed::layout::DEFAULT_CLUSTER_SIZE;
     let mut table_size = qed::layout::DEFAULT_TABLE_SIZE;
     for item in options.unwrap_or("").split(',').filter(|s| !s.is_empty()) {
-        let (key, value) = item
-            .split_once('=')
-            .ok_or_else(|| Error::Usage(format!("option {item:?} needs a value (key=value)")))?;
+        let (key, value) = item.split_once('=').ok_or_else(|| {
+            Error::invalid("-o", format!("option {item:?} needs a value (key=value)"))
+        })?;
         let value = parse_size(value)?;
         let value = u32::try_from(value)
-            .map_err(|_| Error::Usage(format!("option {key} is too large: {value}")))?;
+            .map_err(|_| Error::invalid("-o", format!("option {key} is too large: {value}")))?;
         match key {
             "cluster_size" => cluster_size = value,
             "table_size" => table_size = value,
             other => {
-                return Err(Error::Usage(format!(
-                    "unknown option {other:?} (qed takes cluster_size and table_size)"
-                )))
+                return Err(Error::invalid(
+                    "-o",
+                    format!("unknown option {other:?} (qed takes cluster_size and table_size)"),
+                ))
             }
         }
     }
@@ -552,9 +567,12 @@ fn parse_backing_format(f: Option<&str>) -> Result<Option<BackingFormat>> {
         None => Ok(None),
         Some("raw") => Ok(Some(BackingFormat::Raw)),
         Some("qed") => Ok(Some(BackingFormat::Probe)),
-        Some(other) => Err(Error::Usage(format!(
-            "backing format {other:?} is not supported (raw or qed)"
-        ))),
+        Some(other) => Err(engine::Error::UnsupportedFormat {
+            path: None,
+            format: other.to_string(),
+            supported: "a backing is raw or qed",
+        }
+        .into()),
     }
 }
 
@@ -568,9 +586,12 @@ fn cmd_create(
     size: Option<String>,
 ) -> Result<u8> {
     if format != "qed" {
-        return Err(Error::Usage(format!(
-            "can only create qed images, not {format:?}"
-        )));
+        return Err(engine::Error::UnsupportedFormat {
+            path: None,
+            format: format.to_string(),
+            supported: "only qed images are created",
+        }
+        .into());
     }
     let (cluster_size, table_size) = parse_qed_options(options.as_deref())?;
     let mut recorded = None;
@@ -602,8 +623,9 @@ fn cmd_create(
         (Some(s), _) => parse_size(&s)?,
         (None, Some(b)) => b,
         (None, None) => {
-            return Err(Error::Usage(
-                "a size is needed when there is no backing file".into(),
+            return Err(Error::invalid(
+                "SIZE",
+                "a size is needed when there is no backing file",
             ))
         }
     };
@@ -845,16 +867,19 @@ fn cmd_read(chain: SharedChainArgs, image: &Path, offset: u64, length: u64) -> R
     let source = Source::open_with(image, None, chain.gate())?;
     let size = source.size();
     if offset.checked_add(length).is_none_or(|end| end > size) {
-        return Err(Error::Usage(format!(
-            "range {offset}+{length} is outside the virtual disk ({size} bytes)"
-        )));
+        return Err(Error::OutOfRange {
+            offset,
+            length,
+            size,
+            written_nothing: false,
+        });
     }
     let mut buf = vec![0u8; length.min(4 << 20) as usize];
     let mut done = 0;
     while done < length {
         let n = (length - done).min(buf.len() as u64) as usize;
         source.read_at(&mut buf[..n], offset + done)?;
-        engine::out::write_all(&buf[..n])?;
+        crate::out::write_all(&buf[..n])?;
         done += n as u64;
     }
     Ok(0)
@@ -884,7 +909,7 @@ fn cmd_write(
 ) -> Result<u8> {
     use copy_on_read::{BlockDevice, CorDevice, CorOptions};
     if zero.is_some() && file.is_some() {
-        return Err(Error::Usage("--zero takes no input file".into()));
+        return Err(Error::invalid("--zero", "--zero takes no input file"));
     }
     let zero = zero.as_deref().map(parse_size).transpose()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -905,9 +930,12 @@ fn cmd_write(
         let size = dev.size();
         let fits = |len: u64| -> Result<()> {
             if offset.checked_add(len).is_none_or(|end| end > size) {
-                return Err(Error::Usage(format!(
-                    "range {offset}+{len} is outside the virtual disk ({size} bytes); nothing was written"
-                )));
+                return Err(Error::OutOfRange {
+                    offset,
+                    length: len,
+                    size,
+                    written_nothing: true,
+                });
             }
             Ok(())
         };
@@ -925,10 +953,7 @@ fn cmd_write(
                 let meta = file.metadata().map_err(|e| Error::open(f, e))?;
                 let input = qed::FileId::of(&file).map_err(|e| Error::open(f, e))?;
                 if dev.files().first() == Some(&input) {
-                    return Err(Error::Usage(format!(
-                        "{}: the input is the image being written; nothing was written",
-                        f.display()
-                    )));
+                    return Err(Error::InputIsImage(f.clone()));
                 }
                 if meta.is_file() {
                     fits(meta.len())?;
@@ -971,10 +996,9 @@ const SPOOL_IN_MEMORY: u64 = 64 << 20;
 /// written) once it holds more than `space` bytes. Up to 64 MiB stays in memory; the rest
 /// goes to an unlinked temporary file, so memory stays bounded whatever the input's length.
 fn spool_bounded(mut input: impl Read, space: u64, what: &str) -> Result<(Box<dyn Read>, u64)> {
-    let too_long = || {
-        Error::Usage(format!(
-            "the input from {what} is longer than the {space} bytes left in the virtual disk; nothing was written"
-        ))
+    let too_long = || Error::InputTooLong {
+        input: what.to_string(),
+        space,
     };
     let mut head = Vec::new();
     (&mut input)
@@ -1019,7 +1043,7 @@ fn cmd_convert(
     let target = match output_format {
         "raw" => {
             if options.is_some() {
-                return Err(Error::Usage("-o options apply to -O qed only".into()));
+                return Err(Error::invalid("-o", "-o options apply to -O qed only"));
             }
             Target::Raw
         }
@@ -1031,9 +1055,12 @@ fn cmd_convert(
             }
         }
         other => {
-            return Err(Error::Usage(format!(
-                "output format {other:?} is not supported (raw or qed)"
-            )))
+            return Err(engine::Error::UnsupportedFormat {
+                path: None,
+                format: other.to_string(),
+                supported: "the output is raw or qed",
+            }
+            .into())
         }
     };
     let source = Source::open_with(src, format, chain.gate())?;
@@ -1048,7 +1075,7 @@ fn cmd_resize(path: &Path, size: &str) -> Result<u8> {
         Some(delta) => image
             .size()
             .checked_add(parse_size(delta)?)
-            .ok_or_else(|| Error::Usage("size overflows".into()))?,
+            .ok_or_else(|| Error::invalid("SIZE", "size overflows"))?,
         None => parse_size(size)?,
     };
     image.resize(new_size).map_err(|e| Error::image(path, e))?;
@@ -1068,8 +1095,9 @@ fn cmd_rebase(path: &Path, backing: &str, backing_format: Option<&str>) -> Resul
         let fmt = match parse_backing_format(backing_format)? {
             Some(f) => f,
             None => {
-                return Err(Error::Usage(
-                    "-F raw|qed is needed with -b (the format is recorded, not probed)".into(),
+                return Err(Error::invalid(
+                    "-F",
+                    "-F raw|qed is needed with -b (the format is recorded, not probed)",
                 ))
             }
         };

@@ -2,7 +2,7 @@
 //!
 //! `println!` panics when stdout cannot be written: a full disk (`> /dev/full`, ENOSPC) or a
 //! reader that went away (`| head`; Rust ignores SIGPIPE, so the write fails with EPIPE).
-//! Everything `qedstream` prints on stdout goes through [`outln!`](crate::outln) or [`print`],
+//! Everything `qedstream` prints on stdout goes through [`outln!`] or [`print`],
 //! which return [`Error::Stdout`], and the command ends with [`flush`]. An error on stdout
 //! therefore ends the command like any other error: one line on stderr and exit 1 (silently on
 //! EPIPE, see [`Error::is_broken_pipe`]).
@@ -33,8 +33,7 @@ pub fn flush() -> Result<()> {
     std::io::stdout().lock().flush().map_err(Error::Stdout)
 }
 
-/// `println!` that returns [`Result`](crate::Result) instead of panicking when stdout fails.
-#[macro_export]
+/// `println!` that returns [`Result`] instead of panicking when stdout fails.
 macro_rules! outln {
     () => {
         $crate::out::print(::std::format_args!("\n"))
@@ -43,3 +42,4 @@ macro_rules! outln {
         $crate::out::print(::std::format_args!("{}\n", ::std::format_args!($($arg)*)))
     };
 }
+pub(crate) use outln;

@@ -10,9 +10,10 @@ use std::time::Duration;
 use copy_on_read::{BlockDevice, CorDevice, CorOptions, Gate};
 use serde_json::{json, Value};
 
+use engine::stream::{step, JobState, Progress, StreamJob, StreamOptions};
+
 use crate::error::{Error, Result};
-use crate::outln;
-use crate::stream::{step, Progress, StreamJob, StreamOptions};
+use crate::out::outln;
 
 /// What `qedstream stream` was asked to do.
 #[derive(Clone, Debug)]
@@ -66,7 +67,7 @@ fn idle_progress(dev: &CorDevice) -> Progress {
         local: 0,
         rate: 0,
         rate_limit: 0,
-        state: crate::stream::JobState::Completed,
+        state: JobState::Completed,
     }
 }
 
@@ -106,7 +107,7 @@ async fn close(dev: &CorDevice) -> Result<()> {
 pub fn run(cmd: StreamCommand) -> Result<u8> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
-        .thread_stack_size(crate::STACK_SIZE)
+        .thread_stack_size(engine::STACK_SIZE)
         .enable_all()
         .build()
         .map_err(Error::io("starting the runtime"))?;
@@ -198,7 +199,7 @@ async fn run_async(cmd: StreamCommand) -> Result<u8> {
     let result = match (result, report_failed) {
         // Cancelled for the failed report, or finished before the cancel landed: either way
         // the image is consistent; the report is what failed.
-        (Ok(_) | Err(Error::Cancelled { .. }), Some(report)) => {
+        (Ok(_) | Err(engine::Error::Cancelled { .. }), Some(report)) => {
             closed?;
             return Err(report);
         }
@@ -231,11 +232,11 @@ async fn run_async(cmd: StreamCommand) -> Result<u8> {
         }
         Err(e) => {
             let e = match e {
-                Error::BackingUnavailable(_) => Error::StreamInterrupted(Box::new(e)),
-                other => other,
+                engine::Error::BackingUnavailable(_) => Error::StreamInterrupted(e),
+                other => Error::Engine(other),
             };
             if cmd.json {
-                let event = if matches!(e, Error::Cancelled { .. }) {
+                let event = if matches!(e, Error::Engine(engine::Error::Cancelled { .. })) {
                     "cancelled"
                 } else {
                     "failed"

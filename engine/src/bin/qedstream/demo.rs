@@ -17,7 +17,7 @@ use qed::{BackingFormat, CreateOptions, Image, OpenOptions, Repair, Storage};
 
 use crate::child::{die_with_us, Helper, SignalExit};
 use crate::error::{Error, Result};
-use crate::outln;
+use crate::out::outln;
 use crate::progress::{open_device, StreamCommand};
 
 /// The files the demo creates in its folder.

@@ -2,8 +2,6 @@
 //! fuzzable. All integers are big-endian on the wire. Names follow the protocol document
 //! (NetworkBlockDevice/nbd: doc/proto.md).
 
-use crate::error::Violation;
-
 /// "NBDMAGIC", the first 8 bytes every server sends.
 pub const INIT_PASSWD: u64 = 0x4e42_444d_4147_4943;
 /// "IHAVEOPT": newstyle greeting and every option request header.
@@ -437,6 +435,138 @@ pub fn decode_error_chunk(chunk_type: u16, payload: &[u8]) -> Result<ErrorChunk,
         message,
         offset,
     })
+}
+
+/// A protocol violation: the server sent something the protocol forbids. Always fatal for the
+/// connection (QEMU's client does the same: no reconnect after a protocol error).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Violation {
+    /// A magic number was wrong.
+    #[error("bad magic in {what}: {found:#x}")]
+    BadMagic {
+        /// Which structure.
+        what: &'static str,
+        /// The value found.
+        found: u64,
+    },
+    /// The server did not offer fixed newstyle.
+    #[error("server did not set FIXED_NEWSTYLE")]
+    NotFixedNewstyle,
+    /// An option reply echoed the wrong option.
+    #[error("option reply echoed option {echoed}, sent {sent}")]
+    OptionMismatch {
+        /// Option sent.
+        sent: u32,
+        /// Option echoed.
+        echoed: u32,
+    },
+    /// An option reply announced a payload above our bound.
+    #[error("option {option} reply of {length} bytes exceeds the limit")]
+    OptionReplyTooLong {
+        /// The option.
+        option: u32,
+        /// The announced length.
+        length: u32,
+    },
+    /// An option reply of a type not valid for the option, or malformed.
+    #[error("malformed or unexpected reply to option {option}: {detail}")]
+    BadOptionReply {
+        /// The option.
+        option: u32,
+        /// What was wrong.
+        detail: &'static str,
+    },
+    /// The export's information is missing or inconsistent.
+    #[error("bad export information: {0}")]
+    BadExportInfo(&'static str),
+    /// A reply kind (simple/structured/extended) that was not negotiated.
+    #[error("reply with magic {magic:#x} not allowed by the negotiated mode")]
+    ReplyNotNegotiated {
+        /// The magic found.
+        magic: u32,
+    },
+    /// A reply for a cookie we have no request for.
+    #[error("reply for unknown cookie {0:#x}")]
+    UnknownCookie(u64),
+    /// A chunk type not allowed here (or unknown and not an error).
+    #[error("unexpected chunk type {chunk_type:#x} for {command}")]
+    UnexpectedChunk {
+        /// The chunk type.
+        chunk_type: u16,
+        /// The request's command.
+        command: Command,
+    },
+    /// A chunk's payload length is invalid for its type or above our bound.
+    #[error("chunk type {chunk_type:#x} has invalid payload length {length}")]
+    BadChunkLength {
+        /// The chunk type.
+        chunk_type: u16,
+        /// The payload length.
+        length: u64,
+    },
+    /// Read data or a hole outside the requested range.
+    #[error("chunk covers {offset}+{length}, outside the request {req_offset}+{req_length}")]
+    ChunkOutOfRange {
+        /// Chunk offset.
+        offset: u64,
+        /// Chunk length.
+        length: u64,
+        /// Request offset.
+        req_offset: u64,
+        /// Request length.
+        req_length: u64,
+    },
+    /// Two chunks of one read cover the same bytes.
+    #[error("chunk at {offset}+{length} overlaps data already received")]
+    ChunkOverlap {
+        /// Chunk offset.
+        offset: u64,
+        /// Chunk length.
+        length: u64,
+    },
+    /// A read completed without all of its bytes.
+    #[error("read of {req_offset}+{req_length} completed with only {received} bytes received")]
+    ReadIncomplete {
+        /// Request offset.
+        req_offset: u64,
+        /// Request length.
+        req_length: u64,
+        /// Bytes received.
+        received: u64,
+    },
+    /// A read was split into too many disjoint pieces.
+    #[error("read split into too many disjoint chunks")]
+    TooFragmented,
+    /// A block-status extent of length zero.
+    #[error("block status extent of length zero")]
+    ZeroLengthExtent,
+    /// Block status completed without an extent for our context.
+    #[error("block status reply without extents for the negotiated context")]
+    NoExtents,
+    /// A second block-status chunk for the same context.
+    #[error("duplicate block status chunk for one context")]
+    DuplicateBlockStatus,
+    /// An error chunk with error value 0.
+    #[error("error chunk with error value 0")]
+    ZeroErrno,
+    /// An ERROR_OFFSET chunk whose offset is outside the request.
+    #[error("error offset {0} outside the request")]
+    ErrorOffsetOutOfRange(u64),
+    /// An extended chunk whose offset does not echo the request's.
+    #[error("extended chunk offset {found} does not echo the request offset {expected}")]
+    OffsetNotEchoed {
+        /// Request offset.
+        expected: u64,
+        /// Offset in the chunk header.
+        found: u64,
+    },
+    /// A simple reply carrying success for a read after structured replies were agreed.
+    #[error("simple reply to a read after structured replies were negotiated")]
+    SimpleReplyToRead,
+    /// A NONE chunk without the DONE flag, or with a payload.
+    #[error("chunk NONE without the DONE flag or with a payload")]
+    BadNoneChunk,
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The one error type of the `qed` crate.
 
 use std::io;
+use std::path::PathBuf;
 
 /// The header field a validation error is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,14 +133,14 @@ pub enum Error {
     /// Another process (or another open file of this one) holds the image in a way that
     /// conflicts with this use: QEMU's image locks (see [`crate::file`]).
     #[error(transparent)]
-    Locked(#[from] crate::file::LockConflict),
+    Locked(#[from] LockConflict),
     /// The path names something that cannot hold an image (a FIFO, a socket, a directory,
     /// a character device).
     #[error("{0} cannot be an image (only regular files and block devices)")]
     NotAnImageFile(&'static str),
     /// The gate refused a backing file ([`crate::gate::Rules::admit_file`]).
     #[error(transparent)]
-    Refused(#[from] crate::gate::Refusal),
+    Refused(#[from] Refusal),
     /// The output of a command is one of its inputs, or a file in an input's backing chain.
     #[error("the output is the same file as an input or a file in its backing chain")]
     OutputIsInput,
@@ -157,6 +158,75 @@ impl Error {
     pub(crate) fn io(op: &'static str, offset: u64) -> impl FnOnce(io::Error) -> Error {
         move |source| Error::Io { op, offset, source }
     }
+}
+
+/// One permission, by the name QEMU's error messages use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Perm {
+    /// "consistent read"
+    ConsistentRead,
+    /// "write"
+    Write,
+    /// "write unchanged"
+    WriteUnchanged,
+    /// "resize"
+    Resize,
+}
+
+impl Perm {
+    pub(crate) fn from_bit(i: u32) -> Perm {
+        match i {
+            0 => Perm::ConsistentRead,
+            1 => Perm::Write,
+            2 => Perm::WriteUnchanged,
+            _ => Perm::Resize,
+        }
+    }
+
+    /// QEMU's name for the permission.
+    pub fn name(self) -> &'static str {
+        match self {
+            Perm::ConsistentRead => "consistent read",
+            Perm::Write => "write",
+            Perm::WriteUnchanged => "write unchanged",
+            Perm::Resize => "resize",
+        }
+    }
+}
+
+/// Another process (or another open file in this one) holds a lock that conflicts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("image is locked by another process (failed to get {}\"{}\" lock); is it in use? (-U inspects an image in use)", if *.shared { "shared " } else { "" }, .perm.name())]
+pub struct LockConflict {
+    /// The permission that could not be had.
+    pub perm: Perm,
+    /// False: somebody refuses to share a permission we use. True: somebody uses a
+    /// permission we refuse to share.
+    pub shared: bool,
+}
+
+/// Why a backing was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// The chain is deeper than allowed.
+    #[error("backing chain deeper than {0} layers")]
+    TooDeep(u32),
+    /// The chain names a file that is already part of it.
+    #[error("backing chain loops back to {0:?}")]
+    Loop(PathBuf),
+    /// The header records no format and probing is forbidden.
+    #[error("the backing format is not recorded and probing is forbidden")]
+    ProbeForbidden,
+    /// The opened file lies outside the confinement directory.
+    #[error("backing path {0:?} is outside the allowed directory")]
+    OutsideConfinement(PathBuf),
+    /// The name is a protocol the gate does not open (or NBD names are forbidden).
+    #[error("backing protocol of {0:?} is not allowed or not supported")]
+    Protocol(String),
+    /// The probed format is not one we read.
+    #[error("backing has format {0}, which is not supported")]
+    UnsupportedFormat(&'static str),
 }
 
 /// Result with the crate's error.

@@ -42,6 +42,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use crate::error::{Error, Result};
+pub use crate::error::{LockConflict, Perm};
 
 /// A set of QEMU's block permissions (`BLK_PERM_*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -81,40 +82,6 @@ impl Perms {
         (0..4u32)
             .filter(move |i| self.0 & (1 << i) != 0)
             .map(|i| (i, Perm::from_bit(i)))
-    }
-}
-
-/// One permission, by the name QEMU's error messages use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Perm {
-    /// "consistent read"
-    ConsistentRead,
-    /// "write"
-    Write,
-    /// "write unchanged"
-    WriteUnchanged,
-    /// "resize"
-    Resize,
-}
-
-impl Perm {
-    fn from_bit(i: u32) -> Perm {
-        match i {
-            0 => Perm::ConsistentRead,
-            1 => Perm::Write,
-            2 => Perm::WriteUnchanged,
-            _ => Perm::Resize,
-        }
-    }
-
-    /// QEMU's name for the permission.
-    pub fn name(self) -> &'static str {
-        match self {
-            Perm::ConsistentRead => "consistent read",
-            Perm::Write => "write",
-            Perm::WriteUnchanged => "write unchanged",
-            Perm::Resize => "resize",
-        }
     }
 }
 
@@ -160,17 +127,6 @@ impl Access {
     pub fn writes(self) -> bool {
         matches!(self, Access::ReadWrite | Access::Create)
     }
-}
-
-/// Another process (or another open file in this one) holds a lock that conflicts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("image is locked by another process (failed to get {}\"{}\" lock); is it in use? (-U inspects an image in use)", if *.shared { "shared " } else { "" }, .perm.name())]
-pub struct LockConflict {
-    /// The permission that could not be had.
-    pub perm: Perm,
-    /// False: somebody refuses to share a permission we use. True: somebody uses a
-    /// permission we refuse to share.
-    pub shared: bool,
 }
 
 fn flock(kind: libc::c_int, byte: i64) -> libc::flock {

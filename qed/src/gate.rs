@@ -23,33 +23,15 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use crate::backing::{normalise, probe_storage, resolve_backing_path, BackingFormat};
+use std::sync::Arc;
+
+use crate::backing::{QedBacking, RawBacking};
+pub use crate::error::Refusal;
 use crate::error::{Error, Result};
 use crate::file::{Access, FileId};
-
-/// Why a backing was not admitted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum Refusal {
-    /// The chain is deeper than allowed.
-    #[error("backing chain deeper than {0} layers")]
-    TooDeep(u32),
-    /// The chain names a file that is already part of it.
-    #[error("backing chain loops back to {0:?}")]
-    Loop(PathBuf),
-    /// The header records no format and probing is forbidden.
-    #[error("the backing format is not recorded and probing is forbidden")]
-    ProbeForbidden,
-    /// The opened file lies outside the confinement directory.
-    #[error("backing path {0:?} is outside the allowed directory")]
-    OutsideConfinement(PathBuf),
-    /// The name is a protocol the gate does not open (or NBD names are forbidden).
-    #[error("backing protocol of {0:?} is not allowed or not supported")]
-    Protocol(String),
-    /// The probed format is not one we read.
-    #[error("backing has format {0}, which is not supported")]
-    UnsupportedFormat(&'static str),
-}
+use crate::image::{Image, OpenOptions};
+use crate::layer::{BackingFormat, BackingOpener, BackingRead};
+use crate::names::{normalise, probe_storage, resolve_backing_path};
 
 /// What a gate admits.
 #[derive(Clone, Debug)]
@@ -70,7 +52,7 @@ impl Default for Rules {
         Rules {
             allow_probe: true,
             confine_to: None,
-            max_depth: crate::backing::DEFAULT_MAX_DEPTH,
+            max_depth: crate::names::DEFAULT_MAX_DEPTH,
             force_share: false,
         }
     }
@@ -120,7 +102,7 @@ impl Rules {
         recorded: BackingFormat,
     ) -> Result<Admitted> {
         self.check_depth(depth).map_err(Error::Refused)?;
-        if crate::backing::is_protocol_name(name) {
+        if crate::names::is_protocol_name(name) {
             return Err(Error::Refused(Refusal::Protocol(name.to_string())));
         }
         let path = resolve_backing_path(name, image_path);
@@ -154,6 +136,92 @@ impl Rules {
     }
 }
 
+/// The default gate for backing files on the local file system.
+#[derive(Clone, Debug)]
+pub struct FileGate {
+    /// Allow probing (QED or raw) when the header records no format. Default: true, as QEMU.
+    pub allow_probe: bool,
+    /// If set, every backing path must resolve inside this directory.
+    pub confine_to: Option<PathBuf>,
+    /// The deepest chain accepted (the top image is depth 0). Default [`crate::names::DEFAULT_MAX_DEPTH`].
+    pub max_depth: u32,
+    /// Open backing files with [`Access::SharedRead`] (`-U`) instead of
+    /// [`Access::ReadOnly`], which keeps writers and resizers out of them.
+    pub force_share: bool,
+}
+
+impl Default for FileGate {
+    fn default() -> FileGate {
+        FileGate {
+            allow_probe: true,
+            confine_to: None,
+            max_depth: crate::names::DEFAULT_MAX_DEPTH,
+            force_share: false,
+        }
+    }
+}
+
+/// The default options open the backing through a default [`FileGate`] (defined with the gate,
+/// so that the image does not depend on it).
+impl Default for OpenOptions {
+    fn default() -> OpenOptions {
+        OpenOptions::with_opener(Arc::new(FileGate::default()))
+    }
+}
+
+impl FileGate {
+    /// The admission rules this gate applies ([`crate::gate::Rules::admit_file`]).
+    pub fn rules(&self) -> crate::gate::Rules {
+        crate::gate::Rules {
+            allow_probe: self.allow_probe,
+            confine_to: self.confine_to.clone(),
+            max_depth: self.max_depth,
+            force_share: self.force_share,
+        }
+    }
+}
+
+impl BackingOpener for FileGate {
+    fn open(
+        &self,
+        name: &str,
+        format: BackingFormat,
+        image_path: Option<&Path>,
+        depth: u32,
+        seen: &[crate::file::FileId],
+    ) -> Result<Arc<dyn BackingRead>> {
+        let wrap = |e: Error| Error::Backing {
+            name: name.to_string(),
+            source: Box::new(e),
+        };
+        let admitted = self
+            .rules()
+            .admit_file(name, image_path, depth, seen, format)
+            .map_err(wrap)?;
+        let display = admitted.path.display().to_string();
+        match admitted.format {
+            "qed" => {
+                let mut above = seen.to_vec();
+                above.push(admitted.id);
+                let options = OpenOptions {
+                    read_only: true,
+                    force_share: self.force_share,
+                    path: Some(admitted.path.clone()),
+                    depth,
+                    above,
+                    ..OpenOptions::with_opener(Arc::new(self.clone()))
+                };
+                let image = Image::open(Box::new(admitted.file), options)?;
+                Ok(Arc::new(QedBacking::new(image, display)))
+            }
+            "raw" => Ok(Arc::new(RawBacking::new(Box::new(admitted.file), display)?)),
+            other => Err(wrap(Error::Refused(
+                crate::gate::Refusal::UnsupportedFormat(other),
+            ))),
+        }
+    }
+}
+
 /// The absolute path of what `file` is (the kernel's name for the descriptor); `fallback`,
 /// made absolute and canonical, when `/proc` cannot say.
 fn opened_path(file: &File, fallback: &Path) -> PathBuf {
@@ -176,6 +244,25 @@ fn canonical(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_file_gate_applies_the_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("base.raw"), b"data").unwrap();
+        let gate = FileGate {
+            confine_to: Some(dir.path().to_path_buf()),
+            ..FileGate::default()
+        };
+        let top = dir.path().join("top.qed");
+        let open =
+            |name: &str, depth: u32| gate.open(name, BackingFormat::Raw, Some(&top), depth, &[]);
+        assert!(open("../../etc/passwd", 1).is_err());
+        assert!(open("/etc/passwd", 1).is_err());
+        assert!(open("base.raw", 1).is_ok());
+        assert!(open("nbd://127.0.0.1/x", 1).is_err());
+        assert!(open("base.raw", crate::names::DEFAULT_MAX_DEPTH).is_ok());
+        assert!(open("base.raw", crate::names::DEFAULT_MAX_DEPTH + 1).is_err());
+    }
 
     fn rules_in(dir: &Path) -> Rules {
         Rules {

@@ -63,16 +63,18 @@ pub mod gate;
 pub mod image;
 pub mod layer;
 pub mod layout;
+pub mod names;
 pub mod storage;
 mod tables;
 #[cfg(test)]
 mod testing;
 pub mod types;
 
-pub use backing::{BackingFormat, BackingOpener, BackingRead, FileGate, QedBacking, RawBacking};
+pub use backing::{BackingFormat, BackingOpener, BackingRead, QedBacking, RawBacking};
 pub use check::{CheckReport, Repair};
 pub use error::{Error, Result};
 pub use file::{Access, FileId, LockConflict};
+pub use gate::FileGate;
 pub use image::{
     BackingPolicy, CreateOptions, Extent, Image, Mapping, OpenOptions, PopulateOutcome,
 };

@@ -18,8 +18,13 @@
 //!
 //! Threads: the `qed` crate is synchronous, so every image call runs on tokio's blocking pool
 //! (`spawn_blocking`), as do raw-file reads and writes; NBD I/O is async. Nothing blocks the
-//! runtime's worker threads. Buffers are owned by the request (`Vec<u8>` in, `Vec<u8>` out), so
-//! dropping a request future at any `.await` is safe.
+//! runtime's worker threads. Requests take the caller's memory as [`IoBufs`] (vectored segments
+//! of any [`IoBuf`], guest memory included) and hand it back: the request owns it until its I/O
+//! has ended, so dropping a request future at any `.await` is safe, and data already in the
+//! image is read and written in place. What a device cannot do is absent from its
+//! [`Capabilities`] and fails with [`Error::Unsupported`]; the link state of an NBD backing
+//! anywhere below is [`BlockDevice::reconnect`]; every request after [`BlockDevice::close`]
+//! fails with [`Error::Closed`]. The stream job needs only the [`Populate`] capability.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), copy_on_read::Error> {

@@ -272,16 +272,36 @@ impl Connection {
         length: u64,
         body: Body,
     ) -> Result<Completion, Error> {
+        let permits = self.acquire_permits(&body, length).await?;
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let (slot_body, payload) = slot_body(body);
+        let slot = Slot {
+            command,
+            offset,
+            length,
+            body: slot_body,
+            error: None,
+            reply: reply_tx,
+            _permits: permits,
+        };
+        self.enqueue(flags, slot, payload)?;
+        self.wait_reply(reply_rx).await
+    }
+
+    /// Take a request slot and, for a read or write, its share of the bytes-in-flight budget.
+    async fn acquire_permits(
+        &self,
+        body: &Body,
+        length: u64,
+    ) -> Result<(OwnedSemaphorePermit, Option<OwnedSemaphorePermit>), Error> {
         let count = self
             .count
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| Error::Closed)?;
-        let data_bytes = match (&body, command) {
-            (Body::Read(_) | Body::Write(_), _) => {
-                length.min(u64::from(MAX_REQUEST_PAYLOAD)) as u32
-            }
+        let data_bytes = match body {
+            Body::Read(_) | Body::Write(_) => length.min(u64::from(MAX_REQUEST_PAYLOAD)) as u32,
             _ => 0,
         };
         let bytes = if data_bytes > 0 {
@@ -295,67 +315,49 @@ impl Connection {
         } else {
             None
         };
-        let (reply_tx, reply_rx) = oneshot::channel();
-        let (slot_body, payload) = match body {
-            Body::Read(buf) => (
-                SlotBody::Read {
-                    buf: Some(buf),
-                    covered: Coverage::default(),
-                },
-                None,
-            ),
-            Body::Write(p) => (SlotBody::Other, Some(p)),
-            Body::BlockStatus => (
-                SlotBody::BlockStatus {
-                    extents: Vec::new(),
-                    seen: false,
-                },
-                None,
-            ),
-            Body::Empty => (SlotBody::Other, None),
-        };
+        Ok((count, bytes))
+    }
+
+    /// Give `slot` a cookie, register it and queue its request for the writer. On failure the
+    /// slot (and its permits) is dropped again.
+    fn enqueue(&self, flags: u16, slot: Slot, payload: Option<Vec<u8>>) -> Result<(), Error> {
         let mut header = [0u8; 32];
-        {
-            let mut g = self.shared.lock();
-            if let Some(e) = &g.dead {
-                return Err(e.clone());
-            }
-            let cookie = g.next_cookie;
-            g.next_cookie = g.next_cookie.wrapping_add(1).max(1);
-            let h = RequestHeader {
-                flags,
-                command,
-                cookie,
-                offset,
-                length,
-            };
-            let header_len = encode_request(&h, self.shared.export.mode, &mut header);
-            g.slots.insert(
-                cookie,
-                Slot {
-                    command,
-                    offset,
-                    length,
-                    body: slot_body,
-                    error: None,
-                    reply: reply_tx,
-                    _permits: (count, bytes),
-                },
-            );
-            // Queue while holding the lock: a kill cannot slip between insert and send.
-            if self
-                .tx
-                .send(Outgoing::Request {
-                    header,
-                    header_len,
-                    payload,
-                })
-                .is_err()
-            {
-                g.slots.remove(&cookie);
-                return Err(g.dead.clone().unwrap_or_else(Error::eof));
-            }
+        let mut g = self.shared.lock();
+        if let Some(e) = &g.dead {
+            return Err(e.clone());
         }
+        let cookie = g.next_cookie;
+        g.next_cookie = g.next_cookie.wrapping_add(1).max(1);
+        let h = RequestHeader {
+            flags,
+            command: slot.command,
+            cookie,
+            offset: slot.offset,
+            length: slot.length,
+        };
+        let header_len = encode_request(&h, self.shared.export.mode, &mut header);
+        g.slots.insert(cookie, slot);
+        // Queue while holding the lock: a kill cannot slip between insert and send.
+        if self
+            .tx
+            .send(Outgoing::Request {
+                header,
+                header_len,
+                payload,
+            })
+            .is_err()
+        {
+            g.slots.remove(&cookie);
+            return Err(g.dead.clone().unwrap_or_else(Error::eof));
+        }
+        Ok(())
+    }
+
+    /// Wait for the reader task to complete a request, within the request timeout if any.
+    async fn wait_reply(
+        &self,
+        reply_rx: oneshot::Receiver<Result<Completion, Error>>,
+    ) -> Result<Completion, Error> {
         let wait = async { reply_rx.await.unwrap_or_else(|_| Err(Error::eof())) };
         match self.limits.request_timeout {
             None => wait.await,
@@ -445,6 +447,28 @@ impl Drop for Connection {
             let header_len = encode_request(&h, self.shared.export.mode, &mut header);
             let _ = self.tx.send(Outgoing::Disconnect { header, header_len });
         }
+    }
+}
+
+/// The slot side of a request body, and the payload to send (for a write).
+fn slot_body(body: Body) -> (SlotBody, Option<Vec<u8>>) {
+    match body {
+        Body::Read(buf) => (
+            SlotBody::Read {
+                buf: Some(buf),
+                covered: Coverage::default(),
+            },
+            None,
+        ),
+        Body::Write(p) => (SlotBody::Other, Some(p)),
+        Body::BlockStatus => (
+            SlotBody::BlockStatus {
+                extents: Vec::new(),
+                seen: false,
+            },
+            None,
+        ),
+        Body::Empty => (SlotBody::Other, None),
     }
 }
 
@@ -668,6 +692,44 @@ fn claim(slot: &mut Slot, off: u64, len: u64) -> Result<usize, Violation> {
     }
 }
 
+/// A structured or extended reply chunk's header, with what its request asked for.
+#[derive(Debug, Clone, Copy)]
+struct ChunkHeader {
+    chunk_type: u16,
+    cookie: u64,
+    /// Payload length.
+    len: u64,
+    command: Command,
+    req_offset: u64,
+    req_length: u64,
+}
+
+impl ChunkHeader {
+    fn bad_length(&self) -> Violation {
+        Violation::BadChunkLength {
+            chunk_type: self.chunk_type,
+            length: self.len,
+        }
+    }
+
+    fn unexpected(&self) -> Violation {
+        Violation::UnexpectedChunk {
+            chunk_type: self.chunk_type,
+            command: self.command,
+        }
+    }
+}
+
+/// What a chunk turned out to be once its type, command and length were checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkKind {
+    None,
+    OffsetData,
+    OffsetHole,
+    BlockStatus,
+    Error,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn chunk<R: AsyncRead + Unpin>(
     r: &mut R,
@@ -678,8 +740,29 @@ async fn chunk<R: AsyncRead + Unpin>(
     ext_offset: Option<u64>,
     len: u64,
 ) -> Result<(), Error> {
-    let mode = shared.export.mode;
     let done = flags & REPLY_FLAG_DONE != 0;
+    let c = chunk_header(shared, chunk_type, cookie, ext_offset, len)?;
+    match classify_chunk(&c, shared.export.mode, done)? {
+        ChunkKind::None => {}
+        ChunkKind::OffsetData => offset_data_chunk(r, shared, &c).await?,
+        ChunkKind::OffsetHole => offset_hole_chunk(r, shared, &c).await?,
+        ChunkKind::BlockStatus => block_status_chunk(r, shared, &c).await?,
+        ChunkKind::Error => error_chunk(r, shared, &c).await?,
+    }
+    if done {
+        complete_chunked(shared, cookie)?;
+    }
+    Ok(())
+}
+
+/// Look up the request a chunk answers, and check the offset an extended header echoes.
+fn chunk_header(
+    shared: &Shared,
+    chunk_type: u16,
+    cookie: u64,
+    ext_offset: Option<u64>,
+    len: u64,
+) -> Result<ChunkHeader, Violation> {
     let (command, req_offset, req_length) = {
         let g = shared.lock();
         let slot = g
@@ -693,170 +776,223 @@ async fn chunk<R: AsyncRead + Unpin>(
             return Err(Violation::OffsetNotEchoed {
                 expected: req_offset,
                 found: o,
-            }
-            .into());
+            });
         }
     }
-    let bad_len = Violation::BadChunkLength {
+    Ok(ChunkHeader {
         chunk_type,
-        length: len,
-    };
-    let unexpected = Violation::UnexpectedChunk {
-        chunk_type,
+        cookie,
+        len,
         command,
-    };
-    match chunk_type {
+        req_offset,
+        req_length,
+    })
+}
+
+/// Check that a chunk of this type may answer the request and that its length fits the type,
+/// before any of its payload is read.
+fn classify_chunk(c: &ChunkHeader, mode: HeaderMode, done: bool) -> Result<ChunkKind, Violation> {
+    let len = c.len;
+    match c.chunk_type {
         CHUNK_NONE => {
             if len != 0 || !done {
-                return Err(Violation::BadNoneChunk.into());
+                return Err(Violation::BadNoneChunk);
             }
+            Ok(ChunkKind::None)
         }
         CHUNK_OFFSET_DATA => {
-            if command != Command::Read {
-                return Err(unexpected.into());
+            if c.command != Command::Read {
+                return Err(c.unexpected());
             }
-            if len < 9 || len - 8 > req_length {
-                return Err(bad_len.into());
+            if len < 9 || len - 8 > c.req_length {
+                return Err(c.bad_length());
             }
-            let mut o = [0u8; 8];
-            r.read_exact(&mut o).await.map_err(io_err)?;
-            let off = u64::from_be_bytes(o);
-            let data_len = len - 8;
-            let (pos, mut buf) = {
-                let mut g = shared.lock();
-                let Some(slot) = g.slots.get_mut(&cookie) else {
-                    return Err(gone(&g));
-                };
-                let pos = claim(slot, off, data_len)?;
-                let SlotBody::Read { buf, .. } = &mut slot.body else {
-                    unreachable!("checked command")
-                };
-                (pos, buf.take().ok_or(Violation::SimpleReplyToRead)?)
-            };
-            let res = r.read_exact(&mut buf[pos..pos + data_len as usize]).await;
-            let mut g = shared.lock();
-            let Some(slot) = g.slots.get_mut(&cookie) else {
-                return Err(gone(&g));
-            };
-            if let SlotBody::Read { buf: b, .. } = &mut slot.body {
-                *b = Some(buf);
-            }
-            res.map_err(io_err)?;
+            Ok(ChunkKind::OffsetData)
         }
         CHUNK_OFFSET_HOLE => {
-            if command != Command::Read {
-                return Err(unexpected.into());
+            if c.command != Command::Read {
+                return Err(c.unexpected());
             }
             if len != 12 {
-                return Err(bad_len.into());
+                return Err(c.bad_length());
             }
-            let mut p = [0u8; 12];
-            r.read_exact(&mut p).await.map_err(io_err)?;
-            let (off, hole_len) = (be64(&p, 0), u64::from(be32(&p, 8)));
-            if hole_len == 0 {
-                return Err(Violation::BadChunkLength {
-                    chunk_type,
-                    length: 0,
-                }
-                .into());
-            }
-            let mut g = shared.lock();
-            let Some(slot) = g.slots.get_mut(&cookie) else {
-                return Err(gone(&g));
-            };
-            let pos = claim(slot, off, hole_len)?;
-            if let SlotBody::Read { buf: Some(b), .. } = &mut slot.body {
-                b[pos..pos + hole_len as usize].fill(0);
-            }
+            Ok(ChunkKind::OffsetHole)
         }
         CHUNK_BLOCK_STATUS | CHUNK_BLOCK_STATUS_EXT => {
-            let right_kind = (chunk_type == CHUNK_BLOCK_STATUS) == (mode != HeaderMode::Extended);
-            if command != Command::BlockStatus || !right_kind {
-                return Err(unexpected.into());
+            let right_kind = (c.chunk_type == CHUNK_BLOCK_STATUS) == (mode != HeaderMode::Extended);
+            if c.command != Command::BlockStatus || !right_kind {
+                return Err(c.unexpected());
             }
             if len > MAX_METADATA_CHUNK {
-                return Err(bad_len.into());
+                return Err(c.bad_length());
             }
-            let p = read_payload(r, len).await?;
-            let mut extents = Vec::new();
-            let id = if chunk_type == CHUNK_BLOCK_STATUS {
-                decode_block_status(&p, &mut extents)?
-            } else {
-                decode_block_status_ext(&p, &mut extents)?
-            };
-            let mut g = shared.lock();
-            let Some(slot) = g.slots.get_mut(&cookie) else {
-                return Err(gone(&g));
-            };
-            if Some(id) == shared.export.base_allocation {
-                let SlotBody::BlockStatus { extents: e, seen } = &mut slot.body else {
-                    unreachable!("checked command")
-                };
-                if *seen {
-                    return Err(Violation::DuplicateBlockStatus.into());
-                }
-                *seen = true;
-                *e = extents;
-            }
+            Ok(ChunkKind::BlockStatus)
         }
         t if t & CHUNK_FLAG_ERROR != 0 => {
             if len > MAX_ERROR_CHUNK {
-                return Err(bad_len.into());
+                return Err(c.bad_length());
             }
-            let p = read_payload(r, len).await?;
-            let known = if t == CHUNK_ERROR_OFFSET {
-                CHUNK_ERROR_OFFSET
-            } else {
-                CHUNK_ERROR
-            };
-            let ec = decode_error_chunk(known, &p)?;
-            if let Some(o) = ec.offset {
-                if o < req_offset || o - req_offset >= req_length.max(1) {
-                    return Err(Violation::ErrorOffsetOutOfRange(o).into());
-                }
-            }
-            let mut g = shared.lock();
-            let Some(slot) = g.slots.get_mut(&cookie) else {
-                return Err(gone(&g));
-            };
-            if slot.error.is_none() {
-                slot.error = Some(server_error(slot, ec.errno, ec.message, ec.offset));
-            }
+            Ok(ChunkKind::Error)
         }
-        _ => return Err(unexpected.into()),
+        _ => Err(c.unexpected()),
     }
-    if done {
+}
+
+/// OFFSET_DATA (length checked): read the data straight into the request's buffer.
+async fn offset_data_chunk<R: AsyncRead + Unpin>(
+    r: &mut R,
+    shared: &Shared,
+    c: &ChunkHeader,
+) -> Result<(), Error> {
+    let mut o = [0u8; 8];
+    r.read_exact(&mut o).await.map_err(io_err)?;
+    let off = u64::from_be_bytes(o);
+    let data_len = c.len - 8;
+    let (pos, mut buf) = {
         let mut g = shared.lock();
-        let Some(slot) = g.slots.get_mut(&cookie) else {
+        let Some(slot) = g.slots.get_mut(&c.cookie) else {
             return Err(gone(&g));
         };
-        let result = if let Some(e) = slot.error.take() {
-            Err(e)
-        } else {
-            match &mut slot.body {
-                SlotBody::Read { buf, covered } => {
-                    if !covered.is_complete(slot.length) {
-                        return Err(Violation::ReadIncomplete {
-                            req_offset: slot.offset,
-                            req_length: slot.length,
-                            received: covered.received(),
-                        }
-                        .into());
-                    }
-                    Ok(Completion::Read(buf.take().unwrap_or_default()))
-                }
-                SlotBody::BlockStatus { extents, seen } => {
-                    if !*seen {
-                        return Err(Violation::NoExtents.into());
-                    }
-                    Ok(Completion::BlockStatus(std::mem::take(extents)))
-                }
-                SlotBody::Other => Ok(Completion::Done),
-            }
+        let pos = claim(slot, off, data_len)?;
+        let SlotBody::Read { buf, .. } = &mut slot.body else {
+            unreachable!("checked command")
         };
-        complete(shared, &mut g, cookie, result);
+        (pos, buf.take().ok_or(Violation::SimpleReplyToRead)?)
+    };
+    let res = r.read_exact(&mut buf[pos..pos + data_len as usize]).await;
+    let mut g = shared.lock();
+    let Some(slot) = g.slots.get_mut(&c.cookie) else {
+        return Err(gone(&g));
+    };
+    if let SlotBody::Read { buf: b, .. } = &mut slot.body {
+        *b = Some(buf);
+    }
+    res.map_err(io_err)?;
+    Ok(())
+}
+
+/// OFFSET_HOLE (length checked): zero the range in the request's buffer.
+async fn offset_hole_chunk<R: AsyncRead + Unpin>(
+    r: &mut R,
+    shared: &Shared,
+    c: &ChunkHeader,
+) -> Result<(), Error> {
+    let mut p = [0u8; 12];
+    r.read_exact(&mut p).await.map_err(io_err)?;
+    let (off, hole_len) = (be64(&p, 0), u64::from(be32(&p, 8)));
+    if hole_len == 0 {
+        return Err(Violation::BadChunkLength {
+            chunk_type: c.chunk_type,
+            length: 0,
+        }
+        .into());
+    }
+    let mut g = shared.lock();
+    let Some(slot) = g.slots.get_mut(&c.cookie) else {
+        return Err(gone(&g));
+    };
+    let pos = claim(slot, off, hole_len)?;
+    if let SlotBody::Read { buf: Some(b), .. } = &mut slot.body {
+        b[pos..pos + hole_len as usize].fill(0);
     }
     Ok(())
+}
+
+/// BLOCK_STATUS or BLOCK_STATUS_EXT (kind and length checked): keep the extents of
+/// `base:allocation`, once.
+async fn block_status_chunk<R: AsyncRead + Unpin>(
+    r: &mut R,
+    shared: &Shared,
+    c: &ChunkHeader,
+) -> Result<(), Error> {
+    let p = read_payload(r, c.len).await?;
+    let mut extents = Vec::new();
+    let id = if c.chunk_type == CHUNK_BLOCK_STATUS {
+        decode_block_status(&p, &mut extents)?
+    } else {
+        decode_block_status_ext(&p, &mut extents)?
+    };
+    let mut g = shared.lock();
+    let Some(slot) = g.slots.get_mut(&c.cookie) else {
+        return Err(gone(&g));
+    };
+    if Some(id) == shared.export.base_allocation {
+        let SlotBody::BlockStatus { extents: e, seen } = &mut slot.body else {
+            unreachable!("checked command")
+        };
+        if *seen {
+            return Err(Violation::DuplicateBlockStatus.into());
+        }
+        *seen = true;
+        *e = extents;
+    }
+    Ok(())
+}
+
+/// An error chunk (length checked): remember the first error the server reports for the request.
+async fn error_chunk<R: AsyncRead + Unpin>(
+    r: &mut R,
+    shared: &Shared,
+    c: &ChunkHeader,
+) -> Result<(), Error> {
+    let p = read_payload(r, c.len).await?;
+    let known = if c.chunk_type == CHUNK_ERROR_OFFSET {
+        CHUNK_ERROR_OFFSET
+    } else {
+        CHUNK_ERROR
+    };
+    let ec = decode_error_chunk(known, &p)?;
+    if let Some(o) = ec.offset {
+        if o < c.req_offset || o - c.req_offset >= c.req_length.max(1) {
+            return Err(Violation::ErrorOffsetOutOfRange(o).into());
+        }
+    }
+    let mut g = shared.lock();
+    let Some(slot) = g.slots.get_mut(&c.cookie) else {
+        return Err(gone(&g));
+    };
+    if slot.error.is_none() {
+        slot.error = Some(server_error(slot, ec.errno, ec.message, ec.offset));
+    }
+    Ok(())
+}
+
+/// The DONE chunk arrived: finish the request with its error or its checked result.
+fn complete_chunked(shared: &Shared, cookie: u64) -> Result<(), Error> {
+    let mut g = shared.lock();
+    let Some(slot) = g.slots.get_mut(&cookie) else {
+        return Err(gone(&g));
+    };
+    let result = match slot.error.take() {
+        Some(e) => Err(e),
+        None => Ok(take_completion(slot)?),
+    };
+    complete(shared, &mut g, cookie, result);
+    Ok(())
+}
+
+/// The result of a request whose chunks are all in: a read must be covered entirely, a block
+/// status request must have had its extents.
+fn take_completion(slot: &mut Slot) -> Result<Completion, Violation> {
+    match &mut slot.body {
+        SlotBody::Read { buf, covered } => {
+            if !covered.is_complete(slot.length) {
+                return Err(Violation::ReadIncomplete {
+                    req_offset: slot.offset,
+                    req_length: slot.length,
+                    received: covered.received(),
+                });
+            }
+            Ok(Completion::Read(buf.take().unwrap_or_default()))
+        }
+        SlotBody::BlockStatus { extents, seen } => {
+            if !*seen {
+                return Err(Violation::NoExtents);
+            }
+            Ok(Completion::BlockStatus(std::mem::take(extents)))
+        }
+        SlotBody::Other => Ok(Completion::Done),
+    }
 }
 
 #[cfg(test)]

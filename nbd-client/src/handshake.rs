@@ -281,154 +281,196 @@ async fn negotiate_options<S: AsyncRead + AsyncWrite + Unpin>(
         });
     }
     let no_zeroes = greet(s).await?;
+    let mode = negotiate_header_mode(s).await?;
+    // Meta context, immediately followed by GO.
+    let base_allocation = if mode.structured() {
+        set_meta_context(s, export).await?
+    } else {
+        None
+    };
+    go(s, export, no_zeroes, mode, base_allocation).await
+}
 
-    // Header mode.
-    let mut mode = HeaderMode::Simple;
+/// EXTENDED_HEADERS, else STRUCTURED_REPLY, else simple replies. Only a TLS requirement is fatal.
+async fn negotiate_header_mode<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+) -> Result<HeaderMode, Error> {
     match simple_option(s, OPT_EXTENDED_HEADERS).await? {
-        Ok(()) => mode = HeaderMode::Extended,
+        Ok(()) => return Ok(HeaderMode::Extended),
         Err((REP_ERR_TLS_REQD, p)) => {
             return Err(refused(OPT_EXTENDED_HEADERS, REP_ERR_TLS_REQD, &p))
         }
-        Err(_) => match simple_option(s, OPT_STRUCTURED_REPLY).await? {
-            Ok(()) => mode = HeaderMode::Structured,
-            Err((REP_ERR_TLS_REQD, p)) => {
-                return Err(refused(OPT_STRUCTURED_REPLY, REP_ERR_TLS_REQD, &p))
-            }
-            Err(_) => {}
-        },
+        Err(_) => {}
     }
+    match simple_option(s, OPT_STRUCTURED_REPLY).await? {
+        Ok(()) => Ok(HeaderMode::Structured),
+        Err((REP_ERR_TLS_REQD, p)) => Err(refused(OPT_STRUCTURED_REPLY, REP_ERR_TLS_REQD, &p)),
+        Err(_) => Ok(HeaderMode::Simple),
+    }
+}
 
-    // Meta context, immediately followed by GO.
+/// SET_META_CONTEXT `base:allocation`: its context id, or `None` when the server refuses (no
+/// block status then).
+async fn set_meta_context<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    export: &str,
+) -> Result<Option<u32>, Error> {
+    let data = encode_meta_context_data(export, &[BASE_ALLOCATION]);
+    send_option(s, OPT_SET_META_CONTEXT, &data).await?;
     let mut base_allocation = None;
-    if mode.structured() {
-        let data = encode_meta_context_data(export, &[BASE_ALLOCATION]);
-        send_option(s, OPT_SET_META_CONTEXT, &data).await?;
-        loop {
-            let (reply, payload) = read_option_reply(s, OPT_SET_META_CONTEXT).await?;
-            match reply {
-                REP_META_CONTEXT => {
-                    if payload.len() < 5 {
-                        return Err(Violation::BadOptionReply {
-                            option: OPT_SET_META_CONTEXT,
-                            detail: "META_CONTEXT reply too short",
-                        }
-                        .into());
-                    }
-                    let id = be32(&payload, 0);
-                    if &payload[4..] == BASE_ALLOCATION.as_bytes() {
-                        if base_allocation.is_some() {
-                            return Err(Violation::BadOptionReply {
-                                option: OPT_SET_META_CONTEXT,
-                                detail: "base:allocation selected twice",
-                            }
-                            .into());
-                        }
-                        base_allocation = Some(id);
-                    }
+    loop {
+        let (reply, payload) = read_option_reply(s, OPT_SET_META_CONTEXT).await?;
+        match reply {
+            REP_META_CONTEXT => meta_context_reply(&payload, &mut base_allocation)?,
+            REP_ACK if payload.is_empty() => return Ok(base_allocation),
+            r if r & REP_FLAG_ERROR != 0 => {
+                if r == REP_ERR_TLS_REQD {
+                    return Err(refused(OPT_SET_META_CONTEXT, r, &payload));
                 }
-                REP_ACK if payload.is_empty() => break,
-                r if r & REP_FLAG_ERROR != 0 => {
-                    if r == REP_ERR_TLS_REQD {
-                        return Err(refused(OPT_SET_META_CONTEXT, r, &payload));
-                    }
-                    tracing::debug!(
-                        reply = reply_name(r),
-                        "SET_META_CONTEXT refused; no block status"
-                    );
-                    base_allocation = None;
-                    break;
+                tracing::debug!(
+                    reply = reply_name(r),
+                    "SET_META_CONTEXT refused; no block status"
+                );
+                return Ok(None);
+            }
+            _ => {
+                return Err(Violation::BadOptionReply {
+                    option: OPT_SET_META_CONTEXT,
+                    detail: "expected META_CONTEXT, ACK or an error",
                 }
-                _ => {
-                    return Err(Violation::BadOptionReply {
-                        option: OPT_SET_META_CONTEXT,
-                        detail: "expected META_CONTEXT, ACK or an error",
-                    }
-                    .into())
-                }
+                .into())
             }
         }
     }
+}
 
+/// One META_CONTEXT reply: record the id of `base:allocation`, which may be selected only once.
+fn meta_context_reply(payload: &[u8], base_allocation: &mut Option<u32>) -> Result<(), Violation> {
+    if payload.len() < 5 {
+        return Err(Violation::BadOptionReply {
+            option: OPT_SET_META_CONTEXT,
+            detail: "META_CONTEXT reply too short",
+        });
+    }
+    let id = be32(payload, 0);
+    if &payload[4..] == BASE_ALLOCATION.as_bytes() {
+        if base_allocation.is_some() {
+            return Err(Violation::BadOptionReply {
+                option: OPT_SET_META_CONTEXT,
+                detail: "base:allocation selected twice",
+            });
+        }
+        *base_allocation = Some(id);
+    }
+    Ok(())
+}
+
+/// What the INFO replies to GO told us.
+#[derive(Debug, Default)]
+struct GoInfo {
+    size_flags: Option<(u64, u16)>,
+    block_size: BlockSize,
+    description: Option<String>,
+}
+
+fn bad_go_reply(detail: &'static str) -> Error {
+    Error::from(Violation::BadOptionReply {
+        option: OPT_GO,
+        detail,
+    })
+}
+
+/// GO with the info items we want; falls back to EXPORT_NAME when GO is unsupported (unless
+/// extended headers were negotiated, which imply GO).
+async fn go<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    export: &str,
+    no_zeroes: bool,
+    mode: HeaderMode,
+    base_allocation: Option<u32>,
+) -> Result<ExportInfo, Error> {
     let data = encode_go_data(export, &[INFO_BLOCK_SIZE, INFO_NAME, INFO_DESCRIPTION]);
     send_option(s, OPT_GO, &data).await?;
-    let mut size_flags = None;
-    let mut block_size = BlockSize::default();
-    let mut description = None;
-    let bad_info = |detail| {
-        Error::from(Violation::BadOptionReply {
-            option: OPT_GO,
-            detail,
-        })
-    };
+    let mut info = GoInfo::default();
     loop {
         let (reply, payload) = read_option_reply(s, OPT_GO).await?;
         match reply {
-            REP_INFO => {
-                if payload.len() < 2 {
-                    return Err(bad_info("INFO reply too short"));
-                }
-                match be16(&payload, 0) {
-                    INFO_EXPORT => {
-                        if payload.len() != 12 {
-                            return Err(bad_info("INFO_EXPORT of wrong length"));
-                        }
-                        size_flags = Some((be64(&payload, 2), be16(&payload, 10)));
-                    }
-                    INFO_BLOCK_SIZE => {
-                        if payload.len() != 14 {
-                            return Err(bad_info("INFO_BLOCK_SIZE of wrong length"));
-                        }
-                        let (min, pref, max) =
-                            (be32(&payload, 2), be32(&payload, 6), be32(&payload, 10));
-                        let sane = min.is_power_of_two()
-                            && min <= 65536
-                            && pref.is_power_of_two()
-                            && pref >= min.max(512)
-                            && max >= pref;
-                        if sane {
-                            block_size = BlockSize {
-                                minimum: min,
-                                preferred: pref,
-                                maximum: max,
-                                advertised: true,
-                            };
-                        } else {
-                            tracing::debug!(
-                                min,
-                                pref,
-                                max,
-                                "ignoring inconsistent block size constraints"
-                            );
-                        }
-                    }
-                    INFO_DESCRIPTION => {
-                        description = Some(String::from_utf8_lossy(&payload[2..]).into_owned());
-                    }
-                    _ => {} // NAME and unknown items: ignored.
-                }
-            }
+            REP_INFO => go_info_reply(&payload, &mut info)?,
             REP_ACK if payload.is_empty() => break,
             REP_ERR_UNSUP if mode != HeaderMode::Extended => {
-                let info = export_name_fallback(s, export, no_zeroes, mode).await?;
-                return Ok(info);
+                return export_name_fallback(s, export, no_zeroes, mode).await;
             }
             r if r & REP_FLAG_ERROR != 0 => return Err(refused(OPT_GO, r, &payload)),
-            _ => return Err(bad_info("expected INFO, ACK or an error")),
+            _ => return Err(bad_go_reply("expected INFO, ACK or an error")),
         }
     }
-    let (size, flags) = size_flags.ok_or(Violation::BadExportInfo(
+    let (size, flags) = info.size_flags.ok_or(Violation::BadExportInfo(
         "GO acknowledged without INFO_EXPORT",
     ))?;
     finish(
         export,
-        description,
+        info.description,
         size,
         flags,
-        block_size,
+        info.block_size,
         mode,
         base_allocation,
         false,
     )
+}
+
+/// One INFO reply to GO: EXPORT, BLOCK_SIZE and DESCRIPTION are kept, NAME and unknown items
+/// ignored.
+fn go_info_reply(payload: &[u8], info: &mut GoInfo) -> Result<(), Error> {
+    if payload.len() < 2 {
+        return Err(bad_go_reply("INFO reply too short"));
+    }
+    match be16(payload, 0) {
+        INFO_EXPORT => {
+            if payload.len() != 12 {
+                return Err(bad_go_reply("INFO_EXPORT of wrong length"));
+            }
+            info.size_flags = Some((be64(payload, 2), be16(payload, 10)));
+        }
+        INFO_BLOCK_SIZE => {
+            if payload.len() != 14 {
+                return Err(bad_go_reply("INFO_BLOCK_SIZE of wrong length"));
+            }
+            let (min, pref, max) = (be32(payload, 2), be32(payload, 6), be32(payload, 10));
+            if let Some(b) = sane_block_size(min, pref, max) {
+                info.block_size = b;
+            }
+        }
+        INFO_DESCRIPTION => {
+            info.description = Some(String::from_utf8_lossy(&payload[2..]).into_owned());
+        }
+        _ => {} // NAME and unknown items: ignored.
+    }
+    Ok(())
+}
+
+/// Advertised block size constraints, if consistent (else they are ignored).
+fn sane_block_size(min: u32, pref: u32, max: u32) -> Option<BlockSize> {
+    let sane = min.is_power_of_two()
+        && min <= 65536
+        && pref.is_power_of_two()
+        && pref >= min.max(512)
+        && max >= pref;
+    if !sane {
+        tracing::debug!(
+            min,
+            pref,
+            max,
+            "ignoring inconsistent block size constraints"
+        );
+        return None;
+    }
+    Some(BlockSize {
+        minimum: min,
+        preferred: pref,
+        maximum: max,
+        advertised: true,
+    })
 }
 
 #[allow(clippy::too_many_arguments)]

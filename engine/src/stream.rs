@@ -220,6 +220,14 @@ impl StreamHandle {
         self.shared.cancelled.load(Ordering::Acquire)
     }
 
+    /// The error of a job cancelled with everything below `offset` done.
+    fn cancelled_at(&self, offset: u64) -> Error {
+        Error::Cancelled {
+            offset,
+            total: self.shared.total,
+        }
+    }
+
     fn set_state(&self, state: JobState) {
         *self.shared.state.lock() = state;
     }
@@ -542,10 +550,6 @@ impl StreamJob {
 async fn run(dev: &Arc<dyn Populate>, h: &StreamHandle, options: &StreamOptions) -> Result<()> {
     let size = dev.size();
     let cs = dev.cluster_size();
-    let cancelled = |offset: u64| Error::Cancelled {
-        offset,
-        total: size,
-    };
     let mut pass = 0;
     loop {
         pass += 1;
@@ -554,81 +558,18 @@ async fn run(dev: &Arc<dyn Populate>, h: &StreamHandle, options: &StreamOptions)
         // Counters describe the first pass; later passes only mop up.
         while pos < size {
             if h.wait_unpaused().await {
-                return Err(cancelled(h.shared.offset.load(Ordering::Acquire)));
+                return Err(h.cancelled_at(h.shared.offset.load(Ordering::Acquire)));
             }
             let p = plan(&**dev, pos, (pos + PLAN_WINDOW).min(size), PLAN_BUDGET).await?;
-            let to = p.end;
             if pass == 1 {
                 h.shared.skipped.fetch_add(p.skipped, Ordering::AcqRel);
                 h.shared.local.fetch_add(p.local, Ordering::AcqRel);
             }
             let limit = h.shared.rate_limit.load(Ordering::Acquire);
-            let mut max = options.request_bytes.max(cs) / cs * cs;
-            if limit > 0 {
-                max = max.min((limit / 4).max(cs) / cs * cs);
-            }
-            let reqs = requests(&p.copy, max);
+            let reqs = requests(&p.copy, request_max(options, cs, limit));
             found_work |= !reqs.is_empty();
-            let mut set: JoinSet<(u64, Result<()>)> = JoinSet::new();
-            let mut in_flight: std::collections::BTreeSet<u64> = Default::default();
-            let mut next = 0;
-            let mut failure: Option<Error> = None;
-            while next < reqs.len() || !set.is_empty() {
-                while failure.is_none() && next < reqs.len() && set.len() < options.in_flight.max(1)
-                {
-                    let (o, l) = reqs[next];
-                    if h.wait_unpaused().await || h.charge(l).await {
-                        set.abort_all();
-                        return Err(cancelled(in_flight.first().copied().unwrap_or(o)));
-                    }
-                    in_flight.insert(o);
-                    h.shared
-                        .offset
-                        .store(in_flight.first().copied().unwrap_or(o), Ordering::Release);
-                    let d = Arc::clone(dev);
-                    let hh = h.clone();
-                    let retries = options.retries;
-                    set.spawn(async move { (o, copy_one(d, hh, o, l, retries).await) });
-                    next += 1;
-                }
-                if set.is_empty() {
-                    break;
-                }
-                let joined = tokio::select! {
-                    j = set.join_next() => j,
-                    c = h.cancelled_or_nudged() => {
-                        if c {
-                            set.abort_all();
-                            return Err(cancelled(in_flight.first().copied().unwrap_or(pos)));
-                        }
-                        continue;
-                    }
-                };
-                let Some(j) = joined else { break };
-                match j {
-                    Ok((o, Ok(()))) => {
-                        in_flight.remove(&o);
-                        let frontier = in_flight
-                            .first()
-                            .copied()
-                            .unwrap_or_else(|| reqs.get(next).map_or(to, |r| r.0));
-                        h.shared.offset.store(frontier, Ordering::Release);
-                    }
-                    Ok((_, Err(e))) => {
-                        if failure.is_none() {
-                            failure = Some(e);
-                        }
-                    }
-                    Err(e) if e.is_cancelled() => {}
-                    Err(e) => {
-                        failure.get_or_insert(Error::task("stream copy")(e));
-                    }
-                }
-            }
-            if let Some(e) = failure {
-                return Err(e);
-            }
-            pos = to;
+            copy_window(dev, h, options, &reqs, pos, p.end).await?;
+            pos = p.end;
             h.shared.offset.store(pos, Ordering::Release);
         }
         if !found_work || pass >= 3 {
@@ -639,7 +580,7 @@ async fn run(dev: &Arc<dyn Populate>, h: &StreamHandle, options: &StreamOptions)
         }
     }
     if h.is_cancelled() {
-        return Err(cancelled(size));
+        return Err(h.cancelled_at(size));
     }
     if !options.keep_backing && dev.backing().is_some() {
         dev.drop_backing_link().await.map_err(Error::device)?;
@@ -647,6 +588,84 @@ async fn run(dev: &Arc<dyn Populate>, h: &StreamHandle, options: &StreamOptions)
         dev.flush().await.map_err(Error::device)?;
     }
     Ok(())
+}
+
+/// The largest copy request: the configured size in whole clusters, and no more than a quarter
+/// second's worth under a rate limit (so the limit is smooth).
+fn request_max(options: &StreamOptions, cs: u64, limit: u64) -> u64 {
+    let mut max = options.request_bytes.max(cs) / cs * cs;
+    if limit > 0 {
+        max = max.min((limit / 4).max(cs) / cs * cs);
+    }
+    max
+}
+
+/// Copies the requests of one planned window `[pos, to)`, [`StreamOptions::in_flight`] at a
+/// time, keeping the progress offset at the lowest request still in flight. The first failure
+/// stops new requests and is returned once those in flight have ended; a cancel aborts them.
+async fn copy_window(
+    dev: &Arc<dyn Populate>,
+    h: &StreamHandle,
+    options: &StreamOptions,
+    reqs: &[(u64, u64)],
+    pos: u64,
+    to: u64,
+) -> Result<()> {
+    let mut set: JoinSet<(u64, Result<()>)> = JoinSet::new();
+    let mut in_flight: std::collections::BTreeSet<u64> = Default::default();
+    let mut next = 0;
+    let mut failure: Option<Error> = None;
+    while next < reqs.len() || !set.is_empty() {
+        while failure.is_none() && next < reqs.len() && set.len() < options.in_flight.max(1) {
+            let (o, l) = reqs[next];
+            if h.wait_unpaused().await || h.charge(l).await {
+                set.abort_all();
+                return Err(h.cancelled_at(in_flight.first().copied().unwrap_or(o)));
+            }
+            in_flight.insert(o);
+            h.shared
+                .offset
+                .store(in_flight.first().copied().unwrap_or(o), Ordering::Release);
+            let (d, hh, retries) = (Arc::clone(dev), h.clone(), options.retries);
+            set.spawn(async move { (o, copy_one(d, hh, o, l, retries).await) });
+            next += 1;
+        }
+        if set.is_empty() {
+            break;
+        }
+        let joined = tokio::select! {
+            j = set.join_next() => j,
+            c = h.cancelled_or_nudged() => {
+                if c {
+                    set.abort_all();
+                    return Err(h.cancelled_at(in_flight.first().copied().unwrap_or(pos)));
+                }
+                continue;
+            }
+        };
+        let Some(j) = joined else { break };
+        match j {
+            Ok((o, Ok(()))) => {
+                in_flight.remove(&o);
+                let frontier = in_flight
+                    .first()
+                    .copied()
+                    .unwrap_or_else(|| reqs.get(next).map_or(to, |r| r.0));
+                h.shared.offset.store(frontier, Ordering::Release);
+            }
+            Ok((_, Err(e))) => {
+                failure.get_or_insert(e);
+            }
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => {
+                failure.get_or_insert(Error::task("stream copy")(e));
+            }
+        }
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// What [`step`] did.

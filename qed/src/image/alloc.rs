@@ -330,10 +330,11 @@ impl Image {
     /// data.
     pub fn populate(
         &self,
-        offset: u64,
+        offset: GuestOffset,
         data: &[u8],
         zero_clusters: bool,
     ) -> Result<PopulateOutcome> {
+        let offset = offset.0;
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
         let g = self.geometry();
@@ -444,7 +445,7 @@ mod tests {
     const CS: u64 = 65536;
 
     fn host_of(image: &Image, guest: u64) -> u64 {
-        match image.mapping_at(guest, 1).unwrap().0 {
+        match image.mapping_at(GuestOffset(guest), 1).unwrap().0 {
             Mapping::Data(h) => h.0,
             other => panic!("{guest:#x} maps to {other:?}"),
         }
@@ -515,7 +516,7 @@ mod tests {
         let end = image.file_end();
         image.write_zeroes(CS, 4 * CS).unwrap();
         assert_eq!(
-            image.mapping_at(CS, 4 * CS).unwrap(),
+            image.mapping_at(GuestOffset(CS), 4 * CS).unwrap(),
             (Mapping::Zero, 4 * CS)
         );
         // Only the new L2 table was allocated, no data cluster.
@@ -530,7 +531,7 @@ mod tests {
         image.read_at(&mut buf, 8 * CS).unwrap();
         assert_eq!(buf, [0u8; 10]);
         assert!(matches!(
-            image.mapping_at(8 * CS, 1).unwrap().0,
+            image.mapping_at(GuestOffset(8 * CS), 1).unwrap().0,
             Mapping::Data(_)
         ));
     }
@@ -541,7 +542,7 @@ mod tests {
         image.write_at(&[8u8; 1], CS).unwrap();
         let mut data = vec![4u8; 3 * CS as usize];
         data[2 * CS as usize..].fill(0);
-        let out = image.populate(0, &data, true).unwrap();
+        let out = image.populate(GuestOffset(0), &data, true).unwrap();
         assert_eq!(
             out,
             PopulateOutcome {
@@ -553,10 +554,15 @@ mod tests {
         let mut b = [0u8; 2];
         image.read_at(&mut b, CS).unwrap();
         assert_eq!(b, [8, 0]);
-        assert_eq!(image.mapping_at(2 * CS, 1).unwrap().0, Mapping::Zero);
-        let again = image.populate(0, &data, false).unwrap();
+        assert_eq!(
+            image.mapping_at(GuestOffset(2 * CS), 1).unwrap().0,
+            Mapping::Zero
+        );
+        let again = image.populate(GuestOffset(0), &data, false).unwrap();
         assert_eq!(again.skipped, 3 * CS);
-        assert!(image.populate(1, &data[..CS as usize], true).is_err());
+        assert!(image
+            .populate(GuestOffset(1), &data[..CS as usize], true)
+            .is_err());
     }
 
     #[test]

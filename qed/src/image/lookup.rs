@@ -59,7 +59,8 @@ impl Image {
 
     /// The mapping of `[offset, offset + length)`, as extents of one kind each (data extents
     /// are contiguous in the file). Clamped to the virtual size.
-    pub fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+    pub fn map(&self, offset: GuestOffset, length: u64) -> Result<Vec<Extent>> {
+        let offset = offset.0;
         let end = offset.saturating_add(length).min(self.size());
         let mut out: Vec<Extent> = Vec::new();
         let mut pos = offset;
@@ -74,7 +75,7 @@ impl Image {
             match out.last_mut() {
                 Some(last) if joins => last.length += len,
                 _ => out.push(Extent {
-                    offset: pos,
+                    offset: GuestOffset(pos),
                     length: len,
                     mapping,
                 }),
@@ -85,12 +86,12 @@ impl Image {
     }
 
     /// The mapping at `offset` and how far it extends (at most `max_len`, within the disk).
-    pub fn mapping_at(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
+    pub fn mapping_at(&self, offset: GuestOffset, max_len: u64) -> Result<(Mapping, u64)> {
         let size = self.size();
-        if offset >= size {
-            return Err(out_of_range(offset, max_len, size));
+        if offset.0 >= size {
+            return Err(out_of_range(offset.0, max_len, size));
         }
-        self.lookup_run(GuestOffset(offset), max_len.min(size - offset))
+        self.lookup_run(offset, max_len.min(size - offset.0))
     }
 
     /// Reads the backing's bytes at `guest` (zeros without a backing file).
@@ -144,11 +145,11 @@ mod tests {
         assert!(span < 8 << 30);
         // One run per L2 table at most, even when nothing is allocated.
         assert_eq!(
-            image.mapping_at(100, 8 << 30).unwrap(),
+            image.mapping_at(GuestOffset(100), 8 << 30).unwrap(),
             (Mapping::Unallocated, span - 100)
         );
-        assert!(image.mapping_at(8 << 30, 1).is_err());
-        assert_eq!(image.map(0, 8 << 30).unwrap().len(), 1);
+        assert!(image.mapping_at(GuestOffset(8 << 30), 1).is_err());
+        assert_eq!(image.map(GuestOffset(0), 8 << 30).unwrap().len(), 1);
     }
 
     #[test]
@@ -156,14 +157,17 @@ mod tests {
         let (_s, image) = image(16 << 20);
         image.write_at(&vec![7u8; 3 * CS as usize], CS).unwrap();
         image.write_zeroes(8 * CS, 2 * CS).unwrap();
-        let Mapping::Data(host) = image.mapping_at(CS + 5, 1 << 20).unwrap().0 else {
+        let Mapping::Data(host) = image.mapping_at(GuestOffset(CS + 5), 1 << 20).unwrap().0 else {
             panic!("expected data");
         };
-        assert_eq!(image.mapping_at(CS + 5, 1 << 20).unwrap().1, 3 * CS - 5);
-        let map = image.map(0, 16 << 20).unwrap();
+        assert_eq!(
+            image.mapping_at(GuestOffset(CS + 5), 1 << 20).unwrap().1,
+            3 * CS - 5
+        );
+        let map = image.map(GuestOffset(0), 16 << 20).unwrap();
         let kinds: Vec<_> = map
             .iter()
-            .map(|e| (e.offset, e.length, e.mapping))
+            .map(|e| (e.offset.0, e.length, e.mapping))
             .collect();
         assert_eq!(
             kinds,

@@ -44,7 +44,7 @@ use crate::layer::{BackingDescription, BackingFormat, BackingOpener, BackingRead
 use crate::layout::{self, Geometry, Header, F_BACKING_FORMAT_NO_PROBE};
 use crate::storage::Storage;
 use crate::tables::Tables;
-use crate::types::HostOffset;
+use crate::types::{GuestOffset, HostOffset};
 
 use alloc::RangeLocks;
 use header::HeaderState;
@@ -142,11 +142,18 @@ pub enum Mapping {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
     /// Guest offset of the first byte.
-    pub offset: u64,
+    pub offset: GuestOffset,
     /// Length in bytes.
     pub length: u64,
     /// What it maps to.
     pub mapping: Mapping,
+}
+
+impl Extent {
+    /// The guest offset just past the extent.
+    pub fn end(&self) -> GuestOffset {
+        self.offset + self.length
+    }
 }
 
 /// The outcome of [`Image::populate`].

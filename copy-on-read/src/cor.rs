@@ -7,7 +7,8 @@
 //! ([`CorDevice::set_copy_on_read`]): misses are then read through without being stored.
 //!
 //! Guest writes, copy-on-read fills and the stream job ([`CorDevice::populate_range`]) take
-//! the same per-cluster-range lock ([`RangeLock`]) and look the mapping up again under it, so
+//! the same guest-cluster-range lock ([`RangeLock`], the only range lock on the path: `qed`
+//! has none) and look the mapping up again under it, so
 //! a guest write is never overwritten by older backing data and a read never sees a
 //! half-written cluster. The lock guard moves into the blocking task that does the image I/O,
 //! so a dropped (cancelled) request keeps its clusters locked until its I/O has really ended.

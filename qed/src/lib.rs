@@ -23,10 +23,15 @@
 //!   codes ([`CheckReport`]). It walks the tables through their API only.
 //! - [`layer`]: what an image needs of its backing: [`BackingRead`], [`BackingOpener`],
 //!   [`BackingFormat`].
-//! - [`image`]: an open [`Image`]: mapping lookups ([`Image::map`]), reads through the backing
-//!   chain, crash-safe allocating writes, zero writes, copy-on-read population
-//!   ([`Image::populate`]), resize and backing-link changes. It uses `tables` and `check`
-//!   (the NEED_CHECK repair at open), never the other way round.
+//! - [`image`]: an open [`Image`]: mapping lookups ([`Image::map`], [`Image::mapping_at`],
+//!   over [`GuestOffset`]s), reads through the backing chain, crash-safe allocating writes,
+//!   zero writes, copy-on-read population ([`Image::populate`]), resize and backing-link
+//!   changes. It uses `tables` and `check` (the NEED_CHECK repair at open), never the other
+//!   way round. It holds no lock on guest ranges: an allocating request claims only the
+//!   clusters whose L2 entries it will change, and an entry leaves the unallocated or zero
+//!   state only under its claim (so each cluster is allocated once, with no lock across data
+//!   I/O); the one range lock belongs to the caller that owns the I/O policy (the
+//!   `copy-on-read` device).
 //! - [`backing`]: the backings themselves ([`RawBacking`], [`QedBacking`]) and the gate every
 //!   backing open goes through ([`FileGate`]: probing policy, confinement, chain depth). It
 //!   opens images, so it sits above [`image`]; it also provides `OpenOptions::default()`

@@ -1,64 +1,13 @@
-//! Allocating writes, zero writes and copy-on-read population, under guest cluster range
-//! locks: new clusters are reserved as one contiguous run at the end of the file, written
-//! whole, and only then linked into the L2 tables (one update per table per request).
+//! Allocating writes, zero writes and copy-on-read population: the clusters that change state
+//! are claimed (see `claims`), new clusters are reserved as one contiguous run at the end of
+//! the file, written whole, and only then linked into the L2 tables (one update per table per
+//! request).
 
-use parking_lot::{Condvar, Mutex};
-
+use super::claims::Claim;
 use super::{Image, Mapping, PopulateOutcome};
 use crate::error::{Error, Result};
 use crate::tables::{L2Update, NewEntry};
 use crate::types::{GuestCluster, GuestOffset, HostOffset};
-
-/// Locks on guest cluster ranges `[start, end)`, held by allocating writes.
-#[derive(Debug, Default)]
-pub(super) struct RangeLocks {
-    held: Mutex<Vec<(GuestCluster, GuestCluster)>>,
-    released: Condvar,
-}
-
-/// A held range; dropping it releases the range.
-pub(super) struct RangeGuard<'a> {
-    locks: &'a RangeLocks,
-    range: (GuestCluster, GuestCluster),
-}
-
-impl RangeLocks {
-    /// Waits until no held range overlaps `[start, end)`, then holds it.
-    pub(super) fn lock(&self, start: GuestCluster, end: GuestCluster) -> RangeGuard<'_> {
-        let mut held = self.held.lock();
-        while held.iter().any(|&(s, e)| s < end && start < e) {
-            self.released.wait(&mut held);
-        }
-        held.push((start, end));
-        RangeGuard {
-            locks: self,
-            range: (start, end),
-        }
-    }
-
-    /// Holds every cluster of the disk.
-    pub(super) fn lock_all(&self) -> RangeGuard<'_> {
-        self.lock(GuestCluster(0), GuestCluster(u64::MAX))
-    }
-
-    /// The clusters that `[offset, offset + len)` touches (`len > 0`), locked.
-    fn lock_bytes(&self, image: &Image, offset: u64, len: u64) -> RangeGuard<'_> {
-        let g = image.geometry();
-        let first = GuestOffset(offset).cluster(g);
-        let last = GuestOffset(offset + len - 1).cluster(g);
-        self.lock(first, last.next())
-    }
-}
-
-impl Drop for RangeGuard<'_> {
-    fn drop(&mut self) {
-        let mut held = self.locks.held.lock();
-        if let Some(i) = held.iter().position(|&r| r == self.range) {
-            held.swap_remove(i);
-        }
-        self.locks.released.notify_all();
-    }
-}
 
 /// Splits sorted guest clusters into runs of consecutive clusters: `(first index, end index)`
 /// into `clusters`.
@@ -98,8 +47,35 @@ impl Image {
         if self.write_in_place_if_allocated(data, offset)? {
             return Ok(());
         }
-        let _guard = self.range_locks.lock_bytes(self, offset, data.len() as u64);
-        self.write_locked(data, offset)
+        let claim = self.claim_unlinked(offset, data.len() as u64)?;
+        self.write_claimed(data, offset, &claim)
+    }
+
+    /// The guest clusters of `[offset, offset + len)` (`len > 0`) that are not data, as
+    /// looked up now: those a request over the range may have to link.
+    fn unlinked_clusters(&self, offset: u64, len: u64) -> Result<Vec<GuestCluster>> {
+        let g = self.geometry();
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let (mapping, n) = self.lookup_run(GuestOffset(pos), end - pos)?;
+            if !matches!(mapping, Mapping::Data(_)) {
+                let c0 = GuestOffset(pos).cluster(g).0;
+                let c1 = GuestOffset(pos + n - 1).cluster(g).0;
+                out.extend((c0..=c1).map(GuestCluster));
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+
+    /// Claims the clusters of `[offset, offset + len)` that are not data, waiting for other
+    /// holders. Under the claim, the range's non-data clusters are a subset of the claimed
+    /// ones (data never becomes anything else) and stay what they are until we link them.
+    fn claim_unlinked(&self, offset: u64, len: u64) -> Result<Claim<'_>> {
+        let clusters = self.unlinked_clusters(offset, len)?;
+        Ok(self.claims.claim_all(clusters))
     }
 
     /// Writes in place when every byte maps to data. Returns false (having written nothing)
@@ -132,9 +108,9 @@ impl Image {
             .map_err(Error::io(what, host.0))
     }
 
-    /// The body of an allocating write, under the range lock: in-place runs are written now,
-    /// the rest is allocated as one run, written, and linked.
-    fn write_locked(&self, data: &[u8], offset: u64) -> Result<()> {
+    /// The body of an allocating write, under its claim: in-place runs are written now, the
+    /// rest is allocated as one run, written, and linked.
+    fn write_claimed(&self, data: &[u8], offset: u64, claim: &Claim<'_>) -> Result<()> {
         let g = self.geometry();
         let cs = g.cluster_size();
         let end = offset + data.len() as u64;
@@ -160,6 +136,7 @@ impl Image {
         if to_allocate.is_empty() {
             return Ok(());
         }
+        debug_assert!(to_allocate.iter().all(|&c| claim.holds(c)));
         let _alloc = self.begin_allocation()?;
         let host_base = self.tables.allocate(to_allocate.len() as u64);
         for (i, j) in consecutive_runs(&to_allocate) {
@@ -272,10 +249,11 @@ impl Image {
         Ok(())
     }
 
-    /// Zeroes whole clusters `[pos, end)` (within one L2 table), under their range lock.
+    /// Zeroes whole clusters `[pos, end)` (within one L2 table), under the claim of those that
+    /// are not data.
     fn zero_whole_clusters(&self, pos: u64, end: u64) -> Result<()> {
         let g = self.geometry();
-        let _guard = self.range_locks.lock_bytes(self, pos, end - pos);
+        let claim = self.claim_unlinked(pos, end - pos)?;
         let mut updates: Vec<L2Update> = Vec::new();
         let mut p = pos;
         while p < end {
@@ -292,6 +270,7 @@ impl Image {
             p += len;
         }
         if !updates.is_empty() {
+            debug_assert!(updates.iter().all(|&(c, _)| claim.holds(c)));
             let _alloc = self.begin_allocation()?;
             self.tables.update(&updates)?;
         }
@@ -324,8 +303,8 @@ impl Image {
 
     /// Copy-on-read and streaming: stores `data` (whole clusters starting at the
     /// cluster-aligned `offset`; the last may stop at the disk's end) into the clusters that
-    /// are still unallocated, re-checked under the range lock, so a guest write that got
-    /// there first is never overwritten. All-zero clusters become zero clusters when
+    /// are still unallocated and that no other request has claimed (re-checked under our
+    /// claim), so a guest write that got there first is never overwritten. All-zero clusters become zero clusters when
     /// `zero_clusters` is set and are left unallocated otherwise; they are never stored as
     /// data.
     pub fn populate(
@@ -350,8 +329,9 @@ impl Image {
         if data.is_empty() {
             return Ok(PopulateOutcome::default());
         }
-        let _guard = self.range_locks.lock_bytes(self, offset, data.len() as u64);
-        let plan = self.plan_populate(offset, data, zero_clusters)?;
+        let wanted = self.unlinked_clusters(offset, data.len() as u64)?;
+        let claim = self.claims.claim_free(&wanted);
+        let plan = self.plan_populate(offset, data, zero_clusters, &claim)?;
         if plan.data_clusters.is_empty() && plan.updates.is_empty() {
             return Ok(plan.outcome);
         }
@@ -367,8 +347,14 @@ impl Image {
         Ok(plan.outcome)
     }
 
-    /// Which clusters of a populate are still unallocated, and what becomes of each.
-    fn plan_populate(&self, offset: u64, data: &[u8], zero_clusters: bool) -> Result<Populate> {
+    /// Which clusters of a populate are still unallocated and ours, and what becomes of each.
+    fn plan_populate(
+        &self,
+        offset: u64,
+        data: &[u8],
+        zero_clusters: bool,
+        claim: &Claim<'_>,
+    ) -> Result<Populate> {
         let g = self.geometry();
         let cs = g.cluster_size();
         let end = offset + data.len() as u64;
@@ -385,7 +371,9 @@ impl Image {
                 let n = cs.min(end - p);
                 let chunk = &data[(p - offset) as usize..(p - offset + n) as usize];
                 let c = GuestOffset(p).cluster(g);
-                if chunk.iter().any(|&b| b != 0) {
+                if !claim.holds(c) {
+                    plan.outcome.skipped += n; // another request is linking it
+                } else if chunk.iter().any(|&b| b != 0) {
                     plan.data_clusters.push(c);
                     plan.outcome.written += n;
                 } else if zero_clusters {
@@ -429,7 +417,7 @@ impl Image {
     }
 }
 
-/// What a populate will do, decided under its range lock.
+/// What a populate will do, decided under its claim.
 #[derive(Debug, Default)]
 struct Populate {
     data_clusters: Vec<GuestCluster>,
@@ -566,26 +554,51 @@ mod tests {
     }
 
     #[test]
-    fn range_locks_exclude_overlapping_ranges_only() {
-        let locks = RangeLocks::default();
-        let a = locks.lock(GuestCluster(0), GuestCluster(4));
-        let _b = locks.lock(GuestCluster(4), GuestCluster(8)); // adjacent: no wait
-        let (tx, rx) = std::sync::mpsc::channel();
+    fn populate_skips_clusters_that_another_request_is_linking() {
+        let (_s, image) = image(16 << 20);
+        // An allocating write in flight holds cluster 1 (claimed, not yet linked).
+        let in_flight = image.claims.claim_all(vec![GuestCluster(1)]);
+        let out = image
+            .populate(GuestOffset(0), &vec![6u8; 3 * CS as usize], true)
+            .unwrap();
+        assert_eq!(out.written, 2 * CS);
+        assert_eq!(out.skipped, CS);
+        assert_eq!(
+            image.mapping_at(GuestOffset(CS), 1).unwrap().0,
+            Mapping::Unallocated
+        );
+        drop(in_flight);
+        // The write then links its own data; the populate never overwrote it.
+        image.write_at(&[9u8; 4], CS).unwrap();
+        let mut b = [0u8; 5];
+        image.read_at(&mut b, CS).unwrap();
+        assert_eq!(b, [9, 9, 9, 9, 0]);
+    }
+
+    #[test]
+    fn a_write_waits_for_the_claim_on_its_cluster_then_writes_in_place() {
+        let (_s, image) = image(16 << 20);
+        let before = image.file_end();
+        let in_flight = image.claims.claim_all(vec![GuestCluster(2)]);
         std::thread::scope(|s| {
-            s.spawn(|| {
-                let _c = locks.lock(GuestCluster(3), GuestCluster(5));
-                tx.send(()).unwrap();
-            });
-            assert!(rx
-                .recv_timeout(std::time::Duration::from_millis(100))
-                .is_err());
-            drop(a);
-            // Still blocked by `_b`, which overlaps cluster 4.
-            assert!(rx
-                .recv_timeout(std::time::Duration::from_millis(100))
-                .is_err());
-            drop(_b);
-            rx.recv().unwrap();
+            let writer = s.spawn(|| image.write_at(&[5u8; 10], 2 * CS + 100).unwrap());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            assert!(
+                !writer.is_finished(),
+                "the write did not wait for the claim"
+            );
+            // The holder links the cluster, then releases its claim.
+            let data = vec![1u8; CS as usize];
+            image.write_claimed(&data, 2 * CS, &in_flight).unwrap();
+            drop(in_flight);
+            writer.join().unwrap();
         });
+        let mut b = vec![0u8; CS as usize];
+        image.read_at(&mut b, 2 * CS).unwrap();
+        assert_eq!(&b[99..111], &[1, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 1]);
+        // One L2 table and one data cluster: the waiting write went in place.
+        let table = u64::from(image.geometry().table_size()) * CS;
+        assert_eq!(image.file_end(), before + table + CS);
+        assert_eq!(image.check(crate::Repair::None).unwrap().exit_code(), 0);
     }
 }

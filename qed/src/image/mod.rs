@@ -7,15 +7,18 @@
 //! - `header`: header changes while open: the NEED_CHECK bit around allocations, flush,
 //!   close, resize, the backing link.
 //! - `lookup`: what a guest range maps to ([`Image::map`], [`Image::mapping_at`]) and reads.
-//! - `alloc`: allocating writes, zero writes and copy-on-read population, under guest
-//!   cluster range locks.
+//! - `alloc`: allocating writes, zero writes and copy-on-read population.
+//! - `claims`: the claims that make "allocate these clusters and link them" atomic per
+//!   cluster, in place of a range lock.
 //!
 //! The L1/L2 tables themselves (cache, updates, allocation cursor) live in the crate's
 //! `tables` module, which this one uses and which knows nothing of images.
 //!
-//! Concurrency: every method takes `&self`. Reads and writes into clusters that are already
-//! allocated run concurrently with no lock. A write that must allocate (or turn clusters into
-//! zero clusters) takes a lock on its guest cluster range, looks the mapping up again under it,
+//! Concurrency: every method takes `&self`, and `qed` holds no lock on guest ranges (the one
+//! range lock belongs to the caller that owns the I/O policy, the copy-on-read device). Reads
+//! and writes into clusters that are already allocated run concurrently with no lock. A write
+//! that must allocate (or turn clusters into zero clusters) claims only the clusters that
+//! change state (see `claims` for the invariant), looks the mapping up again under the claim,
 //! allocates all the clusters it needs as one contiguous run at the end of the file, writes the
 //! data, and then updates each L2 table it touches once, under that table's lock; data I/O
 //! never holds a table lock.
@@ -27,6 +30,7 @@
 //! [`Image::close`].
 
 mod alloc;
+mod claims;
 mod header;
 mod lookup;
 mod open;
@@ -46,7 +50,7 @@ use crate::storage::Storage;
 use crate::tables::Tables;
 use crate::types::{GuestOffset, HostOffset};
 
-use alloc::RangeLocks;
+use claims::Claims;
 use header::HeaderState;
 
 /// How an image's backing is handled at open.
@@ -176,7 +180,7 @@ pub struct Image {
     path: Option<PathBuf>,
     state: Mutex<HeaderState>,
     image_size: AtomicU64,
-    range_locks: RangeLocks,
+    claims: Claims,
     backing: RwLock<Option<Arc<dyn BackingRead>>>,
     closed: bool,
 }
@@ -269,14 +273,15 @@ impl Image {
     }
 
     /// Checks the image; with a repair mode other than [`Repair::None`], also repairs what it
-    /// can and clears NEED_CHECK when nothing is left. Takes every lock of the image for the
-    /// duration, so it can run on an image in use (writes wait).
+    /// can and clears NEED_CHECK when nothing is left. Waits for the allocations in flight
+    /// and holds off new ones and every table update for the duration, so it can run on an
+    /// image in use (allocating writes wait).
     pub fn check(&self, repair: Repair) -> Result<CheckReport> {
         let fix = repair != Repair::None;
         if fix && self.is_read_only() {
             return Err(Error::ReadOnly);
         }
-        let _ranges = self.range_locks.lock_all();
+        let _claims = self.claims.freeze();
         let report = {
             let _tables = self.tables.lock_all();
             check::run(&self.tables, self.size(), repair)

@@ -11,6 +11,7 @@
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
+use crate::chain::Chain;
 use crate::error::{Error, Result};
 use crate::image::{Image, OpenOptions};
 pub use crate::layer::{BackingDescription, BackingFormat, BackingOpener, BackingRead};
@@ -67,18 +68,22 @@ impl BackingRead for RawBacking {
     }
 }
 
-/// A QED image used as a backing: reads go through its own mapping and backing chain, and past
-/// its virtual size read as zeros.
+/// A QED image used as a backing: reads go through its own mapping and backing chain (a
+/// [`Chain`]: the image itself never reads its backing), and past its virtual size read as
+/// zeros.
 #[derive(Debug)]
 pub struct QedBacking {
-    image: Image,
+    image: Chain,
     name: String,
 }
 
 impl QedBacking {
-    /// Wraps an opened image.
+    /// Wraps an opened image (over the backing it opened).
     pub fn new(image: Image, name: String) -> QedBacking {
-        QedBacking { image, name }
+        QedBacking {
+            image: Chain::new(image),
+            name,
+        }
     }
 }
 

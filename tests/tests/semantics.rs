@@ -38,10 +38,12 @@ impl BackingOpener for MemQedOpener {
     }
 }
 
-fn mem_image(options: &CreateOptions, opener: impl BackingOpener + 'static) -> Image {
+/// An in-memory image over the backing `opener` opens, read and written through a chain
+/// reader (the image itself never reads its backing).
+fn mem_image(options: &CreateOptions, opener: impl BackingOpener + 'static) -> qed::Chain {
     let storage = MemStorage::new();
     Image::create(&storage, options).unwrap();
-    Image::open(Box::new(storage), options_with(opener)).unwrap()
+    qed::Chain::new(Image::open(Box::new(storage), options_with(opener)).unwrap())
 }
 
 fn with_backing(size: u64, format: BackingFormat) -> CreateOptions {

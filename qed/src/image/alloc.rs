@@ -4,7 +4,7 @@
 //! request).
 
 use super::claims::Claim;
-use super::{Image, Mapping, PopulateOutcome};
+use super::{out_of_range, Image, Mapping, PopulateOutcome};
 use crate::error::{Error, Result};
 use crate::tables::{L2Update, NewEntry};
 use crate::types::{GuestCluster, GuestOffset, HostOffset};
@@ -137,24 +137,48 @@ impl Image {
             return Ok(());
         }
         debug_assert!(to_allocate.iter().all(|&c| claim.holds(c)));
+        self.refuse_backing_gaps(&to_allocate, &prior, offset, end)?;
         let _alloc = self.begin_allocation()?;
         let host_base = self.tables.allocate(to_allocate.len() as u64);
         for (i, j) in consecutive_runs(&to_allocate) {
             let host = host_base + i as u64 * cs;
-            self.write_new_run(&to_allocate[i..j], &prior[i..j], host, data, offset)?;
+            self.write_new_run(&to_allocate[i..j], host, data, offset)?;
         }
         self.flush_before_metadata()?;
         self.tables
             .update(&data_updates(&to_allocate, host_base, cs))
     }
 
+    /// With a backing file, a new cluster that the write `[offset, end)` covers only in part
+    /// (within the disk) and that was unallocated would need the backing's bytes for the rest:
+    /// the image never reads them, so that is an error (copy the cluster up first with
+    /// [`Image::populate`], as [`Chain`](crate::Chain) and the copy-on-read device do).
+    fn refuse_backing_gaps(
+        &self,
+        clusters: &[GuestCluster],
+        prior: &[Mapping],
+        offset: u64,
+        end: u64,
+    ) -> Result<()> {
+        if !self.state.lock().header.has_backing_file() {
+            return Ok(());
+        }
+        let g = self.geometry();
+        let size = self.size();
+        for (&c, &m) in clusters.iter().zip(prior) {
+            let (cs, ce) = (c.start(g).0, c.next().start(g).0.min(size));
+            if m == Mapping::Unallocated && (offset > cs || end < ce) {
+                return Err(self.needs_backing(c.start(g)));
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the new clusters of one guest-contiguous run to `host`: payload from `data`
-    /// where it covers, gaps from the prior contents (zeros for a zero cluster, the backing
-    /// for an unallocated one). At most three writes: head cluster, middle, tail cluster.
+    /// where it covers, zeros in the gaps (see `write_partial_cluster`). At most three writes: head cluster, middle, tail cluster.
     fn write_new_run(
         &self,
         run: &[GuestCluster],
-        prior: &[Mapping],
         host: HostOffset,
         data: &[u8],
         offset: u64,
@@ -167,7 +191,7 @@ impl Image {
             let cg = run[c].start(g).0;
             let at = host + c as u64 * cs;
             if offset > cg || data_end < cg + cs {
-                self.write_partial_cluster(GuestOffset(cg), prior[c], at, data, offset)?;
+                self.write_partial_cluster(GuestOffset(cg), at, data, offset)?;
                 c += 1;
                 continue;
             }
@@ -184,11 +208,12 @@ impl Image {
         Ok(())
     }
 
-    /// Writes one new cluster that `data` covers only in part, the rest from `prior`.
+    /// Writes one new cluster that `data` covers only in part, the rest zeros: the cluster
+    /// was a zero cluster, or unallocated without a backing file, or (`refuse_backing_gaps`
+    /// made sure) the rest lies past the disk's end.
     fn write_partial_cluster(
         &self,
         cluster: GuestOffset,
-        prior: Mapping,
         host: HostOffset,
         data: &[u8],
         offset: u64,
@@ -198,14 +223,6 @@ impl Image {
         let mut buf = vec![0u8; cs as usize];
         let lo = offset.max(cg);
         let hi = (offset + data.len() as u64).min(cg + cs);
-        if prior == Mapping::Unallocated {
-            if lo > cg {
-                self.read_backing(&mut buf[..(lo - cg) as usize], cluster)?;
-            }
-            if hi < cg + cs {
-                self.read_backing(&mut buf[(hi - cg) as usize..], GuestOffset(hi))?;
-            }
-        }
         buf[(lo - cg) as usize..(hi - cg) as usize]
             .copy_from_slice(&data[(lo - offset) as usize..(hi - offset) as usize]);
         self.write_data(&buf, host, "writing new cluster")
@@ -302,7 +319,8 @@ impl Image {
     }
 
     /// Copy-on-read and streaming: stores `data` (whole clusters starting at the
-    /// cluster-aligned `offset`; the last may stop at the disk's end) into the clusters that
+    /// cluster-aligned `offset`; the last may stop at the disk's end or run to its cluster's
+    /// end) into the clusters that
     /// are still unallocated and that no other request has claimed (re-checked under our
     /// claim), so a guest write that got there first is never overwritten. All-zero clusters become zero clusters when
     /// `zero_clusters` is set and are left unallocated otherwise; they are never stored as
@@ -313,17 +331,43 @@ impl Image {
         data: &[u8],
         zero_clusters: bool,
     ) -> Result<PopulateOutcome> {
+        let zeros = if zero_clusters {
+            Zeros::ZeroCluster
+        } else {
+            Zeros::Leave
+        };
+        self.populate_with(offset, data, zeros)
+    }
+
+    /// As [`Image::populate`], but every cluster is stored as data, all-zero ones too: what a
+    /// guest write that covers part of an unallocated cluster leaves, in QEMU and here (the
+    /// [`Chain`](crate::Chain) merges it with the backing and stores it this way).
+    pub fn populate_as_data(&self, offset: GuestOffset, data: &[u8]) -> Result<PopulateOutcome> {
+        self.populate_with(offset, data, Zeros::Data)
+    }
+
+    fn populate_with(
+        &self,
+        offset: GuestOffset,
+        data: &[u8],
+        zeros: Zeros,
+    ) -> Result<PopulateOutcome> {
         let offset = offset.0;
         self.check_writable()?;
-        self.check_range(offset, data.len() as u64)?;
         let g = self.geometry();
+        let size = self.size();
+        let end = offset.saturating_add(data.len() as u64);
+        // The last cluster may also run on past the disk's end (QEMU keeps the backing's
+        // bytes there).
+        if !(end <= size || offset < size && end == g.round_up_to_cluster(size)) {
+            return Err(out_of_range(offset, data.len() as u64, size));
+        }
         if g.offset_in_cluster(offset) != 0 {
             return Err(Error::InvalidOptions(
                 "populate needs a cluster-aligned offset",
             ));
         }
-        let end = offset + data.len() as u64;
-        if g.offset_in_cluster(end) != 0 && end != self.size() {
+        if g.offset_in_cluster(end) != 0 && end != size {
             return Err(Error::InvalidOptions("populate needs whole clusters"));
         }
         if data.is_empty() {
@@ -331,7 +375,7 @@ impl Image {
         }
         let wanted = self.unlinked_clusters(offset, data.len() as u64)?;
         let claim = self.claims.claim_free(&wanted);
-        let plan = self.plan_populate(offset, data, zero_clusters, &claim)?;
+        let plan = self.plan_populate(offset, data, zeros, &claim)?;
         if plan.data_clusters.is_empty() && plan.updates.is_empty() {
             return Ok(plan.outcome);
         }
@@ -352,7 +396,7 @@ impl Image {
         &self,
         offset: u64,
         data: &[u8],
-        zero_clusters: bool,
+        zeros: Zeros,
         claim: &Claim<'_>,
     ) -> Result<Populate> {
         let g = self.geometry();
@@ -373,10 +417,10 @@ impl Image {
                 let c = GuestOffset(p).cluster(g);
                 if !claim.holds(c) {
                     plan.outcome.skipped += n; // another request is linking it
-                } else if chunk.iter().any(|&b| b != 0) {
+                } else if zeros == Zeros::Data || chunk.iter().any(|&b| b != 0) {
                     plan.data_clusters.push(c);
                     plan.outcome.written += n;
-                } else if zero_clusters {
+                } else if zeros == Zeros::ZeroCluster {
                     plan.updates.push((c, NewEntry::Zero));
                     plan.outcome.zeroed += n;
                 } else {
@@ -415,6 +459,17 @@ impl Image {
         self.flush_before_metadata()?;
         Ok(host_base)
     }
+}
+
+/// What a populate does with an all-zero cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Zeros {
+    /// Leave it unallocated.
+    Leave,
+    /// Make it a zero cluster.
+    ZeroCluster,
+    /// Store it as data.
+    Data,
 }
 
 /// What a populate will do, decided under its claim.

@@ -1,12 +1,14 @@
-//! An open QED image: mapping lookups, reads through the backing chain, crash-safe allocating
-//! writes, zero writes, resize and backing-link changes.
+//! An open QED image: mapping lookups, reads of what the image holds, crash-safe allocating
+//! writes, zero writes, population with whole clusters, resize and backing-link changes. The
+//! image never reads its backing (see [`Chain`](crate::Chain) and the `copy-on-read` device).
 //!
 //! The image is split by concern:
 //! - `open`: creating images, opening them (header validation, autoclear bits, NEED_CHECK
 //!   repair, the backing).
 //! - `header`: header changes while open: the NEED_CHECK bit around allocations, flush,
 //!   close, resize, the backing link.
-//! - `lookup`: what a guest range maps to ([`Image::map`], [`Image::mapping_at`]) and reads.
+//! - `lookup`: what a guest range maps to ([`Image::map`], [`Image::mapping_at`]) and reads
+//!   of what the image holds ([`Image::read_allocated`]).
 //! - `alloc`: allocating writes, zero writes and copy-on-read population.
 //! - `claims`: the claims that make "allocate these clusters and link them" atomic per
 //!   cluster, in place of a range lock.
@@ -58,8 +60,9 @@ use header::HeaderState;
 pub enum BackingPolicy {
     /// Open the backing the header names through this opener (gate).
     Open(Arc<dyn BackingOpener>),
-    /// Do not open it. Reads of unallocated clusters fail with [`Error::Backing`]; the caller
-    /// (a copy-on-read device, `check`, `map`) reads the backing itself or does not need it.
+    /// Do not open it. The caller (a copy-on-read device, `check`, `map`) reads the backing
+    /// itself or does not need it. (The image never reads its backing either way: with
+    /// `Open`, [`Image::backing`] hands the opened one to a [`Chain`](crate::Chain).)
     Detached,
 }
 

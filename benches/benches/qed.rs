@@ -3,7 +3,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use qed::{CreateOptions, Image, OpenOptions};
+use qed::{CreateOptions, GuestOffset, Image, OpenOptions};
 use qedstream_benches::XorShift;
 
 const MIB: u64 = 1 << 20;
@@ -27,12 +27,12 @@ fn lookups(c: &mut Criterion) {
         let mut rng = XorShift::new(7);
         b.iter(|| {
             let off = (rng.next_u64() % (256 * MIB)) & !511;
-            black_box(image.mapping_at(off, 65536).unwrap())
+            black_box(image.mapping_at(GuestOffset(off), 65536).unwrap())
         })
     });
     group.throughput(Throughput::Bytes(256 * MIB));
     group.bench_function("map 256 MiB (2048 extents)", |b| {
-        b.iter(|| black_box(image.map(0, 256 * MIB).unwrap().len()))
+        b.iter(|| black_box(image.map(GuestOffset(0), 256 * MIB).unwrap().len()))
     });
     group.finish();
     image.close().unwrap();

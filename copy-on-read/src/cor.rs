@@ -7,7 +7,8 @@
 //! ([`CorDevice::set_copy_on_read`]): misses are then read through without being stored.
 //!
 //! Guest writes, copy-on-read fills and the stream job ([`CorDevice::populate_range`]) take
-//! the same per-cluster-range lock ([`RangeLock`]) and look the mapping up again under it, so
+//! the same guest-cluster-range lock ([`RangeLock`], the only range lock on the path: `qed`
+//! has none) and look the mapping up again under it, so
 //! a guest write is never overwritten by older backing data and a read never sees a
 //! half-written cluster. The lock guard moves into the blocking task that does the image I/O,
 //! so a dropped (cancelled) request keeps its clusters locked until its I/O has really ended.
@@ -30,7 +31,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use tokio::sync::Notify;
 
-use qed::{BackingPolicy, Image, Mapping, OpenOptions};
+use qed::{BackingPolicy, GuestCluster, GuestOffset, Image, Mapping, OpenOptions};
 
 pub use crate::device::PopulateStats;
 use crate::device::{
@@ -272,9 +273,12 @@ impl CorDevice {
     }
 
     /// Cluster range `[c0, c1)` covering guest bytes `[start, end)`.
-    fn clusters(&self, start: u64, end: u64) -> (u64, u64) {
+    fn clusters(&self, start: u64, end: u64) -> (GuestCluster, GuestCluster) {
         let cs = self.cluster_size();
-        (start / cs, end.div_ceil(cs).max(start / cs + 1))
+        (
+            GuestCluster(start / cs),
+            GuestCluster(end.div_ceil(cs).max(start / cs + 1)),
+        )
     }
 
     /// `[start, end)` widened to cluster boundaries, the end clamped to the disk.
@@ -293,7 +297,10 @@ impl CorDevice {
 
     /// The image's own mapping of `[offset, offset + length)` (no backing lookups).
     pub async fn local_map(&self, offset: u64, length: u64) -> Result<Vec<qed::Extent>> {
-        on_image(&self.image, &self.name, move |i| i.map(offset, length)).await
+        on_image(&self.image, &self.name, move |i| {
+            i.map(GuestOffset(offset), length)
+        })
+        .await
     }
 
     /// Copies the unallocated clusters of `[offset, offset + length)` (widened to whole
@@ -325,7 +332,7 @@ impl CorDevice {
         let mut fills = Vec::new();
         for e in extents {
             if e.mapping == Mapping::Unallocated {
-                let data = fetch(backing.as_ref(), e.offset, e.length as usize).await?;
+                let data = fetch(backing.as_ref(), e.offset.0, e.length as usize).await?;
                 fills.push((e.offset, data));
             } else {
                 stats.local += e.length;
@@ -359,7 +366,7 @@ impl CorDevice {
     /// block-stream leaves it; the write is flushed), then closes the backing device. The
     /// caller must have made sure that every unallocated range reads as zeros in the backing.
     pub async fn drop_backing_link(&self) -> Result<()> {
-        let guard = self.locks.lock(0, u64::MAX).await;
+        let guard = self.locks.lock_all().await;
         let image = Arc::clone(&self.image);
         let name = self.name.clone();
         blocking(move || {
@@ -397,7 +404,7 @@ impl CorDevice {
         let (done, bufs) = blocking(move || {
             let local = no_backing
                 || image
-                    .map(offset, bufs.len() as u64)
+                    .map(GuestOffset(offset), bufs.len() as u64)
                     .map_err(Error::qed(&name))?
                     .iter()
                     .all(|e| matches!(e.mapping, Mapping::Data(_)));
@@ -445,20 +452,20 @@ impl CorDevice {
         let extents = self.local_map(offset, data.len() as u64).await?;
         let mut pieces = Vec::new();
         for e in extents {
-            let s = (e.offset - offset) as usize;
-            let e_end = e.offset + e.length;
+            let (e_start, e_end) = (e.offset.0, e.end().0);
+            let s = (e_start - offset) as usize;
             if e.mapping != Mapping::Unallocated {
                 pieces.push(WritePiece::Direct {
-                    at: e.offset,
+                    at: e_start,
                     s,
                     e: s + e.length as usize,
                 });
                 continue;
             }
-            let (ws, we) = self.widen(e.offset, e_end);
+            let (ws, we) = self.widen(e_start, e_end);
             let mut merged = Vec::with_capacity((we - ws) as usize);
-            if ws < e.offset {
-                merged.extend(fetch(backing.as_ref(), ws, (e.offset - ws) as usize).await?);
+            if ws < e_start {
+                merged.extend(fetch(backing.as_ref(), ws, (e_start - ws) as usize).await?);
             }
             merged.extend_from_slice(&data[s..s + e.length as usize]);
             if e_end < we {
@@ -477,7 +484,7 @@ impl CorDevice {
                     }
                     WritePiece::Fill { at, merged } => {
                         let o = image
-                            .populate(at, &merged, true)
+                            .populate(GuestOffset(at), &merged, true)
                             .map_err(Error::qed(&name))?;
                         if o.skipped != 0 {
                             // Cannot happen: the clusters were unallocated under our lock.
@@ -554,7 +561,9 @@ impl CorDevice {
             let _guard = guard;
             let mut n = 0;
             for (at, data) in fills {
-                let o = image.populate(at, &data, true).map_err(Error::qed(&name))?;
+                let o = image
+                    .populate(GuestOffset(at), &data, true)
+                    .map_err(Error::qed(&name))?;
                 n += o.written + o.zeroed;
             }
             Ok(n)
@@ -632,7 +641,7 @@ impl Populate for CorDevice {
             Ok(extents
                 .into_iter()
                 .map(|e| LocalExtent {
-                    offset: e.offset,
+                    offset: e.offset.0,
                     length: e.length,
                     local: e.mapping != Mapping::Unallocated,
                 })
@@ -724,7 +733,7 @@ impl BlockDevice for CorDevice {
             if !self.closed.close() {
                 return Ok(());
             }
-            let guard = self.locks.lock(0, u64::MAX).await;
+            let guard = self.locks.lock_all().await;
             let image = Arc::clone(&self.image);
             let name = self.name.clone();
             blocking(move || {

@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 
-use qed::{Image, Mapping};
+use qed::{GuestOffset, Image, Mapping};
 
 use crate::device::{
     check_range, push_extent, read_padded, status_padded, BlockDevice, Capabilities, Closed,
@@ -48,10 +48,10 @@ pub(crate) fn read_local_into(
 ) -> Result<Vec<(u64, u64)>> {
     let mut missing = Vec::new();
     let extents = image
-        .map(offset, buf.len() as u64)
+        .map(GuestOffset(offset), buf.len() as u64)
         .map_err(Error::qed(name))?;
     for e in extents {
-        let s = (e.offset - offset) as usize;
+        let s = (e.offset.0 - offset) as usize;
         let chunk = &mut buf[s..s + e.length as usize];
         match e.mapping {
             Mapping::Data(host) => image
@@ -59,7 +59,7 @@ pub(crate) fn read_local_into(
                 .read_at(chunk, host.0)
                 .map_err(Error::io("reading image data", host.0))?,
             Mapping::Zero => chunk.fill(0),
-            Mapping::Unallocated => missing.push((e.offset, e.length)),
+            Mapping::Unallocated => missing.push((e.offset.0, e.length)),
         }
     }
     Ok(missing)
@@ -145,14 +145,15 @@ pub(crate) async fn qed_status(
     let length = length.min(size - offset).min(1 << 36);
     let img = Arc::clone(image);
     let n = name.to_string();
-    let extents = blocking(move || img.map(offset, length).map_err(Error::qed(&n))).await?;
+    let extents =
+        blocking(move || img.map(GuestOffset(offset), length).map_err(Error::qed(&n))).await?;
     let mut out = Vec::new();
     for e in extents {
         match e.mapping {
             Mapping::Data(_) => push_extent(
                 &mut out,
                 StatusExtent {
-                    offset: e.offset,
+                    offset: e.offset.0,
                     length: e.length,
                     status: Status::Data,
                 },
@@ -160,7 +161,7 @@ pub(crate) async fn qed_status(
             Mapping::Zero => push_extent(
                 &mut out,
                 StatusExtent {
-                    offset: e.offset,
+                    offset: e.offset.0,
                     length: e.length,
                     status: Status::Zero,
                 },
@@ -169,14 +170,14 @@ pub(crate) async fn qed_status(
                 None => push_extent(
                     &mut out,
                     StatusExtent {
-                        offset: e.offset,
+                        offset: e.offset.0,
                         length: e.length,
                         status: Status::Zero,
                     },
                 ),
                 Some(b) => {
-                    let mut pos = e.offset;
-                    let end = e.offset + e.length;
+                    let mut pos = e.offset.0;
+                    let end = e.end().0;
                     while pos < end {
                         let sub = status_padded(&**b, pos, end - pos).await?;
                         for s in sub {

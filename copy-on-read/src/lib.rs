@@ -12,6 +12,12 @@
 //!   guest writes that are never overwritten by older backing data, and the
 //!   [`CorDevice::populate_range`] primitive the stream job (in `engine`) is built on.
 //!
+//! The division of labour with `qed`: the format answers "where" ([`qed::Image::map`], over
+//! [`qed::GuestOffset`]s) and keeps its metadata consistent; this crate moves the bytes and
+//! owns the policy. Backing reads, the read-modify-write of partial clusters and the one lock
+//! on guest cluster ranges ([`RangeLock`], over [`qed::GuestCluster`]s) live here; `qed` holds
+//! no range lock of its own (only per-cluster claims that a serialized caller never waits on).
+//!
 //! Backing chains are opened as QEMU reads the header, through one [`Gate`] that can forbid
 //! probing, confine file names to a directory, refuse NBD names and bound the chain depth
 //! (a chain that loops is an error).

@@ -8,15 +8,16 @@
 use std::sync::Arc;
 
 use parking_lot::Mutex;
+use qed::GuestCluster;
 use tokio::sync::Notify;
 
 #[derive(Debug, Default)]
 struct Inner {
-    held: Mutex<Vec<(u64, u64)>>,
+    held: Mutex<Vec<(GuestCluster, GuestCluster)>>,
     released: Notify,
 }
 
-/// An async lock on ranges of cluster indices.
+/// An async lock on ranges of guest clusters (their indices, [`GuestCluster`]).
 #[derive(Debug, Clone, Default)]
 pub struct RangeLock {
     inner: Arc<Inner>,
@@ -27,7 +28,7 @@ pub struct RangeLock {
 #[must_use = "the range is unlocked when the guard is dropped"]
 pub struct RangeGuard {
     inner: Arc<Inner>,
-    range: (u64, u64),
+    range: (GuestCluster, GuestCluster),
 }
 
 impl RangeLock {
@@ -38,8 +39,8 @@ impl RangeLock {
 
     /// Waits until no held range overlaps `[start, end)`, then holds it. Cancel-safe: a
     /// dropped future holds nothing.
-    pub async fn lock(&self, start: u64, end: u64) -> RangeGuard {
-        let end = end.max(start + 1);
+    pub async fn lock(&self, start: GuestCluster, end: GuestCluster) -> RangeGuard {
+        let end = end.max(start.next());
         loop {
             let notified = self.inner.released.notified();
             tokio::pin!(notified);
@@ -51,9 +52,14 @@ impl RangeLock {
         }
     }
 
+    /// Waits until nothing is held, then holds every cluster.
+    pub async fn lock_all(&self) -> RangeGuard {
+        self.lock(GuestCluster(0), GuestCluster(u64::MAX)).await
+    }
+
     /// Holds `[start, end)` if nothing overlapping is held.
-    pub fn try_lock(&self, start: u64, end: u64) -> Option<RangeGuard> {
-        let end = end.max(start + 1);
+    pub fn try_lock(&self, start: GuestCluster, end: GuestCluster) -> Option<RangeGuard> {
+        let end = end.max(start.next());
         let mut held = self.inner.held.lock();
         if held.iter().any(|&(s, e)| s < end && start < e) {
             return None;
@@ -73,7 +79,7 @@ impl RangeLock {
 
 impl RangeGuard {
     /// The locked range of cluster indices.
-    pub fn range(&self) -> (u64, u64) {
+    pub fn range(&self) -> (GuestCluster, GuestCluster) {
         self.range
     }
 }
@@ -94,34 +100,38 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    fn c(i: u64) -> GuestCluster {
+        GuestCluster(i)
+    }
+
     #[tokio::test]
     async fn overlapping_ranges_wait_disjoint_ones_do_not() {
         let lock = RangeLock::new();
-        let a = lock.lock(0, 4).await;
-        assert!(lock.try_lock(3, 5).is_none());
-        let b = lock.lock(4, 8).await;
+        let a = lock.lock(c(0), c(4)).await;
+        assert!(lock.try_lock(c(3), c(5)).is_none());
+        let b = lock.lock(c(4), c(8)).await;
         let l2 = lock.clone();
-        let waiter = tokio::spawn(async move { l2.lock(2, 6).await.range() });
+        let waiter = tokio::spawn(async move { l2.lock(c(2), c(6)).await.range() });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished());
         drop(a);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiter.is_finished());
         drop(b);
-        assert_eq!(waiter.await.unwrap(), (2, 6));
+        assert_eq!(waiter.await.unwrap(), (c(2), c(6)));
         assert_eq!(lock.held(), 0);
     }
 
     #[tokio::test]
     async fn a_dropped_waiter_holds_nothing() {
         let lock = RangeLock::new();
-        let a = lock.lock(0, 1).await;
-        let fut = lock.lock(0, 1);
+        let a = lock.lock(c(0), c(1)).await;
+        let fut = lock.lock(c(0), c(1));
         assert!(tokio::time::timeout(Duration::from_millis(10), fut)
             .await
             .is_err());
         drop(a);
         assert_eq!(lock.held(), 0);
-        let _b = lock.lock(0, 1).await;
+        let _b = lock.lock(c(0), c(1)).await;
     }
 }

@@ -309,7 +309,7 @@ impl Chain {
             match &cl.layer {
                 Layer::Qed(image) => {
                     let (mapping, n) = image
-                        .mapping_at(pos, len)
+                        .mapping_at(qed::GuestOffset(pos), len)
                         .map_err(|e| Error::image(&cl.path, e))?;
                     len = n;
                     match mapping {

@@ -81,9 +81,9 @@ fn exercise(image: &Image, read_only: bool) -> Option<CheckReport> {
         image.read_at(&mut buf[..1], size).is_err(),
         "read past the disk's end succeeded"
     );
-    let _ = image.map(0, size);
+    let _ = image.map(qed::GuestOffset(0), size);
     if size > 0 {
-        let _ = image.mapping_at(size / 2, size);
+        let _ = image.mapping_at(qed::GuestOffset(size / 2), size);
     }
     let checked = image.check(Repair::None).ok();
     if read_only {

@@ -3,6 +3,7 @@
 //! `BackingPolicy::Open` (the gate that opens them is [`crate::gate::FileGate`]). The helpers
 //! for backing names and probes live in [`crate::names`] and are re-exported here.
 
+use crate::chain::Chain;
 use crate::error::{Error, Result};
 use crate::image::Image;
 pub use crate::layer::{BackingDescription, BackingFormat, BackingOpener, BackingRead};
@@ -63,18 +64,22 @@ impl BackingRead for RawBacking {
     }
 }
 
-/// A QED image used as a backing: reads go through its own mapping and backing chain, and past
-/// its virtual size read as zeros.
+/// A QED image used as a backing: reads go through its own mapping and backing chain (a
+/// [`Chain`]: the image itself never reads its backing), and past its virtual size read as
+/// zeros.
 #[derive(Debug)]
 pub struct QedBacking {
-    image: Image,
+    image: Chain,
     name: String,
 }
 
 impl QedBacking {
-    /// Wraps an opened image.
+    /// Wraps an opened image (over the backing it opened).
     pub fn new(image: Image, name: String) -> QedBacking {
-        QedBacking { image, name }
+        QedBacking {
+            image: Chain::new(image),
+            name,
+        }
     }
 }
 

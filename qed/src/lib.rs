@@ -9,7 +9,7 @@
 //! - [`error`], [`types`] (offset newtypes: [`GuestOffset`], [`HostOffset`],
 //!   [`GuestCluster`], [`HostCluster`], [`L1Index`]) and [`layout`]: the on-disk header,
 //!   feature bits, geometry rules and table entries (pure).
-//! - [`file`]: opening image files as QEMU does: regular files and block devices only, with
+//! - [`file`](mod@file): opening image files as QEMU does: regular files and block devices only, with
 //!   QEMU's image locks ([`Access`]), and file identity ([`FileId`]).
 //! - [`gate`]: the rules every backing file is admitted by, in one place ([`gate::Rules`]):
 //!   opened once, confinement checked on the opened descriptor, loops by file identity,
@@ -23,10 +23,21 @@
 //!   codes ([`CheckReport`]). It walks the tables through their API only.
 //! - [`layer`]: what an image needs of its backing: [`BackingRead`], [`BackingOpener`],
 //!   [`BackingFormat`].
-//! - [`image`]: an open [`Image`]: mapping lookups ([`Image::map`]), reads through the backing
-//!   chain, crash-safe allocating writes, zero writes, copy-on-read population
-//!   ([`Image::populate`]), resize and backing-link changes. It uses `tables` and `check`
-//!   (the NEED_CHECK repair at open), never the other way round.
+//! - [`image`]: an open [`Image`]: mapping lookups ([`Image::map`], [`Image::mapping_at`],
+//!   over [`GuestOffset`]s), reads of what the image holds ([`Image::read_allocated`]
+//!   reports the unallocated ranges), crash-safe allocating writes, zero writes, population
+//!   with whole clusters ([`Image::populate`]), resize and backing-link changes. The image
+//!   never reads its backing: a plain read of an unallocated range, or a write covering part
+//!   of an unallocated cluster, needs the backing's bytes and fails with [`Error::Backing`]
+//!   when the image names a backing file (zeros without one). It uses `tables` and `check` (the NEED_CHECK repair at open), never the other
+//!   way round. It holds no lock on guest ranges: an allocating request claims only the
+//!   clusters whose L2 entries it will change, and an entry leaves the unallocated or zero
+//!   state only under its claim (so each cluster is allocated once, with no lock across data
+//!   I/O); the one range lock belongs to the caller that owns the I/O policy (the
+//!   `copy-on-read` device).
+//! - [`chain`]: [`Chain`], a synchronous chain reader: an image over its backing, with the
+//!   backing reads and the read-modify-write of partial clusters done outside the image on
+//!   the mapping API (the `copy-on-read` device does the same asynchronously).
 //! - [`backing`]: the backings themselves ([`RawBacking`], [`QedBacking`]) and the gate every
 //!   backing open goes through ([`FileGate`]: probing policy, confinement, chain depth). It
 //!   opens images, so it sits above [`image`]; it also provides `OpenOptions::default()`
@@ -36,6 +47,29 @@
 //! whole, a flush when there is a backing file, the L2 table, then the L1 sector); unlike QEMU,
 //! many clusters are allocated as one contiguous run, each L2 table is updated once per
 //! request, and writes to allocated clusters run concurrently with allocation.
+//!
+//! Reading a backed image through the chain reader:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use qed::{BackingFormat, Chain, CreateOptions, Image, MemStorage, OpenOptions, RawBacking};
+//!
+//! let base = RawBacking::new(Box::new(MemStorage::from_bytes(vec![7u8; 1 << 20])), "base".into())
+//!     .unwrap();
+//! let storage = MemStorage::new();
+//! let mut create = CreateOptions::new(1 << 20);
+//! create.backing = Some(("base".into(), BackingFormat::Raw));
+//! Image::create(&storage, &create).unwrap();
+//! let options = OpenOptions { backing: qed::BackingPolicy::Detached, ..OpenOptions::default() };
+//! let image = Image::open(Box::new(storage), options).unwrap();
+//! let mut buf = [0u8; 4];
+//! assert!(image.read_at(&mut buf, 0).is_err()); // the image never reads its backing
+//! let chain = Chain::with_backing(image, Some(Arc::new(base)));
+//! chain.write_at(b"hi", 10).unwrap(); // the cluster is filled from the backing, then stored
+//! chain.read_at(&mut buf, 9).unwrap();
+//! assert_eq!(&buf, &[7, b'h', b'i', 7]);
+//! chain.close().unwrap();
+//! ```
 //!
 //! ```
 //! use qed::{CreateOptions, Image, MemStorage, OpenOptions};
@@ -56,6 +90,7 @@
 //! the next read-write open, as QEMU does).
 
 pub mod backing;
+pub mod chain;
 pub mod check;
 pub mod error;
 pub mod file;
@@ -71,6 +106,7 @@ mod testing;
 pub mod types;
 
 pub use backing::{BackingFormat, BackingOpener, BackingRead, QedBacking, RawBacking};
+pub use chain::Chain;
 pub use check::{CheckReport, Repair};
 pub use error::{Error, Result};
 pub use file::{Access, FileId, LockConflict};

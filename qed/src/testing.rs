@@ -113,14 +113,14 @@ pub(crate) fn image(size: u64) -> (Arc<Recording>, crate::Image) {
 }
 
 /// Like [`image`], with the `Pattern` backing linked as a raw backing.
-pub(crate) fn image_over_pattern(size: u64) -> (Arc<Recording>, crate::Image) {
+pub(crate) fn image_over_pattern(size: u64) -> (Arc<Recording>, crate::Chain) {
     let (storage, image) = image(size);
     let backing = Arc::new(Pattern(size));
     image
         .set_backing(Some(("pattern", crate::BackingFormat::Raw)), Some(backing))
         .unwrap();
     storage.take();
-    (storage, image)
+    (storage, crate::Chain::new(image))
 }
 
 /// The writes in `ops` that touch `[start, end)`.

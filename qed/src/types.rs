@@ -9,7 +9,7 @@
 //! - [`HostCluster`]: a cluster of the image file (its index), the unit of the check's bitmap.
 
 use std::fmt;
-use std::ops::Add;
+use std::ops::{Add, Sub};
 
 use crate::layout::Geometry;
 
@@ -39,6 +39,24 @@ impl HostOffset {
 }
 
 /// A byte offset in the guest's virtual disk.
+///
+/// A file offset is not a guest offset; mixing them up does not compile:
+///
+/// ```compile_fail
+/// use qed::{HostOffset, Image};
+///
+/// fn lookup(image: &Image, host: HostOffset) {
+///     let _ = image.mapping_at(host, 512); // expected `GuestOffset`, found `HostOffset`
+/// }
+/// ```
+///
+/// ```
+/// use qed::{GuestOffset, Image};
+///
+/// fn lookup(image: &Image, guest: GuestOffset) {
+///     let _ = image.mapping_at(guest, 512);
+/// }
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct GuestOffset(pub u64);
 
@@ -47,6 +65,15 @@ impl Add<u64> for GuestOffset {
 
     fn add(self, bytes: u64) -> GuestOffset {
         GuestOffset(self.0 + bytes)
+    }
+}
+
+impl Sub for GuestOffset {
+    type Output = u64;
+
+    /// The distance in bytes from `earlier` to `self` (`self >= earlier`).
+    fn sub(self, earlier: GuestOffset) -> u64 {
+        self.0 - earlier.0
     }
 }
 
@@ -120,6 +147,7 @@ mod tests {
         let per_table = g.table_entries();
         assert_eq!(GuestOffset(65536 * 3 + 7).cluster(g), GuestCluster(3));
         assert_eq!(GuestCluster(3).start(g), GuestOffset(65536 * 3));
+        assert_eq!(GuestOffset(65536 * 3 + 7) - GuestCluster(3).start(g), 7);
         assert_eq!(GuestCluster(per_table + 5).table(g), L1Index(1));
         assert_eq!(GuestCluster(per_table + 5).slot(g), 5);
         assert_eq!(GuestOffset(g.l2_span() * 2).table(g), L1Index(2));

@@ -6,7 +6,9 @@ mod common;
 use std::sync::Arc;
 
 use qed::backing::RawBacking;
-use qed::{BackingFormat, BackingPolicy, CreateOptions, Image, MemStorage, OpenOptions, Repair};
+use qed::{
+    BackingFormat, BackingPolicy, Chain, CreateOptions, Image, MemStorage, OpenOptions, Repair,
+};
 
 use common::Rng;
 
@@ -35,7 +37,9 @@ fn run(with_backing: bool, seed: u64) {
     if let Some(b) = &backing {
         open.backing = BackingPolicy::Open(Arc::new(Fixed(b.clone())));
     }
-    let image = Arc::new(Image::open(Box::new(storage.clone()), open.clone()).unwrap());
+    let image = Arc::new(Chain::new(
+        Image::open(Box::new(storage.clone()), open.clone()).unwrap(),
+    ));
 
     // Slice the disk into interleaved stripes: thread t owns bytes where (offset / 1000) % T == t,
     // so neighbouring threads share almost every cluster.
@@ -71,7 +75,7 @@ fn run(with_backing: bool, seed: u64) {
     assert_eq!(report.exit_code(), 0, "{report:?}");
     Arc::try_unwrap(image).unwrap().close().unwrap();
     // Reopen: same contents.
-    let image = Image::open(Box::new(storage), open).unwrap();
+    let image = Chain::new(Image::open(Box::new(storage), open).unwrap());
     image.read_at(&mut all, 0).unwrap();
     assert!(all == model, "contents differ after reopen");
     image.close().unwrap();

@@ -73,13 +73,16 @@ pub fn from_ours(layers: &[&Image], unit: u64) -> Vec<UnitStatus> {
     let size = layers[0].size();
     let maps: Vec<Vec<qed::Extent>> = layers
         .iter()
-        .map(|l| l.map(0, l.size()).expect("mapping a layer"))
+        .map(|l| {
+            l.map(qed::GuestOffset(0), l.size())
+                .expect("mapping a layer")
+        })
         .collect();
     // Coverage check: our extents tile each layer exactly.
     for (l, m) in layers.iter().zip(&maps) {
         let mut pos = 0;
         for e in m {
-            assert_eq!(e.offset, pos, "our map has a gap or overlap: {m:?}");
+            assert_eq!(e.offset.0, pos, "our map has a gap or overlap: {m:?}");
             assert!(e.length > 0, "our map has an empty extent: {m:?}");
             pos += e.length;
         }
@@ -90,10 +93,10 @@ pub fn from_ours(layers: &[&Image], unit: u64) -> Vec<UnitStatus> {
             return None;
         }
         let m = &maps[layer];
-        let i = m.partition_point(|e| e.offset + e.length <= guest);
+        let i = m.partition_point(|e| e.end().0 <= guest);
         let e = &m[i];
         Some(match e.mapping {
-            Mapping::Data(h) => Mapping::Data(h + (guest - e.offset)),
+            Mapping::Data(h) => Mapping::Data(h + (guest - e.offset.0)),
             other => other,
         })
     };

@@ -173,7 +173,7 @@ impl Op {
     }
 
     /// Applies the operation to our image.
-    pub fn apply(&self, image: &Image) -> qed::Result<()> {
+    pub fn apply(&self, image: &qed::Chain) -> qed::Result<()> {
         match *self {
             Op::Write {
                 offset,
@@ -344,8 +344,14 @@ pub fn random_ops(
     ops
 }
 
-/// Opens an image read-only with the default gate (backings opened as their headers say).
-pub fn open_ro(path: &Path) -> Image {
+/// Opens an image read-only with the default gate (backings opened as their headers say),
+/// read through a [`qed::Chain`] (the image itself never reads its backing).
+pub fn open_ro(path: &Path) -> qed::Chain {
+    qed::Chain::new(open_ro_image(path))
+}
+
+/// Opens an image read-only with the default gate, without the chain reader.
+pub fn open_ro_image(path: &Path) -> Image {
     Image::open_path(
         path,
         OpenOptions {
@@ -356,14 +362,16 @@ pub fn open_ro(path: &Path) -> Image {
     .unwrap_or_else(|e| panic!("opening {} read-only: {e}", path.display()))
 }
 
-/// Opens an image read-write with the default gate.
-pub fn open_rw(path: &Path) -> Image {
-    Image::open_path(path, OpenOptions::default())
-        .unwrap_or_else(|e| panic!("opening {} read-write: {e}", path.display()))
+/// Opens an image read-write with the default gate, read and written through a
+/// [`qed::Chain`].
+pub fn open_rw(path: &Path) -> qed::Chain {
+    let image = Image::open_path(path, OpenOptions::default())
+        .unwrap_or_else(|e| panic!("opening {} read-write: {e}", path.display()));
+    qed::Chain::new(image)
 }
 
 /// Reads a whole image through our implementation.
-pub fn read_all(image: &Image) -> Vec<u8> {
+pub fn read_all(image: &qed::Chain) -> Vec<u8> {
     let mut buf = vec![0u8; image.size() as usize];
     image.read_at(&mut buf, 0).expect("reading the whole image");
     buf

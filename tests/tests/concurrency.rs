@@ -71,7 +71,7 @@ fn run(cluster_size: u32) {
                     let len = (4 * cs).min(SIZE - pos);
                     image
                         .populate(
-                            pos,
+                            qed::GuestOffset(pos),
                             &view[pos as usize..(pos + len) as usize],
                             zero_clusters,
                         )

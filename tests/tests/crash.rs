@@ -103,11 +103,13 @@ fn summary(log: &[Event]) -> Vec<String> {
 #[test]
 fn allocating_write_with_backing_orders_data_flush_l2_flush_l1() {
     let rec = Recording::new(fresh(true));
-    let image = Image::open(
-        Box::new(rec.clone()),
-        options_with(MemRawOpener(base_bytes())),
-    )
-    .unwrap();
+    let image = qed::Chain::new(
+        Image::open(
+            Box::new(rec.clone()),
+            options_with(MemRawOpener(base_bytes())),
+        )
+        .unwrap(),
+    );
     let l1 = image.header().l1_table_offset;
     let end0 = image.file_end();
     rec.take_log();
@@ -242,7 +244,7 @@ fn replay_every_crash_point(backing: bool, seed: u64) {
     };
     let opener = || options_with(MemRawOpener(base.clone()));
     let rec = Recording::new(initial.clone());
-    let image = Image::open(Box::new(rec.clone()), opener()).unwrap();
+    let image = qed::Chain::new(Image::open(Box::new(rec.clone()), opener()).unwrap());
     let mut rng = XorShift::new(seed);
     let mut model = Model::new(view, CS);
     let ops = random_ops(&mut rng, &model, 12, 300 << 10, false);
@@ -292,6 +294,7 @@ fn replay_every_crash_point(backing: bool, seed: u64) {
             kept.len()
         );
         let crashed = Image::open(Box::new(disk), opener())
+            .map(qed::Chain::new)
             .unwrap_or_else(|e| panic!("{what}: open failed: {e}"));
         let report = crashed.check(Repair::All).unwrap();
         assert_eq!(report.exit_code(), 0, "{what}: {report:?}");

@@ -173,7 +173,9 @@ fn assert_zero_clusters_match_model(path: &Path, model: &Model, what: &str) {
     let image = open_detached(path).unwrap();
     let cs = model.cluster_size;
     for (c, &state) in model.clusters.iter().enumerate() {
-        let (m, _) = image.mapping_at(c as u64 * cs, cs).unwrap();
+        let (m, _) = image
+            .mapping_at(qed::GuestOffset(c as u64 * cs), cs)
+            .unwrap();
         let got = match m {
             qed::Mapping::Data(_) => ClusterState::Data,
             qed::Mapping::Zero => ClusterState::Zero,

@@ -250,7 +250,7 @@ fn assert_invalid_entry(image: &Image, guest: u64, table: TableKind, entry: u64)
         other => panic!("read at {guest:#x}: expected InvalidEntry, got {other:?}"),
     }
     assert!(matches!(
-        image.map(0, image.size()),
+        image.map(qed::GuestOffset(0), image.size()),
         Err(Error::InvalidEntry { .. })
     ));
 }
@@ -374,7 +374,7 @@ fn test_every_single_byte_header_corruption_is_an_error_or_opens() {
             if let Ok(image) = open(bytes) {
                 let mut buf = vec![0u8; 4096];
                 let _ = image.read_at(&mut buf, 0);
-                let _ = image.map(0, image.size().min(1 << 30));
+                let _ = image.map(qed::GuestOffset(0), image.size().min(1 << 30));
                 let _ = image.check(Repair::None);
             }
         }

@@ -39,7 +39,7 @@ fn step(cluster: u64) -> impl Strategy<Value = Step> {
 struct Harness {
     storage: Arc<MemStorage>,
     backing: Option<Vec<u8>>,
-    image: Option<Image>,
+    image: Option<qed::Chain>,
     model: Vec<u8>,
     cluster: u64,
 }
@@ -48,10 +48,10 @@ impl Harness {
     fn open(&mut self) {
         let opener = MemRawOpener(self.backing.clone().unwrap_or_default());
         let image = Image::open(Box::new(self.storage.clone()), options_with(opener)).unwrap();
-        self.image = Some(image);
+        self.image = Some(qed::Chain::new(image));
     }
 
-    fn image(&self) -> &Image {
+    fn image(&self) -> &qed::Chain {
         self.image.as_ref().unwrap()
     }
 

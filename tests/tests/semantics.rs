@@ -38,10 +38,12 @@ impl BackingOpener for MemQedOpener {
     }
 }
 
-fn mem_image(options: &CreateOptions, opener: impl BackingOpener + 'static) -> Image {
+/// An in-memory image over the backing `opener` opens, read and written through a chain
+/// reader (the image itself never reads its backing).
+fn mem_image(options: &CreateOptions, opener: impl BackingOpener + 'static) -> qed::Chain {
     let storage = MemStorage::new();
     Image::create(&storage, options).unwrap();
-    Image::open(Box::new(storage), options_with(opener)).unwrap()
+    qed::Chain::new(Image::open(Box::new(storage), options_with(opener)).unwrap())
 }
 
 fn with_backing(size: u64, format: BackingFormat) -> CreateOptions {
@@ -100,10 +102,13 @@ fn partial_write_into_zero_cluster_fills_zeros_even_with_backing() {
     Image::create_path(&path, &o).unwrap();
     let image = open_rw(&path);
     image.write_zeroes(0, 65536).unwrap();
-    assert_eq!(image.mapping_at(0, 65536).unwrap().0, Mapping::Zero);
+    assert_eq!(
+        image.mapping_at(qed::GuestOffset(0), 65536).unwrap().0,
+        Mapping::Zero
+    );
     image.write_at(&[0xcd; 4096], 8192).unwrap();
     assert!(matches!(
-        image.mapping_at(0, 65536).unwrap().0,
+        image.mapping_at(qed::GuestOffset(0), 65536).unwrap().0,
         Mapping::Data(_)
     ));
     image.close().unwrap();
@@ -149,11 +154,11 @@ fn aligned_zero_write_to_unallocated_cluster_stores_entry_one_and_no_data() {
 fn unaligned_zero_write_over_unallocated_clusters_allocates_only_the_edges() {
     let image = mem_image(&CreateOptions::new(8 << 20), MemRawOpener(Vec::new()));
     image.write_zeroes(1000, 200_000).unwrap();
-    let map = image.map(0, 8 << 20).unwrap();
+    let map = image.map(qed::GuestOffset(0), 8 << 20).unwrap();
     assert!(matches!(map[0].mapping, Mapping::Data(_)), "{map:?}");
     assert_eq!(
         (map[1].offset, map[1].length, map[1].mapping),
-        (65536, 131072, Mapping::Zero)
+        (qed::GuestOffset(65536), 131072, Mapping::Zero)
     );
     assert!(matches!(map[2].mapping, Mapping::Data(_)), "{map:?}");
     assert_eq!(
@@ -167,10 +172,10 @@ fn unaligned_zero_write_over_unallocated_clusters_allocates_only_the_edges() {
 fn zero_write_to_allocated_cluster_writes_zeros_in_place() {
     let image = mem_image(&CreateOptions::new(8 << 20), MemRawOpener(Vec::new()));
     image.write_at(&[7u8; 65536], 65536).unwrap();
-    let before = image.mapping_at(65536, 65536).unwrap();
+    let before = image.mapping_at(qed::GuestOffset(65536), 65536).unwrap();
     image.write_zeroes(65536, 65536).unwrap();
     assert_eq!(
-        image.mapping_at(65536, 65536).unwrap(),
+        image.mapping_at(qed::GuestOffset(65536), 65536).unwrap(),
         before,
         "still the same data cluster"
     );
@@ -187,7 +192,10 @@ fn zero_write_over_a_backing_hides_it_with_zero_clusters() {
         MemRawOpener(vec![0x11; 1 << 20]),
     );
     image.write_zeroes(0, 1 << 20).unwrap();
-    assert_eq!(image.map(0, 1 << 20).unwrap()[0].mapping, Mapping::Zero);
+    assert_eq!(
+        image.map(qed::GuestOffset(0), 1 << 20).unwrap()[0].mapping,
+        Mapping::Zero
+    );
     assert!(read_all(&image).iter().all(|&b| b == 0));
     image.close().unwrap();
 }
@@ -272,7 +280,7 @@ fn write_to_last_cluster_of_an_unaligned_size_matches_qemu() {
         let g = 65536u64;
         let ours_img = open_detached(&ours).unwrap();
         let theirs_img = open_detached(&theirs).unwrap();
-        let host = |i: &Image| match i.mapping_at(size - 1, 1).unwrap().0 {
+        let host = |i: &Image| match i.mapping_at(qed::GuestOffset(size - 1), 1).unwrap().0 {
             Mapping::Data(h) => h.0 / g * g,
             m => panic!("{m:?}"),
         };
@@ -397,7 +405,7 @@ fn populate_then_unlink_backing_keeps_content_like_qemu_stream() {
         let n = (512u64 << 10).min(image.size() - pos);
         let mut chunk = vec![0u8; n as usize];
         image.backing().unwrap().read_at(&mut chunk, pos).unwrap();
-        let out = image.populate(pos, &chunk, true).unwrap();
+        let out = image.populate(qed::GuestOffset(pos), &chunk, true).unwrap();
         total.written += out.written;
         total.zeroed += out.zeroed;
         total.skipped += out.skipped;
@@ -406,7 +414,9 @@ fn populate_then_unlink_backing_keeps_content_like_qemu_stream() {
     assert_eq!(total.written + total.zeroed + total.skipped, 4 << 20);
     assert!(total.zeroed >= 512 << 10, "{total:?}");
     // Populating again changes nothing.
-    let again = image.populate(0, &before[..1 << 20], true).unwrap();
+    let again = image
+        .populate(qed::GuestOffset(0), &before[..1 << 20], true)
+        .unwrap();
     assert_eq!(again.skipped, 1 << 20);
     image.set_backing(None, None).unwrap();
     assert_same_bytes(&read_all(&image), &before, "after unlinking the backing");
@@ -419,11 +429,11 @@ fn populate_then_unlink_backing_keeps_content_like_qemu_stream() {
     // Misuse is refused.
     let image = open_rw(&path);
     assert!(matches!(
-        image.populate(100, &[0; 4096], true),
+        image.populate(qed::GuestOffset(100), &[0; 4096], true),
         Err(Error::InvalidOptions(_))
     ));
     assert!(matches!(
-        image.populate(0, &[0; 100], true),
+        image.populate(qed::GuestOffset(0), &[0; 100], true),
         Err(Error::InvalidOptions(_))
     ));
     image.close().unwrap();

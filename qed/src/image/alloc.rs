@@ -1,64 +1,13 @@
-//! Allocating writes, zero writes and copy-on-read population, under guest cluster range
-//! locks: new clusters are reserved as one contiguous run at the end of the file, written
-//! whole, and only then linked into the L2 tables (one update per table per request).
+//! Allocating writes, zero writes and copy-on-read population: the clusters that change state
+//! are claimed (see `claims`), new clusters are reserved as one contiguous run at the end of
+//! the file, written whole, and only then linked into the L2 tables (one update per table per
+//! request).
 
-use parking_lot::{Condvar, Mutex};
-
-use super::{Image, Mapping, PopulateOutcome};
+use super::claims::Claim;
+use super::{out_of_range, Image, Mapping, PopulateOutcome};
 use crate::error::{Error, Result};
 use crate::tables::{L2Update, NewEntry};
 use crate::types::{GuestCluster, GuestOffset, HostOffset};
-
-/// Locks on guest cluster ranges `[start, end)`, held by allocating writes.
-#[derive(Debug, Default)]
-pub(super) struct RangeLocks {
-    held: Mutex<Vec<(GuestCluster, GuestCluster)>>,
-    released: Condvar,
-}
-
-/// A held range; dropping it releases the range.
-pub(super) struct RangeGuard<'a> {
-    locks: &'a RangeLocks,
-    range: (GuestCluster, GuestCluster),
-}
-
-impl RangeLocks {
-    /// Waits until no held range overlaps `[start, end)`, then holds it.
-    pub(super) fn lock(&self, start: GuestCluster, end: GuestCluster) -> RangeGuard<'_> {
-        let mut held = self.held.lock();
-        while held.iter().any(|&(s, e)| s < end && start < e) {
-            self.released.wait(&mut held);
-        }
-        held.push((start, end));
-        RangeGuard {
-            locks: self,
-            range: (start, end),
-        }
-    }
-
-    /// Holds every cluster of the disk.
-    pub(super) fn lock_all(&self) -> RangeGuard<'_> {
-        self.lock(GuestCluster(0), GuestCluster(u64::MAX))
-    }
-
-    /// The clusters that `[offset, offset + len)` touches (`len > 0`), locked.
-    fn lock_bytes(&self, image: &Image, offset: u64, len: u64) -> RangeGuard<'_> {
-        let g = image.geometry();
-        let first = GuestOffset(offset).cluster(g);
-        let last = GuestOffset(offset + len - 1).cluster(g);
-        self.lock(first, last.next())
-    }
-}
-
-impl Drop for RangeGuard<'_> {
-    fn drop(&mut self) {
-        let mut held = self.locks.held.lock();
-        if let Some(i) = held.iter().position(|&r| r == self.range) {
-            held.swap_remove(i);
-        }
-        self.locks.released.notify_all();
-    }
-}
 
 /// Splits sorted guest clusters into runs of consecutive clusters: `(first index, end index)`
 /// into `clusters`.
@@ -98,8 +47,35 @@ impl Image {
         if self.write_in_place_if_allocated(data, offset)? {
             return Ok(());
         }
-        let _guard = self.range_locks.lock_bytes(self, offset, data.len() as u64);
-        self.write_locked(data, offset)
+        let claim = self.claim_unlinked(offset, data.len() as u64)?;
+        self.write_claimed(data, offset, &claim)
+    }
+
+    /// The guest clusters of `[offset, offset + len)` (`len > 0`) that are not data, as
+    /// looked up now: those a request over the range may have to link.
+    fn unlinked_clusters(&self, offset: u64, len: u64) -> Result<Vec<GuestCluster>> {
+        let g = self.geometry();
+        let end = offset + len;
+        let mut out = Vec::new();
+        let mut pos = offset;
+        while pos < end {
+            let (mapping, n) = self.lookup_run(GuestOffset(pos), end - pos)?;
+            if !matches!(mapping, Mapping::Data(_)) {
+                let c0 = GuestOffset(pos).cluster(g).0;
+                let c1 = GuestOffset(pos + n - 1).cluster(g).0;
+                out.extend((c0..=c1).map(GuestCluster));
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+
+    /// Claims the clusters of `[offset, offset + len)` that are not data, waiting for other
+    /// holders. Under the claim, the range's non-data clusters are a subset of the claimed
+    /// ones (data never becomes anything else) and stay what they are until we link them.
+    fn claim_unlinked(&self, offset: u64, len: u64) -> Result<Claim<'_>> {
+        let clusters = self.unlinked_clusters(offset, len)?;
+        Ok(self.claims.claim_all(clusters))
     }
 
     /// Writes in place when every byte maps to data. Returns false (having written nothing)
@@ -132,9 +108,9 @@ impl Image {
             .map_err(Error::io(what, host.0))
     }
 
-    /// The body of an allocating write, under the range lock: in-place runs are written now,
-    /// the rest is allocated as one run, written, and linked.
-    fn write_locked(&self, data: &[u8], offset: u64) -> Result<()> {
+    /// The body of an allocating write, under its claim: in-place runs are written now, the
+    /// rest is allocated as one run, written, and linked.
+    fn write_claimed(&self, data: &[u8], offset: u64, claim: &Claim<'_>) -> Result<()> {
         let g = self.geometry();
         let cs = g.cluster_size();
         let end = offset + data.len() as u64;
@@ -160,24 +136,49 @@ impl Image {
         if to_allocate.is_empty() {
             return Ok(());
         }
+        debug_assert!(to_allocate.iter().all(|&c| claim.holds(c)));
+        self.refuse_backing_gaps(&to_allocate, &prior, offset, end)?;
         let _alloc = self.begin_allocation()?;
         let host_base = self.tables.allocate(to_allocate.len() as u64);
         for (i, j) in consecutive_runs(&to_allocate) {
             let host = host_base + i as u64 * cs;
-            self.write_new_run(&to_allocate[i..j], &prior[i..j], host, data, offset)?;
+            self.write_new_run(&to_allocate[i..j], host, data, offset)?;
         }
         self.flush_before_metadata()?;
         self.tables
             .update(&data_updates(&to_allocate, host_base, cs))
     }
 
+    /// With a backing file, a new cluster that the write `[offset, end)` covers only in part
+    /// (within the disk) and that was unallocated would need the backing's bytes for the rest:
+    /// the image never reads them, so that is an error (copy the cluster up first with
+    /// [`Image::populate`], as [`Chain`](crate::Chain) and the copy-on-read device do).
+    fn refuse_backing_gaps(
+        &self,
+        clusters: &[GuestCluster],
+        prior: &[Mapping],
+        offset: u64,
+        end: u64,
+    ) -> Result<()> {
+        if !self.state.lock().header.has_backing_file() {
+            return Ok(());
+        }
+        let g = self.geometry();
+        let size = self.size();
+        for (&c, &m) in clusters.iter().zip(prior) {
+            let (cs, ce) = (c.start(g).0, c.next().start(g).0.min(size));
+            if m == Mapping::Unallocated && (offset > cs || end < ce) {
+                return Err(self.needs_backing(c.start(g)));
+            }
+        }
+        Ok(())
+    }
+
     /// Writes the new clusters of one guest-contiguous run to `host`: payload from `data`
-    /// where it covers, gaps from the prior contents (zeros for a zero cluster, the backing
-    /// for an unallocated one). At most three writes: head cluster, middle, tail cluster.
+    /// where it covers, zeros in the gaps (see `write_partial_cluster`). At most three writes: head cluster, middle, tail cluster.
     fn write_new_run(
         &self,
         run: &[GuestCluster],
-        prior: &[Mapping],
         host: HostOffset,
         data: &[u8],
         offset: u64,
@@ -190,7 +191,7 @@ impl Image {
             let cg = run[c].start(g).0;
             let at = host + c as u64 * cs;
             if offset > cg || data_end < cg + cs {
-                self.write_partial_cluster(GuestOffset(cg), prior[c], at, data, offset)?;
+                self.write_partial_cluster(GuestOffset(cg), at, data, offset)?;
                 c += 1;
                 continue;
             }
@@ -207,11 +208,12 @@ impl Image {
         Ok(())
     }
 
-    /// Writes one new cluster that `data` covers only in part, the rest from `prior`.
+    /// Writes one new cluster that `data` covers only in part, the rest zeros: the cluster
+    /// was a zero cluster, or unallocated without a backing file, or (`refuse_backing_gaps`
+    /// made sure) the rest lies past the disk's end.
     fn write_partial_cluster(
         &self,
         cluster: GuestOffset,
-        prior: Mapping,
         host: HostOffset,
         data: &[u8],
         offset: u64,
@@ -221,14 +223,6 @@ impl Image {
         let mut buf = vec![0u8; cs as usize];
         let lo = offset.max(cg);
         let hi = (offset + data.len() as u64).min(cg + cs);
-        if prior == Mapping::Unallocated {
-            if lo > cg {
-                self.read_backing(&mut buf[..(lo - cg) as usize], cluster)?;
-            }
-            if hi < cg + cs {
-                self.read_backing(&mut buf[(hi - cg) as usize..], GuestOffset(hi))?;
-            }
-        }
         buf[(lo - cg) as usize..(hi - cg) as usize]
             .copy_from_slice(&data[(lo - offset) as usize..(hi - offset) as usize]);
         self.write_data(&buf, host, "writing new cluster")
@@ -272,10 +266,11 @@ impl Image {
         Ok(())
     }
 
-    /// Zeroes whole clusters `[pos, end)` (within one L2 table), under their range lock.
+    /// Zeroes whole clusters `[pos, end)` (within one L2 table), under the claim of those that
+    /// are not data.
     fn zero_whole_clusters(&self, pos: u64, end: u64) -> Result<()> {
         let g = self.geometry();
-        let _guard = self.range_locks.lock_bytes(self, pos, end - pos);
+        let claim = self.claim_unlinked(pos, end - pos)?;
         let mut updates: Vec<L2Update> = Vec::new();
         let mut p = pos;
         while p < end {
@@ -292,6 +287,7 @@ impl Image {
             p += len;
         }
         if !updates.is_empty() {
+            debug_assert!(updates.iter().all(|&(c, _)| claim.holds(c)));
             let _alloc = self.begin_allocation()?;
             self.tables.update(&updates)?;
         }
@@ -323,34 +319,63 @@ impl Image {
     }
 
     /// Copy-on-read and streaming: stores `data` (whole clusters starting at the
-    /// cluster-aligned `offset`; the last may stop at the disk's end) into the clusters that
-    /// are still unallocated, re-checked under the range lock, so a guest write that got
-    /// there first is never overwritten. All-zero clusters become zero clusters when
+    /// cluster-aligned `offset`; the last may stop at the disk's end or run to its cluster's
+    /// end) into the clusters that
+    /// are still unallocated and that no other request has claimed (re-checked under our
+    /// claim), so a guest write that got there first is never overwritten. All-zero clusters become zero clusters when
     /// `zero_clusters` is set and are left unallocated otherwise; they are never stored as
     /// data.
     pub fn populate(
         &self,
-        offset: u64,
+        offset: GuestOffset,
         data: &[u8],
         zero_clusters: bool,
     ) -> Result<PopulateOutcome> {
+        let zeros = if zero_clusters {
+            Zeros::ZeroCluster
+        } else {
+            Zeros::Leave
+        };
+        self.populate_with(offset, data, zeros)
+    }
+
+    /// As [`Image::populate`], but every cluster is stored as data, all-zero ones too: what a
+    /// guest write that covers part of an unallocated cluster leaves, in QEMU and here (the
+    /// [`Chain`](crate::Chain) merges it with the backing and stores it this way).
+    pub fn populate_as_data(&self, offset: GuestOffset, data: &[u8]) -> Result<PopulateOutcome> {
+        self.populate_with(offset, data, Zeros::Data)
+    }
+
+    fn populate_with(
+        &self,
+        offset: GuestOffset,
+        data: &[u8],
+        zeros: Zeros,
+    ) -> Result<PopulateOutcome> {
+        let offset = offset.0;
         self.check_writable()?;
-        self.check_range(offset, data.len() as u64)?;
         let g = self.geometry();
+        let size = self.size();
+        let end = offset.saturating_add(data.len() as u64);
+        // The last cluster may also run on past the disk's end (QEMU keeps the backing's
+        // bytes there).
+        if !(end <= size || offset < size && end == g.round_up_to_cluster(size)) {
+            return Err(out_of_range(offset, data.len() as u64, size));
+        }
         if g.offset_in_cluster(offset) != 0 {
             return Err(Error::InvalidOptions(
                 "populate needs a cluster-aligned offset",
             ));
         }
-        let end = offset + data.len() as u64;
-        if g.offset_in_cluster(end) != 0 && end != self.size() {
+        if g.offset_in_cluster(end) != 0 && end != size {
             return Err(Error::InvalidOptions("populate needs whole clusters"));
         }
         if data.is_empty() {
             return Ok(PopulateOutcome::default());
         }
-        let _guard = self.range_locks.lock_bytes(self, offset, data.len() as u64);
-        let plan = self.plan_populate(offset, data, zero_clusters)?;
+        let wanted = self.unlinked_clusters(offset, data.len() as u64)?;
+        let claim = self.claims.claim_free(&wanted);
+        let plan = self.plan_populate(offset, data, zeros, &claim)?;
         if plan.data_clusters.is_empty() && plan.updates.is_empty() {
             return Ok(plan.outcome);
         }
@@ -366,8 +391,14 @@ impl Image {
         Ok(plan.outcome)
     }
 
-    /// Which clusters of a populate are still unallocated, and what becomes of each.
-    fn plan_populate(&self, offset: u64, data: &[u8], zero_clusters: bool) -> Result<Populate> {
+    /// Which clusters of a populate are still unallocated and ours, and what becomes of each.
+    fn plan_populate(
+        &self,
+        offset: u64,
+        data: &[u8],
+        zeros: Zeros,
+        claim: &Claim<'_>,
+    ) -> Result<Populate> {
         let g = self.geometry();
         let cs = g.cluster_size();
         let end = offset + data.len() as u64;
@@ -384,10 +415,12 @@ impl Image {
                 let n = cs.min(end - p);
                 let chunk = &data[(p - offset) as usize..(p - offset + n) as usize];
                 let c = GuestOffset(p).cluster(g);
-                if chunk.iter().any(|&b| b != 0) {
+                if !claim.holds(c) {
+                    plan.outcome.skipped += n; // another request is linking it
+                } else if zeros == Zeros::Data || chunk.iter().any(|&b| b != 0) {
                     plan.data_clusters.push(c);
                     plan.outcome.written += n;
-                } else if zero_clusters {
+                } else if zeros == Zeros::ZeroCluster {
                     plan.updates.push((c, NewEntry::Zero));
                     plan.outcome.zeroed += n;
                 } else {
@@ -428,7 +461,18 @@ impl Image {
     }
 }
 
-/// What a populate will do, decided under its range lock.
+/// What a populate does with an all-zero cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Zeros {
+    /// Leave it unallocated.
+    Leave,
+    /// Make it a zero cluster.
+    ZeroCluster,
+    /// Store it as data.
+    Data,
+}
+
+/// What a populate will do, decided under its claim.
 #[derive(Debug, Default)]
 struct Populate {
     data_clusters: Vec<GuestCluster>,
@@ -444,7 +488,7 @@ mod tests {
     const CS: u64 = 65536;
 
     fn host_of(image: &Image, guest: u64) -> u64 {
-        match image.mapping_at(guest, 1).unwrap().0 {
+        match image.mapping_at(GuestOffset(guest), 1).unwrap().0 {
             Mapping::Data(h) => h.0,
             other => panic!("{guest:#x} maps to {other:?}"),
         }
@@ -515,7 +559,7 @@ mod tests {
         let end = image.file_end();
         image.write_zeroes(CS, 4 * CS).unwrap();
         assert_eq!(
-            image.mapping_at(CS, 4 * CS).unwrap(),
+            image.mapping_at(GuestOffset(CS), 4 * CS).unwrap(),
             (Mapping::Zero, 4 * CS)
         );
         // Only the new L2 table was allocated, no data cluster.
@@ -530,7 +574,7 @@ mod tests {
         image.read_at(&mut buf, 8 * CS).unwrap();
         assert_eq!(buf, [0u8; 10]);
         assert!(matches!(
-            image.mapping_at(8 * CS, 1).unwrap().0,
+            image.mapping_at(GuestOffset(8 * CS), 1).unwrap().0,
             Mapping::Data(_)
         ));
     }
@@ -541,7 +585,7 @@ mod tests {
         image.write_at(&[8u8; 1], CS).unwrap();
         let mut data = vec![4u8; 3 * CS as usize];
         data[2 * CS as usize..].fill(0);
-        let out = image.populate(0, &data, true).unwrap();
+        let out = image.populate(GuestOffset(0), &data, true).unwrap();
         assert_eq!(
             out,
             PopulateOutcome {
@@ -553,33 +597,63 @@ mod tests {
         let mut b = [0u8; 2];
         image.read_at(&mut b, CS).unwrap();
         assert_eq!(b, [8, 0]);
-        assert_eq!(image.mapping_at(2 * CS, 1).unwrap().0, Mapping::Zero);
-        let again = image.populate(0, &data, false).unwrap();
+        assert_eq!(
+            image.mapping_at(GuestOffset(2 * CS), 1).unwrap().0,
+            Mapping::Zero
+        );
+        let again = image.populate(GuestOffset(0), &data, false).unwrap();
         assert_eq!(again.skipped, 3 * CS);
-        assert!(image.populate(1, &data[..CS as usize], true).is_err());
+        assert!(image
+            .populate(GuestOffset(1), &data[..CS as usize], true)
+            .is_err());
     }
 
     #[test]
-    fn range_locks_exclude_overlapping_ranges_only() {
-        let locks = RangeLocks::default();
-        let a = locks.lock(GuestCluster(0), GuestCluster(4));
-        let _b = locks.lock(GuestCluster(4), GuestCluster(8)); // adjacent: no wait
-        let (tx, rx) = std::sync::mpsc::channel();
+    fn populate_skips_clusters_that_another_request_is_linking() {
+        let (_s, image) = image(16 << 20);
+        // An allocating write in flight holds cluster 1 (claimed, not yet linked).
+        let in_flight = image.claims.claim_all(vec![GuestCluster(1)]);
+        let out = image
+            .populate(GuestOffset(0), &vec![6u8; 3 * CS as usize], true)
+            .unwrap();
+        assert_eq!(out.written, 2 * CS);
+        assert_eq!(out.skipped, CS);
+        assert_eq!(
+            image.mapping_at(GuestOffset(CS), 1).unwrap().0,
+            Mapping::Unallocated
+        );
+        drop(in_flight);
+        // The write then links its own data; the populate never overwrote it.
+        image.write_at(&[9u8; 4], CS).unwrap();
+        let mut b = [0u8; 5];
+        image.read_at(&mut b, CS).unwrap();
+        assert_eq!(b, [9, 9, 9, 9, 0]);
+    }
+
+    #[test]
+    fn a_write_waits_for_the_claim_on_its_cluster_then_writes_in_place() {
+        let (_s, image) = image(16 << 20);
+        let before = image.file_end();
+        let in_flight = image.claims.claim_all(vec![GuestCluster(2)]);
         std::thread::scope(|s| {
-            s.spawn(|| {
-                let _c = locks.lock(GuestCluster(3), GuestCluster(5));
-                tx.send(()).unwrap();
-            });
-            assert!(rx
-                .recv_timeout(std::time::Duration::from_millis(100))
-                .is_err());
-            drop(a);
-            // Still blocked by `_b`, which overlaps cluster 4.
-            assert!(rx
-                .recv_timeout(std::time::Duration::from_millis(100))
-                .is_err());
-            drop(_b);
-            rx.recv().unwrap();
+            let writer = s.spawn(|| image.write_at(&[5u8; 10], 2 * CS + 100).unwrap());
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            assert!(
+                !writer.is_finished(),
+                "the write did not wait for the claim"
+            );
+            // The holder links the cluster, then releases its claim.
+            let data = vec![1u8; CS as usize];
+            image.write_claimed(&data, 2 * CS, &in_flight).unwrap();
+            drop(in_flight);
+            writer.join().unwrap();
         });
+        let mut b = vec![0u8; CS as usize];
+        image.read_at(&mut b, 2 * CS).unwrap();
+        assert_eq!(&b[99..111], &[1, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 1]);
+        // One L2 table and one data cluster: the waiting write went in place.
+        let table = u64::from(image.geometry().table_size()) * CS;
+        assert_eq!(image.file_end(), before + table + CS);
+        assert_eq!(image.check(crate::Repair::None).unwrap().exit_code(), 0);
     }
 }

@@ -59,7 +59,8 @@ impl Image {
 
     /// The mapping of `[offset, offset + length)`, as extents of one kind each (data extents
     /// are contiguous in the file). Clamped to the virtual size.
-    pub fn map(&self, offset: u64, length: u64) -> Result<Vec<Extent>> {
+    pub fn map(&self, offset: GuestOffset, length: u64) -> Result<Vec<Extent>> {
+        let offset = offset.0;
         let end = offset.saturating_add(length).min(self.size());
         let mut out: Vec<Extent> = Vec::new();
         let mut pos = offset;
@@ -74,7 +75,7 @@ impl Image {
             match out.last_mut() {
                 Some(last) if joins => last.length += len,
                 _ => out.push(Extent {
-                    offset: pos,
+                    offset: GuestOffset(pos),
                     length: len,
                     mapping,
                 }),
@@ -85,35 +86,27 @@ impl Image {
     }
 
     /// The mapping at `offset` and how far it extends (at most `max_len`, within the disk).
-    pub fn mapping_at(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
+    pub fn mapping_at(&self, offset: GuestOffset, max_len: u64) -> Result<(Mapping, u64)> {
         let size = self.size();
-        if offset >= size {
-            return Err(out_of_range(offset, max_len, size));
+        if offset.0 >= size {
+            return Err(out_of_range(offset.0, max_len, size));
         }
-        self.lookup_run(GuestOffset(offset), max_len.min(size - offset))
+        self.lookup_run(offset, max_len.min(size - offset.0))
     }
 
-    /// Reads the backing's bytes at `guest` (zeros without a backing file).
-    pub(super) fn read_backing(&self, buf: &mut [u8], guest: GuestOffset) -> Result<()> {
-        if !self.state.lock().header.has_backing_file() {
-            buf.fill(0);
-            return Ok(());
-        }
-        match self.backing() {
-            Some(b) => b.read_at(buf, guest.0),
-            None => Err(Error::Backing {
-                name: self.backing_name().unwrap_or_default(),
-                source: "the backing is not opened (detached)".into(),
-            }),
-        }
-    }
-
-    /// Reads `buf.len()` bytes of the virtual disk at `offset`.
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
+    /// Reads what this image holds of `[offset, offset + buf.len())` into `buf` (data and
+    /// zero clusters) and returns the unallocated ranges, left untouched for the caller to
+    /// fill (from the backing: see [`Chain`](crate::Chain)).
+    pub fn read_allocated(
+        &self,
+        buf: &mut [u8],
+        offset: GuestOffset,
+    ) -> Result<Vec<(GuestOffset, u64)>> {
+        self.check_range(offset.0, buf.len() as u64)?;
+        let mut holes: Vec<(GuestOffset, u64)> = Vec::new();
         let mut done = 0usize;
         while done < buf.len() {
-            let pos = GuestOffset(offset + done as u64);
+            let pos = offset + done as u64;
             let (mapping, len) = self.lookup_run(pos, (buf.len() - done) as u64)?;
             let chunk = &mut buf[done..done + len as usize];
             match mapping {
@@ -122,9 +115,43 @@ impl Image {
                     .read_at(chunk, host.0)
                     .map_err(Error::io("reading data", host.0))?,
                 Mapping::Zero => chunk.fill(0),
-                Mapping::Unallocated => self.read_backing(chunk, pos)?,
+                Mapping::Unallocated => match holes.last_mut() {
+                    Some((at, l)) if *at + *l == pos => *l += len,
+                    _ => holes.push((pos, len)),
+                },
             }
             done += len as usize;
+        }
+        Ok(holes)
+    }
+
+    /// The error for an unallocated range this image cannot answer alone: its contents are
+    /// the backing's, which the image never reads.
+    pub(super) fn needs_backing(&self, guest: GuestOffset) -> Error {
+        Error::Backing {
+            name: self.backing_name().unwrap_or_default(),
+            source: format!(
+                "{guest} is unallocated: its contents are the backing's, which the image \
+                 does not read (read through qed::Chain or the copy-on-read device)"
+            )
+            .into(),
+        }
+    }
+
+    /// Reads `buf.len()` bytes of the virtual disk at `offset`. Unallocated ranges read as
+    /// zeros when the image names no backing file; with one, they fail with
+    /// [`Error::Backing`] (the image never reads its backing: use [`Image::read_allocated`]
+    /// or a [`Chain`](crate::Chain)).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        let holes = self.read_allocated(buf, GuestOffset(offset))?;
+        if let Some(&(at, _)) = holes.first() {
+            if self.state.lock().header.has_backing_file() {
+                return Err(self.needs_backing(at));
+            }
+        }
+        for (at, len) in holes {
+            let s = (at.0 - offset) as usize;
+            buf[s..s + len as usize].fill(0);
         }
         Ok(())
     }
@@ -144,11 +171,11 @@ mod tests {
         assert!(span < 8 << 30);
         // One run per L2 table at most, even when nothing is allocated.
         assert_eq!(
-            image.mapping_at(100, 8 << 30).unwrap(),
+            image.mapping_at(GuestOffset(100), 8 << 30).unwrap(),
             (Mapping::Unallocated, span - 100)
         );
-        assert!(image.mapping_at(8 << 30, 1).is_err());
-        assert_eq!(image.map(0, 8 << 30).unwrap().len(), 1);
+        assert!(image.mapping_at(GuestOffset(8 << 30), 1).is_err());
+        assert_eq!(image.map(GuestOffset(0), 8 << 30).unwrap().len(), 1);
     }
 
     #[test]
@@ -156,14 +183,17 @@ mod tests {
         let (_s, image) = image(16 << 20);
         image.write_at(&vec![7u8; 3 * CS as usize], CS).unwrap();
         image.write_zeroes(8 * CS, 2 * CS).unwrap();
-        let Mapping::Data(host) = image.mapping_at(CS + 5, 1 << 20).unwrap().0 else {
+        let Mapping::Data(host) = image.mapping_at(GuestOffset(CS + 5), 1 << 20).unwrap().0 else {
             panic!("expected data");
         };
-        assert_eq!(image.mapping_at(CS + 5, 1 << 20).unwrap().1, 3 * CS - 5);
-        let map = image.map(0, 16 << 20).unwrap();
+        assert_eq!(
+            image.mapping_at(GuestOffset(CS + 5), 1 << 20).unwrap().1,
+            3 * CS - 5
+        );
+        let map = image.map(GuestOffset(0), 16 << 20).unwrap();
         let kinds: Vec<_> = map
             .iter()
-            .map(|e| (e.offset, e.length, e.mapping))
+            .map(|e| (e.offset.0, e.length, e.mapping))
             .collect();
         assert_eq!(
             kinds,
@@ -192,15 +222,31 @@ mod tests {
     }
 
     #[test]
-    fn a_detached_backing_fails_reads_of_unallocated_clusters() {
-        let (_s, image) = image_over_pattern(4 << 20);
-        image
-            .set_backing(Some(("pattern", crate::BackingFormat::Raw)), None)
-            .unwrap();
-        let mut buf = [0u8; 4];
+    fn the_image_never_reads_its_backing() {
+        let (_s, chain) = image_over_pattern(4 << 20);
+        chain.write_at(&[9u8; 10], CS).unwrap();
+        let image = chain.image();
+        let mut buf = vec![7u8; 2 * CS as usize];
+        // Plain reads of unallocated clusters fail; the mapping-level read reports them.
         assert!(matches!(
             image.read_at(&mut buf, 0),
             Err(Error::Backing { .. })
         ));
+        let mut buf = vec![7u8; 2 * CS as usize];
+        let holes = image.read_allocated(&mut buf, GuestOffset(0)).unwrap();
+        assert_eq!(holes, vec![(GuestOffset(0), CS)]);
+        assert_eq!(buf[0], 7, "a hole is left for the caller");
+        assert_eq!(buf[CS as usize], 9);
+        // A write that covers an unallocated cluster in part needs the backing's bytes.
+        assert!(matches!(
+            image.write_at(&[1u8; 10], 2 * CS + 5),
+            Err(Error::Backing { .. })
+        ));
+        assert_eq!(
+            image.mapping_at(GuestOffset(2 * CS), 1).unwrap().0,
+            Mapping::Unallocated
+        );
+        // Whole clusters need nothing from the backing.
+        image.write_at(&vec![2u8; CS as usize], 3 * CS).unwrap();
     }
 }

@@ -1,21 +1,26 @@
-//! An open QED image: mapping lookups, reads through the backing chain, crash-safe allocating
-//! writes, zero writes, resize and backing-link changes.
+//! An open QED image: mapping lookups, reads of what the image holds, crash-safe allocating
+//! writes, zero writes, population with whole clusters, resize and backing-link changes. The
+//! image never reads its backing (see [`Chain`](crate::Chain) and the `copy-on-read` device).
 //!
 //! The image is split by concern:
 //! - `open`: creating images, opening them (header validation, autoclear bits, NEED_CHECK
 //!   repair, the backing).
 //! - `header`: header changes while open: the NEED_CHECK bit around allocations, flush,
 //!   close, resize, the backing link.
-//! - `lookup`: what a guest range maps to ([`Image::map`], [`Image::mapping_at`]) and reads.
-//! - `alloc`: allocating writes, zero writes and copy-on-read population, under guest
-//!   cluster range locks.
+//! - `lookup`: what a guest range maps to ([`Image::map`], [`Image::mapping_at`]) and reads
+//!   of what the image holds ([`Image::read_allocated`]).
+//! - `alloc`: allocating writes, zero writes and copy-on-read population.
+//! - `claims`: the claims that make "allocate these clusters and link them" atomic per
+//!   cluster, in place of a range lock.
 //!
 //! The L1/L2 tables themselves (cache, updates, allocation cursor) live in the crate's
 //! `tables` module, which this one uses and which knows nothing of images.
 //!
-//! Concurrency: every method takes `&self`. Reads and writes into clusters that are already
-//! allocated run concurrently with no lock. A write that must allocate (or turn clusters into
-//! zero clusters) takes a lock on its guest cluster range, looks the mapping up again under it,
+//! Concurrency: every method takes `&self`, and `qed` holds no lock on guest ranges (the one
+//! range lock belongs to the caller that owns the I/O policy, the copy-on-read device). Reads
+//! and writes into clusters that are already allocated run concurrently with no lock. A write
+//! that must allocate (or turn clusters into zero clusters) claims only the clusters that
+//! change state (see `claims` for the invariant), looks the mapping up again under the claim,
 //! allocates all the clusters it needs as one contiguous run at the end of the file, writes the
 //! data, and then updates each L2 table it touches once, under that table's lock; data I/O
 //! never holds a table lock.
@@ -27,6 +32,7 @@
 //! [`Image::close`].
 
 mod alloc;
+mod claims;
 mod header;
 mod lookup;
 mod open;
@@ -44,9 +50,9 @@ use crate::layer::{BackingDescription, BackingFormat, BackingOpener, BackingRead
 use crate::layout::{self, Geometry, Header, F_BACKING_FORMAT_NO_PROBE};
 use crate::storage::Storage;
 use crate::tables::Tables;
-use crate::types::HostOffset;
+use crate::types::{GuestOffset, HostOffset};
 
-use alloc::RangeLocks;
+use claims::Claims;
 use header::HeaderState;
 
 /// How an image's backing is handled at open.
@@ -54,8 +60,9 @@ use header::HeaderState;
 pub enum BackingPolicy {
     /// Open the backing the header names through this opener (gate).
     Open(Arc<dyn BackingOpener>),
-    /// Do not open it. Reads of unallocated clusters fail with [`Error::Backing`]; the caller
-    /// (a copy-on-read device, `check`, `map`) reads the backing itself or does not need it.
+    /// Do not open it. The caller (a copy-on-read device, `check`, `map`) reads the backing
+    /// itself or does not need it. (The image never reads its backing either way: with
+    /// `Open`, [`Image::backing`] hands the opened one to a [`Chain`](crate::Chain).)
     Detached,
 }
 
@@ -142,11 +149,18 @@ pub enum Mapping {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Extent {
     /// Guest offset of the first byte.
-    pub offset: u64,
+    pub offset: GuestOffset,
     /// Length in bytes.
     pub length: u64,
     /// What it maps to.
     pub mapping: Mapping,
+}
+
+impl Extent {
+    /// The guest offset just past the extent.
+    pub fn end(&self) -> GuestOffset {
+        self.offset + self.length
+    }
 }
 
 /// The outcome of [`Image::populate`].
@@ -169,7 +183,7 @@ pub struct Image {
     path: Option<PathBuf>,
     state: Mutex<HeaderState>,
     image_size: AtomicU64,
-    range_locks: RangeLocks,
+    claims: Claims,
     backing: RwLock<Option<Arc<dyn BackingRead>>>,
     closed: bool,
 }
@@ -262,14 +276,15 @@ impl Image {
     }
 
     /// Checks the image; with a repair mode other than [`Repair::None`], also repairs what it
-    /// can and clears NEED_CHECK when nothing is left. Takes every lock of the image for the
-    /// duration, so it can run on an image in use (writes wait).
+    /// can and clears NEED_CHECK when nothing is left. Waits for the allocations in flight
+    /// and holds off new ones and every table update for the duration, so it can run on an
+    /// image in use (allocating writes wait).
     pub fn check(&self, repair: Repair) -> Result<CheckReport> {
         let fix = repair != Repair::None;
         if fix && self.is_read_only() {
             return Err(Error::ReadOnly);
         }
-        let _ranges = self.range_locks.lock_all();
+        let _claims = self.claims.freeze();
         let report = {
             let _tables = self.tables.lock_all();
             check::run(&self.tables, self.size(), repair)

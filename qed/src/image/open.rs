@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
-use super::{BackingPolicy, CreateOptions, HeaderState, Image, OpenOptions, RangeLocks};
+use super::claims::Claims;
+use super::{BackingPolicy, CreateOptions, HeaderState, Image, OpenOptions};
 use crate::check::Repair;
 use crate::error::{Error, Result};
 use crate::file::{Access, FileId};
@@ -92,7 +93,7 @@ impl Image {
             path: options.path.clone(),
             image_size: AtomicU64::new(header.image_size),
             state: Mutex::new(HeaderState::new(header, backing_name)),
-            range_locks: RangeLocks::default(),
+            claims: Claims::default(),
             backing: RwLock::new(None),
             closed: false,
         };

@@ -291,6 +291,8 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
     drop(served);
     drop(sock_dir);
 
+    // Read through a chain reader: where the overlay still lacks clusters, they are the
+    // backing's (the image itself never reads its backing).
     let image = Image::open_path(
         &overlay,
         OpenOptions {
@@ -298,6 +300,7 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
             ..OpenOptions::default()
         },
     )
+    .map(qed::Chain::new)
     .map_err(|e| Error::image(&overlay, e))?;
     let report = image
         .check(Repair::None)

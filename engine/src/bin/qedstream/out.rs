@@ -2,7 +2,7 @@
 //!
 //! `println!` panics when stdout cannot be written: a full disk (`> /dev/full`, ENOSPC) or a
 //! reader that went away (`| head`; Rust ignores SIGPIPE, so the write fails with EPIPE).
-//! Everything `qedstream` prints on stdout goes through [`outln!`] or [`print`],
+//! Everything `qedstream` prints on stdout goes through [`outln!`] or [`print()`],
 //! which return [`Error::Stdout`], and the command ends with [`flush`]. An error on stdout
 //! therefore ends the command like any other error: one line on stderr and exit 1 (silently on
 //! EPIPE, see [`Error::is_broken_pipe`]).

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use engine::convert::{convert, Target};
 use engine::source::Source;
-use qed::{BackingFormat, CreateOptions, Image, OpenOptions};
+use qed::{BackingFormat, Chain, CreateOptions, Image, OpenOptions};
 use qedstream_benches::XorShift;
 use qedstream_tests::tools::ok_command;
 
@@ -66,8 +66,10 @@ fn create(path: &Path, size: u64, backing: Option<&str>) {
     Image::create_path(path, &options).unwrap();
 }
 
-fn open(path: &Path) -> Image {
-    Image::open_path(path, OpenOptions::default()).unwrap()
+/// The image with its backing, read and filled through the chain reader (the image itself
+/// never reads its backing).
+fn open(path: &Path) -> Chain {
+    Chain::new(Image::open_path(path, OpenOptions::default()).unwrap())
 }
 
 fn main() {

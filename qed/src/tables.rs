@@ -6,6 +6,7 @@
 //! table, or a new table written whole and flushed before the L1 sector that points at it.
 
 use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasherDefault;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -54,8 +55,29 @@ struct L2Cache {
 
 #[derive(Debug, Default)]
 struct L2CacheInner {
-    tables: HashMap<HostOffset, (L2Table, u64)>,
+    tables: HashMap<HostOffset, (L2Table, u64), BuildHasherDefault<OffsetHasher>>,
     tick: u64,
+}
+
+/// A cheap hash for cluster-aligned file offsets (the keys of the L2 cache): one multiply
+/// instead of SipHash on every lookup. Collisions cannot hurt: the cache holds a few dozen
+/// tables, so even a hostile image that chose colliding offsets costs a short probe.
+#[derive(Debug, Default)]
+struct OffsetHasher(u64);
+
+impl std::hash::Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        // Offsets are multiples of the cluster size: fold the low zero bits away first.
+        self.0 = (v ^ (v >> 16)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
 }
 
 impl L2CacheInner {

@@ -19,25 +19,23 @@ impl Image {
         let cs = g.cluster_size();
         let first = g.l2_index(guest.0) as usize;
         let in_cluster = g.offset_in_cluster(guest.0);
-        let classify = |raw: u64| -> Result<Mapping> {
+        // `None`: an entry that points somewhere it must not.
+        let classify = |raw: u64| -> Option<Mapping> {
             match L2Entry::from_raw(raw) {
-                L2Entry::Unallocated => Ok(Mapping::Unallocated),
-                L2Entry::Zero => Ok(Mapping::Zero),
-                L2Entry::Data(_) => match self.tables.data_offset(raw, file_end) {
-                    Some(host) => Ok(Mapping::Data(host)),
-                    None => Err(Error::InvalidEntry {
-                        table: TableKind::L2,
-                        guest: guest.0,
-                        entry: raw,
-                    }),
-                },
+                L2Entry::Unallocated => Some(Mapping::Unallocated),
+                L2Entry::Zero => Some(Mapping::Zero),
+                L2Entry::Data(_) => self.tables.data_offset(raw, file_end).map(Mapping::Data),
             }
         };
-        let kind = classify(table[first])?;
+        let kind = classify(table[first]).ok_or(Error::InvalidEntry {
+            table: TableKind::L2,
+            guest: guest.0,
+            entry: table[first],
+        })?;
         let mut len = (cs - in_cluster).min(max_len);
         let mut i = first + 1;
         while len < max_len && i < table.len() {
-            let Ok(next) = classify(table[i]) else {
+            let Some(next) = classify(table[i]) else {
                 break; // the bad entry fails the request that reaches it
             };
             let same = match (kind, next) {

@@ -46,23 +46,10 @@ pub(crate) fn read_local_into(
     buf: &mut [u8],
     offset: u64,
 ) -> Result<Vec<(u64, u64)>> {
-    let mut missing = Vec::new();
-    let extents = image
-        .map(GuestOffset(offset), buf.len() as u64)
+    let holes = image
+        .read_allocated(buf, GuestOffset(offset))
         .map_err(Error::qed(name))?;
-    for e in extents {
-        let s = (e.offset.0 - offset) as usize;
-        let chunk = &mut buf[s..s + e.length as usize];
-        match e.mapping {
-            Mapping::Data(host) => image
-                .storage()
-                .read_at(chunk, host.0)
-                .map_err(Error::io("reading image data", host.0))?,
-            Mapping::Zero => chunk.fill(0),
-            Mapping::Unallocated => missing.push((e.offset.0, e.length)),
-        }
-    }
-    Ok(missing)
+    Ok(holes.into_iter().map(|(at, len)| (at.0, len)).collect())
 }
 
 /// [`read_local_into`] over every segment of `bufs` (the request at `offset`): local data

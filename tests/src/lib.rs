@@ -11,6 +11,8 @@
 //! - [`tools`], [`nbd_server`], [`qsd`]: external tools for the other crates' tests: run a
 //!   tool in a directory (failing loudly when it is missing), QEMU fixtures, an NBD server on a
 //!   unix socket killed on drop, and qemu-storage-daemon's block-stream over QMP.
+//! - [`guest`]: a real Linux guest booted under `qemu-system-x86_64` (TCG) from an NBD export,
+//!   reporting the sha256 of its whole disk (after an optional write).
 //! - [`chain`]: a per-unit view of a backing chain's allocation, from `qemu-img map` and from
 //!   our [`qed::Image::map`], so the two can be compared exactly.
 //!
@@ -30,6 +32,7 @@ use std::path::{Path, PathBuf};
 use qed::{Image, OpenOptions};
 
 pub mod chain;
+pub mod guest;
 pub mod nbd_server;
 pub mod qemu;
 pub mod qsd;

@@ -114,6 +114,41 @@ impl NbdServer {
         let _ = std::fs::remove_file(&self.sock);
     }
 
+    /// Stops the server the way an operator would (SIGTERM), so that qemu-nbd and
+    /// qemu-storage-daemon close their images cleanly, and waits for it to exit; one still
+    /// running after 10 s is killed and fails the test. Returns its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let program = self.program;
+        let mut child = self
+            .child
+            .take()
+            .unwrap_or_else(|| panic!("{program} is not running"));
+        let pid = libc::pid_t::try_from(child.id()).expect("a pid fits pid_t");
+        // SAFETY: kill(2) takes no pointers; `pid` is our own child, not yet waited for, so
+        // the id cannot have been reused by another process.
+        let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+        assert_eq!(
+            sent,
+            0,
+            "SIGTERM to {program}: {}",
+            std::io::Error::last_os_error()
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("waiting for the server") {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{program} did not exit within 10 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let _ = std::fs::remove_file(&self.sock);
+        status
+    }
+
     /// Kills the server, if running, and starts it again with the same arguments.
     pub fn restart(&mut self) {
         self.kill();

@@ -40,27 +40,39 @@ pub fn run_command(cmd: &mut Command) -> Output {
 /// Runs `cmd` with no input; one that has not ended after 60 s is a hang and fails the test
 /// (it is killed first). A missing tool fails the test loudly.
 pub fn run_with_deadline(cmd: &mut Command) -> Output {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let limit = std::time::Duration::from_secs(60);
+    match output_within(cmd, limit) {
+        Ok(Some(out)) => out,
+        Ok(None) => panic!("{cmd:?} hung (still running after 60 s)"),
+        Err(e) => panic!("cannot run {program} (is it installed?): {e}"),
+    }
+}
+
+/// Runs `cmd` with no input and its output collected, started through [`spawn`]; a child
+/// still running after `limit` is killed and `Ok(None)` returned. The output is read only
+/// once the child has ended: for children that write little (send a console to a file).
+pub fn output_within(
+    cmd: &mut Command,
+    limit: std::time::Duration,
+) -> std::io::Result<Option<Output>> {
     use std::process::Stdio;
     use std::time::{Duration, Instant};
-    let program = cmd.get_program().to_string_lossy().into_owned();
     let mut child = spawn(
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
-    )
-    .unwrap_or_else(|e| panic!("cannot run {program} (is it installed?): {e}"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().expect("waiting for a child").is_none() {
+    )?;
+    let deadline = Instant::now() + limit;
+    while child.try_wait()?.is_none() {
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{cmd:?} hung (still running after 60 s)");
+            return Ok(None);
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    child
-        .wait_with_output()
-        .expect("collecting a child's output")
+    child.wait_with_output().map(Some)
 }
 
 /// Runs `cmd` and asserts success; returns stdout.

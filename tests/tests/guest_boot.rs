@@ -1,0 +1,209 @@
+//! A real Linux guest boots under `qemu-system-x86_64` (TCG) from an NBD export and hashes its
+//! whole disk; the host hashes the image the export serves (flattened by `qemu-img convert`).
+//! The two must agree, whoever serves the disk: `qemu-nbd` (raw, QED over a raw base,
+//! read-only with `readonly=on`) and `qemu-storage-daemon`'s NBD export, the anchor for the
+//! later `qedstream serve` tests. A guest's write must land in the image, where `qemu-img`
+//! reads it back and finds the image clean; a write to a read-only disk must fail in the guest
+//! and change nothing.
+//!
+//! Each boot takes seconds (see the `elapsed` lines with `--nocapture`). The kit is built (or
+//! found cached) by `guest/build-kit.sh`; a missing `qemu-system-x86_64` fails these tests.
+
+use std::path::Path;
+
+use qedstream_tests::guest::{GuestAction, GuestDisk, GuestError, GuestKit, GuestReport};
+use qedstream_tests::nbd_server::NbdServer;
+use qedstream_tests::{assert_same_bytes, path_str, tempdir, tools, XorShift};
+
+const MIB: u64 = 1 << 20;
+
+/// sha256 of a file, by coreutils' `sha256sum`.
+fn sha256_of(dir: &Path, file: &str) -> String {
+    let out = tools::ok(dir, "sha256sum", &[file]);
+    out.split_whitespace()
+        .next()
+        .expect("sha256sum output")
+        .into()
+}
+
+/// `size` random bytes (seeded) in `dir/name`.
+fn random_file(dir: &Path, name: &str, size: u64, seed: u64) {
+    let mut bytes = vec![0u8; size as usize];
+    XorShift::new(seed).fill(&mut bytes);
+    std::fs::write(dir.join(name), bytes).unwrap();
+}
+
+/// In `dir`: `base.raw` (24 MiB of random bytes) and `top.qed` (32 MiB) over it, with data of
+/// its own, a zero cluster over base data and data past the end of the base.
+fn overlay_fixture(dir: &Path, seed: u64) {
+    random_file(dir, "base.raw", 24 * MIB, seed);
+    tools::create_overlay(dir, "base.raw", "raw", "top.qed", Some("32M"));
+    tools::qemu_io(
+        dir,
+        "qed",
+        "top.qed",
+        &[
+            "write -P 0xaa 512k 64k",
+            "write -P 0xcd 100k 4k",
+            "write -z 2M 64k",
+            "write -P 0x5e 30M 1M",
+        ],
+    );
+}
+
+/// `qemu-nbd` serving `image` (a name in `dir`) as export `exp` on `dir/nbd.sock`.
+fn qemu_nbd(dir: &Path, format: &str, image: &str, read_only: bool) -> NbdServer {
+    let sock = dir.join("nbd.sock");
+    let mut args = vec!["-f", format, "-x", "exp", "--persistent"];
+    if read_only {
+        args.push("-r");
+    }
+    let image = dir.join(image);
+    args.extend(["-k", path_str(&sock), path_str(&image)]);
+    NbdServer::start("qemu-nbd", args, &sock)
+}
+
+fn nbd_disk(server: &NbdServer, read_only: bool) -> GuestDisk {
+    GuestDisk::Nbd {
+        uri: server.uri(),
+        read_only,
+    }
+}
+
+fn boot(disk: GuestDisk, action: GuestAction, what: &str) -> GuestReport {
+    let report = GuestKit::get().boot(disk, action);
+    eprintln!("{what}: guest elapsed {:?}", report.elapsed);
+    report
+}
+
+#[test]
+fn the_guest_hashes_a_raw_qemu_nbd_export_as_the_host_does() {
+    let dir = tempdir();
+    let dir = dir.path();
+    random_file(dir, "disk.raw", 32 * MIB, 0x6E57_0001);
+    let expected = sha256_of(dir, "disk.raw");
+    let server = qemu_nbd(dir, "raw", "disk.raw", false);
+
+    let report = boot(nbd_disk(&server, false), GuestAction::Hash, "raw");
+    assert_eq!(report.size, 32 * MIB, "{}", report.console);
+    assert_eq!(report.sha256, expected, "{}", report.console);
+}
+
+#[test]
+fn the_guest_hashes_a_qed_overlay_as_qemu_img_flattens_it() {
+    let dir = tempdir();
+    let dir = dir.path();
+    overlay_fixture(dir, 0x6E57_0002);
+    tools::flatten(dir, "top.qed", "qed");
+    let expected = sha256_of(dir, "top.qed.flat.raw");
+    let server = qemu_nbd(dir, "qed", "top.qed", false);
+
+    let report = boot(nbd_disk(&server, false), GuestAction::Hash, "qed overlay");
+    assert_eq!(report.size, 32 * MIB, "{}", report.console);
+    assert_eq!(report.sha256, expected, "{}", report.console);
+}
+
+#[test]
+fn a_guest_write_lands_in_the_qed_image() {
+    let dir = tempdir();
+    let dir = dir.path();
+    overlay_fixture(dir, 0x6E57_0003);
+    let mut expected = tools::flatten(dir, "top.qed", "qed");
+    // Unaligned, across cluster boundaries, over base data the overlay has not copied yet.
+    let (offset, len, byte) = (5 * MIB + 37, 200_000, 0xab);
+    expected[offset as usize..(offset + len) as usize].fill(byte);
+    let mut server = qemu_nbd(dir, "qed", "top.qed", false);
+
+    let action = GuestAction::Write { offset, len, byte };
+    let report = boot(nbd_disk(&server, false), action, "qed write");
+    let status = server.terminate();
+    assert!(status.success(), "qemu-nbd exited with {status}");
+
+    assert_eq!(
+        tools::qemu_check(dir, "top.qed"),
+        0,
+        "qemu-img check after the guest's write"
+    );
+    let read_back = format!("read -P {byte:#x} {offset} {len}");
+    tools::qemu_io(dir, "qed", "top.qed", &[&read_back]);
+    let flat = tools::flatten(dir, "top.qed", "qed");
+    assert_same_bytes(&flat, &expected, "the image after the guest's write");
+    assert_eq!(
+        report.sha256,
+        sha256_of(dir, "top.qed.flat.raw"),
+        "the guest's hash after its write\n{}",
+        report.console
+    );
+}
+
+#[test]
+fn a_read_only_qemu_nbd_export_boots_with_readonly_on() {
+    let dir = tempdir();
+    let dir = dir.path();
+    overlay_fixture(dir, 0x6E57_0004);
+    tools::flatten(dir, "top.qed", "qed");
+    let expected = sha256_of(dir, "top.qed.flat.raw");
+    let server = qemu_nbd(dir, "qed", "top.qed", true);
+
+    let report = boot(nbd_disk(&server, true), GuestAction::Hash, "read-only");
+    assert_eq!(report.sha256, expected, "{}", report.console);
+}
+
+#[test]
+fn a_guest_write_to_a_read_only_disk_fails_and_changes_nothing() {
+    let dir = tempdir();
+    let dir = dir.path();
+    overlay_fixture(dir, 0x6E57_0005);
+    let before = tools::flatten(dir, "top.qed", "qed");
+    let mut server = qemu_nbd(dir, "qed", "top.qed", true);
+
+    let action = GuestAction::Write {
+        offset: MIB,
+        len: 4096,
+        byte: 0x77,
+    };
+    match GuestKit::get().try_boot(nbd_disk(&server, true), action) {
+        Err(GuestError::NoReport { problem, .. }) => assert!(
+            problem.contains("the guest failed: writing 4096 bytes"),
+            "{problem}"
+        ),
+        Err(other) => panic!("the guest did not run as expected: {other}"),
+        Ok(report) => panic!("a write to a read-only disk succeeded\n{}", report.console),
+    }
+    assert!(server.terminate().success());
+    let after = tools::flatten(dir, "top.qed", "qed");
+    assert_same_bytes(
+        &after,
+        &before,
+        "the read-only image after the guest's write",
+    );
+}
+
+#[test]
+fn the_guest_hashes_a_qemu_storage_daemon_nbd_export() {
+    let dir = tempdir();
+    let dir = dir.path();
+    overlay_fixture(dir, 0x6E57_0006);
+    tools::flatten(dir, "top.qed", "qed");
+    let expected = sha256_of(dir, "top.qed.flat.raw");
+    let sock = dir.join("nbd.sock");
+    let image = dir.join("top.qed");
+    let args = [
+        "--blockdev".to_string(),
+        format!(
+            "driver=file,node-name=file0,filename={},read-only=on",
+            image.display()
+        ),
+        "--blockdev".into(),
+        "driver=qed,node-name=top,file=file0,read-only=on".into(),
+        "--nbd-server".into(),
+        format!("addr.type=unix,addr.path={}", sock.display()),
+        "--export".into(),
+        "type=nbd,id=exp0,node-name=top,name=exp,writable=off".into(),
+    ];
+    let server = NbdServer::start("qemu-storage-daemon", args, &sock);
+
+    let report = boot(nbd_disk(&server, true), GuestAction::Hash, "qsd");
+    assert_eq!(report.size, 32 * MIB, "{}", report.console);
+    assert_eq!(report.sha256, expected, "{}", report.console);
+}

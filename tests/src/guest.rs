@@ -295,6 +295,7 @@ impl GuestKit {
         let console_path = scratch.path().join("console.log");
         let mut cmd = self.command(&disk, action, &console_path);
         let command = format!("{cmd:?}");
+        die_with_this_thread(&mut cmd);
         let started = Instant::now();
         let out = crate::tools::output_within(&mut cmd, BOOT_DEADLINE).map_err(|source| {
             GuestError::Tool {
@@ -324,9 +325,11 @@ impl GuestKit {
                 elapsed,
             }),
             result => Err(GuestError::NoReport {
-                problem: result
-                    .err()
-                    .unwrap_or_else(|| "QEMU failed after the guest's report".into()),
+                problem: match (result, out.status.success()) {
+                    (Err(problem), true) => problem,
+                    (Err(problem), false) => format!("QEMU exited with {}: {problem}", out.status),
+                    (Ok(_), _) => format!("QEMU exited with {} after the report", out.status),
+                },
                 status: out.status,
                 stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
                 console,
@@ -357,6 +360,26 @@ impl GuestDisk {
                 ]
             }
         }
+    }
+}
+
+/// Makes the child get SIGKILL when the thread that starts it ends: a QEMU whose test was
+/// killed must not run on (the thread that boots a guest waits for it, so this never cuts a
+/// boot short).
+fn die_with_this_thread(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    fn ask_for_sigkill_on_parent_death() -> std::io::Result<()> {
+        // SAFETY: prctl(2) with PR_SET_PDEATHSIG takes a signal number and no pointers.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+    // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
+    // calls are allowed: it makes one system call and neither allocates nor takes locks.
+    unsafe {
+        cmd.pre_exec(ask_for_sigkill_on_parent_death);
     }
 }
 

@@ -191,14 +191,13 @@ impl GuestKit {
     pub fn get() -> &'static GuestKit {
         static KIT: OnceLock<GuestKit> = OnceLock::new();
         KIT.get_or_init(|| {
-            let kit = GuestKit::build().unwrap_or_else(|e| panic!("{e}"));
             let mut version = Command::new(QEMU_SYSTEM);
             version.arg("--version");
             if let Err(source) = crate::tools::output(&mut version) {
                 let program = QEMU_SYSTEM.to_string();
                 panic!("{}", GuestError::Tool { program, source });
             }
-            kit
+            GuestKit::build().unwrap_or_else(|e| panic!("{e}"))
         })
     }
 
@@ -391,6 +390,18 @@ pub fn kernel_command_line(action: GuestAction) -> String {
         line.push_str(&format!(" qedstream.write={offset}:{len}:{byte}"));
     }
     line
+}
+
+/// The sha256 of the file at `path` as the host computes it (coreutils' `sha256sum`), in the
+/// form [`GuestReport::sha256`] has: compare a flattened image with what the guest read.
+pub fn host_sha256(path: &Path) -> String {
+    let mut cmd = Command::new("sha256sum");
+    cmd.arg(path);
+    let out = crate::tools::ok_command(&mut cmd);
+    out.split_whitespace()
+        .next()
+        .unwrap_or_else(|| panic!("sha256sum printed nothing for {}", path.display()))
+        .to_string()
 }
 
 /// The marker lines `/init` prints on the console.

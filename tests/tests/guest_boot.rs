@@ -11,19 +11,17 @@
 
 use std::path::Path;
 
-use qedstream_tests::guest::{GuestAction, GuestDisk, GuestError, GuestKit, GuestReport};
+use qedstream_tests::guest::{
+    host_sha256, GuestAction, GuestDisk, GuestError, GuestKit, GuestReport,
+};
 use qedstream_tests::nbd_server::NbdServer;
 use qedstream_tests::{assert_same_bytes, path_str, tempdir, tools, XorShift};
 
 const MIB: u64 = 1 << 20;
 
-/// sha256 of a file, by coreutils' `sha256sum`.
+/// sha256 of a file in `dir`, as the host computes it.
 fn sha256_of(dir: &Path, file: &str) -> String {
-    let out = tools::ok(dir, "sha256sum", &[file]);
-    out.split_whitespace()
-        .next()
-        .expect("sha256sum output")
-        .into()
+    host_sha256(&dir.join(file))
 }
 
 /// `size` random bytes (seeded) in `dir/name`.

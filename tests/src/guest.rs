@@ -1,6 +1,7 @@
-//! A real Linux guest, booted under `qemu-system-x86_64` (TCG) from a disk served over NBD: it
-//! reads (and optionally writes) the whole disk and reports the sha256 of what it read, so a
-//! test can compare the guest's view of an export with the host's view of the image.
+//! A real Linux guest, booted under `qemu-system-x86_64` (TCG) from a disk served over NBD or
+//! vhost-user-blk: it reads (and optionally writes) the whole disk and reports the sha256 of
+//! what it read, so a test can compare the guest's view of an export with the host's view of
+//! the image.
 //!
 //! The guest is a [`GuestKit`]: Debian's kernel as an uncompressed `vmlinux` (booted through
 //! PVH) and a busybox initramfs whose `/init` (`guest/init` in the repository) hashes
@@ -57,6 +58,13 @@ pub enum GuestDisk {
         uri: String,
         /// Attach the disk read-only.
         read_only: bool,
+    },
+    /// A vhost-user-blk server listening on a unix socket: the server, not QEMU, runs the
+    /// virtqueue, in the guest's memory (shared with it through a memfd backend). Whether the
+    /// disk is read-only is the server's to say.
+    VhostUserBlk {
+        /// The server's socket.
+        socket: PathBuf,
     },
 }
 
@@ -346,20 +354,38 @@ impl GuestKit {
 }
 
 impl GuestDisk {
-    /// The QEMU options that attach the disk as the guest's first virtio disk.
+    /// The QEMU options that attach the disk as the guest's first virtio disk (with the
+    /// shared guest memory a vhost-user disk needs).
     pub fn qemu_args(&self) -> Vec<String> {
         match self {
             GuestDisk::Nbd { uri, read_only } => {
-                // In QEMU's option syntax a comma is written twice.
-                let file = uri.replace(',', ",,");
+                let file = escape_option_value(uri);
                 let readonly = if *read_only { "on" } else { "off" };
                 vec![
                     "-drive".into(),
                     format!("file={file},format=raw,if=virtio,readonly={readonly},cache=none"),
                 ]
             }
+            GuestDisk::VhostUserBlk { socket } => {
+                let path = escape_option_value(&socket.to_string_lossy());
+                vec![
+                    "-object".into(),
+                    format!("memory-backend-memfd,id=mem,size={GUEST_MEMORY_MIB}M,share=on"),
+                    "-machine".into(),
+                    "memory-backend=mem".into(),
+                    "-chardev".into(),
+                    format!("socket,id=disk0,path={path}"),
+                    "-device".into(),
+                    "vhost-user-blk-pci,chardev=disk0".into(),
+                ]
+            }
         }
     }
+}
+
+/// A value for QEMU's `key=value,...` option syntax, where a comma is written twice.
+fn escape_option_value(value: &str) -> String {
+    value.replace(',', ",,")
 }
 
 /// Makes the child get SIGKILL when the thread that starts it ends: a QEMU whose test was
@@ -543,6 +569,20 @@ mod tests {
         for lines in cases {
             assert!(ConsoleReport::parse(&console(lines)).is_err(), "{lines:?}");
         }
+    }
+
+    #[test]
+    fn a_vhost_user_disk_shares_the_guest_memory_and_escapes_its_path() {
+        let disk = GuestDisk::VhostUserBlk {
+            socket: "/tmp/a,b.sock".into(),
+        };
+        let args = disk.qemu_args();
+        assert!(
+            args.contains(&"socket,id=disk0,path=/tmp/a,,b.sock".to_string()),
+            "{args:?}"
+        );
+        let memory = format!("memory-backend-memfd,id=mem,size={GUEST_MEMORY_MIB}M,share=on");
+        assert!(args.contains(&memory), "{args:?}");
     }
 
     #[test]

@@ -1,8 +1,8 @@
-//! A real Linux guest boots under `qemu-system-x86_64` (TCG) from an NBD export and hashes its
-//! whole disk; the host hashes the image the export serves (flattened by `qemu-img convert`).
-//! The two must agree, whoever serves the disk: `qemu-nbd` (raw, QED over a raw base,
-//! read-only with `readonly=on`) and `qemu-storage-daemon`'s NBD export, the anchor for the
-//! later `qedstream serve` tests. A guest's write must land in the image, where `qemu-img`
+//! A real Linux guest boots under `qemu-system-x86_64` (TCG) from an exported disk and hashes
+//! its whole disk; the host hashes the image the export serves (flattened by `qemu-img
+//! convert`). The two must agree, whoever serves the disk: `qemu-nbd` (raw, QED over a raw
+//! base, read-only with `readonly=on`) and `qemu-storage-daemon`'s NBD and vhost-user-blk
+//! exports, the anchors for the later `qedstream serve` tests. A guest's write must land in the image, where `qemu-img`
 //! reads it back and finds the image clean; a write to a read-only disk must fail in the guest
 //! and change nothing.
 //!
@@ -49,9 +49,9 @@ fn overlay_fixture(dir: &Path, seed: u64) {
     );
 }
 
-/// `qemu-nbd` serving `image` (a name in `dir`) as export `exp` on `dir/nbd.sock`.
+/// `qemu-nbd` serving `image` (a name in `dir`) as export `exp` on `dir/SOCK_NAME`.
 fn qemu_nbd(dir: &Path, format: &str, image: &str, read_only: bool) -> NbdServer {
-    let sock = dir.join("nbd.sock");
+    let sock = dir.join(SOCK_NAME);
     let mut args = vec!["-f", format, "-x", "exp", "--persistent"];
     if read_only {
         args.push("-r");
@@ -101,37 +101,56 @@ fn the_guest_hashes_a_qed_overlay_as_qemu_img_flattens_it() {
     assert_eq!(report.sha256, expected, "{}", report.console);
 }
 
-#[test]
-fn a_guest_write_lands_in_the_qed_image() {
-    let dir = tempdir();
-    let dir = dir.path();
-    overlay_fixture(dir, 0x6E57_0003);
+/// Boots a guest that writes to `dir/top.qed` (an [`overlay_fixture`]) through the server
+/// `serve` starts, stops the server with SIGTERM and checks that the write landed: the image
+/// is clean for `qemu-img check`, `qemu-io` reads the pattern back, the flattened image equals
+/// the one before with the write applied, and its hash is the one the guest computed.
+fn assert_guest_write_lands(
+    dir: &Path,
+    serve: impl FnOnce(&Path) -> (NbdServer, GuestDisk),
+    what: &str,
+) {
     let mut expected = tools::flatten(dir, "top.qed", "qed");
     // Unaligned, across cluster boundaries, over base data the overlay has not copied yet.
     let (offset, len, byte) = (5 * MIB + 37, 200_000, 0xab);
     expected[offset as usize..(offset + len) as usize].fill(byte);
-    let mut server = qemu_nbd(dir, "qed", "top.qed", false);
+    let (mut server, disk) = serve(dir);
 
-    let action = GuestAction::Write { offset, len, byte };
-    let report = boot(nbd_disk(&server, false), action, "qed write");
+    let report = boot(disk, GuestAction::Write { offset, len, byte }, what);
     let status = server.terminate();
-    assert!(status.success(), "qemu-nbd exited with {status}");
+    assert!(status.success(), "{what}: the server exited with {status}");
 
     assert_eq!(
         tools::qemu_check(dir, "top.qed"),
         0,
-        "qemu-img check after the guest's write"
+        "{what}: qemu-img check after the guest's write"
     );
     let read_back = format!("read -P {byte:#x} {offset} {len}");
     tools::qemu_io(dir, "qed", "top.qed", &[&read_back]);
     let flat = tools::flatten(dir, "top.qed", "qed");
-    assert_same_bytes(&flat, &expected, "the image after the guest's write");
+    assert_same_bytes(
+        &flat,
+        &expected,
+        &format!("{what}: the image after the write"),
+    );
     assert_eq!(
         report.sha256,
         sha256_of(dir, "top.qed.flat.raw"),
-        "the guest's hash after its write\n{}",
+        "{what}: the guest's hash after its write\n{}",
         report.console
     );
+}
+
+#[test]
+fn a_guest_write_lands_in_the_qed_image() {
+    let dir = tempdir();
+    overlay_fixture(dir.path(), 0x6E57_0003);
+    let serve = |dir: &Path| {
+        let server = qemu_nbd(dir, "qed", "top.qed", false);
+        let disk = nbd_disk(&server, false);
+        (server, disk)
+    };
+    assert_guest_write_lands(dir.path(), serve, "qemu-nbd write");
 }
 
 #[test]
@@ -177,6 +196,44 @@ fn a_guest_write_to_a_read_only_disk_fails_and_changes_nothing() {
     );
 }
 
+/// qemu-storage-daemon serving `dir/top.qed` through `export` (its `--export` option, with
+/// `id=exp0,node-name=top` added) after the `extra` options, until SIGTERM or drop. It must listen
+/// on `dir/SOCK_NAME` (the wait for it connects there once).
+fn qemu_storage_daemon(dir: &Path, writable: bool, export: &str, extra: &[String]) -> NbdServer {
+    let read_only = if writable { "off" } else { "on" };
+    let image = dir.join("top.qed");
+    let mut args = vec![
+        "--blockdev".to_string(),
+        format!(
+            "driver=file,node-name=file0,filename={},read-only={read_only}",
+            image.display()
+        ),
+        "--blockdev".into(),
+        format!("driver=qed,node-name=top,file=file0,read-only={read_only}"),
+    ];
+    // In order: an NBD export needs the NBD server started first.
+    args.extend_from_slice(extra);
+    args.extend(["--export".into(), format!("{export},id=exp0,node-name=top")]);
+    NbdServer::start("qemu-storage-daemon", args, &dir.join(SOCK_NAME))
+}
+
+/// The socket every server in these tests listens on, in the test's directory.
+const SOCK_NAME: &str = "server.sock";
+
+/// qemu-storage-daemon's vhost-user-blk export of `dir/top.qed`, and the disk for it.
+fn qsd_vhost_user_blk(dir: &Path, writable: bool) -> (NbdServer, GuestDisk) {
+    let socket = dir.join(SOCK_NAME);
+    let on_off = if writable { "on" } else { "off" };
+    let export = format!(
+        "type=vhost-user-blk,addr.type=unix,addr.path={},writable={on_off}",
+        socket.display()
+    );
+    // NbdServer is the tests' "server on a unix socket, stopped on drop"; the protocol here
+    // is vhost-user.
+    let server = qemu_storage_daemon(dir, writable, &export, &[]);
+    (server, GuestDisk::VhostUserBlk { socket })
+}
+
 #[test]
 fn the_guest_hashes_a_qemu_storage_daemon_nbd_export() {
     let dir = tempdir();
@@ -184,24 +241,37 @@ fn the_guest_hashes_a_qemu_storage_daemon_nbd_export() {
     overlay_fixture(dir, 0x6E57_0006);
     tools::flatten(dir, "top.qed", "qed");
     let expected = sha256_of(dir, "top.qed.flat.raw");
-    let sock = dir.join("nbd.sock");
-    let image = dir.join("top.qed");
-    let args = [
-        "--blockdev".to_string(),
-        format!(
-            "driver=file,node-name=file0,filename={},read-only=on",
-            image.display()
-        ),
-        "--blockdev".into(),
-        "driver=qed,node-name=top,file=file0,read-only=on".into(),
-        "--nbd-server".into(),
+    let sock = dir.join(SOCK_NAME);
+    let nbd_server = [
+        "--nbd-server".to_string(),
         format!("addr.type=unix,addr.path={}", sock.display()),
-        "--export".into(),
-        "type=nbd,id=exp0,node-name=top,name=exp,writable=off".into(),
     ];
-    let server = NbdServer::start("qemu-storage-daemon", args, &sock);
+    let export = "type=nbd,name=exp,writable=off";
+    let server = qemu_storage_daemon(dir, false, export, &nbd_server);
 
-    let report = boot(nbd_disk(&server, true), GuestAction::Hash, "qsd");
+    let report = boot(nbd_disk(&server, true), GuestAction::Hash, "qsd nbd");
     assert_eq!(report.size, 32 * MIB, "{}", report.console);
     assert_eq!(report.sha256, expected, "{}", report.console);
+}
+
+#[test]
+fn the_guest_hashes_a_qemu_storage_daemon_vhost_user_blk_export() {
+    let dir = tempdir();
+    let dir = dir.path();
+    overlay_fixture(dir, 0x6E57_0007);
+    tools::flatten(dir, "top.qed", "qed");
+    let expected = sha256_of(dir, "top.qed.flat.raw");
+    let (_server, disk) = qsd_vhost_user_blk(dir, false);
+
+    let report = boot(disk, GuestAction::Hash, "qsd vhost-user-blk");
+    assert_eq!(report.size, 32 * MIB, "{}", report.console);
+    assert_eq!(report.sha256, expected, "{}", report.console);
+}
+
+#[test]
+fn a_guest_write_through_vhost_user_blk_lands_in_the_qed_image() {
+    let dir = tempdir();
+    overlay_fixture(dir.path(), 0x6E57_0008);
+    let serve = |dir: &Path| qsd_vhost_user_blk(dir, true);
+    assert_guest_write_lands(dir.path(), serve, "qsd vhost-user-blk write");
 }

@@ -196,8 +196,8 @@ fn a_guest_write_to_a_read_only_disk_fails_and_changes_nothing() {
     );
 }
 
-/// qemu-storage-daemon serving `dir/top.qed` through `export` (its `--export` option, with
-/// `id=exp0,node-name=top` added) after the `extra` options, until SIGTERM or drop. It must listen
+/// qemu-storage-daemon with `dir/top.qed` as node `top`, then the `extra` options, then
+/// `export` (its `--export` option, `id=exp0` added), until SIGTERM or drop. It must listen
 /// on `dir/SOCK_NAME` (the wait for it connects there once).
 fn qemu_storage_daemon(dir: &Path, writable: bool, export: &str, extra: &[String]) -> NbdServer {
     let read_only = if writable { "off" } else { "on" };
@@ -213,7 +213,7 @@ fn qemu_storage_daemon(dir: &Path, writable: bool, export: &str, extra: &[String
     ];
     // In order: an NBD export needs the NBD server started first.
     args.extend_from_slice(extra);
-    args.extend(["--export".into(), format!("{export},id=exp0,node-name=top")]);
+    args.extend(["--export".into(), format!("{export},id=exp0")]);
     NbdServer::start("qemu-storage-daemon", args, &dir.join(SOCK_NAME))
 }
 
@@ -225,7 +225,7 @@ fn qsd_vhost_user_blk(dir: &Path, writable: bool) -> (NbdServer, GuestDisk) {
     let socket = dir.join(SOCK_NAME);
     let on_off = if writable { "on" } else { "off" };
     let export = format!(
-        "type=vhost-user-blk,addr.type=unix,addr.path={},writable={on_off}",
+        "type=vhost-user-blk,node-name=top,addr.type=unix,addr.path={},writable={on_off}",
         socket.display()
     );
     // NbdServer is the tests' "server on a unix socket, stopped on drop"; the protocol here
@@ -246,7 +246,7 @@ fn the_guest_hashes_a_qemu_storage_daemon_nbd_export() {
         "--nbd-server".to_string(),
         format!("addr.type=unix,addr.path={}", sock.display()),
     ];
-    let export = "type=nbd,name=exp,writable=off";
+    let export = "type=nbd,node-name=top,name=exp,writable=off";
     let server = qemu_storage_daemon(dir, false, export, &nbd_server);
 
     let report = boot(nbd_disk(&server, true), GuestAction::Hash, "qsd nbd");
@@ -274,4 +274,73 @@ fn a_guest_write_through_vhost_user_blk_lands_in_the_qed_image() {
     overlay_fixture(dir.path(), 0x6E57_0008);
     let serve = |dir: &Path| qsd_vhost_user_blk(dir, true);
     assert_guest_write_lands(dir.path(), serve, "qsd vhost-user-blk write");
+}
+
+/// What `qedstream serve` will do, done by QEMU: a guest reads the whole disk through a
+/// copy-on-read filter over a QED overlay whose backing is an NBD export. The guest sees the
+/// flattened chain, and afterwards the overlay alone holds it (a copy of it with the backing
+/// removed flattens to the same bytes) and is clean for `qemu-img check`.
+#[test]
+fn a_guest_reading_through_qemu_copy_on_read_over_an_nbd_backing_fills_the_overlay() {
+    let dir = tempdir();
+    let dir = dir.path();
+    random_file(dir, "base.raw", 24 * MIB, 0x6E57_0009);
+    let base_sock = dir.join("base.sock");
+    let base_file = dir.join("base.raw");
+    let base_args = ["-r", "-f", "raw", "-x", "base", "--persistent", "-k"];
+    let base_args = base_args.iter().map(|a| a.to_string());
+    let base_args = base_args.chain([
+        base_sock.display().to_string(),
+        base_file.display().to_string(),
+    ]);
+    let _base = NbdServer::start("qemu-nbd", base_args, &base_sock);
+    let backing = format!("nbd+unix:///base?socket={}", base_sock.display());
+    tools::create_overlay(dir, &backing, "raw", "top.qed", Some("32M"));
+    tools::qemu_io(
+        dir,
+        "qed",
+        "top.qed",
+        &[
+            "write -P 0xaa 512k 64k",
+            "write -z 2M 64k",
+            "write -P 0x5e 30M 1M",
+        ],
+    );
+    let expected = tools::flatten(dir, "top.qed", "qed");
+    let expected_sha256 = sha256_of(dir, "top.qed.flat.raw");
+    let sock = dir.join(SOCK_NAME);
+    let extra = [
+        "--blockdev".to_string(),
+        "driver=copy-on-read,node-name=cor,file=top".into(),
+        "--nbd-server".into(),
+        format!("addr.type=unix,addr.path={}", sock.display()),
+    ];
+    let export = "type=nbd,node-name=cor,name=exp,writable=off";
+    let mut server = qemu_storage_daemon(dir, true, export, &extra);
+
+    let report = boot(
+        nbd_disk(&server, true),
+        GuestAction::Hash,
+        "qsd copy-on-read",
+    );
+    assert_eq!(report.sha256, expected_sha256, "{}", report.console);
+    assert!(server.terminate().success());
+
+    assert_eq!(
+        tools::qemu_check(dir, "top.qed"),
+        0,
+        "qemu-img check after copy-on-read"
+    );
+    std::fs::copy(dir.join("top.qed"), dir.join("detached.qed")).unwrap();
+    tools::ok(
+        dir,
+        "qemu-img",
+        &["rebase", "-u", "-f", "qed", "-b", "", "detached.qed"],
+    );
+    let alone = tools::flatten(dir, "detached.qed", "qed");
+    assert_same_bytes(
+        &alone,
+        &expected,
+        "the overlay without its backing, after the guest read it all",
+    );
 }

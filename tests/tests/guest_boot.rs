@@ -2,9 +2,10 @@
 //! its whole disk; the host hashes the image the export serves (flattened by `qemu-img
 //! convert`). The two must agree, whoever serves the disk: `qemu-nbd` (raw, QED over a raw
 //! base, read-only with `readonly=on`) and `qemu-storage-daemon`'s NBD and vhost-user-blk
-//! exports, the anchors for the later `qedstream serve` tests. A guest's write must land in the image, where `qemu-img`
-//! reads it back and finds the image clean; a write to a read-only disk must fail in the guest
-//! and change nothing.
+//! exports, the anchors for the later `qedstream serve` tests. A guest's write must land in
+//! the image, where `qemu-img` reads it back and finds the image clean; a write to a read-only
+//! disk must fail in the guest and change nothing. And what `serve` will do, QEMU does here:
+//! a guest reading through a copy-on-read filter over an NBD backing fills the overlay.
 //!
 //! Each boot takes seconds (see the `elapsed` lines with `--nocapture`). The kit is built (or
 //! found cached) by `guest/build-kit.sh`; a missing `qemu-system-x86_64` fails these tests.
@@ -18,6 +19,9 @@ use qedstream_tests::nbd_server::NbdServer;
 use qedstream_tests::{assert_same_bytes, path_str, tempdir, tools, XorShift};
 
 const MIB: u64 = 1 << 20;
+
+/// The socket the server a guest boots from listens on, in the test's directory.
+const SOCK_NAME: &str = "server.sock";
 
 /// sha256 of a file in `dir`, as the host computes it.
 fn sha256_of(dir: &Path, file: &str) -> String {
@@ -216,9 +220,6 @@ fn qemu_storage_daemon(dir: &Path, writable: bool, export: &str, extra: &[String
     args.extend(["--export".into(), format!("{export},id=exp0")]);
     NbdServer::start("qemu-storage-daemon", args, &dir.join(SOCK_NAME))
 }
-
-/// The socket every server in these tests listens on, in the test's directory.
-const SOCK_NAME: &str = "server.sock";
 
 /// qemu-storage-daemon's vhost-user-blk export of `dir/top.qed`, and the disk for it.
 fn qsd_vhost_user_blk(dir: &Path, writable: bool) -> (NbdServer, GuestDisk) {

@@ -39,6 +39,7 @@ pub const STACK_SIZE: usize = 256 << 20;
 pub mod chain;
 pub mod convert;
 pub mod error;
+pub mod job;
 pub mod size;
 pub mod source;
 pub mod stream;

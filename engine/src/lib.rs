@@ -37,6 +37,7 @@
 pub const STACK_SIZE: usize = 256 << 20;
 
 pub mod chain;
+pub mod control;
 pub mod convert;
 pub mod error;
 pub mod job;

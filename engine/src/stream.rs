@@ -638,6 +638,13 @@ impl StreamJob {
 
     /// [`StreamJob::start`] for a device behind a trait object.
     pub fn start_dyn(dev: Arc<dyn Populate>, options: StreamOptions) -> StreamJob {
+        StreamJob::start_watched(dev, options).0
+    }
+
+    /// [`StreamJob::start_dyn`], with a subscription to the job's events taken before the job
+    /// starts (so that not even its first or, for a job with nothing to do, its last event can
+    /// be missed).
+    pub fn start_watched(dev: Arc<dyn Populate>, options: StreamOptions) -> (StreamJob, JobEvents) {
         let (paused, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             image: dev.name().to_string(),
@@ -661,6 +668,7 @@ impl StreamJob {
             events: EventSender::new(),
         });
         let handle = StreamHandle { shared };
+        let events = handle.subscribe();
         let h = handle.clone();
         let task = tokio::spawn(async move {
             let start = Instant::now();
@@ -681,7 +689,7 @@ impl StreamJob {
             });
             h.finish(r)
         });
-        StreamJob { handle, task }
+        (StreamJob { handle, task }, events)
     }
 
     /// The job's handle.

@@ -41,7 +41,7 @@ pub struct StreamCommand {
 /// The default unit of a step.
 pub const STEP_UNIT: u64 = 1 << 20;
 
-fn progress_json(event: &str, p: &Progress) -> Value {
+pub fn progress_json(event: &str, p: &Progress) -> Value {
     json!({
         "event": event,
         "image": p.image,
@@ -68,6 +68,7 @@ fn idle_progress(dev: &CorDevice) -> Progress {
         rate: 0,
         rate_limit: 0,
         state: JobState::Completed,
+        io_status: engine::job::IoStatus::Ok,
     }
 }
 

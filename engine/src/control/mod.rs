@@ -18,7 +18,7 @@
 //! (`speed: 0` is unlimited), `block-job-pause`, `block-job-resume`, `block-job-cancel` (a
 //! paused job cancels without `force`), `quit`. Events: `JOB_STATUS_CHANGE`,
 //! `BLOCK_JOB_ERROR`, `BLOCK_JOB_COMPLETED` (with `error` when the job failed) and
-//! `BLOCK_JOB_CANCELLED`, each with QEMU's `timestamp`.
+//! `BLOCK_JOB_CANCELLED`, and `SHUTDOWN` after `quit`, each with QEMU's `timestamp`.
 //!
 //! Extensions, named with QEMU's `x-` prefix for things QEMU does not have:
 //!
@@ -223,8 +223,12 @@ impl Control {
         ControlSocket::bind(self.clone(), path).await
     }
 
-    /// Asks whoever runs the control to end (QMP `quit`).
+    /// Asks whoever runs the control to end (QMP `quit`; clients hear QEMU's `SHUTDOWN`).
     pub fn request_quit(&self) {
+        self.emit(
+            "SHUTDOWN",
+            json!({"guest": false, "reason": "host-qmp-quit"}),
+        );
         self.inner.quit.send_replace(true);
     }
 

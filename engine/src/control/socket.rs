@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 
 use super::{commands, Control, ControlError};
@@ -24,11 +24,15 @@ pub const MAX_INPUT: usize = 64 << 10;
 /// Clients connected at once.
 pub const MAX_CLIENTS: usize = 64;
 
+/// How long [`ControlSocket::close`] lets clients receive the events already sent.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A listening QMP socket; [`ControlSocket::close`] stops it and removes the socket file.
 #[derive(Debug)]
 pub struct ControlSocket {
     path: PathBuf,
     accept: tokio::task::JoinHandle<()>,
+    closing: watch::Sender<bool>,
 }
 
 impl ControlSocket {
@@ -37,10 +41,12 @@ impl ControlSocket {
     pub async fn bind(control: Control, path: &Path) -> Result<ControlSocket> {
         let listener = UnixListener::bind(path)
             .map_err(Error::io(format!("listening on {}", path.display())))?;
-        let accept = tokio::spawn(accept(control, listener));
+        let closing = watch::channel(false).0;
+        let accept = tokio::spawn(accept(control, listener, closing.subscribe()));
         Ok(ControlSocket {
             path: path.to_path_buf(),
             accept,
+            closing,
         })
     }
 
@@ -49,18 +55,32 @@ impl ControlSocket {
         &self.path
     }
 
-    /// Stops accepting, disconnects every client and removes the socket file.
-    pub fn close(self) {
-        self.accept.abort();
+    /// Stops accepting and removes the socket file; every client gets the events already
+    /// sent (`SHUTDOWN` after `quit`) and is disconnected, within a second.
+    pub async fn close(self) {
         let _ = std::fs::remove_file(&self.path);
+        self.closing.send_replace(true);
+        if tokio::time::timeout(CLOSE_GRACE * 2, &mut { self.accept })
+            .await
+            .is_err()
+        {
+            tracing::warn!("the QMP socket did not close in time");
+        }
     }
 }
 
-async fn accept(control: Control, listener: UnixListener) {
-    // Dropped with this task: aborting the accept loop disconnects every client.
+async fn accept(control: Control, listener: UnixListener, closing: watch::Receiver<bool>) {
+    // Dropped with this task: ending the accept loop disconnects every client.
     let mut clients = JoinSet::new();
+    let mut closed = closing.clone();
     loop {
         tokio::select! {
+            () = until_closed(&mut closed) => {
+                drop(listener);
+                let all = async { while clients.join_next().await.is_some() {} };
+                let _ = tokio::time::timeout(CLOSE_GRACE, all).await;
+                return;
+            }
             conn = listener.accept() => match conn {
                 Ok((stream, _)) => {
                     while clients.try_join_next().is_some() {}
@@ -69,7 +89,7 @@ async fn accept(control: Control, listener: UnixListener) {
                         drop(stream);
                         continue;
                     }
-                    clients.spawn(serve_client(control.clone(), stream));
+                    clients.spawn(serve_client(control.clone(), stream, closing.clone()));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accepting a QMP client failed");
@@ -88,6 +108,23 @@ struct Client {
     input: Vec<u8>,
     negotiated: bool,
     events: Option<broadcast::Receiver<Value>>,
+    closing: watch::Receiver<bool>,
+}
+
+/// Resolves once the socket is closing.
+async fn until_closed(closing: &mut watch::Receiver<bool>) {
+    // The sender lives as long as the socket; if it is gone, so is the socket.
+    let _ = closing.wait_for(|c| *c).await.map(drop);
+}
+
+/// What a client's task woke up for.
+enum Woke {
+    /// The socket is closing.
+    Closing,
+    /// This many bytes came in (0: the client hung up).
+    Read(usize),
+    /// An event to pass on.
+    Event(Option<Value>),
 }
 
 /// What the parser found at the start of the input.
@@ -116,12 +153,13 @@ fn parse(input: &[u8]) -> Parsed {
     }
 }
 
-async fn serve_client(control: Control, stream: UnixStream) {
+async fn serve_client(control: Control, stream: UnixStream, closing: watch::Receiver<bool>) {
     let mut client = Client {
         stream,
         input: Vec::new(),
         negotiated: false,
         events: None,
+        closing,
     };
     if let Err(e) = client.run(&control).await {
         tracing::debug!(error = %e, "QMP client gone");
@@ -153,20 +191,35 @@ impl Client {
                 self.send(&json!({"error": e.to_json()})).await?;
                 return Ok(());
             }
-            let read = tokio::select! {
-                n = self.stream.read(&mut buf) => n?,
-                ev = next_event(&mut self.events) => {
+            let mut closing = self.closing.clone();
+            let woke = tokio::select! {
+                () = until_closed(&mut closing) => Woke::Closing,
+                n = self.stream.read(&mut buf) => Woke::Read(n?),
+                ev = next_event(&mut self.events) => Woke::Event(ev),
+            };
+            let read = match woke {
+                Woke::Closing => return self.send_pending_events().await,
+                Woke::Event(ev) => {
                     if let Some(ev) = ev {
                         self.send(&ev).await?;
                     }
                     continue;
                 }
+                Woke::Read(n) => n,
             };
             if read == 0 {
                 return Ok(());
             }
             self.input.extend_from_slice(&buf[..read]);
         }
+    }
+
+    /// Sends the events already broadcast, before the connection closes.
+    async fn send_pending_events(&mut self) -> std::io::Result<()> {
+        while let Some(Ok(ev)) = self.events.as_mut().map(broadcast::Receiver::try_recv) {
+            self.send(&ev).await?;
+        }
+        Ok(())
     }
 
     /// Takes the next complete command off the input and runs it: its reply, and whether it

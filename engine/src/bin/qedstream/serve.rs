@@ -376,7 +376,7 @@ async fn run_async(cmd: ServeCommand) -> Result<u8> {
             let r = serve(&cmd, &control, &mut events, &mut signals).await;
             // Stop accepting first, then finish what runs.
             if let Some(s) = socket {
-                s.close();
+                s.close().await;
             }
             nbd.shutdown().await;
             let ended = end_job(&cmd, &control, &mut events).await;
@@ -409,7 +409,7 @@ async fn start_sockets(
         Ok(n) => n,
         Err(e) => {
             if let Some(s) = socket {
-                s.close();
+                s.close().await;
             }
             return Err(e);
         }

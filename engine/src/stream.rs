@@ -14,6 +14,13 @@
 //!
 //! Single-step mode ([`step`]) copies one unit and returns the offset to continue from.
 //!
+//! A range that still fails after [`StreamOptions::retries`] is handled by the job's
+//! [`OnError`] policy ([`StreamOptions::on_error`]): `report` fails the job, `stop` pauses it
+//! (I/O status `failed`) until a resume retries the range, `ignore` skips the range, reports
+//! it in [`StreamOutcome::ignored`] and keeps the backing link. Every such failure, every
+//! state change and the end are [`JobEvent`]s, received through [`StreamHandle::subscribe`]
+//! (or [`StreamJob::start_watched`], subscribed before the job starts).
+//!
 //! The [`StreamHandle`] gives [`Progress`] at any time and takes a new rate limit
 //! ([`StreamHandle::set_rate`]), pause, resume and cancel. Cancel aborts the requests in flight
 //! (an NBD read waiting on a dead server is simply dropped), so it takes effect at once; image

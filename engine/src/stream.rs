@@ -898,7 +898,8 @@ async fn next_work(dev: &dyn Populate, from: u64) -> Result<Option<u64>> {
 pub async fn step(dev: &dyn Populate, offset: u64, length: u64) -> Result<StepOutcome> {
     let size = dev.size();
     let cs = dev.cluster_size();
-    let length = length.max(1).div_ceil(cs) * cs;
+    // Never more than the disk: a huge length must not overflow the arithmetic below.
+    let length = length.clamp(1, size.max(1)).div_ceil(cs) * cs;
     let Some(start) = next_work(dev, offset.min(size)).await? else {
         return Ok(StepOutcome {
             copied: 0,

@@ -643,6 +643,41 @@ fn quit_mid_stream_and_read_only_leave_the_image_clean() {
     );
 }
 
+/// Single-step over QMP, with the extremes of its arguments: a length past the disk is one
+/// step over all of it, an offset past the end is `done`; the link stays (a step never drops
+/// it) and the data equals the base.
+#[test]
+fn qmp_step_takes_extreme_arguments() {
+    let dir = tempdir();
+    let d = dir.path();
+    base(d, "32M");
+    overlay(d, "base.raw");
+    let mut served = Served::start(d, &["--control", "ctl.sock", "top.qed"]);
+    let mut qmp = Qmp::connect(&d.join("ctl.sock"));
+    let mut ev = Vec::new();
+    qmp.execute(json!({"execute": "qmp_capabilities"}), &mut ev);
+    let step = |qmp: &mut Qmp, offset: u64, length: u64| {
+        let args = json!({"offset": offset, "length": length});
+        qmp.execute(
+            json!({"execute": "x-block-stream-step", "arguments": args}),
+            &mut Vec::new(),
+        )
+    };
+    let r = step(&mut qmp, 0, 1 << 20);
+    assert_eq!(r["return"]["next"], 1 << 20, "{r}");
+    let r = step(&mut qmp, u64::MAX, u64::MAX);
+    assert_eq!(r["return"]["done"], true, "{r}");
+    let r = step(&mut qmp, 0, u64::MAX);
+    assert_eq!(r["return"]["done"], true, "{r}");
+    assert_eq!(r["return"]["copied"], 6 << 20, "{r}");
+    let r = step(&mut qmp, 0, 0);
+    assert_eq!(r["error"]["class"], "GenericError", "{r}");
+    qmp.execute(json!({"execute": "quit"}), &mut ev);
+    assert_eq!(served.wait(), 0);
+    assert_eq!(backing_of(d).as_deref(), Some("base.raw"));
+    assert_clean_and_equal(d, "base.raw");
+}
+
 /// QEMU's own Python QMP client (`qemu.qmp`, CI: `pip install qemu.qmp`) drives the socket:
 /// greeting, query-block-jobs, set-speed, pause, resume, cancel, and the events.
 #[test]

@@ -745,3 +745,40 @@ asyncio.run(main(sys.argv[1]))
     assert_eq!(backing_of(d).as_deref(), Some("base.raw"));
     assert_clean_and_equal(d, "base.raw");
 }
+
+/// Arguments are checked before anything is opened or bound: NBD addresses that do not parse,
+/// an unknown on-error policy, and --stream with --read-only are one-line errors, exit 1, and
+/// no socket or pid file appears.
+#[test]
+fn serve_refuses_bad_arguments_before_opening_anything() {
+    let dir = tempdir();
+    let d = dir.path();
+    base(d, "32M");
+    overlay(d, "base.raw");
+    let common = ["serve", "--control", "ctl.sock", "--pid-file", "p"];
+    for (args, says) in [
+        (vec!["--nbd", "tcp:localhost"], "tcp:HOST:PORT"),
+        (vec!["--nbd", "tcp:localhost:99999"], "not a port number"),
+        (vec!["--nbd", "unix:"], "needs a socket path"),
+        (vec!["--nbd", "vsock:3:10809"], "unix:PATH or tcp:HOST:PORT"),
+        (
+            vec!["--on-error", "enospc"],
+            "not one of report, stop, ignore",
+        ),
+        (vec!["--stream", "--read-only"], "--read-only"),
+    ] {
+        let out = run(qedstream()
+            .current_dir(d)
+            .args(common)
+            .args(&args)
+            .arg("top.qed"));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            !d.join("ctl.sock").exists() && !d.join("p").exists(),
+            "{args:?}"
+        );
+    }
+}

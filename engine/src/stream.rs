@@ -221,6 +221,8 @@ impl StreamHandle {
     /// Resumes after [`StreamHandle::pause`] (or after the job stopped on an error under
     /// [`OnError::Stop`]: the failed range is tried again).
     pub fn resume(&self) {
+        // As QEMU's resume: the error the job stopped on is cleared with it.
+        *self.shared.io_status.lock() = IoStatus::Ok;
         self.shared.paused.send_replace(false);
         self.transition(JobState::Paused, JobState::Running);
     }

@@ -223,6 +223,20 @@ pub trait Reconnect: Send + Sync + fmt::Debug {
     fn state(&self) -> LinkState;
     /// Resolves with the new state once it is no longer `seen` (at once if it already is not).
     fn changed(&self, seen: LinkState) -> Pin<Box<dyn Future<Output = LinkState> + Send + '_>>;
+
+    /// Where the connection goes (an NBD URI), for status reports.
+    fn address(&self) -> String;
+
+    /// Points the connection at another server `uri` serving the same data: connects, checks
+    /// that the export has the same size (else [`Error::RepointSizeMismatch`], nothing
+    /// changed), then swaps, so that requests waiting on the old server and every later
+    /// request go to the new one. Only the live connection changes: an image header that names
+    /// the old server is not rewritten (a caller that wants that rewrites it itself). Fails
+    /// with [`Error::Unsupported`] where the connection cannot be repointed.
+    fn repoint<'a>(&'a self, uri: &'a str) -> IoFuture<'a, ()> {
+        let _ = uri;
+        Box::pin(async { Err(Error::Unsupported("this connection cannot be repointed")) })
+    }
 }
 
 /// The state of a device's connection.

@@ -74,6 +74,16 @@ pub enum Error {
     /// The device cannot do this.
     #[error("not supported: {0}")]
     Unsupported(&'static str),
+    /// A backing was to be repointed at an export of another size; nothing was changed.
+    #[error("cannot repoint the backing at {uri}: its export has {found} bytes, the backing has {expected}; nothing was changed")]
+    RepointSizeMismatch {
+        /// The new URI.
+        uri: String,
+        /// The size of the backing now.
+        expected: u64,
+        /// The size of the new export.
+        found: u64,
+    },
     /// The device was closed, or the backing link was dropped while a request needed it.
     #[error("the device is closed")]
     Closed,

@@ -7,7 +7,8 @@
 //! - [`QedImage`]: a QED image read through its own backing device (the lower layers of a
 //!   chain);
 //! - [`NbdExport`]: an NBD export through `nbd-client` (block status from `base:allocation`;
-//!   the [`Reconnect`] capability reports the connection state);
+//!   the [`Reconnect`] capability reports the connection state and repoints the export at
+//!   another server of the same size, [`Reconnect::repoint`]);
 //! - [`CorDevice`]: the product: a QED image stacked on its backing chain, with copy-on-read,
 //!   guest writes that are never overwritten by older backing data, and the
 //!   [`CorDevice::populate_range`] primitive the stream job (in `engine`) is built on.

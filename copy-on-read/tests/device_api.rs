@@ -251,3 +251,73 @@ fn the_link_state_of_an_nbd_backing_reaches_through_every_layer() {
         dev.close().await.unwrap();
     });
 }
+
+/// "What if qemu-nbd dies": a copy-on-read read waiting on a dead server (the client is
+/// reconnecting) completes once the backing is repointed at a second qemu-nbd serving a copy;
+/// a repoint at an export of another size is refused and changes nothing; the header still
+/// names the first server.
+#[test]
+fn a_read_waiting_on_a_dead_server_completes_from_the_repointed_one() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    ok(dir, "qemu-img", &["create", "-f", "raw", "base.raw", "4M"]);
+    qemu_io(dir, "raw", "base.raw", &["write -P 0x3c 1M 1M"]);
+    std::fs::copy(dir.join("base.raw"), dir.join("copy.raw")).unwrap();
+    ok(dir, "qemu-img", &["create", "-f", "raw", "small.raw", "2M"]);
+    let mut first = NbdServer::qemu_nbd(&dir.join("base.raw"), &dir.join("a.sock"));
+    ok(
+        dir,
+        "qemu-img",
+        &[
+            "create",
+            "-f",
+            "qed",
+            "-b",
+            &first.uri(),
+            "-F",
+            "raw",
+            "top.qed",
+        ],
+    );
+    rt().block_on(async {
+        let cor = Arc::new(
+            CorDevice::open(&dir.join("top.qed"), CorOptions::default())
+                .await
+                .unwrap(),
+        );
+        let link = cor.reconnect().expect("an NBD backing");
+        assert_eq!(link.address(), first.uri());
+        first.kill();
+        let reader = Arc::clone(&cor);
+        let read = tokio::spawn(async move { reader.read_at(1 << 20, vec![0u8; 65536]).await });
+        // The read is now waiting on the dead server (the client reconnects for 30 s).
+        assert_ne!(link.changed(LinkState::Connected).await, LinkState::Connected);
+
+        let small = NbdServer::qemu_nbd(&dir.join("small.raw"), &dir.join("c.sock"));
+        let refused = link.repoint(&small.uri()).await;
+        assert!(
+            matches!(refused, Err(Error::RepointSizeMismatch { expected, found, .. }) if expected == 4 << 20 && found == 2 << 20),
+            "{refused:?}"
+        );
+        assert_eq!(link.address(), first.uri(), "a refused repoint changed the link");
+
+        let second = NbdServer::qemu_nbd(&dir.join("copy.raw"), &dir.join("b.sock"));
+        link.repoint(&second.uri()).await.unwrap();
+        let data = read.await.unwrap().unwrap();
+        assert!(data.iter().all(|&b| b == 0x3c), "wrong data after the repoint");
+        assert_eq!(link.state(), LinkState::Connected);
+        assert_eq!(link.address(), second.uri());
+        cor.close().await.unwrap();
+    });
+    let header = ok(dir, "qemu-img", &["info", "--output=json", "top.qed"]);
+    assert!(
+        header.contains("a.sock"),
+        "the header was rewritten: {header}"
+    );
+    // The header's server is gone: check the image alone.
+    let alone = format!(
+        r#"json:{{"driver":"qed","file":{{"driver":"file","filename":"{}"}},"backing":null}}"#,
+        dir.join("top.qed").display()
+    );
+    ok(dir, "qemu-img", &["check", &alone]);
+}

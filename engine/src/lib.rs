@@ -6,6 +6,9 @@
 //! - [`chain`]: a backing chain opened layer by layer for inspection ([`chain::Chain`]), with
 //!   `qemu-img`-compatible `map` extents ([`chain::MapEntry`]) and `info` JSON.
 //! - [`source`]: something to copy from (a QED chain or a raw file), read through its chain.
+//! - [`control`]: the control plane of a served image: one block node, its stream job, and a
+//!   QMP server on a unix socket speaking QEMU's block-job commands and events
+//!   ([`control::Control`]).
 //! - [`convert`]: copies a source into a raw file (holes where zero) or a new QED image (zero
 //!   data never stored).
 //! - [`error`]: the one error type, [`Error`], with a stable [`ErrorKind`] to match on.
@@ -13,6 +16,9 @@
 //! - [`stream`]: the stream job ([`stream::StreamJob`]) that makes a copy-on-read image local
 //!   and drops its backing link, with progress, a live rate limit, pause, resume and cancel,
 //!   and the single-step mode ([`stream::step`]).
+//! - [`job`]: the job model around a stream: the on-error policy ([`job::OnError`]:
+//!   report, stop, ignore), the I/O status, and the events a job reports ([`job::JobEvent`],
+//!   by subscription on its handle).
 //!
 //! The library has no command-line parts: the `qedstream` binary (`src/bin/qedstream/`, behind
 //! the default `cli` feature) adds the argument parsing, the progress bar, stdout handling,
@@ -37,8 +43,10 @@
 pub const STACK_SIZE: usize = 256 << 20;
 
 pub mod chain;
+pub mod control;
 pub mod convert;
 pub mod error;
+pub mod job;
 pub mod size;
 pub mod source;
 pub mod stream;

@@ -14,6 +14,13 @@
 //!
 //! Single-step mode ([`step`]) copies one unit and returns the offset to continue from.
 //!
+//! A range that still fails after [`StreamOptions::retries`] is handled by the job's
+//! [`OnError`] policy ([`StreamOptions::on_error`]): `report` fails the job, `stop` pauses it
+//! (I/O status `failed`) until a resume retries the range, `ignore` skips the range, reports
+//! it in [`StreamOutcome::ignored`] and keeps the backing link. Every such failure, every
+//! state change and the end are [`JobEvent`]s, received through [`StreamHandle::subscribe`]
+//! (or [`StreamJob::start_watched`], subscribed before the job starts).
+//!
 //! The [`StreamHandle`] gives [`Progress`] at any time and takes a new rate limit
 //! ([`StreamHandle::set_rate`]), pause, resume and cancel. Cancel aborts the requests in flight
 //! (an NBD read waiting on a dead server is simply dropped), so it takes effect at once; image
@@ -36,6 +43,7 @@ use tokio::time::Instant;
 use copy_on_read::{status_padded, LinkState, Populate, Reconnect, Status};
 
 use crate::error::{Error, Result};
+use crate::job::{EventSender, IoStatus, JobEvent, JobEvents, OnError, Operation, RangeError};
 
 /// How a stream runs.
 #[derive(Clone, Debug)]
@@ -51,6 +59,9 @@ pub struct StreamOptions {
     /// How many times one request is retried after a retryable backing error (a lost NBD
     /// connection that `nbd-client` could not ride out by itself). Default 3.
     pub retries: u32,
+    /// What the job does when a range still fails after the retries (default: report, the
+    /// job fails).
+    pub on_error: OnError,
 }
 
 impl Default for StreamOptions {
@@ -61,6 +72,7 @@ impl Default for StreamOptions {
             request_bytes: 4 << 20,
             in_flight: 4,
             retries: 3,
+            on_error: OnError::Report,
         }
     }
 }
@@ -105,6 +117,8 @@ pub struct Progress {
     pub rate_limit: u64,
     /// The job's state.
     pub state: JobState,
+    /// The state of the job's I/O: `failed` while stopped on an error.
+    pub io_status: IoStatus,
 }
 
 /// What a finished stream did.
@@ -116,6 +130,9 @@ pub struct StreamOutcome {
     pub unlinked: bool,
     /// Wall time.
     pub elapsed: Duration,
+    /// Ranges skipped under [`OnError::Ignore`] (`(offset, length)`, in the order they
+    /// failed); the link is kept when there are any.
+    pub ignored: Vec<(u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -135,6 +152,10 @@ struct Shared {
     samples: Mutex<VecDeque<(Instant, u64)>>,
     next_slot: Mutex<Instant>,
     backing_state: Option<Arc<dyn Reconnect>>,
+    on_error: OnError,
+    io_status: Mutex<IoStatus>,
+    ignored: Mutex<Vec<(u64, u64)>>,
+    events: EventSender,
 }
 
 /// Controls a running [`StreamJob`]; cheap to clone.
@@ -165,6 +186,7 @@ impl StreamHandle {
             rate: self.rate(),
             rate_limit: s.rate_limit.load(Ordering::Acquire),
             state,
+            io_status: *s.io_status.lock(),
         }
     }
 
@@ -193,19 +215,46 @@ impl StreamHandle {
     /// Stops issuing new copies (those in flight finish).
     pub fn pause(&self) {
         self.shared.paused.send_replace(true);
+        self.transition(JobState::Running, JobState::Paused);
+    }
+
+    /// Resumes after [`StreamHandle::pause`] (or after the job stopped on an error under
+    /// [`OnError::Stop`]: the failed range is tried again).
+    pub fn resume(&self) {
+        // As QEMU's resume: the error the job stopped on is cleared with it.
+        *self.shared.io_status.lock() = IoStatus::Ok;
+        self.shared.paused.send_replace(false);
+        self.transition(JobState::Paused, JobState::Running);
+    }
+
+    /// Whether the job is paused (by [`StreamHandle::pause`] or by an error it stopped on).
+    pub fn is_paused(&self) -> bool {
+        *self.shared.paused.borrow()
+    }
+
+    /// Moves the state from `from` to `to` (and tells subscribers); nothing if it is not
+    /// `from`.
+    fn transition(&self, from: JobState, to: JobState) {
         let mut st = self.shared.state.lock();
-        if *st == JobState::Running {
-            *st = JobState::Paused;
+        if *st == from {
+            *st = to;
+            self.shared.events.send(JobEvent::State(to));
         }
     }
 
-    /// Resumes after [`StreamHandle::pause`].
-    pub fn resume(&self) {
-        self.shared.paused.send_replace(false);
-        let mut st = self.shared.state.lock();
-        if *st == JobState::Paused {
-            *st = JobState::Running;
-        }
+    /// The job's events from now on (see [`crate::job`]).
+    pub fn subscribe(&self) -> JobEvents {
+        self.shared.events.subscribe()
+    }
+
+    /// The policy the job applies to a range that fails.
+    pub fn on_error(&self) -> OnError {
+        self.shared.on_error
+    }
+
+    /// The link state of the backing the job copies from, if it rides on a connection.
+    pub fn backing_link(&self) -> Option<Arc<dyn Reconnect>> {
+        self.shared.backing_state.clone()
     }
 
     /// Cancels the job: requests in flight are abandoned, the backing link stays.
@@ -229,7 +278,43 @@ impl StreamHandle {
     }
 
     fn set_state(&self, state: JobState) {
-        *self.shared.state.lock() = state;
+        let mut st = self.shared.state.lock();
+        if *st != state {
+            *st = state;
+            self.shared.events.send(JobEvent::State(state));
+        }
+    }
+
+    /// Records the end of the job: its final state, and the final event.
+    fn finish(&self, r: Result<StreamOutcome>) -> Result<StreamOutcome> {
+        let state = match &r {
+            Ok(_) => JobState::Completed,
+            Err(Error::Cancelled { .. }) => JobState::Cancelled,
+            Err(_) => JobState::Failed,
+        };
+        self.set_state(state);
+        let mut progress = self.progress();
+        let event = match &r {
+            Ok(outcome) => {
+                progress = StreamOutcome::clone(outcome).progress;
+                progress.state = state;
+                JobEvent::Completed {
+                    progress,
+                    unlinked: outcome.unlinked,
+                    ignored: outcome.ignored.clone(),
+                }
+            }
+            Err(Error::Cancelled { .. }) => JobEvent::Cancelled { progress },
+            Err(e) => JobEvent::Failed {
+                progress,
+                error: e.to_string(),
+            },
+        };
+        self.shared.events.send(event);
+        r.map(|mut outcome| {
+            outcome.progress.state = state;
+            outcome
+        })
     }
 
     /// Waits until cancel is called (or the rate changes). Returns true on cancel.
@@ -472,9 +557,85 @@ async fn copy_one(
                     });
                 }
             }
-            Err(e) => return Err(Error::device(e)),
+            Err(e) => match after_error(&handle, offset, len, Error::device(e)).await? {
+                AfterError::Retry => attempt = 0,
+                AfterError::Skip => return Ok(()),
+            },
         }
     }
+}
+
+/// What the job does next about a range that failed for good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AfterError {
+    /// Try the range again (after a resume, under [`OnError::Stop`]).
+    Retry,
+    /// Leave the range to the backing and go on (under [`OnError::Ignore`]).
+    Skip,
+}
+
+/// Applies the job's [`OnError`] policy to `e`, the final failure of
+/// `[offset, offset + length)`: one [`JobEvent::Error`], then fail (report), stop until a
+/// resume (stop), or record the range as skipped (ignore). A cancel is never an error to act
+/// on.
+async fn after_error(h: &StreamHandle, offset: u64, length: u64, e: Error) -> Result<AfterError> {
+    if matches!(e, Error::Cancelled { .. }) || h.is_cancelled() {
+        return Err(h.cancelled_at(offset));
+    }
+    let action = h.shared.on_error;
+    let nospace = is_nospace(&e);
+    let operation = match &e {
+        Error::BackingUnavailable(_) | Error::Device(copy_on_read::Error::Nbd { .. }) => {
+            Operation::Read
+        }
+        _ if nospace => Operation::Write,
+        _ => Operation::Read,
+    };
+    tracing::warn!(offset, length, action = action.as_str(), error = %e, "a stream range failed");
+    h.shared.events.send(JobEvent::Error(RangeError {
+        offset,
+        length,
+        action,
+        operation,
+        reason: e.to_string(),
+        nospace,
+    }));
+    match action {
+        OnError::Report => Err(e),
+        OnError::Ignore => {
+            h.shared.ignored.lock().push((offset, length));
+            Ok(AfterError::Skip)
+        }
+        OnError::Stop => {
+            *h.shared.io_status.lock() = if nospace {
+                IoStatus::Nospace
+            } else {
+                IoStatus::Failed
+            };
+            h.pause();
+            let cancelled = h.wait_unpaused().await;
+            *h.shared.io_status.lock() = IoStatus::Ok;
+            if cancelled {
+                Err(h.cancelled_at(offset))
+            } else {
+                Ok(AfterError::Retry)
+            }
+        }
+    }
+}
+
+/// Whether `e` (or an error under it) is ENOSPC.
+fn is_nospace(e: &Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.raw_os_error() == Some(libc::ENOSPC) {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
 }
 
 impl StreamJob {
@@ -486,6 +647,13 @@ impl StreamJob {
 
     /// [`StreamJob::start`] for a device behind a trait object.
     pub fn start_dyn(dev: Arc<dyn Populate>, options: StreamOptions) -> StreamJob {
+        StreamJob::start_watched(dev, options).0
+    }
+
+    /// [`StreamJob::start_dyn`], with a subscription to the job's events taken before the job
+    /// starts (so that not even its first or, for a job with nothing to do, its last event can
+    /// be missed).
+    pub fn start_watched(dev: Arc<dyn Populate>, options: StreamOptions) -> (StreamJob, JobEvents) {
         let (paused, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             image: dev.name().to_string(),
@@ -503,8 +671,13 @@ impl StreamJob {
             samples: Mutex::new(VecDeque::new()),
             next_slot: Mutex::new(Instant::now()),
             backing_state: dev.reconnect(),
+            on_error: options.on_error,
+            io_status: Mutex::new(IoStatus::Ok),
+            ignored: Mutex::new(Vec::new()),
+            events: EventSender::new(),
         });
         let handle = StreamHandle { shared };
+        let events = handle.subscribe();
         let h = handle.clone();
         let task = tokio::spawn(async move {
             let start = Instant::now();
@@ -517,19 +690,15 @@ impl StreamJob {
                     total: h.shared.total,
                 }),
             };
-            let state = match &r {
-                Ok(()) => JobState::Completed,
-                Err(Error::Cancelled { .. }) => JobState::Cancelled,
-                Err(_) => JobState::Failed,
-            };
-            h.set_state(state);
-            r.map(|()| StreamOutcome {
+            let r = r.map(|()| StreamOutcome {
                 progress: h.progress(),
                 unlinked: dev.backing().is_none(),
                 elapsed: start.elapsed(),
-            })
+                ignored: h.shared.ignored.lock().clone(),
+            });
+            h.finish(r)
         });
-        StreamJob { handle, task }
+        (StreamJob { handle, task }, events)
     }
 
     /// The job's handle.
@@ -560,17 +729,27 @@ async fn run(dev: &Arc<dyn Populate>, h: &StreamHandle, options: &StreamOptions)
             if h.wait_unpaused().await {
                 return Err(h.cancelled_at(h.shared.offset.load(Ordering::Acquire)));
             }
-            let p = plan(&**dev, pos, (pos + PLAN_WINDOW).min(size), PLAN_BUDGET).await?;
+            let limit = h.shared.rate_limit.load(Ordering::Acquire);
+            let Some(p) = plan_or_skip(dev, h, pos, request_max(options, cs, limit)).await? else {
+                // The plan failed and the policy skipped a request's worth from `pos`.
+                pos = (pos + request_max(options, cs, limit)).min(size);
+                h.shared.offset.store(pos, Ordering::Release);
+                continue;
+            };
             if pass == 1 {
                 h.shared.skipped.fetch_add(p.skipped, Ordering::AcqRel);
                 h.shared.local.fetch_add(p.local, Ordering::AcqRel);
             }
-            let limit = h.shared.rate_limit.load(Ordering::Acquire);
             let reqs = requests(&p.copy, request_max(options, cs, limit));
             found_work |= !reqs.is_empty();
             copy_window(dev, h, options, &reqs, pos, p.end).await?;
             pos = p.end;
             h.shared.offset.store(pos, Ordering::Release);
+        }
+        if !h.shared.ignored.lock().is_empty() {
+            // Skipped ranges come from the backing still: one pass, and the link stays.
+            dev.flush().await.map_err(Error::device)?;
+            return Ok(());
         }
         if !found_work || pass >= 3 {
             if found_work {
@@ -588,6 +767,29 @@ async fn run(dev: &Arc<dyn Populate>, h: &StreamHandle, options: &StreamOptions)
         dev.flush().await.map_err(Error::device)?;
     }
     Ok(())
+}
+
+/// Plans the window from `pos`, applying the job's policy when the plan fails: `None` when a
+/// request's worth from `pos` (`skip` bytes) is to be skipped.
+async fn plan_or_skip(
+    dev: &Arc<dyn Populate>,
+    h: &StreamHandle,
+    pos: u64,
+    skip: u64,
+) -> Result<Option<Plan>> {
+    let size = dev.size();
+    loop {
+        match plan(&**dev, pos, (pos + PLAN_WINDOW).min(size), PLAN_BUDGET).await {
+            Ok(p) => return Ok(Some(p)),
+            Err(e) => {
+                let length = skip.min(size - pos);
+                match after_error(h, pos, length, e).await? {
+                    AfterError::Retry => continue,
+                    AfterError::Skip => return Ok(None),
+                }
+            }
+        }
+    }
 }
 
 /// The largest copy request: the configured size in whole clusters, and no more than a quarter
@@ -698,7 +900,8 @@ async fn next_work(dev: &dyn Populate, from: u64) -> Result<Option<u64>> {
 pub async fn step(dev: &dyn Populate, offset: u64, length: u64) -> Result<StepOutcome> {
     let size = dev.size();
     let cs = dev.cluster_size();
-    let length = length.max(1).div_ceil(cs) * cs;
+    // Never more than the disk: a huge length must not overflow the arithmetic below.
+    let length = length.clamp(1, size.max(1)).div_ceil(cs) * cs;
     let Some(start) = next_work(dev, offset.min(size)).await? else {
         return Ok(StepOutcome {
             copied: 0,

@@ -172,13 +172,11 @@ fn prepare_dir(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs the demo in `dir` (a new private folder under the temp dir by default, kept) with a
-/// base of `size`.
-pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
-    let size = size.max(4 << 20) / (1 << 20) * (1 << 20);
-    // The NBD socket goes in a folder only we can enter (mode 0700): the demo's own when it
-    // makes it; with --dir, a private one under the temp dir, removed when the demo ends.
-    let (dir, sock_dir) = match dir {
+/// The demo's folder and, with `--dir`, a private folder for the NBD socket: the socket goes
+/// in a folder only we can enter (mode 0700): the demo's own when it makes it; with --dir, a
+/// private one under the temp dir, removed when the demo ends.
+fn demo_dirs(dir: Option<PathBuf>) -> Result<(PathBuf, Option<tempfile::TempDir>)> {
+    match dir {
         Some(d) => {
             prepare_dir(&d)?;
             let sock_dir = tempfile::Builder::new()
@@ -186,7 +184,7 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
                 .permissions(private())
                 .tempdir()
                 .map_err(Error::io("creating a private folder for the NBD socket"))?;
-            (d, Some(sock_dir))
+            Ok((d, Some(sock_dir)))
         }
         None => {
             let d = tempfile::Builder::new()
@@ -195,28 +193,19 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
                 .tempdir()
                 .map_err(Error::io("creating the demo's folder"))?
                 .keep();
-            (d, None)
+            Ok((d, None))
         }
-    };
-    let signals = SignalExit::install("demo", &format!("the files are kept in {}", dir.display()))?;
-    let base = dir.join(BASE);
-    let overlay = dir.join(OVERLAY);
-    let data = build_base(&base, size)?;
-    say(
-        1,
-        &format!(
-            "built {} ({} MiB, {} MiB of data, the rest holes)",
-            base.display(),
-            size >> 20,
-            data >> 20
-        ),
-    )?;
+    }
+}
 
-    let served = serve(
-        &signals,
-        sock_dir.as_ref().map_or(&dir, |d| d.path()),
-        &base,
-    )?;
+/// Step 2: serves the base over NBD when qemu-nbd is installed; the backing name the overlay
+/// records, and the server.
+fn serve_base(
+    signals: &SignalExit,
+    sock_dir: &Path,
+    base: &Path,
+) -> Result<(String, Option<(Helper, String)>)> {
+    let served = serve(signals, sock_dir, base)?;
     let backing_name = match &served {
         Some((_, uri)) => {
             say(2, &format!("serving it over NBD with qemu-nbd at {uri}"))?;
@@ -230,6 +219,135 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
             BASE.to_string()
         }
     };
+    Ok((backing_name, served))
+}
+
+/// Step 4: reads 1 MiB at offset 0 through copy-on-read; the device's counters and the first
+/// byte.
+fn read_through(overlay: &Path) -> Result<(copy_on_read::CorStats, u8)> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(Error::io("starting the runtime"))?;
+    let r = rt.block_on(async {
+        let dev = Arc::new(
+            open_device(
+                overlay,
+                Duration::from_secs(5),
+                qed::backing::DEFAULT_MAX_DEPTH,
+            )
+            .await?,
+        );
+        let buf = dev
+            .read_at(0, vec![0u8; 1 << 20])
+            .await
+            .map_err(Error::device)?;
+        let stats = dev.stats();
+        dev.close().await.map_err(Error::device)?;
+        Ok::<_, Error>((stats, buf[0]))
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    r
+}
+
+/// What step 6 found: the overlay's content equals the base, `qemu-img check`'s exit code
+/// for it, and whether its backing link is gone.
+struct Verdict {
+    same: bool,
+    check: i32,
+    unlinked: bool,
+}
+
+/// Step 6: reads the overlay through a chain reader (where it still lacks clusters, they are
+/// the backing's: the image itself never reads its backing) and compares it with the base.
+fn verify(overlay: &Path, base: &Path, size: u64) -> Result<Verdict> {
+    let image = Image::open_path(
+        overlay,
+        OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        },
+    )
+    .map(qed::Chain::new)
+    .map_err(|e| Error::image(overlay, e))?;
+    let report = image
+        .check(Repair::None)
+        .map_err(|e| Error::image(overlay, e))?;
+    let base_file = std::fs::File::open(base).map_err(|e| Error::open(base, e))?;
+    let mut a = vec![0u8; 1 << 20];
+    let mut b = vec![0u8; 1 << 20];
+    let mut same = true;
+    let mut at = 0;
+    while at < size {
+        image
+            .read_at(&mut a, at)
+            .map_err(|e| Error::image(overlay, e))?;
+        Storage::read_at(&base_file, &mut b, at).map_err(|e| Error::open(base, e))?;
+        same &= a == b;
+        at += 1 << 20;
+    }
+    Ok(Verdict {
+        same,
+        check: report.exit_code(),
+        unlinked: image.backing_name().is_none(),
+    })
+}
+
+/// Step 6 and 7: says what was found; the exit code.
+fn report(overlay: &Path, v: &Verdict) -> Result<u8> {
+    say(
+        6,
+        &format!(
+            "checked {}: content {} the base, check {}, backing link {}",
+            overlay.display(),
+            if v.same { "equals" } else { "DIFFERS FROM" },
+            if v.check == 0 {
+                "clean".to_string()
+            } else {
+                format!("exit {}", v.check)
+            },
+            if v.unlinked { "dropped" } else { "still there" }
+        ),
+    )?;
+    if v.same && v.check == 0 && v.unlinked {
+        say(
+            7,
+            &format!(
+                "done: {} is self-contained; try `qemu-img info {}`",
+                overlay.display(),
+                overlay.display()
+            ),
+        )?;
+        Ok(0)
+    } else {
+        Ok(1)
+    }
+}
+
+/// Runs the demo in `dir` (a new private folder under the temp dir by default, kept) with a
+/// base of `size`.
+pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
+    let size = size.max(4 << 20) / (1 << 20) * (1 << 20);
+    let (dir, sock_dir) = demo_dirs(dir)?;
+    let signals = SignalExit::install("demo", &format!("the files are kept in {}", dir.display()))?;
+    let base = dir.join(BASE);
+    let overlay = dir.join(OVERLAY);
+    let data = build_base(&base, size)?;
+    say(
+        1,
+        &format!(
+            "built {} ({} MiB, {} MiB of data, the rest holes)",
+            base.display(),
+            size >> 20,
+            data >> 20
+        ),
+    )?;
+    let (backing_name, served) = serve_base(
+        &signals,
+        sock_dir.as_ref().map_or(&dir, |d| d.path()),
+        &base,
+    )?;
 
     let options = CreateOptions {
         backing: Some((backing_name.clone(), BackingFormat::Raw)),
@@ -244,28 +362,7 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
         ),
     )?;
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(Error::io("starting the runtime"))?;
-    let (stats, first) = rt.block_on(async {
-        let dev = Arc::new(
-            open_device(
-                &overlay,
-                Duration::from_secs(5),
-                qed::backing::DEFAULT_MAX_DEPTH,
-            )
-            .await?,
-        );
-        let buf = dev
-            .read_at(0, vec![0u8; 1 << 20])
-            .await
-            .map_err(Error::device)?;
-        let stats = dev.stats();
-        dev.close().await.map_err(Error::device)?;
-        Ok::<_, Error>((stats, buf[0]))
-    })?;
+    let (stats, first) = read_through(&overlay)?;
     say(
         4,
         &format!(
@@ -273,7 +370,6 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
             stats.cor_bytes >> 10
         ),
     )?;
-    rt.shutdown_timeout(Duration::from_secs(1));
 
     say(5, "streaming the rest:")?;
     crate::progress::run(StreamCommand {
@@ -290,60 +386,5 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
     })?;
     drop(served);
     drop(sock_dir);
-
-    // Read through a chain reader: where the overlay still lacks clusters, they are the
-    // backing's (the image itself never reads its backing).
-    let image = Image::open_path(
-        &overlay,
-        OpenOptions {
-            read_only: true,
-            ..OpenOptions::default()
-        },
-    )
-    .map(qed::Chain::new)
-    .map_err(|e| Error::image(&overlay, e))?;
-    let report = image
-        .check(Repair::None)
-        .map_err(|e| Error::image(&overlay, e))?;
-    let base_file = std::fs::File::open(&base).map_err(|e| Error::open(&base, e))?;
-    let mut a = vec![0u8; 1 << 20];
-    let mut b = vec![0u8; 1 << 20];
-    let mut same = true;
-    let mut at = 0;
-    while at < size {
-        image
-            .read_at(&mut a, at)
-            .map_err(|e| Error::image(&overlay, e))?;
-        Storage::read_at(&base_file, &mut b, at).map_err(|e| Error::open(&base, e))?;
-        same &= a == b;
-        at += 1 << 20;
-    }
-    let unlinked = image.backing_name().is_none();
-    say(
-        6,
-        &format!(
-            "checked {}: content {} the base, check {}, backing link {}",
-            overlay.display(),
-            if same { "equals" } else { "DIFFERS FROM" },
-            if report.exit_code() == 0 {
-                "clean".to_string()
-            } else {
-                format!("exit {}", report.exit_code())
-            },
-            if unlinked { "dropped" } else { "still there" }
-        ),
-    )?;
-    if same && report.exit_code() == 0 && unlinked {
-        say(
-            7,
-            &format!(
-                "done: {} is self-contained; try `qemu-img info {}`",
-                overlay.display(),
-                overlay.display()
-            ),
-        )?;
-        Ok(0)
-    } else {
-        Ok(1)
-    }
+    report(&overlay, &verify(&overlay, &base, size)?)
 }

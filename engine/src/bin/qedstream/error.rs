@@ -55,6 +55,14 @@ pub enum Error {
         /// What went wrong.
         what: String,
     },
+    /// A QMP server refused a command, or did not speak QMP.
+    #[error("{socket}: {desc}")]
+    Qmp {
+        /// The control socket.
+        socket: String,
+        /// The server's error description, or what was wrong with its answer.
+        desc: String,
+    },
     /// A file the command creates is already there (a file or a symlink someone planted);
     /// nothing was written through it.
     #[error("{0}: already exists; refusing to write through it (use a new folder)")]

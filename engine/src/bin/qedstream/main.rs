@@ -9,8 +9,10 @@
 mod child;
 mod demo;
 mod error;
+mod job;
 mod out;
 mod progress;
+mod serve;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -239,36 +241,12 @@ enum Command {
         image: PathBuf,
     },
     /// Make an image local: copy what it lacks from its backing chain, then drop the link.
-    Stream {
-        #[command(flatten)]
-        chain: ChainArgs,
-        /// Rate limit in bytes per second (suffixes allowed: 10M).
-        #[arg(long, value_name = "BYTES_PER_S")]
-        rate: Option<String>,
-        /// Keep the backing link at the end.
-        #[arg(long)]
-        keep_backing: bool,
-        /// human (a progress bar on a terminal) or json (one object per line).
-        #[arg(long, value_enum, default_value = "human")]
-        output: Output,
-        /// Copy one unit and print the offset to continue from (or `done`).
-        #[arg(long)]
-        step: bool,
-        /// With --step: where to start (default 0).
-        #[arg(long, requires = "step")]
-        offset: Option<String>,
-        /// With --step: the unit's length (default 1M).
-        #[arg(long, requires = "step")]
-        length: Option<String>,
-        /// Seconds an NBD backing may be away before the stream fails.
-        #[arg(long, value_name = "SECONDS", default_value = "30")]
-        reconnect_delay: f64,
-        /// Copy requests in flight (1 to 64).
-        #[arg(long, default_value = "4")]
-        in_flight: usize,
-        /// The image.
-        image: PathBuf,
-    },
+    Stream(StreamArgs),
+    /// Serve an image as a copy-on-read block node: over NBD to a VM, streamed, and driven
+    /// over a QMP control socket (QEMU's block-job commands).
+    Serve(ServeArgs),
+    /// Drive the stream job of a `qedstream serve` over its control socket (QMP).
+    Job(JobArgs),
     /// The quick start: build a base image, serve it over NBD, read through copy-on-read,
     /// stream it local, check the result.
     Demo {
@@ -278,6 +256,128 @@ enum Command {
         /// Size of the sample base image.
         #[arg(long, default_value = "64M")]
         size: String,
+    },
+}
+
+// The arguments of `qedstream stream`.
+#[derive(clap::Args, Debug)]
+struct StreamArgs {
+    #[command(flatten)]
+    chain: ChainArgs,
+    /// Rate limit in bytes per second (suffixes allowed: 10M).
+    #[arg(long, value_name = "BYTES_PER_S")]
+    rate: Option<String>,
+    /// Keep the backing link at the end.
+    #[arg(long)]
+    keep_backing: bool,
+    /// human (a progress bar on a terminal) or json (one object per line).
+    #[arg(long, value_enum, default_value = "human")]
+    output: Output,
+    /// Copy one unit and print the offset to continue from (or `done`).
+    #[arg(long)]
+    step: bool,
+    /// With --step: where to start (default 0).
+    #[arg(long, requires = "step")]
+    offset: Option<String>,
+    /// With --step: the unit's length (default 1M).
+    #[arg(long, requires = "step")]
+    length: Option<String>,
+    /// Seconds an NBD backing may be away before the stream fails.
+    #[arg(long, value_name = "SECONDS", default_value = "30")]
+    reconnect_delay: f64,
+    /// Copy requests in flight (1 to 64).
+    #[arg(long, default_value = "4")]
+    in_flight: usize,
+    /// The image.
+    image: PathBuf,
+}
+
+// The arguments of `qedstream serve`.
+#[derive(clap::Args, Debug)]
+struct ServeArgs {
+    #[command(flatten)]
+    chain: ChainArgs,
+    /// Serve NBD here: unix:PATH or tcp:HOST:PORT (repeatable).
+    #[arg(long, value_name = "ADDR")]
+    nbd: Vec<String>,
+    /// The NBD export name.
+    #[arg(long, default_value = "")]
+    export: String,
+    /// The node name QMP commands use (`device` of block-stream).
+    #[arg(long, default_value = "disk")]
+    node_name: String,
+    /// Never write the image (no copy-on-read, no stream, read-only exports).
+    #[arg(long)]
+    read_only: bool,
+    /// Start the stream at once.
+    #[arg(long)]
+    stream: bool,
+    /// The stream's rate limit in bytes per second (suffixes allowed: 10M).
+    #[arg(long, value_name = "BYTES_PER_S")]
+    rate: Option<String>,
+    /// What the stream does when a range fails: report (fail), stop (pause), ignore (skip).
+    #[arg(long, default_value = "report", value_name = "POLICY")]
+    on_error: String,
+    /// The QMP control socket to create.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+    /// Write the process id here once every socket accepts.
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
+    /// human, or json (a "ready" line, then one line per job event).
+    #[arg(long, value_enum, default_value = "human")]
+    output: Output,
+    /// Seconds an NBD backing may be away before its requests fail.
+    #[arg(long, value_name = "SECONDS", default_value = "30")]
+    reconnect_delay: f64,
+    /// The image (QED, or raw).
+    image: PathBuf,
+}
+
+// The arguments of `qedstream job`.
+#[derive(clap::Args, Debug)]
+struct JobArgs {
+    /// The control socket.
+    socket: PathBuf,
+    /// The job to act on (default: the only one).
+    #[arg(long, global = true)]
+    job: Option<String>,
+    /// human or json.
+    #[arg(long, value_enum, default_value = "human", global = true)]
+    output: Output,
+    #[command(subcommand)]
+    action: JobArg,
+}
+
+/// What `qedstream job` does.
+#[derive(Subcommand, Debug)]
+enum JobArg {
+    /// Show the job: offset, length, speed, status.
+    Info,
+    /// Set the rate limit in bytes per second (0: unlimited; suffixes allowed).
+    Speed {
+        /// Bytes per second.
+        speed: String,
+    },
+    /// Pause the job.
+    Pause,
+    /// Resume the job (after a pause, or after it stopped on an error).
+    Resume,
+    /// Cancel the job (the image stays valid and linked).
+    Cancel,
+    /// Copy one unit and print the offset to continue from, or `done`.
+    Step {
+        /// Where to start.
+        #[arg(long)]
+        offset: Option<String>,
+        /// The unit's length (default 1M).
+        #[arg(long)]
+        length: Option<String>,
+    },
+    /// Show the NBD backing's state, or repoint it at URI (an export of the same size).
+    Backing {
+        /// The new NBD URI.
+        uri: Option<String>,
     },
 }
 
@@ -450,54 +550,29 @@ fn run(cli: Cli) -> Result<u8> {
             backing_format,
             image,
         } => cmd_rebase(&image, &backing, backing_format.as_deref()),
-        Command::Stream {
-            chain,
-            rate,
-            keep_backing,
-            output,
-            step,
-            offset,
-            length,
-            reconnect_delay,
-            in_flight,
-            image,
-        } => cmd_stream(
-            chain,
-            image,
-            rate,
-            keep_backing,
-            output,
-            step.then_some((offset, length)),
-            reconnect_delay,
-            in_flight,
-        ),
+        Command::Stream(args) => cmd_stream(args),
+        Command::Serve(args) => cmd_serve(args),
+        Command::Job(args) => cmd_job(args),
         Command::Demo { dir, size } => crate::demo::run(dir, parse_size(&size)?),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn cmd_stream(
-    chain: ChainArgs,
-    image: PathBuf,
-    rate: Option<String>,
-    keep_backing: bool,
-    output: Output,
-    step: Option<(Option<String>, Option<String>)>,
-    reconnect_delay: f64,
-    in_flight: usize,
-) -> Result<u8> {
-    let rate = match rate {
-        Some(r) => Some(std::num::NonZeroU64::new(parse_size(&r)?).ok_or_else(|| {
-            Error::invalid("--rate", "--rate must be at least 1 byte per second")
-        })?),
-        None => None,
-    };
-    if !(0.0..=86400.0).contains(&reconnect_delay) {
-        return Err(Error::invalid(
-            "--reconnect-delay",
-            "--reconnect-delay must be between 0 and 86400 seconds",
-        ));
-    }
+fn cmd_stream(args: StreamArgs) -> Result<u8> {
+    let StreamArgs {
+        chain,
+        rate,
+        keep_backing,
+        output,
+        step,
+        offset,
+        length,
+        reconnect_delay,
+        in_flight,
+        image,
+    } = args;
+    let step = step.then_some((offset, length));
+    let rate = parse_rate(rate.as_deref())?;
+    check_reconnect_delay(reconnect_delay)?;
     if !(1..=64).contains(&in_flight) {
         return Err(Error::invalid(
             "--in-flight",
@@ -535,6 +610,87 @@ fn cmd_stream(
         max_chain_depth: chain.max_chain_depth,
         cancel_on_sigint: true,
     })
+}
+
+/// `--rate`: at least one byte per second, or none.
+fn parse_rate(rate: Option<&str>) -> Result<Option<std::num::NonZeroU64>> {
+    match rate {
+        Some(r) => Ok(Some(std::num::NonZeroU64::new(parse_size(r)?).ok_or_else(
+            || Error::invalid("--rate", "--rate must be at least 1 byte per second"),
+        )?)),
+        None => Ok(None),
+    }
+}
+
+fn check_reconnect_delay(seconds: f64) -> Result<()> {
+    if (0.0..=86400.0).contains(&seconds) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "--reconnect-delay",
+            "--reconnect-delay must be between 0 and 86400 seconds",
+        ))
+    }
+}
+
+fn cmd_serve(args: ServeArgs) -> Result<u8> {
+    check_reconnect_delay(args.reconnect_delay)?;
+    let nbd = args
+        .nbd
+        .iter()
+        .map(|a| a.parse().map_err(|e| Error::invalid("--nbd", e)))
+        .collect::<Result<Vec<_>>>()?;
+    let on_error = args
+        .on_error
+        .parse()
+        .map_err(|e: engine::job::UnknownPolicy| Error::invalid("--on-error", e.to_string()))?;
+    if args.read_only && args.stream {
+        return Err(Error::invalid(
+            "--stream",
+            "--stream writes the image; it cannot go with --read-only",
+        ));
+    }
+    crate::serve::run(crate::serve::ServeCommand {
+        image: args.image,
+        nbd,
+        export: args.export,
+        node_name: args.node_name,
+        read_only: args.read_only,
+        stream: args.stream,
+        rate: parse_rate(args.rate.as_deref())?,
+        on_error,
+        control: args.control,
+        pid_file: args.pid_file,
+        json: args.output == Output::Json,
+        reconnect_delay: std::time::Duration::from_secs_f64(args.reconnect_delay),
+        max_chain_depth: args.chain.max_chain_depth,
+    })
+}
+
+fn cmd_job(args: JobArgs) -> Result<u8> {
+    use crate::job::JobAction;
+    let action = match args.action {
+        JobArg::Info => JobAction::Info,
+        JobArg::Speed { speed } => JobAction::Speed(parse_size(&speed)?),
+        JobArg::Pause => JobAction::Pause,
+        JobArg::Resume => JobAction::Resume,
+        JobArg::Cancel => JobAction::Cancel,
+        JobArg::Step { offset, length } => JobAction::Step {
+            offset: offset.as_deref().map(parse_size).transpose()?.unwrap_or(0),
+            length: length
+                .as_deref()
+                .map(parse_size)
+                .transpose()?
+                .unwrap_or(crate::progress::STEP_UNIT),
+        },
+        JobArg::Backing { uri } => JobAction::Backing(uri),
+    };
+    crate::job::run(
+        &args.socket,
+        args.job.as_deref(),
+        action,
+        args.output == Output::Json,
+    )
 }
 
 /// Parses `cluster_size=64K,table_size=4`.

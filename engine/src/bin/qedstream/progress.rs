@@ -41,7 +41,7 @@ pub struct StreamCommand {
 /// The default unit of a step.
 pub const STEP_UNIT: u64 = 1 << 20;
 
-fn progress_json(event: &str, p: &Progress) -> Value {
+pub fn progress_json(event: &str, p: &Progress) -> Value {
     json!({
         "event": event,
         "image": p.image,
@@ -68,6 +68,7 @@ fn idle_progress(dev: &CorDevice) -> Progress {
         rate: 0,
         rate_limit: 0,
         state: JobState::Completed,
+        io_status: engine::job::IoStatus::Ok,
     }
 }
 
@@ -120,26 +121,10 @@ pub fn run(cmd: StreamCommand) -> Result<u8> {
 async fn run_async(cmd: StreamCommand) -> Result<u8> {
     let dev = Arc::new(open_device(&cmd.image, cmd.reconnect_delay, cmd.max_chain_depth).await?);
     if let Some((offset, length)) = cmd.step {
-        let r = step(&*dev, offset, length).await;
-        close(&dev).await?;
-        match r?.next {
-            Some(n) => outln!("{n}")?,
-            None => outln!("done")?,
-        }
-        return Ok(0);
+        return run_step(&dev, offset, length).await;
     }
     if dev.backing().is_none() {
-        // A standalone image: there is no link to drop and nothing to copy.
-        close(&dev).await?;
-        if cmd.json {
-            let mut v = progress_json("completed", &idle_progress(&dev));
-            v["unlinked"] = json!(false);
-            v["nothing_to_stream"] = json!(true);
-            print_line(&v)?;
-        } else {
-            outln!("{}: no backing file, nothing to stream", dev.name())?;
-        }
-        return Ok(0);
+        return report_standalone(&dev, cmd.json).await;
     }
     let options = StreamOptions {
         rate: cmd.rate,
@@ -156,40 +141,8 @@ async fn run_async(cmd: StreamCommand) -> Result<u8> {
             h.cancel();
         }
     });
-    let bar = (!cmd.json && std::io::stderr().is_terminal()).then(|| {
-        let bar = indicatif::ProgressBar::new(dev.size());
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        bar
-    });
-    let mut job = std::pin::pin!(job.wait());
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    // A stream nobody can follow any more (stdout full or its reader gone) is cancelled: it
-    // stops at a unit boundary with the image valid and still linked, and the command fails.
-    let mut report_failed = None;
-    let result = loop {
-        tokio::select! {
-            r = &mut job => break r,
-            _ = tick.tick() => {
-                let p = handle.progress();
-                if cmd.json && report_failed.is_none() {
-                    if let Err(e) = print_line(&progress_json("progress", &p)) {
-                        handle.cancel();
-                        report_failed = Some(e);
-                    }
-                }
-                if let Some(bar) = &bar {
-                    bar.set_position(p.offset);
-                    bar.set_message(format!("{:?}", p.state).to_lowercase());
-                }
-            }
-        }
-    };
+    let bar = progress_bar(&dev, cmd.json);
+    let (result, report_failed) = follow(job, &handle, bar.as_ref(), cmd.json).await;
     sigint.abort();
     if let Some(bar) = &bar {
         bar.finish_and_clear();
@@ -208,46 +161,129 @@ async fn run_async(cmd: StreamCommand) -> Result<u8> {
     match result {
         Ok(outcome) => {
             closed?;
-            if cmd.json {
-                let mut v = progress_json("completed", &outcome.progress);
-                v["unlinked"] = json!(outcome.unlinked);
-                v["elapsed"] = json!(outcome.elapsed.as_secs_f64());
-                print_line(&v)?;
-            } else {
-                outln!(
-                    "{}: streamed {} bytes, skipped {}, {} already local, in {:.1} s; {}",
-                    outcome.progress.image,
-                    outcome.progress.copied,
-                    outcome.progress.skipped,
-                    outcome.progress.local,
-                    outcome.elapsed.as_secs_f64(),
-                    if outcome.unlinked {
-                        "backing link dropped"
-                    } else {
-                        "backing link kept"
-                    }
-                )?;
-            }
+            report_completed(&outcome, cmd.json)?;
             Ok(0)
         }
-        Err(e) => {
-            let e = match e {
-                engine::Error::BackingUnavailable(_) => Error::StreamInterrupted(e),
-                other => Error::Engine(other),
-            };
-            if cmd.json {
-                let event = if matches!(e, Error::Engine(engine::Error::Cancelled { .. })) {
-                    "cancelled"
-                } else {
-                    "failed"
-                };
-                let mut v = progress_json(event, &p);
-                v["error"] = json!(e.to_string());
-                // The stream's own error is the one to report (on stderr); a stdout that
-                // fails as well cannot add to it.
-                let _ = print_line(&v);
-            }
-            Err(e)
-        }
+        Err(e) => Err(report_failure(e, &p, cmd.json)),
     }
+}
+
+/// Single-step mode: copies one unit and prints where to continue (or `done`).
+async fn run_step(dev: &CorDevice, offset: u64, length: u64) -> Result<u8> {
+    let r = step(dev, offset, length).await;
+    close(dev).await?;
+    match r?.next {
+        Some(n) => outln!("{n}")?,
+        None => outln!("done")?,
+    }
+    Ok(0)
+}
+
+/// A standalone image: there is no link to drop and nothing to copy.
+async fn report_standalone(dev: &CorDevice, json: bool) -> Result<u8> {
+    close(dev).await?;
+    if json {
+        let mut v = progress_json("completed", &idle_progress(dev));
+        v["unlinked"] = json!(false);
+        v["nothing_to_stream"] = json!(true);
+        print_line(&v)?;
+    } else {
+        outln!("{}: no backing file, nothing to stream", dev.name())?;
+    }
+    Ok(0)
+}
+
+/// A progress bar on a terminal (stderr), unless the output is JSON.
+fn progress_bar(dev: &CorDevice, json: bool) -> Option<indicatif::ProgressBar> {
+    (!json && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(dev.size());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar
+    })
+}
+
+/// Shows the job's progress every half second until it ends: its result, and the error of a
+/// progress report that failed (the job is cancelled then).
+async fn follow(
+    job: StreamJob,
+    handle: &engine::stream::StreamHandle,
+    bar: Option<&indicatif::ProgressBar>,
+    json: bool,
+) -> (engine::Result<engine::stream::StreamOutcome>, Option<Error>) {
+    let mut job = std::pin::pin!(job.wait());
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    // A stream nobody can follow any more (stdout full or its reader gone) is cancelled: it
+    // stops at a unit boundary with the image valid and still linked, and the command fails.
+    let mut report_failed = None;
+    let result = loop {
+        tokio::select! {
+            r = &mut job => break r,
+            _ = tick.tick() => {
+                let p = handle.progress();
+                if json && report_failed.is_none() {
+                    if let Err(e) = print_line(&progress_json("progress", &p)) {
+                        handle.cancel();
+                        report_failed = Some(e);
+                    }
+                }
+                if let Some(bar) = bar {
+                    bar.set_position(p.offset);
+                    bar.set_message(format!("{:?}", p.state).to_lowercase());
+                }
+            }
+        }
+    };
+    (result, report_failed)
+}
+
+/// Reports a completed stream.
+fn report_completed(outcome: &engine::stream::StreamOutcome, json: bool) -> Result<()> {
+    if json {
+        let mut v = progress_json("completed", &outcome.progress);
+        v["unlinked"] = json!(outcome.unlinked);
+        v["elapsed"] = json!(outcome.elapsed.as_secs_f64());
+        print_line(&v)
+    } else {
+        outln!(
+            "{}: streamed {} bytes, skipped {}, {} already local, in {:.1} s; {}",
+            outcome.progress.image,
+            outcome.progress.copied,
+            outcome.progress.skipped,
+            outcome.progress.local,
+            outcome.elapsed.as_secs_f64(),
+            if outcome.unlinked {
+                "backing link dropped"
+            } else {
+                "backing link kept"
+            }
+        )
+    }
+}
+
+/// The command's error for a stream that failed or was cancelled (reported as a JSON line
+/// too, with `--output=json`).
+fn report_failure(e: engine::Error, p: &Progress, json: bool) -> Error {
+    let e = match e {
+        engine::Error::BackingUnavailable(_) => Error::StreamInterrupted(e),
+        other => Error::Engine(other),
+    };
+    if json {
+        let event = if matches!(e, Error::Engine(engine::Error::Cancelled { .. })) {
+            "cancelled"
+        } else {
+            "failed"
+        };
+        let mut v = progress_json(event, p);
+        v["error"] = json!(e.to_string());
+        // The stream's own error is the one to report (on stderr); a stdout that
+        // fails as well cannot add to it.
+        let _ = print_line(&v);
+    }
+    e
 }

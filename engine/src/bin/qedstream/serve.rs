@@ -1,0 +1,441 @@
+//! `qedstream serve`: one image as a copy-on-read block node, served to a VM over NBD,
+//! streamed, and driven over a QMP control socket ([`engine::control`]).
+//!
+//! The flow: open the image (a QED overlay with any backing, a standalone QED image, or a raw
+//! file; read-only with `--read-only`, when the file is never written, copy-on-read
+//! included), bind the control socket and the NBD listeners, write the pid file, say "ready",
+//! start the stream if asked, then report job events until `quit`, SIGTERM or SIGINT. Then
+//! stop accepting, cancel a running job (the image stays valid and linked), close the image
+//! (flushed, NEED_CHECK clear) and exit 0. A stream that completes drops the backing link on
+//! disk at once and the process keeps serving the now standalone image.
+//!
+//! The NBD listeners are plugged in at one place, [`start_nbd`] (the NBD server lives in the
+//! `nbd-server` crate).
+
+use std::io::Write;
+use std::num::NonZeroU64;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::signal::unix::{signal, SignalKind};
+
+use copy_on_read::{BlockDevice, CorDevice, CorOptions, Gate, Populate, RawFile};
+use engine::control::{Control, ControlEvent, ControlEvents, ControlSocket, Node, StreamRequest};
+use engine::job::{JobEvent, OnError};
+use engine::stream::StreamOptions;
+
+use crate::error::{Error, Result};
+use crate::out::outln;
+
+/// Where an NBD listener listens: `unix:PATH` or `tcp:HOST:PORT`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NbdListen {
+    /// A unix socket.
+    Unix(PathBuf),
+    /// A TCP address.
+    Tcp {
+        /// Host name or address (IPv6 in brackets).
+        host: String,
+        /// Port.
+        port: u16,
+    },
+}
+
+impl std::str::FromStr for NbdListen {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<NbdListen, String> {
+        if let Some(path) = s.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("--nbd unix: needs a socket path".into());
+            }
+            return Ok(NbdListen::Unix(PathBuf::from(path)));
+        }
+        if let Some(addr) = s.strip_prefix("tcp:") {
+            let (host, port) = addr
+                .rsplit_once(':')
+                .ok_or_else(|| format!("--nbd {s:?}: expected tcp:HOST:PORT"))?;
+            let port = port
+                .parse::<u16>()
+                .map_err(|_| format!("--nbd {s:?}: {port:?} is not a port number"))?;
+            if host.is_empty() {
+                return Err(format!("--nbd {s:?}: the host is missing"));
+            }
+            return Ok(NbdListen::Tcp {
+                host: host.to_string(),
+                port,
+            });
+        }
+        Err(format!("--nbd {s:?}: expected unix:PATH or tcp:HOST:PORT"))
+    }
+}
+
+impl std::fmt::Display for NbdListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NbdListen::Unix(p) => write!(f, "unix:{}", p.display()),
+            NbdListen::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
+        }
+    }
+}
+
+/// What `qedstream serve` was asked to do.
+#[derive(Clone, Debug)]
+pub struct ServeCommand {
+    /// The image.
+    pub image: PathBuf,
+    /// NBD listeners.
+    pub nbd: Vec<NbdListen>,
+    /// The export name.
+    pub export: String,
+    /// The node name.
+    pub node_name: String,
+    /// Never write the file.
+    pub read_only: bool,
+    /// Start the stream at once.
+    pub stream: bool,
+    /// Its rate limit.
+    pub rate: Option<NonZeroU64>,
+    /// Its error policy.
+    pub on_error: OnError,
+    /// The QMP socket.
+    pub control: Option<PathBuf>,
+    /// The pid file.
+    pub pid_file: Option<PathBuf>,
+    /// JSON lines on stdout.
+    pub json: bool,
+    /// How long an NBD backing may be away before requests fail.
+    pub reconnect_delay: Duration,
+    /// The deepest backing chain opened.
+    pub max_chain_depth: u32,
+}
+
+/// The NBD side of a served node: nothing yet (see [`start_nbd`]).
+#[derive(Debug, Default)]
+struct NbdService {}
+
+impl NbdService {
+    /// Stops accepting and ends the connections.
+    async fn shutdown(self) {}
+}
+
+/// PLUG-IN POINT for the NBD server (the `nbd-server` crate, merged separately): serve
+/// `node.device` (its copy-on-read layers through `node.populate`) as export
+/// `node.export_name`, read-only when `node.read_only`, on every address in `listen`, bound and
+/// accepting when this returns. Until it is plugged in, asking for a listener is refused
+/// (never silently ignored); with none the command is a control-socket-driven stream daemon.
+async fn start_nbd(listen: &[NbdListen], node: &Node) -> Result<NbdService> {
+    let _ = node;
+    match listen.first() {
+        None => Ok(NbdService::default()),
+        Some(first) => Err(Error::invalid(
+            "--nbd",
+            format!("--nbd {first}: this build does not serve NBD yet (the nbd-server crate is not plugged in)"),
+        )),
+    }
+}
+
+/// Runs `qedstream serve` on a fresh runtime; returns the exit code.
+pub fn run(cmd: ServeCommand) -> Result<u8> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_stack_size(engine::STACK_SIZE)
+        .enable_all()
+        .build()
+        .map_err(Error::io("starting the runtime"))?;
+    let r = rt.block_on(run_async(cmd));
+    rt.shutdown_timeout(Duration::from_secs(1));
+    r
+}
+
+/// Opens the image as a block node: QED through the copy-on-read device, raw as a file.
+async fn open_node(cmd: &ServeCommand) -> Result<Node> {
+    let mut gate = Gate {
+        max_depth: cmd.max_chain_depth,
+        ..Gate::default()
+    };
+    gate.nbd.reconnect_delay = cmd.reconnect_delay;
+    gate.nbd.connect_timeout = Duration::from_secs(10);
+    gate.nbd.request_timeout = Some(Duration::from_secs(30));
+    let access = if cmd.read_only {
+        qed::Access::ReadOnly
+    } else {
+        qed::Access::ReadWrite
+    };
+    let path = &cmd.image;
+    let file = qed::file::open(path, access).map_err(|e| Error::image(path, e))?;
+    let format = qed::backing::probe_storage(&file).map_err(|e| Error::open(path, e))?;
+    let (device, populate): (Arc<dyn BlockDevice>, Option<Arc<dyn Populate>>) = match format {
+        "qed" => {
+            let options = CorOptions {
+                gate,
+                read_only: cmd.read_only,
+                ..CorOptions::default()
+            };
+            let dev = Arc::new(
+                CorDevice::open_file(file, path, options)
+                    .await
+                    .map_err(Error::device)?,
+            );
+            (dev.clone(), Some(dev))
+        }
+        _ => {
+            let raw =
+                RawFile::from_file(file, path.clone(), !cmd.read_only).map_err(Error::device)?;
+            (Arc::new(raw), None)
+        }
+    };
+    Ok(Node {
+        node_name: cmd.node_name.clone(),
+        export_name: cmd.export.clone(),
+        file: path.display().to_string(),
+        format: if populate.is_some() { "qed" } else { "raw" }.to_string(),
+        read_only: cmd.read_only,
+        device,
+        populate,
+    })
+}
+
+/// One JSON line on stdout, written out at once.
+fn print_json(v: &Value) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{v}")
+        .and_then(|()| out.flush())
+        .map_err(Error::Stdout)
+}
+
+/// Writes the pid file.
+fn write_pid_file(path: &Path) -> Result<()> {
+    std::fs::write(path, format!("{}\n", std::process::id())).map_err(Error::io(format!(
+        "writing the pid file {}",
+        path.display()
+    )))
+}
+
+/// The "ready" report: every socket that accepts.
+fn say_ready(cmd: &ServeCommand, node: &Node) -> Result<()> {
+    if cmd.json {
+        print_json(&json!({
+            "event": "ready",
+            "image": node.file,
+            "format": node.format,
+            "node-name": node.node_name,
+            "export": node.export_name,
+            "read_only": node.read_only,
+            "control": cmd.control.as_ref().map(|p| p.display().to_string()),
+            "nbd": cmd.nbd.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "pid": std::process::id(),
+        }))
+    } else {
+        let mut sockets: Vec<String> = cmd.nbd.iter().map(ToString::to_string).collect();
+        if let Some(c) = &cmd.control {
+            sockets.push(format!("control {}", c.display()));
+        }
+        outln!(
+            "serving {} ({}) as node {:?}{}",
+            node.file,
+            node.format,
+            node.node_name,
+            if sockets.is_empty() {
+                String::new()
+            } else {
+                format!(" on {}", sockets.join(", "))
+            }
+        )
+        .and_then(|()| crate::out::flush())
+    }
+}
+
+/// Reports one job event: a JSON line, or a line of text.
+fn report_event(json: bool, e: &ControlEvent) -> Result<()> {
+    let (name, progress) = match &e.event {
+        JobEvent::State(s) => {
+            let v = json!({"event": "state", "job": e.job_id, "state": s});
+            return if json { print_json(&v) } else { Ok(()) };
+        }
+        JobEvent::Error(r) => {
+            let v = json!({"event": "error", "job": e.job_id, "offset": r.offset,
+                "length": r.length, "action": r.action, "operation": r.operation.as_str(),
+                "error": r.reason});
+            return if json {
+                print_json(&v)
+            } else {
+                outln!(
+                    "job {}: range {}+{} failed ({}): {}",
+                    e.job_id,
+                    r.offset,
+                    r.length,
+                    r.action.as_str(),
+                    r.reason
+                )
+            };
+        }
+        JobEvent::Completed { progress, .. } => ("completed", progress),
+        JobEvent::Cancelled { progress } => ("cancelled", progress),
+        JobEvent::Failed { progress, .. } => ("failed", progress),
+        _ => return Ok(()),
+    };
+    let mut v = crate::progress::progress_json(name, progress);
+    v["job"] = json!(e.job_id);
+    match &e.event {
+        JobEvent::Completed {
+            unlinked, ignored, ..
+        } => {
+            v["unlinked"] = json!(unlinked);
+            v["ignored"] = json!(ignored.iter().map(|r| [r.0, r.1]).collect::<Vec<_>>());
+        }
+        JobEvent::Failed { error, .. } => v["error"] = json!(error),
+        _ => {}
+    }
+    if json {
+        print_json(&v)
+    } else {
+        outln!(
+            "job {}: {name} at offset {} of {}",
+            e.job_id,
+            progress.offset,
+            progress.total
+        )
+    }
+}
+
+/// Why the command ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Quit,
+    Signal(&'static str),
+}
+
+/// SIGTERM and SIGINT, caught (they no longer end the process by themselves).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        let listen = |kind| signal(kind).map_err(Error::io("installing signal handlers"));
+        Ok(Signals {
+            term: listen(SignalKind::terminate())?,
+            int: listen(SignalKind::interrupt())?,
+        })
+    }
+}
+
+/// Reports job events until `quit` or a signal.
+async fn serve_until_stopped(
+    cmd: &ServeCommand,
+    control: &Control,
+    events: &mut ControlEvents,
+    signals: &mut Signals,
+) -> Result<Stop> {
+    let Signals { term, int } = signals;
+    loop {
+        tokio::select! {
+            e = events.recv() => match e {
+                Some(e) => report_event(cmd.json, &e)?,
+                None => return Ok(Stop::Quit),
+            },
+            () = control.quit_requested() => return Ok(Stop::Quit),
+            _ = term.recv() => return Ok(Stop::Signal("SIGTERM")),
+            _ = int.recv() => return Ok(Stop::Signal("SIGINT")),
+        }
+    }
+}
+
+/// Cancels a running job and reports its events up to its end.
+async fn end_job(cmd: &ServeCommand, control: &Control, events: &mut ControlEvents) -> Result<()> {
+    let Some((id, handle)) = control.job() else {
+        return Ok(());
+    };
+    handle.cancel();
+    while let Some(e) = events.recv().await {
+        report_event(cmd.json, &e)?;
+        if e.job_id == id && e.event.is_final() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+async fn run_async(cmd: ServeCommand) -> Result<u8> {
+    // Caught from here on: a signal during start-up ends the command as cleanly as later.
+    let mut signals = Signals::install()?;
+    let node = open_node(&cmd).await?;
+    let defaults = StreamOptions {
+        on_error: cmd.on_error,
+        ..StreamOptions::default()
+    };
+    let control = Control::new(node, defaults);
+    let mut events = control.subscribe();
+    let served = start_sockets(&cmd, &control).await;
+    let result = match served {
+        Ok((socket, nbd)) => {
+            let r = serve(&cmd, &control, &mut events, &mut signals).await;
+            // Stop accepting first, then finish what runs.
+            if let Some(s) = socket {
+                s.close().await;
+            }
+            nbd.shutdown().await;
+            let ended = end_job(&cmd, &control, &mut events).await;
+            r.and_then(|stop| ended.map(|()| stop))
+        }
+        Err(e) => Err(e),
+    };
+    let closed = control.node().device.close().await.map_err(Error::device);
+    if let Some(p) = &cmd.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    let stop = result?;
+    closed?;
+    if let Stop::Signal(name) = stop {
+        tracing::info!(signal = name, "stopped by a signal; image closed");
+    }
+    Ok(0)
+}
+
+/// Binds the control socket and the NBD listeners, then writes the pid file.
+async fn start_sockets(
+    cmd: &ServeCommand,
+    control: &Control,
+) -> Result<(Option<ControlSocket>, NbdService)> {
+    let socket = match &cmd.control {
+        Some(p) => Some(control.listen(p).await?),
+        None => None,
+    };
+    let nbd = match start_nbd(&cmd.nbd, control.node()).await {
+        Ok(n) => n,
+        Err(e) => {
+            if let Some(s) = socket {
+                s.close().await;
+            }
+            return Err(e);
+        }
+    };
+    if let Some(p) = &cmd.pid_file {
+        write_pid_file(p)?;
+    }
+    Ok((socket, nbd))
+}
+
+/// Says ready, starts the stream if asked, and serves until stopped.
+async fn serve(
+    cmd: &ServeCommand,
+    control: &Control,
+    events: &mut ControlEvents,
+    signals: &mut Signals,
+) -> Result<Stop> {
+    say_ready(cmd, control.node())?;
+    if cmd.stream {
+        control
+            .start_stream(StreamRequest {
+                job_id: None,
+                speed: cmd.rate.map_or(0, NonZeroU64::get),
+                on_error: cmd.on_error,
+            })
+            .map_err(|e| Error::invalid("--stream", e.desc))?;
+    }
+    serve_until_stopped(cmd, control, events, signals).await
+}

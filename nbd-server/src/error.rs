@@ -63,4 +63,7 @@ pub(crate) enum Disconnect {
     /// The handshake took longer than the configured timeout.
     #[error("handshake timed out")]
     Timeout,
+    /// The server shut down during the handshake.
+    #[error("the server is shutting down")]
+    ShuttingDown,
 }

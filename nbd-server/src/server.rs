@@ -15,12 +15,11 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::addr::ListenAddr;
 use crate::error::{Disconnect, Error, Result};
 use crate::export::Export;
-use crate::handshake::{negotiate, Offer};
+use crate::handshake::{negotiate, Negotiated, Offer};
 use crate::transmission::{serve, Limits};
 
 /// How a server behaves and what it bounds.
 #[derive(Debug, Clone)]
-#[non_exhaustive]
 pub struct ServerConfig {
     /// Connections served at once; more are answered "too many connections" (an option
     /// error to GO / INFO) and closed.
@@ -340,11 +339,7 @@ impl Server {
             let _permit = permit;
             let full = || Some((REP_ERR_POLICY, "too many connections"));
             let offer = server.offer(&full);
-            let _ = tokio::time::timeout(
-                server.config.handshake_timeout,
-                negotiate(&mut stream, &offer),
-            )
-            .await;
+            let _ = server.handshake(&mut stream, &offer).await;
         });
     }
 
@@ -360,7 +355,23 @@ impl Server {
         }
     }
 
-    /// Serves one connection: the handshake under its timeout, then transmission.
+    /// The handshake, under its timeout, given up when the server shuts down.
+    async fn handshake(
+        &self,
+        stream: &mut Box<dyn StreamBox>,
+        offer: &Offer<'_>,
+    ) -> std::result::Result<Option<Negotiated>, Disconnect> {
+        let mut stop = self.shutdown.subscribe();
+        let timeout = self.config.handshake_timeout;
+        tokio::select! {
+            r = tokio::time::timeout(timeout, negotiate(stream, offer)) => {
+                r.unwrap_or(Err(Disconnect::Timeout))
+            }
+            _ = stop.wait_for(|s| *s) => Err(Disconnect::ShuttingDown),
+        }
+    }
+
+    /// Serves one connection: the handshake, then transmission.
     async fn connection(
         self: Arc<Self>,
         mut stream: Box<dyn StreamBox>,
@@ -374,15 +385,7 @@ impl Server {
             move || (*stop.borrow()).then_some((REP_ERR_SHUTDOWN, "the server is shutting down"))
         };
         let offer = self.offer(&stopping);
-        let negotiated = match tokio::time::timeout(
-            self.config.handshake_timeout,
-            negotiate(&mut stream, &offer),
-        )
-        .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(Disconnect::Timeout),
-        };
+        let negotiated = self.handshake(&mut stream, &offer).await;
         let ended = match negotiated {
             Ok(Some(n)) => {
                 let limits = Limits {

@@ -68,10 +68,11 @@ pub fn serve_device(
     }
 }
 
-/// Serves the raw file `dir/name`.
+/// Serves the raw file `dir/name`, opened writable (`read_only` makes the export refuse
+/// writes, not the file).
 pub fn serve_raw(dir: &Path, name: &str, read_only: bool) -> Served {
     let rt = runtime();
-    let dev = RawFile::open(&dir.join(name), !read_only).expect("opening the raw file");
+    let dev = RawFile::open(&dir.join(name), true).expect("opening the raw file");
     serve_device(
         rt,
         dir,

@@ -42,6 +42,8 @@
 pub mod addr;
 pub mod error;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzzing;
 mod handshake;
 mod server;
 mod transmission;

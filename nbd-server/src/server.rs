@@ -173,7 +173,7 @@ impl Socket {
 }
 
 /// A boxed accepted socket.
-trait StreamBox: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait StreamBox: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: Stream> StreamBox for T {}
 
 /// Removes a stale socket file at `path` (nothing accepts on it), refusing a live one or a
@@ -352,6 +352,18 @@ impl Server {
             max_options: self.config.max_options,
             max_request_bytes: self.config.max_request_bytes,
             refusal,
+        }
+    }
+
+    /// Serves one already connected stream as a listener would (the fuzz target's way in).
+    pub(crate) async fn serve_stream(self: Arc<Self>, stream: Box<dyn StreamBox>) {
+        match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(slot) => self.connection(stream, slot).await,
+            Err(_) => {
+                let mut set = JoinSet::new();
+                self.refuse(stream, &mut set);
+                while set.join_next().await.is_some() {}
+            }
         }
     }
 

@@ -645,3 +645,39 @@ impl Connection {
         Ok(out)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_errors_map_to_nbd_errno_values() {
+        use copy_on_read::Error as E;
+        let io = |code| E::Io {
+            op: "writing",
+            offset: 0,
+            source: std::io::Error::from_raw_os_error(code),
+        };
+        assert_eq!(errno_of(&io(libc::ENOSPC)), Errno::ENOSPC);
+        assert_eq!(errno_of(&io(libc::EDQUOT)), Errno::ENOSPC);
+        assert_eq!(errno_of(&io(libc::EIO)), Errno::EIO);
+        let qed_full = E::Qed {
+            path: "x.qed".into(),
+            source: qed::Error::Io {
+                op: "allocating",
+                offset: 0,
+                source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+            },
+        };
+        assert_eq!(errno_of(&qed_full), Errno::ENOSPC, "{qed_full}");
+        assert_eq!(errno_of(&E::ReadOnly), Errno::EPERM);
+        assert_eq!(errno_of(&E::Unsupported("x")), Errno::ENOTSUP);
+        assert_eq!(errno_of(&E::Closed), Errno::ESHUTDOWN);
+        let range = E::OutOfRange {
+            offset: 1,
+            length: 2,
+            size: 2,
+        };
+        assert_eq!(errno_of(&range), Errno::EINVAL);
+    }
+}

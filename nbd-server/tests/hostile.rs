@@ -333,8 +333,10 @@ fn bad_client_flags_close_the_handshake() {
     let (_dir, s) = served(ServerConfig::default());
     for flags in [CLIENT_FIXED_NEWSTYLE | 1 << 7, CLIENT_NO_ZEROES, 0] {
         let mut r = Raw::connect(&s.sock);
-        r.send(&flags.to_be_bytes());
-        r.option(OPT_LIST, &[]);
+        let mut b = flags.to_be_bytes().to_vec();
+        b.extend(encode_option(OPT_LIST, &[]));
+        // The server may close before the option arrives.
+        let _ = r.s.write_all(&b);
         assert!(r.eof(), "client flags {flags:#x} accepted");
     }
     still_serving(&s);
@@ -350,9 +352,9 @@ fn option_floods_and_long_options_close_the_handshake() {
     let (_dir, s) = served(config);
     let mut r = Raw::connect(&s.sock);
     r.send(&CLIENT_FIXED_NEWSTYLE.to_be_bytes());
-    for _ in 0..30 {
-        r.option(999, &[]);
-    }
+    // One write: the server closes after the 20th, maybe before reading more.
+    let flood: Vec<u8> = (0..30).flat_map(|_| encode_option(999, &[])).collect();
+    r.send(&flood);
     for _ in 0..20 {
         assert_eq!(r.option_reply().1, REP_ERR_UNSUP);
     }
@@ -364,7 +366,8 @@ fn option_floods_and_long_options_close_the_handshake() {
     h.extend_from_slice(&OPT_LIST.to_be_bytes());
     h.extend_from_slice(&(nbd_server::MAX_OPTION_DATA + 1).to_be_bytes());
     r.send(&h);
-    r.send(&vec![0u8; 70_000]);
+    // The server may close before taking all of it.
+    let _ = r.s.write_all(&vec![0u8; 70_000]);
     assert!(r.eof(), "an option above the size limit was read");
     still_serving(&s);
     s.stop();
@@ -542,4 +545,20 @@ fn unix_sockets_stale_live_and_removed_at_shutdown() {
     still_serving(&s);
     s.stop();
     assert!(!sock.exists(), "the socket outlived the server");
+}
+
+#[test]
+fn shutdown_ends_idle_connections_and_refuses_new_listeners() {
+    let (_dir, s) = served(ServerConfig::default());
+    let mut idle = Raw::go(&s.sock, HeaderMode::Extended);
+    let mut handshaking = Raw::connect(&s.sock);
+    s.runtime.block_on(s.server.shutdown()).expect("shutdown");
+    assert!(idle.eof(), "an idle connection outlived the shutdown");
+    assert!(handshaking.eof(), "a handshake outlived the shutdown");
+    assert!(!s.sock.exists());
+    let again = s
+        .runtime
+        .block_on(s.server.bind(&ListenAddr::Unix(s.sock.clone())));
+    assert!(matches!(again, Err(Error::ShutDown)));
+    s.stop();
 }

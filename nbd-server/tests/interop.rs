@@ -281,3 +281,26 @@ fn read_only_export_refuses_writes() {
         .iter()
         .all(|&b| b == 0x33));
 }
+
+#[test]
+fn tcp_listener_on_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(d, "qemu-img", &["create", "-f", "raw", "disk.raw", "1M"]);
+    tools::qemu_io(d, "raw", "disk.raw", &["write -P 0x21 0 1M"]);
+    let served = serve_raw(d, "disk.raw", false);
+    let addr: nbd_server::ListenAddr = "tcp:127.0.0.1:0".parse().unwrap();
+    let listener = served
+        .runtime
+        .block_on(served.server.bind(&addr))
+        .expect("bind tcp");
+    let nbd_server::ListenAddr::Tcp(bound) = listener.addr() else {
+        panic!("not tcp: {:?}", listener.addr());
+    };
+    assert_ne!(bound.port(), 0, "the bound port is not reported");
+    let uri = listener.addr().uri("");
+    assert_eq!(ok(d, "nbdinfo", &["--size", &uri]).trim(), "1048576");
+    tools::qemu_io(d, "raw", &uri, &["read -P 0x21 0 1M", "write -P 0x22 0 4k"]);
+    served.stop();
+    tools::qemu_io(d, "raw", "disk.raw", &["read -P 0x22 0 4k"]);
+}

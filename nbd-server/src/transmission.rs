@@ -25,6 +25,10 @@ use crate::server::Counters;
 
 /// The most extents one BLOCK_STATUS chunk carries (the spec allows 2^20).
 const MAX_EXTENTS: usize = 1 << 16;
+/// The most one BLOCK_STATUS request looks at: a longer request is answered for a prefix of
+/// this length (the spec lets a server cover less than asked), so no request costs more than
+/// a bounded walk of the device's map.
+const MAX_STATUS_SPAN: u64 = 1 << 31;
 /// A WRITE payload above the maximum is skipped (and refused) up to this size; above it the
 /// client is disconnected, as its request cannot be meant.
 const MAX_SKIPPED_PAYLOAD: u64 = u32::MAX as u64;
@@ -562,9 +566,10 @@ impl Connection {
     /// `qemu:allocation-depth`), the last marked DONE; with REQ_ONE one extent each, never
     /// past the request.
     async fn block_status(&self, r: &Request) -> copy_on_read::Result<Vec<Vec<u8>>> {
+        let span = r.length.min(MAX_STATUS_SPAN);
         let mut chunks = Vec::new();
         if let Some(id) = self.base_allocation {
-            let runs = self.status(r.offset, r.length).await?;
+            let runs = self.status(r.offset, span).await?;
             let extents = runs
                 .into_iter()
                 .map(|(length, status)| RawExtent {
@@ -578,7 +583,7 @@ impl Connection {
             chunks.push((id, extents));
         }
         if let Some(id) = self.allocation_depth {
-            chunks.push((id, self.allocation_depth(r.offset, r.length).await?));
+            chunks.push((id, self.allocation_depth(r.offset, span).await?));
         }
         let mut parts = Vec::new();
         let last = chunks.len() - 1;

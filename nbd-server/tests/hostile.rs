@@ -562,3 +562,49 @@ fn shutdown_ends_idle_connections_and_refuses_new_listeners() {
     assert!(matches!(again, Err(Error::ShutDown)));
     s.stop();
 }
+
+#[test]
+fn block_status_of_a_huge_range_covers_a_bounded_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let f = std::fs::File::create(d.join("huge.raw")).unwrap();
+    f.set_len(5 << 30).unwrap(); // sparse: costs nothing
+    drop(f);
+    let s = serve_raw(d, "huge.raw", true);
+    let mut r = Raw::connect(&s.sock);
+    r.send(&CLIENT_FIXED_NEWSTYLE.to_be_bytes());
+    r.option(OPT_EXTENDED_HEADERS, &[]);
+    assert_eq!(r.option_reply().1, REP_ACK);
+    r.option(
+        OPT_SET_META_CONTEXT,
+        &encode_meta_context_data("", &[BASE_ALLOCATION]),
+    );
+    let (_, t, ctx) = r.option_reply();
+    assert_eq!(
+        (t, &ctx[4..]),
+        (REP_META_CONTEXT, BASE_ALLOCATION.as_bytes())
+    );
+    assert_eq!(r.option_reply().1, REP_ACK);
+    r.option(OPT_GO, &encode_go_data("", &[]));
+    while r.option_reply().1 != REP_ACK {}
+    r.mode = HeaderMode::Extended;
+    r.request(Command::BlockStatus as u16, 0, 1, 0, 5 << 30);
+    let Reply::Chunk {
+        flags,
+        kind,
+        payload,
+        ..
+    } = r.reply()
+    else {
+        panic!("simple reply with extended headers")
+    };
+    assert_eq!((flags, kind), (REPLY_FLAG_DONE, CHUNK_BLOCK_STATUS_EXT));
+    let mut extents = Vec::new();
+    decode_block_status_ext(&payload, &mut extents).unwrap();
+    let covered: u64 = extents.iter().map(|e| e.length).sum();
+    assert!(covered > 0 && covered <= 2 << 30, "covered {covered}");
+    assert!(extents
+        .iter()
+        .all(|e| e.flags == u64::from(STATE_HOLE | STATE_ZERO)));
+    s.stop();
+}

@@ -5,71 +5,7 @@
 
 use nbd_proto::*;
 use nbd_server::fuzzing::{replay_client_bytes_blocking, ReplayOutcome};
-
-fn request(
-    mode: HeaderMode,
-    command: Command,
-    flags: u16,
-    cookie: u64,
-    offset: u64,
-    length: u64,
-) -> Vec<u8> {
-    let h = RequestHeader {
-        flags,
-        command,
-        cookie,
-        offset,
-        length,
-    };
-    let mut b = [0u8; 32];
-    let n = encode_request(&h, mode, &mut b);
-    b[..n].to_vec()
-}
-
-/// A session in `mode`: negotiation, then every command once, then DISC. Returns the bytes
-/// and the number of requests before DISC.
-fn session(mode: HeaderMode) -> (Vec<u8>, u64) {
-    let mut v = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)
-        .to_be_bytes()
-        .to_vec();
-    v.extend(encode_option(OPT_LIST, &[]));
-    match mode {
-        HeaderMode::Extended => v.extend(encode_option(OPT_EXTENDED_HEADERS, &[])),
-        HeaderMode::Structured => v.extend(encode_option(OPT_STRUCTURED_REPLY, &[])),
-        HeaderMode::Simple => {}
-    }
-    if mode.structured() {
-        let q = encode_meta_context_data("", &[BASE_ALLOCATION]);
-        v.extend(encode_option(OPT_SET_META_CONTEXT, &q));
-    }
-    v.extend(encode_option(
-        OPT_INFO,
-        &encode_go_data("ro", &[INFO_NAME, INFO_DESCRIPTION]),
-    ));
-    v.extend(encode_option(
-        OPT_GO,
-        &encode_go_data("", &[INFO_BLOCK_SIZE]),
-    ));
-    let mut n = 0;
-    let mut push = |v: &mut Vec<u8>, c, f, o, l| {
-        n += 1;
-        v.extend(request(mode, c, f, n, o, l));
-    };
-    push(&mut v, Command::Read, 0, 0, 128 * 1024);
-    push(&mut v, Command::Write, CMD_FLAG_FUA, 4096, 512);
-    v.extend([0xab; 512]);
-    push(&mut v, Command::WriteZeroes, 0, 8192, 4096);
-    push(&mut v, Command::Trim, 0, 16384, 4096);
-    push(&mut v, Command::Cache, 0, 0, 65536);
-    push(&mut v, Command::Flush, 0, 0, 0);
-    if mode.structured() {
-        push(&mut v, Command::Read, CMD_FLAG_DF, 0, 8192);
-        push(&mut v, Command::BlockStatus, 0, 0, 1 << 20);
-        push(&mut v, Command::BlockStatus, CMD_FLAG_REQ_ONE, 0, 1 << 20);
-    }
-    v.extend(request(mode, Command::Disconnect, 0, 99, 0, 0));
-    (v, n)
-}
+use qedstream_fuzz::nbd_sessions::{request, session};
 
 fn replay(data: &[u8]) -> ReplayOutcome {
     replay_client_bytes_blocking(data).unwrap_or_else(|f| panic!("{f} on {data:02x?}"))
@@ -98,6 +34,19 @@ fn well_formed_sessions_are_served_without_errors() {
     let seen = replay(&v);
     assert_eq!((seen.stats.requests, seen.stats.errors), (1, 0));
     assert_eq!(seen.sent, 18 + 8 + 2 + 124 + 16 + 4096);
+}
+
+#[test]
+fn every_seed_of_the_corpus_runs_clean() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus/nbd_server_replay");
+    let mut seeds = 0;
+    for entry in std::fs::read_dir(&dir).expect("the nbd_server_replay corpus") {
+        let path = entry.unwrap().path();
+        let seen = replay(&std::fs::read(&path).unwrap());
+        assert_eq!(seen.stats.errors, 0, "{path:?}: {seen:?}");
+        seeds += 1;
+    }
+    assert!(seeds >= 4, "the seed corpus is missing ({seeds} files)");
 }
 
 #[test]

@@ -6,11 +6,14 @@ use std::sync::Arc;
 use copy_on_read::{BlockDevice, Populate};
 use nbd_proto::*;
 
+use crate::depth::{AllocationDepth, LayersDepth};
+
 /// One export: a name, a device, and optionally the device's layered view.
 ///
-/// With layers (the same device seen as [`Populate`], e.g. a `CorDevice`), the export offers
-/// the `qemu:allocation-depth` meta context and CACHE populates the local layer; without, CACHE
-/// is a read whose data is thrown away.
+/// With layers (the same device seen as [`Populate`], e.g. a `CorDevice`), CACHE populates the
+/// local layer (without, CACHE is a read whose data is thrown away) and the export offers the
+/// `qemu:allocation-depth` meta context, answered from the layers or, more exactly, by an
+/// [`AllocationDepth`] given with [`Export::with_allocation_depth`].
 #[derive(Clone)]
 pub struct Export {
     pub(crate) name: String,
@@ -18,6 +21,9 @@ pub struct Export {
     pub(crate) device: Arc<dyn BlockDevice>,
     pub(crate) layers: Option<Arc<dyn Populate>>,
     pub(crate) read_only: bool,
+    pub(crate) depth: Option<Arc<dyn AllocationDepth>>,
+    /// Whether `depth` was given explicitly (then layers do not replace it).
+    depth_given: bool,
 }
 
 impl std::fmt::Debug for Export {
@@ -40,12 +46,25 @@ impl Export {
             device,
             layers: None,
             read_only: false,
+            depth: None,
+            depth_given: false,
         }
     }
 
     /// The same device as a layered one (`layers` must be the device this export serves).
     pub fn with_layers(mut self, layers: Arc<dyn Populate>) -> Export {
+        if !self.depth_given {
+            self.depth = Some(Arc::new(LayersDepth(Arc::clone(&layers))));
+        }
         self.layers = Some(layers);
+        self
+    }
+
+    /// Answers `qemu:allocation-depth` with `depth` (e.g. from the whole backing chain's
+    /// maps), whatever the layers say.
+    pub fn with_allocation_depth(mut self, depth: Arc<dyn AllocationDepth>) -> Export {
+        self.depth = Some(depth);
+        self.depth_given = true;
         self
     }
 
@@ -114,7 +133,7 @@ impl Export {
     /// The meta contexts this export offers, with their ids.
     pub(crate) fn contexts(&self) -> Vec<(u32, &'static str)> {
         let mut v = vec![(BASE_ALLOCATION_ID, BASE_ALLOCATION)];
-        if self.layers.is_some() {
+        if self.depth.is_some() {
             v.push((ALLOCATION_DEPTH_ID, QEMU_ALLOCATION_DEPTH));
         }
         v

@@ -8,8 +8,8 @@
 //! What it speaks: fixed newstyle only; `OPT_GO`, `OPT_INFO` (export, name, description, block
 //! size), `OPT_EXPORT_NAME`, `OPT_LIST`, `OPT_ABORT`, `OPT_STRUCTURED_REPLY`,
 //! `OPT_EXTENDED_HEADERS`, and `OPT_SET_META_CONTEXT` / `OPT_LIST_META_CONTEXT` for
-//! `base:allocation` and, when the export has layers ([`Export::with_layers`]),
-//! `qemu:allocation-depth`; READ (holes as OFFSET_HOLE chunks unless DF), WRITE (FUA), FLUSH,
+//! `base:allocation` and, when the export has layers ([`Export::with_layers`]) or an
+//! [`AllocationDepth`], `qemu:allocation-depth`; READ (holes as OFFSET_HOLE chunks unless DF), WRITE (FUA), FLUSH,
 //! TRIM, WRITE_ZEROES (NO_HOLE, FAST_ZERO), CACHE (populates the local layer), BLOCK_STATUS
 //! (REQ_ONE) and DISC.
 //!
@@ -19,7 +19,8 @@
 //! (EINVAL, EPERM, ENOSPC, ENOTSUP, EIO, ESHUTDOWN). A client that breaks the framing is
 //! disconnected; the server keeps serving everyone else.
 //!
-//! Modules: [`addr`] (where to listen), [`export`] (what is served), `handshake` (option
+//! Modules: [`addr`] (where to listen), [`export`] (what is served), [`depth`]
+//! (`qemu:allocation-depth` answers), `handshake` (option
 //! negotiation), `transmission` (one connection's requests), `server` ([`Server`], its
 //! configuration, statistics and shutdown), [`error`]. The wire format is `nbd-proto`'s.
 //!
@@ -40,6 +41,7 @@
 //! ```
 
 pub mod addr;
+pub mod depth;
 pub mod error;
 pub mod export;
 #[doc(hidden)]
@@ -49,6 +51,7 @@ mod server;
 mod transmission;
 
 pub use addr::ListenAddr;
+pub use depth::{AllocationDepth, DepthRun};
 pub use error::{Error, Result};
 pub use export::Export;
 pub use handshake::MAX_OPTION_DATA;

@@ -607,40 +607,31 @@ impl Connection {
         Ok(parts)
     }
 
-    /// `qemu:allocation-depth` as qemu-nbd reports it for an image over a raw backing: 1
-    /// where the image itself has the range (data or zero clusters), 2 where the backing
-    /// shows through (QEMU counts a raw backing as allocated everywhere, past its end too), 0
-    /// without a backing. A deeper chain is not told apart: its backing is one device, so
-    /// whatever shows through is 2.
+    /// `qemu:allocation-depth` from the export's [`crate::AllocationDepth`], clamped to the
+    /// range, adjacent runs of one depth merged.
     async fn allocation_depth(
         &self,
         offset: u64,
         length: u64,
     ) -> copy_on_read::Result<Vec<RawExtent>> {
-        let Some(layers) = &self.export.layers else {
+        let Some(depth) = &self.export.depth else {
             return Ok(Vec::new());
         };
-        let below = if layers.backing().is_some() { 2 } else { 0 };
         let end = offset + length;
         let mut out: Vec<RawExtent> = Vec::new();
-        let mut push = |length: u64, flags: u64| {
-            if length == 0 {
-                return;
-            }
+        let mut pos = offset;
+        for run in depth.allocation_depth(offset, length).await? {
+            let to = pos.saturating_add(run.length).min(end);
+            let (length, flags) = (to - pos, u64::from(run.depth));
             match out.last_mut() {
+                _ if length == 0 => {}
                 Some(last) if last.flags == flags => last.length += length,
                 _ => out.push(RawExtent { length, flags }),
             }
-        };
-        let mut pos = offset;
-        for e in layers.local_map(offset, length).await? {
-            let from = e.offset.max(pos);
-            let to = e.offset.saturating_add(e.length).min(end);
-            if from != pos || to <= from {
+            pos = to;
+            if pos >= end {
                 break;
             }
-            push(to - from, if e.local { 1 } else { below });
-            pos = to;
         }
         if out.is_empty() {
             return Err(copy_on_read::Error::Unsupported(

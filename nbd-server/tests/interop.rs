@@ -8,8 +8,11 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
+use std::sync::Arc;
+
 use common::*;
-use nbd_server::ServerConfig;
+use copy_on_read::{BlockDevice, CorDevice, CorOptions, IoFuture, Populate};
+use nbd_server::{AllocationDepth, DepthRun, Export, ListenAddr, Server, ServerConfig};
 use qedstream_tests::nbd_server::NbdServer;
 use qedstream_tests::tools::{self, ok, raw_fixture};
 use serde_json::Value;
@@ -303,4 +306,116 @@ fn tcp_listener_on_loopback() {
     tools::qemu_io(d, "raw", &uri, &["read -P 0x21 0 1M", "write -P 0x22 0 4k"]);
     served.stop();
     tools::qemu_io(d, "raw", "disk.raw", &["read -P 0x22 0 4k"]);
+}
+
+/// An exact allocation depth, per 64 KiB unit, from each QED layer's own map (layers[0] the
+/// top); under the last QED layer a raw base, allocated everywhere as QEMU counts it.
+#[derive(Debug)]
+struct ChainDepth {
+    unit: u64,
+    depths: Vec<u32>,
+}
+
+impl ChainDepth {
+    fn of(dir: &Path, layers: &[&str]) -> ChainDepth {
+        let unit = 64 * 1024;
+        let images: Vec<qed::Image> = layers
+            .iter()
+            .map(|l| qedstream_tests::open_ro_image(&dir.join(l)))
+            .collect();
+        let size = images[0].size();
+        let mut depths = vec![layers.len() as u32 + 1; (size / unit) as usize];
+        for (i, image) in images.iter().enumerate().rev() {
+            for e in image.map(qed::GuestOffset(0), image.size()).unwrap() {
+                if e.mapping == qed::Mapping::Unallocated {
+                    continue;
+                }
+                for u in e.offset.0 / unit..(e.offset.0 + e.length).div_ceil(unit) {
+                    if let Some(d) = depths.get_mut(u as usize) {
+                        *d = i as u32 + 1;
+                    }
+                }
+            }
+        }
+        ChainDepth { unit, depths }
+    }
+}
+
+impl AllocationDepth for ChainDepth {
+    fn allocation_depth(&self, offset: u64, length: u64) -> IoFuture<'_, Vec<DepthRun>> {
+        Box::pin(async move {
+            let mut runs = Vec::new();
+            let (mut pos, end) = (offset, offset + length);
+            while pos < end {
+                let u = pos / self.unit;
+                let to = ((u + 1) * self.unit).min(end);
+                let depth = self.depths[u as usize];
+                runs.push(DepthRun {
+                    length: to - pos,
+                    depth,
+                });
+                pos = to;
+            }
+            Ok(runs)
+        })
+    }
+}
+
+#[test]
+fn an_exact_allocation_depth_matches_qemu_nbd_on_a_three_deep_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(d, "qemu-img", &["create", "-f", "raw", "base.raw", "6M"]);
+    tools::qemu_io(d, "raw", "base.raw", &["write -P 1 0 1M"]);
+    tools::create_overlay(d, "base.raw", "raw", "mid.qed", Some("8M"));
+    tools::qemu_io(
+        d,
+        "qed",
+        "mid.qed",
+        &["write -P 2 2M 1M", "write -z 5M 64k"],
+    );
+    tools::create_overlay(d, "mid.qed", "qed", "top.qed", Some("8M"));
+    tools::qemu_io(d, "qed", "top.qed", &["write -P 3 4M 64k"]);
+    let qsock = d.join("qemu.sock");
+    let qemu_depth = {
+        let top = d.join("top.qed");
+        let args = [
+            "-r",
+            "-A",
+            "-f",
+            "qed",
+            "--persistent",
+            "-k",
+            s(&qsock),
+            s(&top),
+        ];
+        let q = NbdServer::start("qemu-nbd", args, &qsock);
+        let uri = format!("nbd+unix:///?socket={}", q.sock().display());
+        nbdinfo_map(d, "qemu:allocation-depth", &uri)
+    };
+    assert!(qemu_depth.iter().any(|e| e.2 == 3), "{qemu_depth:?}");
+    let exact = Arc::new(ChainDepth::of(d, &["top.qed", "mid.qed"]));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dev = Arc::new(
+        rt.block_on(CorDevice::open(&d.join("top.qed"), CorOptions::default()))
+            .unwrap(),
+    );
+    let layers: Arc<dyn Populate> = dev.clone();
+    let sock = d.join("nbd.sock");
+    let export = Export::new("", dev.clone())
+        .with_allocation_depth(exact)
+        .with_layers(layers);
+    let server = Server::new(vec![export], ServerConfig::default());
+    rt.block_on(server.bind(&ListenAddr::Unix(sock.clone())))
+        .unwrap();
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    assert_eq!(nbdinfo_map(d, "qemu:allocation-depth", &uri), qemu_depth);
+    rt.block_on(async {
+        server.shutdown().await.unwrap();
+        dev.close().await.unwrap();
+    });
 }

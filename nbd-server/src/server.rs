@@ -100,6 +100,22 @@ impl Counters {
     }
 }
 
+/// Counts a connection as active while it lives (also when its task is aborted).
+struct Active<'a>(&'a Counters);
+
+impl<'a> Active<'a> {
+    fn enter(counters: &'a Counters) -> Active<'a> {
+        counters.active.fetch_add(1, Ordering::Relaxed);
+        Active(counters)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// An NBD server for a set of exports. Serve it with [`Server::bind`], stop it with
 /// [`Server::shutdown`].
 #[derive(Debug)]
@@ -390,7 +406,7 @@ impl Server {
         _slot: OwnedSemaphorePermit,
     ) {
         self.counters.connections.fetch_add(1, Ordering::Relaxed);
-        self.counters.active.fetch_add(1, Ordering::Relaxed);
+        let _active = Active::enter(&self.counters);
         let stop = self.shutdown.subscribe();
         let stopping = {
             let stop = stop.clone();
@@ -414,6 +430,5 @@ impl Server {
         if let Err(e) = ended {
             tracing::debug!("NBD connection ended: {e}");
         }
-        self.counters.active.fetch_sub(1, Ordering::Relaxed);
     }
 }

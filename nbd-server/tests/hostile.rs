@@ -556,7 +556,11 @@ fn shutdown_ends_idle_connections_and_refuses_new_listeners() {
     assert!(idle.eof(), "an idle connection outlived the shutdown");
     assert!(handshaking.eof(), "a handshake outlived the shutdown");
     let stats = s.server.stats();
-    assert_eq!((stats.connections, stats.active_connections), (2, 0), "{stats:?}");
+    assert_eq!(
+        (stats.connections, stats.active_connections),
+        (2, 0),
+        "{stats:?}"
+    );
     assert!(!s.sock.exists());
     let again = s
         .runtime

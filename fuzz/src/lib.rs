@@ -15,6 +15,10 @@
 //! ```
 //!
 //! Run it with cargo-fuzz: `cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run qed_image`.
+//!
+//! The NBD targets' logic lives in the crates they exercise (`nbd_client::fuzzing`,
+//! `nbd_server::fuzzing`); [`nbd_sessions`] builds well-formed NBD client sessions, the seeds
+//! of `nbd_server_replay` (`cargo run -p qedstream-fuzz --example make_nbd_server_corpus`).
 
 use qed::{BackingPolicy, CheckReport, Image, MemStorage, OpenOptions, Repair};
 
@@ -104,4 +108,89 @@ fn exercise(image: &Image, read_only: bool) -> Option<CheckReport> {
     let _ = image.flush();
     let _ = image.check(Repair::None);
     repaired
+}
+
+/// Well-formed NBD client sessions, to seed `nbd_server_replay` and to test the server with.
+pub mod nbd_sessions {
+    use nbd_proto::*;
+
+    /// One request header in `mode`, as a client encodes it.
+    pub fn request(
+        mode: HeaderMode,
+        command: Command,
+        flags: u16,
+        cookie: u64,
+        offset: u64,
+        length: u64,
+    ) -> Vec<u8> {
+        let h = RequestHeader {
+            flags,
+            command,
+            cookie,
+            offset,
+            length,
+        };
+        let mut b = [0u8; 32];
+        let n = encode_request(&h, mode, &mut b);
+        b[..n].to_vec()
+    }
+
+    /// A session in `mode`: negotiation, then every command once, then DISC. Returns the bytes
+    /// and the number of requests before DISC.
+    pub fn session(mode: HeaderMode) -> (Vec<u8>, u64) {
+        let mut v = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec();
+        v.extend(encode_option(OPT_LIST, &[]));
+        match mode {
+            HeaderMode::Extended => v.extend(encode_option(OPT_EXTENDED_HEADERS, &[])),
+            HeaderMode::Structured => v.extend(encode_option(OPT_STRUCTURED_REPLY, &[])),
+            HeaderMode::Simple => {}
+        }
+        if mode.structured() {
+            let q = encode_meta_context_data("", &[BASE_ALLOCATION]);
+            v.extend(encode_option(OPT_SET_META_CONTEXT, &q));
+        }
+        v.extend(encode_option(
+            OPT_INFO,
+            &encode_go_data("ro", &[INFO_NAME, INFO_DESCRIPTION]),
+        ));
+        v.extend(encode_option(
+            OPT_GO,
+            &encode_go_data("", &[INFO_BLOCK_SIZE]),
+        ));
+        let mut n = 0;
+        let mut push = |v: &mut Vec<u8>, c, f, o, l| {
+            n += 1;
+            v.extend(request(mode, c, f, n, o, l));
+        };
+        push(&mut v, Command::Read, 0, 0, 128 * 1024);
+        push(&mut v, Command::Write, CMD_FLAG_FUA, 4096, 512);
+        v.extend([0xab; 512]);
+        push(&mut v, Command::WriteZeroes, 0, 8192, 4096);
+        push(&mut v, Command::Trim, 0, 16384, 4096);
+        push(&mut v, Command::Cache, 0, 0, 65536);
+        push(&mut v, Command::Flush, 0, 0, 0);
+        if mode.structured() {
+            push(&mut v, Command::Read, CMD_FLAG_DF, 0, 8192);
+            push(&mut v, Command::BlockStatus, 0, 0, 1 << 20);
+            push(&mut v, Command::BlockStatus, CMD_FLAG_REQ_ONE, 0, 1 << 20);
+        }
+        v.extend(request(mode, Command::Disconnect, 0, 99, 0, 0));
+        (v, n)
+    }
+
+    /// Every seed: a session in each header mode, and the EXPORT_NAME way in.
+    pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+        let mut v = vec![
+            ("simple-session", session(HeaderMode::Simple).0),
+            ("structured-session", session(HeaderMode::Structured).0),
+            ("extended-session", session(HeaderMode::Extended).0),
+        ];
+        let mut e = CLIENT_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+        e.extend(encode_option(OPT_EXPORT_NAME, b""));
+        e.extend(request(HeaderMode::Simple, Command::Read, 0, 1, 0, 4096));
+        v.push(("export-name-read", e));
+        v
+    }
 }

@@ -171,37 +171,8 @@ impl Error {
     }
 }
 
-/// An NBD error value as sent by a server (mapped like the spec: unknown values are kept).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Errno(pub u32);
-
-impl Errno {
-    pub const EPERM: Errno = Errno(1);
-    pub const EIO: Errno = Errno(5);
-    pub const ENOMEM: Errno = Errno(12);
-    pub const EINVAL: Errno = Errno(22);
-    pub const ENOSPC: Errno = Errno(28);
-    pub const EOVERFLOW: Errno = Errno(75);
-    pub const ENOTSUP: Errno = Errno(95);
-    pub const ESHUTDOWN: Errno = Errno(108);
-}
-
-impl std::fmt::Display for Errno {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = match *self {
-            Errno::EPERM => "EPERM",
-            Errno::EIO => "EIO",
-            Errno::ENOMEM => "ENOMEM",
-            Errno::EINVAL => "EINVAL",
-            Errno::ENOSPC => "ENOSPC",
-            Errno::EOVERFLOW => "EOVERFLOW",
-            Errno::ENOTSUP => "ENOTSUP",
-            Errno::ESHUTDOWN => "ESHUTDOWN",
-            Errno(n) => return write!(f, "error {n}"),
-        };
-        f.write_str(name)
-    }
-}
+/// An NBD error value (defined with the wire format).
+pub use crate::protocol::Errno;
 
 /// Why a request was refused without being sent.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

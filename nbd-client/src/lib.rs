@@ -57,8 +57,10 @@ mod client;
 mod connection;
 pub mod error;
 mod handshake;
-pub mod protocol;
 pub mod uri;
+
+/// The wire format, shared with the server: the `nbd-proto` crate under its old path.
+pub use nbd_proto as protocol;
 
 /// The largest export accepted: QEMU's `BDRV_MAX_LENGTH` (`INT64_MAX` aligned down to 1 GiB).
 /// A larger export is refused at connect with [`Error::ExportTooLarge`].

@@ -1,6 +1,6 @@
-//! Pure encode/decode of the NBD wire structures: no I/O, so everything here is unit-testable and
-//! fuzzable. All integers are big-endian on the wire. Names follow the protocol document
-//! (NetworkBlockDevice/nbd: doc/proto.md).
+//! The constants of the protocol and the client's side of the wire: encoders of what a client
+//! sends, decoders (strict, bounded) of what a server sends, and [`Violation`], what a server
+//! can do wrong.
 
 /// "NBDMAGIC", the first 8 bytes every server sends.
 pub const INIT_PASSWD: u64 = 0x4e42_444d_4147_4943;
@@ -99,6 +99,42 @@ pub const STATE_ZERO: u32 = 1 << 1;
 
 /// The meta context we negotiate for block status.
 pub const BASE_ALLOCATION: &str = "base:allocation";
+/// QEMU's meta context: how deep in the backing chain each range is allocated (0: nowhere,
+/// 1: the top image, 2: its backing, ...).
+pub const QEMU_ALLOCATION_DEPTH: &str = "qemu:allocation-depth";
+
+/// An NBD error value, as carried by replies (the spec's list; unknown values are kept).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Errno(pub u32);
+
+#[allow(missing_docs)]
+impl Errno {
+    pub const EPERM: Errno = Errno(1);
+    pub const EIO: Errno = Errno(5);
+    pub const ENOMEM: Errno = Errno(12);
+    pub const EINVAL: Errno = Errno(22);
+    pub const ENOSPC: Errno = Errno(28);
+    pub const EOVERFLOW: Errno = Errno(75);
+    pub const ENOTSUP: Errno = Errno(95);
+    pub const ESHUTDOWN: Errno = Errno(108);
+}
+
+impl std::fmt::Display for Errno {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match *self {
+            Errno::EPERM => "EPERM",
+            Errno::EIO => "EIO",
+            Errno::ENOMEM => "ENOMEM",
+            Errno::EINVAL => "EINVAL",
+            Errno::ENOSPC => "ENOSPC",
+            Errno::EOVERFLOW => "EOVERFLOW",
+            Errno::ENOTSUP => "ENOTSUP",
+            Errno::ESHUTDOWN => "ESHUTDOWN",
+            Errno(n) => return write!(f, "error {n}"),
+        };
+        f.write_str(name)
+    }
+}
 
 /// Largest option reply payload we accept (strings are at most 4096 bytes by the spec; a LIST
 /// entry carries two of them). Checked before anything is allocated.
@@ -123,6 +159,23 @@ pub enum Command {
     Cache = 5,
     WriteZeroes = 6,
     BlockStatus = 7,
+}
+
+impl Command {
+    /// The command of a request's type field, `None` for a type this crate does not know.
+    pub fn from_u16(value: u16) -> Option<Command> {
+        Some(match value {
+            0 => Command::Read,
+            1 => Command::Write,
+            2 => Command::Disconnect,
+            3 => Command::Flush,
+            4 => Command::Trim,
+            5 => Command::Cache,
+            6 => Command::WriteZeroes,
+            7 => Command::BlockStatus,
+            _ => return None,
+        })
+    }
 }
 
 impl std::fmt::Display for Command {

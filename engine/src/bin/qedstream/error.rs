@@ -55,6 +55,10 @@ pub enum Error {
         /// What went wrong.
         what: String,
     },
+    /// The NBD export could not be served (a listener would not bind, a flush at shutdown
+    /// failed).
+    #[error("NBD export: {0}")]
+    Nbd(#[from] nbd_server::Error),
     /// A QMP server refused a command, or did not speak QMP.
     #[error("{socket}: {desc}")]
     Qmp {

@@ -297,7 +297,7 @@ struct StreamArgs {
 struct ServeArgs {
     #[command(flatten)]
     chain: ChainArgs,
-    /// Serve NBD here: unix:PATH or tcp:HOST:PORT (repeatable).
+    /// Serve NBD here: unix:PATH, tcp:HOST:PORT, or a socket path (repeatable).
     #[arg(long, value_name = "ADDR")]
     nbd: Vec<String>,
     /// The NBD export name.
@@ -638,7 +638,7 @@ fn cmd_serve(args: ServeArgs) -> Result<u8> {
     let nbd = args
         .nbd
         .iter()
-        .map(|a| a.parse().map_err(|e| Error::invalid("--nbd", e)))
+        .map(|a| crate::serve::parse_listen(a).map_err(|e| Error::invalid("--nbd", e)))
         .collect::<Result<Vec<_>>>()?;
     let on_error = args
         .on_error

@@ -9,8 +9,7 @@
 //! (flushed, NEED_CHECK clear) and exit 0. A stream that completes drops the backing link on
 //! disk at once and the process keeps serving the now standalone image.
 //!
-//! The NBD listeners are plugged in at one place, [`start_nbd`] (the NBD server lives in the
-//! `nbd-server` crate).
+//! The NBD export is the `nbd-server` crate's, started in [`start_nbd`].
 
 use std::io::Write;
 use std::num::NonZeroU64;
@@ -25,59 +24,20 @@ use copy_on_read::{BlockDevice, CorDevice, CorOptions, Gate, Populate, RawFile};
 use engine::control::{Control, ControlEvent, ControlEvents, ControlSocket, Node, StreamRequest};
 use engine::job::{JobEvent, OnError};
 use engine::stream::StreamOptions;
+use nbd_server::{Export, ListenAddr, Server, ServerConfig};
 
 use crate::error::{Error, Result};
 use crate::out::outln;
 
-/// Where an NBD listener listens: `unix:PATH` or `tcp:HOST:PORT`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NbdListen {
-    /// A unix socket.
-    Unix(PathBuf),
-    /// A TCP address.
-    Tcp {
-        /// Host name or address (IPv6 in brackets).
-        host: String,
-        /// Port.
-        port: u16,
-    },
-}
-
-impl std::str::FromStr for NbdListen {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<NbdListen, String> {
-        if let Some(path) = s.strip_prefix("unix:") {
-            if path.is_empty() {
-                return Err("--nbd unix: needs a socket path".into());
-            }
-            return Ok(NbdListen::Unix(PathBuf::from(path)));
-        }
-        if let Some(addr) = s.strip_prefix("tcp:") {
-            let (host, port) = addr
-                .rsplit_once(':')
-                .ok_or_else(|| format!("--nbd {s:?}: expected tcp:HOST:PORT"))?;
-            let port = port
-                .parse::<u16>()
-                .map_err(|_| format!("--nbd {s:?}: {port:?} is not a port number"))?;
-            if host.is_empty() {
-                return Err(format!("--nbd {s:?}: the host is missing"));
-            }
-            return Ok(NbdListen::Tcp {
-                host: host.to_string(),
-                port,
-            });
-        }
-        Err(format!("--nbd {s:?}: expected unix:PATH or tcp:HOST:PORT"))
-    }
-}
-
-impl std::fmt::Display for NbdListen {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            NbdListen::Unix(p) => write!(f, "unix:{}", p.display()),
-            NbdListen::Tcp { host, port } => write!(f, "tcp:{host}:{port}"),
-        }
+/// Parses an `--nbd` address: `unix:PATH`, `tcp:HOST:PORT`, or a bare path (a unix socket,
+/// the default kind: TCP binds only where told).
+pub fn parse_listen(text: &str) -> std::result::Result<ListenAddr, String> {
+    if text.starts_with("unix:") || text.starts_with("tcp:") {
+        text.parse().map_err(|e: nbd_server::Error| e.to_string())
+    } else if text.is_empty() {
+        Err("--nbd needs unix:PATH, tcp:HOST:PORT or a socket path".into())
+    } else {
+        Ok(ListenAddr::Unix(PathBuf::from(text)))
     }
 }
 
@@ -87,7 +47,7 @@ pub struct ServeCommand {
     /// The image.
     pub image: PathBuf,
     /// NBD listeners.
-    pub nbd: Vec<NbdListen>,
+    pub nbd: Vec<ListenAddr>,
     /// The export name.
     pub export: String,
     /// The node name.
@@ -112,29 +72,52 @@ pub struct ServeCommand {
     pub max_chain_depth: u32,
 }
 
-/// The NBD side of a served node: nothing yet (see [`start_nbd`]).
+/// The NBD side of a served node: the server and where it listens.
 #[derive(Debug, Default)]
-struct NbdService {}
-
-impl NbdService {
-    /// Stops accepting and ends the connections.
-    async fn shutdown(self) {}
+struct NbdService {
+    server: Option<Arc<Server>>,
+    /// The bound addresses (a `tcp:HOST:0` with the port it got).
+    bound: Vec<ListenAddr>,
 }
 
-/// PLUG-IN POINT for the NBD server (the `nbd-server` crate, merged separately): serve
-/// `node.device` (its copy-on-read layers through `node.populate`) as export
-/// `node.export_name`, read-only when `node.read_only`, on every address in `listen`, bound and
-/// accepting when this returns. Until it is plugged in, asking for a listener is refused
-/// (never silently ignored); with none the command is a control-socket-driven stream daemon.
-async fn start_nbd(listen: &[NbdListen], node: &Node) -> Result<NbdService> {
-    let _ = node;
-    match listen.first() {
-        None => Ok(NbdService::default()),
-        Some(first) => Err(Error::invalid(
-            "--nbd",
-            format!("--nbd {first}: this build does not serve NBD yet (the nbd-server crate is not plugged in)"),
-        )),
+impl NbdService {
+    /// Stops accepting, lets connections finish their requests, flushes a writable export.
+    async fn shutdown(self) -> Result<()> {
+        match self.server {
+            Some(s) => s.shutdown().await.map_err(Error::Nbd),
+            None => Ok(()),
+        }
     }
+}
+
+/// Serves `node.device` (its copy-on-read layers through `node.populate`, for CACHE and
+/// `qemu:allocation-depth`) as export `node.export_name`, read-only when `node.read_only`, on
+/// every address in `listen`, bound and accepting when this returns.
+async fn start_nbd(listen: &[ListenAddr], node: &Node) -> Result<NbdService> {
+    if listen.is_empty() {
+        return Ok(NbdService::default());
+    }
+    let mut export = Export::new(node.export_name.clone(), node.device.clone())
+        .with_description(format!("qedstream {}", node.file))
+        .read_only(node.read_only);
+    if let Some(layers) = &node.populate {
+        export = export.with_layers(layers.clone());
+    }
+    let server = Server::new(vec![export], ServerConfig::default());
+    let mut bound = Vec::with_capacity(listen.len());
+    for addr in listen {
+        match server.bind(addr).await {
+            Ok(l) => bound.push(l.addr().clone()),
+            Err(e) => {
+                let _ = server.shutdown().await;
+                return Err(Error::Nbd(e));
+            }
+        }
+    }
+    Ok(NbdService {
+        server: Some(server),
+        bound,
+    })
 }
 
 /// Runs `qedstream serve` on a fresh runtime; returns the exit code.
@@ -215,7 +198,7 @@ fn write_pid_file(path: &Path) -> Result<()> {
 }
 
 /// The "ready" report: every socket that accepts.
-fn say_ready(cmd: &ServeCommand, node: &Node) -> Result<()> {
+fn say_ready(cmd: &ServeCommand, node: &Node, nbd: &[ListenAddr]) -> Result<()> {
     if cmd.json {
         print_json(&json!({
             "event": "ready",
@@ -225,11 +208,12 @@ fn say_ready(cmd: &ServeCommand, node: &Node) -> Result<()> {
             "export": node.export_name,
             "read_only": node.read_only,
             "control": cmd.control.as_ref().map(|p| p.display().to_string()),
-            "nbd": cmd.nbd.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "nbd": nbd.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "uris": nbd.iter().map(|a| a.uri(&node.export_name)).collect::<Vec<_>>(),
             "pid": std::process::id(),
         }))
     } else {
-        let mut sockets: Vec<String> = cmd.nbd.iter().map(ToString::to_string).collect();
+        let mut sockets: Vec<String> = nbd.iter().map(|a| a.uri(&node.export_name)).collect();
         if let Some(c) = &cmd.control {
             sockets.push(format!("control {}", c.display()));
         }
@@ -373,14 +357,14 @@ async fn run_async(cmd: ServeCommand) -> Result<u8> {
     let served = start_sockets(&cmd, &control).await;
     let result = match served {
         Ok((socket, nbd)) => {
-            let r = serve(&cmd, &control, &mut events, &mut signals).await;
+            let r = serve(&cmd, &control, &nbd.bound, &mut events, &mut signals).await;
             // Stop accepting first, then finish what runs.
             if let Some(s) = socket {
                 s.close().await;
             }
-            nbd.shutdown().await;
+            let drained = nbd.shutdown().await;
             let ended = end_job(&cmd, &control, &mut events).await;
-            r.and_then(|stop| ended.map(|()| stop))
+            r.and_then(|stop| drained.and(ended).map(|()| stop))
         }
         Err(e) => Err(e),
     };
@@ -424,10 +408,11 @@ async fn start_sockets(
 async fn serve(
     cmd: &ServeCommand,
     control: &Control,
+    nbd: &[ListenAddr],
     events: &mut ControlEvents,
     signals: &mut Signals,
 ) -> Result<Stop> {
-    say_ready(cmd, control.node())?;
+    say_ready(cmd, control.node(), nbd)?;
     if cmd.stream {
         control
             .start_stream(StreamRequest {

@@ -13,8 +13,8 @@
 //! half-written cluster. The lock guard moves into the blocking task that does the image I/O,
 //! so a dropped (cancelled) request keeps its clusters locked until its I/O has really ended.
 //!
-//! The image is opened with `BackingPolicy::Detached`: the `qed` crate never reads the backing
-//! itself. A guest write that covers only part of an unallocated cluster therefore fetches the
+//! The `qed` crate never opens or reads the backing: the chain below the image is opened
+//! through the [`Gate`] and read here. A guest write that covers only part of an unallocated cluster therefore fetches the
 //! rest of the cluster from the backing (asynchronously, under the lock), merges, and stores
 //! whole clusters with `populate`. The one difference from QEMU: the bytes of the last cluster
 //! that lie past the end of the virtual disk are stored as zeros, not backing bytes.
@@ -31,7 +31,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use tokio::sync::Notify;
 
-use qed::{BackingPolicy, GuestCluster, GuestOffset, Image, Mapping, OpenOptions};
+use qed::{GuestCluster, GuestOffset, Image, Mapping, OpenOptions};
 
 pub use crate::device::PopulateStats;
 use crate::device::{
@@ -170,7 +170,6 @@ impl CorDevice {
                 read_only,
                 force_share,
                 path: Some(p.clone()),
-                backing: BackingPolicy::Detached,
                 ..OpenOptions::default()
             };
             Image::open(Box::new(file), o).map_err(Error::qed(&p.display().to_string()))
@@ -183,8 +182,8 @@ impl CorDevice {
         Ok(dev)
     }
 
-    /// Stacks an image opened with `BackingPolicy::Detached` on `backing` (the device its
-    /// header names; `None` when it names none).
+    /// Stacks an image on `backing` (the device its header names, opened through the
+    /// [`Gate`]; `None` when it names none).
     pub fn new(image: Image, name: String, backing: Option<Arc<dyn BlockDevice>>) -> CorDevice {
         let cor = !image.is_read_only();
         CorDevice {
@@ -372,7 +371,7 @@ impl CorDevice {
         blocking(move || {
             let _guard = guard;
             image.flush().map_err(Error::qed(&name))?;
-            image.set_backing(None, None).map_err(Error::qed(&name))?;
+            image.set_backing(None).map_err(Error::qed(&name))?;
             image.flush().map_err(Error::qed(&name))
         })
         .await?;
@@ -411,7 +410,7 @@ impl CorDevice {
             if local {
                 for (at, seg) in bufs.segments() {
                     image
-                        .write_at(seg, offset + at as u64)
+                        .write_at(seg, GuestOffset(offset + at as u64))
                         .map_err(Error::qed(&name))?;
                 }
                 if flags.fua {
@@ -479,12 +478,14 @@ impl CorDevice {
             let _guard = guard;
             for p in pieces {
                 match p {
-                    WritePiece::Direct { at, s, e } => {
-                        image.write_at(&data[s..e], at).map_err(Error::qed(&name))?
-                    }
+                    WritePiece::Direct { at, s, e } => image
+                        .write_at(&data[s..e], GuestOffset(at))
+                        .map_err(Error::qed(&name))?,
                     WritePiece::Fill { at, merged } => {
+                        // Stored as data, all-zero clusters too, as QEMU leaves a guest
+                        // write that covers part of an unallocated cluster.
                         let o = image
-                            .populate(GuestOffset(at), &merged, true)
+                            .populate_as_data(GuestOffset(at), &merged)
                             .map_err(Error::qed(&name))?;
                         if o.skipped != 0 {
                             // Cannot happen: the clusters were unallocated under our lock.
@@ -609,7 +610,9 @@ impl CorDevice {
             let name = self.name.clone();
             blocking(move || {
                 let _guard = guard;
-                image.write_zeroes(pos, step).map_err(Error::qed(&name))
+                image
+                    .write_zeroes(GuestOffset(pos), step)
+                    .map_err(Error::qed(&name))
             })
             .await?;
             pos += step;

@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 use copy_on_read::gate::OpenedLayer;
 use copy_on_read::{BlockDevice, Gate, NbdExport, RawFile};
 use qed::backing::probe_storage;
-use qed::{BackingFormat, BackingPolicy, Image, Mapping, OpenOptions, Storage};
+use qed::{BackingFormat, Image, Mapping, OpenOptions, Storage};
 
 use crate::error::{Error, Result};
 
@@ -174,7 +174,6 @@ fn open_top_layer(
             read_only: true,
             force_share: access == qed::Access::SharedRead,
             path: Some(path.to_path_buf()),
-            backing: BackingPolicy::Detached,
             ..OpenOptions::default()
         };
         Layer::Qed(Box::new(

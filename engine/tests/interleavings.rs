@@ -12,7 +12,7 @@ use copy_on_read::{
 };
 use engine::stream::{step, StreamJob, StreamOptions};
 use proptest::prelude::*;
-use qed::{BackingFormat, BackingPolicy, CreateOptions, Image, MemStorage, OpenOptions, Repair};
+use qed::{BackingFormat, CreateOptions, Image, MemStorage, OpenOptions, Repair};
 
 /// A read-only in-memory backing whose reads take a random little while.
 #[derive(Debug)]
@@ -125,7 +125,6 @@ fn device(backing: Vec<u8>, size: u64, delay: bool) -> Arc<CorDevice> {
     let image = Image::open(
         Box::new(storage),
         OpenOptions {
-            backing: BackingPolicy::Detached,
             ..OpenOptions::default()
         },
     )

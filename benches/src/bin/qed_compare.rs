@@ -8,9 +8,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use copy_on_read::{CorDevice, CorOptions, SyncDevice};
 use engine::convert::{convert, Target};
 use engine::source::Source;
-use qed::{BackingFormat, Chain, CreateOptions, Image, OpenOptions};
+use qed::{BackingFormat, CreateOptions, Image};
 use qedstream_benches::XorShift;
 use qedstream_tests::tools::ok_command;
 
@@ -68,8 +69,14 @@ fn create(path: &Path, size: u64, backing: Option<&str>) {
 
 /// The image with its backing, read and filled through the chain reader (the image itself
 /// never reads its backing).
-fn open(path: &Path) -> Chain {
-    Chain::new(Image::open_path(path, OpenOptions::default()).unwrap())
+/// The image over its backing, written through the copy-on-read device from this thread (as
+/// `qemu-io` writes through QEMU's block layer); copy-on-read off, as qemu-io's default.
+fn open(path: &Path) -> SyncDevice<CorDevice> {
+    let options = CorOptions {
+        copy_on_read: false,
+        ..CorOptions::default()
+    };
+    SyncDevice::open(path, options).unwrap()
 }
 
 fn main() {

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use copy_on_read::BlockDevice;
-use qed::{BackingFormat, CreateOptions, Image, OpenOptions, Repair, Storage};
+use qed::{BackingFormat, CreateOptions, Image, Repair, Storage};
 
 use crate::child::{die_with_us, Helper, SignalExit};
 use crate::error::{Error, Result};
@@ -291,18 +291,16 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
     drop(served);
     drop(sock_dir);
 
-    // Read through a chain reader: where the overlay still lacks clusters, they are the
-    // backing's (the image itself never reads its backing).
-    let image = Image::open_path(
-        &overlay,
-        OpenOptions {
-            read_only: true,
-            ..OpenOptions::default()
-        },
-    )
-    .map(qed::Chain::new)
-    .map_err(|e| Error::image(&overlay, e))?;
+    // Read through the copy-on-read device (copy-on-read off): where the overlay still
+    // lacks clusters, they are the backing's (the image itself never reads its backing).
+    let options = copy_on_read::CorOptions {
+        read_only: true,
+        copy_on_read: false,
+        ..copy_on_read::CorOptions::default()
+    };
+    let image = copy_on_read::SyncDevice::open(&overlay, options).map_err(Error::device)?;
     let report = image
+        .image()
         .check(Repair::None)
         .map_err(|e| Error::image(&overlay, e))?;
     let base_file = std::fs::File::open(&base).map_err(|e| Error::open(&base, e))?;
@@ -311,14 +309,12 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
     let mut same = true;
     let mut at = 0;
     while at < size {
-        image
-            .read_at(&mut a, at)
-            .map_err(|e| Error::image(&overlay, e))?;
+        image.read_at(&mut a, at).map_err(Error::device)?;
         Storage::read_at(&base_file, &mut b, at).map_err(|e| Error::open(&base, e))?;
         same &= a == b;
         at += 1 << 20;
     }
-    let unlinked = image.backing_name().is_none();
+    let unlinked = image.image().backing_name().is_none();
     say(
         6,
         &format!(

@@ -132,10 +132,38 @@ async fn close_backing(b: &dyn BlockDevice) {
 
 /// One piece of a guest write, planned under the lock.
 enum WritePiece {
-    /// Into allocated or zero clusters: an ordinary write of `data[s..e]` at `at`.
-    Direct { at: u64, s: usize, e: usize },
-    /// Into unallocated clusters: whole clusters from `at` (backing gaps merged in).
-    Fill { at: u64, merged: Vec<u8> },
+    /// Into allocated or zero clusters: an ordinary write of `data[s..e]` at guest offset
+    /// `at`, where `guest` is `(at, s, e)`.
+    Direct { guest: (u64, usize, usize) },
+    /// Into unallocated clusters: whole clusters from `at` (backing gaps merged in around
+    /// the guest's part, `guest`).
+    Fill {
+        at: u64,
+        merged: Vec<u8>,
+        guest: (u64, usize, usize),
+    },
+}
+
+/// Stores a planned guest write (blocking, under the range lock). A fill whose clusters were
+/// linked meanwhile by someone who does not take our lock (a populate straight on the
+/// image) skips them; the guest's part is then written in place, so a guest write is never
+/// lost and never overwritten by backing data.
+fn store_write(image: &Image, data: &[u8], pieces: Vec<WritePiece>) -> qed::Result<()> {
+    for piece in pieces {
+        let (at, s, e) = match piece {
+            WritePiece::Direct { guest } => guest,
+            WritePiece::Fill { at, merged, guest } => {
+                // Stored as data, all-zero clusters too, as QEMU leaves a guest write that
+                // covers part of an unallocated cluster.
+                if image.populate_as_data(GuestOffset(at), &merged)?.skipped == 0 {
+                    continue;
+                }
+                guest
+            }
+        };
+        image.write_at(&data[s..e], GuestOffset(at))?;
+    }
+    Ok(())
 }
 
 impl CorDevice {
@@ -447,18 +475,28 @@ impl CorDevice {
         let _urgent = self.urgent();
         let end = offset + data.len() as u64;
         let guard = self.lock(offset, end).await;
+        let pieces = self.plan_write(offset, &data).await?;
+        let image = Arc::clone(&self.image);
+        let name = self.name.clone();
+        blocking(move || {
+            let _guard = guard;
+            store_write(&image, &data, pieces).map_err(Error::qed(&name))
+        })
+        .await
+    }
+
+    /// Under the range lock: splits the write of `data` at `offset` into writes in place and
+    /// whole-cluster fills, with the backing's bytes fetched around the guest's.
+    async fn plan_write(&self, offset: u64, data: &[u8]) -> Result<Vec<WritePiece>> {
         let backing = self.backing();
         let extents = self.local_map(offset, data.len() as u64).await?;
         let mut pieces = Vec::new();
         for e in extents {
             let (e_start, e_end) = (e.offset.0, e.end().0);
             let s = (e_start - offset) as usize;
+            let guest = (e_start, s, s + e.length as usize);
             if e.mapping != Mapping::Unallocated {
-                pieces.push(WritePiece::Direct {
-                    at: e_start,
-                    s,
-                    e: s + e.length as usize,
-                });
+                pieces.push(WritePiece::Direct { guest });
                 continue;
             }
             let (ws, we) = self.widen(e_start, e_end);
@@ -466,40 +504,17 @@ impl CorDevice {
             if ws < e_start {
                 merged.extend(fetch(backing.as_ref(), ws, (e_start - ws) as usize).await?);
             }
-            merged.extend_from_slice(&data[s..s + e.length as usize]);
+            merged.extend_from_slice(&data[guest.1..guest.2]);
             if e_end < we {
                 merged.extend(fetch(backing.as_ref(), e_end, (we - e_end) as usize).await?);
             }
-            pieces.push(WritePiece::Fill { at: ws, merged });
+            pieces.push(WritePiece::Fill {
+                at: ws,
+                merged,
+                guest,
+            });
         }
-        let image = Arc::clone(&self.image);
-        let name = self.name.clone();
-        blocking(move || {
-            let _guard = guard;
-            for p in pieces {
-                match p {
-                    WritePiece::Direct { at, s, e } => image
-                        .write_at(&data[s..e], GuestOffset(at))
-                        .map_err(Error::qed(&name))?,
-                    WritePiece::Fill { at, merged } => {
-                        // Stored as data, all-zero clusters too, as QEMU leaves a guest
-                        // write that covers part of an unallocated cluster.
-                        let o = image
-                            .populate_as_data(GuestOffset(at), &merged)
-                            .map_err(Error::qed(&name))?;
-                        if o.skipped != 0 {
-                            // Cannot happen: the clusters were unallocated under our lock.
-                            tracing::error!(
-                                at,
-                                "guest write raced an allocation it holds the lock for"
-                            );
-                        }
-                    }
-                }
-            }
-            Ok(())
-        })
-        .await
+        Ok(pieces)
     }
 
     /// A guest read: local data straight into the caller's segments; what the image lacks is

@@ -14,10 +14,10 @@
 //! so a dropped (cancelled) request keeps its clusters locked until its I/O has really ended.
 //!
 //! The `qed` crate never opens or reads the backing: the chain below the image is opened
-//! through the [`Gate`] and read here. A guest write that covers only part of an unallocated cluster therefore fetches the
-//! rest of the cluster from the backing (asynchronously, under the lock), merges, and stores
-//! whole clusters with `populate`. The one difference from QEMU: the bytes of the last cluster
-//! that lie past the end of the virtual disk are stored as zeros, not backing bytes.
+//! through the [`Gate`] and read here. A guest write that covers only part of an unallocated
+//! cluster therefore fetches the rest of the cluster from the backing (asynchronously, under
+//! the lock), merges, and stores whole clusters with `populate_as_data` (as QEMU, the backing's bytes of the last cluster
+//! past the end of the virtual disk too).
 //!
 //! Guest misses go ahead of background work: while any guest request waits for the backing,
 //! [`CorDevice::populate_range`] does not start new copies.
@@ -499,7 +499,10 @@ impl CorDevice {
                 pieces.push(WritePiece::Direct { guest });
                 continue;
             }
-            let (ws, we) = self.widen(e_start, e_end);
+            // Whole clusters, the last one past the disk's end too: QEMU stores the
+            // backing's bytes there, and so do we.
+            let cs = self.cluster_size();
+            let (ws, we) = (e_start / cs * cs, e_end.div_ceil(cs) * cs);
             let mut merged = Vec::with_capacity((we - ws) as usize);
             if ws < e_start {
                 merged.extend(fetch(backing.as_ref(), ws, (e_start - ws) as usize).await?);

@@ -71,6 +71,9 @@ pub struct CorStats {
     pub cor_bytes: u64,
     /// Guest reads that missed (needed the backing).
     pub misses: u64,
+    /// Copy-ins that could not be stored (a full disk, an I/O error): the read was served
+    /// from the backing all the same, and the clusters stay unallocated.
+    pub cor_failures: u64,
 }
 
 /// A QED image over its backing chain, with copy-on-read. See the module documentation.
@@ -86,6 +89,7 @@ pub struct CorDevice {
     urgent_done: Arc<Notify>,
     cor_bytes: AtomicU64,
     misses: AtomicU64,
+    cor_failures: AtomicU64,
     closed: Closed,
 }
 
@@ -225,6 +229,7 @@ impl CorDevice {
             urgent_done: Arc::new(Notify::new()),
             cor_bytes: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            cor_failures: AtomicU64::new(0),
             closed: Closed::default(),
         }
     }
@@ -270,6 +275,7 @@ impl CorDevice {
         CorStats {
             cor_bytes: self.cor_bytes.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
+            cor_failures: self.cor_failures.load(Ordering::Relaxed),
         }
     }
 
@@ -574,6 +580,17 @@ impl CorDevice {
             wide[s..s + l as usize].copy_from_slice(&data);
             fills.push((at, data));
         }
+        self.store_copy_in(fills, guard).await;
+        let s = (offset - lo) as usize;
+        bufs.copy_in(0, &wide[s..s + len as usize]);
+        Ok(bufs)
+    }
+
+    /// Stores what a guest read fetched (whole clusters, under its range lock). A failure to
+    /// store (a full disk) does not fail the read, which already holds the right bytes: it is
+    /// counted ([`CorStats::cor_failures`]) and logged, and the clusters stay unallocated
+    /// (the image's crash-safe order links nothing whose data was not written).
+    async fn store_copy_in(&self, fills: Vec<(u64, Vec<u8>)>, guard: RangeGuard) {
         let image = Arc::clone(&self.image);
         let name = self.name.clone();
         let stored = blocking(move || {
@@ -587,11 +604,20 @@ impl CorDevice {
             }
             Ok(n)
         })
-        .await?;
-        self.cor_bytes.fetch_add(stored, Ordering::Relaxed);
-        let s = (offset - lo) as usize;
-        bufs.copy_in(0, &wide[s..s + len as usize]);
-        Ok(bufs)
+        .await;
+        match stored {
+            Ok(n) => {
+                self.cor_bytes.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.cor_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    image = %self.name,
+                    error = %e,
+                    "copy-on-read could not store what a guest read fetched; the read is served"
+                );
+            }
+        }
     }
 
     async fn guest_write_zeroes(&self, offset: u64, length: u64) -> Result<()> {

@@ -10,8 +10,10 @@
 //!   its backing chain, driven synchronously through `copy-on-read`'s [`SyncDevice`]).
 //! - [`GEOMETRIES`]: the cluster and table sizes QEMU can handle, with a test image size each.
 //! - [`tools`], [`nbd_server`], [`qsd`]: external tools for the other crates' tests: run a
-//!   tool in a directory (failing loudly when it is missing), QEMU fixtures, an NBD server on a
-//!   unix socket killed on drop, and qemu-storage-daemon's block-stream over QMP.
+//!   tool in a directory (failing loudly when it is missing), commands and refusals of the
+//!   command line, QEMU fixtures, an NBD server on a unix socket killed on drop, and
+//!   qemu-storage-daemon's block-stream over QMP.
+//! - [`runtime`]: the tokio runtime async tests drive devices on.
 //! - [`chain`]: a per-unit view of a backing chain's allocation, from `qemu-img map` and from
 //!   our [`qed::Image::map`], so the two can be compared exactly.
 //!
@@ -41,6 +43,7 @@ pub mod chain;
 pub mod nbd_server;
 pub mod qemu;
 pub mod qsd;
+pub mod runtime;
 pub mod tools;
 
 /// A geometry under test and the virtual size its images get.

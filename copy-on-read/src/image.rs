@@ -29,7 +29,8 @@ where
     blocking(move || f(&image).map_err(Error::qed(&name))).await
 }
 
-/// A QED image (backing detached) over an optional backing device.
+/// A QED image over an optional backing device (the one its header names, opened by the
+/// gate).
 #[derive(Debug)]
 pub struct QedImage {
     image: Arc<Image>,

@@ -241,10 +241,6 @@ mod tests {
     use crate::storage::MemStorage;
     use crate::testing::image;
 
-    fn detached() -> OpenOptions {
-        OpenOptions::default()
-    }
-
     #[test]
     fn create_writes_what_qemu_img_writes() {
         let storage = MemStorage::new();
@@ -265,9 +261,12 @@ mod tests {
     #[test]
     fn short_files_are_truncated_or_not_qed() {
         let storage = MemStorage::from_bytes(MAGIC.to_le_bytes().to_vec());
-        let r = Image::open(Box::new(storage), detached());
+        let r = Image::open(Box::new(storage), OpenOptions::default());
         assert!(matches!(r, Err(Error::Truncated { .. })));
-        let r = Image::open(Box::new(MemStorage::from_bytes(vec![1; 10])), detached());
+        let r = Image::open(
+            Box::new(MemStorage::from_bytes(vec![1; 10])),
+            OpenOptions::default(),
+        );
         assert!(matches!(r, Err(Error::NotQed)));
     }
 
@@ -284,12 +283,16 @@ mod tests {
             Box::new(MemStorage::from_bytes(bytes.clone())),
             OpenOptions {
                 read_only: true,
-                ..detached()
+                ..OpenOptions::default()
             },
         )
         .unwrap();
         assert_eq!(ro.check(Repair::None).unwrap().leaks, 1);
-        let rw = Image::open(Box::new(MemStorage::from_bytes(bytes)), detached()).unwrap();
+        let rw = Image::open(
+            Box::new(MemStorage::from_bytes(bytes)),
+            OpenOptions::default(),
+        )
+        .unwrap();
         assert_eq!(rw.file_end(), end);
         assert_eq!(rw.header().features & F_NEED_CHECK, 0);
         let mut b = [0u8; 10];
@@ -306,7 +309,11 @@ mod tests {
         h.autoclear_features = 0x80;
         storage.write_at(&h.encode(), 0).unwrap();
         let storage = std::sync::Arc::new(storage);
-        let image = Image::open(Box::new(std::sync::Arc::clone(&storage)), detached()).unwrap();
+        let image = Image::open(
+            Box::new(std::sync::Arc::clone(&storage)),
+            OpenOptions::default(),
+        )
+        .unwrap();
         assert_eq!(image.header().autoclear_features, 0);
         let on_disk = Header::decode(&storage.to_bytes()[..64]).unwrap();
         assert_eq!(on_disk.autoclear_features, 0);

@@ -16,8 +16,8 @@
 //! The `qed` crate never opens or reads the backing: the chain below the image is opened
 //! through the [`Gate`] and read here. A guest write that covers only part of an unallocated
 //! cluster therefore fetches the rest of the cluster from the backing (asynchronously, under
-//! the lock), merges, and stores whole clusters with `populate_as_data` (as QEMU, the backing's bytes of the last cluster
-//! past the end of the virtual disk too).
+//! the lock), merges, and stores whole clusters with `populate_as_data` (as QEMU does, with
+//! the backing's bytes of the last cluster past the end of the virtual disk too).
 //!
 //! Guest misses go ahead of background work: while any guest request waits for the backing,
 //! [`CorDevice::populate_range`] does not start new copies.
@@ -136,8 +136,8 @@ async fn close_backing(b: &dyn BlockDevice) {
 
 /// One piece of a guest write, planned under the lock.
 enum WritePiece {
-    /// Into allocated or zero clusters: an ordinary write of `data[s..e]` at guest offset
-    /// `at`, where `guest` is `(at, s, e)`.
+    /// Into allocated or zero clusters: an ordinary write. `guest` is `(at, s, e)`: the
+    /// request's bytes `data[s..e]` go to guest offset `at`.
     Direct { guest: (u64, usize, usize) },
     /// Into unallocated clusters: whole clusters from `at` (backing gaps merged in around
     /// the guest's part, `guest`).

@@ -137,7 +137,7 @@ async fn close_backing(b: &dyn BlockDevice) {
 /// One piece of a guest write, planned under the lock.
 enum WritePiece {
     /// Into allocated or zero clusters: an ordinary write. `guest` is `(at, s, e)`: the
-    /// request's bytes `data[s..e]` go to guest offset `at`.
+    /// request's bytes `[s, e)` go to guest offset `at`.
     Direct { guest: (u64, usize, usize) },
     /// Into unallocated clusters: whole clusters from `at` (backing gaps merged in around
     /// the guest's part, `guest`).
@@ -148,11 +148,17 @@ enum WritePiece {
     },
 }
 
+/// True when extent `e` starts and ends on cluster boundaries (a write of it needs nothing
+/// from the backing).
+fn whole_clusters(e: &qed::Extent, cs: u64) -> bool {
+    e.offset.0 % cs == 0 && e.end().0 % cs == 0
+}
+
 /// Stores a planned guest write (blocking, under the range lock). A fill whose clusters were
 /// linked meanwhile by someone who does not take our lock (a populate straight on the
 /// image) skips them; the guest's part is then written in place, so a guest write is never
 /// lost and never overwritten by backing data.
-fn store_write(image: &Image, data: &[u8], pieces: Vec<WritePiece>) -> qed::Result<()> {
+fn store_write(image: &Image, bufs: &IoBufs, pieces: Vec<WritePiece>) -> qed::Result<()> {
     for piece in pieces {
         let (at, s, e) = match piece {
             WritePiece::Direct { guest } => guest,
@@ -165,7 +171,14 @@ fn store_write(image: &Image, data: &[u8], pieces: Vec<WritePiece>) -> qed::Resu
                 guest
             }
         };
-        image.write_at(&data[s..e], GuestOffset(at))?;
+        // The request's bytes [s, e), straight from the caller's segments.
+        for (seg_at, seg) in bufs.segments() {
+            let (lo, hi) = (s.max(seg_at), e.min(seg_at + seg.len()));
+            if lo < hi {
+                let guest = GuestOffset(at + (lo - s) as u64);
+                image.write_at(&seg[lo - seg_at..hi - seg_at], guest)?;
+            }
+        }
     }
     Ok(())
 }
@@ -429,18 +442,28 @@ impl CorDevice {
         if bufs.is_empty() {
             return Ok(bufs);
         }
-        // Fast path: no backing, or all allocated, so nothing can race with a fill: write in
-        // place from the caller's memory.
+        // Fast path: nothing to merge with the backing (no backing; or every cluster the
+        // write touches is allocated, a zero cluster, or unallocated and covered whole, with
+        // one segment so that each write covers it whole too): write in place from the
+        // caller's memory. No range lock: a populate never overwrites a linked cluster, and a
+        // cluster it links first is then written in place.
         let no_backing = self.backing().is_none();
+        let cs = self.cluster_size();
         let image = Arc::clone(&self.image);
         let name = self.name.clone();
         let (done, bufs) = blocking(move || {
-            let local = no_backing
-                || image
+            let local = no_backing || {
+                let extents = image
                     .map(GuestOffset(offset), bufs.len() as u64)
-                    .map_err(Error::qed(&name))?
-                    .iter()
-                    .all(|e| matches!(e.mapping, Mapping::Data(_)));
+                    .map_err(Error::qed(&name))?;
+                let one_segment = bufs.segments().nth(1).is_none();
+                extents.iter().all(|e| match e.mapping {
+                    Mapping::Data(_) => true,
+                    Mapping::Zero | Mapping::Unallocated => {
+                        one_segment && (e.mapping == Mapping::Zero || whole_clusters(e, cs))
+                    }
+                })
+            };
             if local {
                 for (at, seg) in bufs.segments() {
                     image
@@ -457,12 +480,7 @@ impl CorDevice {
         if done {
             return Ok(bufs);
         }
-        let data = {
-            let mut data = vec![0u8; bufs.len()];
-            bufs.copy_out(0, &mut data);
-            data
-        };
-        self.guest_write_filling(offset, data).await?;
+        let bufs = self.guest_write_filling(offset, bufs).await?;
         if flags.fua {
             on_image(&self.image, &self.name, |i| i.flush()).await?;
         }
@@ -477,51 +495,65 @@ impl CorDevice {
 
     /// A write that touches unallocated clusters, under the range lock: partial clusters are
     /// filled from the backing and stored whole.
-    async fn guest_write_filling(&self, offset: u64, data: Vec<u8>) -> Result<()> {
+    async fn guest_write_filling(&self, offset: u64, bufs: IoBufs) -> Result<IoBufs> {
         let _urgent = self.urgent();
-        let end = offset + data.len() as u64;
+        let end = offset + bufs.len() as u64;
         let guard = self.lock(offset, end).await;
-        let pieces = self.plan_write(offset, &data).await?;
+        let pieces = self.plan_write(offset, &bufs).await?;
         let image = Arc::clone(&self.image);
         let name = self.name.clone();
         blocking(move || {
             let _guard = guard;
-            store_write(&image, &data, pieces).map_err(Error::qed(&name))
+            store_write(&image, &bufs, pieces).map_err(Error::qed(&name))?;
+            Ok(bufs)
         })
         .await
     }
 
-    /// Under the range lock: splits the write of `data` at `offset` into writes in place and
+    /// Under the range lock: splits the write of `bufs` at `offset` into writes in place and
     /// whole-cluster fills, with the backing's bytes fetched around the guest's.
-    async fn plan_write(&self, offset: u64, data: &[u8]) -> Result<Vec<WritePiece>> {
+    async fn plan_write(&self, offset: u64, bufs: &IoBufs) -> Result<Vec<WritePiece>> {
         let backing = self.backing();
-        let extents = self.local_map(offset, data.len() as u64).await?;
+        let extents = self.local_map(offset, bufs.len() as u64).await?;
         let mut pieces = Vec::new();
         for e in extents {
             let (e_start, e_end) = (e.offset.0, e.end().0);
             let s = (e_start - offset) as usize;
-            let guest = (e_start, s, s + e.length as usize);
             if e.mapping != Mapping::Unallocated {
-                pieces.push(WritePiece::Direct { guest });
+                pieces.push(WritePiece::Direct {
+                    guest: (e_start, s, s + e.length as usize),
+                });
                 continue;
             }
-            // Whole clusters, the last one past the disk's end too: QEMU stores the
-            // backing's bytes there, and so do we.
+            // Whole clusters are written as they are; a cluster covered in part is merged
+            // with the backing's bytes around the guest's (past the disk's end too, as QEMU
+            // stores them).
             let cs = self.cluster_size();
-            let (ws, we) = (e_start / cs * cs, e_end.div_ceil(cs) * cs);
-            let mut merged = Vec::with_capacity((we - ws) as usize);
-            if ws < e_start {
-                merged.extend(fetch(backing.as_ref(), ws, (e_start - ws) as usize).await?);
+            let mut pos = e_start;
+            while pos < e_end {
+                let (c0, c1) = (pos / cs * cs, pos / cs * cs + cs);
+                let at = (pos - offset) as usize;
+                if pos == c0 && e_end >= c1 {
+                    let whole_end = e_end / cs * cs;
+                    let guest = (pos, at, (whole_end - offset) as usize);
+                    pieces.push(WritePiece::Direct { guest });
+                    pos = whole_end;
+                    continue;
+                }
+                let part_end = e_end.min(c1);
+                let guest = (pos, at, (part_end - offset) as usize);
+                let mut merged = fetch(backing.as_ref(), c0, (pos - c0) as usize).await?;
+                let head = merged.len();
+                merged.resize(head + guest.2 - guest.1, 0);
+                bufs.copy_out(guest.1, &mut merged[head..]);
+                merged.extend(fetch(backing.as_ref(), part_end, (c1 - part_end) as usize).await?);
+                pieces.push(WritePiece::Fill {
+                    at: c0,
+                    merged,
+                    guest,
+                });
+                pos = part_end;
             }
-            merged.extend_from_slice(&data[guest.1..guest.2]);
-            if e_end < we {
-                merged.extend(fetch(backing.as_ref(), e_end, (we - e_end) as usize).await?);
-            }
-            pieces.push(WritePiece::Fill {
-                at: ws,
-                merged,
-                guest,
-            });
         }
         Ok(pieces)
     }

@@ -20,7 +20,7 @@ fn lookups(c: &mut Criterion) {
     // Allocate every other 64 KiB cluster of the first 256 MiB: a fragmented map.
     let data = vec![0x5au8; 65536];
     for i in (0..(256 * MIB / 65536)).step_by(2) {
-        image.write_at(&data, i * 65536).unwrap();
+        image.write_at(&data, qed::GuestOffset(i * 65536)).unwrap();
     }
     let mut group = c.benchmark_group("lookup");
     group.bench_function("mapping_at (cached L2)", |b| {
@@ -54,7 +54,7 @@ fn writes(c: &mut Criterion) {
             },
             |(dir, image)| {
                 for i in 0..total / MIB {
-                    image.write_at(&payload, i * MIB).unwrap();
+                    image.write_at(&payload, qed::GuestOffset(i * MIB)).unwrap();
                 }
                 image.close().unwrap();
                 drop(dir);
@@ -65,7 +65,7 @@ fn writes(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let image = new_image(dir.path(), 1 << 30);
     for i in 0..total / MIB {
-        image.write_at(&payload, i * MIB).unwrap();
+        image.write_at(&payload, qed::GuestOffset(i * MIB)).unwrap();
     }
     group.throughput(Throughput::Bytes(4096 * 1024));
     group.bench_function("random 4 KiB in place, 1024 writes", |b| {
@@ -73,7 +73,9 @@ fn writes(c: &mut Criterion) {
         b.iter(|| {
             for _ in 0..1024 {
                 let off = (rng.next_u64() % total) & !4095;
-                image.write_at(&payload[..4096], off).unwrap();
+                image
+                    .write_at(&payload[..4096], qed::GuestOffset(off))
+                    .unwrap();
             }
         })
     });
@@ -87,7 +89,9 @@ fn writes(c: &mut Criterion) {
             |(dir, image, mut rng)| {
                 for _ in 0..1024 {
                     let off = (rng.next_u64() % (1 << 30)) & !4095;
-                    image.write_at(&payload[..4096], off).unwrap();
+                    image
+                        .write_at(&payload[..4096], qed::GuestOffset(off))
+                        .unwrap();
                 }
                 image.close().unwrap();
                 drop(dir);

@@ -13,11 +13,11 @@
 //! half-written cluster. The lock guard moves into the blocking task that does the image I/O,
 //! so a dropped (cancelled) request keeps its clusters locked until its I/O has really ended.
 //!
-//! The image is opened with `BackingPolicy::Detached`: the `qed` crate never reads the backing
-//! itself. A guest write that covers only part of an unallocated cluster therefore fetches the
-//! rest of the cluster from the backing (asynchronously, under the lock), merges, and stores
-//! whole clusters with `populate`. The one difference from QEMU: the bytes of the last cluster
-//! that lie past the end of the virtual disk are stored as zeros, not backing bytes.
+//! The `qed` crate never opens or reads the backing: the chain below the image is opened
+//! through the [`Gate`] and read here. A guest write that covers only part of an unallocated
+//! cluster therefore fetches the rest of the cluster from the backing (asynchronously, under
+//! the lock), merges, and stores whole clusters with `populate_as_data` (as QEMU does, with
+//! the backing's bytes of the last cluster past the end of the virtual disk too).
 //!
 //! Guest misses go ahead of background work: while any guest request waits for the backing,
 //! [`CorDevice::populate_range`] does not start new copies.
@@ -31,7 +31,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use tokio::sync::Notify;
 
-use qed::{BackingPolicy, GuestCluster, GuestOffset, Image, Mapping, OpenOptions};
+use qed::{GuestCluster, GuestOffset, Image, Mapping, OpenOptions};
 
 pub use crate::device::PopulateStats;
 use crate::device::{
@@ -71,6 +71,9 @@ pub struct CorStats {
     pub cor_bytes: u64,
     /// Guest reads that missed (needed the backing).
     pub misses: u64,
+    /// Copy-ins that could not be stored (a full disk, an I/O error): the read was served
+    /// from the backing all the same, and the clusters stay unallocated.
+    pub cor_failures: u64,
 }
 
 /// A QED image over its backing chain, with copy-on-read. See the module documentation.
@@ -86,6 +89,7 @@ pub struct CorDevice {
     urgent_done: Arc<Notify>,
     cor_bytes: AtomicU64,
     misses: AtomicU64,
+    cor_failures: AtomicU64,
     closed: Closed,
 }
 
@@ -132,10 +136,51 @@ async fn close_backing(b: &dyn BlockDevice) {
 
 /// One piece of a guest write, planned under the lock.
 enum WritePiece {
-    /// Into allocated or zero clusters: an ordinary write of `data[s..e]` at `at`.
-    Direct { at: u64, s: usize, e: usize },
-    /// Into unallocated clusters: whole clusters from `at` (backing gaps merged in).
-    Fill { at: u64, merged: Vec<u8> },
+    /// Into allocated or zero clusters: an ordinary write. `guest` is `(at, s, e)`: the
+    /// request's bytes `[s, e)` go to guest offset `at`.
+    Direct { guest: (u64, usize, usize) },
+    /// Into unallocated clusters: whole clusters from `at` (backing gaps merged in around
+    /// the guest's part, `guest`).
+    Fill {
+        at: u64,
+        merged: Vec<u8>,
+        guest: (u64, usize, usize),
+    },
+}
+
+/// True when extent `e` starts and ends on cluster boundaries (a write of it needs nothing
+/// from the backing).
+fn whole_clusters(e: &qed::Extent, cs: u64) -> bool {
+    e.offset.0 % cs == 0 && e.end().0 % cs == 0
+}
+
+/// Stores a planned guest write (blocking, under the range lock). A fill whose clusters were
+/// linked meanwhile by someone who does not take our lock (a populate straight on the
+/// image) skips them; the guest's part is then written in place, so a guest write is never
+/// lost and never overwritten by backing data.
+fn store_write(image: &Image, bufs: &IoBufs, pieces: Vec<WritePiece>) -> qed::Result<()> {
+    for piece in pieces {
+        let (at, s, e) = match piece {
+            WritePiece::Direct { guest } => guest,
+            WritePiece::Fill { at, merged, guest } => {
+                // Stored as data, all-zero clusters too, as QEMU leaves a guest write that
+                // covers part of an unallocated cluster.
+                if image.populate_as_data(GuestOffset(at), &merged)?.skipped == 0 {
+                    continue;
+                }
+                guest
+            }
+        };
+        // The request's bytes [s, e), straight from the caller's segments.
+        for (seg_at, seg) in bufs.segments() {
+            let (lo, hi) = (s.max(seg_at), e.min(seg_at + seg.len()));
+            if lo < hi {
+                let guest = GuestOffset(at + (lo - s) as u64);
+                image.write_at(&seg[lo - seg_at..hi - seg_at], guest)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl CorDevice {
@@ -170,7 +215,6 @@ impl CorDevice {
                 read_only,
                 force_share,
                 path: Some(p.clone()),
-                backing: BackingPolicy::Detached,
                 ..OpenOptions::default()
             };
             Image::open(Box::new(file), o).map_err(Error::qed(&p.display().to_string()))
@@ -183,8 +227,8 @@ impl CorDevice {
         Ok(dev)
     }
 
-    /// Stacks an image opened with `BackingPolicy::Detached` on `backing` (the device its
-    /// header names; `None` when it names none).
+    /// Stacks an image on `backing` (the device its header names, opened through the
+    /// [`Gate`]; `None` when it names none).
     pub fn new(image: Image, name: String, backing: Option<Arc<dyn BlockDevice>>) -> CorDevice {
         let cor = !image.is_read_only();
         CorDevice {
@@ -198,6 +242,7 @@ impl CorDevice {
             urgent_done: Arc::new(Notify::new()),
             cor_bytes: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            cor_failures: AtomicU64::new(0),
             closed: Closed::default(),
         }
     }
@@ -243,6 +288,7 @@ impl CorDevice {
         CorStats {
             cor_bytes: self.cor_bytes.load(Ordering::Relaxed),
             misses: self.misses.load(Ordering::Relaxed),
+            cor_failures: self.cor_failures.load(Ordering::Relaxed),
         }
     }
 
@@ -372,7 +418,7 @@ impl CorDevice {
         blocking(move || {
             let _guard = guard;
             image.flush().map_err(Error::qed(&name))?;
-            image.set_backing(None, None).map_err(Error::qed(&name))?;
+            image.set_backing(None).map_err(Error::qed(&name))?;
             image.flush().map_err(Error::qed(&name))
         })
         .await?;
@@ -396,22 +442,32 @@ impl CorDevice {
         if bufs.is_empty() {
             return Ok(bufs);
         }
-        // Fast path: no backing, or all allocated, so nothing can race with a fill: write in
-        // place from the caller's memory.
+        // Fast path: nothing to merge with the backing (no backing; or every cluster the
+        // write touches is allocated, a zero cluster, or unallocated and covered whole, with
+        // one segment so that each write covers it whole too): write in place from the
+        // caller's memory. No range lock: a populate never overwrites a linked cluster, and a
+        // cluster it links first is then written in place.
         let no_backing = self.backing().is_none();
+        let cs = self.cluster_size();
         let image = Arc::clone(&self.image);
         let name = self.name.clone();
         let (done, bufs) = blocking(move || {
-            let local = no_backing
-                || image
+            let local = no_backing || {
+                let extents = image
                     .map(GuestOffset(offset), bufs.len() as u64)
-                    .map_err(Error::qed(&name))?
-                    .iter()
-                    .all(|e| matches!(e.mapping, Mapping::Data(_)));
+                    .map_err(Error::qed(&name))?;
+                let one_segment = bufs.segments().nth(1).is_none();
+                extents.iter().all(|e| match e.mapping {
+                    Mapping::Data(_) => true,
+                    Mapping::Zero | Mapping::Unallocated => {
+                        one_segment && (e.mapping == Mapping::Zero || whole_clusters(e, cs))
+                    }
+                })
+            };
             if local {
                 for (at, seg) in bufs.segments() {
                     image
-                        .write_at(seg, offset + at as u64)
+                        .write_at(seg, GuestOffset(offset + at as u64))
                         .map_err(Error::qed(&name))?;
                 }
                 if flags.fua {
@@ -424,12 +480,7 @@ impl CorDevice {
         if done {
             return Ok(bufs);
         }
-        let data = {
-            let mut data = vec![0u8; bufs.len()];
-            bufs.copy_out(0, &mut data);
-            data
-        };
-        self.guest_write_filling(offset, data).await?;
+        let bufs = self.guest_write_filling(offset, bufs).await?;
         if flags.fua {
             on_image(&self.image, &self.name, |i| i.flush()).await?;
         }
@@ -444,61 +495,67 @@ impl CorDevice {
 
     /// A write that touches unallocated clusters, under the range lock: partial clusters are
     /// filled from the backing and stored whole.
-    async fn guest_write_filling(&self, offset: u64, data: Vec<u8>) -> Result<()> {
+    async fn guest_write_filling(&self, offset: u64, bufs: IoBufs) -> Result<IoBufs> {
         let _urgent = self.urgent();
-        let end = offset + data.len() as u64;
+        let end = offset + bufs.len() as u64;
         let guard = self.lock(offset, end).await;
+        let pieces = self.plan_write(offset, &bufs).await?;
+        let image = Arc::clone(&self.image);
+        let name = self.name.clone();
+        blocking(move || {
+            let _guard = guard;
+            store_write(&image, &bufs, pieces).map_err(Error::qed(&name))?;
+            Ok(bufs)
+        })
+        .await
+    }
+
+    /// Under the range lock: splits the write of `bufs` at `offset` into writes in place and
+    /// whole-cluster fills, with the backing's bytes fetched around the guest's.
+    async fn plan_write(&self, offset: u64, bufs: &IoBufs) -> Result<Vec<WritePiece>> {
         let backing = self.backing();
-        let extents = self.local_map(offset, data.len() as u64).await?;
+        let extents = self.local_map(offset, bufs.len() as u64).await?;
         let mut pieces = Vec::new();
         for e in extents {
             let (e_start, e_end) = (e.offset.0, e.end().0);
             let s = (e_start - offset) as usize;
             if e.mapping != Mapping::Unallocated {
                 pieces.push(WritePiece::Direct {
-                    at: e_start,
-                    s,
-                    e: s + e.length as usize,
+                    guest: (e_start, s, s + e.length as usize),
                 });
                 continue;
             }
-            let (ws, we) = self.widen(e_start, e_end);
-            let mut merged = Vec::with_capacity((we - ws) as usize);
-            if ws < e_start {
-                merged.extend(fetch(backing.as_ref(), ws, (e_start - ws) as usize).await?);
-            }
-            merged.extend_from_slice(&data[s..s + e.length as usize]);
-            if e_end < we {
-                merged.extend(fetch(backing.as_ref(), e_end, (we - e_end) as usize).await?);
-            }
-            pieces.push(WritePiece::Fill { at: ws, merged });
-        }
-        let image = Arc::clone(&self.image);
-        let name = self.name.clone();
-        blocking(move || {
-            let _guard = guard;
-            for p in pieces {
-                match p {
-                    WritePiece::Direct { at, s, e } => {
-                        image.write_at(&data[s..e], at).map_err(Error::qed(&name))?
-                    }
-                    WritePiece::Fill { at, merged } => {
-                        let o = image
-                            .populate(GuestOffset(at), &merged, true)
-                            .map_err(Error::qed(&name))?;
-                        if o.skipped != 0 {
-                            // Cannot happen: the clusters were unallocated under our lock.
-                            tracing::error!(
-                                at,
-                                "guest write raced an allocation it holds the lock for"
-                            );
-                        }
-                    }
+            // Whole clusters are written as they are; a cluster covered in part is merged
+            // with the backing's bytes around the guest's (past the disk's end too, as QEMU
+            // stores them).
+            let cs = self.cluster_size();
+            let mut pos = e_start;
+            while pos < e_end {
+                let (c0, c1) = (pos / cs * cs, pos / cs * cs + cs);
+                let at = (pos - offset) as usize;
+                if pos == c0 && e_end >= c1 {
+                    let whole_end = e_end / cs * cs;
+                    let guest = (pos, at, (whole_end - offset) as usize);
+                    pieces.push(WritePiece::Direct { guest });
+                    pos = whole_end;
+                    continue;
                 }
+                let part_end = e_end.min(c1);
+                let guest = (pos, at, (part_end - offset) as usize);
+                let mut merged = fetch(backing.as_ref(), c0, (pos - c0) as usize).await?;
+                let head = merged.len();
+                merged.resize(head + guest.2 - guest.1, 0);
+                bufs.copy_out(guest.1, &mut merged[head..]);
+                merged.extend(fetch(backing.as_ref(), part_end, (c1 - part_end) as usize).await?);
+                pieces.push(WritePiece::Fill {
+                    at: c0,
+                    merged,
+                    guest,
+                });
+                pos = part_end;
             }
-            Ok(())
-        })
-        .await
+        }
+        Ok(pieces)
     }
 
     /// A guest read: local data straight into the caller's segments; what the image lacks is
@@ -555,6 +612,17 @@ impl CorDevice {
             wide[s..s + l as usize].copy_from_slice(&data);
             fills.push((at, data));
         }
+        self.store_copy_in(fills, guard).await;
+        let s = (offset - lo) as usize;
+        bufs.copy_in(0, &wide[s..s + len as usize]);
+        Ok(bufs)
+    }
+
+    /// Stores what a guest read fetched (whole clusters, under its range lock). A failure to
+    /// store (a full disk) does not fail the read, which already holds the right bytes: it is
+    /// counted ([`CorStats::cor_failures`]) and logged, and the clusters stay unallocated
+    /// (the image's crash-safe order links nothing whose data was not written).
+    async fn store_copy_in(&self, fills: Vec<(u64, Vec<u8>)>, guard: RangeGuard) {
         let image = Arc::clone(&self.image);
         let name = self.name.clone();
         let stored = blocking(move || {
@@ -568,11 +636,20 @@ impl CorDevice {
             }
             Ok(n)
         })
-        .await?;
-        self.cor_bytes.fetch_add(stored, Ordering::Relaxed);
-        let s = (offset - lo) as usize;
-        bufs.copy_in(0, &wide[s..s + len as usize]);
-        Ok(bufs)
+        .await;
+        match stored {
+            Ok(n) => {
+                self.cor_bytes.fetch_add(n, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.cor_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    image = %self.name,
+                    error = %e,
+                    "copy-on-read could not store what a guest read fetched; the read is served"
+                );
+            }
+        }
     }
 
     async fn guest_write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
@@ -609,7 +686,9 @@ impl CorDevice {
             let name = self.name.clone();
             blocking(move || {
                 let _guard = guard;
-                image.write_zeroes(pos, step).map_err(Error::qed(&name))
+                image
+                    .write_zeroes(GuestOffset(pos), step)
+                    .map_err(Error::qed(&name))
             })
             .await?;
             pos += step;

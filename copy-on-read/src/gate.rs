@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use qed::backing::{is_protocol_name, probe_format};
-use qed::{BackingFormat, BackingPolicy, Image, OpenOptions};
+use qed::{BackingFormat, Image, OpenOptions};
 
 use crate::device::BlockDevice;
 use crate::error::{blocking, Error, GateRefusal, Result};
@@ -66,7 +66,7 @@ pub enum OpenedLayer {
         /// The path it resolved to.
         path: PathBuf,
     },
-    /// A QED image, opened read-only with its backing detached.
+    /// A QED image, opened read-only (its backing is the next layer).
     Qed {
         /// The image.
         image: Box<Image>,
@@ -172,7 +172,6 @@ impl Gate {
                         read_only: true,
                         force_share,
                         path: Some(path.clone()),
-                        backing: BackingPolicy::Detached,
                         ..OpenOptions::default()
                     };
                     let image = Image::open(Box::new(admitted.file), options)

@@ -3,9 +3,9 @@
 //! chain is a [`crate::CorDevice`].
 //!
 //! The `qed` crate is synchronous: mapping lookups, local reads and writes run on tokio's
-//! blocking pool (`spawn_blocking`). The image is opened with `BackingPolicy::Detached`, and
-//! reads of unallocated ranges go to the backing device asynchronously, so an NBD backing
-//! never blocks a thread.
+//! blocking pool (`spawn_blocking`). The image never opens or reads its backing: reads of
+//! unallocated ranges go to the backing device asynchronously, so an NBD backing never blocks
+//! a thread.
 
 use std::sync::Arc;
 
@@ -29,7 +29,8 @@ where
     blocking(move || f(&image).map_err(Error::qed(&name))).await
 }
 
-/// A QED image (backing detached) over an optional backing device.
+/// A QED image over an optional backing device (the one its header names, opened by the
+/// gate).
 #[derive(Debug)]
 pub struct QedImage {
     image: Arc<Image>,
@@ -89,7 +90,7 @@ pub(crate) fn read_local(
 }
 
 impl QedImage {
-    /// Wraps an image opened with `BackingPolicy::Detached` and the device its header names
+    /// Wraps an image and the device its header names (opened through the gate)
     /// (or `None` when it has no backing).
     pub fn new(image: Image, name: String, backing: Option<Arc<dyn BlockDevice>>) -> QedImage {
         QedImage {
@@ -232,7 +233,7 @@ impl BlockDevice for QedImage {
             }
             on_image(&self.image, &self.name, move |i| {
                 for (at, seg) in bufs.segments() {
-                    i.write_at(seg, offset + at as u64)?;
+                    i.write_at(seg, GuestOffset(offset + at as u64))?;
                 }
                 if flags.fua {
                     i.flush()?;
@@ -252,7 +253,7 @@ impl BlockDevice for QedImage {
                 ));
             }
             on_image(&self.image, &self.name, move |i| {
-                i.write_zeroes(offset, length)
+                i.write_zeroes(GuestOffset(offset), length)
             })
             .await
         })

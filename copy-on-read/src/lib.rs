@@ -45,6 +45,10 @@
 //! # let _ = data; Ok(()) }
 //! ```
 //!
+//! Synchronous callers (tests, benches, tools) drive the same devices through
+//! [`SyncDevice`], a device and a small runtime of its own: the copy-on-read policy exists
+//! once, here, async.
+//!
 //! Close devices with [`BlockDevice::close`]: there is no async drop.
 
 pub mod buf;
@@ -56,6 +60,7 @@ pub mod image;
 pub mod lock;
 pub mod nbd;
 pub mod raw;
+pub mod sync;
 
 pub use buf::{IoBuf, IoBufs};
 pub use cor::{CorDevice, CorOptions, CorStats, PopulateStats};
@@ -69,3 +74,4 @@ pub use image::QedImage;
 pub use lock::{RangeGuard, RangeLock};
 pub use nbd::NbdExport;
 pub use raw::RawFile;
+pub use sync::SyncDevice;

@@ -3,6 +3,7 @@
 //! store whole clusters (zero clusters for zeros), and guest writes into unallocated clusters
 //! keep the backing data around them.
 
+use qedstream_tests::runtime::two_workers;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -11,14 +12,6 @@ use qed::Mapping;
 use qedstream_tests::tools::{
     chain_fixture, create_overlay, flatten, ok, qemu_check, qemu_io, raw_fixture,
 };
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 /// Recipe A with `cmds` applied by QEMU to a copy of `top.qed`: the flattened content the
 /// same writes through our device must give.
@@ -46,7 +39,7 @@ fn reads_equal_qemu_convert_and_store_whole_clusters() {
     let dir = d.path();
     raw_fixture(dir);
     let expect = flatten(dir, "top.qed", "qed");
-    rt().block_on(async {
+    two_workers().block_on(async {
         let dev = CorDevice::open(&dir.join("top.qed"), CorOptions::default())
             .await
             .unwrap();
@@ -98,7 +91,7 @@ fn partial_writes_into_unallocated_clusters_keep_the_backing_around_them() {
             "write -P 0x5d 3200000 70000",
         ],
     );
-    rt().block_on(async {
+    two_workers().block_on(async {
         // Writes only: nothing else may allocate.
         let dev = open_without_cor(dir).await;
         dev.write_at(70_000, vec![0x5a; 100]).await.unwrap();
@@ -118,7 +111,7 @@ fn write_zeroes_and_copy_on_read_off() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     let expect = oracle_after(dir, &["write -z 60000 200000", "write -z 6M 64k"]);
-    rt().block_on(async {
+    two_workers().block_on(async {
         let dev = open_without_cor(dir).await;
         let before = dev.local_map(0, dev.size()).await.unwrap();
         let _ = dev.read_at(1 << 20, vec![0u8; 1 << 20]).await.unwrap();
@@ -155,7 +148,7 @@ fn a_three_deep_chain_reads_like_qemu() {
         &["write -P 0x02 1M 1M", "write -z 3M 128k"],
     );
     let expect = flatten(dir, "top.qed", "qed");
-    rt().block_on(async {
+    two_workers().block_on(async {
         let dev = CorDevice::open(&dir.join("top.qed"), CorOptions::default())
             .await
             .unwrap();
@@ -193,7 +186,7 @@ fn the_gate_refuses_loops_probing_escapes_and_depth() {
             "create", "-u", "-f", "qed", "-b", "b.qed", "-F", "qed", "top.qed", "1M",
         ],
     );
-    let rt = rt();
+    let rt = two_workers();
     let open = |name: &str, gate: Gate| {
         let p = dir.join(name);
         rt.block_on(async move {

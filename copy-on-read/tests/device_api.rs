@@ -3,6 +3,7 @@
 //! capability is refused rather than faked, the link state of an NBD backing reaches through
 //! every layer, and every request after `close` fails with a typed error.
 
+use qedstream_tests::runtime::two_workers;
 use std::sync::Arc;
 
 use copy_on_read::{
@@ -12,21 +13,13 @@ use copy_on_read::{
 use qedstream_tests::nbd_server::NbdServer;
 use qedstream_tests::tools::{ok, qemu_check, qemu_io, raw_fixture};
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn vectored_reads_fill_the_callers_segments() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     raw_fixture(dir);
     let expect = qedstream_tests::tools::flatten(dir, "top.qed", "qed");
-    rt().block_on(async {
+    two_workers().block_on(async {
         let dev = CorDevice::open(&dir.join("top.qed"), CorOptions::default())
             .await
             .unwrap();
@@ -82,7 +75,7 @@ fn vectored_fua_writes_land_and_qemu_agrees() {
         "oracle.qed",
         &["write -P 0x41 100000 3000", "write -P 0x42 103000 70000"],
     );
-    rt().block_on(async {
+    two_workers().block_on(async {
         let dev = CorDevice::open(&dir.join("top.qed"), CorOptions::default())
             .await
             .unwrap();
@@ -105,7 +98,7 @@ fn requests_after_close_fail_with_a_typed_error() {
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
     raw_fixture(dir);
-    rt().block_on(async {
+    two_workers().block_on(async {
         let cor = CorDevice::open(&dir.join("top.qed"), CorOptions::default())
             .await
             .unwrap();
@@ -155,7 +148,7 @@ fn missing_capabilities_are_refused_not_faked() {
         ],
         &sock,
     );
-    rt().block_on(async {
+    two_workers().block_on(async {
         let cor = CorDevice::open(&dir.join("top.qed"), CorOptions::default())
             .await
             .unwrap();
@@ -210,7 +203,7 @@ fn the_link_state_of_an_nbd_backing_reaches_through_every_layer() {
         ],
     );
     ok(dir, "qemu-img", &["create", "-f", "qed", "local.qed", "4M"]);
-    rt().block_on(async {
+    two_workers().block_on(async {
         let local = CorDevice::open(&dir.join("local.qed"), CorOptions::default())
             .await
             .unwrap();
@@ -279,7 +272,7 @@ fn a_read_waiting_on_a_dead_server_completes_from_the_repointed_one() {
             "top.qed",
         ],
     );
-    rt().block_on(async {
+    two_workers().block_on(async {
         let cor = Arc::new(
             CorDevice::open(&dir.join("top.qed"), CorOptions::default())
                 .await

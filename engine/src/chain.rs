@@ -3,8 +3,8 @@
 //!
 //! Every layer below the top is opened by the one chain opener, [`Gate::open_chain`]: each
 //! file admitted by the shared rules (opened once, confinement on the opened file, loops by
-//! identity, depth bound, probe policy). Each QED layer is opened with its backing detached:
-//! the chain, not the image, decides where unallocated ranges come from.
+//! identity, depth bound, probe policy). A QED layer never opens its own backing: the chain,
+//! not the image, decides where unallocated ranges come from.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -15,14 +15,14 @@ use serde_json::{json, Map, Value};
 use copy_on_read::gate::OpenedLayer;
 use copy_on_read::{BlockDevice, Gate, NbdExport, RawFile};
 use qed::backing::probe_storage;
-use qed::{BackingFormat, BackingPolicy, Image, Mapping, OpenOptions, Storage};
+use qed::{BackingFormat, Image, Mapping, OpenOptions, Storage};
 
 use crate::error::{Error, Result};
 
 /// One layer of a chain.
 #[derive(Debug)]
 pub enum Layer {
-    /// A QED image (its own backing detached).
+    /// A QED image (its backing is the next layer, opened by the gate).
     Qed(Box<Image>),
     /// An NBD export (read as raw), driven by the chain's runtime.
     Nbd(Box<NbdExport>),
@@ -174,7 +174,6 @@ fn open_top_layer(
             read_only: true,
             force_share: access == qed::Access::SharedRead,
             path: Some(path.to_path_buf()),
-            backing: BackingPolicy::Detached,
             ..OpenOptions::default()
         };
         Layer::Qed(Box::new(

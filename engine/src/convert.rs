@@ -59,7 +59,9 @@ impl Sink {
         match self {
             Sink::Raw(f) => Storage::write_at(f, buf, at)
                 .map_err(Error::io(format!("writing {}", dst.display()))),
-            Sink::Qed(image) => image.write_at(buf, at).map_err(|e| Error::image(dst, e)),
+            Sink::Qed(image) => image
+                .write_at(buf, qed::GuestOffset(at))
+                .map_err(|e| Error::image(dst, e)),
         }
     }
 }

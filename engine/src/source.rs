@@ -2,12 +2,14 @@
 //! NBD), a raw file, or an NBD export named by a URI (`nbd://`, `nbd+unix://`, `json:`).
 //!
 //! A source is a `copy_on_read` block device (opened read-only, copy-on-read off) driven from
-//! synchronous code through a small tokio runtime of its own.
+//! synchronous code through a [`SyncDevice`] on a small tokio runtime of its own.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use copy_on_read::{BlockDevice, CorDevice, CorOptions, Gate, NbdExport, RawFile, Status};
+use copy_on_read::{
+    BlockDevice, CorDevice, CorOptions, Gate, NbdExport, RawFile, Status, SyncDevice,
+};
 use qed::backing::{is_protocol_name, probe_storage};
 
 use crate::error::{Error, Result};
@@ -26,8 +28,7 @@ pub enum SourceKind {
 /// A readable virtual disk.
 #[derive(Debug)]
 pub struct Source {
-    runtime: tokio::runtime::Runtime,
-    device: Arc<dyn BlockDevice>,
+    disk: SyncDevice,
     kind: SourceKind,
     name: PathBuf,
     size: u64,
@@ -112,8 +113,7 @@ impl Source {
         };
         let size = device.size();
         Ok(Source {
-            runtime,
-            device,
+            disk: SyncDevice::with_runtime(runtime, device),
             kind,
             name: name.to_path_buf(),
             size,
@@ -138,34 +138,29 @@ impl Source {
 
     /// The runtime the device's I/O runs on.
     pub fn runtime(&self) -> &tokio::runtime::Runtime {
-        &self.runtime
+        self.disk.runtime()
     }
 
     /// The local files the source reads (its own and its backing chain's).
     pub fn files(&self) -> Vec<qed::FileId> {
-        self.device.files()
+        self.disk.files()
     }
 
     /// The device underneath.
     pub fn device(&self) -> &Arc<dyn BlockDevice> {
-        &self.device
+        self.disk.device()
     }
 
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let data = self
-            .runtime
-            .block_on(self.device.read_at(offset, vec![0u8; buf.len()]))
-            .map_err(Error::device)?;
-        buf.copy_from_slice(&data);
-        Ok(())
+        self.disk.read_at(buf, offset).map_err(Error::device)
     }
 
     /// The next offset at or after `offset` that may hold non-zero data, from the device's
     /// block status (`None`: unknown). Asks for everything up to the end; the device answers
     /// for as much as it can at once.
     pub fn next_data(&self, offset: u64) -> Option<u64> {
-        self.runtime.block_on(self.next_data_async(offset))
+        self.disk.block_on(self.next_data_async(offset))
     }
 
     /// [`Source::next_data`] for async callers (on this source's runtime).
@@ -180,7 +175,7 @@ impl Source {
         };
         if !covered {
             let window = self.size - offset;
-            let extents = self.device.block_status(offset, window).await.ok()?;
+            let extents = self.disk.block_status(offset, window).await.ok()?;
             *self.status.lock() = extents;
         }
         let cache = self.status.lock();
@@ -197,9 +192,6 @@ impl Source {
 
     /// Closes the device (and its NBD connections).
     pub fn close(self) -> Result<()> {
-        let r = self.runtime.block_on(self.device.close());
-        self.runtime
-            .shutdown_timeout(std::time::Duration::from_secs(1));
-        r.map_err(Error::device)
+        self.disk.close().map_err(Error::device)
     }
 }

@@ -1,6 +1,7 @@
 //! The `qedstream` command against `qemu-img` and `qemu-io` as the oracle: the same map, the
 //! same info keys, the same check verdicts, identical fresh images, and data that round-trips.
 
+use qedstream_tests::tools::command_in;
 use std::path::Path;
 use std::process::Command;
 
@@ -11,20 +12,12 @@ use qedstream_tests::tools::{
 };
 use serde_json::Value;
 
-fn qedstream() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_qedstream"))
-}
-
 fn qemu_img(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new("qemu-img");
-    c.current_dir(dir).args(args);
-    c
+    command_in("qemu-img", dir, args)
 }
 
 fn ours(dir: &Path, args: &[&str]) -> Command {
-    let mut c = qedstream();
-    c.current_dir(dir).args(args);
-    c
+    command_in(env!("CARGO_BIN_EXE_qedstream"), dir, args)
 }
 
 /// A raw base with data and holes, a QED image over it with data, partial writes and a zero

@@ -4,6 +4,7 @@
 //! interleavings. Both run in memory (a `MemStorage` image over an in-memory backing with
 //! random delays), so they explore many schedules quickly.
 
+use qedstream_tests::runtime::two_workers;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use copy_on_read::{
 };
 use engine::stream::{step, StreamJob, StreamOptions};
 use proptest::prelude::*;
-use qed::{BackingFormat, BackingPolicy, CreateOptions, Image, MemStorage, OpenOptions, Repair};
+use qed::{BackingFormat, CreateOptions, Image, MemStorage, OpenOptions, Repair};
 
 /// A read-only in-memory backing whose reads take a random little while.
 #[derive(Debug)]
@@ -125,7 +126,6 @@ fn device(backing: Vec<u8>, size: u64, delay: bool) -> Arc<CorDevice> {
     let image = Image::open(
         Box::new(storage),
         OpenOptions {
-            backing: BackingPolicy::Detached,
             ..OpenOptions::default()
         },
     )
@@ -143,15 +143,6 @@ fn rng(seed: &mut u64) -> u64 {
     *seed ^= *seed >> 7;
     *seed ^= *seed << 17;
     *seed
-}
-
-/// A two-worker multi-threaded runtime.
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 #[test]
@@ -319,7 +310,7 @@ proptest! {
     /// always matches the model, and a final stream leaves the same content, unlinked.
     #[test]
     fn interleavings_of_guest_io_copy_on_read_and_stream_steps(ops in proptest::collection::vec(op(), 1..24)) {
-        let rt = rt();
+        let rt = two_workers();
         let backing = backing_bytes(PSIZE as usize - 8192, 3); // shorter than the image
         let mut model = backing.clone();
         model.resize(PSIZE as usize, 0);

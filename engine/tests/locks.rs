@@ -4,6 +4,7 @@
 //! takes readers but no writer or resizer. Each holder's locks are seen in `/proc/locks` before
 //! the other side tries.
 
+use qedstream_tests::tools::command_in;
 use std::collections::BTreeSet;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -118,15 +119,11 @@ fn lock_bytes(path: &Path) -> BTreeSet<i64> {
 }
 
 fn ours(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_qedstream"));
-    c.current_dir(dir).args(args);
-    c
+    command_in(env!("CARGO_BIN_EXE_qedstream"), dir, args)
 }
 
 fn tool(dir: &Path, program: &str, args: &[&str]) -> Command {
-    let mut c = Command::new(program);
-    c.current_dir(dir).args(args);
-    c
+    command_in(program, dir, args)
 }
 
 /// Asserts that `cmd` was refused because the image is locked: a non-zero exit and one line on

@@ -4,6 +4,7 @@
 //! validated before a file is created or truncated; `info` reads the top image alone; `read`
 //! and `map` refuse a FIFO or device backing at once instead of blocking on it.
 
+use qedstream_tests::tools::command_in;
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
@@ -12,18 +13,12 @@ use qedstream_tests::tempdir;
 use qedstream_tests::tools::{ok, qemu_io, run_with_deadline as run};
 
 fn ours(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_qedstream"));
-    c.current_dir(dir).args(args);
-    c
+    command_in(env!("CARGO_BIN_EXE_qedstream"), dir, args)
 }
 
 /// Runs ours and asserts a one-line refusal; returns stderr.
 fn refused(d: &Path, args: &[&str]) -> String {
-    let out = run(&mut ours(d, args));
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "{args:?} succeeded");
-    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
-    err
+    qedstream_tests::tools::refused(&mut ours(d, args))
 }
 
 fn succeeds(d: &Path, args: &[&str]) -> String {

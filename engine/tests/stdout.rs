@@ -3,6 +3,7 @@
 //! success (exit 0); on ENOSPC it says so in exactly one line on stderr. A stream that cannot
 //! report stops with the image valid and its data intact.
 
+use qedstream_tests::tools::command_in;
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
@@ -45,9 +46,7 @@ fn ok(cmd: &mut Command) -> String {
 }
 
 fn ours(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_qedstream"));
-    c.current_dir(dir).args(args);
-    c
+    command_in(env!("CARGO_BIN_EXE_qedstream"), dir, args)
 }
 
 /// Where stdout goes.

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use qed::{BackingFormat, BackingPolicy, CreateOptions, Image, MemStorage, OpenOptions};
+use qed::{BackingFormat, CreateOptions, Image, MemStorage, OpenOptions};
 
 fn options(size: u64) -> CreateOptions {
     CreateOptions {
@@ -27,7 +27,6 @@ fn write_seed(
     let image = Image::open(
         Box::new(storage.clone()),
         OpenOptions {
-            backing: BackingPolicy::Detached,
             ..OpenOptions::default()
         },
     )
@@ -50,9 +49,10 @@ fn main() {
         "ours-writes-1m",
         &options(1 << 20),
         |i| {
-            i.write_at(&[0x11; 5000], 3000).unwrap();
-            i.write_zeroes(16384, 8192).unwrap();
-            i.write_at(&[0x22; 100], (1 << 20) - 100).unwrap();
+            i.write_at(&[0x11; 5000], qed::GuestOffset(3000)).unwrap();
+            i.write_zeroes(qed::GuestOffset(16384), 8192).unwrap();
+            i.write_at(&[0x22; 100], qed::GuestOffset((1 << 20) - 100))
+                .unwrap();
         },
         true,
     );
@@ -60,7 +60,7 @@ fn main() {
         &dir,
         "ours-need-check-1m",
         &options(1 << 20),
-        |i| i.write_at(&[0x33; 4096], 8192).unwrap(),
+        |i| i.write_at(&[0x33; 4096], qed::GuestOffset(8192)).unwrap(),
         false,
     );
     write_seed(
@@ -68,8 +68,9 @@ fn main() {
         "ours-two-l2-tables-5m",
         &options(5 << 20),
         |i| {
-            i.write_at(&[0x44; 10], 100).unwrap();
-            i.write_at(&[0x55; 10], (4 << 20) + 100).unwrap();
+            i.write_at(&[0x44; 10], qed::GuestOffset(100)).unwrap();
+            i.write_at(&[0x55; 10], qed::GuestOffset((4 << 20) + 100))
+                .unwrap();
         },
         true,
     );
@@ -79,7 +80,7 @@ fn main() {
         &dir,
         "ours-raw-backing-name-1m",
         &backed,
-        |i| i.write_zeroes(0, 4096).unwrap(),
+        |i| i.write_zeroes(qed::GuestOffset(0), 4096).unwrap(),
         true,
     );
     let mut probed = options(512 << 10);

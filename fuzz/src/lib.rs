@@ -20,7 +20,7 @@
 //! `nbd_server::fuzzing`); [`nbd_sessions`] builds well-formed NBD client sessions, the seeds
 //! of `nbd_server_replay` (`cargo run -p qedstream-fuzz --example make_nbd_server_corpus`).
 
-use qed::{BackingPolicy, CheckReport, Image, MemStorage, OpenOptions, Repair};
+use qed::{CheckReport, Image, MemStorage, OpenOptions, Repair};
 
 /// The most a fuzzed image's storage may grow past its input: allocations beyond fail with
 /// ENOSPC, so a header promising huge tables cannot make the fuzzer allocate gigabytes.
@@ -47,7 +47,6 @@ pub fn fuzz_qed_image(data: &[u8]) -> Exercised {
         let storage = MemStorage::with_limit(data.to_vec(), limit);
         let options = OpenOptions {
             read_only,
-            backing: BackingPolicy::Detached,
             l2_cache_tables: 4,
             ..OpenOptions::default()
         };
@@ -78,11 +77,13 @@ fn exercise(image: &Image, read_only: bool) -> Option<CheckReport> {
         (size.saturating_sub(8192), 8192),
     ] {
         let len = len.min(size.saturating_sub(offset)) as usize;
-        let _ = image.read_at(&mut buf[..len], offset);
+        let _ = image.read_at(&mut buf[..len], qed::GuestOffset(offset));
     }
     // A read past the end must be refused, not served.
     assert!(
-        image.read_at(&mut buf[..1], size).is_err(),
+        image
+            .read_at(&mut buf[..1], qed::GuestOffset(size))
+            .is_err(),
         "read past the disk's end succeeded"
     );
     let _ = image.map(qed::GuestOffset(0), size);
@@ -92,17 +93,20 @@ fn exercise(image: &Image, read_only: bool) -> Option<CheckReport> {
     let checked = image.check(Repair::None).ok();
     if read_only {
         assert!(
-            image.write_at(&[1], 0).is_err(),
+            image.write_at(&[1], qed::GuestOffset(0)).is_err(),
             "write to a read-only image succeeded"
         );
         return checked;
     }
     let repaired = image.check(Repair::All).ok();
     if size > 0 {
-        let _ = image.write_at(&[0x5a; 700], size.saturating_sub(700).min(cluster - 1));
-        let _ = image.write_zeroes(0, cluster.min(size));
-        let _ = image.write_at(&[0xa5; 3], size.saturating_sub(3));
-        let _ = image.read_at(&mut buf[..size.min(4096) as usize], 0);
+        let _ = image.write_at(
+            &[0x5a; 700],
+            qed::GuestOffset(size.saturating_sub(700).min(cluster - 1)),
+        );
+        let _ = image.write_zeroes(qed::GuestOffset(0), cluster.min(size));
+        let _ = image.write_at(&[0xa5; 3], qed::GuestOffset(size.saturating_sub(3)));
+        let _ = image.read_at(&mut buf[..size.min(4096) as usize], qed::GuestOffset(0));
     }
     let _ = image.resize(size.saturating_add(512));
     let _ = image.flush();

@@ -2,9 +2,11 @@
 //!
 //! A QED header names its backing by a string. Probing an untrusted image's backing is
 //! dangerous: a guest that wrote a QED header into its raw disk could make the host open any
-//! file that header names. So every backing *file*, whichever crate opens it (`qed`'s own
-//! [`crate::FileGate`], `copy-on-read`'s gate, the chain walk of `qedstream info` and `map`), is
-//! admitted by [`Rules::admit_file`]:
+//! file that header names. So every backing *file* is admitted by [`Rules::admit_file`]. `qed`
+//! itself never opens a backing; the one opener is the `copy-on-read` crate's gate, which
+//! every path that opens a chain goes through (the copy-on-read device, the chain walk of
+//! `qedstream info` and `map`, `convert`'s sources, the synchronous device tests and tools
+//! use). The steps:
 //!
 //! 1. the depth bound is checked;
 //! 2. the name is resolved against the naming image's folder and opened **once** (non-blocking,
@@ -23,14 +25,10 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use std::sync::Arc;
-
-use crate::backing::{QedBacking, RawBacking};
+use crate::backing::BackingFormat;
 pub use crate::error::Refusal;
 use crate::error::{Error, Result};
 use crate::file::{Access, FileId};
-use crate::image::{Image, OpenOptions};
-use crate::layer::{BackingFormat, BackingOpener, BackingRead};
 use crate::names::{normalise, probe_storage, resolve_backing_path};
 
 /// What a gate admits.
@@ -136,92 +134,6 @@ impl Rules {
     }
 }
 
-/// The default gate for backing files on the local file system.
-#[derive(Clone, Debug)]
-pub struct FileGate {
-    /// Allow probing (QED or raw) when the header records no format. Default: true, as QEMU.
-    pub allow_probe: bool,
-    /// If set, every backing path must resolve inside this directory.
-    pub confine_to: Option<PathBuf>,
-    /// The deepest chain accepted (the top image is depth 0). Default [`crate::names::DEFAULT_MAX_DEPTH`].
-    pub max_depth: u32,
-    /// Open backing files with [`Access::SharedRead`] (`-U`) instead of
-    /// [`Access::ReadOnly`], which keeps writers and resizers out of them.
-    pub force_share: bool,
-}
-
-impl Default for FileGate {
-    fn default() -> FileGate {
-        FileGate {
-            allow_probe: true,
-            confine_to: None,
-            max_depth: crate::names::DEFAULT_MAX_DEPTH,
-            force_share: false,
-        }
-    }
-}
-
-/// The default options open the backing through a default [`FileGate`] (defined with the gate,
-/// so that the image does not depend on it).
-impl Default for OpenOptions {
-    fn default() -> OpenOptions {
-        OpenOptions::with_opener(Arc::new(FileGate::default()))
-    }
-}
-
-impl FileGate {
-    /// The admission rules this gate applies ([`crate::gate::Rules::admit_file`]).
-    pub fn rules(&self) -> crate::gate::Rules {
-        crate::gate::Rules {
-            allow_probe: self.allow_probe,
-            confine_to: self.confine_to.clone(),
-            max_depth: self.max_depth,
-            force_share: self.force_share,
-        }
-    }
-}
-
-impl BackingOpener for FileGate {
-    fn open(
-        &self,
-        name: &str,
-        format: BackingFormat,
-        image_path: Option<&Path>,
-        depth: u32,
-        seen: &[crate::file::FileId],
-    ) -> Result<Arc<dyn BackingRead>> {
-        let wrap = |e: Error| Error::Backing {
-            name: name.to_string(),
-            source: Box::new(e),
-        };
-        let admitted = self
-            .rules()
-            .admit_file(name, image_path, depth, seen, format)
-            .map_err(wrap)?;
-        let display = admitted.path.display().to_string();
-        match admitted.format {
-            "qed" => {
-                let mut above = seen.to_vec();
-                above.push(admitted.id);
-                let options = OpenOptions {
-                    read_only: true,
-                    force_share: self.force_share,
-                    path: Some(admitted.path.clone()),
-                    depth,
-                    above,
-                    ..OpenOptions::with_opener(Arc::new(self.clone()))
-                };
-                let image = Image::open(Box::new(admitted.file), options)?;
-                Ok(Arc::new(QedBacking::new(image, display)))
-            }
-            "raw" => Ok(Arc::new(RawBacking::new(Box::new(admitted.file), display)?)),
-            other => Err(wrap(Error::Refused(
-                crate::gate::Refusal::UnsupportedFormat(other),
-            ))),
-        }
-    }
-}
-
 /// The absolute path of what `file` is (the kernel's name for the descriptor); `fallback`,
 /// made absolute and canonical, when `/proc` cannot say.
 fn opened_path(file: &File, fallback: &Path) -> PathBuf {
@@ -244,25 +156,6 @@ fn canonical(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_file_gate_applies_the_rules() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("base.raw"), b"data").unwrap();
-        let gate = FileGate {
-            confine_to: Some(dir.path().to_path_buf()),
-            ..FileGate::default()
-        };
-        let top = dir.path().join("top.qed");
-        let open =
-            |name: &str, depth: u32| gate.open(name, BackingFormat::Raw, Some(&top), depth, &[]);
-        assert!(open("../../etc/passwd", 1).is_err());
-        assert!(open("/etc/passwd", 1).is_err());
-        assert!(open("base.raw", 1).is_ok());
-        assert!(open("nbd://127.0.0.1/x", 1).is_err());
-        assert!(open("base.raw", crate::names::DEFAULT_MAX_DEPTH).is_ok());
-        assert!(open("base.raw", crate::names::DEFAULT_MAX_DEPTH + 1).is_err());
-    }
 
     fn rules_in(dir: &Path) -> Rules {
         Rules {

@@ -9,6 +9,8 @@
 //! - [`error`], [`types`] (offset newtypes: [`GuestOffset`], [`HostOffset`],
 //!   [`GuestCluster`], [`HostCluster`], [`L1Index`]) and [`layout`]: the on-disk header,
 //!   feature bits, geometry rules and table entries (pure).
+//! - [`backing`]: what a header records about its backing ([`BackingFormat`]) and the
+//!   helpers for backing names and probes (pure). `qed` never opens a backing.
 //! - [`file`](mod@file): opening image files as QEMU does: regular files and block devices only, with
 //!   QEMU's image locks ([`Access`]), and file identity ([`FileId`]).
 //! - [`gate`]: the rules every backing file is admitted by, in one place ([`gate::Rules`]):
@@ -21,65 +23,57 @@
 //!   uses. It answers "where" and keeps metadata consistent; it never touches guest data.
 //! - [`check`]: the consistency check and repair, with `qemu-img check`'s counters and exit
 //!   codes ([`CheckReport`]). It walks the tables through their API only.
-//! - [`layer`]: what an image needs of its backing: [`BackingRead`], [`BackingOpener`],
-//!   [`BackingFormat`].
 //! - [`image`]: an open [`Image`]: mapping lookups ([`Image::map`], [`Image::mapping_at`],
 //!   over [`GuestOffset`]s), reads of what the image holds ([`Image::read_allocated`]
 //!   reports the unallocated ranges), crash-safe allocating writes, zero writes, population
 //!   with whole clusters ([`Image::populate`]), resize and backing-link changes. The image
-//!   never reads its backing: a plain read of an unallocated range, or a write covering part
-//!   of an unallocated cluster, needs the backing's bytes and fails with [`Error::Backing`]
-//!   when the image names a backing file (zeros without one). It uses `tables` and `check` (the NEED_CHECK repair at open), never the other
-//!   way round. It holds no lock on guest ranges: an allocating request claims only the
+//!   never opens or reads its backing (it records the name and format its header holds): a
+//!   plain read of an unallocated range, or a write covering part of an unallocated cluster,
+//!   needs the backing's bytes and fails with [`Error::Backing`] when the image names a
+//!   backing file (zeros without one). It uses `tables` and `check` (the NEED_CHECK repair
+//!   at open), never the other way round. It holds no lock on guest ranges: an allocating request claims only the
 //!   clusters whose L2 entries it will change, and an entry leaves the unallocated or zero
 //!   state only under its claim (so each cluster is allocated once, with no lock across data
 //!   I/O); the one range lock belongs to the caller that owns the I/O policy (the
 //!   `copy-on-read` device).
-//! - [`chain`]: [`Chain`], a synchronous chain reader: an image over its backing, with the
-//!   backing reads and the read-modify-write of partial clusters done outside the image on
-//!   the mapping API (the `copy-on-read` device does the same asynchronously).
-//! - [`backing`]: the backings themselves ([`RawBacking`], [`QedBacking`]) and the gate every
-//!   backing open goes through ([`FileGate`]: probing policy, confinement, chain depth). It
-//!   opens images, so it sits above [`image`]; it also provides `OpenOptions::default()`
-//!   (open the backing through a default [`FileGate`]).
+//!
+//! Reading a backed image is the caller's business: the `copy-on-read` crate opens the
+//! backing through its gate (the admission rules of [`gate`]), reads what [`Image::map`] and
+//! [`Image::read_allocated`] report as unallocated from it, and copies clusters in with
+//! [`Image::populate`]. Its `SyncDevice` drives that from synchronous code.
 //!
 //! Writes follow QEMU's crash-safe order (data appended at the end of the file and filled
 //! whole, a flush when there is a backing file, the L2 table, then the L1 sector); unlike QEMU,
 //! many clusters are allocated as one contiguous run, each L2 table is updated once per
 //! request, and writes to allocated clusters run concurrently with allocation.
 //!
-//! Reading a backed image through the chain reader:
+//! An image over a backing answers where, and leaves the backing's part to the caller:
 //!
 //! ```
-//! use std::sync::Arc;
-//! use qed::{BackingFormat, Chain, CreateOptions, Image, MemStorage, OpenOptions, RawBacking};
+//! use qed::{BackingFormat, CreateOptions, GuestOffset, Image, MemStorage, OpenOptions};
 //!
-//! let base = RawBacking::new(Box::new(MemStorage::from_bytes(vec![7u8; 1 << 20])), "base".into())
-//!     .unwrap();
 //! let storage = MemStorage::new();
 //! let mut create = CreateOptions::new(1 << 20);
-//! create.backing = Some(("base".into(), BackingFormat::Raw));
+//! create.backing = Some(("base.raw".into(), BackingFormat::Raw));
 //! Image::create(&storage, &create).unwrap();
-//! let options = OpenOptions { backing: qed::BackingPolicy::Detached, ..OpenOptions::default() };
-//! let image = Image::open(Box::new(storage), options).unwrap();
+//! let image = Image::open(Box::new(storage), OpenOptions::default()).unwrap();
+//! assert_eq!(image.backing_name().as_deref(), Some("base.raw")); // recorded, never opened
 //! let mut buf = [0u8; 4];
-//! assert!(image.read_at(&mut buf, 0).is_err()); // the image never reads its backing
-//! let chain = Chain::with_backing(image, Some(Arc::new(base)));
-//! chain.write_at(b"hi", 10).unwrap(); // the cluster is filled from the backing, then stored
-//! chain.read_at(&mut buf, 9).unwrap();
-//! assert_eq!(&buf, &[7, b'h', b'i', 7]);
-//! chain.close().unwrap();
+//! assert!(image.read_at(&mut buf, GuestOffset(0)).is_err()); // the image never reads it
+//! let holes = image.read_allocated(&mut buf, GuestOffset(0)).unwrap();
+//! assert_eq!(holes, vec![(GuestOffset(0), 4)]); // the caller fills these from the backing
+//! image.close().unwrap();
 //! ```
 //!
 //! ```
-//! use qed::{CreateOptions, Image, MemStorage, OpenOptions};
+//! use qed::{CreateOptions, GuestOffset, Image, MemStorage, OpenOptions};
 //!
 //! let storage = MemStorage::new();
 //! Image::create(&storage, &CreateOptions::new(16 << 20)).unwrap();
 //! let image = Image::open(Box::new(storage), OpenOptions::default()).unwrap();
-//! image.write_at(b"hello", 65_000).unwrap();
+//! image.write_at(b"hello", GuestOffset(65_000)).unwrap();
 //! let mut buf = [0u8; 5];
-//! image.read_at(&mut buf, 65_000).unwrap();
+//! image.read_at(&mut buf, GuestOffset(65_000)).unwrap();
 //! assert_eq!(&buf, b"hello");
 //! assert_eq!(image.check(qed::Repair::None).unwrap().exit_code(), 0);
 //! image.close().unwrap();
@@ -90,13 +84,11 @@
 //! the next read-write open, as QEMU does).
 
 pub mod backing;
-pub mod chain;
 pub mod check;
 pub mod error;
 pub mod file;
 pub mod gate;
 pub mod image;
-pub mod layer;
 pub mod layout;
 pub mod names;
 pub mod storage;
@@ -105,15 +97,11 @@ mod tables;
 mod testing;
 pub mod types;
 
-pub use backing::{BackingFormat, BackingOpener, BackingRead, QedBacking, RawBacking};
-pub use chain::Chain;
+pub use backing::BackingFormat;
 pub use check::{CheckReport, Repair};
 pub use error::{Error, Result};
 pub use file::{Access, FileId, LockConflict};
-pub use gate::FileGate;
-pub use image::{
-    BackingPolicy, CreateOptions, Extent, Image, Mapping, OpenOptions, PopulateOutcome,
-};
+pub use image::{CreateOptions, Extent, Image, Mapping, OpenOptions, PopulateOutcome};
 pub use layout::{Geometry, Header};
 pub use storage::{MemStorage, Storage};
 pub use types::{GuestCluster, GuestOffset, HostCluster, HostOffset, L1Index};

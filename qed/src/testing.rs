@@ -1,5 +1,6 @@
 //! Test support (above every other module): a storage that records every write and flush,
-//! to observe crash order; a patterned backing; images on them.
+//! to observe crash order; a patterned backing (which the tests read and merge themselves,
+//! as the copy-on-read device does); images on them.
 
 use std::io;
 use std::sync::Arc;
@@ -7,6 +8,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::storage::{MemStorage, Storage};
+use crate::types::GuestOffset;
 
 /// One operation seen by [`Recording`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,58 +71,65 @@ impl Storage for Recording {
 
 /// A backing whose byte at `offset` is `offset % 251` (never zero-filled by accident).
 #[derive(Debug)]
-pub(crate) struct Pattern(pub(crate) u64);
+pub(crate) struct Pattern;
 
 impl Pattern {
     pub(crate) fn byte(offset: u64) -> u8 {
         (offset % 251) as u8 + 1
     }
-}
 
-impl crate::layer::BackingRead for Pattern {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> crate::Result<()> {
+    /// The backing's bytes at `offset`.
+    pub(crate) fn fill(buf: &mut [u8], offset: u64) {
         for (i, b) in buf.iter_mut().enumerate() {
             *b = Pattern::byte(offset + i as u64);
         }
-        Ok(())
-    }
-    fn size(&self) -> u64 {
-        self.0
-    }
-    fn describe(&self) -> crate::layer::BackingDescription {
-        crate::layer::BackingDescription {
-            filename: "pattern".into(),
-            format: "raw".into(),
-            virtual_size: self.0,
-            backing: None,
-            backing_filename: None,
-            cluster_size: None,
-        }
     }
 }
 
-/// An image on recording storage (64 KiB clusters, 4-cluster tables), read-write, with the
-/// backing detached.
+/// An image on recording storage (64 KiB clusters, 4-cluster tables), read-write.
 pub(crate) fn image(size: u64) -> (Arc<Recording>, crate::Image) {
     let storage = Recording::with_image(&crate::CreateOptions::new(size));
-    let options = crate::OpenOptions {
-        backing: crate::BackingPolicy::Detached,
-        ..crate::OpenOptions::default()
-    };
+    let options = crate::OpenOptions::default();
     let image = crate::Image::open(Box::new(Arc::clone(&storage)), options).unwrap();
     storage.take();
     (storage, image)
 }
 
-/// Like [`image`], with the `Pattern` backing linked as a raw backing.
-pub(crate) fn image_over_pattern(size: u64) -> (Arc<Recording>, crate::Chain) {
+/// Like [`image`], naming the `Pattern` backing as a raw backing (the image never reads it:
+/// [`write_over_pattern`] and [`read_over_pattern`] stand in for the copy-on-read device).
+pub(crate) fn image_over_pattern(size: u64) -> (Arc<Recording>, crate::Image) {
     let (storage, image) = image(size);
-    let backing = Arc::new(Pattern(size));
     image
-        .set_backing(Some(("pattern", crate::BackingFormat::Raw)), Some(backing))
+        .set_backing(Some(("pattern", crate::BackingFormat::Raw)))
         .unwrap();
     storage.take();
-    (storage, crate::Chain::new(image))
+    (storage, image)
+}
+
+/// Writes `data` at `offset` of an image over the `Pattern` backing (within one cluster): an
+/// unallocated cluster is merged with the pattern and stored whole, as the copy-on-read
+/// device's guest writes do; an allocated one is written in place.
+pub(crate) fn write_over_pattern(image: &crate::Image, data: &[u8], offset: u64) {
+    let g = image.geometry();
+    let c = g.round_down_to_cluster(offset);
+    let at = GuestOffset(c);
+    if image.mapping_at(at, 1).unwrap().0 != crate::Mapping::Unallocated {
+        image.write_at(data, GuestOffset(offset)).unwrap();
+        return;
+    }
+    let mut cluster = vec![0u8; g.cluster_size() as usize];
+    Pattern::fill(&mut cluster, c);
+    let s = (offset - c) as usize;
+    cluster[s..s + data.len()].copy_from_slice(data);
+    image.populate_as_data(at, &cluster).unwrap();
+}
+
+/// Reads `buf.len()` bytes at `offset` of an image over the `Pattern` backing.
+pub(crate) fn read_over_pattern(image: &crate::Image, buf: &mut [u8], offset: u64) {
+    for (at, len) in image.read_allocated(buf, GuestOffset(offset)).unwrap() {
+        let s = (at.0 - offset) as usize;
+        Pattern::fill(&mut buf[s..s + len as usize], at.0);
+    }
 }
 
 /// The writes in `ops` that touch `[start, end)`.

@@ -31,7 +31,7 @@ fn fill_until_full(seed: u64, limit: u64) {
         let byte = (i % 250) as u8 + 1;
         let data = vec![byte; len as usize];
         let range = off as usize..(off + len) as usize;
-        match image.write_at(&data, off) {
+        match image.write_at(&data, qed::GuestOffset(off)) {
             Ok(()) => {
                 model[range.clone()].copy_from_slice(&data);
                 known[range].fill(true);
@@ -52,7 +52,7 @@ fn fill_until_full(seed: u64, limit: u64) {
     assert!(failures > 0, "the disk never filled (limit {limit})");
     let verify = |image: &Image, when: &str| {
         let mut got = vec![0u8; SIZE as usize];
-        image.read_at(&mut got, 0).unwrap();
+        image.read_at(&mut got, qed::GuestOffset(0)).unwrap();
         for (i, ((g, m), k)) in got.iter().zip(&model).zip(&known).enumerate() {
             if *k && g != m {
                 panic!("{when}: byte {i} is {g:#x}, the acknowledged write says {m:#x}");

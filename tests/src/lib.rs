@@ -6,11 +6,14 @@
 //!   without QED, **fails the test with a clear message**: these tests never skip silently.
 //! - [`XorShift`]: a tiny seeded RNG, so every failure replays.
 //! - [`Model`] and [`Op`]: a byte model of a virtual disk and the operations the tests apply to
-//!   it, to QEMU (as `qemu-io` commands) and to our [`qed::Image`] alike.
+//!   it, to QEMU (as `qemu-io` commands) and to our images alike ([`Disk`]: a QED image over
+//!   its backing chain, driven synchronously through `copy-on-read`'s [`SyncDevice`]).
 //! - [`GEOMETRIES`]: the cluster and table sizes QEMU can handle, with a test image size each.
 //! - [`tools`], [`nbd_server`], [`qsd`]: external tools for the other crates' tests: run a
-//!   tool in a directory (failing loudly when it is missing), QEMU fixtures, an NBD server on a
-//!   unix socket killed on drop, and qemu-storage-daemon's block-stream over QMP.
+//!   tool in a directory (failing loudly when it is missing), commands and refusals of the
+//!   command line, QEMU fixtures, an NBD server on a unix socket killed on drop, and
+//!   qemu-storage-daemon's block-stream over QMP.
+//! - [`runtime`]: the tokio runtime async tests drive devices on.
 //! - [`guest`]: a real Linux guest booted under `qemu-system-x86_64` (TCG) from an NBD export,
 //!   reporting the sha256 of its whole disk (after an optional write).
 //! - [`chain`]: a per-unit view of a backing chain's allocation, from `qemu-img map` and from
@@ -28,14 +31,22 @@
 //! ```
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use copy_on_read::{BlockDevice, CorDevice, CorOptions, RawFile, SyncDevice};
 use qed::{Image, OpenOptions};
+
+/// A QED image over its backing chain, read and written from synchronous test code: the
+/// copy-on-read device (copy-on-read off unless a test turns it on), driven by
+/// [`SyncDevice`]. The image itself never reads its backing; this is what does.
+pub type Disk = SyncDevice<CorDevice>;
 
 pub mod chain;
 pub mod guest;
 pub mod nbd_server;
 pub mod qemu;
 pub mod qsd;
+pub mod runtime;
 pub mod tools;
 
 /// A geometry under test and the virtual size its images get.
@@ -176,7 +187,10 @@ impl Op {
     }
 
     /// Applies the operation to our image.
-    pub fn apply(&self, image: &qed::Chain) -> qed::Result<()> {
+    pub fn apply<D: BlockDevice + ?Sized>(
+        &self,
+        image: &SyncDevice<D>,
+    ) -> copy_on_read::Result<()> {
         match *self {
             Op::Write {
                 offset,
@@ -348,12 +362,19 @@ pub fn random_ops(
 }
 
 /// Opens an image read-only with the default gate (backings opened as their headers say),
-/// read through a [`qed::Chain`] (the image itself never reads its backing).
-pub fn open_ro(path: &Path) -> qed::Chain {
-    qed::Chain::new(open_ro_image(path))
+/// read through the copy-on-read device (copy-on-read off: the image itself never reads its
+/// backing).
+pub fn open_ro(path: &Path) -> Disk {
+    let options = CorOptions {
+        read_only: true,
+        copy_on_read: false,
+        ..CorOptions::default()
+    };
+    SyncDevice::open(path, options)
+        .unwrap_or_else(|e| panic!("opening {} read-only: {e}", path.display()))
 }
 
-/// Opens an image read-only with the default gate, without the chain reader.
+/// Opens an image read-only, alone (its backing is named, not opened).
 pub fn open_ro_image(path: &Path) -> Image {
     Image::open_path(
         path,
@@ -365,16 +386,41 @@ pub fn open_ro_image(path: &Path) -> Image {
     .unwrap_or_else(|e| panic!("opening {} read-only: {e}", path.display()))
 }
 
-/// Opens an image read-write with the default gate, read and written through a
-/// [`qed::Chain`].
-pub fn open_rw(path: &Path) -> qed::Chain {
-    let image = Image::open_path(path, OpenOptions::default())
-        .unwrap_or_else(|e| panic!("opening {} read-write: {e}", path.display()));
-    qed::Chain::new(image)
+/// Opens an image read-write with the default gate, read and written through the
+/// copy-on-read device (copy-on-read off: reads of the backing are not stored).
+pub fn open_rw(path: &Path) -> Disk {
+    let options = CorOptions {
+        copy_on_read: false,
+        ..CorOptions::default()
+    };
+    SyncDevice::open(path, options)
+        .unwrap_or_else(|e| panic!("opening {} read-write: {e}", path.display()))
+}
+
+/// An image opened from memory (or any storage) over `backing`, read and written through the
+/// copy-on-read device with copy-on-read off.
+pub fn disk_over(image: Image, backing: Option<Arc<dyn BlockDevice>>) -> Disk {
+    let device = CorDevice::new(image, "memory".into(), backing);
+    device.set_copy_on_read(false);
+    SyncDevice::new(device).expect("starting the I/O runtime")
+}
+
+/// A raw backing device holding `bytes` (an unlinked temporary file, so in-memory tests need
+/// no folder). Its size is rounded up to 512 bytes, as QEMU sees a raw file.
+pub fn raw_backing(bytes: &[u8]) -> Arc<dyn BlockDevice> {
+    Arc::new(raw_file(bytes))
+}
+
+/// A read-only raw file holding `bytes` (unlinked, as [`raw_backing`]).
+pub fn raw_file(bytes: &[u8]) -> RawFile {
+    use std::io::Write;
+    let mut file = tempfile::tempfile().expect("a temporary file");
+    file.write_all(bytes).expect("writing the raw backing");
+    RawFile::from_file(file, "memory.raw".into(), false).expect("a raw backing")
 }
 
 /// Reads a whole image through our implementation.
-pub fn read_all(image: &qed::Chain) -> Vec<u8> {
+pub fn read_all<D: BlockDevice + ?Sized>(image: &SyncDevice<D>) -> Vec<u8> {
     let mut buf = vec![0u8; image.size() as usize];
     image.read_at(&mut buf, 0).expect("reading the whole image");
     buf
@@ -516,13 +562,12 @@ pub fn proptest_cases(default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-/// Opens `path` read-only with the backing detached (check and map need no backing).
+/// Opens `path` read-only, alone (check and map need no backing; the image never opens it).
 pub fn open_detached(path: &Path) -> qed::Result<Image> {
     Image::open_path(
         path,
         OpenOptions {
             read_only: true,
-            backing: qed::BackingPolicy::Detached,
             ..OpenOptions::default()
         },
     )
@@ -560,30 +605,4 @@ pub fn assert_check_agrees(path: &Path) -> qed::CheckReport {
         path.display()
     );
     ours
-}
-
-/// A backing opener for in-memory tests: every name opens the same raw bytes.
-#[derive(Debug)]
-pub struct MemRawOpener(pub Vec<u8>);
-
-impl qed::BackingOpener for MemRawOpener {
-    fn open(
-        &self,
-        name: &str,
-        _format: qed::BackingFormat,
-        _image_path: Option<&Path>,
-        _depth: u32,
-        _seen: &[qed::FileId],
-    ) -> qed::Result<std::sync::Arc<dyn qed::BackingRead>> {
-        let storage = qed::MemStorage::from_bytes(self.0.clone());
-        Ok(std::sync::Arc::new(qed::RawBacking::new(
-            Box::new(storage),
-            name.to_string(),
-        )?))
-    }
-}
-
-/// Options that open the backing through `opener`.
-pub fn options_with(opener: impl qed::BackingOpener + 'static) -> OpenOptions {
-    OpenOptions::with_opener(std::sync::Arc::new(opener))
 }

@@ -1,6 +1,7 @@
 //! Running external tools (QEMU, nbdkit) from tests. A missing tool **fails the test with a
 //! clear message** ("is it installed?"): tests never skip silently.
 
+use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -87,9 +88,29 @@ pub fn ok_command(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `program args...`, to be run in `dir`. The engine's tests build their `qedstream`
+/// commands with it (`command_in(env!("CARGO_BIN_EXE_qedstream"), dir, args)`: the binary's
+/// path is known only where the test is compiled).
+pub fn command_in(program: impl AsRef<OsStr>, dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(program);
+    c.current_dir(dir).args(args);
+    c
+}
+
+/// Runs `cmd` and asserts a refusal as the command line reports one: a non-zero exit and
+/// exactly one line on stderr. Returns stderr.
+#[track_caller]
+pub fn refused(cmd: &mut Command) -> String {
+    let out = run_command(cmd);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{cmd:?} succeeded");
+    assert_eq!(err.trim_end().lines().count(), 1, "{cmd:?}: {err}");
+    err
+}
+
 /// Runs `program` with `args` in `dir`; a missing tool fails the test loudly.
 pub fn run(dir: &Path, program: &str, args: &[&str]) -> Output {
-    run_command(Command::new(program).current_dir(dir).args(args))
+    run_command(&mut command_in(program, dir, args))
 }
 
 /// Runs `program` with `args` in `dir` and asserts success; returns stdout.

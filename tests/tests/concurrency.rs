@@ -70,6 +70,7 @@ fn run(cluster_size: u32) {
                 while pos < SIZE {
                     let len = (4 * cs).min(SIZE - pos);
                     image
+                        .image()
                         .populate(
                             qed::GuestOffset(pos),
                             &view[pos as usize..(pos + len) as usize],
@@ -109,7 +110,7 @@ fn run(cluster_size: u32) {
     let mut got = vec![0u8; SIZE as usize];
     image.read_at(&mut got, 0).unwrap();
     assert_same_bytes(&got, &expected, "after concurrent writes");
-    let report = image.check(qed::Repair::None).unwrap();
+    let report = image.image().check(qed::Repair::None).unwrap();
     assert_eq!(report.exit_code(), 0, "{report:?}");
     image.close().unwrap();
     qemu::assert_check_clean(&path);

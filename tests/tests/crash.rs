@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use qed::{CreateOptions, Image, MemStorage, OpenOptions, Repair, Storage};
-use qedstream_tests::{options_with, random_ops, MemRawOpener, Model, XorShift};
+use qedstream_tests::{disk_over, random_ops, raw_backing, Model, XorShift};
 
 #[derive(Clone, Debug)]
 enum Event {
@@ -103,15 +103,12 @@ fn summary(log: &[Event]) -> Vec<String> {
 #[test]
 fn allocating_write_with_backing_orders_data_flush_l2_flush_l1() {
     let rec = Recording::new(fresh(true));
-    let image = qed::Chain::new(
-        Image::open(
-            Box::new(rec.clone()),
-            options_with(MemRawOpener(base_bytes())),
-        )
-        .unwrap(),
+    let image = disk_over(
+        Image::open(Box::new(rec.clone()), OpenOptions::default()).unwrap(),
+        Some(raw_backing(&base_bytes())),
     );
-    let l1 = image.header().l1_table_offset;
-    let end0 = image.file_end();
+    let l1 = image.image().header().l1_table_offset;
+    let end0 = image.image().file_end();
     rec.take_log();
     // Partial write into a fresh cluster: COW from the backing, a new L2 table.
     image.write_at(&[0xab; 4096], 100 << 10).unwrap();
@@ -157,7 +154,7 @@ fn allocating_write_with_backing_orders_data_flush_l2_flush_l1() {
     );
 
     // A second allocation in the same table: data, flush, one L2 sector, no L1.
-    let end1 = image.file_end();
+    let end1 = image.image().file_end();
     image.write_at(&[0xcd; 100], 300 << 10).unwrap();
     let log = rec.take_log();
     let s = summary(&log);
@@ -184,7 +181,7 @@ fn allocating_write_without_backing_sets_need_check_first_and_close_clears_it() 
     let rec = Recording::new(fresh(false));
     let image = Image::open(Box::new(rec.clone()), OpenOptions::default()).unwrap();
     rec.take_log();
-    image.write_at(&[0x22; 65536], 0).unwrap();
+    image.write_at(&[0x22; 65536], qed::GuestOffset(0)).unwrap();
     let log = rec.take_log();
     let s = summary(&log);
     match &log[0] {
@@ -206,7 +203,9 @@ fn allocating_write_without_backing_sets_need_check_first_and_close_clears_it() 
         "NEED_CHECK flushed first: {s:?}"
     );
     // A second allocation does not touch the header again.
-    image.write_at(&[0x23; 10], 1 << 20).unwrap();
+    image
+        .write_at(&[0x23; 10], qed::GuestOffset(1 << 20))
+        .unwrap();
     let log = rec.take_log();
     assert!(!log
         .iter()
@@ -242,9 +241,14 @@ fn replay_every_crash_point(backing: bool, seed: u64) {
         v.resize(size as usize, 0);
         v
     };
-    let opener = || options_with(MemRawOpener(base.clone()));
+    // The image over the backing (when it has one), read and written through the
+    // copy-on-read device.
+    let open = |storage: Box<dyn Storage>| {
+        Image::open(storage, OpenOptions::default())
+            .map(|image| disk_over(image, backing.then(|| raw_backing(&base))))
+    };
     let rec = Recording::new(initial.clone());
-    let image = qed::Chain::new(Image::open(Box::new(rec.clone()), opener()).unwrap());
+    let image = open(Box::new(rec.clone())).unwrap();
     let mut rng = XorShift::new(seed);
     let mut model = Model::new(view, CS);
     let ops = random_ops(&mut rng, &model, 12, 300 << 10, false);
@@ -293,10 +297,8 @@ fn replay_every_crash_point(backing: bool, seed: u64) {
             "crash at event {k} keeping {} of them (backing {backing})",
             kept.len()
         );
-        let crashed = Image::open(Box::new(disk), opener())
-            .map(qed::Chain::new)
-            .unwrap_or_else(|e| panic!("{what}: open failed: {e}"));
-        let report = crashed.check(Repair::All).unwrap();
+        let crashed = open(Box::new(disk)).unwrap_or_else(|e| panic!("{what}: open failed: {e}"));
+        let report = crashed.image().check(Repair::All).unwrap();
         assert_eq!(report.exit_code(), 0, "{what}: {report:?}");
         let mut got = vec![0u8; size as usize];
         crashed.read_at(&mut got, 0).unwrap();

@@ -46,7 +46,6 @@ fn open_rw_detached(path: &Path) -> qed::Result<Image> {
     Image::open_path(
         path,
         OpenOptions {
-            backing: qed::BackingPolicy::Detached,
             ..OpenOptions::default()
         },
     )
@@ -56,7 +55,7 @@ fn open_rw_detached(path: &Path) -> qed::Result<Image> {
 fn assert_read_fails_with_invalid_l2(path: &Path, entry: u64) {
     let image = open_detached(path).unwrap();
     let mut buf = vec![0u8; 4096];
-    match image.read_at(&mut buf, 128 << 10) {
+    match image.read_at(&mut buf, qed::GuestOffset(128 << 10)) {
         Err(Error::InvalidEntry {
             table, entry: e, ..
         }) => {
@@ -66,7 +65,7 @@ fn assert_read_fails_with_invalid_l2(path: &Path, entry: u64) {
         other => panic!("read through a corrupt L2 entry gave {other:?}, not InvalidEntry"),
     }
     // The neighbouring good cluster still reads.
-    image.read_at(&mut buf, 0).unwrap();
+    image.read_at(&mut buf, qed::GuestOffset(0)).unwrap();
     assert!(buf.iter().all(|&b| b == 0x33));
 }
 
@@ -156,7 +155,7 @@ fn unaligned_l2_entry_is_a_corruption_reads_fail_and_repair_zeroes_it() {
     // A write through the corrupt entry fails too, and writes nothing.
     let image = open_rw_detached(&path).unwrap();
     assert!(matches!(
-        image.write_at(&[1u8; 512], 128 << 10),
+        image.write_at(&[1u8; 512], qed::GuestOffset(128 << 10)),
         Err(Error::InvalidEntry { .. })
     ));
     image.close().unwrap();
@@ -219,7 +218,9 @@ fn trailing_partial_cluster_is_not_a_leak() {
     assert_eq!(r.exit_code(), 0);
     // And the next allocation overwrites it, as QEMU's does.
     let image = open_rw_detached(&path).unwrap();
-    image.write_at(&[7u8; 100], 10 << 20).unwrap();
+    image
+        .write_at(&[7u8; 100], qed::GuestOffset(10 << 20))
+        .unwrap();
     image.close().unwrap();
     qemu::assert_check_clean(&path);
     assert_check_agrees(&path);

@@ -5,7 +5,7 @@
 
 use qed::error::{HeaderField, TableKind};
 use qed::layout::{Header, F_BACKING_FILE, MAGIC};
-use qed::{BackingPolicy, CreateOptions, Error, Image, MemStorage, OpenOptions, Repair};
+use qed::{CreateOptions, Error, Image, MemStorage, OpenOptions, Repair};
 
 const CS: u64 = 65536;
 
@@ -19,8 +19,10 @@ fn image_bytes() -> Vec<u8> {
         detached(false),
     )
     .unwrap();
-    image.write_at(&[0x33; 65536], 0).unwrap();
-    image.write_at(&[0x44; 65536], 2 * CS).unwrap();
+    image.write_at(&[0x33; 65536], qed::GuestOffset(0)).unwrap();
+    image
+        .write_at(&[0x44; 65536], qed::GuestOffset(2 * CS))
+        .unwrap();
     let bytes = {
         let st = image.storage();
         let mut v = vec![0u8; st.len().unwrap() as usize];
@@ -42,7 +44,6 @@ fn image_bytes() -> Vec<u8> {
 fn detached(read_only: bool) -> OpenOptions {
     OpenOptions {
         read_only,
-        backing: BackingPolicy::Detached,
         ..OpenOptions::default()
     }
 }
@@ -234,14 +235,14 @@ fn test_unknown_features_are_refused_even_read_only() {
 fn test_unknown_compat_features_open_normally() {
     let image = open(with_header(|h| h.compat_features = 0x8000)).unwrap();
     let mut buf = [0u8; 16];
-    image.read_at(&mut buf, 0).unwrap();
+    image.read_at(&mut buf, qed::GuestOffset(0)).unwrap();
     assert_eq!(buf, [0x33; 16]);
 }
 
 #[track_caller]
 fn assert_invalid_entry(image: &Image, guest: u64, table: TableKind, entry: u64) {
     let mut buf = vec![0xeeu8; 4096];
-    match image.read_at(&mut buf, guest) {
+    match image.read_at(&mut buf, qed::GuestOffset(guest)) {
         Err(Error::InvalidEntry {
             table: t, entry: e, ..
         }) => {
@@ -288,7 +289,7 @@ fn test_l2_entry_in_the_header_reads_as_invalid_entry() {
     // Sanity: this image opens and reads.
     let image = open(bytes.clone()).unwrap();
     let mut buf = [0u8; 8];
-    image.read_at(&mut buf, 0).unwrap();
+    image.read_at(&mut buf, qed::GuestOffset(0)).unwrap();
     assert_eq!(buf, [0x33; 8]);
     poke(&mut bytes, 0x60000 + 16, CS);
     let image = open(bytes).unwrap();
@@ -309,21 +310,21 @@ fn test_l1_entry_past_eof_reads_as_invalid_entry() {
     assert_invalid_entry(&image, 5 << 20, TableKind::L1, 1 << 30);
     // Guest offsets under other L1 entries are fine.
     let mut buf = [1u8; 8];
-    image.read_at(&mut buf, 0).unwrap();
+    image.read_at(&mut buf, qed::GuestOffset(0)).unwrap();
     assert_eq!(buf, [0; 8]);
     // A write there fails too and changes nothing.
     let rw = open_rw(bytes).unwrap();
     assert!(matches!(
-        rw.write_at(&[9; 8], 5 << 20),
+        rw.write_at(&[9; 8], qed::GuestOffset(5 << 20)),
         Err(Error::InvalidEntry { .. })
     ));
     assert!(matches!(
-        rw.write_zeroes(4 << 20, 1 << 20),
+        rw.write_zeroes(qed::GuestOffset(4 << 20), 1 << 20),
         Err(Error::InvalidEntry { .. })
     ));
     let report = rw.check(Repair::All).unwrap();
     assert_eq!((report.corruptions_fixed, report.exit_code()), (1, 0));
-    rw.write_at(&[9; 8], 5 << 20).unwrap();
+    rw.write_at(&[9; 8], qed::GuestOffset(5 << 20)).unwrap();
     rw.close().unwrap();
 }
 
@@ -356,7 +357,7 @@ fn test_data_entry_over_the_l1_table_is_refused_on_the_read_path() {
     let image = open_rw(bytes).unwrap();
     assert_invalid_entry(&image, 2 * CS, TableKind::L2, 2 * CS);
     assert!(matches!(
-        image.write_at(&[1; 10], 2 * CS),
+        image.write_at(&[1; 10], qed::GuestOffset(2 * CS)),
         Err(Error::InvalidEntry { .. })
     ));
     drop(image);
@@ -373,7 +374,7 @@ fn test_every_single_byte_header_corruption_is_an_error_or_opens() {
             bytes[at] = v;
             if let Ok(image) = open(bytes) {
                 let mut buf = vec![0u8; 4096];
-                let _ = image.read_at(&mut buf, 0);
+                let _ = image.read_at(&mut buf, qed::GuestOffset(0));
                 let _ = image.map(qed::GuestOffset(0), image.size().min(1 << 30));
                 let _ = image.check(Repair::None);
             }

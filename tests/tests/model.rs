@@ -12,7 +12,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use qed::{BackingFormat, CreateOptions, Image, MemStorage, Repair};
 use qedstream_tests::{
-    assert_same_bytes, options_with, proptest_cases, qemu, tempdir, MemRawOpener,
+    assert_same_bytes, disk_over, proptest_cases, qemu, raw_backing, tempdir, Disk,
 };
 
 #[derive(Clone, Debug)]
@@ -39,19 +39,19 @@ fn step(cluster: u64) -> impl Strategy<Value = Step> {
 struct Harness {
     storage: Arc<MemStorage>,
     backing: Option<Vec<u8>>,
-    image: Option<qed::Chain>,
+    image: Option<Disk>,
     model: Vec<u8>,
     cluster: u64,
 }
 
 impl Harness {
     fn open(&mut self) {
-        let opener = MemRawOpener(self.backing.clone().unwrap_or_default());
-        let image = Image::open(Box::new(self.storage.clone()), options_with(opener)).unwrap();
-        self.image = Some(qed::Chain::new(image));
+        let image = Image::open(Box::new(self.storage.clone()), Default::default()).unwrap();
+        let backing = self.backing.as_deref().map(raw_backing);
+        self.image = Some(disk_over(image, backing));
     }
 
-    fn image(&self) -> &qed::Chain {
+    fn image(&self) -> &Disk {
         self.image.as_ref().unwrap()
     }
 
@@ -102,7 +102,7 @@ impl Harness {
                     drop(image); // leaves NEED_CHECK when there is no backing
                 }
                 self.open();
-                let report = self.image().check(Repair::None).unwrap();
+                let report = self.image().image().check(Repair::None).unwrap();
                 prop_assert_eq!(report.exit_code(), 0, "{:?}", report);
             }
             Step::Resize { clusters, sectors } => {
@@ -111,7 +111,7 @@ impl Harness {
                 let sectors = if self.backing.is_some() { 0 } else { sectors };
                 let old = self.model.len() as u64;
                 let new = old + clusters * cs + sectors * 512;
-                self.image().resize(new).unwrap();
+                self.image().image().resize(new).unwrap();
                 let backing = self.backing.clone().unwrap_or_default();
                 for pos in old..new {
                     self.model

@@ -4,46 +4,34 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use copy_on_read::{BlockDevice, QedImage, SyncDevice};
 use qed::{
-    BackingFormat, BackingOpener, BackingRead, CreateOptions, Error, Image, Mapping, MemStorage,
-    OpenOptions, QedBacking, RawBacking,
+    BackingFormat, CreateOptions, Error, GuestOffset, Image, Mapping, MemStorage, OpenOptions,
 };
 use qedstream_tests::{
-    assert_check_agrees, assert_same_bytes, open_detached, open_ro, open_rw, options_with,
-    path_str, peek_u64, qemu, read_all, tempdir, MemRawOpener,
+    assert_check_agrees, assert_same_bytes, disk_over, open_detached, open_ro, open_rw, path_str,
+    peek_u64, qemu, raw_backing, raw_file, read_all, tempdir, Disk,
 };
 
-/// Opens every backing name as one in-memory QED image.
-#[derive(Debug)]
-struct MemQedOpener(Vec<u8>);
-
-impl BackingOpener for MemQedOpener {
-    fn open(
-        &self,
-        name: &str,
-        _format: BackingFormat,
-        _image_path: Option<&Path>,
-        _depth: u32,
-        _seen: &[qed::FileId],
-    ) -> qed::Result<Arc<dyn BackingRead>> {
-        let image = Image::open(
-            Box::new(MemStorage::from_bytes(self.0.clone())),
-            OpenOptions {
-                read_only: true,
-                backing: qed::BackingPolicy::Detached,
-                ..OpenOptions::default()
-            },
-        )?;
-        Ok(Arc::new(QedBacking::new(image, name.to_string())))
-    }
+/// An in-memory QED image (read-only, no backing of its own) as a backing device.
+fn mem_qed_backing(bytes: Vec<u8>) -> Arc<dyn BlockDevice> {
+    let options = OpenOptions {
+        read_only: true,
+        ..OpenOptions::default()
+    };
+    let image = Image::open(Box::new(MemStorage::from_bytes(bytes)), options).unwrap();
+    Arc::new(QedImage::new(image, "base".into(), None))
 }
 
-/// An in-memory image over the backing `opener` opens, read and written through a chain
-/// reader (the image itself never reads its backing).
-fn mem_image(options: &CreateOptions, opener: impl BackingOpener + 'static) -> qed::Chain {
+/// An in-memory image over `backing`, read and written through the copy-on-read device (the
+/// image itself never reads its backing).
+fn mem_image(options: &CreateOptions, backing: Option<Arc<dyn BlockDevice>>) -> Disk {
     let storage = MemStorage::new();
     Image::create(&storage, options).unwrap();
-    qed::Chain::new(Image::open(Box::new(storage), options_with(opener)).unwrap())
+    disk_over(
+        Image::open(Box::new(storage), OpenOptions::default()).unwrap(),
+        backing,
+    )
 }
 
 fn with_backing(size: u64, format: BackingFormat) -> CreateOptions {
@@ -60,7 +48,7 @@ fn qed_backing_shorter_than_image_reads_zeros_past_its_end() {
     let base = MemStorage::new();
     Image::create(&base, &CreateOptions::new(1 << 20)).unwrap();
     let b = Image::open(Box::new(base), OpenOptions::default()).unwrap();
-    b.write_at(&[0x11; 1 << 20], 0).unwrap();
+    b.write_at(&[0x11; 1 << 20], GuestOffset(0)).unwrap();
     let base_bytes = {
         let bytes = b.storage().len().unwrap();
         let mut v = vec![0u8; bytes as usize];
@@ -70,7 +58,7 @@ fn qed_backing_shorter_than_image_reads_zeros_past_its_end() {
     b.close().unwrap();
     let top = mem_image(
         &with_backing(4 << 20, BackingFormat::Probe),
-        MemQedOpener(base_bytes),
+        Some(mem_qed_backing(base_bytes)),
     );
     let mut buf = vec![0xffu8; 2 << 20];
     top.read_at(&mut buf, 0).unwrap();
@@ -103,12 +91,20 @@ fn partial_write_into_zero_cluster_fills_zeros_even_with_backing() {
     let image = open_rw(&path);
     image.write_zeroes(0, 65536).unwrap();
     assert_eq!(
-        image.mapping_at(qed::GuestOffset(0), 65536).unwrap().0,
+        image
+            .image()
+            .mapping_at(qed::GuestOffset(0), 65536)
+            .unwrap()
+            .0,
         Mapping::Zero
     );
     image.write_at(&[0xcd; 4096], 8192).unwrap();
     assert!(matches!(
-        image.mapping_at(qed::GuestOffset(0), 65536).unwrap().0,
+        image
+            .image()
+            .mapping_at(qed::GuestOffset(0), 65536)
+            .unwrap()
+            .0,
         Mapping::Data(_)
     ));
     image.close().unwrap();
@@ -152,9 +148,9 @@ fn aligned_zero_write_to_unallocated_cluster_stores_entry_one_and_no_data() {
 
 #[test]
 fn unaligned_zero_write_over_unallocated_clusters_allocates_only_the_edges() {
-    let image = mem_image(&CreateOptions::new(8 << 20), MemRawOpener(Vec::new()));
+    let image = mem_image(&CreateOptions::new(8 << 20), None);
     image.write_zeroes(1000, 200_000).unwrap();
-    let map = image.map(qed::GuestOffset(0), 8 << 20).unwrap();
+    let map = image.image().map(qed::GuestOffset(0), 8 << 20).unwrap();
     assert!(matches!(map[0].mapping, Mapping::Data(_)), "{map:?}");
     assert_eq!(
         (map[1].offset, map[1].length, map[1].mapping),
@@ -162,7 +158,11 @@ fn unaligned_zero_write_over_unallocated_clusters_allocates_only_the_edges() {
     );
     assert!(matches!(map[2].mapping, Mapping::Data(_)), "{map:?}");
     assert_eq!(
-        image.check(qed::Repair::None).unwrap().allocated_clusters,
+        image
+            .image()
+            .check(qed::Repair::None)
+            .unwrap()
+            .allocated_clusters,
         2
     );
     image.close().unwrap();
@@ -170,12 +170,18 @@ fn unaligned_zero_write_over_unallocated_clusters_allocates_only_the_edges() {
 
 #[test]
 fn zero_write_to_allocated_cluster_writes_zeros_in_place() {
-    let image = mem_image(&CreateOptions::new(8 << 20), MemRawOpener(Vec::new()));
+    let image = mem_image(&CreateOptions::new(8 << 20), None);
     image.write_at(&[7u8; 65536], 65536).unwrap();
-    let before = image.mapping_at(qed::GuestOffset(65536), 65536).unwrap();
+    let before = image
+        .image()
+        .mapping_at(qed::GuestOffset(65536), 65536)
+        .unwrap();
     image.write_zeroes(65536, 65536).unwrap();
     assert_eq!(
-        image.mapping_at(qed::GuestOffset(65536), 65536).unwrap(),
+        image
+            .image()
+            .mapping_at(qed::GuestOffset(65536), 65536)
+            .unwrap(),
         before,
         "still the same data cluster"
     );
@@ -189,11 +195,11 @@ fn zero_write_to_allocated_cluster_writes_zeros_in_place() {
 fn zero_write_over_a_backing_hides_it_with_zero_clusters() {
     let image = mem_image(
         &with_backing(1 << 20, BackingFormat::Raw),
-        MemRawOpener(vec![0x11; 1 << 20]),
+        Some(raw_backing(&[0x11; 1 << 20])),
     );
     image.write_zeroes(0, 1 << 20).unwrap();
     assert_eq!(
-        image.map(qed::GuestOffset(0), 1 << 20).unwrap()[0].mapping,
+        image.image().map(qed::GuestOffset(0), 1 << 20).unwrap()[0].mapping,
         Mapping::Zero
     );
     assert!(read_all(&image).iter().all(|&b| b == 0));
@@ -202,14 +208,12 @@ fn zero_write_over_a_backing_hides_it_with_zero_clusters() {
 
 #[test]
 fn raw_backing_length_is_rounded_up_to_512() {
-    let raw = RawBacking::new(
-        Box::new(MemStorage::from_bytes(vec![1; 70_000])),
-        "b".into(),
-    )
-    .unwrap();
+    let raw = SyncDevice::new(raw_file(&[1; 70_000])).unwrap();
     assert_eq!(raw.size(), 70_144);
-    let mut buf = [9u8; 200];
-    raw.read_at(&mut buf, 69_950).unwrap();
+    // What a layer above reads of it (`read_padded`: zeros past its end).
+    let buf = raw
+        .block_on(copy_on_read::read_padded(&**raw.device(), 69_950, 200))
+        .unwrap();
     assert!(buf[..50].iter().all(|&b| b == 1) && buf[50..].iter().all(|&b| b == 0));
 }
 
@@ -309,12 +313,15 @@ fn resize_grows_like_qemu_and_refuses_to_shrink() {
     Image::create_path(&ours, &CreateOptions::new(1 << 20)).unwrap();
     qemu::img(&["create", "-f", "qed", path_str(&theirs), "1M"]);
     let image = open_rw(&ours);
-    assert!(matches!(image.resize(512 << 10), Err(Error::Shrink)));
     assert!(matches!(
-        image.resize((2 << 20) + 1),
+        image.image().resize(512 << 10),
+        Err(Error::Shrink)
+    ));
+    assert!(matches!(
+        image.image().resize((2 << 20) + 1),
         Err(Error::InvalidOptions(_))
     ));
-    image.resize(3 << 20).unwrap();
+    image.image().resize(3 << 20).unwrap();
     image.write_at(&[1; 10], (3 << 20) - 10).unwrap();
     image.close().unwrap();
     qemu::img(&["resize", "-f", "qed", path_str(&theirs), "3M"]);
@@ -349,7 +356,8 @@ fn set_backing_writes_the_header_qemu_rebase_unsafe_writes() {
     // Switch to a shorter raw name: stale bytes of the old name stay, as in QEMU.
     let image = open_rw(&ours);
     image
-        .set_backing(Some(("b.raw", BackingFormat::Raw)), None)
+        .image()
+        .set_backing(Some(("b.raw", BackingFormat::Raw)))
         .unwrap();
     image.close().unwrap();
     qemu::img(&[
@@ -370,7 +378,7 @@ fn set_backing_writes_the_header_qemu_rebase_unsafe_writes() {
     );
     // Remove the link.
     let image = open_rw(&ours);
-    image.set_backing(None, None).unwrap();
+    image.image().set_backing(None).unwrap();
     image.close().unwrap();
     qemu::img(&["rebase", "-u", "-f", "qed", "-b", "", path_str(&theirs)]);
     assert_same_bytes(
@@ -403,9 +411,14 @@ fn populate_then_unlink_backing_keeps_content_like_qemu_stream() {
     let mut pos = 0u64;
     while pos < image.size() {
         let n = (512u64 << 10).min(image.size() - pos);
-        let mut chunk = vec![0u8; n as usize];
-        image.backing().unwrap().read_at(&mut chunk, pos).unwrap();
-        let out = image.populate(qed::GuestOffset(pos), &chunk, true).unwrap();
+        let backing = image.backing().unwrap();
+        let chunk = image
+            .block_on(copy_on_read::read_padded(&*backing, pos, n as usize))
+            .unwrap();
+        let out = image
+            .image()
+            .populate(qed::GuestOffset(pos), &chunk, true)
+            .unwrap();
         total.written += out.written;
         total.zeroed += out.zeroed;
         total.skipped += out.skipped;
@@ -415,10 +428,11 @@ fn populate_then_unlink_backing_keeps_content_like_qemu_stream() {
     assert!(total.zeroed >= 512 << 10, "{total:?}");
     // Populating again changes nothing.
     let again = image
+        .image()
         .populate(qed::GuestOffset(0), &before[..1 << 20], true)
         .unwrap();
     assert_eq!(again.skipped, 1 << 20);
-    image.set_backing(None, None).unwrap();
+    image.image().set_backing(None).unwrap();
     assert_same_bytes(&read_all(&image), &before, "after unlinking the backing");
     image.close().unwrap();
     let flat = qemu::convert_to_raw(&path);
@@ -429,11 +443,13 @@ fn populate_then_unlink_backing_keeps_content_like_qemu_stream() {
     // Misuse is refused.
     let image = open_rw(&path);
     assert!(matches!(
-        image.populate(qed::GuestOffset(100), &[0; 4096], true),
+        image
+            .image()
+            .populate(qed::GuestOffset(100), &[0; 4096], true),
         Err(Error::InvalidOptions(_))
     ));
     assert!(matches!(
-        image.populate(qed::GuestOffset(0), &[0; 100], true),
+        image.image().populate(qed::GuestOffset(0), &[0; 100], true),
         Err(Error::InvalidOptions(_))
     ));
     image.close().unwrap();

@@ -8,9 +8,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use copy_on_read::{CorDevice, CorOptions, SyncDevice};
 use engine::convert::{convert, Target};
 use engine::source::Source;
-use qed::{BackingFormat, Chain, CreateOptions, Image, OpenOptions};
+use qed::{BackingFormat, CreateOptions, GuestOffset, Image, OpenOptions};
 use qedstream_benches::XorShift;
 use qedstream_tests::tools::ok_command;
 
@@ -68,8 +69,21 @@ fn create(path: &Path, size: u64, backing: Option<&str>) {
 
 /// The image with its backing, read and filled through the chain reader (the image itself
 /// never reads its backing).
-fn open(path: &Path) -> Chain {
-    Chain::new(Image::open_path(path, OpenOptions::default()).unwrap())
+/// An image without a backing: the `qed` crate itself, from this thread.
+fn open_alone(path: &Path) -> Image {
+    Image::open_path(path, OpenOptions::default()).unwrap()
+}
+
+/// The image over its backing, written through the copy-on-read device from this thread (as
+/// `qemu-io` writes through QEMU's block layer); copy-on-read off, as qemu-io's default. (The
+/// image never reads its backing: a write covering part of a cluster is merged with the
+/// backing there.)
+fn open(path: &Path) -> SyncDevice<CorDevice> {
+    let options = CorOptions {
+        copy_on_read: false,
+        ..CorOptions::default()
+    };
+    SyncDevice::open(path, options).unwrap()
 }
 
 fn main() {
@@ -97,9 +111,9 @@ fn main() {
         runs,
         || create(&img, 1 << 30, None),
         || {
-            let image = open(&img);
+            let image = open_alone(&img);
             for i in 0..n {
-                image.write_at(&pattern, i * MIB).unwrap();
+                image.write_at(&pattern, GuestOffset(i * MIB)).unwrap();
             }
             image.close().unwrap();
         },
@@ -184,9 +198,9 @@ fn main() {
         runs,
         || create(&img, 1 << 30, None),
         || {
-            let image = open(&img);
+            let image = open_alone(&img);
             for &o in &offsets {
-                image.write_at(&pattern[..4096], o).unwrap();
+                image.write_at(&pattern[..4096], GuestOffset(o)).unwrap();
             }
             image.close().unwrap();
         },

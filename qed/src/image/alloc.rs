@@ -37,7 +37,8 @@ fn data_updates(clusters: &[GuestCluster], host_base: HostOffset, cs: u64) -> Ve
 
 impl Image {
     /// Writes `data` at `offset` of the virtual disk.
-    pub fn write_at(&self, data: &[u8], offset: u64) -> Result<()> {
+    pub fn write_at(&self, data: &[u8], offset: GuestOffset) -> Result<()> {
+        let offset = offset.0;
         self.check_writable()?;
         self.check_range(offset, data.len() as u64)?;
         if data.is_empty() {
@@ -152,7 +153,7 @@ impl Image {
     /// With a backing file, a new cluster that the write `[offset, end)` covers only in part
     /// (within the disk) and that was unallocated would need the backing's bytes for the rest:
     /// the image never reads them, so that is an error (copy the cluster up first with
-    /// [`Image::populate`], as [`Chain`](crate::Chain) and the copy-on-read device do).
+    /// [`Image::populate_as_data`], as the copy-on-read device does).
     fn refuse_backing_gaps(
         &self,
         clusters: &[GuestCluster],
@@ -231,7 +232,8 @@ impl Image {
     /// Writes zeros over `[offset, offset + length)`. Whole clusters that are unallocated
     /// become zero clusters (no storage); zero clusters stay; allocated clusters get zeros
     /// written in place. Partial clusters at the edges are ordinary writes of zeros.
-    pub fn write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
+    pub fn write_zeroes(&self, offset: GuestOffset, length: u64) -> Result<()> {
+        let offset = offset.0;
         self.check_writable()?;
         self.check_range(offset, length)?;
         let g = self.geometry();
@@ -312,7 +314,7 @@ impl Image {
         let mut done = 0;
         while done < length {
             let n = (length - done).min(CHUNK);
-            self.write_at(&zeros[..n as usize], offset + done)?;
+            self.write_at(&zeros[..n as usize], GuestOffset(offset + done))?;
             done += n;
         }
         Ok(())
@@ -341,7 +343,7 @@ impl Image {
 
     /// As [`Image::populate`], but every cluster is stored as data, all-zero ones too: what a
     /// guest write that covers part of an unallocated cluster leaves, in QEMU and here (the
-    /// [`Chain`](crate::Chain) merges it with the backing and stores it this way).
+    /// copy-on-read device merges it with the backing and stores it this way).
     pub fn populate_as_data(&self, offset: GuestOffset, data: &[u8]) -> Result<PopulateOutcome> {
         self.populate_with(offset, data, Zeros::Data)
     }
@@ -483,7 +485,7 @@ struct Populate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{image, image_over_pattern, writes_in, Op, Pattern};
+    use crate::testing::{image, image_over_pattern, write_over_pattern, writes_in, Op, Pattern};
 
     const CS: u64 = 65536;
 
@@ -497,9 +499,13 @@ mod tests {
     #[test]
     fn one_request_allocates_one_contiguous_run() {
         let (_s, image) = image(16 << 20);
-        image.write_at(&[1u8; 10], 2 * CS).unwrap(); // cluster 2 allocated first
-                                                     // Clusters 0..=4, with 2 already allocated: 0, 1, 3, 4 are new and contiguous.
-        image.write_at(&vec![5u8; 5 * CS as usize], 0).unwrap();
+        image
+            .write_at(&[1u8; 10], crate::GuestOffset(2 * CS))
+            .unwrap(); // cluster 2 allocated first
+                       // Clusters 0..=4, with 2 already allocated: 0, 1, 3, 4 are new and contiguous.
+        image
+            .write_at(&vec![5u8; 5 * CS as usize], crate::GuestOffset(0))
+            .unwrap();
         let base = host_of(&image, 0);
         assert_eq!(host_of(&image, CS), base + CS);
         assert_eq!(host_of(&image, 3 * CS), base + 2 * CS);
@@ -510,13 +516,13 @@ mod tests {
     #[test]
     fn each_l2_table_is_written_once_per_request() {
         let (s, image) = image(16 << 20);
-        image.write_at(&[1u8], 0).unwrap(); // creates the first L2 table
+        image.write_at(&[1u8], crate::GuestOffset(0)).unwrap(); // creates the first L2 table
         let table = image.tables.l1_entries()[0];
         let table_end = table + image.geometry().table_bytes();
         s.take();
         // 16 clusters, entries 60..76: two sectors of the table, one write.
         image
-            .write_at(&vec![2u8; 16 * CS as usize], 60 * CS)
+            .write_at(&vec![2u8; 16 * CS as usize], crate::GuestOffset(60 * CS))
             .unwrap();
         let ops = s.take();
         assert_eq!(writes_in(&ops, table, table_end).len(), 1, "{ops:?}");
@@ -532,7 +538,7 @@ mod tests {
     #[test]
     fn partial_clusters_are_filled_from_the_backing_and_flushed_before_the_l2_update() {
         let (s, image) = image_over_pattern(16 << 20);
-        image.write_at(&[0xeeu8; 100], CS + 1000).unwrap();
+        write_over_pattern(&image, &[0xeeu8; 100], CS + 1000);
         let ops = s.take();
         let host = host_of(&image, CS);
         let mut buf = vec![0u8; CS as usize];
@@ -557,7 +563,7 @@ mod tests {
     fn write_zeroes_makes_zero_clusters_without_storage() {
         let (_s, image) = image(16 << 20);
         let end = image.file_end();
-        image.write_zeroes(CS, 4 * CS).unwrap();
+        image.write_zeroes(crate::GuestOffset(CS), 4 * CS).unwrap();
         assert_eq!(
             image.mapping_at(GuestOffset(CS), 4 * CS).unwrap(),
             (Mapping::Zero, 4 * CS)
@@ -568,10 +574,12 @@ mod tests {
             end + u64::from(image.geometry().table_size()) * CS
         );
         // An allocated cluster is zeroed in place and stays data.
-        image.write_at(&[3u8; 10], 8 * CS).unwrap();
-        image.write_zeroes(8 * CS, CS).unwrap();
+        image
+            .write_at(&[3u8; 10], crate::GuestOffset(8 * CS))
+            .unwrap();
+        image.write_zeroes(crate::GuestOffset(8 * CS), CS).unwrap();
         let mut buf = [1u8; 10];
-        image.read_at(&mut buf, 8 * CS).unwrap();
+        image.read_at(&mut buf, crate::GuestOffset(8 * CS)).unwrap();
         assert_eq!(buf, [0u8; 10]);
         assert!(matches!(
             image.mapping_at(GuestOffset(8 * CS), 1).unwrap().0,
@@ -582,7 +590,7 @@ mod tests {
     #[test]
     fn populate_never_overwrites_and_zero_clusters_stay_unstored() {
         let (_s, image) = image(16 << 20);
-        image.write_at(&[8u8; 1], CS).unwrap();
+        image.write_at(&[8u8; 1], crate::GuestOffset(CS)).unwrap();
         let mut data = vec![4u8; 3 * CS as usize];
         data[2 * CS as usize..].fill(0);
         let out = image.populate(GuestOffset(0), &data, true).unwrap();
@@ -595,7 +603,7 @@ mod tests {
             }
         );
         let mut b = [0u8; 2];
-        image.read_at(&mut b, CS).unwrap();
+        image.read_at(&mut b, crate::GuestOffset(CS)).unwrap();
         assert_eq!(b, [8, 0]);
         assert_eq!(
             image.mapping_at(GuestOffset(2 * CS), 1).unwrap().0,
@@ -624,9 +632,9 @@ mod tests {
         );
         drop(in_flight);
         // The write then links its own data; the populate never overwrote it.
-        image.write_at(&[9u8; 4], CS).unwrap();
+        image.write_at(&[9u8; 4], crate::GuestOffset(CS)).unwrap();
         let mut b = [0u8; 5];
-        image.read_at(&mut b, CS).unwrap();
+        image.read_at(&mut b, crate::GuestOffset(CS)).unwrap();
         assert_eq!(b, [9, 9, 9, 9, 0]);
     }
 
@@ -636,7 +644,11 @@ mod tests {
         let before = image.file_end();
         let in_flight = image.claims.claim_all(vec![GuestCluster(2)]);
         std::thread::scope(|s| {
-            let writer = s.spawn(|| image.write_at(&[5u8; 10], 2 * CS + 100).unwrap());
+            let writer = s.spawn(|| {
+                image
+                    .write_at(&[5u8; 10], crate::GuestOffset(2 * CS + 100))
+                    .unwrap()
+            });
             std::thread::sleep(std::time::Duration::from_millis(100));
             assert!(
                 !writer.is_finished(),
@@ -649,7 +661,7 @@ mod tests {
             writer.join().unwrap();
         });
         let mut b = vec![0u8; CS as usize];
-        image.read_at(&mut b, 2 * CS).unwrap();
+        image.read_at(&mut b, crate::GuestOffset(2 * CS)).unwrap();
         assert_eq!(&b[99..111], &[1, 5, 5, 5, 5, 5, 5, 5, 5, 5, 5, 1]);
         // One L2 table and one data cluster: the waiting write went in place.
         let table = u64::from(image.geometry().table_size()) * CS;

@@ -2,11 +2,10 @@
 //! close, resize, and the backing link.
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use super::Image;
+use crate::backing::BackingFormat;
 use crate::error::{Error, Result};
-use crate::layer::{BackingFormat, BackingRead};
 use crate::layout::{
     self, Header, F_BACKING_FILE, F_BACKING_FORMAT_NO_PROBE, F_NEED_CHECK, HEADER_SIZE_BYTES,
     SECTOR,
@@ -163,13 +162,8 @@ impl Image {
     /// Records a new backing name and format in the header (or none), without copying data,
     /// as `qemu-img rebase -u` does: header and name are written in one write at offset 0,
     /// then flushed. Removing the link clears both backing bits and sets the name to
-    /// offset 64, size 0 (as QEMU's block-stream leaves it). The opened backing, if any, is
-    /// replaced by `opened` (or dropped).
-    pub fn set_backing(
-        &self,
-        backing: Option<(&str, BackingFormat)>,
-        opened: Option<Arc<dyn BackingRead>>,
-    ) -> Result<()> {
+    /// offset 64, size 0 (as QEMU's block-stream leaves it).
+    pub fn set_backing(&self, backing: Option<(&str, BackingFormat)>) -> Result<()> {
         self.check_writable()?;
         let mut state = self.state.lock();
         let (header, bytes) = self.backing_header(&state.header, backing)?;
@@ -181,7 +175,6 @@ impl Image {
             .map_err(Error::io("writing header", 0))?;
         state.header = header;
         state.backing_name = backing.map(|(n, _)| n.to_string());
-        *self.backing.write() = opened;
         Ok(())
     }
 
@@ -221,12 +214,12 @@ impl Image {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{image, image_over_pattern, Op};
+    use crate::testing::{image, image_over_pattern, write_over_pattern, Op};
 
     #[test]
     fn need_check_is_durable_before_the_first_allocation_and_cleared_by_flush() {
         let (s, image) = image(16 << 20);
-        image.write_at(&[1u8; 10], 0).unwrap();
+        image.write_at(&[1u8; 10], crate::GuestOffset(0)).unwrap();
         let ops = s.take();
         // The header write and its flush come before anything else.
         assert_eq!(ops[0], Op::Write { offset: 0, len: 64 });
@@ -235,7 +228,9 @@ mod tests {
         let on_disk = Header::decode(&s.bytes()[..64]).unwrap();
         assert_ne!(on_disk.features & F_NEED_CHECK, 0);
         // A second allocation does not write the header again.
-        image.write_at(&[1u8; 10], 1 << 20).unwrap();
+        image
+            .write_at(&[1u8; 10], crate::GuestOffset(1 << 20))
+            .unwrap();
         assert!(!s.take().contains(&Op::Write { offset: 0, len: 64 }));
         image.flush().unwrap();
         assert!(!image.is_dirty());
@@ -246,7 +241,7 @@ mod tests {
     #[test]
     fn with_a_backing_file_need_check_is_never_set() {
         let (s, image) = image_over_pattern(16 << 20);
-        image.write_at(&[1u8; 10], 0).unwrap();
+        write_over_pattern(&image, &[1u8; 10], 0);
         assert!(!image.is_dirty());
         assert!(!s.take().contains(&Op::Write { offset: 0, len: 64 }));
     }
@@ -273,11 +268,11 @@ mod tests {
             32 << 20
         );
         image
-            .set_backing(Some(("b.raw", BackingFormat::Raw)), None)
+            .set_backing(Some(("b.raw", BackingFormat::Raw)))
             .unwrap();
         assert_eq!(image.backing_format(), Some(BackingFormat::Raw));
         assert_eq!(&s.bytes()[64..69], b"b.raw");
-        image.set_backing(None, None).unwrap();
+        image.set_backing(None).unwrap();
         let h = Header::decode(&s.bytes()[..64]).unwrap();
         assert_eq!(
             (

@@ -94,7 +94,7 @@ impl Image {
 
     /// Reads what this image holds of `[offset, offset + buf.len())` into `buf` (data and
     /// zero clusters) and returns the unallocated ranges, left untouched for the caller to
-    /// fill (from the backing: see [`Chain`](crate::Chain)).
+    /// fill (from the backing: the `copy-on-read` crate does).
     pub fn read_allocated(
         &self,
         buf: &mut [u8],
@@ -130,7 +130,7 @@ impl Image {
             name: self.backing_name().unwrap_or_default(),
             source: format!(
                 "{guest} is unallocated: its contents are the backing's, which the image \
-                 does not read (read through qed::Chain or the copy-on-read device)"
+                 does not read (read it through the copy-on-read crate's devices)"
             )
             .into(),
         }
@@ -139,16 +139,16 @@ impl Image {
     /// Reads `buf.len()` bytes of the virtual disk at `offset`. Unallocated ranges read as
     /// zeros when the image names no backing file; with one, they fail with
     /// [`Error::Backing`] (the image never reads its backing: use [`Image::read_allocated`]
-    /// or a [`Chain`](crate::Chain)).
-    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        let holes = self.read_allocated(buf, GuestOffset(offset))?;
+    /// or the `copy-on-read` crate's devices).
+    pub fn read_at(&self, buf: &mut [u8], offset: GuestOffset) -> Result<()> {
+        let holes = self.read_allocated(buf, offset)?;
         if let Some(&(at, _)) = holes.first() {
             if self.state.lock().header.has_backing_file() {
                 return Err(self.needs_backing(at));
             }
         }
         for (at, len) in holes {
-            let s = (at.0 - offset) as usize;
+            let s = (at - offset) as usize;
             buf[s..s + len as usize].fill(0);
         }
         Ok(())
@@ -158,7 +158,9 @@ impl Image {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{image, image_over_pattern, Pattern};
+    use crate::testing::{
+        image, image_over_pattern, read_over_pattern, write_over_pattern, Pattern,
+    };
 
     const CS: u64 = 65536;
 
@@ -179,8 +181,12 @@ mod tests {
     #[test]
     fn allocated_and_zero_clusters_map_as_such() {
         let (_s, image) = image(16 << 20);
-        image.write_at(&vec![7u8; 3 * CS as usize], CS).unwrap();
-        image.write_zeroes(8 * CS, 2 * CS).unwrap();
+        image
+            .write_at(&vec![7u8; 3 * CS as usize], crate::GuestOffset(CS))
+            .unwrap();
+        image
+            .write_zeroes(crate::GuestOffset(8 * CS), 2 * CS)
+            .unwrap();
         let Mapping::Data(host) = image.mapping_at(GuestOffset(CS + 5), 1 << 20).unwrap().0 else {
             panic!("expected data");
         };
@@ -208,10 +214,10 @@ mod tests {
     #[test]
     fn reads_fall_through_to_the_backing_only_where_unallocated() {
         let (_s, image) = image_over_pattern(4 << 20);
-        image.write_at(&[9u8; 10], CS).unwrap();
-        image.write_zeroes(2 * CS, CS).unwrap();
+        write_over_pattern(&image, &[9u8; 10], CS);
+        image.write_zeroes(GuestOffset(2 * CS), CS).unwrap();
         let mut buf = vec![0u8; 3 * CS as usize];
-        image.read_at(&mut buf, 0).unwrap();
+        read_over_pattern(&image, &mut buf, 0);
         assert_eq!(buf[5], Pattern::byte(5));
         assert_eq!(&buf[CS as usize..CS as usize + 10], &[9u8; 10]);
         // The rest of the allocated cluster was filled from the backing when allocated.
@@ -221,13 +227,12 @@ mod tests {
 
     #[test]
     fn the_image_never_reads_its_backing() {
-        let (_s, chain) = image_over_pattern(4 << 20);
-        chain.write_at(&[9u8; 10], CS).unwrap();
-        let image = chain.image();
+        let (_s, image) = image_over_pattern(4 << 20);
+        write_over_pattern(&image, &[9u8; 10], CS);
         let mut buf = vec![7u8; 2 * CS as usize];
         // Plain reads of unallocated clusters fail; the mapping-level read reports them.
         assert!(matches!(
-            image.read_at(&mut buf, 0),
+            image.read_at(&mut buf, GuestOffset(0)),
             Err(Error::Backing { .. })
         ));
         let mut buf = vec![7u8; 2 * CS as usize];
@@ -237,7 +242,7 @@ mod tests {
         assert_eq!(buf[CS as usize], 9);
         // A write that covers an unallocated cluster in part needs the backing's bytes.
         assert!(matches!(
-            image.write_at(&[1u8; 10], 2 * CS + 5),
+            image.write_at(&[1u8; 10], GuestOffset(2 * CS + 5)),
             Err(Error::Backing { .. })
         ));
         assert_eq!(
@@ -245,6 +250,8 @@ mod tests {
             Mapping::Unallocated
         );
         // Whole clusters need nothing from the backing.
-        image.write_at(&vec![2u8; CS as usize], 3 * CS).unwrap();
+        image
+            .write_at(&vec![2u8; CS as usize], GuestOffset(3 * CS))
+            .unwrap();
     }
 }

@@ -1,10 +1,12 @@
 //! An open QED image: mapping lookups, reads of what the image holds, crash-safe allocating
 //! writes, zero writes, population with whole clusters, resize and backing-link changes. The
-//! image never reads its backing (see [`Chain`](crate::Chain) and the `copy-on-read` device).
+//! image never opens or reads its backing: it records the backing's name and format
+//! ([`Image::backing_name`], [`Image::backing_format`]); the `copy-on-read` crate opens the
+//! backing through its gate and moves the bytes.
 //!
 //! The image is split by concern:
 //! - `open`: creating images, opening them (header validation, autoclear bits, NEED_CHECK
-//!   repair, the backing).
+//!   repair).
 //! - `header`: header changes while open: the NEED_CHECK bit around allocations, flush,
 //!   close, resize, the backing link.
 //! - `lookup`: what a guest range maps to ([`Image::map`], [`Image::mapping_at`]) and reads
@@ -41,12 +43,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 
+use crate::backing::BackingFormat;
 use crate::check::{self, CheckReport, Repair};
 use crate::error::{Error, Result};
 use crate::file::FileId;
-use crate::layer::{BackingDescription, BackingFormat, BackingOpener, BackingRead};
 use crate::layout::{self, Geometry, Header, F_BACKING_FORMAT_NO_PROBE};
 use crate::storage::Storage;
 use crate::tables::Tables;
@@ -55,19 +57,8 @@ use crate::types::{GuestOffset, HostOffset};
 use claims::Claims;
 use header::HeaderState;
 
-/// How an image's backing is handled at open.
-#[derive(Clone, Debug)]
-pub enum BackingPolicy {
-    /// Open the backing the header names through this opener (gate).
-    Open(Arc<dyn BackingOpener>),
-    /// Do not open it. The caller (a copy-on-read device, `check`, `map`) reads the backing
-    /// itself or does not need it. (The image never reads its backing either way: with
-    /// `Open`, [`Image::backing`] hands the opened one to a [`Chain`](crate::Chain).)
-    Detached,
-}
-
-/// Options for [`Image::open`]. The default opens the backing through a default
-/// [`FileGate`](crate::FileGate).
+/// Options for [`Image::open`]. The default opens read-write with a 64-table L2 cache and
+/// repairs an image marked NEED_CHECK, as QEMU does. The backing is never opened here.
 #[derive(Clone, Debug)]
 pub struct OpenOptions {
     /// Open without ever writing.
@@ -79,31 +70,20 @@ pub struct OpenOptions {
     pub force_share: bool,
     /// The image's path, to resolve a relative backing name.
     pub path: Option<PathBuf>,
-    /// What to do with the backing file.
-    pub backing: BackingPolicy,
     /// How many L2 tables to keep cached (at least 1).
     pub l2_cache_tables: usize,
-    /// How deep below the top image this one is (set by backing openers).
-    pub depth: u32,
-    /// The files of the layers above this one (set by backing openers), so that a chain that
-    /// names one of them again is refused as a loop.
-    pub above: Vec<crate::file::FileId>,
     /// Repair an image marked NEED_CHECK when opening it read-write (QEMU does; `check`
     /// turns it off to report what it finds).
     pub repair_on_open: bool,
 }
 
-impl OpenOptions {
-    /// Read-write, default cache, backing opened through `opener`.
-    pub fn with_opener(opener: Arc<dyn BackingOpener>) -> OpenOptions {
+impl Default for OpenOptions {
+    fn default() -> OpenOptions {
         OpenOptions {
             read_only: false,
             force_share: false,
             path: None,
-            backing: BackingPolicy::Open(opener),
             l2_cache_tables: 64,
-            depth: 0,
-            above: Vec::new(),
             repair_on_open: true,
         }
     }
@@ -184,7 +164,6 @@ pub struct Image {
     state: Mutex<HeaderState>,
     image_size: AtomicU64,
     claims: Claims,
-    backing: RwLock<Option<Arc<dyn BackingRead>>>,
     closed: bool,
 }
 
@@ -240,11 +219,6 @@ impl Image {
         })
     }
 
-    /// The opened backing, if any.
-    pub fn backing(&self) -> Option<Arc<dyn BackingRead>> {
-        self.backing.read().clone()
-    }
-
     /// The path the image was opened from, if known.
     pub fn path(&self) -> Option<&Path> {
         self.path.as_deref()
@@ -268,11 +242,6 @@ impl Image {
     /// The file length the allocator works with (a whole number of clusters).
     pub fn file_end(&self) -> u64 {
         self.tables.file_end().0
-    }
-
-    /// Describes the backing chain.
-    pub fn describe_backing(&self) -> Option<BackingDescription> {
-        self.backing().map(|b| b.describe())
     }
 
     /// Checks the image; with a repair mode other than [`Repair::None`], also repairs what it

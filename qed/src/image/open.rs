@@ -1,19 +1,20 @@
 //! Creating images and opening them: header validation as QEMU does it, autoclear bits,
-//! loading the tables, NEED_CHECK repair, and the backing.
+//! loading the tables, NEED_CHECK repair. The backing is recorded (name and format), never
+//! opened.
 
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 
 use super::claims::Claims;
-use super::{BackingPolicy, CreateOptions, HeaderState, Image, OpenOptions};
+use super::{CreateOptions, HeaderState, Image, OpenOptions};
+use crate::backing::BackingFormat;
 use crate::check::Repair;
 use crate::error::{Error, Result};
 use crate::file::{Access, FileId};
-use crate::layer::{BackingFormat, BackingRead};
 use crate::layout::{
     self, Geometry, Header, F_BACKING_FILE, F_BACKING_FORMAT_NO_PROBE, F_NEED_CHECK,
     HEADER_SIZE_BYTES, MAGIC, SECTOR,
@@ -94,15 +95,10 @@ impl Image {
             image_size: AtomicU64::new(header.image_size),
             state: Mutex::new(HeaderState::new(header, backing_name)),
             claims: Claims::default(),
-            backing: RwLock::new(None),
             closed: false,
         };
         if need_check && !options.read_only && options.repair_on_open {
             image.repair_on_open()?;
-        }
-        if let BackingPolicy::Open(opener) = &options.backing {
-            let backing = image.open_backing(&**opener, &options)?;
-            *image.backing.get_mut() = backing;
         }
         image.closed = image.read_only;
         Ok(image)
@@ -119,31 +115,6 @@ impl Image {
             });
         }
         Ok(())
-    }
-
-    fn open_backing(
-        &self,
-        opener: &dyn crate::layer::BackingOpener,
-        options: &OpenOptions,
-    ) -> Result<Option<Arc<dyn BackingRead>>> {
-        let (name, format) = {
-            let state = self.state.lock();
-            let Some(name) = state.backing_name.clone() else {
-                return Ok(None);
-            };
-            let format = if state.header.features & F_BACKING_FORMAT_NO_PROBE != 0 {
-                BackingFormat::Raw
-            } else {
-                BackingFormat::Probe
-            };
-            (name, format)
-        };
-        let path = options.path.as_deref();
-        let mut seen = options.above.clone();
-        seen.extend(self.file_id());
-        opener
-            .open(&name, format, path, options.depth + 1, &seen)
-            .map(Some)
     }
 }
 
@@ -270,13 +241,6 @@ mod tests {
     use crate::storage::MemStorage;
     use crate::testing::image;
 
-    fn detached() -> OpenOptions {
-        OpenOptions {
-            backing: BackingPolicy::Detached,
-            ..OpenOptions::default()
-        }
-    }
-
     #[test]
     fn create_writes_what_qemu_img_writes() {
         let storage = MemStorage::new();
@@ -297,16 +261,19 @@ mod tests {
     #[test]
     fn short_files_are_truncated_or_not_qed() {
         let storage = MemStorage::from_bytes(MAGIC.to_le_bytes().to_vec());
-        let r = Image::open(Box::new(storage), detached());
+        let r = Image::open(Box::new(storage), OpenOptions::default());
         assert!(matches!(r, Err(Error::Truncated { .. })));
-        let r = Image::open(Box::new(MemStorage::from_bytes(vec![1; 10])), detached());
+        let r = Image::open(
+            Box::new(MemStorage::from_bytes(vec![1; 10])),
+            OpenOptions::default(),
+        );
         assert!(matches!(r, Err(Error::NotQed)));
     }
 
     #[test]
     fn need_check_is_repaired_at_a_read_write_open_only() {
         let (s, image) = image(16 << 20);
-        image.write_at(&[1u8; 10], 0).unwrap();
+        image.write_at(&[1u8; 10], crate::GuestOffset(0)).unwrap();
         // A crash after allocating: NEED_CHECK stays set; add a leaked cluster at the end.
         let end = image.file_end();
         drop(image);
@@ -316,16 +283,20 @@ mod tests {
             Box::new(MemStorage::from_bytes(bytes.clone())),
             OpenOptions {
                 read_only: true,
-                ..detached()
+                ..OpenOptions::default()
             },
         )
         .unwrap();
         assert_eq!(ro.check(Repair::None).unwrap().leaks, 1);
-        let rw = Image::open(Box::new(MemStorage::from_bytes(bytes)), detached()).unwrap();
+        let rw = Image::open(
+            Box::new(MemStorage::from_bytes(bytes)),
+            OpenOptions::default(),
+        )
+        .unwrap();
         assert_eq!(rw.file_end(), end);
         assert_eq!(rw.header().features & F_NEED_CHECK, 0);
         let mut b = [0u8; 10];
-        rw.read_at(&mut b, 0).unwrap();
+        rw.read_at(&mut b, crate::GuestOffset(0)).unwrap();
         assert_eq!(b, [1u8; 10]);
         rw.close().unwrap();
     }
@@ -338,7 +309,11 @@ mod tests {
         h.autoclear_features = 0x80;
         storage.write_at(&h.encode(), 0).unwrap();
         let storage = std::sync::Arc::new(storage);
-        let image = Image::open(Box::new(std::sync::Arc::clone(&storage)), detached()).unwrap();
+        let image = Image::open(
+            Box::new(std::sync::Arc::clone(&storage)),
+            OpenOptions::default(),
+        )
+        .unwrap();
         assert_eq!(image.header().autoclear_features, 0);
         let on_disk = Header::decode(&storage.to_bytes()[..64]).unwrap();
         assert_eq!(on_disk.autoclear_features, 0);

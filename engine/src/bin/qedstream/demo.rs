@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use copy_on_read::BlockDevice;
-use qed::{BackingFormat, CreateOptions, Image, OpenOptions, Repair, Storage};
+use qed::{BackingFormat, CreateOptions, Image, Repair, Storage};
 
 use crate::child::{die_with_us, Helper, SignalExit};
 use crate::error::{Error, Result};
@@ -262,16 +262,16 @@ struct Verdict {
 /// Step 6: reads the overlay through a chain reader (where it still lacks clusters, they are
 /// the backing's: the image itself never reads its backing) and compares it with the base.
 fn verify(overlay: &Path, base: &Path, size: u64) -> Result<Verdict> {
-    let image = Image::open_path(
-        overlay,
-        OpenOptions {
-            read_only: true,
-            ..OpenOptions::default()
-        },
-    )
-    .map(qed::Chain::new)
-    .map_err(|e| Error::image(overlay, e))?;
+    // Read through the copy-on-read device (copy-on-read off): where the overlay still
+    // lacks clusters, they are the backing's (the image itself never reads its backing).
+    let options = copy_on_read::CorOptions {
+        read_only: true,
+        copy_on_read: false,
+        ..copy_on_read::CorOptions::default()
+    };
+    let image = copy_on_read::SyncDevice::open(overlay, options).map_err(Error::device)?;
     let report = image
+        .image()
         .check(Repair::None)
         .map_err(|e| Error::image(overlay, e))?;
     let base_file = std::fs::File::open(base).map_err(|e| Error::open(base, e))?;
@@ -280,9 +280,7 @@ fn verify(overlay: &Path, base: &Path, size: u64) -> Result<Verdict> {
     let mut same = true;
     let mut at = 0;
     while at < size {
-        image
-            .read_at(&mut a, at)
-            .map_err(|e| Error::image(overlay, e))?;
+        image.read_at(&mut a, at).map_err(Error::device)?;
         Storage::read_at(&base_file, &mut b, at).map_err(|e| Error::open(base, e))?;
         same &= a == b;
         at += 1 << 20;
@@ -290,7 +288,7 @@ fn verify(overlay: &Path, base: &Path, size: u64) -> Result<Verdict> {
     Ok(Verdict {
         same,
         check: report.exit_code(),
-        unlinked: image.backing_name().is_none(),
+        unlinked: image.image().backing_name().is_none(),
     })
 }
 

@@ -26,7 +26,7 @@ use engine::convert::{convert, Target};
 use engine::size::parse_size;
 use engine::source::{Source, SourceKind};
 use qed::backing::resolve_backing_path;
-use qed::{BackingFormat, BackingPolicy, CheckReport, CreateOptions, Image, OpenOptions, Repair};
+use qed::{BackingFormat, CheckReport, CreateOptions, Image, OpenOptions, Repair};
 
 use crate::error::{Error, Result};
 use crate::out::outln;
@@ -950,7 +950,6 @@ fn cmd_check(
     let options = OpenOptions {
         read_only: repair.is_none(),
         force_share,
-        backing: BackingPolicy::Detached,
         repair_on_open: false,
         ..OpenOptions::default()
     };
@@ -1044,7 +1043,6 @@ fn cmd_read(chain: SharedChainArgs, image: &Path, offset: u64, length: u64) -> R
 /// Opens an image read-write without its backing (for header-only changes).
 fn open_detached(path: &Path) -> Result<Image> {
     let options = OpenOptions {
-        backing: BackingPolicy::Detached,
         ..OpenOptions::default()
     };
     Image::open_path(path, options).map_err(|e| Error::image(path, e))
@@ -1241,7 +1239,6 @@ fn cmd_resize(path: &Path, size: &str) -> Result<u8> {
 
 fn cmd_rebase(path: &Path, backing: &str, backing_format: Option<&str>) -> Result<u8> {
     let options = OpenOptions {
-        backing: BackingPolicy::Detached,
         ..OpenOptions::default()
     };
     let image = Image::open_path(path, options).map_err(|e| Error::image(path, e))?;
@@ -1259,9 +1256,7 @@ fn cmd_rebase(path: &Path, backing: &str, backing_format: Option<&str>) -> Resul
         };
         Some((backing, fmt))
     };
-    image
-        .set_backing(new, None)
-        .map_err(|e| Error::image(path, e))?;
+    image.set_backing(new).map_err(|e| Error::image(path, e))?;
     image.close().map_err(|e| Error::image(path, e))?;
     Ok(0)
 }

@@ -759,6 +759,7 @@ fn serve_refuses_bad_arguments_before_opening_anything() {
     for (args, says) in [
         (vec!["--nbd", "tcp:localhost"], "tcp:HOST:PORT"),
         (vec!["--nbd", "tcp:localhost:99999"], "not a port number"),
+        (vec!["--nbd", "tcp::10809"], "host is missing"),
         (vec!["--nbd", "unix:"], "needs a socket path"),
         (vec!["--nbd", "vsock:3:10809"], "unix:PATH or tcp:HOST:PORT"),
         (

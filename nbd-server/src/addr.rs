@@ -28,14 +28,22 @@ impl FromStr for ListenAddr {
         };
         if let Some(path) = text.strip_prefix("unix:") {
             if path.is_empty() {
-                return Err(bad("empty socket path"));
+                return Err(bad("unix: needs a socket path"));
             }
             return Ok(ListenAddr::Unix(PathBuf::from(path)));
         }
         if let Some(hostport) = text.strip_prefix("tcp:") {
+            let (host, port) = hostport
+                .rsplit_once(':')
+                .ok_or_else(|| bad("expected tcp:HOST:PORT"))?;
+            if host.is_empty() {
+                return Err(bad("the host is missing (tcp:HOST:PORT)"));
+            }
+            port.parse::<u16>()
+                .map_err(|_| bad("the port is not a port number (0 to 65535)"))?;
             let mut addrs = hostport
                 .to_socket_addrs()
-                .map_err(|_| bad("expected tcp:HOST:PORT"))?;
+                .map_err(|_| bad("the host does not resolve (tcp:HOST:PORT)"))?;
             return addrs
                 .next()
                 .map(ListenAddr::Tcp)

@@ -32,12 +32,20 @@ use crate::out::outln;
 /// Parses an `--nbd` address: `unix:PATH`, `tcp:HOST:PORT`, or a bare path (a unix socket,
 /// the default kind: TCP binds only where told).
 pub fn parse_listen(text: &str) -> std::result::Result<ListenAddr, String> {
-    if text.starts_with("unix:") || text.starts_with("tcp:") {
-        text.parse().map_err(|e: nbd_server::Error| e.to_string())
-    } else if text.is_empty() {
-        Err("--nbd needs unix:PATH, tcp:HOST:PORT or a socket path".into())
-    } else {
-        Ok(ListenAddr::Unix(PathBuf::from(text)))
+    // A scheme other than ours is a mistake, not a socket file named `vsock:3:10809`.
+    let scheme = text
+        .split_once(':')
+        .map(|(s, _)| s)
+        .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric()));
+    match scheme {
+        Some("unix" | "tcp") => text.parse().map_err(|e: nbd_server::Error| e.to_string()),
+        Some(other) => Err(format!(
+            "--nbd {text:?}: {other}: is not a listener kind; expected unix:PATH or tcp:HOST:PORT"
+        )),
+        None if text.is_empty() => {
+            Err("--nbd needs unix:PATH, tcp:HOST:PORT or a socket path".into())
+        }
+        None => Ok(ListenAddr::Unix(PathBuf::from(text))),
     }
 }
 

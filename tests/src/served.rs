@@ -69,7 +69,7 @@ impl Served {
             lines,
             ready: Value::Null,
         };
-        served.ready = served.next();
+        served.ready = served.next_line();
         assert_eq!(
             served.ready["event"], "ready",
             "first line: {}",
@@ -87,7 +87,7 @@ impl Served {
     }
 
     /// The next line of stdout (a hang of [`DEADLINE`] fails the test).
-    pub fn next(&mut self) -> Value {
+    pub fn next_line(&mut self) -> Value {
         self.lines
             .recv_timeout(DEADLINE)
             .unwrap_or_else(|e| panic!("no line from qedstream serve within 60 s: {e}"))
@@ -101,7 +101,7 @@ impl Served {
     /// Reads lines until one whose `event` is `name`; returns it.
     pub fn wait_for(&mut self, name: &str) -> Value {
         loop {
-            let v = self.next();
+            let v = self.next_line();
             if v["event"] == name {
                 return v;
             }

@@ -415,3 +415,41 @@ fn nbd_clients_through_the_serve_binary() {
     assert_eq!(served.terminate(), 0);
     assert_clean_with(d, "top.qed", &expected, "after qemu-io through serve");
 }
+
+/// `qemu:allocation-depth` through `serve` on a chain four layers deep (raw <- QED <- QED <-
+/// the served QED) equals `qemu-nbd -A`'s of the same chain, depths 1 to 4 (the raw base
+/// counting as allocated everywhere, as QEMU counts it); a range a read copies in through
+/// the export is depth 1 at once.
+#[test]
+fn allocation_depth_of_a_deep_chain_matches_qemu_nbd() {
+    let dir = tempdir();
+    let d = dir.path();
+    tools::chain_fixture(
+        d,
+        &["write -P 1 0 1M", "write -P 1 5M 1M"],
+        &["write -P 2 2M 1M", "write -z 3M 64k"],
+    );
+    std::fs::copy(d.join("top.qed"), d.join("ref.qed")).unwrap();
+    let ref_sock = d.join("ref.sock");
+    let ref_image = d.join("ref.qed");
+    let args = ["-r", "-A", "-f", "qed", "-x", "exp", "--persistent", "-k"];
+    let args = args.iter().map(|a| a.to_string());
+    let args = args.chain([path_str(&ref_sock).into(), path_str(&ref_image).into()]);
+    let reference = NbdServer::start("qemu-nbd", args, &ref_sock);
+    let theirs = nbdinfo_map(d, "qemu:allocation-depth", &reference.uri());
+    for depth in 1..=4 {
+        assert!(
+            theirs.iter().any(|e| e.2 == depth),
+            "no depth {depth}: {theirs:?}"
+        );
+    }
+    let mut served = serve(d, &[], "top.qed");
+    let uri = served.uri();
+    assert_eq!(nbdinfo_map(d, "qemu:allocation-depth", &uri), theirs);
+
+    // A read copies 1 MiB at 5M (the raw base's, depth 4) into the served image: depth 1.
+    tools::ok(d, "qemu-io", &["-f", "raw", "-c", "read 5M 1M", &uri]);
+    let after = nbdinfo_map(d, "qemu:allocation-depth", &uri);
+    assert!(after.contains(&(5 << 20, 1 << 20, 1)), "{after:?}");
+    assert_eq!(served.terminate(), 0);
+}

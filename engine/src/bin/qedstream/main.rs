@@ -9,6 +9,7 @@
 mod child;
 mod demo;
 mod demo_vm;
+mod depth;
 mod error;
 mod job;
 mod out;

@@ -134,6 +134,13 @@ impl Served {
         }
     }
 
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().expect("waiting").is_none())
+    }
+
     /// SIGTERM, then [`Served::wait`].
     pub fn terminate(&mut self) -> i32 {
         self.signal(libc::SIGTERM);

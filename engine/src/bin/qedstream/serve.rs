@@ -34,12 +34,29 @@ use crate::out::outln;
 /// Parses an `--nbd` address: `unix:PATH`, `tcp:HOST:PORT`, or a bare path (a unix socket,
 /// the default kind: TCP binds only where told).
 pub fn parse_listen(text: &str) -> std::result::Result<ListenAddr, String> {
-    if text.starts_with("unix:") || text.starts_with("tcp:") {
-        text.parse().map_err(|e: nbd_server::Error| e.to_string())
-    } else if text.is_empty() {
-        Err("--nbd needs unix:PATH, tcp:HOST:PORT or a socket path".into())
-    } else {
-        Ok(ListenAddr::Unix(PathBuf::from(text)))
+    let scheme = text
+        .split_once(':')
+        .map(|(s, _)| s)
+        .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric()));
+    match scheme {
+        _ if text.is_empty() || text == "unix:" => {
+            Err("--nbd needs a socket path: unix:PATH, tcp:HOST:PORT or PATH".into())
+        }
+        Some("tcp") => {
+            let port = text.rsplit_once(':').map(|(h, p)| (h.len(), p));
+            match port {
+                Some((host_len, p)) if host_len > 3 && p.parse::<u16>().is_err() => {
+                    Err(format!("--nbd {text}: {p:?} is not a port number"))
+                }
+                _ => text.parse().map_err(|e: nbd_server::Error| e.to_string()),
+            }
+        }
+        Some("unix") => text.parse().map_err(|e: nbd_server::Error| e.to_string()),
+        // `vsock:3:10809`, `nbd:...`: a scheme, not a file name.
+        Some(other) => Err(format!(
+            "--nbd {text}: {other}: is not a kind of listener; use unix:PATH or tcp:HOST:PORT"
+        )),
+        None => Ok(ListenAddr::Unix(PathBuf::from(text))),
     }
 }
 

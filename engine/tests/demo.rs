@@ -326,3 +326,68 @@ fn no_qemu_nbd_outlives_a_killed_demo() {
     child.wait().unwrap();
     assert_no_orphan(scratch.path(), "SIGKILL");
 }
+
+/// `demo --vm`: a guest boots on the overlay `qedstream serve` streams, and its checksum of
+/// its disk is the base's; the overlay ends standalone, clean and equal to the base.
+#[test]
+fn demo_vm_boots_a_guest_on_the_streaming_overlay() {
+    require_qemu_nbd();
+    let kit = qedstream_tests::guest::GuestKit::get();
+    let scratch = tempdir();
+    let d = scratch.path().join("demo");
+    let out = run(demo(
+        scratch.path(),
+        &["--vm", "--size", "32M", "--dir", d.to_str().unwrap()],
+    )
+    .env("QEDSTREAM_GUEST_KIT", kit.dir()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo --vm failed: {}\n{stdout}",
+        stderr_of(&out)
+    );
+    let base = qedstream_tests::guest::host_sha256(&d.join("base.raw"));
+    assert!(stdout.contains(&format!("guest sha256 {base}")), "{stdout}");
+    assert!(
+        stdout.contains(&format!("base  sha256 {base} (equal)")),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("guest running; stream"),
+        "no progress shown: {stdout}"
+    );
+    assert!(stdout.contains("backing link dropped: true"), "{stdout}");
+    let info = qedstream_tests::tools::ok(&d, "qemu-img", &["info", "--output=json", "vm.qed"]);
+    assert!(!info.contains("backing-filename"), "{info}");
+    assert_eq!(qedstream_tests::tools::qemu_check(&d, "vm.qed"), 0);
+    qedstream_tests::tools::ok(
+        &d,
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "qed", "base.raw", "vm.qed"],
+    );
+}
+
+/// Without `qemu-system-x86_64` on PATH, `demo --vm` says so in one line and exits non-zero
+/// before creating anything.
+#[test]
+fn demo_vm_without_qemu_system_says_what_is_missing() {
+    let scratch = tempdir();
+    let empty = tempdir();
+    let d = scratch.path().join("demo");
+    let out = run(demo(
+        scratch.path(),
+        &["--vm", "--size", "4M", "--dir", d.to_str().unwrap()],
+    )
+    .env("PATH", empty.path()));
+    let err = stderr_of(&out);
+    assert!(
+        !out.status.success(),
+        "demo --vm succeeded without qemu-system"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("qemu-system-x86_64") && err.contains("not installed"),
+        "{err}"
+    );
+    assert!(!d.exists(), "the demo created {} anyway", d.display());
+}

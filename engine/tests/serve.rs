@@ -6,123 +6,21 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use qedstream_tests::nbd_server::NbdServer;
+use qedstream_tests::served::{Served, DEADLINE};
 use qedstream_tests::tempdir;
 use qedstream_tests::tools::{ok, run_command as run};
 use serde_json::{json, Value};
-
-/// A hang is a failure: the longest any awaited line or reply may take.
-const DEADLINE: Duration = Duration::from_secs(60);
 
 fn qedstream() -> Command {
     Command::new(env!("CARGO_BIN_EXE_qedstream"))
 }
 
-/// A running `qedstream serve --output=json`, killed on drop; its stdout lines arrive on a
-/// channel.
-struct Served {
-    child: Option<Child>,
-    lines: mpsc::Receiver<Value>,
-    ready: Value,
-}
-
-impl Served {
-    fn start(dir: &Path, args: &[&str]) -> Served {
-        let mut cmd = qedstream();
-        cmd.current_dir(dir)
-            .arg("serve")
-            .arg("--output=json")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
-        let mut child = qedstream_tests::tools::spawn(&mut cmd).expect("starting qedstream serve");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| {
-                    panic!("serve printed a line that is not JSON: {line:?}: {e}")
-                });
-                if tx.send(v).is_err() {
-                    return;
-                }
-            }
-        });
-        let mut served = Served {
-            child: Some(child),
-            lines,
-            ready: Value::Null,
-        };
-        served.ready = served.next();
-        assert_eq!(
-            served.ready["event"], "ready",
-            "first line: {}",
-            served.ready
-        );
-        served
-    }
-
-    /// The next line of stdout.
-    fn next(&mut self) -> Value {
-        self.lines
-            .recv_timeout(DEADLINE)
-            .unwrap_or_else(|e| panic!("no line from qedstream serve within 60 s: {e}"))
-    }
-
-    /// Reads lines until one whose `event` is `name`; returns it.
-    fn wait_for(&mut self, name: &str) -> Value {
-        loop {
-            let v = self.next();
-            if v["event"] == name {
-                return v;
-            }
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().expect("running").id()
-    }
-
-    fn signal(&self, sig: i32) {
-        let pid = i32::try_from(self.pid()).expect("pid");
-        // SAFETY: kill() only sends a signal to our own child, whose pid we hold unreaped.
-        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill failed");
-    }
-
-    /// Waits for the process to exit; its status code.
-    fn wait(&mut self) -> i32 {
-        let mut child = self.child.take().expect("running");
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = child.try_wait().expect("waiting") {
-                return status.code().unwrap_or(-1);
-            }
-            assert!(Instant::now() < deadline, "qedstream serve did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Whether it is still running.
-    fn running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().expect("waiting").is_none())
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// `qedstream serve --output=json ARGS...` in `dir`, its ready line read.
+fn start_served(dir: &Path, args: &[&str]) -> Served {
+    Served::start(Path::new(env!("CARGO_BIN_EXE_qedstream")), dir, args)
 }
 
 /// `qedstream job SOCKET ARGS...`.
@@ -214,7 +112,7 @@ fn job_cli_drives_a_served_stream_to_completion() {
     let d = dir.path();
     base(d, "32M");
     overlay(d, "base.raw");
-    let mut served = Served::start(
+    let mut served = start_served(
         d,
         &[
             "--control",
@@ -335,7 +233,7 @@ fn raw_qmp_speaks_qemus_protocol() {
     let d = dir.path();
     base(d, "32M");
     overlay(d, "base.raw");
-    let mut served = Served::start(d, &["--control", "ctl.sock", "--export", "vm", "top.qed"]);
+    let mut served = start_served(d, &["--control", "ctl.sock", "--export", "vm", "top.qed"]);
     let sock = d.join("ctl.sock");
     let mut a = Qmp::connect(&sock);
     let mut b = Qmp::connect(&sock);
@@ -460,7 +358,7 @@ fn on_error_stop_pauses_and_resume_retries() {
     std::fs::write(&trigger, b"").unwrap();
     let server = nbdkit_with_errors(&d.join("base.raw"), &d.join("nbd.sock"), &trigger);
     overlay(d, &server.uri());
-    let mut served = Served::start(
+    let mut served = start_served(
         d,
         &[
             "--control",
@@ -498,7 +396,7 @@ fn on_error_ignore_skips_ranges_and_keeps_the_link() {
     std::fs::write(&trigger, b"").unwrap();
     let server = nbdkit_with_errors(&d.join("base.raw"), &d.join("nbd.sock"), &trigger);
     overlay(d, &server.uri());
-    let mut served = Served::start(
+    let mut served = start_served(
         d,
         &[
             "--control",
@@ -511,7 +409,7 @@ fn on_error_ignore_skips_ranges_and_keeps_the_link() {
     );
     let mut errors = 0;
     let done = loop {
-        let v = served.next();
+        let v = served.next_line();
         match v["event"].as_str() {
             Some("error") => {
                 assert_eq!(v["action"], "ignore", "{v}");
@@ -550,7 +448,7 @@ fn repoint_at_a_second_qemu_nbd_after_the_first_dies() {
     ok(d, "qemu-img", &["create", "-f", "raw", "small.raw", "16M"]);
     let mut first = NbdServer::qemu_nbd(&d.join("base.raw"), &d.join("a.sock"));
     overlay(d, &first.uri());
-    let mut served = Served::start(
+    let mut served = start_served(
         d,
         &[
             "--control",
@@ -605,7 +503,7 @@ fn quit_mid_stream_and_read_only_leave_the_image_clean() {
     let d = dir.path();
     base(d, "32M");
     overlay(d, "base.raw");
-    let mut served = Served::start(
+    let mut served = start_served(
         d,
         &[
             "--control",
@@ -631,7 +529,7 @@ fn quit_mid_stream_and_read_only_leave_the_image_clean() {
     assert_clean_and_equal(d, "base.raw");
 
     let before = std::fs::read(d.join("top.qed")).unwrap();
-    let mut ro = Served::start(d, &["--control", "ro.sock", "--read-only", "top.qed"]);
+    let mut ro = start_served(d, &["--control", "ro.sock", "--read-only", "top.qed"]);
     let r = job(d, "ro.sock", &["step"]);
     assert!(!r.status.success(), "a step on a read-only node must fail");
     ro.signal(libc::SIGTERM);
@@ -652,7 +550,7 @@ fn qmp_step_takes_extreme_arguments() {
     let d = dir.path();
     base(d, "32M");
     overlay(d, "base.raw");
-    let mut served = Served::start(d, &["--control", "ctl.sock", "top.qed"]);
+    let mut served = start_served(d, &["--control", "ctl.sock", "top.qed"]);
     let mut qmp = Qmp::connect(&d.join("ctl.sock"));
     let mut ev = Vec::new();
     qmp.execute(json!({"execute": "qmp_capabilities"}), &mut ev);
@@ -692,7 +590,7 @@ fn qemu_qmp_python_client_drives_the_job() {
     let d = dir.path();
     base(d, "32M");
     overlay(d, "base.raw");
-    let mut served = Served::start(d, &["--control", "ctl.sock", "top.qed"]);
+    let mut served = start_served(d, &["--control", "ctl.sock", "top.qed"]);
     let script = r#"
 import asyncio, json, sys
 from qemu.qmp import QMPClient

@@ -14,6 +14,7 @@
 //!   command line, QEMU fixtures, an NBD server on a unix socket killed on drop, and
 //!   qemu-storage-daemon's block-stream over QMP.
 //! - [`runtime`]: the tokio runtime async tests drive devices on.
+//! - [`served`]: a running `qedstream serve --output=json`, its JSON lines and signals.
 //! - [`guest`]: a real Linux guest booted under `qemu-system-x86_64` (TCG) from an NBD export,
 //!   reporting the sha256 of its whole disk (after an optional write).
 //! - [`chain`]: a per-unit view of a backing chain's allocation, from `qemu-img map` and from
@@ -47,6 +48,7 @@ pub mod nbd_server;
 pub mod qemu;
 pub mod qsd;
 pub mod runtime;
+pub mod served;
 pub mod tools;
 
 /// A geometry under test and the virtual size its images get.

@@ -97,6 +97,11 @@ impl Helper {
         }
     }
 
+    /// The helper's stdout, when it was piped and not taken before.
+    pub fn take_stdout(&self) -> Option<std::process::ChildStdout> {
+        self.child.lock().as_mut().and_then(|c| c.stdout.take())
+    }
+
     /// Kills and reaps the helper (once; later calls do nothing).
     pub fn stop(&self) {
         stop_slot(&self.child);

@@ -24,7 +24,7 @@ use crate::progress::{open_device, StreamCommand};
 const BASE: &str = "base.raw";
 const OVERLAY: &str = "vm.qed";
 
-fn say(step: usize, text: &str) -> Result<()> {
+pub(crate) fn say(step: usize, text: &str) -> Result<()> {
     outln!("[{step}] {text}")
 }
 
@@ -324,9 +324,16 @@ fn report(overlay: &Path, v: &Verdict) -> Result<u8> {
 }
 
 /// Runs the demo in `dir` (a new private folder under the temp dir by default, kept) with a
-/// base of `size`.
-pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
+/// base of `size`; with `vm`, a guest boots on the overlay while `qedstream serve` streams it
+/// ([`crate::demo_vm`]).
+pub fn run(dir: Option<PathBuf>, size: u64, vm: bool) -> Result<u8> {
     let size = size.max(4 << 20) / (1 << 20) * (1 << 20);
+    // Before anything is built: what a guest needs, or why there can be none.
+    let kit = if vm {
+        Some(crate::demo_vm::find_kit()?)
+    } else {
+        None
+    };
     let (dir, sock_dir) = demo_dirs(dir)?;
     let signals = SignalExit::install("demo", &format!("the files are kept in {}", dir.display()))?;
     let base = dir.join(BASE);
@@ -360,6 +367,15 @@ pub fn run(dir: Option<PathBuf>, size: u64) -> Result<u8> {
         ),
     )?;
 
+    if let Some(kit) = kit {
+        let sock_path = sock_dir.as_ref().map_or(dir.as_path(), |d| d.path());
+        let same =
+            crate::demo_vm::boot_while_streaming(&kit, &signals, &overlay, &base, sock_path, size)?;
+        drop(served);
+        drop(sock_dir);
+        let code = report(&overlay, &verify(&overlay, &base, size)?)?;
+        return Ok(if same { code } else { 1 });
+    }
     let (stats, first) = read_through(&overlay)?;
     say(
         4,

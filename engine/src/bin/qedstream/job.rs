@@ -47,14 +47,15 @@ pub enum JobAction {
 }
 
 /// A QMP connection, negotiated.
-struct Qmp {
+pub(crate) struct Qmp {
     reader: BufReader<UnixStream>,
     writer: UnixStream,
     socket: String,
 }
 
 impl Qmp {
-    fn connect(socket: &Path) -> Result<Qmp> {
+    /// Connects to `socket` and negotiates capabilities.
+    pub(crate) fn connect(socket: &Path) -> Result<Qmp> {
         let name = socket.display().to_string();
         let stream =
             UnixStream::connect(socket).map_err(Error::io(format!("connecting to {name}")))?;
@@ -100,7 +101,7 @@ impl Qmp {
 
     /// Runs `command` and returns its `return`; a QMP error is an [`Error::Qmp`]. Events in
     /// between are skipped.
-    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value> {
+    pub(crate) fn execute(&mut self, command: &str, arguments: Value) -> Result<Value> {
         let request = json!({"execute": command, "arguments": arguments, "id": command});
         let mut line = request.to_string();
         line.push('\n');

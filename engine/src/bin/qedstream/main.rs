@@ -8,6 +8,8 @@
 
 mod child;
 mod demo;
+mod demo_vm;
+mod depth;
 mod error;
 mod job;
 mod out;
@@ -256,6 +258,11 @@ enum Command {
         /// Size of the sample base image.
         #[arg(long, default_value = "64M")]
         size: String,
+        /// Boot a small Linux guest (qemu-system-x86_64, TCG) on the overlay, served by
+        /// `qedstream serve` while it streams, and compare the guest's checksum of its disk
+        /// with the base's. The guest kit: $QEDSTREAM_GUEST_KIT, or guest/build-kit.sh.
+        #[arg(long)]
+        vm: bool,
     },
 }
 
@@ -553,7 +560,7 @@ fn run(cli: Cli) -> Result<u8> {
         Command::Stream(args) => cmd_stream(args),
         Command::Serve(args) => cmd_serve(args),
         Command::Job(args) => cmd_job(args),
-        Command::Demo { dir, size } => crate::demo::run(dir, parse_size(&size)?),
+        Command::Demo { dir, size, vm } => crate::demo::run(dir, parse_size(&size)?, vm),
     }
 }
 

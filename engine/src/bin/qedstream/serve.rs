@@ -9,7 +9,8 @@
 //! (flushed, NEED_CHECK clear) and exit 0. A stream that completes drops the backing link on
 //! disk at once and the process keeps serving the now standalone image.
 //!
-//! The NBD export is the `nbd-server` crate's, started in [`start_nbd`].
+//! The NBD export is the `nbd-server` crate's, started in [`start_nbd`]; over a QED backing
+//! chain its `qemu:allocation-depth` is [`ChainDepth`]'s, exact at every depth.
 
 use std::io::Write;
 use std::num::NonZeroU64;
@@ -24,8 +25,9 @@ use copy_on_read::{BlockDevice, CorDevice, CorOptions, Gate, Populate, RawFile};
 use engine::control::{Control, ControlEvent, ControlEvents, ControlSocket, Node, StreamRequest};
 use engine::job::{JobEvent, OnError};
 use engine::stream::StreamOptions;
-use nbd_server::{Export, ListenAddr, Server, ServerConfig};
+use nbd_server::{AllocationDepth, Export, ListenAddr, Server, ServerConfig};
 
+use crate::depth::ChainDepth;
 use crate::error::{Error, Result};
 use crate::out::outln;
 
@@ -99,9 +101,14 @@ impl NbdService {
 }
 
 /// Serves `node.device` (its copy-on-read layers through `node.populate`, for CACHE and
-/// `qemu:allocation-depth`) as export `node.export_name`, read-only when `node.read_only`, on
-/// every address in `listen`, bound and accepting when this returns.
-async fn start_nbd(listen: &[ListenAddr], node: &Node) -> Result<NbdService> {
+/// `qemu:allocation-depth`, which `depth` answers instead when given) as export
+/// `node.export_name`, read-only when `node.read_only`, on every address in `listen`, bound
+/// and accepting when this returns.
+async fn start_nbd(
+    listen: &[ListenAddr],
+    node: &Node,
+    depth: Option<Arc<dyn AllocationDepth>>,
+) -> Result<NbdService> {
     if listen.is_empty() {
         return Ok(NbdService::default());
     }
@@ -110,6 +117,9 @@ async fn start_nbd(listen: &[ListenAddr], node: &Node) -> Result<NbdService> {
         .read_only(node.read_only);
     if let Some(layers) = &node.populate {
         export = export.with_layers(layers.clone());
+    }
+    if let Some(depth) = depth {
+        export = export.with_allocation_depth(depth);
     }
     let server = Server::new(vec![export], ServerConfig::default());
     let mut bound = Vec::with_capacity(listen.len());
@@ -141,8 +151,11 @@ pub fn run(cmd: ServeCommand) -> Result<u8> {
     r
 }
 
+/// A served node and, over a QED backing chain, its exact `qemu:allocation-depth`.
+type Opened = (Node, Option<Arc<dyn AllocationDepth>>);
+
 /// Opens the image as a block node: QED through the copy-on-read device, raw as a file.
-async fn open_node(cmd: &ServeCommand) -> Result<Node> {
+async fn open_node(cmd: &ServeCommand) -> Result<Opened> {
     let mut gate = Gate {
         max_depth: cmd.max_chain_depth,
         ..Gate::default()
@@ -158,10 +171,11 @@ async fn open_node(cmd: &ServeCommand) -> Result<Node> {
     let path = &cmd.image;
     let file = qed::file::open(path, access).map_err(|e| Error::image(path, e))?;
     let format = qed::backing::probe_storage(&file).map_err(|e| Error::open(path, e))?;
+    let mut depth: Option<Arc<dyn AllocationDepth>> = None;
     let (device, populate): (Arc<dyn BlockDevice>, Option<Arc<dyn Populate>>) = match format {
         "qed" => {
             let options = CorOptions {
-                gate,
+                gate: gate.clone(),
                 read_only: cmd.read_only,
                 ..CorOptions::default()
             };
@@ -170,6 +184,10 @@ async fn open_node(cmd: &ServeCommand) -> Result<Node> {
                     .await
                     .map_err(Error::device)?,
             );
+            let layers: Arc<dyn Populate> = dev.clone();
+            if let Some(d) = ChainDepth::open(layers, dev.image(), path, &gate).await? {
+                depth = Some(Arc::new(d));
+            }
             (dev.clone(), Some(dev))
         }
         _ => {
@@ -178,7 +196,7 @@ async fn open_node(cmd: &ServeCommand) -> Result<Node> {
             (Arc::new(raw), None)
         }
     };
-    Ok(Node {
+    let node = Node {
         node_name: cmd.node_name.clone(),
         export_name: cmd.export.clone(),
         file: path.display().to_string(),
@@ -186,7 +204,8 @@ async fn open_node(cmd: &ServeCommand) -> Result<Node> {
         read_only: cmd.read_only,
         device,
         populate,
-    })
+    };
+    Ok((node, depth))
 }
 
 /// One JSON line on stdout, written out at once.
@@ -355,14 +374,14 @@ async fn end_job(cmd: &ServeCommand, control: &Control, events: &mut ControlEven
 async fn run_async(cmd: ServeCommand) -> Result<u8> {
     // Caught from here on: a signal during start-up ends the command as cleanly as later.
     let mut signals = Signals::install()?;
-    let node = open_node(&cmd).await?;
+    let (node, depth) = open_node(&cmd).await?;
     let defaults = StreamOptions {
         on_error: cmd.on_error,
         ..StreamOptions::default()
     };
     let control = Control::new(node, defaults);
     let mut events = control.subscribe();
-    let served = start_sockets(&cmd, &control).await;
+    let served = start_sockets(&cmd, &control, depth).await;
     let result = match served {
         Ok((socket, nbd)) => {
             let r = serve(&cmd, &control, &nbd.bound, &mut events, &mut signals).await;
@@ -392,12 +411,13 @@ async fn run_async(cmd: ServeCommand) -> Result<u8> {
 async fn start_sockets(
     cmd: &ServeCommand,
     control: &Control,
+    depth: Option<Arc<dyn AllocationDepth>>,
 ) -> Result<(Option<ControlSocket>, NbdService)> {
     let socket = match &cmd.control {
         Some(p) => Some(control.listen(p).await?),
         None => None,
     };
-    let nbd = match start_nbd(&cmd.nbd, control.node()).await {
+    let nbd = match start_nbd(&cmd.nbd, control.node(), depth).await {
         Ok(n) => n,
         Err(e) => {
             if let Some(s) = socket {

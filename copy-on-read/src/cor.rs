@@ -35,12 +35,12 @@ use qed::{GuestCluster, GuestOffset, Image, Mapping, OpenOptions};
 
 pub use crate::device::PopulateStats;
 use crate::device::{
-    check_range, read_padded, BlockDevice, Capabilities, Closed, Geometry, IoBufs, IoFuture,
-    LocalExtent, Populate, Reconnect, StatusExtent, WriteFlags,
+    check_range, push_extent, read_padded, BlockDevice, Capabilities, Closed, Geometry, IoBufs,
+    IoFuture, LocalExtent, MappedRead, Populate, Reconnect, Status, StatusExtent, WriteFlags,
 };
 use crate::error::{blocking, Error, Result};
 use crate::gate::Gate;
-use crate::image::{on_image, qed_status, read_local, read_local_bufs};
+use crate::image::{on_image, qed_status, read_local, read_local_bufs, read_local_into};
 use crate::lock::{RangeGuard, RangeLock};
 
 /// Options for [`CorDevice::open`].
@@ -618,6 +618,45 @@ impl CorDevice {
         Ok(bufs)
     }
 
+    /// [`BlockDevice::read_mapped`]: one blocking hop maps the range and, when the image
+    /// answers it alone (no unallocated cluster over a backing), reads it in the same hop.
+    async fn guest_read_mapped(&self, offset: u64, buf: Vec<u8>) -> Result<MappedRead> {
+        self.closed.check()?;
+        check_range(offset, buf.len() as u64, self.size())?;
+        // Without a backing (none, or its link dropped) unallocated clusters read as zeros.
+        let has_backing = self.backing().is_some();
+        let image = Arc::clone(&self.image);
+        let name = self.name.clone();
+        blocking(move || {
+            let mut buf = buf;
+            let extents = image
+                .map(GuestOffset(offset), buf.len() as u64)
+                .map_err(Error::qed(&name))?;
+            if has_backing && extents.iter().any(|e| e.mapping == Mapping::Unallocated) {
+                return Ok(Err(buf));
+            }
+            for (at, l) in read_local_into(&image, &name, &mut buf, offset)? {
+                let s = (at - offset) as usize;
+                buf[s..s + l as usize].fill(0);
+            }
+            let mut status = Vec::with_capacity(extents.len());
+            for e in extents {
+                let kind = match e.mapping {
+                    Mapping::Data(_) => Status::Data,
+                    Mapping::Zero | Mapping::Unallocated => Status::Zero,
+                };
+                let extent = StatusExtent {
+                    offset: e.offset.0,
+                    length: e.length,
+                    status: kind,
+                };
+                push_extent(&mut status, extent);
+            }
+            Ok(Ok((buf, status)))
+        })
+        .await
+    }
+
     /// Stores what a guest read fetched (whole clusters, under its range lock). A failure to
     /// store (a full disk) does not fail the read, which already holds the right bytes: it is
     /// counted ([`CorStats::cor_failures`]) and logged, and the clusters stay unallocated
@@ -748,6 +787,10 @@ impl BlockDevice for CorDevice {
 
     fn readv(&self, offset: u64, bufs: IoBufs) -> IoFuture<'_, IoBufs> {
         Box::pin(self.guest_readv(offset, bufs))
+    }
+
+    fn read_mapped(&self, offset: u64, buf: Vec<u8>) -> IoFuture<'_, MappedRead> {
+        Box::pin(self.guest_read_mapped(offset, buf))
     }
 
     fn writev(&self, offset: u64, bufs: IoBufs, flags: WriteFlags) -> IoFuture<'_, IoBufs> {

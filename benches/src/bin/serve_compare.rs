@@ -176,9 +176,15 @@ fn start_qsd(image: &Path, sock: &Path, cor: bool) -> Served {
     cmd.arg("--nbd-server")
         .arg(format!("addr.type=unix,addr.path={}", sock.display()))
         .arg("--export")
-        .arg(format!("type=nbd,id=e0,node-name={node},name=,writable={}", if cor { "on" } else { "off" }))
+        .arg(format!(
+            "type=nbd,id=e0,node-name={node},name=,writable={}",
+            if cor { "on" } else { "off" }
+        ))
         .arg("--chardev")
-        .arg(format!("socket,id=m,path={},server=on,wait=off", qmp_sock.display()))
+        .arg(format!(
+            "socket,id=m,path={},server=on,wait=off",
+            qmp_sock.display()
+        ))
         .arg("--monitor")
         .arg("chardev=m")
         .stdout(Stdio::null())
@@ -341,7 +347,9 @@ fn fresh_overlay(dir: &Path) -> PathBuf {
     tools::ok(
         dir,
         "qemu-img",
-        &["create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw", "top.qed"],
+        &[
+            "create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw", "top.qed",
+        ],
     );
     dir.join("top.qed")
 }
@@ -373,7 +381,16 @@ fn local_reads(
     tools::ok(
         dir,
         "qemu-img",
-        &["convert", "-q", "-f", "raw", "-O", "qed", "base.raw", "local.qed"],
+        &[
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "qed",
+            "base.raw",
+            "local.qed",
+        ],
     );
     let sock = dir.join("nbd.sock");
     let uri = format!("nbd+unix:///?socket={}", sock.display());
@@ -436,8 +453,18 @@ fn stream_latency(
     let sock = dir.join("nbd.sock");
     let uri = format!("nbd+unix:///?socket={}", sock.display());
     let mut out = vec![
-        ("ours", Figure { samples: vec![] }, Figure { samples: vec![] }, 0),
-        ("qsd", Figure { samples: vec![] }, Figure { samples: vec![] }, 0),
+        (
+            "ours",
+            Figure { samples: vec![] },
+            Figure { samples: vec![] },
+            0,
+        ),
+        (
+            "qsd",
+            Figure { samples: vec![] },
+            Figure { samples: vec![] },
+            0,
+        ),
     ];
     for _ in 0..plan.runs {
         for (kind, idle, busy, n) in out.iter_mut() {
@@ -502,7 +529,12 @@ fn main() {
     let local = local_reads(&rt, d, plan);
     let ours = &local[0];
     for (kind, copy, random) in &local {
-        println!("{kind:>9}: nbdcopy {}   random 4k qd16 x{}: {}", copy.show(), plan.random_reads, random.show());
+        println!(
+            "{kind:>9}: nbdcopy {}   random 4k qd16 x{}: {}",
+            copy.show(),
+            plan.random_reads,
+            random.show()
+        );
     }
     for (kind, copy, random) in &local[1..] {
         println!(

@@ -11,7 +11,7 @@
 //! A READ asks the device for data and status in one step where the device can give both
 //! ([`BlockDevice::read_mapped`]: a fully local QED range is one blocking-pool hop), else for
 //! block status then the data; either way the data lands in one buffer, taken from the
-//! connection's [`BufferPool`] (the writer gives it back), and only ranges that read as zeros
+//! export's [`BufferPool`] (the writer gives it back), and only ranges that read as zeros
 //! become OFFSET_HOLE chunks.
 //!
 //! Every request that was read gets an answer (unless the client goes away first); requests
@@ -20,7 +20,7 @@
 
 use std::io::IoSlice;
 use std::ops::Range;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use copy_on_read::{status_padded, BlockDevice, IoBufs, Status, WriteFlags};
 use nbd_proto::*;
@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use crate::error::Disconnect;
 use crate::export::Export;
 use crate::handshake::Negotiated;
+use crate::pool::BufferPool;
 use crate::server::Counters;
 
 /// The most extents one BLOCK_STATUS chunk carries (the spec allows 2^20).
@@ -45,55 +46,6 @@ const MAX_SKIPPED_PAYLOAD: u64 = u32::MAX as u64;
 const MAX_BATCH: usize = 64;
 /// The most slices one `writev` is given (below every system's IOV_MAX).
 const MAX_IOV: usize = 512;
-/// The most bytes of read buffers one connection keeps for reuse.
-const POOL_BYTES: usize = 16 << 20;
-
-/// Read buffers the writer gave back, reused by the connection's later READs, so that a READ
-/// neither allocates nor zeroes its buffer (the device fills every byte the reply sends); at
-/// most [`POOL_BYTES`] held.
-#[derive(Debug, Default)]
-struct BufferPool(Mutex<Vec<Vec<u8>>>);
-
-impl BufferPool {
-    fn held(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// A buffer of `len` bytes (contents unspecified).
-    fn take(&self, len: usize) -> Vec<u8> {
-        let found = {
-            let mut held = self.held();
-            let at = held.iter().position(|b| b.capacity() >= len);
-            at.map(|i| held.swap_remove(i))
-        };
-        match found {
-            Some(mut b) if b.len() >= len => {
-                b.truncate(len);
-                b
-            }
-            Some(mut b) => {
-                b.resize(len, 0);
-                b
-            }
-            None => vec![0u8; len],
-        }
-    }
-
-    /// Keeps `buf` for reuse, unless the pool is full.
-    fn give(&self, buf: Vec<u8>) {
-        if buf.capacity() == 0 {
-            return;
-        }
-        let mut held = self.held();
-        let bytes: usize = held.iter().map(Vec::capacity).sum();
-        if bytes + buf.capacity() <= POOL_BYTES {
-            held.push(buf);
-        }
-    }
-}
-
 /// A reply's bytes: chunk headers and small payloads in `head`, read data in `data`; each
 /// frame is a range of `head` followed by a range of `data`.
 #[derive(Debug, Default)]
@@ -147,7 +99,6 @@ pub(crate) struct Connection {
     allocation_depth: Option<u32>,
     limits: Limits,
     counters: Arc<Counters>,
-    pool: Arc<BufferPool>,
 }
 
 /// A complete reply: its bytes, and the permits it holds until written.
@@ -196,10 +147,9 @@ where
         allocation_depth: negotiated.allocation_depth,
         limits,
         counters,
-        pool: Arc::default(),
     });
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer_task = tokio::spawn(write_replies(writer, rx, Arc::clone(&conn.pool)));
+    let writer_task = tokio::spawn(write_replies(writer, rx, Arc::clone(&conn.export.pool)));
     let slots = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
     let bytes = Arc::new(Semaphore::new(
         limits
@@ -636,7 +586,7 @@ impl Connection {
     async fn read(&self, r: &Request) -> copy_on_read::Result<Frames> {
         // Validated: at most max_request_bytes.
         let length = r.length as usize;
-        let buf = self.pool.take(length);
+        let buf = self.export.pool.take(length);
         if !self.mode.structured() {
             let data = self.device().read_at(r.offset, buf).await?;
             self.counters.read(r.length);
@@ -684,10 +634,10 @@ impl Connection {
         for &(run, status) in &runs {
             let n = run as usize;
             if status == Status::Data {
-                let piece = self.pool.take(n);
+                let piece = self.export.pool.take(n);
                 let piece = self.device().read_at(offset + at as u64, piece).await?;
                 buf[at..at + n].copy_from_slice(&piece);
-                self.pool.give(piece);
+                self.export.pool.give(piece);
             }
             at += n;
         }

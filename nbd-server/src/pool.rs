@@ -51,3 +51,30 @@ impl BufferPool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_reused_and_the_pool_is_bounded() {
+        let pool = BufferPool::default();
+        let a = pool.take(4096);
+        assert_eq!(a.len(), 4096);
+        let at = a.as_ptr();
+        pool.give(a);
+        // A shorter request reuses the same allocation, cut to its length.
+        let b = pool.take(100);
+        assert_eq!((b.len(), b.as_ptr()), (100, at));
+        pool.give(b);
+        // A longer one grows it (or takes a new one): the length is always the one asked.
+        assert_eq!(pool.take(8192).len(), 8192);
+        // Never more than POOL_BYTES held.
+        for _ in 0..3 {
+            pool.give(vec![0u8; POOL_BYTES / 2]);
+        }
+        let held: usize = pool.held().iter().map(Vec::capacity).sum();
+        assert!(held <= POOL_BYTES, "{held} bytes held");
+        assert_eq!(pool.held().len(), 2);
+    }
+}

@@ -509,7 +509,7 @@ fn main() {
             size: 1 << 30,
             runs: 3,
             random_reads: 65536,
-            latency_samples: 20000,
+            latency_samples: 5000,
         }
     };
     let root = std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());

@@ -583,22 +583,23 @@ impl CorDevice {
             return Ok(bufs);
         };
         if !self.copy_on_read() {
-            for (at, l) in missing {
-                let data = match read_padded(&*backing, at, l as usize).await {
-                    Ok(d) => d,
-                    // The link was dropped under us (the stream finished): what the image
-                    // lacks now reads as zeros, which is what the backing held there.
-                    Err(_) if self.backing().is_none() => vec![0u8; l as usize],
-                    Err(e) => return Err(e),
-                };
-                bufs.copy_in((at - offset) as usize, &data);
-            }
-            return Ok(bufs);
+            return self
+                .fill_from_backing(&*backing, offset, bufs, missing)
+                .await;
         }
         let _urgent = self.urgent();
         let (lo, hi) = self.widen(offset, offset + len);
+        let (c0, c1) = self.clusters(lo, hi);
+        let Some(guard) = self.locks.try_lock(c0, c1) else {
+            // Another request (the stream, a write, another read's copy-in) is storing some
+            // of these clusters: serve this read from the backing without waiting for it or
+            // copying in (the holder stores them), as with copy-on-read off. A cluster the
+            // image lacked when we looked reads as the (unchanging) backing there.
+            return self
+                .fill_from_backing(&*backing, offset, bufs, missing)
+                .await;
+        };
         drop(backing);
-        let guard = self.lock(lo, hi).await;
         let backing = self.backing();
         // Re-check under the lock: a write or another fill may have landed.
         let image = Arc::clone(&self.image);
@@ -655,6 +656,27 @@ impl CorDevice {
             Ok(Ok((buf, status)))
         })
         .await
+    }
+
+    /// Fills the `missing` ranges of a read at `offset` from `backing`, copying nothing in.
+    async fn fill_from_backing(
+        &self,
+        backing: &dyn BlockDevice,
+        offset: u64,
+        mut bufs: IoBufs,
+        missing: Vec<(u64, u64)>,
+    ) -> Result<IoBufs> {
+        for (at, l) in missing {
+            let data = match read_padded(backing, at, l as usize).await {
+                Ok(d) => d,
+                // The link was dropped under us (the stream finished): what the image
+                // lacks now reads as zeros, which is what the backing held there.
+                Err(_) if self.backing().is_none() => vec![0u8; l as usize],
+                Err(e) => return Err(e),
+            };
+            bufs.copy_in((at - offset) as usize, &data);
+        }
+        Ok(bufs)
     }
 
     /// Stores what a guest read fetched (whole clusters, under its range lock). A failure to

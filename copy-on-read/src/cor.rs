@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 use qed::{GuestCluster, GuestOffset, Image, Mapping, OpenOptions};
 
@@ -87,11 +87,17 @@ pub struct CorDevice {
     copy_on_read: AtomicBool,
     urgent: Arc<AtomicUsize>,
     urgent_done: Arc<Notify>,
-    cor_bytes: AtomicU64,
+    cor_bytes: Arc<AtomicU64>,
     misses: AtomicU64,
-    cor_failures: AtomicU64,
+    cor_failures: Arc<AtomicU64>,
+    /// Bytes of copy-ins that may be stored after their read has returned.
+    copy_in_budget: Arc<Semaphore>,
     closed: Closed,
 }
+
+/// The most bytes fetched by guest reads that wait, stored after their reads returned, to be
+/// written into the image; beyond it a read stores its copy-in before it returns.
+const COPY_IN_BUDGET: usize = 64 << 20;
 
 /// Counts a guest request waiting on the backing while it lives.
 struct Urgent {
@@ -240,9 +246,10 @@ impl CorDevice {
             copy_on_read: AtomicBool::new(cor),
             urgent: Arc::new(AtomicUsize::new(0)),
             urgent_done: Arc::new(Notify::new()),
-            cor_bytes: AtomicU64::new(0),
+            cor_bytes: Arc::default(),
             misses: AtomicU64::new(0),
-            cor_failures: AtomicU64::new(0),
+            cor_failures: Arc::default(),
+            copy_in_budget: Arc::new(Semaphore::new(COPY_IN_BUDGET)),
             closed: Closed::default(),
         }
     }
@@ -679,38 +686,61 @@ impl CorDevice {
         Ok(bufs)
     }
 
-    /// Stores what a guest read fetched (whole clusters, under its range lock). A failure to
-    /// store (a full disk) does not fail the read, which already holds the right bytes: it is
-    /// counted ([`CorStats::cor_failures`]) and logged, and the clusters stay unallocated
-    /// (the image's crash-safe order links nothing whose data was not written).
+    /// Stores what a guest read fetched (whole clusters, under its range lock, held until
+    /// stored), after the read returns: the store runs on the blocking pool while the data
+    /// goes to the guest (within [`COPY_IN_BUDGET`]; beyond it the read waits for its store).
+    /// A failure to store (a full disk) does not fail the read, which already holds the right
+    /// bytes: it is counted ([`CorStats::cor_failures`]) and logged, and the clusters stay
+    /// unallocated (the image's crash-safe order links nothing whose data was not written).
+    /// [`CorDevice::settle_copy_ins`] waits for the stores of reads that returned; `close`
+    /// does too.
     async fn store_copy_in(&self, fills: Vec<(u64, Vec<u8>)>, guard: RangeGuard) {
+        let bytes: usize = fills.iter().map(|(_, d)| d.len()).sum();
+        let budget = u32::try_from(bytes).ok().and_then(|n| {
+            Arc::clone(&self.copy_in_budget)
+                .try_acquire_many_owned(n)
+                .ok()
+        });
         let image = Arc::clone(&self.image);
         let name = self.name.clone();
-        let stored = blocking(move || {
+        let (copied, failures) = (Arc::clone(&self.cor_bytes), Arc::clone(&self.cor_failures));
+        let background = budget.is_some();
+        let store = move || {
             let _guard = guard;
-            let mut n = 0;
-            for (at, data) in fills {
-                let o = image
-                    .populate(GuestOffset(at), &data, true)
-                    .map_err(Error::qed(&name))?;
-                n += o.written + o.zeroed;
+            let _budget = budget;
+            let stored: qed::Result<u64> = fills.into_iter().try_fold(0, |n, (at, data)| {
+                let o = image.populate(GuestOffset(at), &data, true)?;
+                Ok(n + o.written + o.zeroed)
+            });
+            // Counted before the guard is released, so that a settled device shows it.
+            match stored {
+                Ok(n) => {
+                    copied.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        image = %name,
+                        error = %e,
+                        "copy-on-read could not store what a guest read fetched; the read is served"
+                    );
+                }
             }
-            Ok(n)
-        })
-        .await;
-        match stored {
-            Ok(n) => {
-                self.cor_bytes.fetch_add(n, Ordering::Relaxed);
-            }
-            Err(e) => {
-                self.cor_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    image = %self.name,
-                    error = %e,
-                    "copy-on-read could not store what a guest read fetched; the read is served"
-                );
-            }
+        };
+        if background {
+            drop(tokio::task::spawn_blocking(store));
+        } else {
+            let _ = blocking(move || {
+                store();
+                Ok(())
+            })
+            .await;
         }
+    }
+
+    /// Waits until the copy-ins of guest reads that already returned are stored (or failed).
+    pub async fn settle_copy_ins(&self) {
+        drop(self.locks.lock_all().await);
     }
 
     async fn guest_write_zeroes(&self, offset: u64, length: u64) -> Result<()> {

@@ -34,6 +34,7 @@ fn a_read_of_busy_clusters_is_served_from_the_backing_without_waiting() {
         assert_eq!(dev.stats().cor_bytes, 0, "copied in under another's lock");
         drop(held);
         let data = dev.read_at(at, vec![0; 8192]).await.unwrap();
+        dev.settle_copy_ins().await;
         assert!(data == expect[at as usize..][..8192], "wrong bytes");
         assert!(dev.stats().cor_bytes > 0, "a free range is copied in");
         BlockDevice::close(&dev).await.unwrap();

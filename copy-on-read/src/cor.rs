@@ -22,6 +22,12 @@
 //! Guest misses go ahead of background work: while any guest request waits for the backing,
 //! [`CorDevice::populate_range`] does not start new copies.
 //!
+//! A guest read returns as soon as it has its bytes: its copy-in is stored afterwards on the
+//! blocking pool, under its range lock (up to a budget of bytes in flight, beyond which a read
+//! waits for its store); [`CorDevice::settle_copy_ins`] and `close` wait for those stores. A
+//! read of clusters another request holds locked (the stream storing them) does not wait: it
+//! reads the backing and copies nothing in.
+//!
 //! All `qed` calls run on tokio's blocking pool (`spawn_blocking`); backing reads are async.
 
 use std::path::{Path, PathBuf};

@@ -22,6 +22,12 @@
 //! Guest misses go ahead of background work: while any guest request waits for the backing,
 //! [`CorDevice::populate_range`] does not start new copies.
 //!
+//! A guest read returns as soon as it has its bytes: its copy-in is stored afterwards on the
+//! blocking pool, under its range lock (up to a budget of bytes in flight, beyond which a read
+//! waits for its store); [`CorDevice::settle_copy_ins`] and `close` wait for those stores. A
+//! read of clusters another request holds locked (the stream storing them) does not wait: it
+//! reads the backing and copies nothing in.
+//!
 //! All `qed` calls run on tokio's blocking pool (`spawn_blocking`); backing reads are async.
 
 use std::path::{Path, PathBuf};
@@ -29,18 +35,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 
 use qed::{GuestCluster, GuestOffset, Image, Mapping, OpenOptions};
 
 pub use crate::device::PopulateStats;
 use crate::device::{
-    check_range, read_padded, BlockDevice, Capabilities, Closed, Geometry, IoBufs, IoFuture,
-    LocalExtent, Populate, Reconnect, StatusExtent, WriteFlags,
+    check_range, push_extent, read_padded, BlockDevice, Capabilities, Closed, Geometry, IoBufs,
+    IoFuture, LocalExtent, MappedRead, Populate, Reconnect, Status, StatusExtent, WriteFlags,
 };
 use crate::error::{blocking, Error, Result};
 use crate::gate::Gate;
-use crate::image::{on_image, qed_status, read_local, read_local_bufs};
+use crate::image::{on_image, qed_status, read_local, read_local_bufs, read_local_into};
 use crate::lock::{RangeGuard, RangeLock};
 
 /// Options for [`CorDevice::open`].
@@ -87,11 +93,17 @@ pub struct CorDevice {
     copy_on_read: AtomicBool,
     urgent: Arc<AtomicUsize>,
     urgent_done: Arc<Notify>,
-    cor_bytes: AtomicU64,
+    cor_bytes: Arc<AtomicU64>,
     misses: AtomicU64,
-    cor_failures: AtomicU64,
+    cor_failures: Arc<AtomicU64>,
+    /// Bytes of copy-ins that may be stored after their read has returned.
+    copy_in_budget: Arc<Semaphore>,
     closed: Closed,
 }
+
+/// The most bytes fetched by guest reads that wait, stored after their reads returned, to be
+/// written into the image; beyond it a read stores its copy-in before it returns.
+const COPY_IN_BUDGET: usize = 64 << 20;
 
 /// Counts a guest request waiting on the backing while it lives.
 struct Urgent {
@@ -240,9 +252,10 @@ impl CorDevice {
             copy_on_read: AtomicBool::new(cor),
             urgent: Arc::new(AtomicUsize::new(0)),
             urgent_done: Arc::new(Notify::new()),
-            cor_bytes: AtomicU64::new(0),
+            cor_bytes: Arc::default(),
             misses: AtomicU64::new(0),
-            cor_failures: AtomicU64::new(0),
+            cor_failures: Arc::default(),
+            copy_in_budget: Arc::new(Semaphore::new(COPY_IN_BUDGET)),
             closed: Closed::default(),
         }
     }
@@ -583,22 +596,23 @@ impl CorDevice {
             return Ok(bufs);
         };
         if !self.copy_on_read() {
-            for (at, l) in missing {
-                let data = match read_padded(&*backing, at, l as usize).await {
-                    Ok(d) => d,
-                    // The link was dropped under us (the stream finished): what the image
-                    // lacks now reads as zeros, which is what the backing held there.
-                    Err(_) if self.backing().is_none() => vec![0u8; l as usize],
-                    Err(e) => return Err(e),
-                };
-                bufs.copy_in((at - offset) as usize, &data);
-            }
-            return Ok(bufs);
+            return self
+                .fill_from_backing(&*backing, offset, bufs, missing)
+                .await;
         }
         let _urgent = self.urgent();
         let (lo, hi) = self.widen(offset, offset + len);
+        let (c0, c1) = self.clusters(lo, hi);
+        let Some(guard) = self.locks.try_lock(c0, c1) else {
+            // Another request (the stream, a write, another read's copy-in) is storing some
+            // of these clusters: serve this read from the backing without waiting for it or
+            // copying in (the holder stores them), as with copy-on-read off. A cluster the
+            // image lacked when we looked reads as the (unchanging) backing there.
+            return self
+                .fill_from_backing(&*backing, offset, bufs, missing)
+                .await;
+        };
         drop(backing);
-        let guard = self.lock(lo, hi).await;
         let backing = self.backing();
         // Re-check under the lock: a write or another fill may have landed.
         let image = Arc::clone(&self.image);
@@ -618,38 +632,121 @@ impl CorDevice {
         Ok(bufs)
     }
 
-    /// Stores what a guest read fetched (whole clusters, under its range lock). A failure to
-    /// store (a full disk) does not fail the read, which already holds the right bytes: it is
-    /// counted ([`CorStats::cor_failures`]) and logged, and the clusters stay unallocated
-    /// (the image's crash-safe order links nothing whose data was not written).
-    async fn store_copy_in(&self, fills: Vec<(u64, Vec<u8>)>, guard: RangeGuard) {
+    /// [`BlockDevice::read_mapped`]: one blocking hop maps the range and, when the image
+    /// answers it alone (no unallocated cluster over a backing), reads it in the same hop.
+    async fn guest_read_mapped(&self, offset: u64, buf: Vec<u8>) -> Result<MappedRead> {
+        self.closed.check()?;
+        check_range(offset, buf.len() as u64, self.size())?;
+        // Without a backing (none, or its link dropped) unallocated clusters read as zeros.
+        let has_backing = self.backing().is_some();
         let image = Arc::clone(&self.image);
         let name = self.name.clone();
-        let stored = blocking(move || {
-            let _guard = guard;
-            let mut n = 0;
-            for (at, data) in fills {
-                let o = image
-                    .populate(GuestOffset(at), &data, true)
-                    .map_err(Error::qed(&name))?;
-                n += o.written + o.zeroed;
+        blocking(move || {
+            let mut buf = buf;
+            let extents = image
+                .map(GuestOffset(offset), buf.len() as u64)
+                .map_err(Error::qed(&name))?;
+            if has_backing && extents.iter().any(|e| e.mapping == Mapping::Unallocated) {
+                return Ok(Err(buf));
             }
-            Ok(n)
+            for (at, l) in read_local_into(&image, &name, &mut buf, offset)? {
+                let s = (at - offset) as usize;
+                buf[s..s + l as usize].fill(0);
+            }
+            let mut status = Vec::with_capacity(extents.len());
+            for e in extents {
+                let kind = match e.mapping {
+                    Mapping::Data(_) => Status::Data,
+                    Mapping::Zero | Mapping::Unallocated => Status::Zero,
+                };
+                let extent = StatusExtent {
+                    offset: e.offset.0,
+                    length: e.length,
+                    status: kind,
+                };
+                push_extent(&mut status, extent);
+            }
+            Ok(Ok((buf, status)))
         })
-        .await;
-        match stored {
-            Ok(n) => {
-                self.cor_bytes.fetch_add(n, Ordering::Relaxed);
-            }
-            Err(e) => {
-                self.cor_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    image = %self.name,
-                    error = %e,
-                    "copy-on-read could not store what a guest read fetched; the read is served"
-                );
-            }
+        .await
+    }
+
+    /// Fills the `missing` ranges of a read at `offset` from `backing`, copying nothing in.
+    async fn fill_from_backing(
+        &self,
+        backing: &dyn BlockDevice,
+        offset: u64,
+        mut bufs: IoBufs,
+        missing: Vec<(u64, u64)>,
+    ) -> Result<IoBufs> {
+        for (at, l) in missing {
+            let data = match read_padded(backing, at, l as usize).await {
+                Ok(d) => d,
+                // The link was dropped under us (the stream finished): what the image
+                // lacks now reads as zeros, which is what the backing held there.
+                Err(_) if self.backing().is_none() => vec![0u8; l as usize],
+                Err(e) => return Err(e),
+            };
+            bufs.copy_in((at - offset) as usize, &data);
         }
+        Ok(bufs)
+    }
+
+    /// Stores what a guest read fetched (whole clusters, under its range lock, held until
+    /// stored), after the read returns: the store runs on the blocking pool while the data
+    /// goes to the guest (within [`COPY_IN_BUDGET`]; beyond it the read waits for its store).
+    /// A failure to store (a full disk) does not fail the read, which already holds the right
+    /// bytes: it is counted ([`CorStats::cor_failures`]) and logged, and the clusters stay
+    /// unallocated (the image's crash-safe order links nothing whose data was not written).
+    /// [`CorDevice::settle_copy_ins`] waits for the stores of reads that returned; `close`
+    /// does too.
+    async fn store_copy_in(&self, fills: Vec<(u64, Vec<u8>)>, guard: RangeGuard) {
+        let bytes: usize = fills.iter().map(|(_, d)| d.len()).sum();
+        let budget = u32::try_from(bytes).ok().and_then(|n| {
+            Arc::clone(&self.copy_in_budget)
+                .try_acquire_many_owned(n)
+                .ok()
+        });
+        let image = Arc::clone(&self.image);
+        let name = self.name.clone();
+        let (copied, failures) = (Arc::clone(&self.cor_bytes), Arc::clone(&self.cor_failures));
+        let background = budget.is_some();
+        let store = move || {
+            let _guard = guard;
+            let _budget = budget;
+            let stored: qed::Result<u64> = fills.into_iter().try_fold(0, |n, (at, data)| {
+                let o = image.populate(GuestOffset(at), &data, true)?;
+                Ok(n + o.written + o.zeroed)
+            });
+            // Counted before the guard is released, so that a settled device shows it.
+            match stored {
+                Ok(n) => {
+                    copied.fetch_add(n, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    failures.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        image = %name,
+                        error = %e,
+                        "copy-on-read could not store what a guest read fetched; the read is served"
+                    );
+                }
+            }
+        };
+        if background {
+            drop(tokio::task::spawn_blocking(store));
+        } else {
+            let _ = blocking(move || {
+                store();
+                Ok(())
+            })
+            .await;
+        }
+    }
+
+    /// Waits until the copy-ins of guest reads that already returned are stored (or failed).
+    pub async fn settle_copy_ins(&self) {
+        drop(self.locks.lock_all().await);
     }
 
     async fn guest_write_zeroes(&self, offset: u64, length: u64) -> Result<()> {
@@ -748,6 +845,10 @@ impl BlockDevice for CorDevice {
 
     fn readv(&self, offset: u64, bufs: IoBufs) -> IoFuture<'_, IoBufs> {
         Box::pin(self.guest_readv(offset, bufs))
+    }
+
+    fn read_mapped(&self, offset: u64, buf: Vec<u8>) -> IoFuture<'_, MappedRead> {
+        Box::pin(self.guest_read_mapped(offset, buf))
     }
 
     fn writev(&self, offset: u64, bufs: IoBufs, flags: WriteFlags) -> IoFuture<'_, IoBufs> {

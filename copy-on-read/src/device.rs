@@ -161,6 +161,16 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// locks are released when the last reference to the device is dropped.
     fn close(&self) -> IoFuture<'_, ()>;
 
+    /// Reads `[offset, offset + buf.len())` and says what it reads as, in one step, when the
+    /// device can answer both from its own storage alone (every byte in data or zero
+    /// clusters, or nothing below it to ask). Gives the buffer back unread (`Ok(Err(buf))`)
+    /// when it cannot, as the default does: the caller then asks
+    /// [`BlockDevice::block_status`] and reads.
+    fn read_mapped(&self, offset: u64, buf: Vec<u8>) -> IoFuture<'_, MappedRead> {
+        let _ = offset;
+        Box::pin(async move { Ok(Err(buf)) })
+    }
+
     /// Reads `buf.len()` bytes at `offset` into `buf` and gives it back.
     fn read_at(&self, offset: u64, buf: Vec<u8>) -> IoFuture<'_, Vec<u8>> {
         Box::pin(async move { Ok(self.readv(offset, IoBufs::from(buf)).await?.into_vec()) })
@@ -175,6 +185,10 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         })
     }
 }
+
+/// What [`BlockDevice::read_mapped`] gives: the filled buffer and status extents covering the
+/// whole range in order, or the buffer back unread.
+pub type MappedRead = std::result::Result<(Vec<u8>, Vec<StatusExtent>), Vec<u8>>;
 
 /// A run of a layered device that is, or is not, stored locally.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -66,7 +66,7 @@ pub use buf::{IoBuf, IoBufs};
 pub use cor::{CorDevice, CorOptions, CorStats, PopulateStats};
 pub use device::{
     read_padded, status_padded, BlockDevice, Capabilities, Geometry, IoFuture, LinkState,
-    LocalExtent, Populate, Reconnect, Status, StatusExtent, WriteFlags,
+    LocalExtent, MappedRead, Populate, Reconnect, Status, StatusExtent, WriteFlags,
 };
 pub use error::{Error, GateRefusal, Result};
 pub use gate::Gate;

@@ -46,11 +46,13 @@ fn reads_equal_qemu_convert_and_store_whole_clusters() {
         // A 4 KiB read in the middle of an unallocated cluster copies the whole cluster.
         let got = dev.read_at(70_000, vec![0u8; 4096]).await.unwrap();
         assert_eq!(got, expect[70_000..74_096]);
+        dev.settle_copy_ins().await;
         let map = dev.local_map(65536, 65536).await.unwrap();
         assert!(matches!(map[0].mapping, Mapping::Data(_)), "{map:?}");
         // A read of a backing hole becomes a zero cluster, never data.
         let got = dev.read_at(1 << 20, vec![1u8; 65536]).await.unwrap();
         assert!(got.iter().all(|&b| b == 0));
+        dev.settle_copy_ins().await;
         let map = dev.local_map(1 << 20, 65536).await.unwrap();
         assert_eq!(map[0].mapping, Mapping::Zero, "{map:?}");
         // Past the backing's end (8M..12M) reads zeros.

@@ -59,6 +59,8 @@ fn a_guest_read_of_a_missing_cluster_is_served_and_copied_in() {
         assert_eq!(mapping(&dev, 2 * CS), Mapping::Unallocated);
         let data = dev.read_at(2 * CS + 100, vec![0u8; 1000]).await.unwrap();
         assert_eq!(data, pattern_bytes(2 * CS + 100, 1000), "served");
+        // The copy-in is stored after the read returns.
+        dev.settle_copy_ins().await;
         assert!(
             matches!(mapping(&dev, 2 * CS), Mapping::Data(_)),
             "copied in"
@@ -363,6 +365,7 @@ fn a_copy_in_that_cannot_be_stored_still_serves_the_read() {
         let dev = CorDevice::new(image, path.display().to_string(), backing);
         let data = dev.read_at(3 * CS + 7, vec![0u8; 5000]).await.unwrap();
         assert_eq!(data, pattern_bytes(3 * CS + 7, 5000), "served anyway");
+        dev.settle_copy_ins().await;
         assert_eq!(
             mapping(&dev, 3 * CS),
             Mapping::Unallocated,
@@ -377,6 +380,7 @@ fn a_copy_in_that_cannot_be_stored_still_serves_the_read() {
         // A second read of the same cluster is served from the backing again.
         let again = dev.read_at(3 * CS, vec![0u8; CS as usize]).await.unwrap();
         assert_eq!(again, pattern_bytes(3 * CS, CS));
+        dev.settle_copy_ins().await;
         assert_eq!(dev.stats().cor_failures, 2);
         dev.close().await.unwrap();
     });

@@ -7,6 +7,7 @@ use copy_on_read::{BlockDevice, Populate};
 use nbd_proto::*;
 
 use crate::depth::{AllocationDepth, LayersDepth};
+use crate::pool::BufferPool;
 
 /// One export: a name, a device, and optionally the device's layered view.
 ///
@@ -24,6 +25,8 @@ pub struct Export {
     pub(crate) depth: Option<Arc<dyn AllocationDepth>>,
     /// Whether `depth` was given explicitly (then layers do not replace it).
     depth_given: bool,
+    /// Read buffers shared by the export's connections.
+    pub(crate) pool: Arc<BufferPool>,
 }
 
 impl std::fmt::Debug for Export {
@@ -48,6 +51,7 @@ impl Export {
             read_only: false,
             depth: None,
             depth_given: false,
+            pool: Arc::default(),
         }
     }
 

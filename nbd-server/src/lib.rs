@@ -47,6 +47,7 @@ pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
 mod handshake;
+mod pool;
 mod server;
 mod transmission;
 

@@ -3,14 +3,23 @@
 //! The reader decodes a header, reads a WRITE's payload (never more than `max_request_bytes`
 //! into memory: a longer one is skipped in small pieces and refused), validates the request
 //! as the spec says, and runs it as a task of its own. Each task composes its whole reply
-//! (every chunk) and hands it to the writer, which writes replies one at a time, so the chunks
-//! of two replies never interleave. Two semaphores bound a connection: requests in flight, and
+//! (every chunk) and hands it to the writer, which writes replies whole and in the order they
+//! come, so the chunks of two replies never interleave: the replies waiting at one time go out
+//! in one vectored write (no copy into a buffer of ours). Two semaphores bound a connection: requests in flight, and
 //! bytes held for payloads and read data; a permit is released once its reply is written.
+//!
+//! A READ asks the device for data and status in one step where the device can give both
+//! ([`BlockDevice::read_mapped`]: a fully local QED range is one blocking-pool hop), else for
+//! block status then the data; either way the data lands in one buffer, taken from the
+//! export's [`BufferPool`] (the writer gives it back), and only ranges that read as zeros
+//! become OFFSET_HOLE chunks.
 //!
 //! Every request that was read gets an answer (unless the client goes away first); requests
 //! already running when the client vanishes or disconnects still complete, so a write the
 //! client saw acknowledged is in the device.
 
+use std::io::IoSlice;
+use std::ops::Range;
 use std::sync::Arc;
 
 use copy_on_read::{status_padded, BlockDevice, IoBufs, Status, WriteFlags};
@@ -21,6 +30,7 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use crate::error::Disconnect;
 use crate::export::Export;
 use crate::handshake::Negotiated;
+use crate::pool::BufferPool;
 use crate::server::Counters;
 
 /// The most extents one BLOCK_STATUS chunk carries (the spec allows 2^20).
@@ -32,6 +42,46 @@ const MAX_STATUS_SPAN: u64 = 1 << 31;
 /// A WRITE payload above the maximum is skipped (and refused) up to this size; above it the
 /// client is disconnected, as its request cannot be meant.
 const MAX_SKIPPED_PAYLOAD: u64 = u32::MAX as u64;
+/// The most replies the writer sends in one vectored write.
+const MAX_BATCH: usize = 64;
+/// The most slices one `writev` is given (below every system's IOV_MAX).
+const MAX_IOV: usize = 512;
+/// A reply's bytes: chunk headers and small payloads in `head`, read data in `data`; each
+/// frame is a range of `head` followed by a range of `data`.
+#[derive(Debug, Default)]
+struct Frames {
+    head: Vec<u8>,
+    data: Vec<u8>,
+    frames: Vec<(Range<usize>, Range<usize>)>,
+}
+
+impl Frames {
+    /// A reply with no read data: the parts in order.
+    fn from_parts(parts: Vec<Vec<u8>>) -> Frames {
+        let head = parts.concat();
+        let frames = vec![(0..head.len(), 0..0)];
+        Frames {
+            head,
+            data: Vec::new(),
+            frames,
+        }
+    }
+
+    /// Appends `head` and then `data[range]` (already in `self.data`).
+    fn push(&mut self, head: &[u8], data: Range<usize>) {
+        let start = self.head.len();
+        self.head.extend_from_slice(head);
+        self.frames.push((start..self.head.len(), data));
+    }
+
+    /// The slices to write, in order.
+    fn slices(&self) -> impl Iterator<Item = &[u8]> {
+        self.frames
+            .iter()
+            .flat_map(|(h, d)| [&self.head[h.clone()], &self.data[d.clone()]])
+            .filter(|s| !s.is_empty())
+    }
+}
 
 /// Per-connection bounds.
 #[derive(Debug, Clone, Copy)]
@@ -51,9 +101,9 @@ pub(crate) struct Connection {
     counters: Arc<Counters>,
 }
 
-/// A complete reply: its byte strings in order, and the permits it holds until written.
+/// A complete reply: its bytes, and the permits it holds until written.
 struct Reply {
-    parts: Vec<Vec<u8>>,
+    frames: Frames,
     _slot: OwnedSemaphorePermit,
     _bytes: Option<OwnedSemaphorePermit>,
 }
@@ -99,7 +149,7 @@ where
         counters,
     });
     let (tx, rx) = mpsc::unbounded_channel();
-    let writer_task = tokio::spawn(write_replies(writer, rx));
+    let writer_task = tokio::spawn(write_replies(writer, rx, Arc::clone(&conn.export.pool)));
     let slots = Arc::new(Semaphore::new(limits.max_in_flight.max(1)));
     let bytes = Arc::new(Semaphore::new(
         limits
@@ -131,9 +181,9 @@ where
             Ok(Admission::Disconnect) => break Ok(()),
             Ok(Admission::Refuse(request, errno, message)) => {
                 conn.counters.error();
-                let parts = conn.error_reply(&request, errno, &message);
+                let frames = Frames::from_parts(conn.error_reply(&request, errno, &message));
                 let _ = tx.send(Reply {
-                    parts,
+                    frames,
                     _slot: slot,
                     _bytes: None,
                 });
@@ -142,9 +192,9 @@ where
                 let conn = Arc::clone(&conn);
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    let (parts, bytes) = conn.run(work).await;
+                    let (frames, bytes) = conn.run(work).await;
                     let _ = tx.send(Reply {
-                        parts,
+                        frames,
                         _slot: slot,
                         _bytes: bytes,
                     });
@@ -159,29 +209,55 @@ where
     ended
 }
 
-/// Writes replies in the order they come, each whole; flushes when none is waiting. After a
+/// Writes replies in the order they come, each whole: those waiting at one time (up to
+/// [`MAX_BATCH`]) in one vectored write; gives their read buffers back to `pool`. After a
 /// write fails (the client is gone) it still takes every reply, so that no task waits.
-async fn write_replies<W: AsyncWrite + Unpin>(writer: W, mut rx: mpsc::UnboundedReceiver<Reply>) {
-    let mut w = tokio::io::BufWriter::with_capacity(256 * 1024, writer);
+async fn write_replies<W: AsyncWrite + Unpin>(
+    mut w: W,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
+    pool: Arc<BufferPool>,
+) {
     let mut failed = false;
+    let mut batch = Vec::with_capacity(MAX_BATCH);
     while let Some(reply) = rx.recv().await {
-        if failed {
-            continue;
-        }
-        for part in &reply.parts {
-            if w.write_all(part).await.is_err() {
-                failed = true;
-                break;
+        batch.push(reply);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(reply) => batch.push(reply),
+                Err(_) => break,
             }
         }
-        if !failed && rx.is_empty() && w.flush().await.is_err() {
+        if !failed && write_batch(&mut w, &batch).await.is_err() {
             failed = true;
+        }
+        // The permits go with the replies, once written.
+        for reply in batch.drain(..) {
+            pool.give(reply.frames.data);
         }
     }
     if !failed {
         let _ = w.flush().await;
         let _ = w.shutdown().await;
     }
+}
+
+/// Writes every byte of `batch` with as few `writev` calls as the socket allows.
+async fn write_batch<W: AsyncWrite + Unpin>(w: &mut W, batch: &[Reply]) -> std::io::Result<()> {
+    let mut slices: Vec<IoSlice<'_>> = batch
+        .iter()
+        .flat_map(|r| r.frames.slices())
+        .map(IoSlice::new)
+        .collect();
+    let mut rest = &mut slices[..];
+    while !rest.is_empty() {
+        let n = rest.len().min(MAX_IOV);
+        let written = w.write_vectored(&rest[..n]).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut rest, written);
+    }
+    w.flush().await
 }
 
 /// Reads and throws away `n` bytes, 64 KiB at a time.
@@ -329,10 +405,10 @@ impl Connection {
     }
 
     /// Runs a validated request; its reply, and the byte permit to hold until it is written.
-    async fn run(&self, work: Work) -> (Vec<Vec<u8>>, Option<OwnedSemaphorePermit>) {
+    async fn run(&self, work: Work) -> (Frames, Option<OwnedSemaphorePermit>) {
         let r = &work.request;
         let result = match work.command {
-            Command::Read => self.read(r).await,
+            Command::Read => return (self.read_or_error(r).await, work.bytes),
             Command::Write => self.write(r, work.payload).await,
             Command::Flush => self.device().flush().await.map(|_| self.ok_reply(r)),
             Command::Trim => self.trim(r).await,
@@ -343,13 +419,23 @@ impl Connection {
         };
         let parts = match result {
             Ok(parts) => parts,
-            Err(e) => {
-                self.counters.error();
-                tracing::debug!("{} {}+{}: {e}", work.command, r.offset, r.length);
-                self.error_reply(r, errno_of(&e), &e.to_string())
-            }
+            Err(e) => self.failed(r, work.command, &e),
         };
-        (parts, work.bytes)
+        (Frames::from_parts(parts), work.bytes)
+    }
+
+    /// Counts and logs a failed request; its error reply.
+    fn failed(&self, r: &Request, command: Command, e: &copy_on_read::Error) -> Vec<Vec<u8>> {
+        self.counters.error();
+        tracing::debug!("{command} {}+{}: {e}", r.offset, r.length);
+        self.error_reply(r, errno_of(e), &e.to_string())
+    }
+
+    async fn read_or_error(&self, r: &Request) -> Frames {
+        match self.read(r).await {
+            Ok(frames) => frames,
+            Err(e) => Frames::from_parts(self.failed(r, Command::Read, &e)),
+        }
     }
 
     fn chunk(&self, r: &Request, flags: u16, chunk_type: u16, payload_length: u64) -> Vec<u8> {
@@ -493,73 +579,98 @@ impl Connection {
     }
 }
 
-/// One piece of a structured read reply.
-enum Piece {
-    Hole { offset: u64, length: u64 },
-    Data { offset: u64, data: Vec<u8> },
-}
-
 impl Connection {
-    /// READ: with structured replies, holes as OFFSET_HOLE chunks and data as OFFSET_DATA
-    /// chunks following the device's block status (one data chunk with DF, or when the device
-    /// cannot tell); simple replies carry the data after the header.
-    async fn read(&self, r: &Request) -> copy_on_read::Result<Vec<Vec<u8>>> {
-        let length = r.length;
+    /// READ: the data in one buffer; with structured replies, ranges that read as zeros as
+    /// OFFSET_HOLE chunks and the rest as OFFSET_DATA chunks (one data chunk with DF, or when
+    /// the device cannot tell); simple replies carry the data after the header.
+    async fn read(&self, r: &Request) -> copy_on_read::Result<Frames> {
+        // Validated: at most max_request_bytes.
+        let length = r.length as usize;
+        let buf = self.export.pool.take(length);
         if !self.mode.structured() {
-            let data = self
-                .device()
-                .read_at(r.offset, vec![0u8; length as usize])
-                .await?;
-            self.counters.read(length);
-            return Ok(vec![encode_simple_reply(0, r.cookie).to_vec(), data]);
+            let data = self.device().read_at(r.offset, buf).await?;
+            self.counters.read(r.length);
+            let mut frames = Frames {
+                data,
+                ..Frames::default()
+            };
+            frames.push(&encode_simple_reply(0, r.cookie), 0..length);
+            return Ok(frames);
         }
         if length == 0 {
-            return Ok(vec![self.chunk(r, REPLY_FLAG_DONE, CHUNK_NONE, 0)]);
+            return Ok(Frames::from_parts(vec![self.chunk(
+                r,
+                REPLY_FLAG_DONE,
+                CHUNK_NONE,
+                0,
+            )]));
         }
         let whole = r.flags & CMD_FLAG_DF != 0 || !self.device().capabilities().block_status;
-        let runs = if whole {
-            vec![(length, Status::Data)]
+        let (data, runs) = if whole {
+            let data = self.device().read_at(r.offset, buf).await?;
+            (data, vec![(r.length, Status::Data)])
         } else {
-            self.status(r.offset, length).await?
+            match self.device().read_mapped(r.offset, buf).await? {
+                Ok((data, extents)) => (data, runs_of(r.offset, r.length, &extents)),
+                Err(buf) => self.read_by_status(r.offset, buf).await?,
+            }
         };
-        let mut pieces = Vec::with_capacity(runs.len());
-        let mut offset = r.offset;
-        for (run, status) in runs {
-            pieces.push(match status {
-                Status::Zero => Piece::Hole {
-                    offset,
-                    length: run,
-                },
-                Status::Data => Piece::Data {
-                    offset,
-                    data: self
-                        .device()
-                        .read_at(offset, vec![0u8; run as usize])
-                        .await?,
-                },
-            });
-            offset += run;
+        self.counters.read(r.length);
+        Ok(self.read_reply(r, data, &runs))
+    }
+
+    /// Block status of `[offset, offset + buf.len())`, then its data runs read into `buf`
+    /// (what reads as zeros is left as it was: it is sent as a hole).
+    async fn read_by_status(
+        &self,
+        offset: u64,
+        mut buf: Vec<u8>,
+    ) -> copy_on_read::Result<(Vec<u8>, Vec<(u64, Status)>)> {
+        let runs = self.status(offset, buf.len() as u64).await?;
+        if let [(_, Status::Data)] = runs[..] {
+            return Ok((self.device().read_at(offset, buf).await?, runs));
         }
-        self.counters.read(length);
-        let mut parts = Vec::with_capacity(pieces.len() * 2);
-        let last = pieces.len() - 1;
-        for (i, piece) in pieces.into_iter().enumerate() {
+        let mut at = 0usize;
+        for &(run, status) in &runs {
+            let n = run as usize;
+            if status == Status::Data {
+                let piece = self.export.pool.take(n);
+                let piece = self.device().read_at(offset + at as u64, piece).await?;
+                buf[at..at + n].copy_from_slice(&piece);
+                self.export.pool.give(piece);
+            }
+            at += n;
+        }
+        Ok((buf, runs))
+    }
+
+    /// The chunks of a structured READ reply over `data`, one per run, the last DONE.
+    fn read_reply(&self, r: &Request, data: Vec<u8>, runs: &[(u64, Status)]) -> Frames {
+        let mut frames = Frames {
+            data,
+            ..Frames::default()
+        };
+        let last = runs.len().saturating_sub(1);
+        let mut at = 0usize;
+        for (i, &(run, status)) in runs.iter().enumerate() {
             let flags = if i == last { REPLY_FLAG_DONE } else { 0 };
-            match piece {
-                Piece::Hole { offset, length } => {
-                    parts.push(self.chunk(r, flags, CHUNK_OFFSET_HOLE, 12));
-                    parts.push(encode_offset_hole(offset, length as u32).to_vec());
+            let offset = r.offset + at as u64;
+            let n = run as usize;
+            match status {
+                Status::Zero => {
+                    let mut head = self.chunk(r, flags, CHUNK_OFFSET_HOLE, 12);
+                    head.extend_from_slice(&encode_offset_hole(offset, n as u32));
+                    frames.push(&head, 0..0);
                 }
-                Piece::Data { offset, data } => {
-                    let n = 8 + data.len() as u64;
-                    let mut head = self.chunk(r, flags, CHUNK_OFFSET_DATA, n);
+                Status::Data => {
+                    let mut head = self.chunk(r, flags, CHUNK_OFFSET_DATA, 8 + run);
                     head.extend_from_slice(&offset.to_be_bytes());
-                    parts.push(head);
-                    parts.push(data);
+                    frames.push(&head, at..at + n);
                 }
             }
+            at += n;
         }
-        Ok(parts)
+        frames
     }
 
     /// BLOCK_STATUS: one chunk per selected context (`base:allocation`, then
@@ -640,6 +751,31 @@ impl Connection {
         }
         Ok(out)
     }
+}
+
+/// Status extents as runs covering exactly `[offset, offset + length)`, adjacent runs of one
+/// status merged; whatever the extents leave uncovered is said to be data (it was read).
+fn runs_of(offset: u64, length: u64, extents: &[copy_on_read::StatusExtent]) -> Vec<(u64, Status)> {
+    let end = offset + length;
+    let mut out: Vec<(u64, Status)> = Vec::new();
+    let push = |out: &mut Vec<(u64, Status)>, n: u64, status: Status| match out.last_mut() {
+        Some(last) if last.1 == status => last.0 += n,
+        _ => out.push((n, status)),
+    };
+    let mut pos = offset;
+    for e in extents {
+        let from = e.offset.max(pos);
+        let to = e.offset.saturating_add(e.length).min(end);
+        if from != pos || to <= from {
+            break;
+        }
+        push(&mut out, to - from, e.status);
+        pos = to;
+    }
+    if pos < end {
+        push(&mut out, end - pos, Status::Data);
+    }
+    out
 }
 
 #[cfg(test)]

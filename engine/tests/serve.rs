@@ -665,6 +665,8 @@ fn serve_refuses_bad_arguments_before_opening_anything() {
             "not one of report, stop, ignore",
         ),
         (vec!["--stream", "--read-only"], "--read-only"),
+        (vec!["--in-flight", "0"], "between 1 and 64"),
+        (vec!["--request-size", "4K"], "between 64K and 64M"),
     ] {
         let out = run(qedstream()
             .current_dir(d)

@@ -121,10 +121,11 @@ fn start_ours(image: &Path, sock: &Path, extra: &[&str]) -> Served {
     std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
             let v: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-            if v["event"] == "completed" {
+            // `cancelled` is the runner stopping the server once it has its samples.
+            if v["event"] == "completed" || v["event"] == "cancelled" {
                 flag.store(false, Ordering::SeqCst);
             }
-            if v["event"] == "error" || v["event"] == "cancelled" {
+            if v["event"] == "error" || v["event"] == "failed" {
                 panic!("stream failed: {v}");
             }
         }
@@ -497,6 +498,8 @@ fn stream_latency(
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    // `--latency-only`: comparison 4 alone (for tuning the stream's effect on guest reads).
+    let latency_only = std::env::args().any(|a| a == "--latency-only");
     let plan = if quick {
         Plan {
             size: 32 << 20,
@@ -526,6 +529,10 @@ fn main() {
         plan.size >> 20,
         plan.runs
     );
+    if latency_only {
+        print_latency(&rt, d, plan);
+        return;
+    }
     let local = local_reads(&rt, d, plan);
     let ours = &local[0];
     for (kind, copy, random) in &local {
@@ -550,7 +557,11 @@ fn main() {
         cor_qsd.show(),
         cor_qsd.median() / cor_ours.median()
     );
-    for (kind, idle, busy, n) in stream_latency(&rt, d, plan) {
+    print_latency(&rt, d, plan);
+}
+
+fn print_latency(rt: &tokio::runtime::Runtime, d: &Path, plan: Plan) {
+    for (kind, idle, busy, n) in stream_latency(rt, d, plan) {
         println!(
             "{kind:>9}: QD1 4k read p99 idle {} us   during stream {} us ({n} samples)   ratio {:.2}x (target <= 3)",
             idle.show(),

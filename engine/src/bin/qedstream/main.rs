@@ -337,6 +337,13 @@ struct ServeArgs {
     /// Seconds an NBD backing may be away before its requests fail.
     #[arg(long, value_name = "SECONDS", default_value = "30")]
     reconnect_delay: f64,
+    /// The stream's copy requests in flight (1 to 64). Fewer than `stream`'s 4: a guest's
+    /// reads share the disk and the CPUs with them (see the README's performance figures).
+    #[arg(long, default_value = "1")]
+    in_flight: usize,
+    /// The stream's largest copy request (rounded to clusters; suffixes allowed: 1M).
+    #[arg(long, value_name = "BYTES", default_value = "2M")]
+    request_size: String,
     /// The image (QED, or raw).
     image: PathBuf,
 }
@@ -580,12 +587,7 @@ fn cmd_stream(args: StreamArgs) -> Result<u8> {
     let step = step.then_some((offset, length));
     let rate = parse_rate(rate.as_deref())?;
     check_reconnect_delay(reconnect_delay)?;
-    if !(1..=64).contains(&in_flight) {
-        return Err(Error::invalid(
-            "--in-flight",
-            format!("--in-flight must be between 1 and 64, not {in_flight}"),
-        ));
-    }
+    check_in_flight(in_flight)?;
     let step = match step {
         Some((offset, length)) => {
             let length = length
@@ -629,6 +631,17 @@ fn parse_rate(rate: Option<&str>) -> Result<Option<std::num::NonZeroU64>> {
     }
 }
 
+fn check_in_flight(in_flight: usize) -> Result<()> {
+    if (1..=64).contains(&in_flight) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            "--in-flight",
+            format!("--in-flight must be between 1 and 64, not {in_flight}"),
+        ))
+    }
+}
+
 fn check_reconnect_delay(seconds: f64) -> Result<()> {
     if (0.0..=86400.0).contains(&seconds) {
         Ok(())
@@ -642,6 +655,14 @@ fn check_reconnect_delay(seconds: f64) -> Result<()> {
 
 fn cmd_serve(args: ServeArgs) -> Result<u8> {
     check_reconnect_delay(args.reconnect_delay)?;
+    check_in_flight(args.in_flight)?;
+    let request_bytes = parse_size(&args.request_size)?;
+    if !(64 << 10..=64 << 20).contains(&request_bytes) {
+        return Err(Error::invalid(
+            "--request-size",
+            format!("--request-size must be between 64K and 64M, not {request_bytes}"),
+        ));
+    }
     let nbd = args
         .nbd
         .iter()
@@ -671,6 +692,8 @@ fn cmd_serve(args: ServeArgs) -> Result<u8> {
         json: args.output == Output::Json,
         reconnect_delay: std::time::Duration::from_secs_f64(args.reconnect_delay),
         max_chain_depth: args.chain.max_chain_depth,
+        in_flight: args.in_flight,
+        request_bytes,
     })
 }
 

@@ -80,6 +80,10 @@ pub struct ServeCommand {
     pub reconnect_delay: Duration,
     /// The deepest backing chain opened.
     pub max_chain_depth: u32,
+    /// The stream's copy requests in flight.
+    pub in_flight: usize,
+    /// The stream's largest copy request.
+    pub request_bytes: u64,
 }
 
 /// The NBD side of a served node: the server and where it listens.
@@ -377,6 +381,8 @@ async fn run_async(cmd: ServeCommand) -> Result<u8> {
     let (node, depth) = open_node(&cmd).await?;
     let defaults = StreamOptions {
         on_error: cmd.on_error,
+        in_flight: cmd.in_flight,
+        request_bytes: cmd.request_bytes,
         ..StreamOptions::default()
     };
     let control = Control::new(node, defaults);

@@ -229,7 +229,12 @@ impl NbdExport {
             tokio::select! {
                 r = request(client.clone()) => match r {
                     Ok(v) => return Ok(v),
-                    Err(e) if e.is_retryable() && *self.link.generation.borrow() != seen => {}
+                    // The old client may also have been closed under the request by the
+                    // repoint (its `close` runs in the background): `Closed` then means
+                    // "ask the new one", not that this export is closed.
+                    Err(e)
+                        if (e.is_retryable() || matches!(e, nbd_client::Error::Closed))
+                            && *self.link.generation.borrow() != seen => {}
                     Err(e) => return Err(nbd_error(&client, uri, e)),
                 },
                 r = generation.changed() => {

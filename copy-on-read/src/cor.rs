@@ -175,9 +175,7 @@ fn store_write(image: &Image, bufs: &IoBufs, pieces: Vec<WritePiece>) -> qed::Re
         let (at, s, e) = match piece {
             WritePiece::Direct { guest } => guest,
             WritePiece::Fill { at, merged, guest } => {
-                // Stored as data, all-zero clusters too, as QEMU leaves a guest write that
-                // covers part of an unallocated cluster.
-                if image.populate_as_data(GuestOffset(at), &merged)?.skipped == 0 {
+                if fill_cluster(image, at, &merged)? {
                     continue;
                 }
                 guest
@@ -193,6 +191,31 @@ fn store_write(image: &Image, bufs: &IoBufs, pieces: Vec<WritePiece>) -> qed::Re
         }
     }
     Ok(())
+}
+
+/// Stores one merged cluster at `at` as data (all-zero too, as QEMU leaves a guest write that
+/// covers part of an unallocated cluster): true when stored, false when someone else linked
+/// the cluster first (the guest's part is then written in place). A cluster another request
+/// has claimed but not linked yet (a whole-cluster write, a populate that may yet leave it
+/// unallocated) is tried again once that request is done with it: writing in place into a
+/// cluster that is still unallocated would lose the backing's bytes around the guest's.
+fn fill_cluster(image: &Image, at: u64, merged: &[u8]) -> qed::Result<bool> {
+    let mut tries = 0u32;
+    loop {
+        if image.populate_as_data(GuestOffset(at), merged)?.skipped == 0 {
+            return Ok(true);
+        }
+        if image.mapping_at(GuestOffset(at), 1)?.0 != Mapping::Unallocated {
+            return Ok(false);
+        }
+        // Claims are held for one request's I/O: wait a little, then look again.
+        tries += 1;
+        if tries < 16 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(std::time::Duration::from_micros(200));
+        }
+    }
 }
 
 impl CorDevice {

@@ -42,6 +42,17 @@
 /// is reserved, and only touched as deep as a chain goes).
 pub const STACK_SIZE: usize = 256 << 20;
 
+/// A runtime for block I/O: two workers with [`STACK_SIZE`] stacks, I/O and timers on. What
+/// the command and the synchronous sources drive their devices on.
+pub fn io_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_stack_size(STACK_SIZE)
+        .enable_all()
+        .build()
+        .map_err(Error::io("starting the I/O runtime"))
+}
+
 pub mod chain;
 pub mod control;
 pub mod convert;

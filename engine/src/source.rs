@@ -41,15 +41,6 @@ pub fn is_nbd_name(name: &Path) -> bool {
     name.to_str().is_some_and(is_protocol_name)
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_stack_size(crate::STACK_SIZE)
-        .enable_all()
-        .build()
-        .map_err(Error::io("starting the I/O runtime"))
-}
-
 impl Source {
     /// Opens `name` as `format` (`"qed"`, `"raw"`, or probed when `None`), read-only. An NBD
     /// URI is always raw.
@@ -59,7 +50,7 @@ impl Source {
 
     /// As [`Source::open`], with backings opened through `gate`.
     pub fn open_with(name: &Path, format: Option<&str>, gate: Gate) -> Result<Source> {
-        let runtime = runtime()?;
+        let runtime = crate::io_runtime()?;
         let (device, kind): (Arc<dyn BlockDevice>, SourceKind) = if is_nbd_name(name) {
             if format.is_some_and(|f| f != "raw") {
                 return Err(Error::UnsupportedFormat {

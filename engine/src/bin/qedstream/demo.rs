@@ -62,7 +62,8 @@ fn build_base(path: &Path, size: u64) -> Result<u64> {
     Ok(data_bytes)
 }
 
-fn which(tool: &str) -> bool {
+/// Whether `tool --version` runs.
+pub fn installed(tool: &str) -> bool {
     die_with_us(Command::new(tool).arg("--version"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -73,7 +74,7 @@ fn which(tool: &str) -> bool {
 
 /// Serves `base` with qemu-nbd on a socket in `sock_dir` (a folder only we can write to).
 fn serve(signals: &SignalExit, sock_dir: &Path, base: &Path) -> Result<Option<(Helper, String)>> {
-    if !which("qemu-nbd") {
+    if !installed("qemu-nbd") {
         return Ok(None);
     }
     let sock = sock_dir.join("nbd.sock");
@@ -225,11 +226,7 @@ fn serve_base(
 /// Step 4: reads 1 MiB at offset 0 through copy-on-read; the device's counters and the first
 /// byte.
 fn read_through(overlay: &Path) -> Result<(copy_on_read::CorStats, u8)> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(Error::io("starting the runtime"))?;
+    let rt = engine::io_runtime()?;
     let r = rt.block_on(async {
         let dev = Arc::new(
             open_device(

@@ -52,20 +52,10 @@ fn missing(name: &str, what: String) -> Error {
     }
 }
 
-/// Whether `tool --version` runs.
-fn installed(tool: &str) -> bool {
-    die_with_us(Command::new(tool).arg("--version"))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// Checks for `qemu-system-x86_64` and finds (or builds) the guest kit; an error says what
 /// is missing and how to get it.
 pub fn find_kit() -> Result<Kit> {
-    if !installed(QEMU_SYSTEM) {
+    if !crate::demo::installed(QEMU_SYSTEM) {
         return Err(missing(
             QEMU_SYSTEM,
             "is not installed (not found on PATH), and `demo --vm` boots its guest in it: \

@@ -1096,12 +1096,7 @@ fn cmd_write(
         return Err(Error::invalid("--zero", "--zero takes no input file"));
     }
     let zero = zero.as_deref().map(parse_size).transpose()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_stack_size(engine::STACK_SIZE)
-        .enable_all()
-        .build()
-        .map_err(Error::io("starting the I/O runtime"))?;
+    let runtime = engine::io_runtime()?;
     let options = CorOptions {
         copy_on_read: false,
         gate: chain.gate(),

@@ -106,12 +106,7 @@ async fn close(dev: &CorDevice) -> Result<()> {
 
 /// Runs `qedstream stream` on a fresh runtime; returns the exit code.
 pub fn run(cmd: StreamCommand) -> Result<u8> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_stack_size(engine::STACK_SIZE)
-        .enable_all()
-        .build()
-        .map_err(Error::io("starting the runtime"))?;
+    let rt = engine::io_runtime()?;
     let r = rt.block_on(run_async(cmd));
     // Never wait on a task stuck on a dead peer when leaving.
     rt.shutdown_timeout(Duration::from_secs(1));

@@ -144,12 +144,7 @@ async fn start_nbd(
 
 /// Runs `qedstream serve` on a fresh runtime; returns the exit code.
 pub fn run(cmd: ServeCommand) -> Result<u8> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_stack_size(engine::STACK_SIZE)
-        .enable_all()
-        .build()
-        .map_err(Error::io("starting the runtime"))?;
+    let rt = engine::io_runtime()?;
     let r = rt.block_on(run_async(cmd));
     rt.shutdown_timeout(Duration::from_secs(1));
     r

@@ -264,6 +264,14 @@ impl Tables {
         HostOffset(self.file_end.load(Ordering::Acquire))
     }
 
+    /// A read-only image's view of the file's end, moved up to the file's length now: another
+    /// process with the image open read-write (`-U` inspection) may have grown the file since
+    /// it was opened. True when the end moved.
+    pub(crate) fn refresh_file_end(&self) -> io::Result<bool> {
+        let now = self.geometry.round_down_to_cluster(self.storage.len()?);
+        Ok(self.file_end.fetch_max(now, Ordering::AcqRel) < now)
+    }
+
     /// Reserves `clusters` contiguous clusters at the end of the file.
     pub(crate) fn allocate(&self, clusters: u64) -> HostOffset {
         let bytes = clusters * self.geometry.cluster_size();

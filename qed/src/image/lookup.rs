@@ -9,6 +9,26 @@ impl Image {
     /// The mapping of the run starting at `guest` (at most `max_len` bytes, within one L2
     /// table): its kind and length. Data runs are contiguous in the file.
     pub(super) fn lookup_run(&self, guest: GuestOffset, max_len: u64) -> Result<(Mapping, u64)> {
+        match self.lookup_run_once(guest, max_len) {
+            // An image opened read-only only reads: a data entry past the end it knows is
+            // either bad or written by another process since it looked (one that `-U` lets
+            // it inspect). Look at the file's length again before calling it invalid.
+            Err(Error::InvalidEntry {
+                table: TableKind::L2,
+                ..
+            }) if self.is_read_only()
+                && self
+                    .tables
+                    .refresh_file_end()
+                    .map_err(Error::io("reading the file's length", 0))? =>
+            {
+                self.lookup_run_once(guest, max_len)
+            }
+            other => other,
+        }
+    }
+
+    fn lookup_run_once(&self, guest: GuestOffset, max_len: u64) -> Result<(Mapping, u64)> {
         let g = self.geometry();
         let span_left = g.l2_span() - (guest.0 & (g.l2_span() - 1));
         let max_len = max_len.min(span_left);

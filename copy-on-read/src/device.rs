@@ -260,7 +260,10 @@ pub enum LinkState {
     Connected,
     /// Lost; requests wait while the device reconnects.
     Reconnecting,
-    /// Gone for good; requests fail until the device is reopened.
+    /// Lost for longer than the reconnect window: requests fail at once while the device goes
+    /// on reconnecting in the background; it becomes `Connected` again when the server is back.
+    Offline,
+    /// Gone for good; requests fail until the device is reopened (or repointed).
     Failed,
 }
 

@@ -131,6 +131,7 @@ fn link_state(s: ConnectionState) -> LinkState {
     match s {
         ConnectionState::Connected => LinkState::Connected,
         ConnectionState::Reconnecting => LinkState::Reconnecting,
+        ConnectionState::Offline => LinkState::Offline,
         _ => LinkState::Failed,
     }
 }

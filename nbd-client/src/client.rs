@@ -26,9 +26,21 @@ pub struct ClientConfig {
     /// Limit for each request; `None` waits forever (default 30 s). A request that times out
     /// fails with [`Error::Timeout`] and its connection is dropped (and reconnected, if enabled).
     pub request_timeout: Option<Duration>,
-    /// How long to keep trying to reconnect after a socket error or EOF, like QEMU's
-    /// `reconnect-delay`; zero disables reconnecting (default 30 s).
+    /// How long requests wait for a reconnect after a socket error or EOF, like QEMU's
+    /// `reconnect-delay`; zero disables reconnecting (default 30 s). When it passes without a
+    /// working connection the client goes [`ConnectionState::Offline`]: requests fail at once
+    /// while it goes on trying in the background (see [`ClientConfig::reconnect_backoff_max`]).
+    /// A request that a lost connection failed waits at most this long, counted from its own
+    /// first failure, whatever reconnects happen in between.
     pub reconnect_delay: Duration,
+    /// How many times one request is sent again after the connection it was on was lost
+    /// (default 3). A request whose every send ends in a lost connection (a server that dies on
+    /// it, or keeps dying) then fails with [`Error::ResendsExhausted`] instead of looping.
+    pub max_resends: u32,
+    /// The longest pause between two background reconnect attempts once the reconnect window
+    /// has passed (attempts start 20 ms apart and double up to this; default 8 s). Zero stops
+    /// trying when the window closes: the client is then [`ConnectionState::Failed`] for good.
+    pub reconnect_backoff_max: Duration,
     /// Largest READ/WRITE sent (default 256 KiB); always capped by the server's maximum and 32 MiB.
     pub max_request_bytes: u32,
     /// Connections to open when the server advertises CAN_MULTI_CONN, 1 to 4 (default 2).
@@ -67,6 +79,8 @@ impl Default for ClientConfig {
             handshake_timeout: Duration::from_secs(30),
             request_timeout: Some(Duration::from_secs(30)),
             reconnect_delay: Duration::from_secs(30),
+            max_resends: 3,
+            reconnect_backoff_max: Duration::from_secs(8),
             max_request_bytes: 256 * 1024,
             connections: 2,
             max_in_flight: 16,
@@ -85,8 +99,13 @@ pub enum ConnectionState {
     Connected,
     /// The connection was lost; requests wait while the client reconnects.
     Reconnecting,
-    /// The connection is gone for good (protocol violation, reconnect window closed, export
-    /// changed); every request fails. See [`Client::failure`].
+    /// The reconnect window passed without a connection: requests fail at once (with
+    /// [`Error::ReconnectFailed`]) while the client goes on reconnecting in the background, with
+    /// backoff; a working connection brings it back to `Connected`, as QEMU's NBD client does.
+    Offline,
+    /// The connection is gone for good (protocol violation, export changed, or the reconnect
+    /// window closed with background reconnecting disabled); every request fails. See
+    /// [`Client::failure`].
     Failed,
     /// [`Client::close`] was called.
     Closed,
@@ -325,7 +344,9 @@ fn pending_hook(slot: Arc<Mutex<Option<Weak<Inner>>>>, generation: u64) -> Death
 impl Inner {
     fn set_failed(&self, err: Error) {
         let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
-        if f.is_none() {
+        // The first reason stands; an Offline client's "unreachable" gives way to the reason
+        // it stopped trying.
+        if f.is_none() || *self.state.borrow() == ConnectionState::Offline {
             *f = Some(err);
         }
         drop(f);
@@ -335,6 +356,20 @@ impl Inner {
             } else {
                 *s = ConnectionState::Failed;
                 true
+            }
+        });
+    }
+
+    /// The window passed: requests fail with `err` at once while reconnecting goes on.
+    fn set_offline(&self, err: Error) {
+        tracing::warn!(error = %err, "NBD server still unreachable; failing requests while retrying in the background");
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(err);
+        self.state.send_if_modified(|s| {
+            if *s == ConnectionState::Reconnecting {
+                *s = ConnectionState::Offline;
+                true
+            } else {
+                false
             }
         });
     }
@@ -376,6 +411,11 @@ impl Inner {
         }
     }
 
+    /// Reconnects after `first` killed the pool: within the window, attempts 20 ms apart and
+    /// doubling up to 500 ms while requests wait; after it, [`ConnectionState::Offline`] and
+    /// attempts doubling up to [`ClientConfig::reconnect_backoff_max`] until one works, the
+    /// client is closed, or the last handle is dropped (the task holds the client only weakly
+    /// between attempts).
     async fn reconnect(this: Arc<Inner>, first: Error) {
         let Some(uri) = this.uri.clone() else { return };
         let window = this.config.reconnect_delay;
@@ -389,60 +429,91 @@ impl Inner {
         for c in old {
             c.kill(first.clone());
         }
+        let weak = Arc::downgrade(&this);
+        drop(this);
         let mut last = first;
         let mut backoff = Duration::from_millis(20);
         loop {
+            let Some(this) = weak.upgrade() else { return };
             if *this.state.borrow() == ConnectionState::Closed {
                 return;
             }
             let now = tokio::time::Instant::now();
-            if now >= deadline {
-                this.set_failed(Error::ReconnectFailed {
+            let in_window = now < deadline;
+            if !in_window && *this.state.borrow() == ConnectionState::Reconnecting {
+                let err = Error::ReconnectFailed {
                     window,
-                    last: Box::new(last),
-                });
-                return;
-            }
-            let hook = death_hook(Arc::downgrade(&this), generation);
-            match tokio::time::timeout(deadline - now, open_pool(&uri, &this.config, hook)).await {
-                Ok(Ok(conns)) => {
-                    if *this.state.borrow() == ConnectionState::Closed {
-                        for c in conns {
-                            c.close().await;
-                        }
-                        return;
-                    }
-                    if let Err(e) = same_export(&this.export, conns[0].export()) {
-                        for c in conns {
-                            c.close().await;
-                        }
-                        this.set_failed(e);
-                        return;
-                    }
-                    this.pool.write().unwrap_or_else(|p| p.into_inner()).conns = conns;
-                    this.state.send_if_modified(|s| {
-                        if *s == ConnectionState::Reconnecting {
-                            *s = ConnectionState::Connected;
-                            true
-                        } else {
-                            false
-                        }
-                    });
-                    tracing::info!("NBD connection re-established");
+                    last: Box::new(last.clone()),
+                };
+                if this.config.reconnect_backoff_max.is_zero() {
+                    this.set_failed(err);
                     return;
                 }
-                Ok(Err(e)) if e.is_retryable() || matches!(e, Error::OptionRefused { .. }) => {
+                this.set_offline(err);
+            }
+            let hook = death_hook(weak.clone(), generation);
+            let attempt = open_pool(&uri, &this.config, hook);
+            let outcome = if in_window {
+                tokio::time::timeout(deadline - now, attempt).await.ok()
+            } else {
+                Some(attempt.await)
+            };
+            match outcome {
+                Some(Ok(conns)) => {
+                    Inner::install(&this, conns).await;
+                    return;
+                }
+                Some(Err(e)) if e.is_retryable() || matches!(e, Error::OptionRefused { .. }) => {
                     last = e
                 }
-                Ok(Err(e)) => {
+                Some(Err(e)) => {
                     this.set_failed(e);
                     return;
                 }
-                Err(_) => {}
+                None => {}
             }
-            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-            tokio::time::sleep(backoff.min(left)).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
+            let pause = if in_window {
+                let pause = backoff.min(deadline.saturating_duration_since(now));
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+                pause
+            } else {
+                let pause = backoff.min(this.config.reconnect_backoff_max);
+                backoff = (backoff * 2).min(this.config.reconnect_backoff_max);
+                pause
+            };
+            drop(this);
+            tokio::time::sleep(pause).await;
+        }
+    }
+
+    /// Puts a reopened pool in place (unless the client was closed meanwhile, or the export
+    /// changed, which fails the client for good) and marks it connected.
+    async fn install(this: &Arc<Inner>, conns: Vec<Arc<Connection>>) {
+        if *this.state.borrow() == ConnectionState::Closed {
+            for c in conns {
+                c.close().await;
+            }
+            return;
+        }
+        if let Err(e) = same_export(&this.export, conns[0].export()) {
+            for c in conns {
+                c.close().await;
+            }
+            this.set_failed(e);
+            return;
+        }
+        this.pool.write().unwrap_or_else(|p| p.into_inner()).conns = conns;
+        let back = this.state.send_if_modified(|s| {
+            if matches!(s, ConnectionState::Reconnecting | ConnectionState::Offline) {
+                *this.failure.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                *s = ConnectionState::Connected;
+                true
+            } else {
+                false
+            }
+        });
+        if back {
+            tracing::info!("NBD connection re-established");
         }
     }
 }
@@ -656,8 +727,12 @@ impl Client {
             .clone()
     }
 
-    /// A live connection, waiting while reconnecting.
-    async fn connection(&self) -> Result<Arc<Connection>, Error> {
+    /// A live connection, waiting while reconnecting, but not past `deadline` (the end of
+    /// the reconnect window of a request that already failed once): `None` when it passed.
+    async fn connection(
+        &self,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Option<Arc<Connection>>, Error> {
         let mut rx = self.inner.state.subscribe();
         loop {
             let state = *rx.borrow_and_update();
@@ -671,7 +746,7 @@ impl Client {
                             for i in 0..n {
                                 let c = &pool.conns[(start + i) % n];
                                 if !c.is_dead() {
-                                    return Ok(c.clone());
+                                    return Ok(Some(c.clone()));
                                 }
                             }
                         }
@@ -680,17 +755,28 @@ impl Client {
                     let _ = tokio::time::timeout(Duration::from_millis(5), rx.changed()).await;
                 }
                 ConnectionState::Reconnecting => {
-                    if rx.changed().await.is_err() {
+                    let changed = match deadline {
+                        Some(d) => match tokio::time::timeout_at(d, rx.changed()).await {
+                            Ok(r) => r,
+                            Err(_) => return Ok(None),
+                        },
+                        None => rx.changed().await,
+                    };
+                    if changed.is_err() {
                         return Err(Error::Closed);
                     }
                 }
-                ConnectionState::Failed => return Err(self.failure().unwrap_or(Error::Closed)),
+                ConnectionState::Offline | ConnectionState::Failed => {
+                    return Err(self.failure().unwrap_or(Error::Closed))
+                }
                 ConnectionState::Closed => return Err(Error::Closed),
             }
         }
     }
 
-    /// Send one (validated, fitting) request, re-sending it after a reconnect when that is safe.
+    /// Send one (validated, fitting) request, re-sending it after a reconnect when that is
+    /// safe, at most [`ClientConfig::max_resends`] times and within
+    /// [`ClientConfig::reconnect_delay`] of its first failure.
     async fn request(
         &self,
         command: Command,
@@ -699,8 +785,20 @@ impl Client {
         length: u64,
         mut body: Option<Body>,
     ) -> Result<Completion, Error> {
+        let config = &self.inner.config;
+        let may_resend = resendable(command, config)
+            && self.inner.uri.is_some()
+            && !config.reconnect_delay.is_zero();
+        let mut resends = 0u32;
+        let mut deadline = None;
+        let mut lost = None;
         loop {
-            let conn = self.connection().await?;
+            let Some(conn) = self.connection(deadline).await? else {
+                return Err(Error::ReconnectFailed {
+                    window: config.reconnect_delay,
+                    last: Box::new(lost.map_or_else(Error::eof, Error::ConnectionLost)),
+                });
+            };
             let b = match body.take() {
                 Some(b) => b,
                 None => match command {
@@ -710,17 +808,34 @@ impl Client {
                 },
             };
             // Keep a copy of a write payload only if we may have to send it again.
-            let retry_payload = match (&b, resendable(command, &self.inner.config)) {
+            let retry_payload = match (&b, may_resend) {
                 (Body::Write(p), true) => Some(p.clone()),
                 _ => None,
             };
             match conn.submit(command, flags, offset, length, b).await {
-                Err(Error::ConnectionLost(e))
-                    if resendable(command, &self.inner.config)
-                        && self.inner.uri.is_some()
-                        && !self.inner.config.reconnect_delay.is_zero() =>
-                {
+                Err(Error::ConnectionLost(e)) if may_resend => {
+                    if resends == config.max_resends {
+                        tracing::warn!(%command, offset, length, sends = resends + 1, error = %e,
+                            "giving up on a request whose every send lost the connection");
+                        return Err(Error::ResendsExhausted {
+                            command,
+                            offset,
+                            length,
+                            sends: resends + 1,
+                            last: e,
+                        });
+                    }
+                    resends += 1;
+                    let now = tokio::time::Instant::now();
+                    let until = *deadline.get_or_insert(now + config.reconnect_delay);
+                    if now >= until {
+                        return Err(Error::ReconnectFailed {
+                            window: config.reconnect_delay,
+                            last: Box::new(Error::ConnectionLost(e)),
+                        });
+                    }
                     tracing::debug!(%command, offset, length, error = %e, "re-sending after reconnect");
+                    lost = Some(e);
                     body = retry_payload.map(Body::Write);
                     // Let the state machine notice; `connection()` waits while reconnecting.
                     tokio::task::yield_now().await;

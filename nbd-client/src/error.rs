@@ -27,7 +27,9 @@ pub use crate::protocol::Violation;
 /// trim may or may not have reached the server, and repeating it at the same offset is safe.
 /// Never retryable: a protocol violation (the server is broken), an error the server reported
 /// (it answered), a local refusal, a bad URI, an unsupported server or TLS, a changed export, a
-/// closed client.
+/// closed client, and a request whose every send lost the connection
+/// ([`Error::ResendsExhausted`]: a poison request is handled like an error the server reported
+/// on it, so that no layer above loops on it).
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -116,14 +118,33 @@ pub enum Error {
     /// After a reconnect the export no longer matches what we negotiated first.
     #[error("NBD export changed across reconnect: {0}")]
     ExportChanged(String),
-    /// The reconnect window closed without a working connection; the client stays failed
-    /// (retryable on a new client once the server is back).
+    /// The reconnect window closed without a working connection: for the client (it is then
+    /// [`crate::ConnectionState::Offline`], reconnecting in the background, or `Failed` when
+    /// that is disabled), or for one request, counted from its first failure (retryable: on
+    /// this client once it has reconnected, or on a new one).
     #[error("NBD server unreachable: reconnect window of {window:?} closed; last error: {last}")]
     ReconnectFailed {
         /// The configured window.
         window: Duration,
         /// The last error seen while trying.
         last: Box<Error>,
+    },
+    /// The connection was lost every time this request was sent (its first send and
+    /// [`crate::ClientConfig::max_resends`] more), although the client reconnected in between: a
+    /// request the server dies on, or a server that keeps dying. Not retryable: sending it again
+    /// would most likely do the same; the caller decides (a copy-on-read device reports EIO).
+    #[error("NBD {command} at offset {offset} length {length} failed: the connection was lost each of the {sends} times it was sent; last: {last}")]
+    ResendsExhausted {
+        /// The command.
+        command: Command,
+        /// Its offset.
+        offset: u64,
+        /// Its length.
+        length: u64,
+        /// How many times it was sent.
+        sends: u32,
+        /// The last lost connection.
+        last: Arc<std::io::Error>,
     },
     /// The client was closed.
     #[error("NBD client is closed")]
@@ -262,6 +283,13 @@ mod tests {
                 message: String::new(),
             },
             Error::ExportChanged("size".into()),
+            Error::ResendsExhausted {
+                command: Command::Read,
+                offset: 0,
+                length: 1,
+                sends: 4,
+                last: io(),
+            },
             Error::Closed,
         ];
         for e in &answered_or_refused {

@@ -19,8 +19,13 @@
 //!   fails only its request ([`Error::Server`]).
 //! - Timeouts for connect, handshake and each request; reconnect like QEMU's `reconnect-delay`
 //!   after a socket error or EOF (never after a violation), re-checking the export and re-sending
-//!   reads in flight. [`Client::state`] / [`Client::subscribe_state`] expose
-//!   [`ConnectionState`] so an embedder can pause a guest while the server is away.
+//!   reads in flight. Bounded: a request is sent again at most [`ClientConfig::max_resends`]
+//!   times and waits at most the window from its own first failure (a server that dies on one
+//!   request gets [`Error::ResendsExhausted`], not an endless loop); after the window the client
+//!   is [`ConnectionState::Offline`], failing requests at once while it keeps reconnecting in the
+//!   background with backoff, so a server that comes back later is used again without a
+//!   restart. [`Client::state`] / [`Client::subscribe_state`] expose [`ConnectionState`] so an
+//!   embedder can pause a guest while the server is away.
 //! - Dropping a request future is safe: the request's slot owns its buffer and its chunks are
 //!   still consumed.
 //!
@@ -93,6 +98,8 @@ pub mod fuzzing {
             handshake_timeout: Duration::from_secs(2),
             request_timeout: Some(Duration::from_secs(2)),
             reconnect_delay: Duration::ZERO,
+            max_resends: 0,
+            reconnect_backoff_max: Duration::ZERO,
             max_request_bytes: 64 * 1024,
             connections: 1,
             max_in_flight: 16,

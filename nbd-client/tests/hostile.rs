@@ -620,3 +620,76 @@ async fn writes_in_flight_are_not_resent_unless_configured() {
     assert_eq!(writes[1].payload, vec![1; 4096]);
     c.close().await;
 }
+
+/// The server answers a read at 1 MiB with the reply header and half its data, then closes the
+/// connection (after `pause`); every other request is answered well.
+fn half_reply_then_close(pause: Duration) -> Scripted {
+    serve(Script::new(Mode::Structured, 2 * MIB, move |r| {
+        if r.typ == 0 && r.offset == MIB {
+            let mut b = good_read(r);
+            b.truncate(b.len() - r.length as usize / 2);
+            return Action::DelayClose(pause, b);
+        }
+        Action::Send(good_read(r))
+    }))
+}
+
+/// A poison request: the server dies on it (half a reply, then EOF) every time, and comes back
+/// every time. The client re-sends it `max_resends` (3) times, then fails it with
+/// `ResendsExhausted`, whatever the handshakes in between did; the connection stays usable.
+#[tokio::test]
+async fn a_request_the_server_dies_on_fails_after_the_resend_limit() {
+    let s = half_reply_then_close(Duration::ZERO);
+    let cfg = nbd_client::ClientConfig {
+        reconnect_delay: Duration::from_secs(30),
+        ..test_config()
+    };
+    assert_eq!(cfg.max_resends, 3, "the documented default");
+    let c = Client::connect(&s.uri, cfg).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(60), c.read(MIB, 4096))
+        .await
+        .expect("the poison read looped for 60 s")
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::ResendsExhausted {
+                sends: 4,
+                offset: MIB,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    assert!(!e.is_retryable(), "a poison request is not retried above");
+    let poison = s.requests().iter().filter(|r| r.offset == MIB).count();
+    assert_eq!(poison, 4, "sent once and re-sent 3 times");
+    // Other requests still work on the reconnected client.
+    assert_eq!(c.read(0, 4096).await.unwrap(), pattern(0, 4096));
+    assert_eq!(c.state(), ConnectionState::Connected);
+    c.close().await;
+}
+
+/// The window of a request is counted from its own first failure: a server that takes 300 ms
+/// to die on the request, with a 1 s window and no practical resend limit, fails it with
+/// `ReconnectFailed` after a handful of sends although every reconnect succeeded.
+#[tokio::test]
+async fn a_request_waits_at_most_the_window_from_its_first_failure() {
+    let s = half_reply_then_close(Duration::from_millis(300));
+    let cfg = nbd_client::ClientConfig {
+        reconnect_delay: Duration::from_secs(1),
+        max_resends: 1000,
+        ..test_config()
+    };
+    let c = Client::connect(&s.uri, cfg).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(60), c.read(MIB, 4096))
+        .await
+        .expect("the poison read looped for 60 s")
+        .unwrap_err();
+    assert!(matches!(e, Error::ReconnectFailed { .. }), "{e:?}");
+    let sends = s.requests().iter().filter(|r| r.offset == MIB).count();
+    // At least 300 ms per send: a 1 s window after the first failure leaves room for at most
+    // four more; far below the resend limit.
+    assert!((2..=6).contains(&sends), "{sends} sends");
+    c.close().await;
+}

@@ -219,8 +219,11 @@ async fn reconnect_mid_read(connections: usize) {
     c.close().await;
 }
 
+/// Past the reconnect window, requests fail at once with a clear error, and the client is
+/// Offline, not Failed: it goes on reconnecting in the background, and a server that comes back
+/// later serves requests again, with no new client.
 #[tokio::test]
-async fn reconnect_window_closes_with_a_clear_error() {
+async fn after_the_window_requests_fail_and_a_server_back_later_is_used_again() {
     let dir = tempdir();
     let mut srv = nbdkit(
         sock(&dir),
@@ -228,10 +231,12 @@ async fn reconnect_window_closes_with_a_clear_error() {
     );
     let cfg = ClientConfig {
         reconnect_delay: Duration::from_millis(700),
+        reconnect_backoff_max: Duration::from_millis(400),
         connections: 1,
         ..test_config()
     };
     let c = Client::connect(&srv.uri, cfg).await.unwrap();
+    c.write(0, &[7; 4096]).await.unwrap();
     let reader = {
         let c = c.clone();
         tokio::spawn(async move { c.read(0, 8 * MIB).await })
@@ -245,7 +250,63 @@ async fn reconnect_window_closes_with_a_clear_error() {
         .unwrap_err();
     assert!(matches!(e, Error::ReconnectFailed { .. }), "{e:?}");
     assert!(e.to_string().contains("reconnect window"), "{e}");
-    assert_eq!(c.state(), ConnectionState::Failed);
+    let mut states = c.subscribe_state();
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        states.wait_for(|s| *s == ConnectionState::Offline),
+    )
+    .await
+    .expect("offline in time")
+    .unwrap();
+    let e = c.read(0, 4096).await.unwrap_err();
+    assert!(matches!(e, Error::ReconnectFailed { .. }), "{e:?}");
+    // Well past the window, the server comes back (an empty memory disk: a new server).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    srv.start();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        states.wait_for(|s| *s == ConnectionState::Connected),
+    )
+    .await
+    .expect("reconnected in the background")
+    .unwrap();
+    assert_eq!(c.failure().map(|e| e.to_string()), None);
+    assert_eq!(c.read(0, 4096).await.unwrap(), vec![0; 4096]);
+    c.close().await;
+    assert_eq!(c.state(), ConnectionState::Closed);
+}
+
+/// With background reconnecting off (`reconnect_backoff_max` zero), the window closing fails
+/// the client for good, as before QEMU-style background retries.
+#[tokio::test]
+async fn without_background_reconnect_the_window_fails_the_client() {
+    let dir = tempdir();
+    let mut srv = nbdkit(sock(&dir), &["memory", "16M"]);
+    let cfg = ClientConfig {
+        reconnect_delay: Duration::from_millis(500),
+        reconnect_backoff_max: Duration::ZERO,
+        connections: 1,
+        ..test_config()
+    };
+    let c = Client::connect(&srv.uri, cfg).await.unwrap();
+    let mut states = c.subscribe_state();
+    srv.kill();
+    assert!(c.read(0, 4096).await.is_err());
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        states.wait_for(|s| *s == ConnectionState::Failed),
+    )
+    .await
+    .expect("failed in time")
+    .unwrap();
+    srv.start();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        c.state(),
+        ConnectionState::Failed,
+        "no background reconnect"
+    );
+    assert!(matches!(c.failure(), Some(Error::ReconnectFailed { .. })));
 }
 
 #[tokio::test]

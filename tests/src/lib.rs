@@ -14,6 +14,8 @@
 //!   command line, QEMU fixtures, an NBD server on a unix socket killed on drop, and
 //!   qemu-storage-daemon's block-stream over QMP.
 //! - [`runtime`]: the tokio runtime async tests drive devices on.
+//! - [`poison`]: a scripted NBD server that dies on one request every time (and accepts the
+//!   reconnect every time): the one misbehaviour no real server produces on demand.
 //! - [`served`]: a running `qedstream serve --output=json`, its JSON lines and signals.
 //! - [`guest`]: a real Linux guest booted under `qemu-system-x86_64` (TCG) from an NBD export,
 //!   reporting the sha256 of its whole disk (after an optional write).
@@ -45,6 +47,7 @@ pub type Disk = SyncDevice<CorDevice>;
 pub mod chain;
 pub mod guest;
 pub mod nbd_server;
+pub mod poison;
 pub mod qemu;
 pub mod qsd;
 pub mod runtime;

@@ -155,6 +155,7 @@ fn link_name(state: LinkState) -> &'static str {
     match state {
         LinkState::Connected => "connected",
         LinkState::Reconnecting => "reconnecting",
+        LinkState::Offline => "offline",
         LinkState::Failed => "failed",
     }
 }

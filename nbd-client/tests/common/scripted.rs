@@ -43,6 +43,8 @@ pub enum Action {
     Send(Vec<u8>),
     /// Send these bytes, then close the connection.
     SendClose(Vec<u8>),
+    /// Wait this long, then send these bytes and close the connection.
+    DelayClose(std::time::Duration, Vec<u8>),
     /// Send nothing (leave the request hanging).
     Nothing,
 }
@@ -285,6 +287,11 @@ async fn run(mut s: UnixStream, script: &mut Script, log: &Mutex<Log>) -> std::i
         match (script.on_request)(&req) {
             Action::Send(b) => s.write_all(&b).await?,
             Action::SendClose(b) => {
+                s.write_all(&b).await?;
+                return Ok(());
+            }
+            Action::DelayClose(pause, b) => {
+                tokio::time::sleep(pause).await;
                 s.write_all(&b).await?;
                 return Ok(());
             }

@@ -228,14 +228,7 @@ fn serve_base(
 fn read_through(overlay: &Path) -> Result<(copy_on_read::CorStats, u8)> {
     let rt = engine::io_runtime()?;
     let r = rt.block_on(async {
-        let dev = Arc::new(
-            open_device(
-                overlay,
-                Duration::from_secs(5),
-                qed::backing::DEFAULT_MAX_DEPTH,
-            )
-            .await?,
-        );
+        let dev = Arc::new(open_device(overlay, crate::demo_gate()).await?);
         let buf = dev
             .read_at(0, vec![0u8; 1 << 20])
             .await
@@ -389,9 +382,8 @@ pub fn run(dir: Option<PathBuf>, size: u64, vm: bool) -> Result<u8> {
         keep_backing: false,
         json: false,
         step: None,
-        reconnect_delay: Duration::from_secs(5),
+        gate: crate::demo_gate(),
         in_flight: 4,
-        max_chain_depth: qed::backing::DEFAULT_MAX_DEPTH,
         // SIGINT ends the demo through `signals`, as SIGTERM does.
         cancel_on_sigint: false,
     })?;

@@ -56,12 +56,22 @@ enum RepairArg {
     All,
 }
 
-/// The bound on backing chains, for every command that opens one.
+/// How every command that opens a chain opens it: the depth bound, and how NBD backings ride
+/// out an outage.
 #[derive(clap::Args, Debug, Clone, Copy)]
 struct ChainArgs {
     /// The deepest backing chain opened (layers below the image).
     #[arg(long, value_name = "N", default_value_t = qed::backing::DEFAULT_MAX_DEPTH)]
     max_chain_depth: u32,
+    /// Seconds a request waits for an NBD backing that went away (QEMU's reconnect-delay),
+    /// counted from the request's first failure; after that, requests fail while reconnecting
+    /// goes on in the background. 0: never reconnect.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_reconnect_delay)]
+    reconnect_delay: std::time::Duration,
+    /// How many times one NBD request is sent again after the connection was lost under it;
+    /// then it fails (EIO), so a request the server dies on cannot loop.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    request_retries: u32,
 }
 
 impl ChainArgs {
@@ -72,27 +82,39 @@ impl ChainArgs {
     /// The bound, and whether images in use may be inspected (`-U`).
     fn shared(self, force_share: bool) -> SharedChainArgs {
         SharedChainArgs {
-            max_depth: self.max_chain_depth,
+            chain: self,
             force_share,
         }
     }
 }
 
-/// How an inspection command opens a chain: its depth bound and `-U`.
+/// How an inspection command opens a chain: the chain options and `-U`.
 #[derive(Debug, Clone, Copy)]
 struct SharedChainArgs {
-    max_depth: u32,
+    chain: ChainArgs,
     force_share: bool,
 }
 
 impl SharedChainArgs {
     fn gate(self) -> copy_on_read::Gate {
-        copy_on_read::Gate {
-            max_depth: self.max_depth,
+        let mut gate = copy_on_read::Gate {
+            max_depth: self.chain.max_chain_depth,
             force_share: self.force_share,
             ..copy_on_read::Gate::default()
-        }
+        };
+        gate.nbd.reconnect_delay = self.chain.reconnect_delay;
+        gate.nbd.max_resends = self.chain.request_retries;
+        gate.nbd.connect_timeout = std::time::Duration::from_secs(10);
+        gate.nbd.request_timeout = Some(std::time::Duration::from_secs(30));
+        gate
     }
+}
+
+/// The gate of the demo's own steps: a short reconnect window (its server is local).
+fn demo_gate() -> copy_on_read::Gate {
+    let mut gate = copy_on_read::Gate::default();
+    gate.nbd.reconnect_delay = std::time::Duration::from_secs(5);
+    gate
 }
 
 #[derive(Subcommand, Debug)]
@@ -289,9 +311,6 @@ struct StreamArgs {
     /// With --step: the unit's length (default 1M).
     #[arg(long, requires = "step")]
     length: Option<String>,
-    /// Seconds an NBD backing may be away before the stream fails.
-    #[arg(long, value_name = "SECONDS", default_value = "30")]
-    reconnect_delay: f64,
     /// Copy requests in flight (1 to 64).
     #[arg(long, default_value = "4")]
     in_flight: usize,
@@ -334,9 +353,6 @@ struct ServeArgs {
     /// human, or json (a "ready" line, then one line per job event).
     #[arg(long, value_enum, default_value = "human")]
     output: Output,
-    /// Seconds an NBD backing may be away before its requests fail.
-    #[arg(long, value_name = "SECONDS", default_value = "30")]
-    reconnect_delay: f64,
     /// The stream's copy requests in flight (1 to 64). Fewer than `stream`'s 4: a guest's
     /// reads share the disk and the CPUs with them (see the README's performance figures).
     #[arg(long, default_value = "1")]
@@ -580,13 +596,11 @@ fn cmd_stream(args: StreamArgs) -> Result<u8> {
         step,
         offset,
         length,
-        reconnect_delay,
         in_flight,
         image,
     } = args;
     let step = step.then_some((offset, length));
     let rate = parse_rate(rate.as_deref())?;
-    check_reconnect_delay(reconnect_delay)?;
     check_in_flight(in_flight)?;
     let step = match step {
         Some((offset, length)) => {
@@ -614,9 +628,8 @@ fn cmd_stream(args: StreamArgs) -> Result<u8> {
         keep_backing,
         json: output == Output::Json,
         step,
-        reconnect_delay: std::time::Duration::from_secs_f64(reconnect_delay),
+        gate: chain.gate(),
         in_flight,
-        max_chain_depth: chain.max_chain_depth,
         cancel_on_sigint: true,
     })
 }
@@ -642,19 +655,17 @@ fn check_in_flight(in_flight: usize) -> Result<()> {
     }
 }
 
-fn check_reconnect_delay(seconds: f64) -> Result<()> {
-    if (0.0..=86400.0).contains(&seconds) {
-        Ok(())
-    } else {
-        Err(Error::invalid(
-            "--reconnect-delay",
-            "--reconnect-delay must be between 0 and 86400 seconds",
-        ))
+/// `--reconnect-delay`: seconds, 0 to 86400.
+fn parse_reconnect_delay(text: &str) -> std::result::Result<std::time::Duration, String> {
+    match text.parse::<f64>() {
+        Ok(s) if (0.0..=86400.0).contains(&s) => Ok(std::time::Duration::from_secs_f64(s)),
+        _ => Err(format!(
+            "{text:?} is not a number of seconds between 0 and 86400"
+        )),
     }
 }
 
 fn cmd_serve(args: ServeArgs) -> Result<u8> {
-    check_reconnect_delay(args.reconnect_delay)?;
     check_in_flight(args.in_flight)?;
     let request_bytes = parse_size(&args.request_size)?;
     if !(64 << 10..=64 << 20).contains(&request_bytes) {
@@ -690,8 +701,7 @@ fn cmd_serve(args: ServeArgs) -> Result<u8> {
         control: args.control,
         pid_file: args.pid_file,
         json: args.output == Output::Json,
-        reconnect_delay: std::time::Duration::from_secs_f64(args.reconnect_delay),
-        max_chain_depth: args.chain.max_chain_depth,
+        gate: args.chain.gate(),
         in_flight: args.in_flight,
         request_bytes,
     })

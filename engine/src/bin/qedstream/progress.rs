@@ -28,12 +28,10 @@ pub struct StreamCommand {
     pub json: bool,
     /// Single-step mode: `(offset, length)`.
     pub step: Option<(u64, u64)>,
-    /// How long an NBD backing may be away before the stream fails.
-    pub reconnect_delay: Duration,
+    /// How the chain is opened (depth bound, NBD reconnect and retry policy).
+    pub gate: Gate,
     /// Requests in flight.
     pub in_flight: usize,
-    /// The deepest backing chain opened.
-    pub max_chain_depth: u32,
     /// Cancel the stream on SIGINT (a caller that handles signals itself says no).
     pub cancel_on_sigint: bool,
 }
@@ -80,19 +78,8 @@ fn print_line(v: &Value) -> Result<()> {
         .map_err(Error::Stdout)
 }
 
-/// Opens the image with copy-on-read and the gate the command uses.
-pub async fn open_device(
-    image: &std::path::Path,
-    reconnect_delay: Duration,
-    max_chain_depth: u32,
-) -> Result<CorDevice> {
-    let mut gate = Gate {
-        max_depth: max_chain_depth,
-        ..Gate::default()
-    };
-    gate.nbd.reconnect_delay = reconnect_delay;
-    gate.nbd.connect_timeout = Duration::from_secs(10);
-    gate.nbd.request_timeout = Some(Duration::from_secs(30));
+/// Opens the image with copy-on-read through `gate`.
+pub async fn open_device(image: &std::path::Path, gate: Gate) -> Result<CorDevice> {
     let options = CorOptions {
         gate,
         ..CorOptions::default()
@@ -114,7 +101,7 @@ pub fn run(cmd: StreamCommand) -> Result<u8> {
 }
 
 async fn run_async(cmd: StreamCommand) -> Result<u8> {
-    let dev = Arc::new(open_device(&cmd.image, cmd.reconnect_delay, cmd.max_chain_depth).await?);
+    let dev = Arc::new(open_device(&cmd.image, cmd.gate.clone()).await?);
     if let Some((offset, length)) = cmd.step {
         return run_step(&dev, offset, length).await;
     }

@@ -76,10 +76,8 @@ pub struct ServeCommand {
     pub pid_file: Option<PathBuf>,
     /// JSON lines on stdout.
     pub json: bool,
-    /// How long an NBD backing may be away before requests fail.
-    pub reconnect_delay: Duration,
-    /// The deepest backing chain opened.
-    pub max_chain_depth: u32,
+    /// How the chain is opened (depth bound, NBD reconnect and retry policy).
+    pub gate: Gate,
     /// The stream's copy requests in flight.
     pub in_flight: usize,
     /// The stream's largest copy request.
@@ -155,13 +153,7 @@ type Opened = (Node, Option<Arc<dyn AllocationDepth>>);
 
 /// Opens the image as a block node: QED through the copy-on-read device, raw as a file.
 async fn open_node(cmd: &ServeCommand) -> Result<Opened> {
-    let mut gate = Gate {
-        max_depth: cmd.max_chain_depth,
-        ..Gate::default()
-    };
-    gate.nbd.reconnect_delay = cmd.reconnect_delay;
-    gate.nbd.connect_timeout = Duration::from_secs(10);
-    gate.nbd.request_timeout = Some(Duration::from_secs(30));
+    let gate = cmd.gate.clone();
     let access = if cmd.read_only {
         qed::Access::ReadOnly
     } else {

@@ -495,6 +495,79 @@ fn repoint_at_a_second_qemu_nbd_after_the_first_dies() {
     assert_clean_and_equal(d, "base.raw");
 }
 
+/// The source dies mid-stream and stays away past `--reconnect-delay`: the job stops
+/// (`--on-error stop`), the backing is `offline`, a guest read of a missing cluster fails with
+/// EIO at once (no hang). The same source comes back: the process reconnects in the
+/// background (`connected` again, no restart, no repoint), and `resume` completes the stream.
+#[test]
+fn a_source_back_after_the_window_is_used_again_without_a_restart() {
+    let dir = tempdir();
+    let d = dir.path();
+    base(d, "32M");
+    let mut source = NbdServer::qemu_nbd(&d.join("base.raw"), &d.join("a.sock"));
+    overlay(d, &source.uri());
+    let mut served = start_served(
+        d,
+        &[
+            "--nbd",
+            "unix:disk.sock",
+            "--control",
+            "ctl.sock",
+            "--stream",
+            "--rate",
+            "2M",
+            "--on-error",
+            "stop",
+            "--reconnect-delay",
+            "1",
+            "top.qed",
+        ],
+    );
+    source.kill();
+    let error = served.wait_for("error");
+    assert_eq!(error["action"], "stop", "{error}");
+    let mut state = String::new();
+    for _ in 0..200 {
+        state = job_ok(d, "ctl.sock", &["backing"]);
+        if state.starts_with("offline ") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(state.starts_with("offline "), "{state}");
+    let guest = qedstream_tests::tools::run(
+        d,
+        "qemu-io",
+        &["-f", "raw", "-r", "-c", "read 30M 4k", &served.uri()],
+    );
+    let said = String::from_utf8_lossy(&guest.stdout).to_string()
+        + &String::from_utf8_lossy(&guest.stderr);
+    assert!(
+        said.contains("Input/output error"),
+        "a read of a missing cluster while offline: {said}"
+    );
+
+    source.restart();
+    for _ in 0..400 {
+        state = job_ok(d, "ctl.sock", &["backing"]);
+        if state.starts_with("connected ") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(
+        state.starts_with("connected "),
+        "not back after 20 s: {state}"
+    );
+    job_ok(d, "ctl.sock", &["speed", "0"]);
+    job_ok(d, "ctl.sock", &["resume"]);
+    let done = served.wait_for("completed");
+    assert_eq!(done["unlinked"], true, "{done}");
+    served.signal(libc::SIGTERM);
+    assert_eq!(served.wait(), 0);
+    assert_clean_and_equal(d, "base.raw");
+}
+
 /// `quit` over QMP while a stream runs: the job is cancelled, the image closed clean and
 /// still linked; `--read-only` never writes the file.
 #[test]

@@ -689,7 +689,7 @@ async fn a_request_waits_at_most_the_window_from_its_first_failure() {
     assert!(matches!(e, Error::ReconnectFailed { .. }), "{e:?}");
     let sends = s.requests().iter().filter(|r| r.offset == MIB).count();
     // At least 300 ms per send: a 1 s window after the first failure leaves room for at most
-    // four more; far below the resend limit.
-    assert!((2..=6).contains(&sends), "{sends} sends");
+    // four more (fewer when reconnecting is slow); far below the resend limit.
+    assert!((1..=6).contains(&sends), "{sends} sends");
     c.close().await;
 }

@@ -141,13 +141,51 @@ impl Image {
         self.refuse_backing_gaps(&to_allocate, &prior, offset, end)?;
         let _alloc = self.begin_allocation()?;
         let host_base = self.tables.allocate(to_allocate.len() as u64);
-        for (i, j) in consecutive_runs(&to_allocate) {
-            let host = host_base + i as u64 * cs;
-            self.write_new_run(&to_allocate[i..j], host, data, offset)?;
+        let stored = consecutive_runs(&to_allocate)
+            .into_iter()
+            .try_for_each(|(i, j)| {
+                let host = host_base + i as u64 * cs;
+                self.write_new_run(&to_allocate[i..j], host, data, offset)
+            })
+            .and_then(|()| self.flush_before_metadata());
+        let linked = stored.and_then(|()| {
+            self.tables
+                .update(&data_updates(&to_allocate, host_base, cs))
+        });
+        self.give_back_unlinked(linked, &to_allocate, host_base)
+    }
+
+    /// After an allocation of `clusters` at `host_base` (in order, one cluster each) was
+    /// stored and linked with the result `linked`: on failure (a full disk), gives the clusters
+    /// no L2 entry points at back to the allocator, so they do not stay behind as leaks.
+    /// Tables are updated in guest order, so what was linked is a prefix of the run.
+    fn give_back_unlinked(
+        &self,
+        linked: Result<()>,
+        clusters: &[GuestCluster],
+        host_base: HostOffset,
+    ) -> Result<()> {
+        let Err(e) = linked else {
+            return Ok(());
+        };
+        let cs = self.geometry().cluster_size();
+        let first_unlinked = clusters
+            .iter()
+            .enumerate()
+            .position(|(k, &c)| !self.points_at(c, host_base + k as u64 * cs))
+            .unwrap_or(clusters.len());
+        let rest = (clusters.len() - first_unlinked) as u64;
+        let from = host_base + first_unlinked as u64 * cs;
+        if let Err(r) = self.tables.release(from, rest) {
+            tracing::warn!(error = %r, "could not give back the clusters of a failed write");
         }
-        self.flush_before_metadata()?;
-        self.tables
-            .update(&data_updates(&to_allocate, host_base, cs))
+        Err(e)
+    }
+
+    /// Whether the L2 entry of `cluster` names `host` (false when it cannot be read).
+    fn points_at(&self, cluster: GuestCluster, host: HostOffset) -> bool {
+        let at = cluster.start(self.geometry());
+        matches!(self.lookup_run(at, 1), Ok((Mapping::Data(h), _)) if h == host)
     }
 
     /// With a backing file, a new cluster that the write `[offset, end)` covers only in part
@@ -383,13 +421,17 @@ impl Image {
         }
         let _alloc = self.begin_allocation()?;
         let mut updates = plan.updates;
-        if !plan.data_clusters.is_empty() {
-            let host_base = self.store_populated(&plan.data_clusters, offset, data)?;
-            let cs = g.cluster_size();
-            updates.extend(data_updates(&plan.data_clusters, host_base, cs));
+        if plan.data_clusters.is_empty() {
+            self.tables.update(&updates)?;
+            return Ok(plan.outcome);
         }
+        let clusters = &plan.data_clusters;
+        let host_base = self.tables.allocate(clusters.len() as u64);
+        let stored = self.store_populated(clusters, host_base, offset, data);
+        updates.extend(data_updates(clusters, host_base, g.cluster_size()));
         updates.sort_unstable();
-        self.tables.update(&updates)?;
+        let linked = stored.and_then(|()| self.tables.update(&updates));
+        self.give_back_unlinked(linked, clusters, host_base)?;
         Ok(plan.outcome)
     }
 
@@ -434,17 +476,17 @@ impl Image {
         Ok(plan)
     }
 
-    /// Writes the data clusters of a populate as one run at the end of the file (the last
-    /// cluster padded with zeros) and returns where the run starts.
+    /// Writes the data clusters of a populate as one run at `host_base`, allocated for them at
+    /// the end of the file (the last cluster padded with zeros).
     fn store_populated(
         &self,
         clusters: &[GuestCluster],
+        host_base: HostOffset,
         offset: u64,
         data: &[u8],
-    ) -> Result<HostOffset> {
+    ) -> Result<()> {
         let g = self.geometry();
         let cs = g.cluster_size();
-        let host_base = self.tables.allocate(clusters.len() as u64);
         for (i, j) in consecutive_runs(clusters) {
             let gs = clusters[i].start(g).0 - offset;
             let ge = (clusters[j - 1].next().start(g).0 - offset).min(data.len() as u64);
@@ -458,8 +500,7 @@ impl Image {
                 self.write_data(&zeros, at, "writing populated clusters")?;
             }
         }
-        self.flush_before_metadata()?;
-        Ok(host_base)
+        self.flush_before_metadata()
     }
 }
 
@@ -485,7 +526,11 @@ struct Populate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{image, image_over_pattern, write_over_pattern, writes_in, Op, Pattern};
+    use crate::testing::{
+        image, image_over_pattern, write_over_pattern, writes_in, Filling, Op, Pattern,
+    };
+    use crate::{Error, Storage};
+    use std::sync::Arc;
 
     const CS: u64 = 65536;
 
@@ -494,6 +539,94 @@ mod tests {
             Mapping::Data(h) => h.0,
             other => panic!("{guest:#x} maps to {other:?}"),
         }
+    }
+
+    /// An image over the pattern on a [`Filling`] storage, its file `room` bytes short of
+    /// growing any more.
+    fn full_image(room: u64) -> (Arc<Filling>, Image) {
+        let storage = Filling::with_image(&crate::CreateOptions::new(16 << 20));
+        let image = Image::open(Box::new(Arc::clone(&storage)), Default::default()).unwrap();
+        image
+            .set_backing(Some(("pattern", crate::BackingFormat::Raw)))
+            .unwrap();
+        storage.set_limit(storage.len().unwrap() + room);
+        (storage, image)
+    }
+
+    fn pattern_at(offset: u64, len: u64) -> Vec<u8> {
+        (offset..offset + len).map(Pattern::byte).collect()
+    }
+
+    fn leaks(image: &Image) -> u64 {
+        let report = image.check(crate::Repair::None).unwrap();
+        assert_eq!(
+            (report.corruptions, report.check_errors),
+            (0, 0),
+            "{report:?}"
+        );
+        report.leaks
+    }
+
+    fn is_enospc(e: &Error) -> bool {
+        matches!(e, Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC))
+    }
+
+    #[test]
+    fn a_populate_on_a_full_disk_gives_its_clusters_back() {
+        // Room for 1.5 clusters: the 4-cluster data run is stored in part, then fails.
+        let (s, image) = full_image(CS + CS / 2);
+        let len = s.len().unwrap();
+        let e = image
+            .populate(GuestOffset(0), &pattern_at(0, 4 * CS), true)
+            .unwrap_err();
+        assert!(is_enospc(&e), "{e}");
+        assert_eq!(s.len().unwrap(), len, "the partial run is truncated away");
+        assert_eq!(
+            image.mapping_at(GuestOffset(0), 1).unwrap().0,
+            Mapping::Unallocated
+        );
+        assert_eq!(leaks(&image), 0);
+        // Space freed: the same populate succeeds where the failed one would have gone.
+        s.set_limit(u64::MAX);
+        image
+            .populate(GuestOffset(0), &pattern_at(0, 4 * CS), true)
+            .unwrap();
+        assert_eq!(host_of(&image, 0), len);
+        assert_eq!(leaks(&image), 0);
+    }
+
+    #[test]
+    fn a_new_l2_table_that_does_not_fit_is_given_back_with_the_data() {
+        // The data (2 clusters) fits, its new L2 table (4 clusters) does not.
+        let (s, image) = full_image(3 * CS);
+        let len = s.len().unwrap();
+        let e = image
+            .populate(GuestOffset(0), &pattern_at(0, 2 * CS), true)
+            .unwrap_err();
+        assert!(is_enospc(&e), "{e}");
+        assert_eq!(s.len().unwrap(), len);
+        assert_eq!(image.tables.l1_entries()[0], 0, "no table linked in memory");
+        assert_eq!(leaks(&image), 0);
+        s.set_limit(u64::MAX);
+        image
+            .populate(GuestOffset(0), &pattern_at(0, 2 * CS), true)
+            .unwrap();
+        let mut buf = vec![0u8; 2 * CS as usize];
+        image.read_at(&mut buf, GuestOffset(0)).unwrap();
+        assert_eq!(buf, pattern_at(0, 2 * CS));
+        assert_eq!(leaks(&image), 0);
+    }
+
+    #[test]
+    fn an_allocating_write_on_a_full_disk_gives_its_clusters_back() {
+        let (s, image) = full_image(CS / 2);
+        let len = s.len().unwrap();
+        let e = image
+            .write_at(&vec![7u8; 3 * CS as usize], GuestOffset(5 * CS))
+            .unwrap_err();
+        assert!(is_enospc(&e), "{e}");
+        assert_eq!(s.len().unwrap(), len);
+        assert_eq!(leaks(&image), 0);
     }
 
     #[test]

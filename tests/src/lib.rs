@@ -15,6 +15,9 @@
 //!   qemu-storage-daemon's block-stream over QMP.
 //! - [`runtime`]: the tokio runtime async tests drive devices on.
 //! - [`served`]: a running `qedstream serve --output=json`, its JSON lines and signals.
+//! - [`qmp`]: a raw QMP client (greeting, commands, events) with a deadline on every read.
+//! - [`tmpfs`]: a small tmpfs mounted for one test (a real file system that fills up, ENOSPC
+//!   and all), filled on demand and unmounted on drop.
 //! - [`guest`]: a real Linux guest booted under `qemu-system-x86_64` (TCG) from an NBD export,
 //!   reporting the sha256 of its whole disk (after an optional write).
 //! - [`chain`]: a per-unit view of a backing chain's allocation, from `qemu-img map` and from
@@ -46,9 +49,11 @@ pub mod chain;
 pub mod guest;
 pub mod nbd_server;
 pub mod qemu;
+pub mod qmp;
 pub mod qsd;
 pub mod runtime;
 pub mod served;
+pub mod tmpfs;
 pub mod tools;
 
 /// A geometry under test and the virtual size its images get.

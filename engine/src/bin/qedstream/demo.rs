@@ -391,6 +391,7 @@ pub fn run(dir: Option<PathBuf>, size: u64, vm: bool) -> Result<u8> {
         step: None,
         reconnect_delay: Duration::from_secs(5),
         in_flight: 4,
+        on_error: engine::job::OnError::Report,
         max_chain_depth: qed::backing::DEFAULT_MAX_DEPTH,
         // SIGINT ends the demo through `signals`, as SIGTERM does.
         cancel_on_sigint: false,

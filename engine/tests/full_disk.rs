@@ -521,6 +521,13 @@ fn connect_when_there(sock: &Path) -> Qmp {
     Qmp::connect(sock)
 }
 
+/// One `qemu-io` command on the NBD export at `uri`, as a guest's I/O; a failed pattern
+/// check fails the test.
+fn guest_io(dir: &Path, uri: &str, command: &str) {
+    let out = ok(dir, "qemu-io", &["-f", "raw", "-c", command, uri]);
+    assert!(!out.contains("verification failed"), "{command}: {out}");
+}
+
 /// The sorted member names of a JSON object.
 fn keys(v: &Value) -> Vec<String> {
     let mut k: Vec<String> = v
@@ -558,12 +565,22 @@ fn serve_stops_on_a_full_disk_and_the_cli_resumes_it() {
         "256K",
         "--on-error",
         "stop",
+        "--nbd",
+        "unix:nbd.sock",
         path_str(&image),
     ];
     let mut served = Served::start(Path::new(env!("CARGO_BIN_EXE_qedstream")), f.dir(), &args);
+    let uri = served.uri();
     let mut qmp = Qmp::negotiated(&f.dir().join("ctl.sock"));
+    // A guest write over NBD while there is room: acknowledged, so it must stay.
+    guest_io(f.dir(), &uri, &format!("write -P 0xee {MIB} {CS}"));
+    f.expect_write(0xee, MIB, CS);
     let filler = f.disk.fill_leaving(0);
     let ours = stopped(&mut qmp);
+    // While stopped on the full disk, a guest read over NBD that must copy a cluster in
+    // still gets the backing's bytes, and the acknowledged write reads back.
+    guest_io(f.dir(), &uri, &format!("read -P 0x33 {} {CS}", 5 * MIB));
+    guest_io(f.dir(), &uri, &format!("read -P 0xee {MIB} {CS}"));
     assert_eq!(
         ours.error,
         json!({"device": "disk", "operation": "write", "action": "stop", "nospace": true})

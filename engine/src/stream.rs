@@ -224,8 +224,10 @@ impl StreamHandle {
     pub fn resume(&self) {
         // As QEMU's resume: the error the job stopped on is cleared with it.
         *self.shared.io_status.lock() = IoStatus::Ok;
-        self.shared.paused.send_replace(false);
+        // Running before the job is let go: once unpaused it may reach its end at once, and
+        // its subscribers must hear Running before Completed.
         self.transition(JobState::Paused, JobState::Running);
+        self.shared.paused.send_replace(false);
     }
 
     /// Whether the job is paused (by [`StreamHandle::pause`] or by an error it stopped on).

@@ -208,6 +208,42 @@ impl Drop for TableGuard<'_> {
     }
 }
 
+/// A failed [`Tables::update_tracked`].
+#[derive(Debug)]
+pub(crate) struct UpdateFailure {
+    /// Why.
+    pub(crate) error: Error,
+    /// The index of the first update that no table on disk reflects, in part or whole: the
+    /// updates from here on were never written, so the clusters only they name are free.
+    pub(crate) unwritten_from: usize,
+}
+
+/// A failed update of one table: whether a write that points at something (an L2 sector,
+/// an L1 sector) was attempted, so that the disk may hold part of it.
+#[derive(Debug)]
+struct TableFailure {
+    error: Error,
+    reference_written: bool,
+}
+
+impl TableFailure {
+    /// Failed before anything on disk could point at the new clusters.
+    fn before(error: Error) -> TableFailure {
+        TableFailure {
+            error,
+            reference_written: false,
+        }
+    }
+
+    /// Failed writing a reference: part of it may be on disk.
+    fn after(error: Error) -> TableFailure {
+        TableFailure {
+            error,
+            reference_written: true,
+        }
+    }
+}
+
 /// The tables of one open image.
 #[derive(Debug)]
 pub(crate) struct Tables {
@@ -388,39 +424,64 @@ impl Tables {
     /// Each table is written once: the changed sectors of an existing table, or a new table
     /// whole (then flushed) followed by its L1 sector.
     pub(crate) fn update(&self, updates: &[L2Update]) -> Result<()> {
+        self.update_tracked(updates).map_err(|f| f.error)
+    }
+
+    /// [`Tables::update`], saying on failure which updates no table on disk can reflect: the
+    /// caller may give back the clusters that only those would have linked.
+    pub(crate) fn update_tracked(&self, updates: &[L2Update]) -> Result<(), UpdateFailure> {
         debug_assert!(updates.windows(2).all(|w| w[0].0 < w[1].0));
         let g = self.geometry;
+        let mut done = 0;
         for group in updates.chunk_by(|a, b| a.0.table(g) == b.0.table(g)) {
             let table = group[0].0.table(g);
             let _lock = self.locks.lock(table);
-            self.update_table(table, group)?;
+            if let Err(f) = self.update_table(table, group) {
+                let unwritten_from = if f.reference_written {
+                    done + group.len()
+                } else {
+                    done
+                };
+                return Err(UpdateFailure {
+                    error: f.error,
+                    unwritten_from,
+                });
+            }
+            done += group.len();
         }
         Ok(())
     }
 
     /// Updates one table, under its lock.
-    fn update_table(&self, table: L1Index, group: &[L2Update]) -> Result<()> {
+    fn update_table(&self, table: L1Index, group: &[L2Update]) -> Result<(), TableFailure> {
         let g = self.geometry;
         let epoch = self.epoch(table);
         epoch.fetch_add(1, Ordering::AcqRel);
         let guest = group[0].0.start(g);
-        let Some(offset) = self.table_offset(table, guest)? else {
+        let Some(offset) = self
+            .table_offset(table, guest)
+            .map_err(TableFailure::before)?
+        else {
             let mut entries = vec![ENTRY_UNALLOCATED; g.table_entries() as usize];
             for &(c, e) in group {
                 entries[c.slot(g)] = e.to_raw();
             }
             let offset = self.allocate(u64::from(g.table_size()));
-            if let Err(e) = self.link_new_table(table, offset, &entries) {
+            if let Err(e) = self.write_new_table(offset, &entries) {
                 // Nothing points at the table: give its clusters back (a full disk).
                 if let Err(r) = self.release(offset, u64::from(g.table_size())) {
                     tracing::warn!(error = %r, "could not give back a failed L2 table's clusters");
                 }
-                return Err(e);
+                return Err(TableFailure::before(e));
             }
+            // The L1 sector may be on disk in part: the table stays allocated (a leak at
+            // worst) and so do the clusters it names.
+            self.write_l1_entry(table, offset)
+                .map_err(TableFailure::after)?;
             self.cache.replace(offset, Arc::new(entries), epoch);
             return Ok(());
         };
-        let mut entries = self.load_l2(table, offset)?;
+        let mut entries = self.load_l2(table, offset).map_err(TableFailure::before)?;
         let t = Arc::make_mut(&mut entries);
         for &(c, e) in group {
             t[c.slot(g)] = e.to_raw();
@@ -431,18 +492,18 @@ impl Tables {
         let at = offset + s0 as u64 * 8;
         self.storage
             .write_at(&layout::encode_table(&t[s0..s1]), at.0)
-            .map_err(Error::io("writing L2 table", at.0))?;
+            .map_err(Error::io("writing L2 table", at.0))
+            .map_err(TableFailure::after)?;
         self.cache.replace(offset, entries, epoch);
         Ok(())
     }
 
-    /// Writes a new L2 table at `offset` (flushed) and points the L1 entry of `table` at it.
-    fn link_new_table(&self, table: L1Index, offset: HostOffset, entries: &[u64]) -> Result<()> {
+    /// Writes a new L2 table at `offset`, flushed (before any L1 entry may point at it).
+    fn write_new_table(&self, offset: HostOffset, entries: &[u64]) -> Result<()> {
         self.storage
             .write_at(&layout::encode_table(entries), offset.0)
             .and_then(|()| self.storage.flush())
-            .map_err(Error::io("writing new L2 table", offset.0))?;
-        self.write_l1_entry(table, offset)
+            .map_err(Error::io("writing new L2 table", offset.0))
     }
 
     /// Points an L1 entry at a new table and writes its 512-byte sector. The L1 lock is held

@@ -148,6 +148,8 @@ pub(crate) fn writes_in(ops: &[Op], start: u64, end: u64) -> Vec<Op> {
 pub(crate) struct Filling {
     inner: MemStorage,
     limit: std::sync::atomic::AtomicU64,
+    /// A write that covers this offset fails with EIO, writing nothing (u64::MAX: none).
+    broken: std::sync::atomic::AtomicU64,
 }
 
 impl Filling {
@@ -156,6 +158,7 @@ impl Filling {
         let f = Arc::new(Filling {
             inner: MemStorage::default(),
             limit: std::sync::atomic::AtomicU64::new(u64::MAX),
+            broken: std::sync::atomic::AtomicU64::new(u64::MAX),
         });
         crate::Image::create(&*f, options).unwrap();
         f
@@ -165,6 +168,12 @@ impl Filling {
     pub(crate) fn set_limit(&self, limit: u64) {
         self.limit
             .store(limit, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Makes every write that covers `offset` fail with EIO (and write nothing).
+    pub(crate) fn break_at(&self, offset: u64) {
+        self.broken
+            .store(offset, std::sync::atomic::Ordering::Release);
     }
 
     fn limit(&self) -> u64 {
@@ -177,6 +186,10 @@ impl Storage for Filling {
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let broken = self.broken.load(std::sync::atomic::Ordering::Acquire);
+        if (offset..offset + buf.len() as u64).contains(&broken) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         let fits = self.limit().saturating_sub(offset).min(buf.len() as u64) as usize;
         if fits > 0 {
             self.inner.write_at(&buf[..fits], offset)?;

@@ -148,44 +148,42 @@ impl Image {
                 self.write_new_run(&to_allocate[i..j], host, data, offset)
             })
             .and_then(|()| self.flush_before_metadata());
-        let linked = stored.and_then(|()| {
-            self.tables
-                .update(&data_updates(&to_allocate, host_base, cs))
-        });
-        self.give_back_unlinked(linked, &to_allocate, host_base)
+        let updates = data_updates(&to_allocate, host_base, cs);
+        self.link_or_give_back(stored, &updates, &to_allocate, host_base)
     }
 
-    /// After an allocation of `clusters` at `host_base` (in order, one cluster each) was
-    /// stored and linked with the result `linked`: on failure (a full disk), gives the clusters
-    /// no L2 entry points at back to the allocator, so they do not stay behind as leaks.
-    /// Tables are updated in guest order, so what was linked is a prefix of the run.
-    fn give_back_unlinked(
+    /// Links the clusters of an allocation of `clusters` at `host_base` (in order, one
+    /// cluster each; `stored` says whether their data is on disk) with `updates`. On failure
+    /// (a full disk) the clusters no L2 entry on disk can name (all of them when the store
+    /// failed) go back to the allocator, so they do not stay behind as leaks.
+    fn link_or_give_back(
         &self,
-        linked: Result<()>,
+        stored: Result<()>,
+        updates: &[L2Update],
         clusters: &[GuestCluster],
         host_base: HostOffset,
     ) -> Result<()> {
-        let Err(e) = linked else {
-            return Ok(());
+        let (error, unwritten_from) = match stored {
+            Err(e) => (e, 0),
+            Ok(()) => match self.tables.update_tracked(updates) {
+                Ok(()) => return Ok(()),
+                Err(f) => (f.error, f.unwritten_from),
+            },
         };
+        // Updates are sorted by guest cluster and the run's hosts follow its guest order, so
+        // the clusters left unwritten are a suffix of the run.
+        let first_free = updates
+            .get(unwritten_from)
+            .map_or(clusters.len(), |&(c, _)| {
+                clusters.partition_point(|&d| d < c)
+            });
         let cs = self.geometry().cluster_size();
-        let first_unlinked = clusters
-            .iter()
-            .enumerate()
-            .position(|(k, &c)| !self.points_at(c, host_base + k as u64 * cs))
-            .unwrap_or(clusters.len());
-        let rest = (clusters.len() - first_unlinked) as u64;
-        let from = host_base + first_unlinked as u64 * cs;
+        let from = host_base + first_free as u64 * cs;
+        let rest = (clusters.len() - first_free) as u64;
         if let Err(r) = self.tables.release(from, rest) {
             tracing::warn!(error = %r, "could not give back the clusters of a failed write");
         }
-        Err(e)
-    }
-
-    /// Whether the L2 entry of `cluster` names `host` (false when it cannot be read).
-    fn points_at(&self, cluster: GuestCluster, host: HostOffset) -> bool {
-        let at = cluster.start(self.geometry());
-        matches!(self.lookup_run(at, 1), Ok((Mapping::Data(h), _)) if h == host)
+        Err(error)
     }
 
     /// With a backing file, a new cluster that the write `[offset, end)` covers only in part
@@ -430,8 +428,7 @@ impl Image {
         let stored = self.store_populated(clusters, host_base, offset, data);
         updates.extend(data_updates(clusters, host_base, g.cluster_size()));
         updates.sort_unstable();
-        let linked = stored.and_then(|()| self.tables.update(&updates));
-        self.give_back_unlinked(linked, clusters, host_base)?;
+        self.link_or_give_back(stored, &updates, clusters, host_base)?;
         Ok(plan.outcome)
     }
 
@@ -544,7 +541,12 @@ mod tests {
     /// An image over the pattern on a [`Filling`] storage, its file `room` bytes short of
     /// growing any more.
     fn full_image(room: u64) -> (Arc<Filling>, Image) {
-        let storage = Filling::with_image(&crate::CreateOptions::new(16 << 20));
+        full_image_of(16 << 20, room)
+    }
+
+    /// [`full_image`] of `size` bytes.
+    fn full_image_of(size: u64, room: u64) -> (Arc<Filling>, Image) {
+        let storage = Filling::with_image(&crate::CreateOptions::new(size));
         let image = Image::open(Box::new(Arc::clone(&storage)), Default::default()).unwrap();
         image
             .set_backing(Some(("pattern", crate::BackingFormat::Raw)))
@@ -565,6 +567,10 @@ mod tests {
             "{report:?}"
         );
         report.leaks
+    }
+
+    fn is_eio(e: &Error) -> bool {
+        matches!(e, Error::Io { source, .. } if source.raw_os_error() == Some(libc::EIO))
     }
 
     fn is_enospc(e: &Error) -> bool {
@@ -615,6 +621,44 @@ mod tests {
         image.read_at(&mut buf, GuestOffset(0)).unwrap();
         assert_eq!(buf, pattern_at(0, 2 * CS));
         assert_eq!(leaks(&image), 0);
+    }
+
+    #[test]
+    fn clusters_a_failed_table_write_may_name_are_kept() {
+        // Two L2 tables' worth of disk (2 GiB each with 4-cluster tables).
+        let (s, image) = full_image_of(5 << 30, u64::MAX / 2);
+        // An L2 table exists; cluster 5's entry is updated in place, and that write fails.
+        image
+            .populate(GuestOffset(0), &pattern_at(0, CS), true)
+            .unwrap();
+        let table = image.tables.l1_entries()[0];
+        s.break_at(table + 5 * 8);
+        let len = s.len().unwrap();
+        let e = image
+            .populate(GuestOffset(5 * CS), &pattern_at(5 * CS, CS), true)
+            .unwrap_err();
+        assert!(is_eio(&e), "{e}");
+        // The sector may be on disk in part: its data cluster stays (a leak, never a
+        // dangling entry).
+        assert_eq!(s.len().unwrap(), len + CS);
+        assert_eq!(leaks(&image), 1);
+        // The same with a new table whose L1 sector write fails: table and data stay.
+        let l1 = image.tables.l1_offset().0;
+        s.break_at(l1 + 8);
+        let len = s.len().unwrap();
+        let second_table = image.geometry().l2_span();
+        let e = image
+            .populate(
+                GuestOffset(second_table),
+                &pattern_at(second_table, CS),
+                true,
+            )
+            .unwrap_err();
+        assert!(is_eio(&e), "{e}");
+        let table_clusters = u64::from(image.geometry().table_size());
+        assert_eq!(s.len().unwrap(), len + (1 + table_clusters) * CS);
+        assert_eq!(image.tables.l1_entries()[1], 0, "unlinked in memory");
+        assert_eq!(leaks(&image), 1 + 1 + table_clusters);
     }
 
     #[test]

@@ -49,7 +49,7 @@
 //! request that fails (a full disk: ENOSPC after the file system stored part of it) gives back
 //! the clusters no table on disk can name, truncating the file when they are its last ones,
 //! so a full disk leaves no leaked clusters behind (QEMU's QED leaves them); a failed run
-//! below a later allocation that succeeded stays a leak.
+//! below a later allocation that succeeded is used again by the next allocation it holds.
 //!
 //! An image over a backing answers where, and leaves the backing's part to the caller:
 //!

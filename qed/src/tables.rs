@@ -313,10 +313,20 @@ impl Tables {
         Ok(self.file_end.fetch_max(now, Ordering::AcqRel) < now)
     }
 
-    /// Reserves `clusters` contiguous clusters at the end of the file.
+    /// Reserves `clusters` contiguous clusters: the start of a run given back below a later
+    /// allocation when one is long enough (so a full disk's failures do not stay leaks once
+    /// space is freed), otherwise at the end of the file.
     pub(crate) fn allocate(&self, clusters: u64) -> HostOffset {
         let bytes = clusters * self.geometry.cluster_size();
-        let _allocator = self.abandoned.lock();
+        let mut abandoned = self.abandoned.lock();
+        if let Some(i) = abandoned.iter().position(|r| r.1 - r.0 >= bytes) {
+            let start = abandoned[i].0;
+            abandoned[i].0 += bytes;
+            if abandoned[i].0 == abandoned[i].1 {
+                abandoned.swap_remove(i);
+            }
+            return HostOffset(start);
+        }
         HostOffset(self.file_end.fetch_add(bytes, Ordering::AcqRel))
     }
 
@@ -324,8 +334,8 @@ impl Tables {
     /// never linked by any table): when they are the last allocation in the file (with any
     /// earlier failed runs just below them), the file is truncated to their start and the next
     /// allocation reuses the space, so a full disk leaves no leaked clusters behind. A run
-    /// below a later allocation stays reserved (a leak, as in QEMU) until the runs above it
-    /// are given back too.
+    /// below a later allocation is kept aside and used again by the next allocation it can
+    /// hold (until then it is a leak, as QEMU's are for good).
     pub(crate) fn release(&self, start: HostOffset, clusters: u64) -> io::Result<()> {
         if clusters == 0 {
             return Ok(());
@@ -618,10 +628,13 @@ mod tests {
         t.release(b, 3).unwrap();
         assert_eq!((t.file_end().0, s.len().unwrap()), (5 * CS, 5 * CS));
         assert_eq!(t.allocate(1).0, 5 * CS, "the space is used again");
-        // A run below one that succeeded stays a leak.
+        // A run below one that succeeded is a leak until the next allocations use it again.
         let c = t.allocate(1);
         t.release(HostOffset(5 * CS), 1).unwrap();
         assert_eq!(t.file_end().0, c.0 + CS);
+        assert_eq!(t.allocate(2).0, c.0 + CS, "too short for two clusters");
+        assert_eq!(t.allocate(1).0, 5 * CS, "one fits");
+        assert_eq!(t.allocate(1).0, c.0 + 3 * CS);
     }
 
     fn data(c: u64, host: u64) -> L2Update {

@@ -608,6 +608,15 @@ fn serve_stops_on_a_full_disk_and_the_cli_resumes_it() {
         (&json!(true), &json!("stop")),
         "{line}"
     );
+    // The CLI shows the same state.
+    let out = qedstream(f.dir(), &["job", "ctl.sock", "info", "--output=json"]);
+    assert!(out.status.success(), "{out:?}");
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&info["io-status"], &info["paused"]),
+        (&json!("nospace"), &json!(true)),
+        "{info}"
+    );
 
     std::fs::remove_file(filler).unwrap();
     for args in [["speed", "0"].as_slice(), &["resume"]] {

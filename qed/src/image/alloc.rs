@@ -473,8 +473,8 @@ impl Image {
         Ok(plan)
     }
 
-    /// Writes the data clusters of a populate as one run at `host_base`, allocated for them at
-    /// the end of the file (the last cluster padded with zeros).
+    /// Writes the data clusters of a populate as one run at `host_base`, the clusters
+    /// allocated for them (the last cluster padded with zeros).
     fn store_populated(
         &self,
         clusters: &[GuestCluster],

@@ -188,6 +188,22 @@ impl Error {
         }
     }
 
+    /// Whether the failure (or an error under it) is the image's file system running out of
+    /// space (ENOSPC): the image is intact, and the same operation may succeed once space is
+    /// freed.
+    pub fn is_nospace(&self) -> bool {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(s) = source {
+            if let Some(io) = s.downcast_ref::<std::io::Error>() {
+                if io.raw_os_error() == Some(libc::ENOSPC) {
+                    return true;
+                }
+            }
+            source = s.source();
+        }
+        false
+    }
+
     /// An I/O error while doing `what`.
     pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
         let what = what.into();

@@ -28,7 +28,8 @@ pub enum OnError {
     /// The job fails with the error; the backing link stays (the default).
     #[default]
     Report,
-    /// The job pauses (I/O status `failed`); a resume retries the range.
+    /// The job pauses (I/O status `nospace` when the image's file system is full, `failed`
+    /// otherwise); a resume retries the range.
     Stop,
     /// The range is skipped and reported; the job goes on, and at the end keeps the backing
     /// link (the skipped ranges still come from it).

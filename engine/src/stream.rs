@@ -16,7 +16,8 @@
 //!
 //! A range that still fails after [`StreamOptions::retries`] is handled by the job's
 //! [`OnError`] policy ([`StreamOptions::on_error`]): `report` fails the job, `stop` pauses it
-//! (I/O status `failed`) until a resume retries the range, `ignore` skips the range, reports
+//! (I/O status `nospace` when the image's file system is full, `failed` otherwise) until a
+//! resume retries the range, `ignore` skips the range, reports
 //! it in [`StreamOutcome::ignored`] and keeps the backing link. Every such failure, every
 //! state change and the end are [`JobEvent`]s, received through [`StreamHandle::subscribe`]
 //! (or [`StreamJob::start_watched`], subscribed before the job starts).
@@ -223,8 +224,10 @@ impl StreamHandle {
     pub fn resume(&self) {
         // As QEMU's resume: the error the job stopped on is cleared with it.
         *self.shared.io_status.lock() = IoStatus::Ok;
-        self.shared.paused.send_replace(false);
+        // Running before the job is let go: once unpaused it may reach its end at once, and
+        // its subscribers must hear Running before Completed.
         self.transition(JobState::Paused, JobState::Running);
+        self.shared.paused.send_replace(false);
     }
 
     /// Whether the job is paused (by [`StreamHandle::pause`] or by an error it stopped on).
@@ -583,7 +586,7 @@ async fn after_error(h: &StreamHandle, offset: u64, length: u64, e: Error) -> Re
         return Err(h.cancelled_at(offset));
     }
     let action = h.shared.on_error;
-    let nospace = is_nospace(&e);
+    let nospace = e.is_nospace();
     let operation = match &e {
         Error::BackingUnavailable(_) | Error::Device(copy_on_read::Error::Nbd { .. }) => {
             Operation::Read
@@ -622,20 +625,6 @@ async fn after_error(h: &StreamHandle, offset: u64, length: u64, e: Error) -> Re
             }
         }
     }
-}
-
-/// Whether `e` (or an error under it) is ENOSPC.
-fn is_nospace(e: &Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            if io.raw_os_error() == Some(libc::ENOSPC) {
-                return true;
-            }
-        }
-        source = s.source();
-    }
-    false
 }
 
 impl StreamJob {

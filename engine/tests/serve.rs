@@ -3,13 +3,12 @@
 //! against real NBD servers (qemu-nbd, nbdkit with its error filter). Every image is graded by
 //! `qemu-img` (check, compare, info).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Command, Output};
 
 use qedstream_tests::nbd_server::NbdServer;
-use qedstream_tests::served::{Served, DEADLINE};
+use qedstream_tests::qmp::Qmp;
+use qedstream_tests::served::Served;
 use qedstream_tests::tempdir;
 use qedstream_tests::tools::{ok, run_command as run};
 use serde_json::{json, Value};
@@ -161,69 +160,6 @@ fn job_cli_drives_a_served_stream_to_completion() {
     assert_clean_and_equal(d, "base.raw");
 }
 
-/// A raw QMP connection: greeting, negotiation, replies with their id.
-struct Qmp {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-    greeting: Value,
-}
-
-impl Qmp {
-    fn connect(path: &Path) -> Qmp {
-        let stream = UnixStream::connect(path).expect("connecting to the control socket");
-        stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
-        let writer = stream.try_clone().expect("clone");
-        let mut qmp = Qmp {
-            reader: BufReader::new(stream),
-            writer,
-            greeting: Value::Null,
-        };
-        qmp.greeting = qmp.read().expect("greeting");
-        qmp
-    }
-
-    fn read(&mut self) -> Option<Value> {
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => None,
-            Ok(_) => Some(serde_json::from_str(&line).expect("QMP sends JSON")),
-            Err(e) => panic!("reading QMP: {e}"),
-        }
-    }
-
-    fn send_raw(&mut self, bytes: &[u8]) {
-        self.writer.write_all(bytes).expect("writing QMP");
-    }
-
-    /// Sends `command` and returns the reply (events before it are collected).
-    fn execute(&mut self, command: Value, events: &mut Vec<Value>) -> Value {
-        self.send_raw(format!("{command}\n").as_bytes());
-        self.reply(events)
-    }
-
-    fn reply(&mut self, events: &mut Vec<Value>) -> Value {
-        loop {
-            let v = self.read().expect("a reply");
-            if v.get("event").is_some() {
-                events.push(v);
-            } else {
-                return v;
-            }
-        }
-    }
-
-    /// Reads events until one named `name`.
-    fn wait_event(&mut self, name: &str, events: &mut Vec<Value>) -> Value {
-        loop {
-            let v = self.read().expect("an event");
-            events.push(v.clone());
-            if v["event"] == name {
-                return v;
-            }
-        }
-    }
-}
-
 /// Raw QMP: the greeting, negotiation first, errors with their class and id, bad and
 /// oversized input, query-block naming the node, two clients both hearing the job's events,
 /// and quit closing the image clean.
@@ -314,7 +250,7 @@ fn raw_qmp_speaks_qemus_protocol() {
     // is closed (EOF, not the read timeout).
     b.send_raw(br#"{"execute": ""#);
     let flood = vec![b'a'; 200 << 10];
-    let _ = b.writer.write_all(&flood);
+    let _ = b.try_send_raw(&flood);
     let r = b.reply(&mut Vec::new());
     assert!(
         r["error"]["desc"].as_str().unwrap().contains("too large"),
@@ -323,7 +259,7 @@ fn raw_qmp_speaks_qemus_protocol() {
     let mut rest = Vec::new();
     // Closed with our flood unread, the socket may be reset rather than ended: both are a
     // disconnect; only the read timeout (still connected) is not.
-    match b.reader.read_to_end(&mut rest) {
+    match b.read_to_end(&mut rest) {
         Ok(_) => {}
         Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
     }

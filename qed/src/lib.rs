@@ -45,7 +45,11 @@
 //! Writes follow QEMU's crash-safe order (data appended at the end of the file and filled
 //! whole, a flush when there is a backing file, the L2 table, then the L1 sector); unlike QEMU,
 //! many clusters are allocated as one contiguous run, each L2 table is updated once per
-//! request, and writes to allocated clusters run concurrently with allocation.
+//! request, and writes to allocated clusters run concurrently with allocation. An allocating
+//! request that fails (a full disk: ENOSPC after the file system stored part of it) gives back
+//! the clusters no table on disk can name, truncating the file when they are its last ones,
+//! so a full disk leaves no leaked clusters behind (QEMU's QED leaves them); a failed run
+//! below a later allocation that succeeded is used again by the next allocation it holds.
 //!
 //! An image over a backing answers where, and leaves the backing's part to the caller:
 //!

@@ -208,6 +208,42 @@ impl Drop for TableGuard<'_> {
     }
 }
 
+/// A failed [`Tables::update_tracked`].
+#[derive(Debug)]
+pub(crate) struct UpdateFailure {
+    /// Why.
+    pub(crate) error: Error,
+    /// The index of the first update that no table on disk reflects, in part or whole: the
+    /// updates from here on were never written, so the clusters only they name are free.
+    pub(crate) unwritten_from: usize,
+}
+
+/// A failed update of one table: whether a write that points at something (an L2 sector,
+/// an L1 sector) was attempted, so that the disk may hold part of it.
+#[derive(Debug)]
+struct TableFailure {
+    error: Error,
+    reference_written: bool,
+}
+
+impl TableFailure {
+    /// Failed before anything on disk could point at the new clusters.
+    fn before(error: Error) -> TableFailure {
+        TableFailure {
+            error,
+            reference_written: false,
+        }
+    }
+
+    /// Failed writing a reference: part of it may be on disk.
+    fn after(error: Error) -> TableFailure {
+        TableFailure {
+            error,
+            reference_written: true,
+        }
+    }
+}
+
 /// The tables of one open image.
 #[derive(Debug)]
 pub(crate) struct Tables {
@@ -221,6 +257,10 @@ pub(crate) struct Tables {
     locks: TableLocks,
     /// Where the next allocation goes: the file length rounded down to a cluster, then grown.
     file_end: AtomicU64,
+    /// Held by every allocation and release, so that a release that shrinks the file never
+    /// races an allocation past it. Holds the runs (`start..end`) whose writes failed and that
+    /// could not be given back yet because a later allocation lies above them.
+    abandoned: Mutex<Vec<(u64, u64)>>,
 }
 
 impl Tables {
@@ -246,6 +286,7 @@ impl Tables {
             epochs: (0..EPOCH_SHARDS).map(|_| AtomicU64::new(0)).collect(),
             locks: TableLocks::default(),
             file_end: AtomicU64::new(geometry.round_down_to_cluster(file_len)),
+            abandoned: Mutex::new(Vec::new()),
         })
     }
 
@@ -272,10 +313,49 @@ impl Tables {
         Ok(self.file_end.fetch_max(now, Ordering::AcqRel) < now)
     }
 
-    /// Reserves `clusters` contiguous clusters at the end of the file.
+    /// Reserves `clusters` contiguous clusters: the start of a run given back below a later
+    /// allocation when one is long enough (so a full disk's failures do not stay leaks once
+    /// space is freed), otherwise at the end of the file.
     pub(crate) fn allocate(&self, clusters: u64) -> HostOffset {
         let bytes = clusters * self.geometry.cluster_size();
+        let mut abandoned = self.abandoned.lock();
+        if let Some(i) = abandoned.iter().position(|r| r.1 - r.0 >= bytes) {
+            let start = abandoned[i].0;
+            abandoned[i].0 += bytes;
+            if abandoned[i].0 == abandoned[i].1 {
+                abandoned.swap_remove(i);
+            }
+            return HostOffset(start);
+        }
         HostOffset(self.file_end.fetch_add(bytes, Ordering::AcqRel))
+    }
+
+    /// Gives back `clusters` clusters from `start` (part of an allocation whose writes failed,
+    /// never linked by any table): when they are the last allocation in the file (with any
+    /// earlier failed runs just below them), the file is truncated to their start and the next
+    /// allocation reuses the space, so a full disk leaves no leaked clusters behind. A run
+    /// below a later allocation is kept aside and used again by the next allocation it can
+    /// hold (until then it is a leak, as QEMU's are for good).
+    pub(crate) fn release(&self, start: HostOffset, clusters: u64) -> io::Result<()> {
+        if clusters == 0 {
+            return Ok(());
+        }
+        let mut abandoned = self.abandoned.lock();
+        abandoned.push((start.0, start.0 + clusters * self.geometry.cluster_size()));
+        let top = self.file_end.load(Ordering::Acquire);
+        let mut end = top;
+        while let Some(run) = abandoned.iter().find(|r| r.1 == end) {
+            end = run.0;
+        }
+        if end == top {
+            return Ok(());
+        }
+        // Shrinking a file needs no space, but may still fail (an I/O error): then the runs
+        // stay abandoned and the cursor where it is.
+        self.storage.set_len(end)?;
+        self.file_end.store(end, Ordering::Release);
+        abandoned.retain(|r| r.1 <= end);
+        Ok(())
     }
 
     fn epoch(&self, table: L1Index) -> &AtomicU64 {
@@ -354,37 +434,64 @@ impl Tables {
     /// Each table is written once: the changed sectors of an existing table, or a new table
     /// whole (then flushed) followed by its L1 sector.
     pub(crate) fn update(&self, updates: &[L2Update]) -> Result<()> {
+        self.update_tracked(updates).map_err(|f| f.error)
+    }
+
+    /// [`Tables::update`], saying on failure which updates no table on disk can reflect: the
+    /// caller may give back the clusters that only those would have linked.
+    pub(crate) fn update_tracked(&self, updates: &[L2Update]) -> Result<(), UpdateFailure> {
         debug_assert!(updates.windows(2).all(|w| w[0].0 < w[1].0));
         let g = self.geometry;
+        let mut done = 0;
         for group in updates.chunk_by(|a, b| a.0.table(g) == b.0.table(g)) {
             let table = group[0].0.table(g);
             let _lock = self.locks.lock(table);
-            self.update_table(table, group)?;
+            if let Err(f) = self.update_table(table, group) {
+                let unwritten_from = if f.reference_written {
+                    done + group.len()
+                } else {
+                    done
+                };
+                return Err(UpdateFailure {
+                    error: f.error,
+                    unwritten_from,
+                });
+            }
+            done += group.len();
         }
         Ok(())
     }
 
     /// Updates one table, under its lock.
-    fn update_table(&self, table: L1Index, group: &[L2Update]) -> Result<()> {
+    fn update_table(&self, table: L1Index, group: &[L2Update]) -> Result<(), TableFailure> {
         let g = self.geometry;
         let epoch = self.epoch(table);
         epoch.fetch_add(1, Ordering::AcqRel);
         let guest = group[0].0.start(g);
-        let Some(offset) = self.table_offset(table, guest)? else {
+        let Some(offset) = self
+            .table_offset(table, guest)
+            .map_err(TableFailure::before)?
+        else {
             let mut entries = vec![ENTRY_UNALLOCATED; g.table_entries() as usize];
             for &(c, e) in group {
                 entries[c.slot(g)] = e.to_raw();
             }
             let offset = self.allocate(u64::from(g.table_size()));
-            self.storage
-                .write_at(&layout::encode_table(&entries), offset.0)
-                .and_then(|()| self.storage.flush())
-                .map_err(Error::io("writing new L2 table", offset.0))?;
-            self.write_l1_entry(table, offset)?;
+            if let Err(e) = self.write_new_table(offset, &entries) {
+                // Nothing points at the table: give its clusters back (a full disk).
+                if let Err(r) = self.release(offset, u64::from(g.table_size())) {
+                    tracing::warn!(error = %r, "could not give back a failed L2 table's clusters");
+                }
+                return Err(TableFailure::before(e));
+            }
+            // The L1 sector may be on disk in part: the table stays allocated (a leak at
+            // worst) and so do the clusters it names.
+            self.write_l1_entry(table, offset)
+                .map_err(TableFailure::after)?;
             self.cache.replace(offset, Arc::new(entries), epoch);
             return Ok(());
         };
-        let mut entries = self.load_l2(table, offset)?;
+        let mut entries = self.load_l2(table, offset).map_err(TableFailure::before)?;
         let t = Arc::make_mut(&mut entries);
         for &(c, e) in group {
             t[c.slot(g)] = e.to_raw();
@@ -395,23 +502,40 @@ impl Tables {
         let at = offset + s0 as u64 * 8;
         self.storage
             .write_at(&layout::encode_table(&t[s0..s1]), at.0)
-            .map_err(Error::io("writing L2 table", at.0))?;
+            .map_err(Error::io("writing L2 table", at.0))
+            .map_err(TableFailure::after)?;
         self.cache.replace(offset, entries, epoch);
         Ok(())
     }
 
+    /// Writes a new L2 table at `offset`, flushed (before any L1 entry may point at it).
+    fn write_new_table(&self, offset: HostOffset, entries: &[u64]) -> Result<()> {
+        self.storage
+            .write_at(&layout::encode_table(entries), offset.0)
+            .and_then(|()| self.storage.flush())
+            .map_err(Error::io("writing new L2 table", offset.0))
+    }
+
     /// Points an L1 entry at a new table and writes its 512-byte sector. The L1 lock is held
-    /// across the write so that two tables in one sector are written in order.
+    /// across the write so that two tables in one sector are written in order. When the write
+    /// fails the entry is unallocated again in memory too (the sector on disk is unchanged or
+    /// rewritten whole by the next write of it).
     fn write_l1_entry(&self, table: L1Index, offset: HostOffset) -> Result<()> {
         let mut l1 = self.l1.write();
-        l1[table.0 as usize] = offset.0;
+        let slot = table.0 as usize;
+        l1[slot] = offset.0;
         let per_sector = (SECTOR / 8) as usize;
-        let s0 = table.0 as usize / per_sector * per_sector;
+        let s0 = slot / per_sector * per_sector;
         let s1 = (s0 + per_sector).min(l1.len());
         let at = self.l1_offset + s0 as u64 * 8;
-        self.storage
+        let written = self
+            .storage
             .write_at(&layout::encode_table(&l1[s0..s1]), at.0)
-            .map_err(Error::io("writing L1 table", at.0))
+            .map_err(Error::io("writing L1 table", at.0));
+        if written.is_err() {
+            l1[slot] = ENTRY_UNALLOCATED;
+        }
+        written
     }
 
     // ------------------------------------------------------------------------------------
@@ -464,8 +588,10 @@ impl Tables {
     /// Truncates the file to `end` (a cluster boundary) and moves the allocation cursor
     /// there (reclaiming leaked clusters at the end of the file).
     pub(crate) fn truncate(&self, end: HostOffset) -> io::Result<()> {
+        let mut abandoned = self.abandoned.lock();
         self.storage.set_len(end.0)?;
         self.file_end.store(end.0, Ordering::Release);
+        abandoned.retain(|r| r.1 <= end.0);
         Ok(())
     }
 }
@@ -486,6 +612,29 @@ mod tests {
         let len = storage.len().unwrap();
         let t = Tables::load(storage.clone(), g, HostOffset(CS), len, cache).unwrap();
         (storage, t)
+    }
+
+    #[test]
+    fn failed_runs_are_given_back_from_the_end_of_the_file_only() {
+        let (s, t) = tables(4);
+        let a = t.allocate(2);
+        let b = t.allocate(3);
+        s.set_len(b.0 + 2 * CS).unwrap(); // b's writes stored part of it
+        assert_eq!((a.0, b.0), (5 * CS, 7 * CS));
+        // a lies below b: it cannot be given back yet.
+        t.release(a, 2).unwrap();
+        assert_eq!(t.file_end().0, 10 * CS);
+        // b is the last run: both go, and the file shrinks to where a began.
+        t.release(b, 3).unwrap();
+        assert_eq!((t.file_end().0, s.len().unwrap()), (5 * CS, 5 * CS));
+        assert_eq!(t.allocate(1).0, 5 * CS, "the space is used again");
+        // A run below one that succeeded is a leak until the next allocations use it again.
+        let c = t.allocate(1);
+        t.release(HostOffset(5 * CS), 1).unwrap();
+        assert_eq!(t.file_end().0, c.0 + CS);
+        assert_eq!(t.allocate(2).0, c.0 + CS, "too short for two clusters");
+        assert_eq!(t.allocate(1).0, 5 * CS, "one fits");
+        assert_eq!(t.allocate(1).0, c.0 + 3 * CS);
     }
 
     fn data(c: u64, host: u64) -> L2Update {

@@ -141,3 +141,74 @@ pub(crate) fn writes_in(ops: &[Op], start: u64, end: u64) -> Vec<Op> {
         )
         .collect()
 }
+
+/// A file system that fills up as tmpfs does: a write past `limit` bytes stores what fits,
+/// then fails with ENOSPC; shrinking always works. The limit can be raised (space freed).
+#[derive(Debug)]
+pub(crate) struct Filling {
+    inner: MemStorage,
+    limit: std::sync::atomic::AtomicU64,
+    /// A write that covers this offset fails with EIO, writing nothing (u64::MAX: none).
+    broken: std::sync::atomic::AtomicU64,
+}
+
+impl Filling {
+    /// A filling storage holding a new image made by `create`, with no limit yet.
+    pub(crate) fn with_image(options: &crate::CreateOptions) -> Arc<Filling> {
+        let f = Arc::new(Filling {
+            inner: MemStorage::default(),
+            limit: std::sync::atomic::AtomicU64::new(u64::MAX),
+            broken: std::sync::atomic::AtomicU64::new(u64::MAX),
+        });
+        crate::Image::create(&*f, options).unwrap();
+        f
+    }
+
+    /// Lets the file grow to `limit` bytes and no further.
+    pub(crate) fn set_limit(&self, limit: u64) {
+        self.limit
+            .store(limit, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Makes every write that covers `offset` fail with EIO (and write nothing).
+    pub(crate) fn break_at(&self, offset: u64) {
+        self.broken
+            .store(offset, std::sync::atomic::Ordering::Release);
+    }
+
+    fn limit(&self) -> u64 {
+        self.limit.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Storage for Filling {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let broken = self.broken.load(std::sync::atomic::Ordering::Acquire);
+        if (offset..offset + buf.len() as u64).contains(&broken) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        let fits = self.limit().saturating_sub(offset).min(buf.len() as u64) as usize;
+        if fits > 0 {
+            self.inner.write_at(&buf[..fits], offset)?;
+        }
+        if fits < buf.len() {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        Ok(())
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.inner.flush()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        if len > self.limit().max(self.inner.len()?) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        self.inner.set_len(len)
+    }
+}

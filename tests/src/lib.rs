@@ -17,6 +17,9 @@
 //! - [`poison`]: a scripted NBD server that dies on one request every time (and accepts the
 //!   reconnect every time): the one misbehaviour no real server produces on demand.
 //! - [`served`]: a running `qedstream serve --output=json`, its JSON lines and signals.
+//! - [`qmp`]: a raw QMP client (greeting, commands, events) with a deadline on every read.
+//! - [`tmpfs`]: a small tmpfs mounted for one test (a real file system that fills up, ENOSPC
+//!   and all), filled on demand and unmounted on drop.
 //! - [`guest`]: a real Linux guest booted under `qemu-system-x86_64` (TCG) from an NBD export,
 //!   reporting the sha256 of its whole disk (after an optional write).
 //! - [`chain`]: a per-unit view of a backing chain's allocation, from `qemu-img map` and from
@@ -49,9 +52,11 @@ pub mod guest;
 pub mod nbd_server;
 pub mod poison;
 pub mod qemu;
+pub mod qmp;
 pub mod qsd;
 pub mod runtime;
 pub mod served;
+pub mod tmpfs;
 pub mod tools;
 
 /// A geometry under test and the virtual size its images get.

@@ -17,7 +17,10 @@
 //! the node name or the export name; `job-id`, `speed`, `on-error`), `block-job-set-speed`
 //! (`speed: 0` is unlimited), `block-job-pause`, `block-job-resume`, `block-job-cancel` (a
 //! paused job cancels without `force`), `quit`. Events: `JOB_STATUS_CHANGE`,
-//! `BLOCK_JOB_ERROR`, `BLOCK_JOB_COMPLETED` (with `error` when the job failed) and
+//! `BLOCK_JOB_ERROR` (with `nospace`, as QEMU's `BLOCK_IO_ERROR` has it: QEMU's
+//! `BLOCK_JOB_ERROR` carries only `device`, `operation` and `action`, and tells a full disk
+//! only by the job's `io-status: nospace`), `BLOCK_JOB_COMPLETED` (with `error` when the job
+//! failed) and
 //! `BLOCK_JOB_CANCELLED`, and `SHUTDOWN` after `quit`, each with QEMU's `timestamp`.
 //!
 //! Extensions, named with QEMU's `x-` prefix for things QEMU does not have:
@@ -360,7 +363,8 @@ impl Control {
             JobEvent::State(_) => {}
             JobEvent::Error(e) => self.emit(
                 "BLOCK_JOB_ERROR",
-                json!({"device": id, "operation": e.operation.as_str(), "action": e.action.as_str()}),
+                json!({"device": id, "operation": e.operation.as_str(),
+                    "action": e.action.as_str(), "nospace": e.nospace}),
             ),
             JobEvent::Completed {
                 progress, ignored, ..

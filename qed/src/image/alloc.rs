@@ -141,13 +141,49 @@ impl Image {
         self.refuse_backing_gaps(&to_allocate, &prior, offset, end)?;
         let _alloc = self.begin_allocation()?;
         let host_base = self.tables.allocate(to_allocate.len() as u64);
-        for (i, j) in consecutive_runs(&to_allocate) {
-            let host = host_base + i as u64 * cs;
-            self.write_new_run(&to_allocate[i..j], host, data, offset)?;
+        let stored = consecutive_runs(&to_allocate)
+            .into_iter()
+            .try_for_each(|(i, j)| {
+                let host = host_base + i as u64 * cs;
+                self.write_new_run(&to_allocate[i..j], host, data, offset)
+            })
+            .and_then(|()| self.flush_before_metadata());
+        let updates = data_updates(&to_allocate, host_base, cs);
+        self.link_or_give_back(stored, &updates, &to_allocate, host_base)
+    }
+
+    /// Links the clusters of an allocation of `clusters` at `host_base` (in order, one
+    /// cluster each; `stored` says whether their data is on disk) with `updates`. On failure
+    /// (a full disk) the clusters no L2 entry on disk can name (all of them when the store
+    /// failed) go back to the allocator, so they do not stay behind as leaks.
+    fn link_or_give_back(
+        &self,
+        stored: Result<()>,
+        updates: &[L2Update],
+        clusters: &[GuestCluster],
+        host_base: HostOffset,
+    ) -> Result<()> {
+        let (error, unwritten_from) = match stored {
+            Err(e) => (e, 0),
+            Ok(()) => match self.tables.update_tracked(updates) {
+                Ok(()) => return Ok(()),
+                Err(f) => (f.error, f.unwritten_from),
+            },
+        };
+        // Updates are sorted by guest cluster and the run's hosts follow its guest order, so
+        // the clusters left unwritten are a suffix of the run.
+        let first_free = updates
+            .get(unwritten_from)
+            .map_or(clusters.len(), |&(c, _)| {
+                clusters.partition_point(|&d| d < c)
+            });
+        let cs = self.geometry().cluster_size();
+        let from = host_base + first_free as u64 * cs;
+        let rest = (clusters.len() - first_free) as u64;
+        if let Err(r) = self.tables.release(from, rest) {
+            tracing::warn!(error = %r, "could not give back the clusters of a failed write");
         }
-        self.flush_before_metadata()?;
-        self.tables
-            .update(&data_updates(&to_allocate, host_base, cs))
+        Err(error)
     }
 
     /// With a backing file, a new cluster that the write `[offset, end)` covers only in part
@@ -383,13 +419,16 @@ impl Image {
         }
         let _alloc = self.begin_allocation()?;
         let mut updates = plan.updates;
-        if !plan.data_clusters.is_empty() {
-            let host_base = self.store_populated(&plan.data_clusters, offset, data)?;
-            let cs = g.cluster_size();
-            updates.extend(data_updates(&plan.data_clusters, host_base, cs));
+        if plan.data_clusters.is_empty() {
+            self.tables.update(&updates)?;
+            return Ok(plan.outcome);
         }
+        let clusters = &plan.data_clusters;
+        let host_base = self.tables.allocate(clusters.len() as u64);
+        let stored = self.store_populated(clusters, host_base, offset, data);
+        updates.extend(data_updates(clusters, host_base, g.cluster_size()));
         updates.sort_unstable();
-        self.tables.update(&updates)?;
+        self.link_or_give_back(stored, &updates, clusters, host_base)?;
         Ok(plan.outcome)
     }
 
@@ -434,17 +473,17 @@ impl Image {
         Ok(plan)
     }
 
-    /// Writes the data clusters of a populate as one run at the end of the file (the last
-    /// cluster padded with zeros) and returns where the run starts.
+    /// Writes the data clusters of a populate as one run at `host_base`, the clusters
+    /// allocated for them (the last cluster padded with zeros).
     fn store_populated(
         &self,
         clusters: &[GuestCluster],
+        host_base: HostOffset,
         offset: u64,
         data: &[u8],
-    ) -> Result<HostOffset> {
+    ) -> Result<()> {
         let g = self.geometry();
         let cs = g.cluster_size();
-        let host_base = self.tables.allocate(clusters.len() as u64);
         for (i, j) in consecutive_runs(clusters) {
             let gs = clusters[i].start(g).0 - offset;
             let ge = (clusters[j - 1].next().start(g).0 - offset).min(data.len() as u64);
@@ -458,8 +497,7 @@ impl Image {
                 self.write_data(&zeros, at, "writing populated clusters")?;
             }
         }
-        self.flush_before_metadata()?;
-        Ok(host_base)
+        self.flush_before_metadata()
     }
 }
 
@@ -485,7 +523,11 @@ struct Populate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{image, image_over_pattern, write_over_pattern, writes_in, Op, Pattern};
+    use crate::testing::{
+        image, image_over_pattern, write_over_pattern, writes_in, Filling, Op, Pattern,
+    };
+    use crate::{Error, Storage};
+    use std::sync::Arc;
 
     const CS: u64 = 65536;
 
@@ -494,6 +536,141 @@ mod tests {
             Mapping::Data(h) => h.0,
             other => panic!("{guest:#x} maps to {other:?}"),
         }
+    }
+
+    /// An image over the pattern on a [`Filling`] storage, its file `room` bytes short of
+    /// growing any more.
+    fn full_image(room: u64) -> (Arc<Filling>, Image) {
+        full_image_of(16 << 20, room)
+    }
+
+    /// [`full_image`] of `size` bytes.
+    fn full_image_of(size: u64, room: u64) -> (Arc<Filling>, Image) {
+        let storage = Filling::with_image(&crate::CreateOptions::new(size));
+        let image = Image::open(Box::new(Arc::clone(&storage)), Default::default()).unwrap();
+        image
+            .set_backing(Some(("pattern", crate::BackingFormat::Raw)))
+            .unwrap();
+        storage.set_limit(storage.len().unwrap() + room);
+        (storage, image)
+    }
+
+    fn pattern_at(offset: u64, len: u64) -> Vec<u8> {
+        (offset..offset + len).map(Pattern::byte).collect()
+    }
+
+    fn leaks(image: &Image) -> u64 {
+        let report = image.check(crate::Repair::None).unwrap();
+        assert_eq!(
+            (report.corruptions, report.check_errors),
+            (0, 0),
+            "{report:?}"
+        );
+        report.leaks
+    }
+
+    fn is_eio(e: &Error) -> bool {
+        matches!(e, Error::Io { source, .. } if source.raw_os_error() == Some(libc::EIO))
+    }
+
+    fn is_enospc(e: &Error) -> bool {
+        matches!(e, Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC))
+    }
+
+    #[test]
+    fn a_populate_on_a_full_disk_gives_its_clusters_back() {
+        // Room for 1.5 clusters: the 4-cluster data run is stored in part, then fails.
+        let (s, image) = full_image(CS + CS / 2);
+        let len = s.len().unwrap();
+        let e = image
+            .populate(GuestOffset(0), &pattern_at(0, 4 * CS), true)
+            .unwrap_err();
+        assert!(is_enospc(&e), "{e}");
+        assert_eq!(s.len().unwrap(), len, "the partial run is truncated away");
+        assert_eq!(
+            image.mapping_at(GuestOffset(0), 1).unwrap().0,
+            Mapping::Unallocated
+        );
+        assert_eq!(leaks(&image), 0);
+        // Space freed: the same populate succeeds where the failed one would have gone.
+        s.set_limit(u64::MAX);
+        image
+            .populate(GuestOffset(0), &pattern_at(0, 4 * CS), true)
+            .unwrap();
+        assert_eq!(host_of(&image, 0), len);
+        assert_eq!(leaks(&image), 0);
+    }
+
+    #[test]
+    fn a_new_l2_table_that_does_not_fit_is_given_back_with_the_data() {
+        // The data (2 clusters) fits, its new L2 table (4 clusters) does not.
+        let (s, image) = full_image(3 * CS);
+        let len = s.len().unwrap();
+        let e = image
+            .populate(GuestOffset(0), &pattern_at(0, 2 * CS), true)
+            .unwrap_err();
+        assert!(is_enospc(&e), "{e}");
+        assert_eq!(s.len().unwrap(), len);
+        assert_eq!(image.tables.l1_entries()[0], 0, "no table linked in memory");
+        assert_eq!(leaks(&image), 0);
+        s.set_limit(u64::MAX);
+        image
+            .populate(GuestOffset(0), &pattern_at(0, 2 * CS), true)
+            .unwrap();
+        let mut buf = vec![0u8; 2 * CS as usize];
+        image.read_at(&mut buf, GuestOffset(0)).unwrap();
+        assert_eq!(buf, pattern_at(0, 2 * CS));
+        assert_eq!(leaks(&image), 0);
+    }
+
+    #[test]
+    fn clusters_a_failed_table_write_may_name_are_kept() {
+        // Two L2 tables' worth of disk (2 GiB each with 4-cluster tables).
+        let (s, image) = full_image_of(5 << 30, u64::MAX / 2);
+        // An L2 table exists; cluster 5's entry is updated in place, and that write fails.
+        image
+            .populate(GuestOffset(0), &pattern_at(0, CS), true)
+            .unwrap();
+        let table = image.tables.l1_entries()[0];
+        s.break_at(table + 5 * 8);
+        let len = s.len().unwrap();
+        let e = image
+            .populate(GuestOffset(5 * CS), &pattern_at(5 * CS, CS), true)
+            .unwrap_err();
+        assert!(is_eio(&e), "{e}");
+        // The sector may be on disk in part: its data cluster stays (a leak, never a
+        // dangling entry).
+        assert_eq!(s.len().unwrap(), len + CS);
+        assert_eq!(leaks(&image), 1);
+        // The same with a new table whose L1 sector write fails: table and data stay.
+        let l1 = image.tables.l1_offset().0;
+        s.break_at(l1 + 8);
+        let len = s.len().unwrap();
+        let second_table = image.geometry().l2_span();
+        let e = image
+            .populate(
+                GuestOffset(second_table),
+                &pattern_at(second_table, CS),
+                true,
+            )
+            .unwrap_err();
+        assert!(is_eio(&e), "{e}");
+        let table_clusters = u64::from(image.geometry().table_size());
+        assert_eq!(s.len().unwrap(), len + (1 + table_clusters) * CS);
+        assert_eq!(image.tables.l1_entries()[1], 0, "unlinked in memory");
+        assert_eq!(leaks(&image), 1 + 1 + table_clusters);
+    }
+
+    #[test]
+    fn an_allocating_write_on_a_full_disk_gives_its_clusters_back() {
+        let (s, image) = full_image(CS / 2);
+        let len = s.len().unwrap();
+        let e = image
+            .write_at(&vec![7u8; 3 * CS as usize], GuestOffset(5 * CS))
+            .unwrap_err();
+        assert!(is_enospc(&e), "{e}");
+        assert_eq!(s.len().unwrap(), len);
+        assert_eq!(leaks(&image), 0);
     }
 
     #[test]

@@ -384,6 +384,7 @@ pub fn run(dir: Option<PathBuf>, size: u64, vm: bool) -> Result<u8> {
         step: None,
         gate: crate::demo_gate(),
         in_flight: 4,
+        on_error: engine::job::OnError::Report,
         // SIGINT ends the demo through `signals`, as SIGTERM does.
         cancel_on_sigint: false,
     })?;

@@ -44,6 +44,20 @@ pub enum Error {
     /// A stream stopped because its backing went away; says how to finish.
     #[error("{0}; the image is intact and still linked to its backing: run the stream again when the backing is back")]
     StreamInterrupted(#[source] engine::Error),
+    /// A stream stopped because the image's file system is full (ENOSPC); says how to finish.
+    #[error("{0}; the disk holding the image is full: the image is intact and still linked to its backing: free space and run the stream again to resume")]
+    DiskFull(#[source] engine::Error),
+    /// A stream under `--on-error ignore` skipped ranges it could not copy; the image is
+    /// valid and keeps its backing link.
+    #[error("{image}: {} range(s) could not be copied and were skipped ({}{}); the backing link is kept: run the stream again to copy them", .ranges.len(), RangeList(.ranges), if *.nospace { "; the disk holding the image is full" } else { "" })]
+    RangesSkipped {
+        /// The image.
+        image: String,
+        /// The skipped ranges, `(offset, length)`.
+        ranges: Vec<(u64, u64)>,
+        /// Whether a skipped range failed for lack of space.
+        nospace: bool,
+    },
     /// The command's output could not be written to stdout (a full disk, a closed pipe).
     #[error("writing to stdout: {}", os_message(.0))]
     Stdout(std::io::Error),
@@ -133,6 +147,23 @@ fn os_message(e: &std::io::Error) -> String {
             None => text,
         },
         None => text,
+    }
+}
+
+/// `offset+length` of the first few ranges, and how many more.
+struct RangeList<'a>(&'a [(u64, u64)]);
+
+impl std::fmt::Display for RangeList<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const SHOWN: usize = 4;
+        for (i, (offset, length)) in self.0.iter().take(SHOWN).enumerate() {
+            let sep = if i == 0 { "" } else { ", " };
+            write!(f, "{sep}{offset}+{length}")?;
+        }
+        if self.0.len() > SHOWN {
+            write!(f, " and {} more", self.0.len() - SHOWN)?;
+        }
+        Ok(())
     }
 }
 

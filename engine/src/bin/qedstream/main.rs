@@ -314,6 +314,16 @@ struct StreamArgs {
     /// Copy requests in flight (1 to 64).
     #[arg(long, default_value = "4")]
     in_flight: usize,
+    /// What the stream does when a range fails: report (fail; run again to resume) or
+    /// ignore (skip it, finish the rest, keep the link). `stop` needs a resume, so only
+    /// `serve --control` takes it.
+    #[arg(
+        long,
+        default_value = "report",
+        value_name = "POLICY",
+        conflicts_with = "step"
+    )]
+    on_error: String,
     /// The image.
     image: PathBuf,
 }
@@ -597,8 +607,10 @@ fn cmd_stream(args: StreamArgs) -> Result<u8> {
         offset,
         length,
         in_flight,
+        on_error,
         image,
     } = args;
+    let on_error = stream_policy(&on_error)?;
     let step = step.then_some((offset, length));
     let rate = parse_rate(rate.as_deref())?;
     check_in_flight(in_flight)?;
@@ -630,8 +642,27 @@ fn cmd_stream(args: StreamArgs) -> Result<u8> {
         step,
         gate: chain.gate(),
         in_flight,
+        on_error,
         cancel_on_sigint: true,
     })
+}
+
+/// `stream --on-error`: `report` or `ignore`. `stop` pauses the job until a resume, and a
+/// `stream` has no control socket to take one: it is refused, naming the command that has.
+fn stream_policy(policy: &str) -> Result<engine::job::OnError> {
+    let on_error = policy
+        .parse()
+        .map_err(|e: engine::job::UnknownPolicy| Error::invalid("--on-error", e.to_string()))?;
+    if on_error == engine::job::OnError::Stop {
+        return Err(Error::invalid(
+            "--on-error",
+            "--on-error stop pauses the stream until a resume, and `qedstream stream` has no \
+             control socket to resume it: use `qedstream serve --stream --on-error stop \
+             --control SOCKET IMAGE` and `qedstream job SOCKET resume`, or report (the default) \
+             and run the stream again",
+        ));
+    }
+    Ok(on_error)
 }
 
 /// `--rate`: at least one byte per second, or none.

@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use copy_on_read::{BlockDevice, CorDevice, CorOptions, Gate};
+use copy_on_read::{BlockDevice, CorDevice, CorOptions, Gate, Populate};
 use serde_json::{json, Value};
 
+use engine::job::{JobEvent, JobEvents, OnError, Received};
 use engine::stream::{step, JobState, Progress, StreamJob, StreamOptions};
 
 use crate::error::{Error, Result};
@@ -32,6 +33,9 @@ pub struct StreamCommand {
     pub gate: Gate,
     /// Requests in flight.
     pub in_flight: usize,
+    /// What the job does with a range that fails: report or ignore (never stop: nothing
+    /// could resume it).
+    pub on_error: OnError,
     /// Cancel the stream on SIGINT (a caller that handles signals itself says no).
     pub cancel_on_sigint: bool,
 }
@@ -112,9 +116,11 @@ async fn run_async(cmd: StreamCommand) -> Result<u8> {
         rate: cmd.rate,
         keep_backing: cmd.keep_backing,
         in_flight: cmd.in_flight.max(1),
+        on_error: cmd.on_error,
         ..StreamOptions::default()
     };
-    let job = StreamJob::start(Arc::clone(&dev), options);
+    let (job, mut events) =
+        StreamJob::start_watched(Arc::clone(&dev) as Arc<dyn Populate>, options);
     let handle = job.handle();
     let h = handle.clone();
     let cancel_on_sigint = cmd.cancel_on_sigint;
@@ -144,10 +150,31 @@ async fn run_async(cmd: StreamCommand) -> Result<u8> {
         Ok(outcome) => {
             closed?;
             report_completed(&outcome, cmd.json)?;
-            Ok(0)
+            if outcome.ignored.is_empty() {
+                return Ok(0);
+            }
+            Err(Error::RangesSkipped {
+                image: outcome.progress.image,
+                ranges: outcome.ignored,
+                nospace: any_nospace(&mut events),
+            })
         }
         Err(e) => Err(report_failure(e, &p, cmd.json)),
     }
+}
+
+/// Whether any range the ended job handled failed for lack of space (its events, all sent
+/// by now; the oldest are lost past the backlog).
+fn any_nospace(events: &mut JobEvents) -> bool {
+    let mut nospace = false;
+    while let Some(r) = events.try_recv() {
+        match r {
+            Received::Event(JobEvent::Error(e)) => nospace |= e.nospace,
+            Received::End => break,
+            _ => {}
+        }
+    }
+    nospace
 }
 
 /// Single-step mode: copies one unit and prints where to continue (or `done`).
@@ -230,6 +257,8 @@ fn report_completed(outcome: &engine::stream::StreamOutcome, json: bool) -> Resu
         let mut v = progress_json("completed", &outcome.progress);
         v["unlinked"] = json!(outcome.unlinked);
         v["elapsed"] = json!(outcome.elapsed.as_secs_f64());
+        let ignored = outcome.ignored.iter().map(|r| [r.0, r.1]);
+        v["ignored"] = json!(ignored.collect::<Vec<_>>());
         print_line(&v)
     } else {
         outln!(
@@ -253,6 +282,7 @@ fn report_completed(outcome: &engine::stream::StreamOutcome, json: bool) -> Resu
 fn report_failure(e: engine::Error, p: &Progress, json: bool) -> Error {
     let e = match e {
         engine::Error::BackingUnavailable(_) => Error::StreamInterrupted(e),
+        e if e.is_nospace() => Error::DiskFull(e),
         other => Error::Engine(other),
     };
     if json {

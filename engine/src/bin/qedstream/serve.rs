@@ -260,7 +260,7 @@ fn report_event(json: bool, e: &ControlEvent) -> Result<()> {
         JobEvent::Error(r) => {
             let v = json!({"event": "error", "job": e.job_id, "offset": r.offset,
                 "length": r.length, "action": r.action, "operation": r.operation.as_str(),
-                "error": r.reason});
+                "nospace": r.nospace, "error": r.reason});
             return if json {
                 print_json(&v)
             } else {

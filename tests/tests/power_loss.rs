@@ -170,6 +170,36 @@ fn start(
     recorder
 }
 
+/// A run that starts by opening `bytes` (a crash state) read-write: the repair QEMU would
+/// make at open is the first operation, and must leave the content it finds.
+fn resume(name: &'static str, bytes: Vec<u8>) -> Recorder {
+    let storage = Arc::new(VolatileStorage::new(bytes.clone()));
+    let image = Image::open(Box::new(Arc::clone(&storage)), OpenOptions::default()).unwrap();
+    let disk = disk_over(image, None);
+    let size = disk.image().size() as usize;
+    let mut recorder = Recorder {
+        name,
+        storage,
+        disk,
+        initial: bytes,
+        backing_file: None,
+        backing_view: vec![0u8; size],
+        spans: Vec::new(),
+        snapshots: Vec::new(),
+    };
+    let repaired = recorder.guest_view();
+    let events = recorder.storage.events();
+    recorder.spans.push(Span {
+        what: "open (repair)".into(),
+        start: 0,
+        last_write: (0..events.len())
+            .rev()
+            .find(|&i| !matches!(events[i], Event::Flush)),
+    });
+    recorder.snapshots = vec![repaired.clone(), repaired];
+    recorder
+}
+
 impl Recorder {
     /// Runs one operation, recording its events; `model` turns the previous guest content
     /// into the expected one. The live image must then read exactly that.
@@ -345,7 +375,10 @@ fn verify(run: &Run, k: usize, bytes: &[u8]) -> Result<Verdict, String> {
     }
     let linked = image.backing_name().is_some();
     let got = guest_view(&image, linked.then_some(&run.backing_view[..]));
-    check_content(run, k, &got)?;
+    check_content(run, k, &got).map_err(|e| {
+        let link = if linked { "linked" } else { "no backing link" };
+        format!("{e} ({link})")
+    })?;
     let unlinked = run.backing_file.is_some() && !linked;
     if unlinked {
         check_standalone(run, &image)?;
@@ -559,17 +592,68 @@ fn backing_bytes(len: usize, seed: u64, cluster: usize) -> Vec<u8> {
 const K4: u64 = 4096;
 const K64: u64 = 65536;
 
-#[test]
-fn allocating_writes_without_a_backing() {
+/// Scenario 1's run: allocating writes without a backing.
+fn without_a_backing() -> Run {
     let mut r = start("no backing, 4K clusters", 4096, 8 << 20, None, |_| {});
     r.write(5000, 1000, 0x11); // a new L2 table (NEED_CHECK set and flushed first)
     r.write((4 << 20) + 100, 3 * K4 as usize, 0x22); // the second table
     r.write(5200, 600, 0x33); // in place, two sectors
     r.zero(16 * K4, 4 * K4); // zero clusters
+    r.write(6 * K4, 100, 0x3c); // data past the durable end, one L2 sector
     r.flush(); // clears NEED_CHECK
     r.write(3 * K4, 2 * K4 as usize, 0x44); // NEED_CHECK again
     r.write(17 * K4 + 10, 100, 0x55); // into a zero cluster
-    r.write(40 * K4, K4 as usize, 0x66);
+    r.write(70 * K4, K4 as usize, 0x66); // another sector of the table
+    r.finish()
+}
+
+#[test]
+fn allocating_writes_without_a_backing() {
+    check_run(&without_a_backing());
+}
+
+/// A crash state of scenario 1 that QEMU would repair at open: an L2 entry past the end of
+/// the file (a corruption) and leaked clusters at its end.
+fn state_needing_repair() -> Vec<u8> {
+    let run = without_a_backing();
+    let mut volatile = Volatile::new(run.initial.clone());
+    for e in &run.events {
+        volatile.apply(e);
+    }
+    let read_only = OpenOptions {
+        read_only: true,
+        ..OpenOptions::default()
+    };
+    volatile
+        .space()
+        .states(EXHAUSTIVE, 20_000, 7)
+        .map(|choice| volatile.power_loss(&choice))
+        .find(|bytes| {
+            let image = Image::open(
+                Box::new(MemStorage::from_bytes(bytes.clone())),
+                read_only.clone(),
+            )
+            .unwrap();
+            let report = image.check(qed::Repair::None).unwrap();
+            report.corruptions > 0 && report.leaks > 0
+        })
+        .expect("a crash state with a corruption and leaks")
+}
+
+#[test]
+fn the_repair_at_open_and_the_writes_after_it() {
+    let mut r = resume("repair at open, 4K clusters", state_needing_repair());
+    assert!(
+        r.storage
+            .events()
+            .iter()
+            .any(|e| matches!(e, Event::SetLen(_))),
+        "the repair reclaimed the leaked clusters"
+    );
+    r.write(80 * K4 + 5, 2 * K4 as usize, 0x71); // into the reclaimed space
+    r.write(5000, 10, 0x72); // in place
+    r.flush();
+    r.write(90 * K4, 3000, 0x73);
     check_run(&r.finish());
 }
 

@@ -506,9 +506,8 @@ mod tests {
             .collect();
         assert_eq!(states.len(), 50);
         assert!(states[0].is_empty(), "nothing kept");
-        assert_eq!(
-            states[1],
-            vec![7u8; 64 * SECTOR as usize],
+        assert!(
+            states[1] == vec![7u8; 64 * SECTOR as usize],
             "everything kept"
         );
         assert!(

@@ -20,9 +20,10 @@
 //! - after the backing drop: either still link the backing with the content right, or stand
 //!   alone with every cluster that the backing holds data for allocated.
 //!
-//! A uniform sample of each scenario's states (20) is also checked by the real `qemu-img
-//! check`: the crash state itself (repaired first by `qemu-img check -r all` when it says
-//! NEED_CHECK, as QEMU's open would), and the state as our open repaired it.
+//! A uniform sample of each scenario's states (20) is also graded by QEMU: `qemu-img check`
+//! of the crash state itself (repaired first by `qemu-img check -r all` when it says
+//! NEED_CHECK, as QEMU's open would) and of the state as our open repaired it finds no
+//! corruption, and `qemu-img convert` reads the same guest content as we do.
 //!
 //! Scenarios: (1) allocating guest writes without a backing (NEED_CHECK set, flushed, cleared
 //! by a flush), (2) allocating guest writes over a backing (data, flush, L2, flush, L1), (3)
@@ -390,6 +391,8 @@ struct Verdict {
     unlinked: bool,
     /// The state as our open left it (repaired when it said NEED_CHECK).
     opened: Arc<MemStorage>,
+    /// What the guest reads from it.
+    view: Vec<u8>,
 }
 
 /// Checks one crash state against the run at cut `k`; an error says what is wrong.
@@ -425,6 +428,7 @@ fn verify(run: &Run, k: usize, bytes: &[u8]) -> Result<Verdict, String> {
         leaks: report.leaks > 0,
         unlinked,
         opened,
+        view: got,
     })
 }
 
@@ -485,6 +489,7 @@ struct Sampled {
     bytes: Vec<u8>,
     need_check: bool,
     repaired: Vec<u8>,
+    view: Vec<u8>,
 }
 
 /// Cuts `run` at every event, checks every (or a sample of the) crash states at each cut,
@@ -532,6 +537,7 @@ fn check_run(run: &Run) -> Counts {
                     bytes,
                     need_check: verdict.need_check,
                     repaired: verdict.opened.to_bytes(),
+                    view: verdict.view,
                 };
                 if slot == reservoir.len() {
                     reservoir.push(sampled);
@@ -578,7 +584,8 @@ fn describe(choice: &Choice) -> String {
 
 /// `qemu-img check` of a crash state (repaired by `qemu-img check -r all` first when it says
 /// NEED_CHECK, as QEMU's open would) and of the same state as our open repaired it: no
-/// corruption (exit 0, or 3 for leaks only).
+/// corruption (exit 0, or 3 for leaks only); and QEMU reads the crash state (`qemu-img
+/// convert`, through the backing while the header names it) as we do.
 fn qemu_grades(run: &Run, sampled: &Sampled) {
     let dir = qedstream_tests::tempdir();
     if let Some(b) = &run.backing_file {
@@ -603,6 +610,9 @@ fn qemu_grades(run: &Run, sampled: &Sampled) {
         run.name,
         sampled.what
     );
+    let theirs = qemu::convert_to_raw(&crash);
+    let what = format!("{}: {}: qemu-img convert", run.name, sampled.what);
+    qedstream_tests::assert_same_bytes(&theirs, &sampled.view, &what);
     let repaired = dir.path().join("repaired.qed");
     std::fs::write(&repaired, &sampled.repaired).unwrap();
     let (code, json) = qemu::check_json(&repaired);

@@ -14,8 +14,8 @@
 //! - [`CrashSpace`] and [`Choice`]: which version each pending sector keeps and which length
 //!   the file keeps; [`CrashSpace::states`] enumerates every choice when there are few, and
 //!   otherwise samples them (seeded) with several strategies: uniform per sector, most sectors
-//!   lost, most sectors kept, whole writes kept or lost, and the writes up to a point with
-//!   holes.
+//!   lost, most sectors kept, whole writes kept or lost (with the file's length following
+//!   them, or chosen on its own), and the writes up to a point with holes.
 //!
 //! ```
 //! use qed::Storage;
@@ -293,13 +293,21 @@ impl CrashSpace {
         (0..samples).map(move |i| match i {
             0 => self.keeping(|_| false),
             1 => self.keeping(|_| true),
-            _ => match i % 5 {
+            _ => match i % 6 {
                 0 => self.uniform(&mut rng),
                 1 => self.per_sector(&mut rng, 8, false),
                 2 => self.per_sector(&mut rng, 8, true),
                 3 => {
                     let keep: Vec<bool> = self.writes.iter().map(|_| rng.one_in(2)).collect();
                     self.keeping(|w| keep[w])
+                }
+                4 => {
+                    // Whole writes kept or lost, the file's length on its own (the metadata
+                    // reached the disk, the extension of the file did not, or the reverse).
+                    let keep: Vec<bool> = self.writes.iter().map(|_| rng.one_in(2)).collect();
+                    let mut choice = self.keeping(|w| keep[w]);
+                    choice.length = rng.below(self.lengths.len() as u64 + 1) as usize;
+                    choice
                 }
                 _ => {
                     let cut = rng.below(self.writes.len() as u64 + 1) as usize;

@@ -296,15 +296,21 @@ impl Recorder {
 
     /// The stream job itself, to its end (one request of `request` bytes at a time).
     fn stream(&mut self, request: u64, keep_backing: bool) {
+        let options = StreamOptions {
+            request_bytes: request,
+            in_flight: 1,
+            keep_backing,
+            ..StreamOptions::default()
+        };
+        self.stream_with(options);
+    }
+
+    /// The stream job with `options`, to its end.
+    fn stream_with(&mut self, options: StreamOptions) {
+        let keep_backing = options.keep_backing;
         self.op(
             "stream",
             |d| {
-                let options = StreamOptions {
-                    request_bytes: request,
-                    in_flight: 1,
-                    keep_backing,
-                    ..StreamOptions::default()
-                };
                 let dev: Arc<CorDevice> = Arc::clone(d.device());
                 let job = async { StreamJob::start(dev, options).wait().await };
                 let outcome = d.block_on(job).unwrap();
@@ -336,15 +342,22 @@ impl Recorder {
         let job = runtime.block_on(async { StreamJob::start(dev, options) });
         let handle = job.handle();
         let size = self.disk.image().size();
+        let mut during = 0;
         for (i, &(offset, len, byte)) in writes.iter().enumerate() {
             let reach = size * i as u64 / writes.len() as u64;
             while handle.progress().offset < reach && !job_ended(&handle) {
                 std::thread::sleep(std::time::Duration::from_millis(1));
             }
+            during += usize::from(!job_ended(&handle));
             self.write(offset, len, byte);
         }
         let outcome = runtime.block_on(job.wait()).unwrap();
         assert!(outcome.unlinked, "the stream dropped the link");
+        println!(
+            "{}: {during} of {} writes began while the stream ran",
+            self.name,
+            writes.len()
+        );
     }
 
     /// The copy-on-read device's backing drop.
@@ -766,6 +779,25 @@ fn the_stream_batches_and_their_flush() {
     });
     r.stream(64 << 10, true);
     check_run(&r.finish());
+}
+
+#[test]
+fn the_stream_with_its_default_options_over_64k_clusters() {
+    // QEMU's default geometry and the stream's own defaults: 4 MiB requests, four in flight.
+    let size = 8u64 << 20;
+    let base = backing_bytes((6 << 20) + 5000, 7, K64 as usize);
+    let mut r = start(
+        "default stream, 64K clusters",
+        65536,
+        size,
+        Some(base),
+        |d| {
+            d.write_at(&[5u8; 70_000], (5 << 20) + 1000).unwrap();
+        },
+    );
+    r.stream_with(StreamOptions::default());
+    let counts = check_run(&r.finish());
+    assert!(counts.unlinked > 0, "no state after the drop: {counts:?}");
 }
 
 #[test]

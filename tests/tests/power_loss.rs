@@ -109,6 +109,8 @@ struct Run {
     spans: Vec<Span>,
     /// Guest content: `[0]` before any operation, `[j + 1]` after operation `j`.
     snapshots: Vec<Vec<u8>>,
+    /// The backing name the header records, indexed as `snapshots`.
+    names: Vec<Option<String>>,
 }
 
 impl Run {
@@ -143,6 +145,7 @@ struct Recorder {
     backing_view: Vec<u8>,
     spans: Vec<Span>,
     snapshots: Vec<Vec<u8>>,
+    names: Vec<Option<String>>,
 }
 
 /// The image a scenario starts from: created with `cluster_size` and table size 2 (4 for
@@ -155,11 +158,23 @@ fn start(
     backing: Option<Vec<u8>>,
     prepare: impl FnOnce(&Disk),
 ) -> Recorder {
+    start_named(name, cluster_size, size, backing, "base.raw", prepare)
+}
+
+/// [`start`], the backing named `backing_name` (a path to `base.raw`).
+fn start_named(
+    name: &'static str,
+    cluster_size: u32,
+    size: u64,
+    backing: Option<Vec<u8>>,
+    backing_name: &str,
+    prepare: impl FnOnce(&Disk),
+) -> Recorder {
     let mut create = CreateOptions::new(size);
     create.cluster_size = cluster_size;
     create.table_size = if cluster_size == 65536 { 4 } else { 2 };
     if backing.is_some() {
-        create.backing = Some(("base.raw".into(), BackingFormat::Raw));
+        create.backing = Some((backing_name.into(), BackingFormat::Raw));
     }
     let mem = Arc::new(MemStorage::new());
     Image::create(&*mem, &create).unwrap();
@@ -184,9 +199,11 @@ fn start(
         backing_view,
         spans: Vec::new(),
         snapshots: Vec::new(),
+        names: Vec::new(),
     };
     let now = recorder.guest_view();
     recorder.snapshots.push(now);
+    recorder.names.push(recorder.disk.image().backing_name());
     recorder
 }
 
@@ -206,6 +223,7 @@ fn resume(name: &'static str, bytes: Vec<u8>) -> Recorder {
         backing_view: vec![0u8; size],
         spans: Vec::new(),
         snapshots: Vec::new(),
+        names: vec![None, None],
     };
     let repaired = recorder.guest_view();
     let events = recorder.storage.events();
@@ -242,6 +260,7 @@ impl Recorder {
             panic!("{}: after {what} the live image differs from the model at byte {i:#x}: {:#04x} vs {:#04x}", self.name, got[i], expected[i]);
         }
         self.snapshots.push(expected);
+        self.names.push(self.disk.image().backing_name());
     }
 
     /// A guest write through the copy-on-read device.
@@ -360,6 +379,19 @@ impl Recorder {
         );
     }
 
+    /// `rebase -u` to `name`: the same backing data under another name.
+    fn rebase(&mut self, name: &str) {
+        self.op(
+            &format!("rebase -u ({} bytes)", name.len()),
+            |d| {
+                d.image()
+                    .set_backing(Some((name, BackingFormat::Raw)))
+                    .unwrap()
+            },
+            |_| {},
+        );
+    }
+
     /// The copy-on-read device's backing drop.
     fn drop_backing(&mut self) {
         self.op(
@@ -387,6 +419,7 @@ impl Recorder {
             backing_view: self.backing_view,
             spans: self.spans,
             snapshots: self.snapshots,
+            names: self.names,
         }
     }
 }
@@ -445,6 +478,7 @@ fn verify(run: &Run, k: usize, bytes: &[u8]) -> Result<Verdict, String> {
         };
         return Err(format!("{when}: {report:?}"));
     }
+    check_name(run, k, image.backing_name())?;
     let linked = image.backing_name().is_some();
     let got = guest_view(&image, linked.then_some(&run.backing_view[..]));
     check_content(run, k, &got).map_err(|e| {
@@ -462,6 +496,26 @@ fn verify(run: &Run, k: usize, bytes: &[u8]) -> Result<Verdict, String> {
         opened,
         view: got,
     })
+}
+
+/// The header names a backing (or none) that the run allows at cut `k`: the durable one or
+/// one set since.
+fn check_name(run: &Run, k: usize, name: Option<String>) -> Result<(), String> {
+    let (durable, begun) = run.allowed(k);
+    if run.names[durable..=begun].contains(&name) {
+        return Ok(());
+    }
+    let show = |n: &Option<String>| match n {
+        Some(n) if n.len() > 48 => {
+            format!("{} bytes, bytes 424..472 {:?}", n.len(), n.get(424..472))
+        }
+        other => format!("{other:?}"),
+    };
+    let allowed: Vec<String> = run.names[durable..=begun].iter().map(show).collect();
+    Err(format!(
+        "the header names backing {}, neither the durable one nor one set since: {allowed:?}",
+        show(&name)
+    ))
 }
 
 /// Every sector holds one of the contents the run allows at cut `k`.
@@ -862,5 +916,24 @@ fn guest_writes_racing_the_stream() {
         .collect();
     r.race_stream(4 << 20, &writes);
     r.write(3 * K4 + 3, 100, 0xee); // a zero cluster after the drop: NEED_CHECK
+    check_run(&r.finish());
+}
+
+#[test]
+fn rebase_to_a_long_name() {
+    // Two names of base.raw, 608 bytes each: header and name span two sectors.
+    let old = format!("{}base.raw", "./".repeat(300));
+    let new = format!("{}base.raw", ".//".repeat(200));
+    let short = "./base.raw";
+    let size = 1u64 << 20;
+    let base = backing_bytes(size as usize, 9, K4 as usize);
+    let mut r = start_named("rebase, 4K clusters", 4096, size, Some(base), &old, |d| {
+        d.write_at(&[1u8; 100], 3 * K4).unwrap();
+    });
+    r.write(10 * K4 + 5, 100, 0x31);
+    r.rebase(&new);
+    r.write(20 * K4 + 5, 100, 0x32);
+    r.rebase(short);
+    r.rebase(&old);
     check_run(&r.finish());
 }

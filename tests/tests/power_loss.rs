@@ -20,7 +20,8 @@
 //! - read, with the backing merged while the header still names it, every write flushed
 //!   before the cut, and in every sector written since either the old or a new content;
 //! - after the backing drop: either still link the backing with the content right, or stand
-//!   alone with every cluster that the backing holds data for allocated.
+//!   alone with every cluster that the backing holds data for allocated;
+//! - name the durable backing (or none) or one set since the last flush.
 //!
 //! A uniform sample of each scenario's states (20) is also graded by QEMU: `qemu-img check`
 //! of the crash state itself (repaired first by `qemu-img check -r all` when it says
@@ -35,7 +36,11 @@
 //! interleaved with populates in a fixed order, then the drop and writes after it, (7) the
 //! repair QEMU would make at open, of a crash state with an L2 entry past the end of the
 //! file and leaked clusters at its end, and the writes after it, (8) guest writes racing the
-//! real stream job (two requests in flight, on a runtime of its own), then its drop.
+//! real stream job (two requests in flight, on a runtime of its own), then its drop, (9) the
+//! stream with its own defaults (4 MiB requests, four in flight) over QEMU's default 64K
+//! clusters, to its drop, (10) `rebase -u` to backing names longer than the first sector
+//! holds (the header must then name the old or the new backing, never a mix: it did, before
+//! `set_backing` wrote such a name apart from the header first).
 //!
 //! States checked at the default sample sizes (`POWER_LOSS_SAMPLES`, a percentage, scales
 //! them), as each test prints them; leaks: states with leaked clusters; unlinked: states past
@@ -50,9 +55,11 @@
 //! | 5 stream and drop, 4K | 54 | 24 | 6529 | 0 | 5794 | 3 | 218 | 20 |
 //! | 6 mixed, 4K | 73 | 44 | 14405 | 2561 | 7760 | 4612 | 1081 | 20 |
 //! | 7 repair at open, 4K | 20 | 14 | 3023 | 3017 | 0 | 0 | 26 | 20 |
-//! | 8 racing the stream, 4K | ~140 | ~94 | ~31000-37000 | ~1500 | ~25000 | ~1500 | ~130 | 20 |
+//! | 8 racing the stream, 4K | ~143 | ~96 | ~31000-37000 | ~1700 | ~22000-25000 | ~1500-2000 | ~130 | 20 |
+//! | 9 default stream, 64K | 22 | 10 | 1573 | 0 | 1396 | 3 | 7297 | 20 |
+//! | 10 rebase -u, 4K | 17 | 17 | 1056 | 0 | 522 | 0 | 8 | 20 |
 //!
-//! About 87,000 states in all (about 150 s on two busy cores, 90 s of CPU).
+//! About 86,000 states in all: 110 s of CPU, 4 minutes on two cores shared with other builds.
 
 use std::sync::Arc;
 

@@ -45,7 +45,8 @@
 //!
 //! States checked at the default sample sizes (`POWER_LOSS_SAMPLES`, a percentage, scales
 //! them), as each test prints them; leaks: states with leaked clusters; unlinked: states past
-//! the backing drop. Scenarios 8 and 9 vary from run to run with the order of their concurrent writes.
+//! the backing drop. Scenarios 8 and 9 vary from run to run with the order of their
+//! concurrent writes.
 //!
 //! | scenario | cuts | cuts enumerated whole | states | NEED_CHECK | leaks | unlinked | most pending sectors | `qemu-img` |
 //! |---|---|---|---|---|---|---|---|---|

@@ -22,6 +22,9 @@
 //!   and all), filled on demand and unmounted on drop.
 //! - [`guest`]: a real Linux guest booted under `qemu-system-x86_64` (TCG) from an NBD export,
 //!   reporting the sha256 of its whole disk (after an optional write).
+//! - [`power`]: a storage with a volatile write cache ([`power::VolatileStorage`]) and the
+//!   disk states a power loss can leave (any subset of the unflushed sectors), enumerated or
+//!   sampled.
 //! - [`chain`]: a per-unit view of a backing chain's allocation, from `qemu-img map` and from
 //!   our [`qed::Image::map`], so the two can be compared exactly.
 //!
@@ -51,6 +54,7 @@ pub mod chain;
 pub mod guest;
 pub mod nbd_server;
 pub mod poison;
+pub mod power;
 pub mod qemu;
 pub mod qmp;
 pub mod qsd;

@@ -390,6 +390,36 @@ fn set_backing_writes_the_header_qemu_rebase_unsafe_writes() {
 }
 
 #[test]
+fn a_long_backing_name_written_apart_from_the_header_is_read_by_qemu() {
+    // A name that does not fit the first sector with the header is written where the header
+    // in force does not look, then the header points at it (crash safety): QEMU reads it
+    // there, and reads the image through it.
+    let dir = tempdir();
+    let base: Vec<u8> = (0..1 << 20).map(|i: u32| (i % 251) as u8).collect();
+    std::fs::write(dir.path().join("base.raw"), &base).unwrap();
+    let ours = dir.path().join("ours.qed");
+    qemu::create_qed(&ours, "1M", &["-b", "base.raw", "-F", "raw"]);
+    for name in [
+        format!("{}base.raw", ".//".repeat(200)),
+        format!("{}base.raw", "./".repeat(300)),
+    ] {
+        let image = open_rw(&ours);
+        image
+            .image()
+            .set_backing(Some((&name, BackingFormat::Raw)))
+            .unwrap();
+        image.close().unwrap();
+        let offset = peek_u64(&ours, 56) & 0xffff_ffff;
+        assert_ne!(offset, 64, "the name was written apart from the header");
+        let info = qemu::img(&["info", "--output=json", "-f", "qed", path_str(&ours)]);
+        let info: serde_json::Value = serde_json::from_str(&info).unwrap();
+        assert_eq!(info["backing-filename"], name.as_str(), "{info:#}");
+        assert_same_bytes(&qemu::convert_to_raw(&ours), &base, "QEMU through the name");
+        qemu::assert_check_clean(&ours);
+    }
+}
+
+#[test]
 fn populate_then_unlink_backing_keeps_content_like_qemu_stream() {
     // Our copy-on-read primitive, driven like block-stream: every cluster-aligned chunk of the
     // backing is offered to `populate`; guest data already there wins; afterwards the backing

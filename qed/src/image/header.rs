@@ -163,19 +163,66 @@ impl Image {
     /// as `qemu-img rebase -u` does: header and name are written in one write at offset 0,
     /// then flushed. Removing the link clears both backing bits and sets the name to
     /// offset 64, size 0 (as QEMU's block-stream leaves it).
+    ///
+    /// A power loss keeps each 512-byte sector whole, but not two sectors together: a header
+    /// and name that would span sectors (a name over 448 bytes) are written in two steps
+    /// instead, the name first where the current header does not look, flushed, then the
+    /// 64-byte header that points at it, flushed. The image then names either the old or the
+    /// new backing after a crash, never a mix of the two names (one write of both, as QEMU
+    /// makes it, could leave the new header with part of the old name). Only when the header
+    /// clusters have no such room is the one write kept.
     pub fn set_backing(&self, backing: Option<(&str, BackingFormat)>) -> Result<()> {
         self.check_writable()?;
         let mut state = self.state.lock();
-        let (header, bytes) = self.backing_header(&state.header, backing)?;
-        // A crash between here and the flush leaves either the old or the new header: both
-        // describe the same visible data only when the caller made it so (stream, rebase -u).
-        self.storage
-            .write_at(&bytes, 0)
-            .and_then(|()| self.storage.flush())
-            .map_err(Error::io("writing header", 0))?;
+        let (mut header, bytes) = self.backing_header(&state.header, backing)?;
+        let name_len = bytes.len() - HEADER_SIZE_BYTES;
+        let spare = (bytes.len() as u64 > SECTOR)
+            .then(|| self.spare_name_offset(&state.header, name_len as u64))
+            .flatten();
+        if let Some(at) = spare {
+            self.storage
+                .write_at(&bytes[HEADER_SIZE_BYTES..], at)
+                .and_then(|()| self.storage.flush())
+                .map_err(Error::io("writing backing file name", at))?;
+            header.backing_filename_offset = at as u32;
+            self.storage
+                .write_at(&header.encode(), 0)
+                .and_then(|()| self.storage.flush())
+                .map_err(Error::io("writing header", 0))?;
+        } else {
+            // A crash between here and the flush leaves either the old or the new header:
+            // both describe the same visible data only when the caller made it so (stream,
+            // rebase -u).
+            self.storage
+                .write_at(&bytes, 0)
+                .and_then(|()| self.storage.flush())
+                .map_err(Error::io("writing header", 0))?;
+        }
         state.header = header;
         state.backing_name = backing.map(|(n, _)| n.to_string());
         Ok(())
+    }
+
+    /// Where in the header clusters a backing name of `len` bytes can be written without
+    /// touching the first sector or the name `current` points at: at 64 when that range
+    /// misses the current name (the name then starts in the first sector, which only the
+    /// header write that follows changes again), else just past the current name. `None`
+    /// when neither fits.
+    fn spare_name_offset(&self, current: &Header, len: u64) -> Option<u64> {
+        let limit = self.geometry().header_bytes();
+        let (used_start, used_end) = if current.has_backing_file() {
+            let start = u64::from(current.backing_filename_offset);
+            (start, start + u64::from(current.backing_filename_size))
+        } else {
+            (0, 0)
+        };
+        let misses = |at: u64| at + len <= used_start || at >= used_end;
+        [
+            HEADER_SIZE_BYTES as u64,
+            used_end.max(HEADER_SIZE_BYTES as u64),
+        ]
+        .into_iter()
+        .find(|&at| at + len <= limit && misses(at))
     }
 
     /// The header (and the bytes to write at offset 0) that records `backing`.
@@ -255,6 +302,52 @@ mod tests {
         drop(guard);
         image.flush().unwrap();
         assert!(!image.is_dirty());
+    }
+
+    #[test]
+    fn a_long_backing_name_is_written_before_the_header_that_points_at_it() {
+        let (s, image) = image(16 << 20);
+        let first = "a".repeat(600);
+        let second = "b".repeat(600);
+        for (name, old_at) in [(&first, None), (&second, Some(64u64))] {
+            image.set_backing(Some((name, BackingFormat::Raw))).unwrap();
+            let ops = s.take();
+            let h = Header::decode(&s.bytes()[..64]).unwrap();
+            let at = u64::from(h.backing_filename_offset);
+            // The name where the header in force does not look, flushed; then the 64-byte
+            // header (one sector) that points at it, flushed.
+            assert_eq!(
+                ops,
+                vec![
+                    Op::Write {
+                        offset: at,
+                        len: 600
+                    },
+                    Op::Flush,
+                    Op::Write { offset: 0, len: 64 },
+                    Op::Flush
+                ]
+            );
+            if let Some(old) = old_at {
+                assert!(
+                    at >= old + 600,
+                    "the new name overlaps the old one at {old}: {at}"
+                );
+            }
+            let stored = &s.bytes()[at as usize..at as usize + 600];
+            assert_eq!(stored, name.as_bytes());
+        }
+        // A name that fits the first sector with the header: one write, as QEMU makes it.
+        image
+            .set_backing(Some(("short.raw", BackingFormat::Raw)))
+            .unwrap();
+        assert_eq!(s.take(), vec![Op::Write { offset: 0, len: 73 }, Op::Flush]);
+        let reopened = crate::Image::open(
+            Box::new(crate::MemStorage::from_bytes(s.bytes())),
+            crate::OpenOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(reopened.backing_name().as_deref(), Some("short.raw"));
     }
 
     #[test]

@@ -17,6 +17,8 @@
 //! - [`served`]: a running `qedstream serve --output=json`, its JSON lines and signals.
 //! - [`guest`]: a real Linux guest booted under `qemu-system-x86_64` (TCG) from an NBD export,
 //!   reporting the sha256 of its whole disk (after an optional write).
+//! - [`crash`]: what a disk may hold after its server is killed: a per-sector model of
+//!   acknowledged, flushed and in-flight writes, and sectors that say which write they are.
 //! - [`chain`]: a per-unit view of a backing chain's allocation, from `qemu-img map` and from
 //!   our [`qed::Image::map`], so the two can be compared exactly.
 //!
@@ -43,6 +45,7 @@ use qed::{Image, OpenOptions};
 pub type Disk = SyncDevice<CorDevice>;
 
 pub mod chain;
+pub mod crash;
 pub mod guest;
 pub mod nbd_server;
 pub mod qemu;

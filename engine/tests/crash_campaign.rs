@@ -1,0 +1,726 @@
+//! A crash campaign on the served disk (issue 10): `qedstream serve --stream` is killed with
+//! SIGKILL at random moments while an NBD client writes (FUA, plain writes later flushed,
+//! WRITE_ZEROES) and reads (which copies clusters in); after every kill QEMU grades what is
+//! left.
+//!
+//! What it proves, after every kill:
+//! - `qemu-img check` finds no corruption. Leaks are allowed (exit 3): a killed allocating
+//!   write leaves its data clusters, or a new L2 table, appended but unreferenced, as QEMU's
+//!   own QED driver does (it sets no NEED_CHECK over a backing file, and neither do we);
+//! - the whole disk, read back by `qemu-img convert` through the image's backing (a raw file,
+//!   or qemu-nbd serving it), holds in every 512-byte sector what the NBD rules allow
+//!   ([`qedstream_tests::crash::CrashModel`]): every write acknowledged with FUA, or
+//!   acknowledged before a FLUSH that was acknowledged, is there; a write in flight at the kill
+//!   has landed or not, per sector; nothing else (a sector torn, moved, or from the base where
+//!   a durable write was) is;
+//! - a restarted `serve --stream` serves the disk and goes on streaming;
+//!
+//! and while it runs, every READ returns exactly the latest acknowledged write of each sector
+//! (reads and writes in flight never overlap). Each epoch starts a fresh overlay (over a raw
+//! file or over qemu-nbd, alternately) and ends with a stream run to completion: the backing
+//! link is dropped on disk (`qemu-img info`), NEED_CHECK is clear after SIGTERM, `qemu-img
+//! check` finds no corruption and the image equals the model exactly.
+//!
+//! Rounds are stream rate-limited (`--rate` 4M to 16M of a 64 MiB disk, so kills land
+//! mid-stream) or at full speed. The seed is printed; `QEDSTREAM_CRASH_SEED=N` replays one,
+//! `QEDSTREAM_CRASH_ROUNDS=N` sets the number of kills (default 10).
+//!
+//! Figures of the long campaign are in the README (section "Crash campaign on the served
+//! disk").
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nbd_client::{Client, ClientConfig, ZeroFlags};
+use parking_lot::Mutex;
+use qedstream_tests::crash::{Contents, CrashModel, Version, SECTOR};
+use qedstream_tests::nbd_server::NbdServer;
+use qedstream_tests::served::{Served, DEADLINE};
+use qedstream_tests::{tempdir, tools, XorShift};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+/// The virtual disk.
+const DISK: u64 = 64 * MIB;
+/// QEMU's default QED cluster, which `qemu-img create` gives the overlay.
+const CLUSTER: u64 = 64 << 10;
+const CLUSTER_SECTORS: u64 = CLUSTER / SECTOR;
+const SECTORS: u64 = DISK / SECTOR;
+/// The longest request: the client's default piece, so that every request is one NBD command.
+const MAX_REQUEST_SECTORS: u64 = (256 << 10) / SECTOR;
+/// Kills in a run unless `QEDSTREAM_CRASH_ROUNDS` says otherwise.
+const DEFAULT_KILLS: u64 = 10;
+/// Kills on one overlay, in a long campaign, before its stream is run to completion.
+const KILLS_PER_EPOCH: u64 = 10;
+/// Writer tasks of the client.
+const WRITERS: usize = 3;
+/// The longest pause between two operations of a writer, and of the reader: paced so that
+/// writes and copy-on-read do not make the whole disk local before the stream does.
+const WRITER_PAUSE: Duration = Duration::from_millis(10);
+const READER_PAUSE: Duration = Duration::from_millis(25);
+/// Operations each task runs in an epoch's last, unkilled round.
+const FINAL_OPS: u64 = 40;
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_qedstream"))
+}
+
+/// A number from the environment, or `default`.
+fn env_number(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{name}={v:?} is not a number: {e}")),
+        Err(_) => default,
+    }
+}
+
+/// A seed from the clock, when none is given.
+fn fresh_seed() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    t.as_nanos() as u64 ^ u64::from(std::process::id())
+}
+
+/// Counters of the whole campaign, shared by the client tasks.
+#[derive(Debug, Default)]
+struct Counts {
+    fua: AtomicU64,
+    plain: AtomicU64,
+    zeroes: AtomicU64,
+    flushes: AtomicU64,
+    reads: AtomicU64,
+    /// Writes (and WRITE_ZEROES) whose answer the kill cut off.
+    in_flight_at_kill: AtomicU64,
+}
+
+impl Counts {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// What the client tasks share.
+#[derive(Clone)]
+struct Workload {
+    client: Client,
+    model: Arc<Mutex<CrashModel>>,
+    contents: Arc<Contents>,
+    /// Set just before the server is killed: from then on a lost connection is expected.
+    killed: Arc<AtomicBool>,
+    counts: Arc<Counts>,
+}
+
+/// How long a client task runs.
+#[derive(Clone, Copy, Debug)]
+enum Until {
+    /// Until the server is killed under it.
+    Killed,
+    /// This many operations.
+    Ops(u64),
+}
+
+impl Until {
+    fn more(self, done: u64) -> bool {
+        match self {
+            Until::Killed => true,
+            Until::Ops(n) => done < n,
+        }
+    }
+}
+
+/// What a failed request means: the end of the task when the server was killed and the
+/// connection is gone; a failure of the test otherwise (an error the server reported, a
+/// timeout: a hang).
+fn after_error(w: &Workload, what: &str, e: &nbd_client::Error) -> Result<(), String> {
+    let lost = matches!(
+        e,
+        nbd_client::Error::ConnectionLost(_)
+            | nbd_client::Error::Closed
+            | nbd_client::Error::ReconnectFailed { .. }
+    );
+    if lost && w.killed.load(Ordering::SeqCst) {
+        Ok(())
+    } else {
+        Err(format!("{what} failed while the server was up: {e}"))
+    }
+}
+
+/// Kinds of write ranges, in sectors.
+fn partial_cluster(rng: &mut XorShift) -> (u64, u64) {
+    let cluster = rng.below(SECTORS / CLUSTER_SECTORS);
+    let start = rng.below(CLUSTER_SECTORS);
+    let count = 1 + rng.below((CLUSTER_SECTORS - start).min(64));
+    (cluster * CLUSTER_SECTORS + start, count)
+}
+
+fn straddling(rng: &mut XorShift) -> (u64, u64) {
+    let cluster = rng.below(SECTORS / CLUSTER_SECTORS - 2);
+    let start = CLUSTER_SECTORS / 2 + rng.below(CLUSTER_SECTORS / 2);
+    let first = cluster * CLUSTER_SECTORS + start;
+    let count = (CLUSTER_SECTORS - start) + 1 + rng.below(CLUSTER_SECTORS + CLUSTER_SECTORS / 2);
+    (first, count.min(MAX_REQUEST_SECTORS))
+}
+
+fn whole_clusters(rng: &mut XorShift) -> (u64, u64) {
+    let n = 1 + rng.below(MAX_REQUEST_SECTORS / CLUSTER_SECTORS);
+    let cluster = rng.below(SECTORS / CLUSTER_SECTORS - n + 1);
+    (cluster * CLUSTER_SECTORS, n * CLUSTER_SECTORS)
+}
+
+fn any_range(rng: &mut XorShift) -> (u64, u64) {
+    let count = 1 + rng.below(MAX_REQUEST_SECTORS);
+    (rng.below(SECTORS - count + 1), count)
+}
+
+/// One write of a writer task: its kind and range.
+#[derive(Clone, Copy, Debug)]
+enum WriteKind {
+    Fua,
+    Plain,
+    Zeroes,
+}
+
+fn pick_write(rng: &mut XorShift) -> (WriteKind, (u64, u64)) {
+    let range = match rng.below(8) {
+        0..=2 => partial_cluster(rng),
+        3..=4 => straddling(rng),
+        5..=6 => whole_clusters(rng),
+        _ => any_range(rng),
+    };
+    let kind = match rng.below(9) {
+        0..=3 => WriteKind::Fua,
+        4..=7 => WriteKind::Plain,
+        _ => WriteKind::Zeroes,
+    };
+    (kind, range)
+}
+
+/// Claims some range `pick` draws (drawing again while the ranges it gets are busy).
+async fn claim(
+    w: &Workload,
+    rng: &mut XorShift,
+    pick: impl Fn(&mut XorShift) -> (u64, u64),
+) -> (u64, u64) {
+    loop {
+        for _ in 0..16 {
+            let (first, count) = pick(rng);
+            if w.model.lock().try_claim(first, count) {
+                return (first, count);
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Writes, zeroes and flushes until the server dies (or `until` ops are done).
+async fn writer(w: Workload, mut rng: XorShift, until: Until) -> Result<(), String> {
+    let mut done = 0;
+    while until.more(done) {
+        done += 1;
+        let (kind, _) = pick_write(&mut rng);
+        let (first, count) = claim(&w, &mut rng, |r| pick_write(r).1).await;
+        let offset = first * SECTOR;
+        let what = format!("{kind:?} write of sectors {first}+{count}");
+        let (result, version) = match kind {
+            WriteKind::Zeroes => {
+                let v = w.model.lock().begin_zeroes(first, count);
+                let r = w
+                    .client
+                    .write_zeroes(offset, count * SECTOR, ZeroFlags::default())
+                    .await;
+                (r, v)
+            }
+            WriteKind::Fua | WriteKind::Plain => {
+                let v = w.model.lock().begin_write(first, count);
+                let data = w.contents.run(v, first, count);
+                let r = if matches!(kind, WriteKind::Fua) {
+                    w.client.write_fua(offset, &data).await
+                } else {
+                    w.client.write(offset, &data).await
+                };
+                (r, v)
+            }
+        };
+        if let Err(e) = result {
+            Counts::bump(&w.counts.in_flight_at_kill);
+            return after_error(&w, &what, &e);
+        }
+        let fua = matches!(kind, WriteKind::Fua);
+        {
+            let mut model = w.model.lock();
+            model.acknowledged(first, count, version, fua);
+            model.release(first, count);
+        }
+        Counts::bump(match kind {
+            WriteKind::Fua => &w.counts.fua,
+            WriteKind::Plain => &w.counts.plain,
+            WriteKind::Zeroes => &w.counts.zeroes,
+        });
+        if rng.one_in(4) {
+            let mark = w.model.lock().flush_sent();
+            if let Err(e) = w.client.flush().await {
+                return after_error(&w, "FLUSH", &e);
+            }
+            w.model.lock().flush_acknowledged(mark);
+            Counts::bump(&w.counts.flushes);
+        }
+        pause(&mut rng, WRITER_PAUSE).await;
+    }
+    Ok(())
+}
+
+/// Reads random ranges (copying clusters in) until the server dies (or `until` ops are
+/// done); each sector must be its latest acknowledged write.
+async fn reader(w: Workload, mut rng: XorShift, until: Until) -> Result<(), String> {
+    let mut done = 0;
+    while until.more(done) {
+        done += 1;
+        let (first, count) = claim(&w, &mut rng, any_range).await;
+        let data = match w.client.read(first * SECTOR, count * SECTOR).await {
+            Ok(d) => d,
+            Err(e) => return after_error(&w, &format!("READ of sectors {first}+{count}"), &e),
+        };
+        check_read(&w, first, count, &data)?;
+        Counts::bump(&w.counts.reads);
+        pause(&mut rng, READER_PAUSE).await;
+    }
+    Ok(())
+}
+
+/// A READ of `count` sectors from `first` returned `data`: each sector must be its latest
+/// acknowledged write. Releases the claim.
+fn check_read(w: &Workload, first: u64, count: u64, data: &[u8]) -> Result<(), String> {
+    let mut model = w.model.lock();
+    for (i, bytes) in data.chunks(SECTOR as usize).enumerate() {
+        let sector = first + i as u64;
+        let expected = model.latest(sector);
+        let found = w.contents.identify(sector, bytes);
+        if !found.is_some_and(|f| w.contents.same(f, expected, sector)) {
+            return Err(format!(
+                "READ of sectors {first}+{count}: sector {sector} holds {found:?}, \
+                 its latest acknowledged write is {expected:?}"
+            ));
+        }
+    }
+    model.release(first, count);
+    Ok(())
+}
+
+/// Sleeps up to `longest`.
+async fn pause(rng: &mut XorShift, longest: Duration) {
+    let micros = rng.below(longest.as_micros() as u64);
+    tokio::time::sleep(Duration::from_micros(micros)).await;
+}
+
+/// Runs the client tasks until they end; a task's failure fails the test.
+async fn join_tasks(tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>, seed: u64) {
+    let all = futures_join(tasks);
+    let results = tokio::time::timeout(DEADLINE, all)
+        .await
+        .unwrap_or_else(|_| panic!("seed {seed}: the client tasks hung (60 s)"));
+    for r in results {
+        let r = r.unwrap_or_else(|e| panic!("seed {seed}: a client task panicked: {e}"));
+        if let Err(e) = r {
+            panic!("seed {seed}: {e}");
+        }
+    }
+}
+
+async fn futures_join(
+    tasks: Vec<tokio::task::JoinHandle<Result<(), String>>>,
+) -> Vec<Result<Result<(), String>, tokio::task::JoinError>> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await);
+    }
+    out
+}
+
+/// The campaign's figures.
+#[derive(Debug, Default)]
+struct Totals {
+    epochs: u64,
+    kills: u64,
+    kills_mid_stream: u64,
+    in_flight_sectors: u64,
+    in_flight_landed: u64,
+    acknowledged_not_found: u64,
+    checks_with_leaks: u64,
+    /// The most leaked clusters one check after a kill found.
+    most_leaks: u64,
+    /// Leaks `qemu-img check` finds after each epoch's clean stop (left by its kills).
+    final_leaks: u64,
+}
+
+/// One campaign: its directory, base, backing server and figures.
+struct Campaign {
+    dir: tempfile::TempDir,
+    seed: u64,
+    rng: XorShift,
+    contents: Arc<Contents>,
+    /// qemu-nbd serving the base, for the epochs whose backing is NBD.
+    base_server: NbdServer,
+    rt: tokio::runtime::Runtime,
+    counts: Arc<Counts>,
+    totals: Totals,
+}
+
+impl Campaign {
+    fn new(seed: u64) -> Campaign {
+        let dir = tempdir();
+        // Holes in the base: 2 MiB at 8M, 512K at 24M, and the last 64K.
+        let holes = vec![
+            (8 * MIB / SECTOR, 10 * MIB / SECTOR),
+            (24 * MIB / SECTOR, (24 * MIB + 512 * 1024) / SECTOR),
+            (SECTORS - CLUSTER_SECTORS, SECTORS),
+        ];
+        let contents = Arc::new(Contents::new(seed, holes));
+        write_base(&dir.path().join("base.raw"), &contents);
+        let base_server =
+            NbdServer::qemu_nbd(&dir.path().join("base.raw"), &dir.path().join("base.sock"));
+        Campaign {
+            dir,
+            seed,
+            rng: XorShift::new(seed),
+            contents,
+            base_server,
+            rt: qedstream_tests::runtime::two_workers(),
+            counts: Arc::new(Counts::default()),
+            totals: Totals::default(),
+        }
+    }
+
+    fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A fresh `top.qed` over the raw base or over qemu-nbd serving it.
+    fn new_overlay(&self, over_nbd: bool) {
+        let _ = std::fs::remove_file(self.dir().join("top.qed"));
+        let backing = if over_nbd {
+            self.base_server.uri()
+        } else {
+            "base.raw".to_string()
+        };
+        let args = [
+            "create", "-f", "qed", "-b", &backing, "-F", "raw", "top.qed",
+        ];
+        tools::ok(self.dir(), "qemu-img", &args);
+    }
+
+    /// `qedstream serve --stream [--rate RATE]` of `top.qed` on `nbd.sock`.
+    fn serve(&self, rate: Option<&str>) -> Served {
+        let nbd = format!("unix:{}", self.dir().join("nbd.sock").display());
+        let mut args = vec!["--nbd", &nbd, "--stream"];
+        if let Some(r) = rate {
+            args.extend(["--rate", r]);
+        }
+        args.push("top.qed");
+        Served::start(bin(), self.dir(), &args)
+    }
+
+    fn workload(&self, client: Client, model: &Arc<Mutex<CrashModel>>) -> Workload {
+        Workload {
+            client,
+            model: Arc::clone(model),
+            contents: Arc::clone(&self.contents),
+            killed: Arc::new(AtomicBool::new(false)),
+            counts: Arc::clone(&self.counts),
+        }
+    }
+
+    /// Starts the writers and the reader on `uri`.
+    fn spawn_tasks(
+        &mut self,
+        w: &Workload,
+        until: Until,
+    ) -> Vec<tokio::task::JoinHandle<Result<(), String>>> {
+        let mut tasks = Vec::new();
+        for _ in 0..WRITERS {
+            let rng = XorShift::new(self.rng.next_u64());
+            tasks.push(self.rt.spawn(writer(w.clone(), rng, until)));
+        }
+        let rng = XorShift::new(self.rng.next_u64());
+        tasks.push(self.rt.spawn(reader(w.clone(), rng, until)));
+        tasks
+    }
+
+    fn connect(&self, uri: &str) -> Client {
+        let config = ClientConfig {
+            // The server is killed: requests in flight must fail, never be sent again.
+            reconnect_delay: Duration::ZERO,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Some(DEADLINE),
+            ..ClientConfig::default()
+        };
+        let client = self
+            .rt
+            .block_on(Client::connect_str(uri, config))
+            .unwrap_or_else(|e| panic!("seed {}: connecting to serve: {e}", self.seed));
+        assert!(client.can_fua() && client.can_flush() && client.can_zero());
+        client
+    }
+
+    /// One round: serve, write and read, SIGKILL at a random moment, then grade the image.
+    fn crash_round(&mut self, model: &Arc<Mutex<CrashModel>>) {
+        let rate = match self.rng.below(4) {
+            0 => None,
+            1 => Some("4M"),
+            2 => Some("8M"),
+            _ => Some("16M"),
+        };
+        let kill_after = Duration::from_millis(20 + self.rng.below(1200));
+        let mut served = self.serve(rate);
+        let w = self.workload(self.connect(&served.uri()), model);
+        let tasks = self.spawn_tasks(&w, Until::Killed);
+        std::thread::sleep(kill_after);
+        w.killed.store(true, Ordering::SeqCst);
+        served.kill();
+        let seed = self.seed;
+        self.rt.block_on(join_tasks(tasks, seed));
+        let lines = served.pending();
+        assert_no_job_failure(&lines, seed);
+        self.totals.kills += 1;
+        let mid_stream = !lines.iter().any(|l| l["event"] == "completed");
+        self.totals.kills_mid_stream += u64::from(mid_stream);
+        let leaks = self.grade_after_kill(model);
+        eprintln!(
+            "kill {}: rate {}, after {kill_after:?}, {}, leaks {leaks}",
+            self.totals.kills,
+            rate.unwrap_or("unlimited"),
+            if mid_stream {
+                "mid-stream"
+            } else {
+                "stream done"
+            },
+        );
+    }
+
+    /// `qemu-img check` (no corruption), then the whole disk against the model; the leaks
+    /// the check found.
+    fn grade_after_kill(&mut self, model: &Arc<Mutex<CrashModel>>) -> u64 {
+        let leaks = self.check_no_corruption();
+        if leaks > 0 {
+            self.totals.checks_with_leaks += 1;
+            self.totals.most_leaks = self.totals.most_leaks.max(leaks);
+        }
+        let image = self.read_back();
+        let mut model = model.lock();
+        let report = model.verify(&self.contents, &image);
+        if !report.mismatches.is_empty() {
+            let first: Vec<_> = report.mismatches.iter().take(8).collect();
+            panic!(
+                "seed {}, kill {}: {} sectors hold what they may not (QEDSTREAM_CRASH_SEED={} \
+                 replays); the first: {first:#?}",
+                self.seed,
+                self.totals.kills,
+                report.mismatches.len(),
+                self.seed
+            );
+        }
+        self.totals.in_flight_sectors += report.in_flight_sectors;
+        self.totals.in_flight_landed += report.in_flight_landed;
+        self.totals.acknowledged_not_found += report.acknowledged_not_found;
+        model.restart_from(&report.found);
+        leaks
+    }
+
+    /// `qemu-img check -f qed top.qed`: exit 0, or 3 with leaks only; returns the leaks.
+    fn check_no_corruption(&self) -> u64 {
+        let out = tools::run_with_deadline(&mut tools::command_in(
+            "qemu-img",
+            self.dir(),
+            &["check", "-f", "qed", "--output=json", "top.qed"],
+        ));
+        let code = out.status.code().unwrap_or(-1);
+        let json: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        let count = |k: &str| json.get(k).and_then(Value::as_u64).unwrap_or(0);
+        assert!(
+            (code == 0 || code == 3) && count("corruptions") == 0 && count("check-errors") == 0,
+            "seed {}, after kill {}: qemu-img check exited {code}: {json:#} {}",
+            self.seed,
+            self.totals.kills,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        count("leaks")
+    }
+
+    /// The whole disk as QEMU reads it through the backing (`qemu-img convert -O raw`).
+    fn read_back(&self) -> Vec<u8> {
+        let flat = self.dir().join("flat.raw");
+        let _ = std::fs::remove_file(&flat);
+        tools::ok_command(&mut tools::command_in(
+            "qemu-img",
+            self.dir(),
+            &["convert", "-f", "qed", "-O", "raw", "top.qed", "flat.raw"],
+        ));
+        let bytes = std::fs::read(&flat).expect("reading qemu-img convert's output");
+        assert_eq!(bytes.len() as u64, DISK);
+        bytes
+    }
+
+    /// The epoch's last round: the stream runs to completion under the client's writes and
+    /// reads, SIGTERM stops the server clean, and the image stands alone, equal to the model.
+    fn finish_epoch(&mut self, model: &Arc<Mutex<CrashModel>>) {
+        let mut served = self.serve(None);
+        let w = self.workload(self.connect(&served.uri()), model);
+        let tasks = self.spawn_tasks(&w, Until::Ops(FINAL_OPS));
+        let seed = self.seed;
+        self.rt.block_on(join_tasks(tasks, seed));
+        wait_for_completion(&mut served, seed);
+        assert_eq!(
+            served.terminate(),
+            0,
+            "seed {seed}: serve's exit after SIGTERM"
+        );
+        let info = tools::ok(
+            self.dir(),
+            "qemu-img",
+            &["info", "--output=json", "top.qed"],
+        );
+        let info: Value = serde_json::from_str(&info).expect("qemu-img info JSON");
+        assert!(
+            info.get("backing-filename").is_none(),
+            "seed {seed}: the stream completed but the backing link is still there: {info:#}"
+        );
+        let features = qedstream_tests::features_on_disk(&self.dir().join("top.qed"));
+        assert_eq!(
+            features & 2,
+            0,
+            "seed {seed}: NEED_CHECK left set after SIGTERM"
+        );
+        self.totals.final_leaks += self.check_no_corruption();
+        let image = self.read_back();
+        let expected = model.lock().expected_image(&self.contents);
+        assert_same_disk(&image, &expected, &self.contents, seed);
+        self.totals.epochs += 1;
+    }
+}
+
+/// A job event that says the stream failed fails the test.
+fn assert_no_job_failure(lines: &[Value], seed: u64) {
+    for l in lines {
+        assert!(
+            l["event"] != "failed" && l["event"] != "error",
+            "seed {seed}: the stream reported {l}"
+        );
+    }
+}
+
+/// Reads serve's lines up to the stream's completion (a failure fails the test).
+fn wait_for_completion(served: &mut Served, seed: u64) {
+    loop {
+        let l = served.next_line();
+        assert_no_job_failure(std::slice::from_ref(&l), seed);
+        if l["event"] == "completed" {
+            assert_eq!(l["unlinked"], true, "seed {seed}: {l}");
+            return;
+        }
+    }
+}
+
+/// The disk equals the expected bytes, sector for sector (the first difference named by
+/// the versions it holds and should hold).
+fn assert_same_disk(image: &[u8], expected: &[u8], contents: &Contents, seed: u64) {
+    assert_eq!(image.len(), expected.len());
+    let s = SECTOR as usize;
+    let differing = image
+        .chunks(s)
+        .zip(expected.chunks(s))
+        .position(|(a, b)| a != b);
+    if let Some(i) = differing {
+        let n = image
+            .chunks(s)
+            .zip(expected.chunks(s))
+            .filter(|(a, b)| a != b)
+            .count();
+        let sector = i as u64;
+        panic!(
+            "seed {seed}: after a clean stop {n} sectors differ from the model; the first, \
+             sector {sector}, holds {:?} instead of {:?}",
+            contents.identify(sector, &image[i * s..][..s]),
+            contents.identify(sector, &expected[i * s..][..s]),
+        );
+    }
+}
+
+/// Writes the base: the contents' base version everywhere but its holes, which stay holes.
+fn write_base(path: &Path, contents: &Contents) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::create(path).expect("creating base.raw");
+    file.set_len(DISK).expect("sizing base.raw");
+    for first in (0..SECTORS).step_by(CLUSTER_SECTORS as usize) {
+        // The holes are whole clusters.
+        if contents.base_is_hole(first) {
+            continue;
+        }
+        let bytes = contents.run(Version::Base, first, CLUSTER_SECTORS);
+        file.write_all_at(&bytes, first * SECTOR)
+            .expect("writing base.raw");
+    }
+}
+
+/// The campaign: `QEDSTREAM_CRASH_ROUNDS` kills (default 10) in epochs of up to ten, every
+/// other epoch over qemu-nbd; one summary line at the end.
+#[test]
+fn served_disk_survives_sigkill_at_random_moments() {
+    let started = Instant::now();
+    let seed = std::env::var("QEDSTREAM_CRASH_SEED")
+        .map(|_| env_number("QEDSTREAM_CRASH_SEED", 0))
+        .unwrap_or_else(|_| fresh_seed());
+    let kills = env_number("QEDSTREAM_CRASH_ROUNDS", DEFAULT_KILLS);
+    eprintln!("crash campaign: seed {seed} (QEDSTREAM_CRASH_SEED={seed} replays), {kills} kills");
+    let per_epoch = if kills <= KILLS_PER_EPOCH {
+        kills.div_ceil(2).max(1)
+    } else {
+        KILLS_PER_EPOCH
+    };
+    let mut c = Campaign::new(seed);
+    let mut left = kills;
+    let mut epoch = 0u64;
+    while left > 0 || epoch == 0 {
+        let over_nbd = epoch % 2 == 1;
+        c.new_overlay(over_nbd);
+        let model = Arc::new(Mutex::new(CrashModel::new(SECTORS)));
+        for _ in 0..per_epoch.min(left) {
+            c.crash_round(&model);
+        }
+        left -= per_epoch.min(left);
+        c.finish_epoch(&model);
+        epoch += 1;
+    }
+    let t = &c.totals;
+    let n = &c.counts;
+    println!(
+        "crash campaign: seed {seed}, {} epochs, {} kills ({} mid-stream), writes acknowledged \
+         {} FUA + {} plain + {} zeroes, {} flushes, {} reads checked, {} writes in flight at \
+         kills ({} of their {} sectors landed), {} acknowledged unflushed sectors not found, \
+         leaks in {} of {} checks after kills (at most {} clusters; {} left at the epochs' ends), {:.1} s",
+        t.epochs,
+        t.kills,
+        t.kills_mid_stream,
+        Counts::get(&n.fua),
+        Counts::get(&n.plain),
+        Counts::get(&n.zeroes),
+        Counts::get(&n.flushes),
+        Counts::get(&n.reads),
+        Counts::get(&n.in_flight_at_kill),
+        t.in_flight_landed,
+        t.in_flight_sectors,
+        t.acknowledged_not_found,
+        t.checks_with_leaks,
+        t.kills,
+        t.most_leaks,
+        t.final_leaks,
+        started.elapsed().as_secs_f64()
+    );
+}

@@ -21,14 +21,17 @@
 //! link is dropped on disk (`qemu-img info`), NEED_CHECK is clear after SIGTERM, `qemu-img
 //! check` finds no corruption and the image equals the model exactly.
 //!
-//! Rounds are stream rate-limited (`--rate` 4M to 16M of a 64 MiB disk, so kills land
-//! mid-stream) or at full speed. The seed is printed; `QEDSTREAM_CRASH_SEED=N` replays one,
+//! Rounds are stream rate-limited (`--rate` 2M to 8M of a 64 MiB disk, so kills land
+//! mid-stream) or, late in an epoch, at full speed; one round in eight kills serve within
+//! 40 ms of its start instead (opening the image, repairing one marked NEED_CHECK, starting
+//! the stream), before any client connects. The seed is printed; `QEDSTREAM_CRASH_SEED=N` replays one,
 //! `QEDSTREAM_CRASH_ROUNDS=N` sets the number of kills (default 10).
 //!
 //! Figures of the long campaign are in the README (section "Crash campaign on the served
 //! disk").
 
 use std::path::Path;
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -351,6 +354,8 @@ struct Totals {
     epochs: u64,
     kills: u64,
     kills_mid_stream: u64,
+    /// Kills while serve was starting.
+    startup_kills: u64,
     in_flight_sectors: u64,
     in_flight_landed: u64,
     acknowledged_not_found: u64,
@@ -471,12 +476,17 @@ impl Campaign {
     }
 
     /// One round: serve, write and read, SIGKILL at a random moment, then grade the image.
-    fn crash_round(&mut self, model: &Arc<Mutex<CrashModel>>) {
-        let rate = match self.rng.below(4) {
-            0 => None,
-            1 => Some("4M"),
-            2 => Some("8M"),
-            _ => Some("16M"),
+    /// Full speed only `late` in an epoch: a stream run to its end early would leave the
+    /// epoch's other kills nothing to land in.
+    fn crash_round(&mut self, model: &Arc<Mutex<CrashModel>>, late: bool) {
+        if self.rng.one_in(8) {
+            return self.startup_kill(model);
+        }
+        let rate = match self.rng.below(8) {
+            0 if late => None,
+            0..=2 => Some("2M"),
+            3..=5 => Some("4M"),
+            _ => Some("8M"),
         };
         let kill_after = Duration::from_millis(20 + self.rng.below(1200));
         let mut served = self.serve(rate);
@@ -502,6 +512,29 @@ impl Campaign {
             } else {
                 "stream done"
             },
+        );
+    }
+
+    /// A kill while serve starts (opening the image, repairing it when NEED_CHECK is set,
+    /// starting the stream): up to 40 ms after it is started, then the image is graded.
+    fn startup_kill(&mut self, model: &Arc<Mutex<CrashModel>>) {
+        let after = Duration::from_micros(self.rng.below(40_000));
+        let nbd = format!("unix:{}", self.dir().join("nbd.sock").display());
+        let args = ["serve", "--nbd", &nbd, "--stream", "top.qed"];
+        let mut cmd = tools::command_in(bin(), self.dir(), &args);
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        let mut child = tools::spawn(&mut cmd).expect("starting qedstream serve");
+        std::thread::sleep(after);
+        let early = child.try_wait().expect("waiting for serve");
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(early, None, "seed {}: serve exited by itself", self.seed);
+        self.totals.kills += 1;
+        self.totals.startup_kills += 1;
+        let leaks = self.grade_after_kill(model);
+        eprintln!(
+            "kill {}: at start-up, after {after:?}, leaks {leaks}",
+            self.totals.kills
         );
     }
 
@@ -691,8 +724,9 @@ fn served_disk_survives_sigkill_at_random_moments() {
         let over_nbd = epoch % 2 == 1;
         c.new_overlay(over_nbd);
         let model = Arc::new(Mutex::new(CrashModel::new(SECTORS)));
-        for _ in 0..per_epoch.min(left) {
-            c.crash_round(&model);
+        let rounds = per_epoch.min(left);
+        for round in 0..rounds {
+            c.crash_round(&model, round >= rounds / 2);
         }
         left -= per_epoch.min(left);
         c.finish_epoch(&model);
@@ -701,13 +735,14 @@ fn served_disk_survives_sigkill_at_random_moments() {
     let t = &c.totals;
     let n = &c.counts;
     println!(
-        "crash campaign: seed {seed}, {} epochs, {} kills ({} mid-stream), writes acknowledged \
+        "crash campaign: seed {seed}, {} epochs, {} kills ({} mid-stream, {} at start-up), writes acknowledged \
          {} FUA + {} plain + {} zeroes, {} flushes, {} reads checked, {} writes in flight at \
          kills ({} of their {} sectors landed), {} acknowledged unflushed sectors not found, \
          leaks in {} of {} checks after kills (at most {} clusters; {} left at the epochs' ends), {:.1} s",
         t.epochs,
         t.kills,
         t.kills_mid_stream,
+        t.startup_kills,
         Counts::get(&n.fua),
         Counts::get(&n.plain),
         Counts::get(&n.zeroes),

@@ -149,16 +149,16 @@ impl Until {
     }
 }
 
-/// What a failed request means: the end of the task when the server was killed and the
-/// connection is gone; a failure of the test otherwise (an error the server reported, a
-/// timeout: a hang).
+/// What a failed request means: the end of the task when the server was killed (or told
+/// to stop: ESHUTDOWN) and the connection is gone; a failure of the test otherwise (any
+/// other error the server reported, a timeout: a hang).
 fn after_error(w: &Workload, what: &str, e: &nbd_client::Error) -> Result<(), String> {
     let lost = matches!(
         e,
         nbd_client::Error::ConnectionLost(_)
             | nbd_client::Error::Closed
             | nbd_client::Error::ReconnectFailed { .. }
-    );
+    ) || e.server_errno() == Some(nbd_client::Errno::ESHUTDOWN);
     if lost && w.killed.load(Ordering::SeqCst) {
         Ok(())
     } else {
@@ -371,6 +371,10 @@ struct Totals {
     kills_mid_stream: u64,
     /// Kills while serve was starting.
     startup_kills: u64,
+    /// Kills after a SIGTERM, while serve was stopping.
+    shutdown_kills: u64,
+    /// Of those, the ones serve had already exited from (0) by.
+    stopped_before_kill: u64,
     in_flight_sectors: u64,
     in_flight_landed: u64,
     acknowledged_not_found: u64,
@@ -523,6 +527,30 @@ impl Campaign {
         let tasks = self.spawn_tasks(&w, Until::Killed);
         std::thread::sleep(kill_after);
         w.killed.store(true, Ordering::SeqCst);
+        let in_shutdown = self.rng.one_in(8);
+        if in_shutdown {
+            // SIGTERM, and SIGKILL while it stops (cancelling the stream, draining the
+            // connections, flushing, closing the image).
+            served.signal(libc::SIGTERM);
+            std::thread::sleep(Duration::from_micros(self.rng.below(15_000)));
+            self.totals.shutdown_kills += 1;
+            if !served.running() {
+                self.totals.stopped_before_kill += 1;
+                assert_eq!(
+                    served.wait(),
+                    0,
+                    "seed {}: serve's exit on SIGTERM",
+                    self.seed
+                );
+                let features = qedstream_tests::features_on_disk(&self.dir().join("top.qed"));
+                assert_eq!(
+                    features & 2,
+                    0,
+                    "seed {}: NEED_CHECK after SIGTERM",
+                    self.seed
+                );
+            }
+        }
         served.kill();
         let seed = self.seed;
         self.rt.block_on(join_tasks(tasks, seed));
@@ -533,9 +561,10 @@ impl Campaign {
         self.totals.kills_mid_stream += u64::from(mid_stream);
         let leaks = self.grade_after_kill(model);
         eprintln!(
-            "kill {}: rate {}, after {kill_after:?}, {}, leaks {leaks}",
+            "kill {}: rate {}, after {kill_after:?}{}, {}, leaks {leaks}",
             self.totals.kills,
             rate.unwrap_or("unlimited"),
+            if in_shutdown { " and a SIGTERM" } else { "" },
             if mid_stream {
                 "mid-stream"
             } else {
@@ -766,14 +795,17 @@ fn served_disk_survives_sigkill_at_random_moments() {
     let t = &c.totals;
     let n = &c.counts;
     println!(
-        "crash campaign: seed {seed}, {} epochs, {} kills ({} mid-stream, {} at start-up), writes acknowledged \
-         {} FUA + {} plain + {} zeroes, {} flushes, {} reads checked, {} writes in flight at \
-         kills ({} of their {} sectors landed), {} acknowledged unflushed sectors not found, \
-         leaks in {} of {} checks after kills (at most {} clusters; {} left at the epochs' ends), {:.1} s",
+        "crash campaign: seed {seed}, {} epochs, {} kills ({} mid-stream, {} at start-up, {} \
+         after a SIGTERM of which {} once serve had exited), writes acknowledged {} FUA + {} \
+         plain + {} zeroes, {} flushes, {} reads checked, {} writes in flight at kills ({} of \
+         their {} sectors landed), {} acknowledged unflushed sectors not found, leaks in {} \
+         of {} checks after kills (at most {} clusters; {} left at the epochs' ends), {:.1} s",
         t.epochs,
         t.kills,
         t.kills_mid_stream,
         t.startup_kills,
+        t.shutdown_kills,
+        t.stopped_before_kill,
         Counts::get(&n.fua),
         Counts::get(&n.plain),
         Counts::get(&n.zeroes),

@@ -15,17 +15,22 @@
 //!   a durable write was) is;
 //! - a restarted `serve --stream` serves the disk and goes on streaming;
 //!
+//! - a kill that left new leaks (counted by `qedstream check`) in an image without a backing
+//!   left it marked NEED_CHECK, so that the next read-write open repairs it;
+//!
 //! and while it runs, every READ returns exactly the latest acknowledged write of each sector
-//! (reads and writes in flight never overlap). Each epoch starts a fresh overlay (over a raw
-//! file or over qemu-nbd, alternately) and ends with a stream run to completion: the backing
-//! link is dropped on disk (`qemu-img info`), NEED_CHECK is clear after SIGTERM, `qemu-img
-//! check` finds no corruption and the image equals the model exactly.
+//! (reads and writes in flight never overlap). Each epoch starts a fresh overlay, in turn over
+//! a raw file, over qemu-nbd and over nothing, with 64K clusters (one L2 table) or 4K
+//! clusters and tables of two (sixteen L2 tables), and ends with a stream run to completion
+//! under the client's I/O: the backing link is dropped on disk (`qemu-img info`), NEED_CHECK
+//! is clear after SIGTERM, `qemu-img check` finds no corruption (the leaks the kills left
+//! stay, as in QEMU) and the image equals the model exactly.
 //!
 //! Rounds are stream rate-limited (`--rate` 2M to 8M of a 64 MiB disk, so kills land
 //! mid-stream) or, late in an epoch, at full speed; one round in eight kills serve within
 //! 40 ms of its start instead (opening the image, repairing one marked NEED_CHECK, starting
 //! the stream), before any client connects. The seed is printed; `QEDSTREAM_CRASH_SEED=N` replays one,
-//! `QEDSTREAM_CRASH_ROUNDS=N` sets the number of kills (default 10).
+//! `QEDSTREAM_CRASH_ROUNDS=N` sets the number of kills (default 12).
 //!
 //! Figures of the long campaign are in the README (section "Crash campaign on the served
 //! disk").
@@ -61,7 +66,7 @@ const SECTORS: u64 = DISK / SECTOR;
 /// The longest request: the client's default piece, so that every request is one NBD command.
 const MAX_REQUEST_SECTORS: u64 = (256 << 10) / SECTOR;
 /// Kills in a run unless `QEDSTREAM_CRASH_ROUNDS` says otherwise.
-const DEFAULT_KILLS: u64 = 10;
+const DEFAULT_KILLS: u64 = 12;
 /// Kills on one overlay, in a long campaign, before its stream is run to completion.
 const KILLS_PER_EPOCH: u64 = 10;
 /// Writer tasks of the client.
@@ -375,6 +380,8 @@ struct Totals {
     shutdown_kills: u64,
     /// Of those, the ones serve had already exited from (0) by.
     stopped_before_kill: u64,
+    /// Kills that left new leaks in a standalone image, marked NEED_CHECK.
+    marked_new_leaks: u64,
     in_flight_sectors: u64,
     in_flight_landed: u64,
     acknowledged_not_found: u64,
@@ -385,12 +392,38 @@ struct Totals {
     final_leaks: u64,
 }
 
+/// What an epoch's overlay is backed by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backing {
+    /// `base.raw`.
+    RawFile,
+    /// qemu-nbd serving `base.raw`.
+    QemuNbd,
+    /// Nothing: a standalone image from the start, marked NEED_CHECK while it allocates.
+    None,
+}
+
+/// The epochs' overlays, in turn: each backing with each cluster size.
+const EPOCHS: [(Backing, u64); 6] = [
+    (Backing::RawFile, CLUSTER),
+    (Backing::QemuNbd, SMALL_CLUSTER),
+    (Backing::None, SMALL_CLUSTER),
+    (Backing::RawFile, SMALL_CLUSTER),
+    (Backing::QemuNbd, CLUSTER),
+    (Backing::None, CLUSTER),
+];
+
 /// One campaign: its directory, base, backing server and figures.
 struct Campaign {
     dir: tempfile::TempDir,
     seed: u64,
     rng: XorShift,
+    /// The contents of this epoch: `raw_based` or `zero_based`.
     contents: Arc<Contents>,
+    /// Contents over `base.raw`.
+    raw_based: Arc<Contents>,
+    /// Contents over no backing: the same writes, zeros elsewhere.
+    zero_based: Arc<Contents>,
     /// qemu-nbd serving the base, for the epochs whose backing is NBD.
     base_server: NbdServer,
     rt: tokio::runtime::Runtime,
@@ -398,6 +431,10 @@ struct Campaign {
     totals: Totals,
     /// Sectors per cluster of the current overlay.
     cluster_sectors: u64,
+    /// Whether the overlay's stream is known to have completed (its backing link dropped).
+    standalone: bool,
+    /// Leaks `qedstream check` found after the last kill.
+    leaks_before: u64,
 }
 
 impl Campaign {
@@ -411,18 +448,23 @@ impl Campaign {
         ];
         let contents = Arc::new(Contents::new(seed, holes));
         write_base(&dir.path().join("base.raw"), &contents);
+        let zero_based = Arc::new(Contents::new(seed, vec![(0, SECTORS)]));
         let base_server =
             NbdServer::qemu_nbd(&dir.path().join("base.raw"), &dir.path().join("base.sock"));
         Campaign {
             dir,
             seed,
             rng: XorShift::new(seed),
-            contents,
+            contents: Arc::clone(&contents),
+            raw_based: contents,
+            zero_based,
             base_server,
             rt: qedstream_tests::runtime::two_workers(),
             counts: Arc::new(Counts::default()),
             totals: Totals::default(),
             cluster_sectors: CLUSTER_SECTORS,
+            standalone: false,
+            leaks_before: 0,
         }
     }
 
@@ -430,27 +472,31 @@ impl Campaign {
         self.dir.path()
     }
 
-    /// A fresh `top.qed` with clusters of `cluster` bytes over the raw base or over
-    /// qemu-nbd serving it.
-    fn new_overlay(&mut self, over_nbd: bool, cluster: u64) {
+    /// A fresh `top.qed` with clusters of `cluster` bytes over `backing`.
+    fn new_overlay(&mut self, backing: Backing, cluster: u64) {
         let _ = std::fs::remove_file(self.dir().join("top.qed"));
-        let backing = if over_nbd {
-            self.base_server.uri()
-        } else {
-            "base.raw".to_string()
-        };
         let tables = if cluster == CLUSTER { 4 } else { 2 };
         let options = format!("cluster_size={cluster},table_size={tables}");
-        let args = [
-            "create", "-f", "qed", "-o", &options, "-b", &backing, "-F", "raw", "top.qed",
-        ];
+        let mut args = vec!["create", "-f", "qed", "-o", &options];
+        let uri = self.base_server.uri();
+        match backing {
+            Backing::RawFile => args.extend(["-b", "base.raw", "-F", "raw", "top.qed"]),
+            Backing::QemuNbd => args.extend(["-b", &uri, "-F", "raw", "top.qed"]),
+            Backing::None => args.extend(["top.qed", "64M"]),
+        }
         tools::ok(self.dir(), "qemu-img", &args);
         self.cluster_sectors = cluster / SECTOR;
+        self.standalone = backing == Backing::None;
+        self.contents = if self.standalone {
+            Arc::clone(&self.zero_based)
+        } else {
+            Arc::clone(&self.raw_based)
+        };
+        self.leaks_before = 0;
         eprintln!(
-            "epoch {}: {}K clusters over {}",
+            "epoch {}: {}K clusters over {backing:?}",
             self.totals.epochs + 1,
             cluster >> 10,
-            if over_nbd { "qemu-nbd" } else { "a raw file" }
         );
     }
 
@@ -560,6 +606,7 @@ impl Campaign {
         let mid_stream = !lines.iter().any(|l| l["event"] == "completed");
         self.totals.kills_mid_stream += u64::from(mid_stream);
         let leaks = self.grade_after_kill(model);
+        self.standalone |= !mid_stream;
         eprintln!(
             "kill {}: rate {}, after {kill_after:?}{}, {}, leaks {leaks}",
             self.totals.kills,
@@ -604,6 +651,7 @@ impl Campaign {
             self.totals.checks_with_leaks += 1;
             self.totals.most_leaks = self.totals.most_leaks.max(leaks);
         }
+        self.check_new_leaks_are_marked();
         let image = self.read_back();
         let mut model = model.lock();
         let report = model.verify(&self.contents, &image);
@@ -623,6 +671,36 @@ impl Campaign {
         self.totals.acknowledged_not_found += report.acknowledged_not_found;
         model.restart_from(&report.found);
         leaks
+    }
+
+    /// A kill that left new leaks in an image that had no backing when the round started
+    /// must have left it marked NEED_CHECK, so that the next read-write open repairs it
+    /// (with a backing, neither QEMU nor we set the bit: leaks are then allowed unmarked).
+    /// Leaks are counted by `qedstream check`, which counts clusters exactly (QEMU's check
+    /// reports spurious leaks on 4K-cluster files past 16 MiB).
+    fn check_new_leaks_are_marked(&mut self) {
+        let out = tools::run_with_deadline(&mut tools::command_in(
+            bin(),
+            self.dir(),
+            &["check", "--output=json", "top.qed"],
+        ));
+        let json: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!("qedstream check printed no JSON ({e}): {out:?}");
+        });
+        let leaks = json.get("leaks").and_then(Value::as_u64).unwrap_or(0);
+        let need_check = qedstream_tests::features_on_disk(&self.dir().join("top.qed")) & 2 != 0;
+        if self.standalone && leaks > self.leaks_before {
+            assert!(
+                need_check,
+                "seed {}, kill {}: {} new leaked clusters in an image without a backing, and \
+                 NEED_CHECK is clear: {json}",
+                self.seed,
+                self.totals.kills,
+                leaks - self.leaks_before
+            );
+            self.totals.marked_new_leaks += 1;
+        }
+        self.leaks_before = leaks;
     }
 
     /// `qemu-img check -f qed top.qed`: exit 0, or 3 with leaks only; returns the leaks.
@@ -760,8 +838,8 @@ fn write_base(path: &Path, contents: &Contents) {
     }
 }
 
-/// The campaign: `QEDSTREAM_CRASH_ROUNDS` kills (default 10) in epochs of up to ten, every
-/// other epoch over qemu-nbd; one summary line at the end.
+/// The campaign: `QEDSTREAM_CRASH_ROUNDS` kills (default 12) in epochs of four (ten in long runs), over
+/// each backing in turn; one summary line at the end.
 #[test]
 fn served_disk_survives_sigkill_at_random_moments() {
     let started = Instant::now();
@@ -770,25 +848,24 @@ fn served_disk_survives_sigkill_at_random_moments() {
         .unwrap_or_else(|_| fresh_seed());
     let kills = env_number("QEDSTREAM_CRASH_ROUNDS", DEFAULT_KILLS);
     eprintln!("crash campaign: seed {seed} (QEDSTREAM_CRASH_SEED={seed} replays), {kills} kills");
-    let per_epoch = if kills <= KILLS_PER_EPOCH {
-        kills.div_ceil(2).max(1)
-    } else {
+    // Short runs: epochs of four kills, so that the default run covers three of the kinds.
+    let per_epoch = if kills >= 3 * KILLS_PER_EPOCH {
         KILLS_PER_EPOCH
+    } else {
+        4
     };
     let mut c = Campaign::new(seed);
     let mut left = kills;
-    let mut epoch = 0u64;
+    let mut epoch = 0;
     while left > 0 || epoch == 0 {
-        // Raw file / 64K, qemu-nbd / 4K, raw file / 4K, qemu-nbd / 64K, and again.
-        let over_nbd = epoch % 2 == 1;
-        let small = (epoch + epoch / 2) % 2 == 1;
-        c.new_overlay(over_nbd, if small { SMALL_CLUSTER } else { CLUSTER });
+        let (backing, cluster) = EPOCHS[epoch % EPOCHS.len()];
+        c.new_overlay(backing, cluster);
         let model = Arc::new(Mutex::new(CrashModel::new(SECTORS)));
         let rounds = per_epoch.min(left);
         for round in 0..rounds {
             c.crash_round(&model, round >= rounds / 2);
         }
-        left -= per_epoch.min(left);
+        left -= rounds;
         c.finish_epoch(&model);
         epoch += 1;
     }
@@ -799,7 +876,8 @@ fn served_disk_survives_sigkill_at_random_moments() {
          after a SIGTERM of which {} once serve had exited), writes acknowledged {} FUA + {} \
          plain + {} zeroes, {} flushes, {} reads checked, {} writes in flight at kills ({} of \
          their {} sectors landed), {} acknowledged unflushed sectors not found, leaks in {} \
-         of {} checks after kills (at most {} clusters; {} left at the epochs' ends), {:.1} s",
+         of {} checks after kills (at most {} clusters; {} left at the epochs' ends; {} kills \
+         leaking anew in a standalone image, each marked NEED_CHECK), {:.1} s",
         t.epochs,
         t.kills,
         t.kills_mid_stream,
@@ -819,6 +897,7 @@ fn served_disk_survives_sigkill_at_random_moments() {
         t.kills,
         t.most_leaks,
         t.final_leaks,
+        t.marked_new_leaks,
         started.elapsed().as_secs_f64()
     );
 }

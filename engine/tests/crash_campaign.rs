@@ -28,7 +28,7 @@
 //!
 //! Rounds are stream rate-limited (`--rate` 2M to 8M of a 64 MiB disk, so kills land
 //! mid-stream) or, late in an epoch, at full speed. One round in eight kills serve within
-//! 40 ms of its start instead (opening the image, repairing one marked NEED_CHECK, starting
+//! 60 ms of its start instead (opening the image, repairing one marked NEED_CHECK, starting
 //! the stream), before any client connects; one in eight of the others sends SIGTERM first
 //! and kills up to 15 ms later, while serve stops. The seed is printed;
 //! `QEDSTREAM_CRASH_SEED=N` replays its choices (epochs, rates, kill delays, and the
@@ -639,9 +639,10 @@ impl Campaign {
     }
 
     /// A kill while serve starts (opening the image, repairing it when NEED_CHECK is set,
-    /// starting the stream): up to 40 ms after it is started, then the image is graded.
+    /// starting the stream): up to 60 ms after it is started (it says ready after ~30 ms),
+    /// then the image is graded.
     fn startup_kill(&mut self, model: &Arc<Mutex<CrashModel>>) {
-        let after = Duration::from_micros(self.rng.below(40_000));
+        let after = Duration::from_micros(self.rng.below(60_000));
         let nbd = format!("unix:{}", self.dir().join("nbd.sock").display());
         let args = ["serve", "--nbd", &nbd, "--stream", "top.qed"];
         let mut cmd = tools::command_in(bin(), self.dir(), &args);
@@ -745,11 +746,17 @@ impl Campaign {
     fn read_back(&self) -> Vec<u8> {
         let flat = self.dir().join("flat.raw");
         let _ = std::fs::remove_file(&flat);
-        tools::ok_command(&mut tools::command_in(
+        let out = tools::run_with_deadline(&mut tools::command_in(
             "qemu-img",
             self.dir(),
             &["convert", "-f", "qed", "-O", "raw", "top.qed", "flat.raw"],
         ));
+        assert!(
+            out.status.success(),
+            "seed {}: qemu-img convert: {}",
+            self.seed,
+            String::from_utf8_lossy(&out.stderr)
+        );
         let bytes = std::fs::read(&flat).expect("reading qemu-img convert's output");
         assert_eq!(bytes.len() as u64, DISK);
         bytes

@@ -25,6 +25,8 @@
 //! - [`power`]: a storage with a volatile write cache ([`power::VolatileStorage`]) and the
 //!   disk states a power loss can leave (any subset of the unflushed sectors), enumerated or
 //!   sampled.
+//! - [`crash`]: what a disk may hold after its server is killed: a per-sector model of
+//!   acknowledged, flushed and in-flight writes, and sectors that say which write they are.
 //! - [`chain`]: a per-unit view of a backing chain's allocation, from `qemu-img map` and from
 //!   our [`qed::Image::map`], so the two can be compared exactly.
 //!
@@ -51,6 +53,7 @@ use qed::{Image, OpenOptions};
 pub type Disk = SyncDevice<CorDevice>;
 
 pub mod chain;
+pub mod crash;
 pub mod guest;
 pub mod nbd_server;
 pub mod poison;

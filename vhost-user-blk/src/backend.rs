@@ -323,8 +323,16 @@ impl VhostUserBlkServer {
             Ok(poke) => drop(poke),
             Err(_) => return,
         }
+        // A front end that connected in the meantime keeps the thread: wait a little, then
+        // leave it (it ends with the process).
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while !t.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -355,6 +363,8 @@ fn serve_front_ends(
     while !stop.load(Ordering::Acquire) {
         if let Err(e) = serve_one(listener, backend, stop, connected) {
             tracing::warn!(error = %e, "vhost-user-blk front end ended with an error");
+            // A socket that fails at once every time must not spin a core.
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
         connected.store(false, Ordering::Release);
     }

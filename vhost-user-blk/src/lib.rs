@@ -12,7 +12,8 @@
 //!   without a status byte to write); never panics on any chain;
 //! - [`execute`]: runs a request on the device with guest memory as its buffers;
 //! - [`backend`]: [`BlkBackend`] (one worker thread per queue, EVENT_IDX) and
-//!   [`VhostUserBlkServer`], which serves one front end after another on a unix socket.
+//!   [`VhostUserBlkServer`], which serves one front end after another on a unix socket;
+//! - [`fuzzing`]: the descriptor-chain fuzz target's logic and an in-memory disk.
 //!
 //! ```no_run
 //! # fn demo(device: std::sync::Arc<dyn copy_on_read::BlockDevice>) -> vhost_user_blk::Result<()> {
@@ -29,6 +30,7 @@ pub mod backend;
 pub mod config;
 pub mod error;
 pub mod execute;
+pub mod fuzzing;
 pub mod request;
 
 pub use backend::{BlkBackend, BlkOptions, VhostUserBlkServer};

@@ -113,7 +113,11 @@ fn backing_of(dir: &Path, image: &str) -> Option<String> {
 
 /// `dir/image` has no backing, is clean, NEED_CHECK is clear, and reads as `expected`.
 fn assert_standalone(dir: &Path, image: &str, expected: &[u8], what: &str) {
-    assert_eq!(backing_of(dir, image), None, "{what}: the backing link remains");
+    assert_eq!(
+        backing_of(dir, image),
+        None,
+        "{what}: the backing link remains"
+    );
     assert_eq!(tools::qemu_check(dir, image), 0, "qemu-img check: {what}");
     let features = qedstream_tests::features_on_disk(&dir.join(image));
     assert_eq!(features & 2, 0, "NEED_CHECK set ({features:#x}): {what}");
@@ -165,7 +169,12 @@ fn a_guest_write_over_vhost_user_blk_is_in_the_standalone_image() {
 
     finish_stream(&mut served, d);
     assert_eq!(served.terminate(), 0);
-    assert_standalone(d, "top.qed", &expected, "the guest's write after the stream");
+    assert_standalone(
+        d,
+        "top.qed",
+        &expected,
+        "the guest's write after the stream",
+    );
 }
 
 /// Two request queues (one worker each) and the NBD export of the same serve: the guest
@@ -182,7 +191,19 @@ fn two_queues_and_nbd_alongside() {
 
     let report = boot(&sock, 2, GuestAction::Hash, "two queues");
     assert_eq!(report.sha256, expected, "{}", report.console);
-    tools::ok(d, "qemu-img", &["convert", "-f", "raw", "-O", "raw", &served.uri(), "nbd.raw"]);
+    tools::ok(
+        d,
+        "qemu-img",
+        &[
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &served.uri(),
+            "nbd.raw",
+        ],
+    );
     let over_nbd = std::fs::read(d.join("nbd.raw")).unwrap();
     assert_same_bytes(&over_nbd, &base, "the NBD export beside vhost-user-blk");
     assert_eq!(served.terminate(), 0);
@@ -217,5 +238,9 @@ fn read_only_refuses_the_guest_write_and_leaves_the_file() {
         Ok(report) => panic!("a write to a read-only disk succeeded\n{}", report.console),
     }
     assert_eq!(served.terminate(), 0);
-    assert_eq!(std::fs::read(d.join("top.qed")).unwrap(), before, "the file changed");
+    assert_eq!(
+        std::fs::read(d.join("top.qed")).unwrap(),
+        before,
+        "the file changed"
+    );
 }

@@ -35,24 +35,74 @@ fn main() {
         ]
     };
     let seeds: Vec<(&str, Vec<u8>)> = vec![
-        ("read", encode_input(0, &three(WRITE, 1024), &memory(0, 2, &[]))),
-        ("write", encode_input(0, &three(0, 512), &memory(1, 3, &[0x5a; 0x200]))),
-        ("flush", encode_input(0, &[(hdr, 16, NEXT, 1), (status, 1, WRITE, 0)], &memory(4, 0, &[]))),
-        ("get-id", encode_input(0, &three(WRITE, 20), &memory(8, 0, &[]))),
-        ("write-zeroes", encode_input(0, &three(0, 16), &memory(13, 0, &{
-            let mut m = vec![0u8; 0x100 - 16];
-            m.extend_from_slice(&range);
-            m
-        }))),
-        ("read-second-region", encode_input(0, &[
-            (hdr, 16, NEXT, 1),
-            (REGION1, 4096, WRITE | NEXT, 2),
-            (status, 1, WRITE, 0),
-        ], &memory(0, 0, &[]))),
-        ("loop", encode_input(0, &[(hdr, 16, NEXT, 1), (buf, 512, WRITE | NEXT, 2), (status, 1, WRITE | NEXT, 1)], &memory(0, 0, &[]))),
-        ("wrong-direction", encode_input(0, &three(0, 512), &memory(0, 0, &[]))),
-        ("past-the-end", encode_input(0, &three(WRITE, 512), &memory(0, 1 << 11, &[]))),
-        ("unknown-type", encode_input(0, &three(WRITE, 512), &memory(77, 0, &[]))),
+        (
+            "read",
+            encode_input(0, &three(WRITE, 1024), &memory(0, 2, &[])),
+        ),
+        (
+            "write",
+            encode_input(0, &three(0, 512), &memory(1, 3, &[0x5a; 0x200])),
+        ),
+        (
+            "flush",
+            encode_input(
+                0,
+                &[(hdr, 16, NEXT, 1), (status, 1, WRITE, 0)],
+                &memory(4, 0, &[]),
+            ),
+        ),
+        (
+            "get-id",
+            encode_input(0, &three(WRITE, 20), &memory(8, 0, &[])),
+        ),
+        (
+            "write-zeroes",
+            encode_input(
+                0,
+                &three(0, 16),
+                &memory(13, 0, &{
+                    let mut m = vec![0u8; 0x100 - 16];
+                    m.extend_from_slice(&range);
+                    m
+                }),
+            ),
+        ),
+        (
+            "read-second-region",
+            encode_input(
+                0,
+                &[
+                    (hdr, 16, NEXT, 1),
+                    (REGION1, 4096, WRITE | NEXT, 2),
+                    (status, 1, WRITE, 0),
+                ],
+                &memory(0, 0, &[]),
+            ),
+        ),
+        (
+            "loop",
+            encode_input(
+                0,
+                &[
+                    (hdr, 16, NEXT, 1),
+                    (buf, 512, WRITE | NEXT, 2),
+                    (status, 1, WRITE | NEXT, 1),
+                ],
+                &memory(0, 0, &[]),
+            ),
+        ),
+        (
+            "wrong-direction",
+            encode_input(0, &three(0, 512), &memory(0, 0, &[])),
+        ),
+        (
+            "past-the-end",
+            encode_input(0, &three(WRITE, 512), &memory(0, 1 << 11, &[])),
+        ),
+        (
+            "unknown-type",
+            encode_input(0, &three(WRITE, 512), &memory(77, 0, &[])),
+        ),
     ];
     for (name, bytes) in seeds {
         std::fs::write(dir.join(name), bytes).unwrap();

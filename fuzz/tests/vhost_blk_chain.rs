@@ -29,7 +29,14 @@ fn every_vhost_blk_chain_seed_runs_with_its_verdict() {
         let data = std::fs::read(dir.join(name))
             .unwrap_or_else(|e| panic!("seed {name} missing ({e}): run make_vhost_corpus"));
         let seen = run_input(&data).unwrap_or_else(|| panic!("seed {name} too short"));
-        assert_eq!(seen, ChainOutcome { status: *status, used: *used }, "seed {name}");
+        assert_eq!(
+            seen,
+            ChainOutcome {
+                status: *status,
+                used: *used
+            },
+            "seed {name}"
+        );
     }
     let count = std::fs::read_dir(&dir).unwrap().count();
     assert_eq!(count, expected.len(), "every seed has a verdict here");
@@ -41,5 +48,11 @@ fn short_and_empty_inputs_are_refused_quietly() {
     assert_eq!(run_input(&[0; 100]), None);
     // An all-zero table: descriptor 0 is a 0-byte readable buffer at 0 without NEXT.
     let seen = run_input(&[0; 1 + 256]).unwrap();
-    assert_eq!(seen, ChainOutcome { status: None, used: 0 });
+    assert_eq!(
+        seen,
+        ChainOutcome {
+            status: None,
+            used: 0
+        }
+    );
 }

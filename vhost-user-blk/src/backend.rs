@@ -114,7 +114,11 @@ impl BlkBackend {
 
     /// The guest memory the front end gave last, as one snapshot.
     fn memory(&self) -> io::Result<Arc<GuestRam>> {
-        let guard = self.shared.memory.read().map_err(|_| io::Error::other("poisoned"))?;
+        let guard = self
+            .shared
+            .memory
+            .read()
+            .map_err(|_| io::Error::other("poisoned"))?;
         let atomic = guard
             .as_ref()
             .ok_or_else(|| io::Error::other("a kick before the memory table"))?;

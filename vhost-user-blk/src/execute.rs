@@ -13,8 +13,8 @@ use std::sync::Arc;
 use copy_on_read::{BlockDevice, Error as DeviceError, IoBuf, IoBufs, WriteFlags};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP};
 use vm_memory::{
-    Address,
-    Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion,
+    MemoryRegionAddress,
 };
 
 use crate::config::{MAX_RANGE_SECTORS, SECTOR_SIZE};
@@ -81,7 +81,11 @@ impl GuestBuf {
 }
 
 /// The host address of `len` bytes at `at` in `region`.
-fn host_pointer<R: GuestMemoryRegion>(region: &R, at: MemoryRegionAddress, len: u64) -> Option<*mut u8> {
+fn host_pointer<R: GuestMemoryRegion>(
+    region: &R,
+    at: MemoryRegionAddress,
+    len: u64,
+) -> Option<*mut u8> {
     let slice = region.get_slice(at, usize::try_from(len).ok()?).ok()?;
     Some(slice.ptr_guard_mut().as_ptr())
 }
@@ -140,7 +144,12 @@ pub async fn execute(
             let Some(bufs) = guest_bufs(mem, &req.data) else {
                 return Outcome::status(STATUS_IOERR);
             };
-            done(device.writev(offset, bufs, WriteFlags::default()).await.map(drop))
+            done(
+                device
+                    .writev(offset, bufs, WriteFlags::default())
+                    .await
+                    .map(drop),
+            )
         }
         Operation::Flush => done(device.flush().await),
         Operation::GetId => write_id(mem.as_ref(), &req.data, id),

@@ -137,7 +137,8 @@ pub fn run_input(data: &[u8]) -> Option<ChainOutcome> {
         ])
         .ok()?,
     );
-    mem.write_slice(&data[1..1 + table_len], GuestAddress(0)).ok()?;
+    mem.write_slice(&data[1..1 + table_len], GuestAddress(0))
+        .ok()?;
     let extra = &data[1 + table_len..];
     let extra = &extra[..extra.len().min((REGION0 - DATA_AT) as usize)];
     mem.write_slice(extra, GuestAddress(DATA_AT)).ok()?;
@@ -158,7 +159,10 @@ pub fn run_input(data: &[u8]) -> Option<ChainOutcome> {
     let (status, outcome) = match parse(mem.as_ref(), chain, &limits) {
         Ok(req) => {
             let disk = MemDisk::new(DISK as usize);
-            (Some(req.status), block_on(execute(&disk, &mem, &req, b"fuzz")))
+            (
+                Some(req.status),
+                block_on(execute(&disk, &mem, &req, b"fuzz")),
+            )
         }
         Err(r) => (r.status, rejected(&r)),
     };

@@ -190,10 +190,14 @@ fn status_of<M: GuestMemory + ?Sized>(
         reason,
     };
     if descs.len() < 2 {
-        return Err(no_status("the chain is too short for a header and a status"));
+        return Err(no_status(
+            "the chain is too short for a header and a status",
+        ));
     }
     if !last.is_write_only() || last.len() == 0 {
-        return Err(no_status("the chain does not end in a writable status byte"));
+        return Err(no_status(
+            "the chain does not end in a writable status byte",
+        ));
     }
     if !in_memory(mem, &last) {
         return Err(no_status("the status byte is outside guest memory"));
@@ -230,7 +234,11 @@ fn data_segments<M: GuestMemory + ?Sized>(
         let addr = head.addr().unchecked_add(u64::from(HEADER_LEN));
         runs.push((addr, head.len() - HEADER_LEN, false));
     }
-    runs.extend(descs[1..last].iter().map(|d| (d.addr(), d.len(), d.is_write_only())));
+    runs.extend(
+        descs[1..last]
+            .iter()
+            .map(|d| (d.addr(), d.len(), d.is_write_only())),
+    );
     if tail > 0 {
         runs.push((descs[last].addr(), tail, true));
     }

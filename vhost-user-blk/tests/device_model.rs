@@ -11,16 +11,14 @@ use std::sync::Arc;
 
 use copy_on_read::{BlockDevice, CorDevice, CorOptions};
 use qedstream_tests::{tempdir, tools, XorShift};
+use vhost_user_blk::config::DeviceConfig;
+use vhost_user_blk::execute::{complete, execute, rejected, GuestRam};
+use vhost_user_blk::request::{parse, Limits, Operation, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Descriptor, Queue, QueueOwnedT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vhost_user_blk::config::DeviceConfig;
-use vhost_user_blk::execute::{complete, execute, rejected, GuestRam};
-use vhost_user_blk::request::{
-    parse, Limits, Operation, STATUS_IOERR, STATUS_OK, STATUS_UNSUPP,
-};
 
 const MIB: u64 = 1 << 20;
 /// Guest memory: 4 MiB from 0; the queue lives at 0, buffers from 1 MiB.
@@ -108,7 +106,8 @@ fn run_chain<I: IntoIterator<Item = Descriptor>>(
 ) -> (u8, u32) {
     let used = match parse(mem.as_ref(), chain, &l) {
         Ok(req) => {
-            let out = f.rt.block_on(execute(&*f.dev, mem, &req, b"qedstream-test"));
+            let out =
+                f.rt.block_on(execute(&*f.dev, mem, &req, b"qedstream-test"));
             complete(mem, Some(req.status), out)
         }
         Err(r) => complete(mem, r.status, rejected(&r)),
@@ -156,7 +155,8 @@ fn a_multi_segment_write_reads_back_and_past_the_base_reads_zeros() {
     let f = fixture(false);
     let mem = ram();
     mem.write_slice(&[0x5a; 1024], GuestAddress(BUF)).unwrap();
-    mem.write_slice(&[0xa5; 512], GuestAddress(BUF + 0x8000)).unwrap();
+    mem.write_slice(&[0xa5; 512], GuestAddress(BUF + 0x8000))
+        .unwrap();
     header(&mem, VIRTIO_BLK_T_OUT, 7);
     let out = [
         desc(HDR, 16, R),
@@ -165,7 +165,9 @@ fn a_multi_segment_write_reads_back_and_past_the_base_reads_zeros() {
         desc(STATUS, 1, W),
     ];
     assert_eq!(run(&f, &mem, &out, limits(false)), (STATUS_OK, 1));
-    let back = f.rt.block_on(f.dev.read_at(7 * 512, vec![0; 1536])).unwrap();
+    let back =
+        f.rt.block_on(f.dev.read_at(7 * 512, vec![0; 1536]))
+            .unwrap();
     assert_eq!(back[..1024], [0x5a; 1024]);
     assert_eq!(back[1024..], [0xa5; 512]);
     // The last sector: past the 6 MiB base, zeros.
@@ -201,7 +203,9 @@ fn flush_get_id_discard_and_write_zeroes() {
     range(100, 16, 0);
     let wz = [desc(HDR, 16, R), desc(BUF, 16, R), desc(STATUS, 1, W)];
     assert_eq!(run(&f, &mem, &wz, limits(false)), (STATUS_OK, 1));
-    let z = f.rt.block_on(f.dev.read_at(100 * 512, vec![1; 8192])).unwrap();
+    let z =
+        f.rt.block_on(f.dev.read_at(100 * 512, vec![1; 8192]))
+            .unwrap();
     assert_eq!(z, vec![0u8; 8192]);
     // An unknown flag: UNSUPP; a range past the end: IOERR.
     range(100, 16, 2);
@@ -230,23 +234,51 @@ fn flush_get_id_discard_and_write_zeroes() {
 fn sectors_past_the_end_and_partial_sectors_are_ioerr() {
     let f = fixture(false);
     let mem = ram();
-    for (sector, len) in [(DISK / 512, 512), (DISK / 512 - 1, 1024), (u64::MAX, 512), (0, 100)] {
+    for (sector, len) in [
+        (DISK / 512, 512),
+        (DISK / 512 - 1, 1024),
+        (u64::MAX, 512),
+        (0, 100),
+    ] {
         header(&mem, VIRTIO_BLK_T_IN, sector);
         let d = [desc(HDR, 16, R), desc(BUF, len, W), desc(STATUS, 1, W)];
-        assert_eq!(run(&f, &mem, &d, limits(false)), (STATUS_IOERR, 1), "{sector} {len}");
+        // Refused by the parser itself, before the device (which would refuse too).
+        let refused = parse(mem.as_ref(), d, &limits(false)).unwrap_err();
+        assert_eq!(refused.code, STATUS_IOERR, "{sector} {len}");
+        assert_eq!(
+            run(&f, &mem, &d, limits(false)),
+            (STATUS_IOERR, 1),
+            "{sector} {len}"
+        );
     }
 }
 
 #[test]
 fn a_read_only_device_refuses_writes_and_serves_reads() {
-    let f = fixture(true);
+    // The parser refuses, even on a device that could write: nothing changes.
+    let f = fixture(false);
     let mem = ram();
-    for kind in [VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_T_DISCARD] {
+    mem.write_slice(&[0x77; 512], GuestAddress(BUF)).unwrap();
+    let mut range = [0u8; 16];
+    range[8..12].copy_from_slice(&1u32.to_le_bytes());
+    mem.write_slice(&range, GuestAddress(BUF + 512)).unwrap();
+    for (kind, data) in [
+        (VIRTIO_BLK_T_OUT, desc(BUF, 512, R)),
+        (VIRTIO_BLK_T_WRITE_ZEROES, desc(BUF + 512, 16, R)),
+        (VIRTIO_BLK_T_DISCARD, desc(BUF + 512, 16, R)),
+    ] {
         header(&mem, kind, 0);
-        let d = [desc(HDR, 16, R), desc(BUF, 512, R), desc(STATUS, 1, W)];
-        assert_eq!(run(&f, &mem, &d, limits(true)).0, STATUS_IOERR, "type {kind}");
+        let d = [desc(HDR, 16, R), data, desc(STATUS, 1, W)];
+        assert_eq!(
+            run(&f, &mem, &d, limits(true)),
+            (STATUS_IOERR, 1),
+            "type {kind}"
+        );
     }
-    // The device itself refuses too, if the parser were told otherwise.
+    let first = f.rt.block_on(f.dev.read_at(0, vec![0; 512])).unwrap();
+    assert_eq!(first, f.base[..512], "a refused request changed the disk");
+    // A device opened read-only refuses too, if the parser were told otherwise.
+    let f = fixture(true);
     header(&mem, VIRTIO_BLK_T_OUT, 0);
     let d = [desc(HDR, 16, R), desc(BUF, 512, R), desc(STATUS, 1, W)];
     assert_eq!(run(&f, &mem, &d, limits(false)).0, STATUS_IOERR);
@@ -269,10 +301,18 @@ fn a_read_only_device_refuses_writes_and_serves_reads() {
 fn an_unknown_request_type_is_unsupp() {
     let f = fixture(false);
     let mem = ram();
-    for kind in [VIRTIO_BLK_T_SCSI_CMD, VIRTIO_BLK_T_SECURE_ERASE, 0xdead_beef] {
+    for kind in [
+        VIRTIO_BLK_T_SCSI_CMD,
+        VIRTIO_BLK_T_SECURE_ERASE,
+        0xdead_beef,
+    ] {
         header(&mem, kind, 0);
         let d = [desc(HDR, 16, R), desc(STATUS, 1, W)];
-        assert_eq!(run(&f, &mem, &d, limits(false)), (STATUS_UNSUPP, 1), "type {kind:#x}");
+        assert_eq!(
+            run(&f, &mem, &d, limits(false)),
+            (STATUS_UNSUPP, 1),
+            "type {kind:#x}"
+        );
     }
 }
 
@@ -283,19 +323,45 @@ fn malformed_chains_get_ioerr_where_a_status_can_be_written() {
     let far = RAM as u64 + 0x1000;
     header(&mem, VIRTIO_BLK_T_IN, 0);
     let cases: &[(&str, Vec<Descriptor>)] = &[
-        ("data outside guest memory", vec![desc(HDR, 16, R), desc(far, 512, W), desc(STATUS, 1, W)]),
-        ("data running off the end", vec![desc(HDR, 16, R), desc(RAM as u64 - 256, 512, W), desc(STATUS, 1, W)]),
-        ("header outside guest memory", vec![desc(far, 16, R), desc(BUF, 512, W), desc(STATUS, 1, W)]),
-        ("short header", vec![desc(HDR, 8, R), desc(BUF, 512, W), desc(STATUS, 1, W)]),
-        ("writable header", vec![desc(HDR, 16, W), desc(BUF, 512, W), desc(STATUS, 1, W)]),
-        ("readable data for IN", vec![desc(HDR, 16, R), desc(BUF, 512, R), desc(STATUS, 1, W)]),
+        (
+            "data outside guest memory",
+            vec![desc(HDR, 16, R), desc(far, 512, W), desc(STATUS, 1, W)],
+        ),
+        (
+            "data running off the end",
+            vec![
+                desc(HDR, 16, R),
+                desc(RAM as u64 - 256, 512, W),
+                desc(STATUS, 1, W),
+            ],
+        ),
+        (
+            "header outside guest memory",
+            vec![desc(far, 16, R), desc(BUF, 512, W), desc(STATUS, 1, W)],
+        ),
+        (
+            "short header",
+            vec![desc(HDR, 8, R), desc(BUF, 512, W), desc(STATUS, 1, W)],
+        ),
+        (
+            "writable header",
+            vec![desc(HDR, 16, W), desc(BUF, 512, W), desc(STATUS, 1, W)],
+        ),
+        (
+            "readable data for IN",
+            vec![desc(HDR, 16, R), desc(BUF, 512, R), desc(STATUS, 1, W)],
+        ),
     ];
     for (what, d) in cases {
         assert_eq!(run(&f, &mem, d, limits(false)), (STATUS_IOERR, 1), "{what}");
     }
     header(&mem, VIRTIO_BLK_T_OUT, 0);
     let d = [desc(HDR, 16, R), desc(BUF, 512, W), desc(STATUS, 1, W)];
-    assert_eq!(run(&f, &mem, &d, limits(false)), (STATUS_IOERR, 1), "writable data for OUT");
+    assert_eq!(
+        run(&f, &mem, &d, limits(false)),
+        (STATUS_IOERR, 1),
+        "writable data for OUT"
+    );
 }
 
 #[test]
@@ -306,9 +372,18 @@ fn chains_without_a_status_byte_are_dropped_with_used_length_zero() {
     let far = RAM as u64 + 0x1000;
     let cases: &[(&str, Vec<Descriptor>)] = &[
         ("header only", vec![desc(HDR, 16, R)]),
-        ("readable last", vec![desc(HDR, 16, R), desc(BUF, 512, W), desc(STATUS, 1, R)]),
-        ("empty status", vec![desc(HDR, 16, R), desc(BUF, 512, W), desc(STATUS, 0, W)]),
-        ("status outside memory", vec![desc(HDR, 16, R), desc(BUF, 512, W), desc(far, 1, W)]),
+        (
+            "readable last",
+            vec![desc(HDR, 16, R), desc(BUF, 512, W), desc(STATUS, 1, R)],
+        ),
+        (
+            "empty status",
+            vec![desc(HDR, 16, R), desc(BUF, 512, W), desc(STATUS, 0, W)],
+        ),
+        (
+            "status outside memory",
+            vec![desc(HDR, 16, R), desc(BUF, 512, W), desc(far, 1, W)],
+        ),
     ];
     for (what, d) in cases {
         assert_eq!(run(&f, &mem, d, limits(false)), (0xff, 0), "{what}");
@@ -332,14 +407,22 @@ fn a_looping_chain_or_a_next_outside_the_table_is_dropped() {
         Descriptor::new(HDR, 16, next, 1),
         Descriptor::new(BUF, 512, W | next, 999),
     ];
-    assert_eq!(run_raw(&f, &mem, &outside), (0xff, 0), "next outside the table");
+    assert_eq!(
+        run_raw(&f, &mem, &outside),
+        (0xff, 0),
+        "next outside the table"
+    );
     let fine = [
         Descriptor::new(HDR, 16, next, 2),
         Descriptor::new(0, 0, 0, 0),
         Descriptor::new(BUF, 512, W | next, 3),
         Descriptor::new(STATUS, 1, W, 0),
     ];
-    assert_eq!(run_raw(&f, &mem, &fine), (STATUS_OK, 513), "out of order but fine");
+    assert_eq!(
+        run_raw(&f, &mem, &fine),
+        (STATUS_OK, 513),
+        "out of order but fine"
+    );
 }
 
 #[test]
@@ -350,7 +433,11 @@ fn a_status_descriptor_longer_than_one_byte_holds_data_before_the_status() {
     let d = [desc(HDR, 16, R), desc(STATUS - 512, 513, W)];
     assert_eq!(run(&f, &mem, &d, limits(false)), (STATUS_OK, 513));
     assert_eq!(read_guest(&mem, STATUS - 512, 512), f.base[..512]);
-    let parsed = parse(mem.as_ref(), [desc(HDR, 16, R), desc(STATUS, 1, W)], &limits(false));
+    let parsed = parse(
+        mem.as_ref(),
+        [desc(HDR, 16, R), desc(STATUS, 1, W)],
+        &limits(false),
+    );
     assert_eq!(parsed.unwrap().op, Operation::Read);
 }
 

@@ -341,7 +341,12 @@ struct ServeArgs {
     #[arg(long, value_name = "PATH")]
     vhost_user_blk: Option<PathBuf>,
     /// The vhost-user-blk device's request queues (1 to 64), one worker thread each.
-    #[arg(long, value_name = "N", default_value = "1", requires = "vhost_user_blk")]
+    #[arg(
+        long,
+        value_name = "N",
+        default_value = "1",
+        requires = "vhost_user_blk"
+    )]
     num_queues: u16,
     /// The NBD export name.
     #[arg(long, default_value = "")]

@@ -456,8 +456,11 @@ async fn start_sockets(
             return Err(e);
         }
     };
-    let vhost = match start_vhost_user(cmd.vhost_user_blk.as_deref(), cmd.num_queues, control.node())
-    {
+    let vhost = match start_vhost_user(
+        cmd.vhost_user_blk.as_deref(),
+        cmd.num_queues,
+        control.node(),
+    ) {
         Ok(v) => v,
         Err(e) => {
             if let Some(s) = socket {

@@ -350,7 +350,10 @@ fn bind(path: &Path) -> Result<UnixListener> {
     };
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
-            return Err(err(io::Error::from(io::ErrorKind::AlreadyExists)));
+            return Err(err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "a file that is not a socket is in the way",
+            )));
         }
         std::fs::remove_file(path).map_err(err)?;
     }

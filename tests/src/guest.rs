@@ -65,6 +65,8 @@ pub enum GuestDisk {
     VhostUserBlk {
         /// The server's socket.
         socket: PathBuf,
+        /// The request queues QEMU asks for (`num-queues`; the server must offer as many).
+        queues: u16,
     },
 }
 
@@ -366,7 +368,7 @@ impl GuestDisk {
                     format!("file={file},format=raw,if=virtio,readonly={readonly},cache=none"),
                 ]
             }
-            GuestDisk::VhostUserBlk { socket } => {
+            GuestDisk::VhostUserBlk { socket, queues } => {
                 let path = escape_option_value(&socket.to_string_lossy());
                 vec![
                     "-object".into(),
@@ -376,7 +378,11 @@ impl GuestDisk {
                     "-chardev".into(),
                     format!("socket,id=disk0,path={path}"),
                     "-device".into(),
-                    "vhost-user-blk-pci,chardev=disk0".into(),
+                    format!("vhost-user-blk-pci,chardev=disk0,num-queues={queues}"),
+                    // As many vCPUs as queues: the guest's blk-mq maps each vCPU to a queue,
+                    // so with one vCPU every request would go to queue 0.
+                    "-smp".into(),
+                    queues.max(&1).to_string(),
                 ]
             }
         }
@@ -575,6 +581,7 @@ mod tests {
     fn a_vhost_user_disk_shares_the_guest_memory_and_escapes_its_path() {
         let disk = GuestDisk::VhostUserBlk {
             socket: "/tmp/a,b.sock".into(),
+            queues: 2,
         };
         let args = disk.qemu_args();
         assert!(

@@ -232,7 +232,7 @@ fn qsd_vhost_user_blk(dir: &Path, writable: bool) -> (NbdServer, GuestDisk) {
     // NbdServer is the tests' "server on a unix socket, stopped on drop"; the protocol here
     // is vhost-user.
     let server = qemu_storage_daemon(dir, writable, &export, &[]);
-    (server, GuestDisk::VhostUserBlk { socket })
+    (server, GuestDisk::VhostUserBlk { socket, queues: 1 })
 }
 
 #[test]

@@ -73,6 +73,9 @@ pub enum Error {
     /// failed).
     #[error("NBD export: {0}")]
     Nbd(#[from] nbd_server::Error),
+    /// The vhost-user-blk socket.
+    #[error(transparent)]
+    VhostUser(#[from] vhost_user_blk::Error),
     /// A QMP server refused a command, or did not speak QMP.
     #[error("{socket}: {desc}")]
     Qmp {

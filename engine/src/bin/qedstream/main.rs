@@ -336,6 +336,18 @@ struct ServeArgs {
     /// Serve NBD here: unix:PATH, tcp:HOST:PORT, or a socket path (repeatable).
     #[arg(long, value_name = "ADDR")]
     nbd: Vec<String>,
+    /// Serve the disk over vhost-user-blk on this unix socket (QEMU's vhost-user-blk-pci,
+    /// cloud-hypervisor, crosvm); one front end at a time, again after it disconnects.
+    #[arg(long, value_name = "PATH")]
+    vhost_user_blk: Option<PathBuf>,
+    /// The vhost-user-blk device's request queues (1 to 64), one worker thread each.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value = "1",
+        requires = "vhost_user_blk"
+    )]
+    num_queues: u16,
     /// The NBD export name.
     #[arg(long, default_value = "")]
     export: String,
@@ -723,6 +735,8 @@ fn cmd_serve(args: ServeArgs) -> Result<u8> {
     crate::serve::run(crate::serve::ServeCommand {
         image: args.image,
         nbd,
+        vhost_user_blk: args.vhost_user_blk,
+        num_queues: args.num_queues,
         export: args.export,
         node_name: args.node_name,
         read_only: args.read_only,

@@ -9,6 +9,7 @@
 //! (flushed, NEED_CHECK clear) and exit 0. A stream that completes drops the backing link on
 //! disk at once and the process keeps serving the now standalone image.
 //!
+//! The vhost-user-blk device is the `vhost-user-blk` crate's, started in [`start_vhost_user`].
 //! The NBD export is the `nbd-server` crate's, started in [`start_nbd`]; over a QED backing
 //! chain its `qemu:allocation-depth` is [`ChainDepth`]'s, exact at every depth.
 
@@ -58,6 +59,10 @@ pub struct ServeCommand {
     pub image: PathBuf,
     /// NBD listeners.
     pub nbd: Vec<ListenAddr>,
+    /// The vhost-user-blk socket.
+    pub vhost_user_blk: Option<PathBuf>,
+    /// Its request queues.
+    pub num_queues: u16,
     /// The export name.
     pub export: String,
     /// The node name.
@@ -138,6 +143,31 @@ async fn start_nbd(
         server: Some(server),
         bound,
     })
+}
+
+/// Serves `node.device` over vhost-user-blk on `path`, accepting when this returns; its
+/// requests run on the current runtime.
+fn start_vhost_user(
+    path: Option<&Path>,
+    num_queues: u16,
+    node: &Node,
+) -> Result<Option<vhost_user_blk::VhostUserBlkServer>> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let options = vhost_user_blk::BlkOptions {
+        num_queues,
+        read_only: node.read_only,
+        serial: node.node_name.clone(),
+    };
+    let backend = vhost_user_blk::BlkBackend::new(
+        node.device.clone(),
+        tokio::runtime::Handle::current(),
+        &options,
+    )?;
+    Ok(Some(vhost_user_blk::VhostUserBlkServer::start(
+        path, backend,
+    )?))
 }
 
 /// Runs `qedstream serve` on a fresh runtime; returns the exit code.
@@ -228,10 +258,14 @@ fn say_ready(cmd: &ServeCommand, node: &Node, nbd: &[ListenAddr]) -> Result<()> 
             "control": cmd.control.as_ref().map(|p| p.display().to_string()),
             "nbd": nbd.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "uris": nbd.iter().map(|a| a.uri(&node.export_name)).collect::<Vec<_>>(),
+            "vhost-user-blk": cmd.vhost_user_blk.as_ref().map(|p| p.display().to_string()),
             "pid": std::process::id(),
         }))
     } else {
         let mut sockets: Vec<String> = nbd.iter().map(|a| a.uri(&node.export_name)).collect();
+        if let Some(v) = &cmd.vhost_user_blk {
+            sockets.push(format!("vhost-user-blk {}", v.display()));
+        }
         if let Some(c) = &cmd.control {
             sockets.push(format!("control {}", c.display()));
         }
@@ -376,11 +410,14 @@ async fn run_async(cmd: ServeCommand) -> Result<u8> {
     let mut events = control.subscribe();
     let served = start_sockets(&cmd, &control, depth).await;
     let result = match served {
-        Ok((socket, nbd)) => {
+        Ok((socket, nbd, vhost)) => {
             let r = serve(&cmd, &control, &nbd.bound, &mut events, &mut signals).await;
             // Stop accepting first, then finish what runs.
             if let Some(s) = socket {
                 s.close().await;
+            }
+            if let Some(v) = vhost {
+                let _ = tokio::task::spawn_blocking(move || v.shutdown()).await;
             }
             let drained = nbd.shutdown().await;
             let ended = end_job(&cmd, &control, &mut events).await;
@@ -405,7 +442,7 @@ async fn start_sockets(
     cmd: &ServeCommand,
     control: &Control,
     depth: Option<Arc<dyn AllocationDepth>>,
-) -> Result<(Option<ControlSocket>, NbdService)> {
+) -> Result<Sockets> {
     let socket = match &cmd.control {
         Some(p) => Some(control.listen(p).await?),
         None => None,
@@ -419,11 +456,32 @@ async fn start_sockets(
             return Err(e);
         }
     };
+    let vhost = match start_vhost_user(
+        cmd.vhost_user_blk.as_deref(),
+        cmd.num_queues,
+        control.node(),
+    ) {
+        Ok(v) => v,
+        Err(e) => {
+            if let Some(s) = socket {
+                s.close().await;
+            }
+            let _ = nbd.shutdown().await;
+            return Err(e);
+        }
+    };
     if let Some(p) = &cmd.pid_file {
         write_pid_file(p)?;
     }
-    Ok((socket, nbd))
+    Ok((socket, nbd, vhost))
 }
+
+/// The sockets a serve listens on: control, NBD, vhost-user-blk.
+type Sockets = (
+    Option<ControlSocket>,
+    NbdService,
+    Option<vhost_user_blk::VhostUserBlkServer>,
+);
 
 /// Says ready, starts the stream if asked, and serves until stopped.
 async fn serve(

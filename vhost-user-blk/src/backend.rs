@@ -10,7 +10,7 @@
 //! coming. The socket's own thread (the daemon's) handles the vhost-user messages.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -412,13 +412,9 @@ fn serve_one(
 /// A duplicate of the listening socket's descriptor (the vhost crate's listener owns and
 /// closes the one it is given).
 fn dup(listener: &UnixListener) -> Result<std::os::fd::RawFd> {
-    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own; the result is checked.
-    let fd = unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(Error::Resource {
-            what: "duplicating the socket",
-            source: io::Error::last_os_error(),
-        });
-    }
-    Ok(fd)
+    let copy = listener.try_clone().map_err(|source| Error::Resource {
+        what: "duplicating the socket",
+        source,
+    })?;
+    Ok(copy.into_raw_fd())
 }

@@ -1,6 +1,19 @@
-//! Support for the cargo-fuzz target `nbd_server_replay` (not part of the stable API): any
-//! bytes, played as everything a client sends on an in-memory socket (then EOF), against a
-//! server exporting a small in-memory disk.
+//! Support for the cargo-fuzz targets of the server (not part of the stable API):
+//!
+//! - `nbd_server_replay` ([`replay_client_bytes`]): any bytes, played as everything a client
+//!   sends on an in-memory socket (then EOF), against a server exporting a small in-memory
+//!   disk: handshake and transmission together.
+//! - `nbd_server_options` ([`options::negotiate_client_bytes`]): the option haggling alone,
+//!   run directly on in-memory streams, its replies checked against the protocol.
+//! - `nbd_server_requests` ([`requests::serve_request_bytes`]): the transmission phase alone
+//!   in the mode a selector byte picks, every request's reply checked.
+
+pub mod options;
+pub mod requests;
+mod script;
+
+pub use options::{negotiate_client_bytes, Negotiation, NegotiationEnd};
+pub use requests::{serve_request_bytes, Transmission};
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -8,7 +21,7 @@ use std::time::Duration;
 use copy_on_read::{BlockDevice, Capabilities, IoBufs, IoFuture, Status, StatusExtent, WriteFlags};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::{Export, Server, ServerConfig, ServerStats};
+use crate::{AllocationDepth, DepthRun, Export, Server, ServerConfig, ServerStats};
 
 /// How long a replay may take before it counts as hung: the client's bytes are in memory and
 /// end in EOF, so a replay still running then never ends by itself.
@@ -22,6 +35,13 @@ pub enum ReplayFailure {
     /// bytes ended.
     #[error("the replay hung: no end within {0:?}")]
     Hung(Duration),
+    /// A negotiation over always-ready in-memory streams waited for something: nothing would
+    /// ever wake it.
+    #[error("the negotiation waited on streams that are always ready")]
+    Stalled,
+    /// The server sent something the protocol does not allow.
+    #[error("the server's replies are wrong: {0}")]
+    BadReply(String),
 }
 
 /// What a replay did.
@@ -133,6 +153,45 @@ impl BlockDevice for MemDevice {
     }
 }
 
+/// `qemu:allocation-depth` of a [`MemDevice`]: depth 1 (the top image) for its first 64 KiB
+/// of data, 2 (the backing) after.
+#[derive(Debug)]
+pub struct MemDepth;
+
+impl AllocationDepth for MemDepth {
+    fn allocation_depth(&self, offset: u64, length: u64) -> IoFuture<'_, Vec<DepthRun>> {
+        Box::pin(async move {
+            let top = (65536u64.saturating_sub(offset)).min(length);
+            let mut runs = Vec::new();
+            if top > 0 {
+                runs.push(DepthRun {
+                    length: top,
+                    depth: 1,
+                });
+            }
+            if length > top {
+                runs.push(DepthRun {
+                    length: length - top,
+                    depth: 2,
+                });
+            }
+            Ok(runs)
+        })
+    }
+}
+
+/// The exports every target serves: a [`MemDevice`] as "" (writable, with a description and
+/// [`MemDepth`]) and the same device as "ro" (read-only).
+pub fn fuzz_exports() -> Vec<Export> {
+    let device: Arc<dyn BlockDevice> = Arc::new(MemDevice::default());
+    vec![
+        Export::new("", Arc::clone(&device))
+            .with_description("a disk in memory")
+            .with_allocation_depth(Arc::new(MemDepth)),
+        Export::new("ro", device).read_only(true),
+    ]
+}
+
 /// Configuration for replays: small bounds so no input makes a replay big.
 pub fn replay_config() -> ServerConfig {
     ServerConfig {
@@ -150,12 +209,7 @@ pub fn replay_config() -> ServerConfig {
 /// [`MemDevice`] as "" (also as "ro", read-only), reading everything the server sends until
 /// it closes. Must never panic or hang.
 pub async fn replay_client_bytes(client_side: &[u8]) -> Result<ReplayOutcome, ReplayFailure> {
-    let device: Arc<dyn BlockDevice> = Arc::new(MemDevice::default());
-    let exports = vec![
-        Export::new("", Arc::clone(&device)).with_description("a disk in memory"),
-        Export::new("ro", device).read_only(true),
-    ];
-    let server = Server::new(exports, replay_config());
+    let server = Server::new(fuzz_exports(), replay_config());
     let (client_end, server_end) = tokio::io::duplex(1 << 16);
     let serving = tokio::spawn(Arc::clone(&server).serve_stream(Box::new(server_end)));
     let (mut r, mut w) = tokio::io::split(client_end);

@@ -328,3 +328,113 @@ pub mod nbd_phases {
         v
     }
 }
+
+/// Well-formed QMP sessions of every command, the seeds of `control_json`: a piece-size byte
+/// (see `engine::control::fuzzing`), then what the client sends.
+pub mod qmp_sessions {
+    /// The selector byte that hands the client's bytes over whole.
+    pub const WHOLE: u8 = 7;
+
+    fn session(selector: u8, commands: &[&str]) -> Vec<u8> {
+        let mut v = vec![selector];
+        for c in commands {
+            v.extend_from_slice(c.as_bytes());
+            v.extend_from_slice(b"\r\n");
+        }
+        v
+    }
+
+    const CAPS: &str = r#"{"execute": "qmp_capabilities"}"#;
+
+    /// Every seed, by name: each command at least once, the job's life, and the refusals.
+    pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+        vec![
+            (
+                "queries",
+                session(
+                    WHOLE,
+                    &[
+                        CAPS,
+                        r#"{"execute": "query-version", "id": 1}"#,
+                        r#"{"execute": "query-commands"}"#,
+                        r#"{"execute": "query-block"}"#,
+                        r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}}"#,
+                        r#"{"execute": "query-block-jobs"}"#,
+                        r#"{"execute": "x-backing-state", "arguments": {"device": "disk"}}"#,
+                        r#"{"execute": "quit", "id": "bye"}"#,
+                    ],
+                ),
+            ),
+            (
+                "stream",
+                session(
+                    WHOLE,
+                    &[
+                        CAPS,
+                        r#"{"execute": "block-stream", "arguments": {"device": "disk"}}"#,
+                        r#"{"execute": "query-block-jobs"}"#,
+                    ],
+                ),
+            ),
+            (
+                "job-control",
+                session(
+                    WHOLE,
+                    &[
+                        CAPS,
+                        r#"{"execute": "block-stream", "arguments": {"device": "export", "job-id": "j", "speed": 4096, "on-error": "stop", "auto-finalize": true, "auto-dismiss": true}}"#,
+                        r#"{"execute": "block-job-pause", "arguments": {"device": "j"}}"#,
+                        r#"{"execute": "query-block-jobs"}"#,
+                        r#"{"execute": "block-job-set-speed", "arguments": {"device": "j", "speed": 0}}"#,
+                        r#"{"execute": "block-job-resume", "arguments": {"device": "j"}}"#,
+                        r#"{"execute": "block-job-cancel", "arguments": {"device": "j", "force": true}}"#,
+                    ],
+                ),
+            ),
+            (
+                "step",
+                session(
+                    WHOLE,
+                    &[
+                        CAPS,
+                        r#"{"execute": "x-block-stream-step", "arguments": {"device": "disk", "offset": 0, "length": 65536}}"#,
+                        r#"{"execute": "x-block-stream-step", "arguments": {"offset": 1048576}}"#,
+                        r#"{"execute": "x-backing-repoint", "arguments": {"uri": "nbd+unix:///x?socket=/nonexistent"}}"#,
+                    ],
+                ),
+            ),
+            (
+                "refusals",
+                session(
+                    WHOLE,
+                    &[
+                        r#"{"execute": "query-version"}"#,
+                        CAPS,
+                        CAPS,
+                        "not json",
+                        "[1, 2]",
+                        r#"{"execute": "query-block", "extra": 1}"#,
+                        r#"{"execute": "query-block", "arguments": []}"#,
+                        r#"{"execute": "no-such-command"}"#,
+                        r#"{"execute": "block-stream", "arguments": {"device": "nope"}}"#,
+                        r#"{"execute": "block-stream", "arguments": {"device": "disk", "speed": -1}}"#,
+                        r#"{"execute": "block-stream", "arguments": {"device": "disk", "auto-dismiss": false}}"#,
+                        r#"{"execute": "block-stream", "arguments": {"device": "disk", "on-error": "explode"}}"#,
+                        r#"{"execute": "block-job-pause", "arguments": {"device": "none"}}"#,
+                        r#"{"execute": "x-block-stream-step", "arguments": {"length": 0}}"#,
+                    ],
+                ),
+            ),
+            (
+                "one-byte-pieces",
+                session(
+                    0,
+                    &[
+                        CAPS,
+                        r#"{"execute":"query-block-jobs"}{"execute":"query-version"}"#,
+                    ],
+                ),
+            ),
+        ]
+    }
+}

@@ -122,6 +122,7 @@ pub mod fuzzing {
     }
 
     /// Whether a handshake may end in `e` when the server's side is a transcript then EOF.
+    /// A server's ERR_TLS_REQD to any option is [`Error::TlsUnsupported`].
     fn explained_at_handshake(e: &Error) -> bool {
         matches!(
             e,
@@ -130,6 +131,7 @@ pub mod fuzzing {
                 | Error::UnsupportedServer(_)
                 | Error::OptionRefused { .. }
                 | Error::ExportTooLarge { .. }
+                | Error::TlsUnsupported { .. }
         )
     }
 

@@ -11,8 +11,8 @@
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::UnixListener;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 
@@ -102,9 +102,9 @@ async fn accept(control: Control, listener: UnixListener, closing: watch::Receiv
     }
 }
 
-/// One client's connection.
-struct Client {
-    stream: UnixStream,
+/// One client's connection (a unix socket; any byte stream for the fuzz target).
+struct Client<S> {
+    stream: S,
     input: Vec<u8>,
     negotiated: bool,
     events: Option<broadcast::Receiver<Value>>,
@@ -144,16 +144,35 @@ fn parse(input: &[u8]) -> Parsed {
         Some(Ok(v)) => Parsed::Value(v, values.byte_offset()),
         Some(Err(e)) if e.is_eof() => Parsed::Incomplete,
         Some(Err(e)) => {
-            let skip = input
+            // Up to the end of the line the error is on (not of the first line: the bad
+            // text may follow the newline that ended the previous command).
+            let at = offset_of(input, e.line(), e.column());
+            let skip = input[at..]
                 .iter()
                 .position(|&b| b == b'\n')
-                .map_or(input.len(), |p| p + 1);
+                .map_or(input.len(), |p| at + p + 1);
             Parsed::Garbage(format!("JSON parse error, {e}"), skip)
         }
     }
 }
 
-async fn serve_client(control: Control, stream: UnixStream, closing: watch::Receiver<bool>) {
+/// The byte offset of serde_json's `line` and `column` (both from 1) in `input`, at most its
+/// length.
+fn offset_of(input: &[u8], line: usize, column: usize) -> usize {
+    let line_start = input
+        .split_inclusive(|&b| b == b'\n')
+        .take(line.saturating_sub(1))
+        .map(<[u8]>::len)
+        .sum::<usize>();
+    (line_start + column.saturating_sub(1)).min(input.len())
+}
+
+/// Serves one connected client on `stream` until it hangs up, breaks the input bound, or the
+/// socket closes.
+pub(crate) async fn serve_client<S>(control: Control, stream: S, closing: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut client = Client {
         stream,
         input: Vec::new(),
@@ -166,7 +185,7 @@ async fn serve_client(control: Control, stream: UnixStream, closing: watch::Rece
     }
 }
 
-impl Client {
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     async fn send(&mut self, v: &Value) -> std::io::Result<()> {
         let mut line = serde_json::to_vec(v).map_err(std::io::Error::other)?;
         line.extend_from_slice(b"\r\n");
@@ -373,6 +392,24 @@ mod tests {
         };
         assert!(desc.starts_with("JSON parse error"), "{desc}");
         assert_eq!(skip, 10);
+    }
+
+    /// Found by `control_json`'s seeds: the bad text of a line after a command was skipped
+    /// from the newline that ended the command, so the line was parsed again and answered
+    /// with a second error (and a bad line after blank lines with one error per line).
+    #[test]
+    fn a_bad_line_after_a_command_is_one_error() {
+        let input = b"\r\nnot json\r\n{\"execute\": \"b\"}";
+        let Parsed::Garbage(desc, skip) = parse(input) else {
+            panic!("garbage accepted")
+        };
+        assert!(desc.contains("line 2"), "{desc}");
+        assert_eq!(&input[skip..], b"{\"execute\": \"b\"}");
+        let input = b"\n\n\n{\"a\": \n x\n{}";
+        let Parsed::Garbage(_, skip) = parse(input) else {
+            panic!("garbage accepted")
+        };
+        assert_eq!(&input[skip..], b"{}");
     }
 
     #[test]

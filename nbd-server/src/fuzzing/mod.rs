@@ -10,7 +10,7 @@
 
 pub mod options;
 pub mod requests;
-mod script;
+pub mod script;
 
 pub use options::{negotiate_client_bytes, Negotiation, NegotiationEnd};
 pub use requests::{serve_request_bytes, Transmission};

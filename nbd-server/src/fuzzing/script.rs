@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Everything a client sends, handed out at most `piece` bytes per read, then EOF.
 #[derive(Debug)]
-pub(crate) struct Script {
+pub struct Script {
     bytes: Vec<u8>,
     at: usize,
     piece: usize,
@@ -19,7 +19,7 @@ pub(crate) struct Script {
 
 impl Script {
     /// `bytes` in pieces of at most `piece` bytes (at least 1).
-    pub(crate) fn new(bytes: &[u8], piece: usize) -> Script {
+    pub fn new(bytes: &[u8], piece: usize) -> Script {
         Script {
             bytes: bytes.to_vec(),
             at: 0,
@@ -28,7 +28,7 @@ impl Script {
     }
 
     /// Bytes not read yet.
-    pub(crate) fn unread(&self) -> usize {
+    pub fn unread(&self) -> usize {
         self.bytes.len() - self.at
     }
 }
@@ -49,22 +49,22 @@ impl AsyncRead for Script {
 
 /// What the server sent: the first `keep` bytes, and how many there were in all.
 #[derive(Debug, Default)]
-pub(crate) struct Sent {
-    pub(crate) bytes: Vec<u8>,
-    pub(crate) total: usize,
+pub struct Sent {
+    pub bytes: Vec<u8>,
+    pub total: usize,
 }
 
 /// A writer that keeps the first `keep` bytes written to it (and counts the rest); clones
 /// share the record.
 #[derive(Debug, Clone)]
-pub(crate) struct Sink {
+pub struct Sink {
     sent: Arc<Mutex<Sent>>,
     keep: usize,
 }
 
 impl Sink {
     /// A sink keeping up to `keep` bytes.
-    pub(crate) fn new(keep: usize) -> Sink {
+    pub fn new(keep: usize) -> Sink {
         Sink {
             sent: Arc::default(),
             keep,
@@ -72,7 +72,7 @@ impl Sink {
     }
 
     /// What was sent so far.
-    pub(crate) fn take(&self) -> Sent {
+    pub fn take(&self) -> Sent {
         std::mem::take(&mut *self.sent.lock().unwrap_or_else(|p| p.into_inner()))
     }
 }
@@ -99,9 +99,9 @@ impl AsyncWrite for Sink {
 
 /// A client's script and the server's sink as one stream (for the handshake).
 #[derive(Debug)]
-pub(crate) struct Duplex {
-    pub(crate) script: Script,
-    pub(crate) sink: Sink,
+pub struct Duplex {
+    pub script: Script,
+    pub sink: Sink,
 }
 
 impl AsyncRead for Duplex {
@@ -132,7 +132,7 @@ impl AsyncWrite for Duplex {
 
 /// Runs `f` to its end with one poll: over always-ready streams nothing may wait. `None` if
 /// it did (it would never be woken: a hang).
-pub(crate) fn run_ready<F: std::future::Future>(f: F) -> Option<F::Output> {
+pub fn run_ready<F: std::future::Future>(f: F) -> Option<F::Output> {
     let mut f = std::pin::pin!(f);
     match f
         .as_mut()

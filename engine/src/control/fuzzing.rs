@@ -83,6 +83,20 @@ fn memory_node() -> (Control, Arc<CorDevice>) {
     (Control::new(node, StreamOptions::default()), dev)
 }
 
+/// Serves one QMP client on `stream` against a fresh control of an in-memory device (the
+/// target's), until the client hangs up or is disconnected; a job left running is then
+/// cancelled and awaited. For tests that need a stream of their own (an endless one).
+pub async fn serve_memory_client<S>(stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (control, dev) = memory_node();
+    let (_open, closing) = tokio::sync::watch::channel(false);
+    serve_client(control.clone(), stream, closing).await;
+    end_job(&control).await;
+    dev.settle_copy_ins().await;
+}
+
 /// Plays `input` (piece-size byte, then the client's bytes) as one QMP session and checks
 /// what the server sent and the image. Never panics; `Err` is a bug the fuzzer reports.
 pub fn replay_qmp_bytes(input: &[u8]) -> Result<Session, SessionFailure> {

@@ -22,7 +22,9 @@ use super::{socket::serve_client, Control, Node};
 use crate::stream::StreamOptions;
 
 /// How long a session (and the end of its job) may take before it counts as hung: the
-/// client's bytes are in memory and end in EOF, and the device is in memory.
+/// client's bytes are in memory and end in EOF, and the device is in memory. This catches a
+/// session that waits forever; one that spins without ever waiting never lets the timer run,
+/// and is caught by the fuzzer's own `-timeout` (or a test's guard on another thread).
 pub const SESSION_LIMIT: Duration = Duration::from_secs(10);
 /// Read sizes the first byte picks from.
 const PIECES: [usize; 8] = [1, 2, 3, 7, 16, 64, 4096, usize::MAX];

@@ -16,9 +16,13 @@
 //!
 //! Run it with cargo-fuzz: `cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run qed_image`.
 //!
-//! The NBD targets' logic lives in the crates they exercise (`nbd_client::fuzzing`,
-//! `nbd_server::fuzzing`); [`nbd_sessions`] builds well-formed NBD client sessions, the seeds
-//! of `nbd_server_replay` (`cargo run -p qedstream-fuzz --example make_nbd_server_corpus`).
+//! The other targets' logic lives in the crates they exercise: `nbd_client_replay` in
+//! `nbd_client::fuzzing`; `nbd_server_replay`, `nbd_server_options` and `nbd_server_requests`
+//! in `nbd_server::fuzzing`; `control_json` in `engine::control::fuzzing` (feature
+//! `fuzzing`). Their seeds are built here: [`nbd_sessions`] (whole NBD client sessions),
+//! [`nbd_phases`] (one phase each, behind a selector byte) and [`qmp_sessions`] (QMP sessions
+//! of every command); `cargo run -p qedstream-fuzz --example make_nbd_server_corpus` and
+//! `--example make_control_corpus` write them into `corpus/`.
 
 use qed::{CheckReport, Image, MemStorage, OpenOptions, Repair};
 

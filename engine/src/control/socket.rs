@@ -254,8 +254,9 @@ impl Framer {
     }
 
     fn scan(&mut self, input: &[u8]) {
-        for at in self.scanned.min(input.len())..input.len() {
-            self.step(input[at], at);
+        let from = self.scanned.min(input.len());
+        for (at, &b) in input.iter().enumerate().skip(from) {
+            self.step(b, at);
         }
         self.scanned = input.len();
     }

@@ -16,9 +16,13 @@
 //!
 //! Run it with cargo-fuzz: `cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run qed_image`.
 //!
-//! The NBD targets' logic lives in the crates they exercise (`nbd_client::fuzzing`,
-//! `nbd_server::fuzzing`); [`nbd_sessions`] builds well-formed NBD client sessions, the seeds
-//! of `nbd_server_replay` (`cargo run -p qedstream-fuzz --example make_nbd_server_corpus`).
+//! The other targets' logic lives in the crates they exercise: `nbd_client_replay` in
+//! `nbd_client::fuzzing`; `nbd_server_replay`, `nbd_server_options` and `nbd_server_requests`
+//! in `nbd_server::fuzzing`; `control_json` in `engine::control::fuzzing` (feature
+//! `fuzzing`). Their seeds are built here: [`nbd_sessions`] (whole NBD client sessions),
+//! [`nbd_phases`] (one phase each, behind a selector byte) and [`qmp_sessions`] (QMP sessions
+//! of every command); `cargo run -p qedstream-fuzz --example make_nbd_server_corpus` and
+//! `--example make_control_corpus` write them into `corpus/`.
 
 use qed::{CheckReport, Image, MemStorage, OpenOptions, Repair};
 
@@ -139,9 +143,8 @@ pub mod nbd_sessions {
         b[..n].to_vec()
     }
 
-    /// A session in `mode`: negotiation, then every command once, then DISC. Returns the bytes
-    /// and the number of requests before DISC.
-    pub fn session(mode: HeaderMode) -> (Vec<u8>, u64) {
+    /// The option haggling of a session in `mode`, from the client's flags to GO.
+    pub fn negotiation(mode: HeaderMode) -> Vec<u8> {
         let mut v = (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)
             .to_be_bytes()
             .to_vec();
@@ -163,12 +166,19 @@ pub mod nbd_sessions {
             OPT_GO,
             &encode_go_data("", &[INFO_BLOCK_SIZE]),
         ));
+        v
+    }
+
+    /// The requests of a session in `mode`: every command once, then DISC. Returns the
+    /// bytes and the number of requests before DISC.
+    pub fn requests(mode: HeaderMode) -> (Vec<u8>, u64) {
+        let mut v = Vec::new();
         let mut n = 0;
         let mut push = |v: &mut Vec<u8>, c, f, o, l| {
             n += 1;
             v.extend(request(mode, c, f, n, o, l));
         };
-        push(&mut v, Command::Read, 0, 0, 128 * 1024);
+        push(&mut v, Command::Read, 0, 0, 64 * 1024);
         push(&mut v, Command::Write, CMD_FLAG_FUA, 4096, 512);
         v.extend([0xab; 512]);
         push(&mut v, Command::WriteZeroes, 0, 8192, 4096);
@@ -184,6 +194,15 @@ pub mod nbd_sessions {
         (v, n)
     }
 
+    /// A session in `mode`: negotiation, then every command once, then DISC. Returns the bytes
+    /// and the number of requests before DISC.
+    pub fn session(mode: HeaderMode) -> (Vec<u8>, u64) {
+        let mut v = negotiation(mode);
+        let (r, n) = requests(mode);
+        v.extend(r);
+        (v, n)
+    }
+
     /// Every seed: a session in each header mode, and the EXPORT_NAME way in.
     pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         let mut v = vec![
@@ -196,5 +215,230 @@ pub mod nbd_sessions {
         e.extend(request(HeaderMode::Simple, Command::Read, 0, 1, 0, 4096));
         v.push(("export-name-read", e));
         v
+    }
+}
+
+/// Seeds of `nbd_server_options` and `nbd_server_requests`: a selector byte (see
+/// `nbd_server::fuzzing::options` and `::requests`), then the client's bytes of one phase.
+pub mod nbd_phases {
+    use nbd_proto::*;
+
+    use super::nbd_sessions::{negotiation, request, requests};
+
+    /// The selector byte of `nbd_server_requests` for `mode`, with `base:allocation` and
+    /// `qemu:allocation-depth` selected where the mode allows, on the writable export.
+    pub fn request_selector(mode: HeaderMode) -> u8 {
+        match mode {
+            HeaderMode::Simple => 0,
+            HeaderMode::Structured => 1 | 4 | 8,
+            HeaderMode::Extended => 2 | 4 | 8,
+        }
+    }
+
+    fn with_selector(selector: u8, bytes: Vec<u8>) -> Vec<u8> {
+        let mut v = vec![selector];
+        v.extend(bytes);
+        v
+    }
+
+    fn flags() -> Vec<u8> {
+        (CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES)
+            .to_be_bytes()
+            .to_vec()
+    }
+
+    /// Every seed of `nbd_server_options`: the haggling of each session, and the options a
+    /// session does not use (LIST_META_CONTEXT, an unknown export, an unsupported option,
+    /// SET_META_CONTEXT before structured replies, ABORT, EXPORT_NAME with and without
+    /// NO_ZEROES, GO while the server shuts down).
+    pub fn option_seeds() -> Vec<(&'static str, Vec<u8>)> {
+        let mut v = vec![
+            (
+                "simple-go",
+                with_selector(0, negotiation(HeaderMode::Simple)),
+            ),
+            (
+                "structured-go",
+                with_selector(0, negotiation(HeaderMode::Structured)),
+            ),
+            (
+                "extended-go",
+                with_selector(0, negotiation(HeaderMode::Extended)),
+            ),
+            (
+                "shutting-down-go",
+                with_selector(1, negotiation(HeaderMode::Extended)),
+            ),
+        ];
+        let mut o = flags();
+        o.extend(encode_option(OPT_STRUCTURED_REPLY, &[]));
+        let q = encode_meta_context_data("", &["base:", "qemu:allocation-depth"]);
+        o.extend(encode_option(OPT_LIST_META_CONTEXT, &q));
+        o.extend(encode_option(
+            OPT_LIST_META_CONTEXT,
+            &encode_meta_context_data("", &[]),
+        ));
+        let q = encode_meta_context_data("", &[BASE_ALLOCATION, QEMU_ALLOCATION_DEPTH]);
+        o.extend(encode_option(OPT_SET_META_CONTEXT, &q));
+        o.extend(encode_option(OPT_INFO, &encode_go_data("nope", &[])));
+        o.extend(encode_option(OPT_STARTTLS, &[]));
+        o.extend(encode_option(OPT_ABORT, &[]));
+        v.push(("contexts-abort", with_selector(0, o)));
+        let mut o = flags();
+        let q = encode_meta_context_data("", &[BASE_ALLOCATION]);
+        o.extend(encode_option(OPT_SET_META_CONTEXT, &q));
+        o.extend(encode_option(OPT_LIST, &[0]));
+        o.extend(encode_option(OPT_EXPORT_NAME, b"ro"));
+        v.push(("refusals-export-name", with_selector(6, o)));
+        let mut o = CLIENT_FIXED_NEWSTYLE.to_be_bytes().to_vec();
+        o.extend(encode_option(OPT_EXPORT_NAME, b""));
+        v.push(("export-name-zeroes", with_selector(12, o)));
+        v
+    }
+
+    /// Every seed of `nbd_server_requests`: each mode's requests, and requests the server
+    /// refuses (a write to the read-only export, unknown flags and command, past the end, a
+    /// payload over the maximum, block status without a context, DISC with a flag).
+    pub fn request_seeds() -> Vec<(&'static str, Vec<u8>)> {
+        let mut v = Vec::new();
+        for (name, mode) in [
+            ("simple-requests", HeaderMode::Simple),
+            ("structured-requests", HeaderMode::Structured),
+            ("extended-requests", HeaderMode::Extended),
+        ] {
+            v.push((
+                name,
+                with_selector(request_selector(mode), requests(mode).0),
+            ));
+        }
+        let mode = HeaderMode::Structured;
+        let mut r = request(mode, Command::Write, 0, 1, 0, 4);
+        r.extend([1, 2, 3, 4]);
+        v.push(("read-only-write", with_selector(1 | 16, r)));
+        let mut r = request(mode, Command::Read, 0x80, 1, 0, 512);
+        r.extend(request(mode, Command::Read, 0, 2, 1 << 20, 512));
+        r.extend(request(mode, Command::Write, 0, 3, 0, 65_537));
+        r.extend(vec![0x11; 65_537]);
+        r.extend(request(mode, Command::BlockStatus, 0, 4, 0, 4096));
+        r.extend(request(
+            mode,
+            Command::Disconnect,
+            CMD_FLAG_FUA << 1,
+            5,
+            0,
+            0,
+        ));
+        v.push(("refusals", with_selector(1 | (3 << 5), r)));
+        v
+    }
+}
+
+/// Well-formed QMP sessions of every command, the seeds of `control_json`: a piece-size byte
+/// (see `engine::control::fuzzing`), then what the client sends.
+pub mod qmp_sessions {
+    /// The selector byte that hands the client's bytes over whole.
+    pub const WHOLE: u8 = 7;
+
+    fn session(selector: u8, commands: &[&str]) -> Vec<u8> {
+        let mut v = vec![selector];
+        for c in commands {
+            v.extend_from_slice(c.as_bytes());
+            v.extend_from_slice(b"\r\n");
+        }
+        v
+    }
+
+    const CAPS: &str = r#"{"execute": "qmp_capabilities"}"#;
+
+    /// Every seed, by name: each command at least once, the job's life, and the refusals.
+    pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+        vec![
+            (
+                "queries",
+                session(
+                    WHOLE,
+                    &[
+                        CAPS,
+                        r#"{"execute": "query-version", "id": 1}"#,
+                        r#"{"execute": "query-commands"}"#,
+                        r#"{"execute": "query-block"}"#,
+                        r#"{"execute": "query-named-block-nodes", "arguments": {"flat": true}}"#,
+                        r#"{"execute": "query-block-jobs"}"#,
+                        r#"{"execute": "x-backing-state", "arguments": {"device": "disk"}}"#,
+                        r#"{"execute": "quit", "id": "bye"}"#,
+                    ],
+                ),
+            ),
+            (
+                "stream",
+                session(
+                    WHOLE,
+                    &[
+                        CAPS,
+                        r#"{"execute": "block-stream", "arguments": {"device": "disk"}}"#,
+                        r#"{"execute": "query-block-jobs"}"#,
+                    ],
+                ),
+            ),
+            (
+                "job-control",
+                session(
+                    WHOLE,
+                    &[
+                        CAPS,
+                        r#"{"execute": "block-stream", "arguments": {"device": "export", "job-id": "j", "speed": 4096, "on-error": "stop", "auto-finalize": true, "auto-dismiss": true}}"#,
+                        r#"{"execute": "block-job-pause", "arguments": {"device": "j"}}"#,
+                        r#"{"execute": "query-block-jobs"}"#,
+                        r#"{"execute": "block-job-set-speed", "arguments": {"device": "j", "speed": 0}}"#,
+                        r#"{"execute": "block-job-resume", "arguments": {"device": "j"}}"#,
+                        r#"{"execute": "block-job-cancel", "arguments": {"device": "j", "force": true}}"#,
+                    ],
+                ),
+            ),
+            (
+                "step",
+                session(
+                    WHOLE,
+                    &[
+                        CAPS,
+                        r#"{"execute": "x-block-stream-step", "arguments": {"device": "disk", "offset": 0, "length": 65536}}"#,
+                        r#"{"execute": "x-block-stream-step", "arguments": {"offset": 1048576}}"#,
+                        r#"{"execute": "x-backing-repoint", "arguments": {"uri": "nbd+unix:///x?socket=/nonexistent"}}"#,
+                    ],
+                ),
+            ),
+            (
+                "refusals",
+                session(
+                    WHOLE,
+                    &[
+                        r#"{"execute": "query-version"}"#,
+                        CAPS,
+                        CAPS,
+                        "not json",
+                        "[1, 2]",
+                        r#"{"execute": "query-block", "extra": 1}"#,
+                        r#"{"execute": "query-block", "arguments": []}"#,
+                        r#"{"execute": "no-such-command"}"#,
+                        r#"{"execute": "block-stream", "arguments": {"device": "nope"}}"#,
+                        r#"{"execute": "block-stream", "arguments": {"device": "disk", "speed": -1}}"#,
+                        r#"{"execute": "block-stream", "arguments": {"device": "disk", "auto-dismiss": false}}"#,
+                        r#"{"execute": "block-stream", "arguments": {"device": "disk", "on-error": "explode"}}"#,
+                        r#"{"execute": "block-job-pause", "arguments": {"device": "none"}}"#,
+                        r#"{"execute": "x-block-stream-step", "arguments": {"length": 0}}"#,
+                    ],
+                ),
+            ),
+            (
+                "one-byte-pieces",
+                session(
+                    0,
+                    &[
+                        CAPS,
+                        r#"{"execute":"query-block-jobs"}{"execute":"query-version"}"#,
+                    ],
+                ),
+            ),
+        ]
     }
 }

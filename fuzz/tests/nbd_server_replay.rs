@@ -43,7 +43,12 @@ fn every_seed_of_the_corpus_runs_clean() {
     for entry in std::fs::read_dir(&dir).expect("the nbd_server_replay corpus") {
         let path = entry.unwrap().path();
         let seen = replay(&std::fs::read(&path).unwrap());
-        assert_eq!(seen.stats.errors, 0, "{path:?}: {seen:?}");
+        let name = path.file_name().unwrap().to_string_lossy();
+        // A campaign's units (named by their SHA-1) need only run clean; the named seeds are
+        // well-formed sessions.
+        if !(name.len() == 40 && name.bytes().all(|b| b.is_ascii_hexdigit())) {
+            assert_eq!(seen.stats.errors, 0, "{path:?}: {seen:?}");
+        }
         seeds += 1;
     }
     assert!(seeds >= 4, "the seed corpus is missing ({seeds} files)");

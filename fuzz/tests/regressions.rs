@@ -49,3 +49,24 @@ fn test_check_fragmentation_count_does_not_overflow() {
     assert_eq!(r.corruptions, 3, "{r:?}");
     assert_eq!(r.exit_code(), 2, "{r:?}");
 }
+
+/// `nbd_client_replay` (crash-0b2cef69…, 7155 runs into the campaign): a server that answers
+/// the client's first option with NBD_REP_ERR_TLS_REQD. The client rightly ends the handshake
+/// with `Error::TlsUnsupported`, but the harness did not count that error among those a
+/// transcript explains and reported it as a bug. The replay must end cleanly, unconnected.
+#[test]
+fn test_client_replay_server_requires_tls() {
+    let mut server = Vec::new();
+    server.extend(b"NBDMAGIC"); // INIT_PASSWD
+    server.extend(b"IHAVEOPT"); // newstyle
+    server.extend([0x00, 0x03]); // handshake flags: FIXED_NEWSTYLE | NO_ZEROES
+    server.extend(0x0003_e889_0455_65a9u64.to_be_bytes()); // option reply magic
+    server.extend(11u32.to_be_bytes()); // echoes NBD_OPT_EXTENDED_HEADERS, the client's first
+    server.extend(0x8000_0005u32.to_be_bytes()); // NBD_REP_ERR_TLS_REQD
+    server.extend(0u32.to_be_bytes()); // no message
+    server.extend([0x00, 0x00, 0x00, 0x2e, 0xe5]); // the crash's trailing bytes, never read
+    let seen = nbd_client::fuzzing::replay_server_bytes_blocking(&server)
+        .unwrap_or_else(|f| panic!("{f}"));
+    assert!(!seen.connected, "{seen:?}");
+    assert_eq!(seen.succeeded, 0, "{seen:?}");
+}

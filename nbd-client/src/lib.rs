@@ -129,6 +129,7 @@ pub mod fuzzing {
     }
 
     /// Whether a handshake may end in `e` when the server's side is a transcript then EOF.
+    /// A server's ERR_TLS_REQD to any option is [`Error::TlsUnsupported`].
     fn explained_at_handshake(e: &Error) -> bool {
         matches!(
             e,
@@ -137,6 +138,7 @@ pub mod fuzzing {
                 | Error::UnsupportedServer(_)
                 | Error::OptionRefused { .. }
                 | Error::ExportTooLarge { .. }
+                | Error::TlsUnsupported { .. }
         )
     }
 

@@ -98,6 +98,19 @@ impl Counters {
     pub(crate) fn written(&self, n: u64) {
         self.bytes_written.fetch_add(n, Ordering::Relaxed);
     }
+    /// The counters now.
+    pub(crate) fn snapshot(&self) -> ServerStats {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ServerStats {
+            connections: get(&self.connections),
+            active_connections: get(&self.active),
+            refused_connections: get(&self.refused),
+            requests: get(&self.requests),
+            errors: get(&self.errors),
+            bytes_read: get(&self.bytes_read),
+            bytes_written: get(&self.bytes_written),
+        }
+    }
 }
 
 /// Counts a connection as active while it lives (also when its task is aborted).
@@ -271,17 +284,7 @@ impl Server {
 
     /// What the server has done so far.
     pub fn stats(&self) -> ServerStats {
-        let c = &self.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        ServerStats {
-            connections: get(&c.connections),
-            active_connections: get(&c.active),
-            refused_connections: get(&c.refused),
-            requests: get(&c.requests),
-            errors: get(&c.errors),
-            bytes_read: get(&c.bytes_read),
-            bytes_written: get(&c.bytes_written),
-        }
+        self.counters.snapshot()
     }
 
     /// Stops accepting (unix socket files are removed), lets every connection finish the

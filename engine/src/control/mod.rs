@@ -44,6 +44,9 @@
 //! text that is not JSON gets an error and is discarded.
 
 pub mod commands;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod socket;
 
 use std::sync::Arc;

@@ -192,16 +192,7 @@ impl Error {
     /// space (ENOSPC): the image is intact, and the same operation may succeed once space is
     /// freed.
     pub fn is_nospace(&self) -> bool {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = Some(self);
-        while let Some(s) = source {
-            if let Some(io) = s.downcast_ref::<std::io::Error>() {
-                if io.raw_os_error() == Some(libc::ENOSPC) {
-                    return true;
-                }
-            }
-            source = s.source();
-        }
-        false
+        is_nospace(self)
     }
 
     /// An I/O error while doing `what`.
@@ -218,6 +209,21 @@ impl Error {
 
 /// Result with the engine's error.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Whether `error`, or an error in its chain of sources, is ENOSPC: whatever the crate that
+/// wrapped it (`qed`, `copy_on_read`, this one).
+pub fn is_nospace(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            if io.raw_os_error() == Some(libc::ENOSPC) {
+                return true;
+            }
+        }
+        source = s.source();
+    }
+    false
+}
 
 #[cfg(test)]
 mod tests {

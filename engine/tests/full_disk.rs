@@ -165,20 +165,6 @@ fn mapping(dev: &CorDevice, at: u64) -> Mapping {
     dev.image().mapping_at(GuestOffset(at), 1).unwrap().0
 }
 
-/// Whether `e` or an error under it is ENOSPC.
-fn is_enospc(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut source = Some(e);
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            if io.raw_os_error() == Some(libc::ENOSPC) {
-                return true;
-            }
-        }
-        source = s.source();
-    }
-    false
-}
-
 /// stop: the job pauses on ENOSPC with a nospace error and I/O status; guest I/O goes on
 /// correctly meanwhile; after the filler goes, a resume completes and drops the link.
 #[test]
@@ -241,7 +227,7 @@ fn stop_pauses_on_a_full_disk_guest_reads_still_served_and_resume_completes() {
         assert_eq!(&got[4608..], &[0x11; 8192 - 4608][..]);
         // A write that needs a new cluster fails (it is not acknowledged) and leaves nothing.
         let refused = dev.write_at(7 * MIB, vec![0xcc; 4096]).await.unwrap_err();
-        assert!(is_enospc(&refused), "{refused}");
+        assert!(engine::error::is_nospace(&refused), "{refused}");
         assert_eq!(mapping(&dev, 7 * MIB), Mapping::Unallocated);
 
         std::fs::remove_file(&filler).unwrap();

@@ -15,8 +15,8 @@ use qedstream_tests::guest::{
     host_sha256, GuestAction, GuestDisk, GuestError, GuestKit, GuestReport,
 };
 use qedstream_tests::served::Served;
-use qedstream_tests::{assert_same_bytes, tempdir, tools, XorShift};
-use serde_json::Value;
+use qedstream_tests::vm_serve;
+use qedstream_tests::{assert_same_bytes, tempdir, tools};
 
 const MIB: u64 = 1 << 20;
 
@@ -29,21 +29,6 @@ const SLOW: &str = "1M";
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_qedstream"))
-}
-
-/// `DISK` random bytes (seeded) in `dir/base.raw`; returns them.
-fn random_base(dir: &Path, seed: u64) -> Vec<u8> {
-    let mut bytes = vec![0u8; DISK as usize];
-    XorShift::new(seed).fill(&mut bytes);
-    std::fs::write(dir.join("base.raw"), &bytes).unwrap();
-    bytes
-}
-
-/// sha256 of `bytes`, as the host computes it (through a file in `dir`).
-fn sha256_of_bytes(dir: &Path, bytes: &[u8]) -> String {
-    let path = dir.join("expected.raw");
-    std::fs::write(&path, bytes).unwrap();
-    host_sha256(&path)
 }
 
 /// `qedstream serve --output=json --vhost-user-blk dir/vhost.sock --control ctl.sock ARGS...
@@ -59,69 +44,12 @@ fn serve(dir: &Path, args: &[&str], image: &str) -> (Served, PathBuf) {
     (served, sock)
 }
 
-fn job_info(dir: &Path) -> Value {
-    let mut cmd = tools::command_in(bin(), dir, &["job", "ctl.sock", "info", "--output=json"]);
-    let out = tools::run_command(&mut cmd);
-    assert!(out.status.success(), "job info: {out:?}");
-    serde_json::from_slice(&out.stdout).expect("job info is JSON")
-}
-
-/// The stream job is running and has not reached the end.
-fn assert_streaming(dir: &Path) -> Value {
-    let info = job_info(dir);
-    assert_eq!(info["status"], "running", "{info}");
-    assert!(info["offset"].as_u64().unwrap() < DISK, "{info}");
-    info
-}
-
-/// Lifts the rate limit (unless the stream already completed) and waits for the completion
-/// that drops the backing link.
-fn finish_stream(served: &mut Served, dir: &Path) {
-    let mut done = served
-        .pending()
-        .into_iter()
-        .find(|v| v["event"] == "completed");
-    if done.is_none() {
-        let mut cmd = tools::command_in(bin(), dir, &["job", "ctl.sock", "speed", "0"]);
-        let out = tools::run_command(&mut cmd);
-        if !out.status.success() {
-            eprintln!("job speed 0 refused ({out:?}); the stream must have completed");
-        }
-        done = Some(served.wait_for("completed"));
-    }
-    let done = done.unwrap();
-    assert_eq!(done["unlinked"], true, "{done}");
-    assert_eq!(done["offset"], DISK, "{done}");
-}
-
 fn boot(socket: &Path, queues: u16, action: GuestAction, what: &str) -> GuestReport {
     let disk = GuestDisk::VhostUserBlk {
         socket: socket.to_path_buf(),
         queues,
     };
-    let report = GuestKit::get().boot(disk, action);
-    eprintln!("{what}: guest elapsed {:?}", report.elapsed);
-    assert_eq!(report.size, DISK, "{}", report.console);
-    report
-}
-
-fn backing_of(dir: &Path, image: &str) -> Option<String> {
-    let out = tools::ok(dir, "qemu-img", &["info", "-U", "--output=json", image]);
-    let info: Value = serde_json::from_str(&out).expect("qemu-img info JSON");
-    info["backing-filename"].as_str().map(str::to_string)
-}
-
-/// `dir/image` has no backing, is clean, NEED_CHECK is clear, and reads as `expected`.
-fn assert_standalone(dir: &Path, image: &str, expected: &[u8], what: &str) {
-    assert_eq!(
-        backing_of(dir, image),
-        None,
-        "{what}: the backing link remains"
-    );
-    assert_eq!(tools::qemu_check(dir, image), 0, "qemu-img check: {what}");
-    let features = qedstream_tests::features_on_disk(&dir.join(image));
-    assert_eq!(features & 2, 0, "NEED_CHECK set ({features:#x}): {what}");
-    assert_same_bytes(&tools::flatten(dir, image, "qed"), expected, what);
+    vm_serve::boot(disk, DISK, action, what)
 }
 
 /// The guest hashes the overlay over vhost-user-blk while the stream runs and sees the base;
@@ -131,21 +59,21 @@ fn assert_standalone(dir: &Path, image: &str, expected: &[u8], what: &str) {
 fn the_guest_sees_the_base_over_vhost_user_blk_while_the_stream_runs() {
     let dir = tempdir();
     let d = dir.path();
-    let base = random_base(d, 0x7B_0001);
+    let base = vm_serve::random_base(d, DISK, 0x7B_0001);
     let expected = host_sha256(&d.join("base.raw"));
     tools::create_overlay(d, "base.raw", "raw", "top.qed", None);
     let (mut served, sock) = serve(d, &["--stream", "--rate", SLOW], "top.qed");
 
-    let before = assert_streaming(d);
+    let before = vm_serve::assert_streaming(bin(), d, DISK);
     let report = boot(&sock, 1, GuestAction::Hash, "hash while streaming");
     assert_eq!(report.sha256, expected, "{}", report.console);
     eprintln!("stream before the boot: {before}");
     let again = boot(&sock, 1, GuestAction::Hash, "a second front end");
     assert_eq!(again.sha256, expected, "{}", again.console);
 
-    finish_stream(&mut served, d);
+    vm_serve::finish_stream(bin(), &mut served, d, DISK);
     assert_eq!(served.terminate(), 0);
-    assert_standalone(d, "top.qed", &base, "after the stream");
+    vm_serve::assert_standalone(d, "top.qed", &base, "after the stream");
 }
 
 /// A guest writes over vhost-user-blk while the stream runs; the standalone image holds the
@@ -154,22 +82,22 @@ fn the_guest_sees_the_base_over_vhost_user_blk_while_the_stream_runs() {
 fn a_guest_write_over_vhost_user_blk_is_in_the_standalone_image() {
     let dir = tempdir();
     let d = dir.path();
-    let mut expected = random_base(d, 0x7B_0002);
+    let mut expected = vm_serve::random_base(d, DISK, 0x7B_0002);
     // Unaligned, across cluster boundaries, over base data not yet streamed.
     let (offset, len, byte) = (5 * MIB + 37, 200_000, 0xab);
     expected[offset as usize..(offset + len) as usize].fill(byte);
-    let expected_sha = sha256_of_bytes(d, &expected);
+    let expected_sha = vm_serve::sha256_of_bytes(d, &expected);
     tools::create_overlay(d, "base.raw", "raw", "top.qed", None);
     let (mut served, sock) = serve(d, &["--stream", "--rate", SLOW], "top.qed");
 
-    assert_streaming(d);
+    vm_serve::assert_streaming(bin(), d, DISK);
     let action = GuestAction::Write { offset, len, byte };
     let report = boot(&sock, 1, action, "write while streaming");
     assert_eq!(report.sha256, expected_sha, "{}", report.console);
 
-    finish_stream(&mut served, d);
+    vm_serve::finish_stream(bin(), &mut served, d, DISK);
     assert_eq!(served.terminate(), 0);
-    assert_standalone(
+    vm_serve::assert_standalone(
         d,
         "top.qed",
         &expected,
@@ -183,7 +111,7 @@ fn a_guest_write_over_vhost_user_blk_is_in_the_standalone_image() {
 fn two_queues_and_nbd_alongside() {
     let dir = tempdir();
     let d = dir.path();
-    let base = random_base(d, 0x7B_0003);
+    let base = vm_serve::random_base(d, DISK, 0x7B_0003);
     let expected = host_sha256(&d.join("base.raw"));
     tools::create_overlay(d, "base.raw", "raw", "top.qed", None);
     let nbd = format!("unix:{}", d.join("nbd.sock").display());
@@ -215,7 +143,7 @@ fn two_queues_and_nbd_alongside() {
 fn read_only_refuses_the_guest_write_and_leaves_the_file() {
     let dir = tempdir();
     let d = dir.path();
-    random_base(d, 0x7B_0004);
+    vm_serve::random_base(d, DISK, 0x7B_0004);
     tools::create_overlay(d, "base.raw", "raw", "top.qed", None);
     let before = std::fs::read(d.join("top.qed")).unwrap();
     let (mut served, sock) = serve(d, &["--read-only"], "top.qed");

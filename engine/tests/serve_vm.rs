@@ -16,10 +16,11 @@
 use std::path::Path;
 use std::process::Command;
 
-use qedstream_tests::guest::{host_sha256, GuestAction, GuestDisk, GuestKit, GuestReport};
+use qedstream_tests::guest::{host_sha256, GuestAction, GuestDisk, GuestReport};
 use qedstream_tests::nbd_server::NbdServer;
 use qedstream_tests::served::Served;
-use qedstream_tests::{assert_same_bytes, path_str, tempdir, tools, XorShift};
+use qedstream_tests::vm_serve;
+use qedstream_tests::{assert_same_bytes, path_str, tempdir, tools};
 use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
@@ -35,21 +36,6 @@ fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_qedstream"))
 }
 
-/// `DISK` random bytes (seeded) in `dir/base.raw`; returns them.
-fn random_base(dir: &Path, seed: u64) -> Vec<u8> {
-    let mut bytes = vec![0u8; DISK as usize];
-    XorShift::new(seed).fill(&mut bytes);
-    std::fs::write(dir.join("base.raw"), &bytes).unwrap();
-    bytes
-}
-
-/// sha256 of `bytes`, as the host computes it (through a file in `dir`).
-fn sha256_of_bytes(dir: &Path, bytes: &[u8]) -> String {
-    let path = dir.join("expected.raw");
-    std::fs::write(&path, bytes).unwrap();
-    host_sha256(&path)
-}
-
 /// `qedstream serve --output=json ARGS... IMAGE` in `dir`, exported on `dir/nbd.sock`,
 /// controlled on `dir/ctl.sock`.
 fn serve(dir: &Path, args: &[&str], image: &str) -> Served {
@@ -60,82 +46,12 @@ fn serve(dir: &Path, args: &[&str], image: &str) -> Served {
     Served::start(bin(), dir, &all)
 }
 
-/// `qedstream job ctl.sock ARGS...` in `dir`.
-fn job(dir: &Path, args: &[&str]) -> std::process::Output {
-    let mut cmd = tools::command_in(bin(), dir, &["job", "ctl.sock"]);
-    cmd.args(args);
-    tools::run_command(&mut cmd)
-}
-
-fn job_info(dir: &Path) -> Value {
-    let out = job(dir, &["info", "--output=json"]);
-    assert!(out.status.success(), "job info: {out:?}");
-    serde_json::from_slice(&out.stdout).expect("job info is JSON")
-}
-
-/// The stream job is running and has not reached the end.
-fn assert_streaming(dir: &Path) -> Value {
-    let info = job_info(dir);
-    assert_eq!(info["status"], "running", "{info}");
-    assert!(info["offset"].as_u64().unwrap() < DISK, "{info}");
-    info
-}
-
-/// Raises the stream's speed to unlimited (unless it ended already: a guest that read the
-/// whole disk leaves the stream little to copy) and waits for it to complete and drop the
-/// backing link.
-fn finish_stream(served: &mut Served, dir: &Path) {
-    let seen: Vec<Value> = served.pending();
-    let mut done = seen.into_iter().find(|v| v["event"] == "completed");
-    if done.is_none() {
-        let out = job(dir, &["speed", "0"]);
-        if !out.status.success() {
-            // It may have completed between the look and the command; nothing else is
-            // acceptable.
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            eprintln!("job speed 0 refused ({stderr}); the stream must have completed");
-        }
-        done = Some(served.wait_for("completed"));
-    }
-    let done = done.unwrap();
-    assert_eq!(done["unlinked"], true, "{done}");
-    assert_eq!(done["offset"], DISK, "{done}");
-}
-
 fn boot(uri: &str, read_only: bool, action: GuestAction, what: &str) -> GuestReport {
     let disk = GuestDisk::Nbd {
         uri: uri.to_string(),
         read_only,
     };
-    let report = GuestKit::get().boot(disk, action);
-    eprintln!("{what}: guest elapsed {:?}", report.elapsed);
-    assert_eq!(report.size, DISK, "{}", report.console);
-    report
-}
-
-fn backing_of(dir: &Path, image: &str) -> Option<String> {
-    let out = tools::ok(dir, "qemu-img", &["info", "-U", "--output=json", image]);
-    let info: Value = serde_json::from_str(&out).expect("qemu-img info JSON");
-    info["backing-filename"].as_str().map(str::to_string)
-}
-
-/// `dir/image` is clean for `qemu-img check`, NEED_CHECK is clear, and it reads as
-/// `expected` (through its backing, if it still has one).
-fn assert_clean_with(dir: &Path, image: &str, expected: &[u8], what: &str) {
-    assert_eq!(tools::qemu_check(dir, image), 0, "qemu-img check: {what}");
-    let features = qedstream_tests::features_on_disk(&dir.join(image));
-    assert_eq!(features & 2, 0, "NEED_CHECK set ({features:#x}): {what}");
-    assert_same_bytes(&tools::flatten(dir, image, "qed"), expected, what);
-}
-
-/// `dir/image` has no backing, is clean and reads as `expected`.
-fn assert_standalone(dir: &Path, image: &str, expected: &[u8], what: &str) {
-    assert_eq!(
-        backing_of(dir, image),
-        None,
-        "{what}: the backing link remains"
-    );
-    assert_clean_with(dir, image, expected, what);
+    vm_serve::boot(disk, DISK, action, what)
 }
 
 /// The guest hashes the served overlay while the stream runs: it sees the base. The job then
@@ -144,21 +60,25 @@ fn assert_standalone(dir: &Path, image: &str, expected: &[u8], what: &str) {
 fn the_guest_sees_the_base_while_the_stream_runs_and_the_image_ends_standalone() {
     let dir = tempdir();
     let d = dir.path();
-    let base = random_base(d, 0x5E_0001);
+    let base = vm_serve::random_base(d, DISK, 0x5E_0001);
     let expected = host_sha256(&d.join("base.raw"));
     tools::create_overlay(d, "base.raw", "raw", "top.qed", None);
     let mut served = serve(d, &["--stream", "--rate", SLOW], "top.qed");
     let uri = served.uri();
 
-    let before = assert_streaming(d);
+    let before = vm_serve::assert_streaming(bin(), d, DISK);
     let report = boot(&uri, false, GuestAction::Hash, "hash while streaming");
     assert_eq!(report.sha256, expected, "{}", report.console);
     eprintln!("stream before the boot: {before}");
 
-    finish_stream(&mut served, d);
-    assert_eq!(backing_of(d, "top.qed"), None, "unlinked while serving");
+    vm_serve::finish_stream(bin(), &mut served, d, DISK);
+    assert_eq!(
+        vm_serve::backing_of(d, "top.qed"),
+        None,
+        "unlinked while serving"
+    );
     assert_eq!(served.terminate(), 0);
-    assert_standalone(d, "top.qed", &base, "after the stream");
+    vm_serve::assert_standalone(d, "top.qed", &base, "after the stream");
 }
 
 /// A guest writes while the stream runs; after the stream the standalone image holds the
@@ -167,22 +87,22 @@ fn the_guest_sees_the_base_while_the_stream_runs_and_the_image_ends_standalone()
 fn a_guest_write_during_the_stream_is_in_the_standalone_image() {
     let dir = tempdir();
     let d = dir.path();
-    let mut expected = random_base(d, 0x5E_0002);
+    let mut expected = vm_serve::random_base(d, DISK, 0x5E_0002);
     // Unaligned, across cluster boundaries, over base data not yet streamed.
     let (offset, len, byte) = (5 * MIB + 37, 200_000, 0xab);
     expected[offset as usize..(offset + len) as usize].fill(byte);
-    let expected_sha = sha256_of_bytes(d, &expected);
+    let expected_sha = vm_serve::sha256_of_bytes(d, &expected);
     tools::create_overlay(d, "base.raw", "raw", "top.qed", None);
     let mut served = serve(d, &["--stream", "--rate", SLOW], "top.qed");
 
-    assert_streaming(d);
+    vm_serve::assert_streaming(bin(), d, DISK);
     let action = GuestAction::Write { offset, len, byte };
     let report = boot(&served.uri(), false, action, "write while streaming");
     assert_eq!(report.sha256, expected_sha, "{}", report.console);
 
-    finish_stream(&mut served, d);
+    vm_serve::finish_stream(bin(), &mut served, d, DISK);
     assert_eq!(served.terminate(), 0);
-    assert_standalone(
+    vm_serve::assert_standalone(
         d,
         "top.qed",
         &expected,
@@ -197,35 +117,35 @@ fn a_guest_write_during_the_stream_is_in_the_standalone_image() {
 fn sigterm_mid_stream_leaves_a_clean_image_and_a_restarted_stream_completes() {
     let dir = tempdir();
     let d = dir.path();
-    let mut expected = random_base(d, 0x5E_0003);
+    let mut expected = vm_serve::random_base(d, DISK, 0x5E_0003);
     let (offset, len, byte) = (17 * MIB + 4095, 70_000, 0x3c);
     expected[offset as usize..(offset + len) as usize].fill(byte);
     tools::create_overlay(d, "base.raw", "raw", "top.qed", None);
     let mut served = serve(d, &["--stream", "--rate", SLOW], "top.qed");
     // Paused, so that it is still mid-stream after the guest (whose reads copy in what they
     // touch) is done.
-    assert_streaming(d);
-    assert!(job(d, &["pause"]).status.success());
+    vm_serve::assert_streaming(bin(), d, DISK);
+    assert!(vm_serve::job(bin(), d, &["pause"]).status.success());
 
     let action = GuestAction::Write { offset, len, byte };
     let report = boot(&served.uri(), false, action, "write, then SIGTERM");
-    assert_eq!(report.sha256, sha256_of_bytes(d, &expected));
-    let info = job_info(d);
+    assert_eq!(report.sha256, vm_serve::sha256_of_bytes(d, &expected));
+    let info = vm_serve::job_info(bin(), d);
     assert_eq!(info["status"], "paused", "{info}");
     assert!(info["offset"].as_u64().unwrap() < DISK, "{info}");
     assert_eq!(served.terminate(), 0, "serve's exit after SIGTERM");
     assert_eq!(
-        backing_of(d, "top.qed").as_deref(),
+        vm_serve::backing_of(d, "top.qed").as_deref(),
         Some("base.raw"),
         "a cancelled stream keeps the link"
     );
-    assert_clean_with(d, "top.qed", &expected, "after SIGTERM mid-stream");
+    vm_serve::assert_clean_with(d, "top.qed", &expected, "after SIGTERM mid-stream");
 
     let mut again = serve(d, &["--stream"], "top.qed");
     let done = again.wait_for("completed");
     assert_eq!(done["unlinked"], true, "{done}");
     assert_eq!(again.terminate(), 0);
-    assert_standalone(d, "top.qed", &expected, "after the restarted stream");
+    vm_serve::assert_standalone(d, "top.qed", &expected, "after the restarted stream");
 }
 
 /// Post-copy migration: the destination overlay's backing is the source's NBD export
@@ -238,7 +158,7 @@ fn post_copy_migration(d: &Path, base: &[u8], source_uri: &str, kill_source: imp
     let mut dest = serve(d, &["--stream", "--rate", SLOW], "dst.qed");
     let uri = dest.uri();
 
-    assert_streaming(d);
+    vm_serve::assert_streaming(bin(), d, DISK);
     let report = boot(
         &uri,
         false,
@@ -246,20 +166,20 @@ fn post_copy_migration(d: &Path, base: &[u8], source_uri: &str, kill_source: imp
         "migration: on the destination",
     );
     assert_eq!(report.sha256, expected, "{}", report.console);
-    finish_stream(&mut dest, d);
+    vm_serve::finish_stream(bin(), &mut dest, d, DISK);
 
     kill_source();
     let report = boot(&uri, false, GuestAction::Hash, "migration: the source gone");
     assert_eq!(report.sha256, expected, "{}", report.console);
     assert_eq!(dest.terminate(), 0);
-    assert_standalone(d, "dst.qed", base, "the migrated disk");
+    vm_serve::assert_standalone(d, "dst.qed", base, "the migrated disk");
 }
 
 #[test]
 fn post_copy_migration_from_a_read_only_qedstream_serve() {
     let dir = tempdir();
     let d = dir.path();
-    let base = random_base(d, 0x5E_0004);
+    let base = vm_serve::random_base(d, DISK, 0x5E_0004);
     let src_nbd = format!("unix:{}", d.join("src.sock").display());
     let source = Served::start(
         bin(),
@@ -282,7 +202,7 @@ fn post_copy_migration_from_a_read_only_qedstream_serve() {
 fn post_copy_migration_from_qemu_nbd() {
     let dir = tempdir();
     let d = dir.path();
-    let base = random_base(d, 0x5E_0005);
+    let base = vm_serve::random_base(d, DISK, 0x5E_0005);
     let source = NbdServer::qemu_nbd(&d.join("base.raw"), &d.join("src.sock"));
     let source_uri = source.uri();
     post_copy_migration(d, &base, &source_uri, move || drop(source));
@@ -294,7 +214,7 @@ fn post_copy_migration_from_qemu_nbd() {
 fn a_read_only_served_disk_is_not_written() {
     let dir = tempdir();
     let d = dir.path();
-    random_base(d, 0x5E_0006);
+    vm_serve::random_base(d, DISK, 0x5E_0006);
     tools::create_overlay(d, "base.raw", "raw", "top.qed", None);
     tools::qemu_io(
         d,
@@ -413,7 +333,7 @@ fn nbd_clients_through_the_serve_binary() {
     expected[1000 << 10..1300 << 10].fill(0x6b);
     expected[7 << 20..(7 << 20) + (512 << 10)].fill(0);
     assert_eq!(served.terminate(), 0);
-    assert_clean_with(d, "top.qed", &expected, "after qemu-io through serve");
+    vm_serve::assert_clean_with(d, "top.qed", &expected, "after qemu-io through serve");
 }
 
 /// `qemu:allocation-depth` through `serve` on a chain four layers deep (raw <- QED <- QED <-

@@ -73,6 +73,11 @@ fn the_guest_sees_the_base_over_vhost_user_blk_while_the_stream_runs() {
 
     vm_serve::finish_stream(bin(), &mut served, d, DISK);
     assert_eq!(served.terminate(), 0);
+    let stats = served.wait_for("vhost-user-blk");
+    assert_eq!(
+        stats["front-ends"], 2,
+        "two guests, one after the other: {stats}"
+    );
     vm_serve::assert_standalone(d, "top.qed", &base, "after the stream");
 }
 
@@ -106,7 +111,8 @@ fn a_guest_write_over_vhost_user_blk_is_in_the_standalone_image() {
 }
 
 /// Two request queues (one worker each) and the NBD export of the same serve: the guest
-/// hashes the disk over vhost-user-blk, and `qemu-img` reads the same bytes over NBD.
+/// hashes the disk over vhost-user-blk, and `qemu-img` reads the same bytes over NBD. Both
+/// queues carried requests (the counts `serve` prints when it stops).
 #[test]
 fn two_queues_and_nbd_alongside() {
     let dir = tempdir();
@@ -135,6 +141,14 @@ fn two_queues_and_nbd_alongside() {
     let over_nbd = std::fs::read(d.join("nbd.raw")).unwrap();
     assert_same_bytes(&over_nbd, &base, "the NBD export beside vhost-user-blk");
     assert_eq!(served.terminate(), 0);
+    // Both queues carried the guest's requests (its driver spreads them over the CPUs' queues).
+    let stats = served.wait_for("vhost-user-blk");
+    let queues = stats["queues"].as_array().expect("queues");
+    assert_eq!(queues.len(), 2, "{stats}");
+    for (i, q) in queues.iter().enumerate() {
+        let requests = q["requests"].as_u64().unwrap_or(0);
+        assert!(requests > 0, "queue {i} served no request: {stats}");
+    }
 }
 
 /// `--read-only`: the device says RO, the guest's write fails in the guest, and the file is

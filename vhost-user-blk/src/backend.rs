@@ -13,7 +13,7 @@ use std::io;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 
@@ -67,6 +67,26 @@ struct Shared {
     serial: Vec<u8>,
     event_idx: AtomicBool,
     memory: RwLock<Option<GuestMemoryAtomic<GuestRam>>>,
+    /// One entry per queue.
+    counters: Vec<QueueCounters>,
+    /// Front ends accepted (the shutdown's own wake-up connection is not counted).
+    front_ends: AtomicU64,
+}
+
+/// What one queue has served since the back end was made.
+#[derive(Debug, Default)]
+struct QueueCounters {
+    requests: AtomicU64,
+    rejected: AtomicU64,
+}
+
+/// What one request queue has served, as [`BlkBackend::queue_stats`] reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Well-formed requests executed (whatever their status).
+    pub requests: u64,
+    /// Malformed chains answered IOERR or UNSUPP without reaching the device.
+    pub rejected: u64,
 }
 
 impl BlkBackend {
@@ -103,6 +123,8 @@ impl BlkBackend {
                 serial: options.serial.as_bytes().to_vec(),
                 event_idx: AtomicBool::new(false),
                 memory: RwLock::new(None),
+                counters: (0..n).map(|_| QueueCounters::default()).collect(),
+                front_ends: AtomicU64::new(0),
             }),
         })
     }
@@ -110,6 +132,23 @@ impl BlkBackend {
     /// The device's configuration as the driver sees it.
     pub fn config(&self) -> DeviceConfig {
         self.shared.config
+    }
+
+    /// What each request queue has served so far, queue 0 first (all front ends together).
+    pub fn queue_stats(&self) -> Vec<QueueStats> {
+        self.shared
+            .counters
+            .iter()
+            .map(|c| QueueStats {
+                requests: c.requests.load(Ordering::Relaxed),
+                rejected: c.rejected.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// How many front ends have connected so far (one at a time; a reconnection counts again).
+    pub fn front_ends(&self) -> u64 {
+        self.shared.front_ends.load(Ordering::Relaxed)
     }
 
     /// The guest memory the front end gave last, as one snapshot.
@@ -125,8 +164,8 @@ impl BlkBackend {
         Ok(atomic.memory().into_inner())
     }
 
-    /// Serves every available chain of `vring` once; true if there was any.
-    fn serve_queue(&self, vring: &VringRwLock) -> io::Result<bool> {
+    /// Serves every available chain of queue `index` (`vring`) once; true if there was any.
+    fn serve_queue(&self, index: usize, vring: &VringRwLock) -> io::Result<bool> {
         let mem = self.memory()?;
         let parsed: Vec<(u16, std::result::Result<Request, Rejection>)> = {
             let mut state = vring.get_mut();
@@ -143,6 +182,12 @@ impl BlkBackend {
         };
         if parsed.is_empty() {
             return Ok(false);
+        }
+        if let Some(c) = self.shared.counters.get(index) {
+            let bad = parsed.iter().filter(|(_, p)| p.is_err()).count() as u64;
+            c.rejected.fetch_add(bad, Ordering::Relaxed);
+            c.requests
+                .fetch_add(parsed.len() as u64 - bad, Ordering::Relaxed);
         }
         let used = self.shared.runtime.block_on(self.run_all(&mem, parsed));
         for (head, len) in used {
@@ -248,23 +293,26 @@ impl VhostUserBackend for BlkBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {
             return Err(io::Error::other("unexpected event set"));
         }
+        // `vrings` are this thread's own, and `device_event` indexes them; with one queue per
+        // thread (`queues_per_thread`), the queue's index on the device is the thread's.
         let Some(vring) = vrings.get(usize::from(device_event)) else {
             return Err(io::Error::other("event for an unknown queue"));
         };
+        let index = thread_id;
         if !self.shared.event_idx.load(Ordering::Acquire) {
-            self.serve_queue(vring)?;
+            self.serve_queue(index, vring)?;
             return Ok(());
         }
         loop {
             vring
                 .disable_notification()
                 .map_err(|e| io::Error::other(e.to_string()))?;
-            self.serve_queue(vring)?;
+            self.serve_queue(index, vring)?;
             let more = vring
                 .enable_notification()
                 .map_err(|e| io::Error::other(e.to_string()))?;
@@ -280,6 +328,7 @@ impl VhostUserBackend for BlkBackend {
 #[derive(Debug)]
 pub struct VhostUserBlkServer {
     path: PathBuf,
+    backend: BlkBackend,
     stop: Arc<AtomicBool>,
     connected: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -293,15 +342,17 @@ impl VhostUserBlkServer {
         let stop = Arc::new(AtomicBool::new(false));
         let connected = Arc::new(AtomicBool::new(false));
         let (s, c) = (stop.clone(), connected.clone());
+        let served = backend.clone();
         let thread = std::thread::Builder::new()
             .name("vhost-user-blk".into())
-            .spawn(move || serve_front_ends(&listener, &backend, &s, &c))
+            .spawn(move || serve_front_ends(&listener, &served, &s, &c))
             .map_err(|source| Error::Resource {
                 what: "starting the vhost-user-blk thread",
                 source,
             })?;
         Ok(VhostUserBlkServer {
             path: path.to_path_buf(),
+            backend,
             stop,
             connected,
             thread: Some(thread),
@@ -311,6 +362,12 @@ impl VhostUserBlkServer {
     /// The socket's path.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The back end served (for its [`BlkBackend::queue_stats`] and
+    /// [`BlkBackend::front_ends`]).
+    pub fn backend(&self) -> &BlkBackend {
+        &self.backend
     }
 
     /// Stops accepting and removes the socket. A front end still connected is left to its
@@ -392,6 +449,9 @@ fn serve_one(
         .map_err(Error::Daemon)?;
     daemon.start(listener).map_err(Error::Daemon)?;
     connected.store(true, Ordering::Release);
+    if !stop.load(Ordering::Acquire) {
+        backend.shared.front_ends.fetch_add(1, Ordering::Relaxed);
+    }
     let result = if stop.load(Ordering::Acquire) {
         Ok(())
     } else {

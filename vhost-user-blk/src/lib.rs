@@ -33,7 +33,7 @@ pub mod execute;
 pub mod fuzzing;
 pub mod request;
 
-pub use backend::{BlkBackend, BlkOptions, VhostUserBlkServer};
+pub use backend::{BlkBackend, BlkOptions, QueueStats, VhostUserBlkServer};
 pub use error::{Error, Result};
 
 /// The most request queues a device may have (one worker thread each).

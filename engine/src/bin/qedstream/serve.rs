@@ -416,12 +416,15 @@ async fn run_async(cmd: ServeCommand) -> Result<u8> {
             if let Some(s) = socket {
                 s.close().await;
             }
+            let mut said = Ok(());
             if let Some(v) = vhost {
+                let backend = v.backend().clone();
                 let _ = tokio::task::spawn_blocking(move || v.shutdown()).await;
+                said = say_vhost_stats(&cmd, &backend);
             }
             let drained = nbd.shutdown().await;
             let ended = end_job(&cmd, &control, &mut events).await;
-            r.and_then(|stop| drained.and(ended).map(|()| stop))
+            r.and_then(|stop| drained.and(ended).and(said).map(|()| stop))
         }
         Err(e) => Err(e),
     };
@@ -435,6 +438,30 @@ async fn run_async(cmd: ServeCommand) -> Result<u8> {
         tracing::info!(signal = name, "stopped by a signal; image closed");
     }
     Ok(0)
+}
+
+/// What the vhost-user-blk device served, once it stopped: front ends accepted, and each
+/// queue's requests (so a multi-queue guest shows that every queue carried requests).
+fn say_vhost_stats(cmd: &ServeCommand, backend: &vhost_user_blk::BlkBackend) -> Result<()> {
+    let queues = backend.queue_stats();
+    if cmd.json {
+        print_json(&json!({
+            "event": "vhost-user-blk",
+            "front-ends": backend.front_ends(),
+            "queues": queues
+                .iter()
+                .map(|q| json!({"requests": q.requests, "rejected": q.rejected}))
+                .collect::<Vec<_>>(),
+        }))?;
+    } else {
+        let requests: Vec<u64> = queues.iter().map(|q| q.requests).collect();
+        tracing::info!(
+            front_ends = backend.front_ends(),
+            ?requests,
+            "vhost-user-blk stopped"
+        );
+    }
+    Ok(())
 }
 
 /// Binds the control socket and the NBD listeners, then writes the pid file.

@@ -17,6 +17,8 @@
 //! - [`poison`]: a scripted NBD server that dies on one request every time (and accepts the
 //!   reconnect every time): the one misbehaviour no real server produces on demand.
 //! - [`served`]: a running `qedstream serve --output=json`, its JSON lines and signals.
+//! - [`vhost_front`]: a vhost-user-blk front end that plays the VM (guest memory, split
+//!   virtqueues, the virtio-blk driver) against a server, with no guest to boot.
 //! - [`vm_serve`]: what the real-VM tests of `serve` share: the stream job on its control
 //!   socket, the guest boot, and the grading of the image left behind.
 //! - [`qmp`]: a raw QMP client (greeting, commands, events) with a deadline on every read.
@@ -67,6 +69,7 @@ pub mod runtime;
 pub mod served;
 pub mod tmpfs;
 pub mod tools;
+pub mod vhost_front;
 pub mod vm_serve;
 
 /// A geometry under test and the virtual size its images get.

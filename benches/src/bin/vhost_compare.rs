@@ -1,0 +1,349 @@
+//! `vhost-compare`: the server side of vhost-user-blk alone, with no guest: `qedstream serve
+//! --vhost-user-blk` (the binary, as users run it) against qemu-storage-daemon's
+//! `--export type=vhost-user-blk` of the same image, driven by the same front end in this
+//! process (`qedstream_tests::vhost_front`: guest memory, one split virtqueue, the virtio-blk
+//! driver). Three workloads, each printed with medians, the ratio their time / ours, and the
+//! server's CPU seconds (user + system, from /proc):
+//!
+//! 1. random 4 KiB reads at queue depth 16 over a fully local QED image (requests per second);
+//! 2. sequential 1 MiB reads, 4 in flight, of the same image;
+//! 3. first-touch copy-on-read: the same sequential reads through a fresh empty overlay over a
+//!    raw base (ours: `serve` of the overlay, copy-on-read by default; QSD: file + qed over its
+//!    backing + a `copy-on-read` filter, exported writable).
+//!
+//! ```text
+//! cargo build --release -p engine --bin qedstream
+//! cargo run --release -p qedstream-benches --bin vhost-compare [-- --quick]
+//! ```
+//! The `qedstream` binary is taken from the runner's own directory (same profile), or from
+//! `$QEDSTREAM`. `--quick` (64 MiB, 1 run) only proves the runner works; the full run (1 GiB,
+//! 3 runs each, interleaved) is for a quiet machine. Scratch files go under `$BENCH_DIR`
+//! (default /var/tmp). Needs qemu-img and qemu-storage-daemon.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use qedstream_benches::XorShift;
+use qedstream_tests::tools;
+use qedstream_tests::vhost_front::{BlkRequest, VhostFront};
+use serde_json::Value;
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+
+/// Sizes and repeat counts of one mode.
+#[derive(Clone, Copy)]
+struct Plan {
+    size: u64,
+    runs: usize,
+    random_reads: usize,
+}
+
+/// A server process, SIGTERM then SIGKILL when stopped.
+struct Server {
+    child: Child,
+}
+
+impl Server {
+    /// User + system CPU seconds the server has used so far.
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .expect("the server's /proc/PID/stat");
+        // Fields after the command name (which is in parentheses and may hold spaces).
+        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+        // SAFETY: sysconf only reads a system constant.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        ticks / hz
+    }
+
+    fn stop(mut self) {
+        // SAFETY: kill(2) on the pid of our own child, not yet reaped (wait below).
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn qedstream_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("QEDSTREAM") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    let p = exe.with_file_name("qedstream");
+    assert!(
+        p.exists(),
+        "{} is missing: build it with the same profile (cargo build -p engine --bin qedstream) or set $QEDSTREAM",
+        p.display()
+    );
+    p
+}
+
+fn wait_for_socket(sock: &Path, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !sock.exists() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("server exited early: {status}");
+        }
+        assert!(Instant::now() < deadline, "server did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `qedstream serve --output=json --vhost-user-blk SOCK [--read-only] IMAGE`, waited for.
+fn start_ours(image: &Path, sock: &Path, read_only: bool) -> Server {
+    let _ = std::fs::remove_file(sock);
+    let mut cmd = Command::new(qedstream_binary());
+    cmd.arg("serve")
+        .arg("--output=json")
+        .arg("--vhost-user-blk")
+        .arg(sock);
+    if read_only {
+        cmd.arg("--read-only");
+    }
+    cmd.arg(image)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = tools::spawn(&mut cmd).expect("starting qedstream serve");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let ready: Value = serde_json::from_str(&lines.next().expect("ready line").expect("stdout"))
+        .expect("JSON ready line");
+    assert_eq!(ready["event"], "ready", "{ready}");
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
+    Server { child }
+}
+
+/// qemu-storage-daemon exporting `image` over vhost-user-blk: a read-only qed node, or
+/// (`cor`) a writable qed over its backing under a copy-on-read filter.
+fn start_qsd(image: &Path, sock: &Path, cor: bool) -> Server {
+    let _ = std::fs::remove_file(sock);
+    let ro = if cor { "off" } else { "on" };
+    let img = image.display();
+    let mut cmd = Command::new("qemu-storage-daemon");
+    cmd.arg("--blockdev")
+        .arg(format!(
+            "driver=file,filename={img},node-name=f0,read-only={ro}"
+        ))
+        .arg("--blockdev")
+        .arg(format!("driver=qed,file=f0,node-name=d0,read-only={ro}"));
+    let node = if cor {
+        cmd.arg("--blockdev")
+            .arg("driver=copy-on-read,file=d0,node-name=c0");
+        "c0"
+    } else {
+        "d0"
+    };
+    cmd.arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,addr.path={},writable={},num-queues=1",
+            sock.display(),
+            if cor { "on" } else { "off" }
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let mut child =
+        tools::spawn(&mut cmd).expect("cannot run qemu-storage-daemon (is it installed?)");
+    wait_for_socket(sock, &mut child);
+    Server { child }
+}
+
+/// Runs `requests` on queue 0 with up to `depth` in flight; the wall time.
+fn drive(front: &mut VhostFront, depth: u16, requests: &[(u64, u32)]) -> Duration {
+    let started = Instant::now();
+    let mut next = requests.iter();
+    let mut free: Vec<u16> = (0..depth).collect();
+    let mut outstanding = 0usize;
+    loop {
+        while let Some(slot) = free.pop() {
+            match next.next() {
+                Some(&(offset, len)) => {
+                    front
+                        .submit(0, slot, BlkRequest::Read { offset, len })
+                        .expect("submit");
+                    outstanding += 1;
+                }
+                None => {
+                    free.push(slot);
+                    break;
+                }
+            }
+        }
+        if outstanding == 0 {
+            return started.elapsed();
+        }
+        for done in front.wait(0).expect("completion") {
+            assert_eq!(done.status, 0, "a read failed: {done:?}");
+            free.push(done.slot);
+            outstanding -= 1;
+        }
+    }
+}
+
+fn random_reads(plan: Plan, seed: u64) -> Vec<(u64, u32)> {
+    let mut rng = XorShift::new(seed);
+    let blocks = plan.size / (4 * KIB);
+    (0..plan.random_reads)
+        .map(|_| (rng.below(blocks) * 4 * KIB, 4 * KIB as u32))
+        .collect()
+}
+
+fn sequential_reads(plan: Plan) -> Vec<(u64, u32)> {
+    (0..plan.size / MIB)
+        .map(|i| (i * MIB, MIB as u32))
+        .collect()
+}
+
+/// One measurement: the wall time and the server's CPU seconds for `requests`.
+fn measure(server: &Server, sock: &Path, depth: u16, requests: &[(u64, u32)]) -> (Duration, f64) {
+    let mut front = VhostFront::connect(sock, 1, depth, MIB as u32).expect("front end");
+    let cpu = server.cpu_seconds();
+    let wall = drive(&mut front, depth, requests);
+    let cpu = server.cpu_seconds() - cpu;
+    drop(front);
+    (wall, cpu)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Per server: wall seconds and CPU seconds of each run.
+#[derive(Default)]
+struct Runs {
+    wall: Vec<f64>,
+    cpu: Vec<f64>,
+}
+
+impl Runs {
+    fn push(&mut self, (wall, cpu): (Duration, f64)) {
+        self.wall.push(wall.as_secs_f64());
+        self.cpu.push(cpu);
+    }
+}
+
+fn report(what: &str, units: f64, unit: &str, ours: &Runs, qsd: &Runs) {
+    let (o, q) = (median(ours.wall.clone()), median(qsd.wall.clone()));
+    println!(
+        "{what:<44} ours {:>9.0} {unit}/s ({:.3} s, CPU {:.2} s)  QSD {:>9.0} {unit}/s ({:.3} s, CPU {:.2} s)  QSD/ours {:.2}",
+        units / o,
+        o,
+        median(ours.cpu.clone()),
+        units / q,
+        q,
+        median(qsd.cpu.clone()),
+        q / o
+    );
+}
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let plan = if quick {
+        Plan {
+            size: 64 * MIB,
+            runs: 1,
+            random_reads: 16_384,
+        }
+    } else {
+        Plan {
+            size: 1024 * MIB,
+            runs: 3,
+            random_reads: 131_072,
+        }
+    };
+    let scratch =
+        std::env::var_os("BENCH_DIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
+    let dir = tempfile::tempdir_in(scratch).expect("scratch dir");
+    let d = dir.path();
+    let base = d.join("base.raw");
+    let mut bytes = vec![0u8; plan.size as usize];
+    XorShift::new(0xB10C).fill(&mut bytes);
+    std::fs::write(&base, &bytes).expect("writing the base");
+    drop(bytes);
+    tools::ok(
+        d,
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "qed", "base.raw", "local.qed"],
+    );
+    let local = d.join("local.qed");
+    let sock = d.join("blk.sock");
+
+    let random = random_reads(plan, 7);
+    let sequential = sequential_reads(plan);
+    let (mut rand_ours, mut rand_qsd) = (Runs::default(), Runs::default());
+    let (mut seq_ours, mut seq_qsd) = (Runs::default(), Runs::default());
+    let (mut cor_ours, mut cor_qsd) = (Runs::default(), Runs::default());
+    for run in 0..plan.runs {
+        eprintln!("run {} of {}", run + 1, plan.runs);
+        let ours = start_ours(&local, &sock, true);
+        rand_ours.push(measure(&ours, &sock, 16, &random));
+        seq_ours.push(measure(&ours, &sock, 4, &sequential));
+        ours.stop();
+        let qsd = start_qsd(&local, &sock, false);
+        rand_qsd.push(measure(&qsd, &sock, 16, &random));
+        seq_qsd.push(measure(&qsd, &sock, 4, &sequential));
+        qsd.stop();
+
+        for (name, runs) in [("ours", &mut cor_ours), ("qsd", &mut cor_qsd)] {
+            let overlay = d.join(format!("cor-{name}.qed"));
+            let _ = std::fs::remove_file(&overlay);
+            tools::create_overlay(
+                d,
+                "base.raw",
+                "raw",
+                overlay.file_name().unwrap().to_str().unwrap(),
+                None,
+            );
+            let server = if name == "ours" {
+                start_ours(&overlay, &sock, false)
+            } else {
+                start_qsd(&overlay, &sock, true)
+            };
+            runs.push(measure(&server, &sock, 4, &sequential));
+            server.stop();
+            assert_eq!(
+                tools::qemu_check(d, overlay.file_name().unwrap().to_str().unwrap()),
+                0
+            );
+        }
+    }
+    println!(
+        "vhost-user-blk server, {} MiB image, {} run(s), medians:",
+        plan.size / MIB,
+        plan.runs
+    );
+    report(
+        "random 4 KiB reads, QD 16, local image",
+        plan.random_reads as f64,
+        "req",
+        &rand_ours,
+        &rand_qsd,
+    );
+    let mib = (plan.size / MIB) as f64;
+    report(
+        "sequential 1 MiB reads, QD 4, local image",
+        mib,
+        "MiB",
+        &seq_ours,
+        &seq_qsd,
+    );
+    report(
+        "first-touch copy-on-read, 1 MiB reads, QD 4",
+        mib,
+        "MiB",
+        &cor_ours,
+        &cor_qsd,
+    );
+}

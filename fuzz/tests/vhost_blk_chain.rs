@@ -1,6 +1,7 @@
-//! Runs the `vhost_blk_chain` seed corpus through the fuzz target's logic on stable, and
-//! checks each seed's verdict: the well-formed requests succeed (status OK), the malformed
-//! ones are rejected with the status the parser owes them, and nothing panics.
+//! Runs the `vhost_blk_chain` corpus through the fuzz target's logic on stable, and checks
+//! each seed's verdict: the well-formed requests succeed (status OK), the malformed ones are
+//! rejected with the status the parser owes them; the units campaigns kept run without a
+//! panic.
 
 use std::path::Path;
 
@@ -38,8 +39,18 @@ fn every_vhost_blk_chain_seed_runs_with_its_verdict() {
             "seed {name}"
         );
     }
-    let count = std::fs::read_dir(&dir).unwrap().count();
-    assert_eq!(count, expected.len(), "every seed has a verdict here");
+    // The units campaigns kept beside the seeds have no verdict of their own: each runs
+    // through without a panic.
+    let mut kept = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if expected.iter().all(|(seed, _, _)| *seed != name) {
+            let _ = run_input(&std::fs::read(&path).unwrap());
+            kept += 1;
+        }
+    }
+    eprintln!("{kept} kept units ran");
 }
 
 #[test]

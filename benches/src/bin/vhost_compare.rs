@@ -17,7 +17,7 @@
 //! ```
 //! The `qedstream` binary is taken from the runner's own directory (same profile), or from
 //! `$QEDSTREAM`. `--quick` (64 MiB, 1 run) only proves the runner works; the full run (1 GiB,
-//! 3 runs each, interleaved) is for a quiet machine. Scratch files go under `$BENCH_DIR`
+//! 3 runs each, interleaved) is for a quiet machine; `--size-mib N` changes the image size. Scratch files go under `$BENCH_DIR`
 //! (default /var/tmp). Needs qemu-img and qemu-storage-daemon.
 
 use std::io::{BufRead, BufReader};
@@ -249,8 +249,9 @@ fn report(what: &str, units: f64, unit: &str, ours: &Runs, qsd: &Runs) {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let plan = if quick {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let mut plan = if quick {
         Plan {
             size: 64 * MIB,
             runs: 1,
@@ -263,6 +264,13 @@ fn main() {
             random_reads: 131_072,
         }
     };
+    if let Some(i) = args.iter().position(|a| a == "--size-mib") {
+        let mib: u64 = args
+            .get(i + 1)
+            .and_then(|v| v.parse().ok())
+            .expect("--size-mib N");
+        plan.size = mib * MIB;
+    }
     let scratch =
         std::env::var_os("BENCH_DIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
     let dir = tempfile::tempdir_in(scratch).expect("scratch dir");

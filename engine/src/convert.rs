@@ -241,9 +241,13 @@ fn copy_nonzero(source: &Source, block: u64, sink: &Arc<Sink>, dst: &Path) -> Re
                 }
             }
             // Up to a chunk, and no further than the data goes (rounded up to a block).
-            let n = chunk
-                .min(size - pos)
-                .min(data_end.saturating_sub(pos).div_ceil(block).saturating_mul(block).max(block));
+            let n = chunk.min(size - pos).min(
+                data_end
+                    .saturating_sub(pos)
+                    .div_ceil(block)
+                    .saturating_mul(block)
+                    .max(block),
+            );
             while tasks.len() >= in_flight {
                 if let Some(done) = tasks.join_next().await {
                     total += done.map_err(Error::task("convert"))??;

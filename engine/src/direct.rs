@@ -252,16 +252,28 @@ mod tests {
         block.as_bytes_mut().fill(0xab);
         storage.write_at(block.as_bytes(), 8192).unwrap();
         storage.write_at(b"head", 1).unwrap();
-        storage.write_at(&block.as_bytes()[..DIRECT_ALIGN - 512], 3 * 4096).unwrap();
+        storage
+            .write_at(&block.as_bytes()[..DIRECT_ALIGN - 512], 3 * 4096)
+            .unwrap();
         storage.flush().unwrap();
-        assert!(storage.is_direct(), "O_DIRECT refused here: run the test on a file system that has it");
-        assert_eq!(direct.load(Ordering::Relaxed), 2 * DIRECT_ALIGN as u64, "only the aligned block went direct");
+        assert!(
+            storage.is_direct(),
+            "O_DIRECT refused here: run the test on a file system that has it"
+        );
+        assert_eq!(
+            direct.load(Ordering::Relaxed),
+            2 * DIRECT_ALIGN as u64,
+            "only the aligned block went direct"
+        );
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes.len(), 8192 + 2 * DIRECT_ALIGN);
         assert!(bytes[5..8192].iter().all(|&b| b == 0));
         assert_eq!(&bytes[1..5], b"head");
         assert!(bytes[8192..12288 - 512].iter().all(|&b| b == 0xab));
-        assert!(bytes[12288 - 512..12288].iter().all(|&b| b == 0xab), "written by the first write");
+        assert!(
+            bytes[12288 - 512..12288].iter().all(|&b| b == 0xab),
+            "written by the first write"
+        );
         assert!(bytes[12288..].iter().all(|&b| b == 0xab));
     }
 }

@@ -156,7 +156,9 @@ impl Source {
 
     /// [`Source::next_data`] for async callers (on this source's runtime).
     pub async fn next_data_async(&self, offset: u64) -> Option<u64> {
-        self.next_data_run_async(offset).await.map(|(start, _)| start)
+        self.next_data_run_async(offset)
+            .await
+            .map(|(start, _)| start)
     }
 
     /// The next run of data at or after `offset`: where it starts and where the data the

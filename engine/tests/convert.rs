@@ -144,5 +144,8 @@ fn library_convert_writes_data_past_the_page_cache() {
         &["compare", "-f", "raw", "-F", "qed", "src.raw", "out.qed"],
     );
     assert_eq!(cmp.status.code(), Some(0));
-    assert_eq!(run(d, "qemu-img", &["check", "out.qed"]).status.code(), Some(0));
+    assert_eq!(
+        run(d, "qemu-img", &["check", "out.qed"]).status.code(),
+        Some(0)
+    );
 }

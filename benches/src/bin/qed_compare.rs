@@ -103,7 +103,15 @@ fn convert_comparison(d: &Path, quick: bool) {
     let raw = d.join("src.raw");
     let data = qedstream_benches::sparse_mib_extents(&raw, size, 60, 9);
     let (raw_s, qed_s) = (raw.to_str().unwrap(), d.join("src.qed"));
-    qemu_img(&["convert", "-f", "raw", "-O", "qed", raw_s, qed_s.to_str().unwrap()]);
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qed",
+        raw_s,
+        qed_s.to_str().unwrap(),
+    ]);
     let gib = size as f64 / (1u64 << 30) as f64;
     println!(
         "convert -O qed, {} MiB virtual, {:.0}% data in 1 MiB extents, {runs} runs interleaved (wall s; CPU s/GiB virtual)",
@@ -153,9 +161,8 @@ fn convert_comparison(d: &Path, quick: bool) {
                 let _ = std::fs::remove_file(&out);
                 let (mut wall, mut cpu) = (0.0, 0.0);
                 for argv in &contestants[i].1 {
-                    let (w, c) = qedstream_benches::run_measured(
-                        Command::new(&argv[0]).args(&argv[1..]),
-                    );
+                    let (w, c) =
+                        qedstream_benches::run_measured(Command::new(&argv[0]).args(&argv[1..]));
                     wall += w;
                     cpu += c;
                 }
@@ -186,10 +193,12 @@ fn convert_comparison(d: &Path, quick: bool) {
 }
 
 fn qemu_convert_args(cache: &str, format: &str, src: &str, out: &str) -> Vec<String> {
-    ["qemu-img", "convert", "-t", cache, "-f", format, "-O", "qed", src, out]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+    [
+        "qemu-img", "convert", "-t", cache, "-f", format, "-O", "qed", src, out,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
 }
 
 /// The `qedstream` binary beside this runner (same profile), or `$QEDSTREAM`.

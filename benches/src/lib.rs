@@ -33,3 +33,58 @@ pub fn sparse_random_file(path: &std::path::Path, size: u64, data_percent: u64, 
     f.sync_all().expect("sync sparse file");
     data
 }
+
+/// Writes a sparse file of `size` bytes in 1 MiB extents, each random data with probability
+/// `data_percent`/100, the rest holes (the convert benchmark's source). Returns the data bytes.
+pub fn sparse_mib_extents(path: &std::path::Path, size: u64, data_percent: u64, seed: u64) -> u64 {
+    use std::os::unix::fs::FileExt;
+    const MIB: u64 = 1 << 20;
+    let f = std::fs::File::create(path).expect("create sparse file");
+    f.set_len(size).expect("size sparse file");
+    let mut rng = XorShift::new(seed);
+    let mut buf = vec![0u8; MIB as usize];
+    let mut data = 0u64;
+    for pos in (0..size).step_by(MIB as usize) {
+        if rng.next_u64() % 100 < data_percent {
+            let len = MIB.min(size - pos) as usize;
+            rng.fill(&mut buf[..len]);
+            f.write_all_at(&buf[..len], pos).expect("write sparse file");
+            data += len as u64;
+        }
+    }
+    f.sync_all().expect("sync sparse file");
+    data
+}
+
+/// CPU seconds (user + system) of every child process reaped so far: the difference across
+/// the wait of one child is that child's own CPU time.
+pub fn children_cpu_seconds() -> f64 {
+    // SAFETY: an all-zero `rusage` is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage writes one `rusage` into the valid, exclusively borrowed `usage`.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut usage) };
+    assert_eq!(rc, 0, "getrusage: {}", std::io::Error::last_os_error());
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// Runs `cmd` to completion (it must succeed); its wall time and CPU seconds.
+pub fn run_measured(cmd: &mut std::process::Command) -> (f64, f64) {
+    let cpu0 = children_cpu_seconds();
+    let t = std::time::Instant::now();
+    let out = cmd.output().expect("spawning a measured command");
+    let wall = t.elapsed().as_secs_f64();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (wall, children_cpu_seconds() - cpu0)
+}
+
+/// The median of `v` (which must not be empty).
+pub fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}

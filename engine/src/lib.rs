@@ -11,6 +11,8 @@
 //!   ([`control::Control`]).
 //! - [`convert`]: copies a source into a raw file (holes where zero) or a new QED image (zero
 //!   data never stored).
+//! - [`direct`]: a new output written past the page cache ([`direct::DirectStorage`]: whole
+//!   aligned blocks with `O_DIRECT`, the rest buffered) from recycled aligned buffers.
 //! - [`error`]: the one error type, [`Error`], with a stable [`ErrorKind`] to match on.
 //! - [`size`]: sizes as operators type them (`64K`, `2G`).
 //! - [`stream`]: the stream job ([`stream::StreamJob`]) that makes a copy-on-read image local
@@ -56,6 +58,7 @@ pub fn io_runtime() -> Result<tokio::runtime::Runtime> {
 pub mod chain;
 pub mod control;
 pub mod convert;
+pub mod direct;
 pub mod error;
 pub mod job;
 pub mod size;

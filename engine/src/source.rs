@@ -156,8 +156,18 @@ impl Source {
 
     /// [`Source::next_data`] for async callers (on this source's runtime).
     pub async fn next_data_async(&self, offset: u64) -> Option<u64> {
+        self.next_data_run_async(offset)
+            .await
+            .map(|(start, _)| start)
+    }
+
+    /// The next run of data at or after `offset`: where it starts and where the data the
+    /// device reported ends (`u64::MAX` when nothing is known past it), so a copy reads no
+    /// zeros it was told of. `None`: block status is unknown. A start past the disk means no
+    /// data is left.
+    pub async fn next_data_run_async(&self, offset: u64) -> Option<(u64, u64)> {
         if offset >= self.size {
-            return Some(u64::MAX);
+            return Some((u64::MAX, u64::MAX));
         }
         let covered = {
             let cache = self.status.lock();
@@ -171,14 +181,22 @@ impl Source {
         }
         let cache = self.status.lock();
         let mut end = offset;
+        let mut run: Option<(u64, u64)> = None;
         for e in cache.iter().filter(|e| e.offset + e.length > offset) {
-            if e.status == Status::Data {
-                return Some(e.offset.max(offset));
+            match (e.status == Status::Data, run) {
+                (true, None) => run = Some((e.offset.max(offset), e.offset + e.length)),
+                (true, Some((start, _))) => run = Some((start, e.offset + e.length)),
+                (false, Some(r)) => return Some(r),
+                (false, None) => {}
             }
             end = e.offset + e.length;
         }
-        // Everything reported was zero; nothing is known past it.
-        (end > offset).then_some(end)
+        match run {
+            // Data to the end of what was reported: what lies past it is not known.
+            Some((start, _)) => Some((start, u64::MAX)),
+            // Everything reported was zero; nothing is known past it.
+            None => (end > offset).then_some((end, u64::MAX)),
+        }
     }
 
     /// Closes the device (and its NBD connections).

@@ -2,15 +2,17 @@
 //! (`qemu-io`, `qemu-img convert -O qed`), in one run, on the same files. Prints medians of
 //! three runs and the ratio QEMU time / our time (above 1: we are faster).
 //!
-//! `cargo run --release -p qedstream-benches --bin qed-compare [-- --quick]`
+//! `cargo build --release -p engine --bin qedstream &&
+//! cargo run --release -p qedstream-benches --bin qed-compare [-- --quick] [--convert-only]`
+//!
+//! The convert comparison runs the `qedstream` binary (beside this runner, or `$QEDSTREAM`)
+//! and `qemu-img` as processes, `$CONVERT_RUNS` times each (default 5), interleaved.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use copy_on_read::{CorDevice, CorOptions, SyncDevice};
-use engine::convert::{convert, Target};
-use engine::source::Source;
 use qed::{BackingFormat, CreateOptions, GuestOffset, Image, OpenOptions};
 use qedstream_benches::XorShift;
 use qedstream_tests::tools::ok_command;
@@ -86,8 +88,143 @@ fn open(path: &Path) -> SyncDevice<CorDevice> {
     SyncDevice::open(path, options).unwrap()
 }
 
+/// `qedstream convert -O qed` against `qemu-img convert -O qed` (`-t writeback`, then `sync`
+/// of the output: both end durable) and, for reference, `qemu-img convert -t none` (O_DIRECT),
+/// each run as a process, interleaved, over a 1 GiB raw file with 60% random data in 1 MiB
+/// extents (the rest holes) and over the same disk as a QED image. Prints the median of the
+/// per-run ratios (qemu / ours) and CPU seconds per GiB of virtual disk (user + sys of the
+/// process, from its rusage).
+fn convert_comparison(d: &Path, quick: bool) {
+    let size = if quick { 256 * MIB } else { 1024 * MIB };
+    let runs = std::env::var("CONVERT_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(if quick { 1 } else { 5 });
+    let raw = d.join("src.raw");
+    let data = qedstream_benches::sparse_mib_extents(&raw, size, 60, 9);
+    let (raw_s, qed_s) = (raw.to_str().unwrap(), d.join("src.qed"));
+    qemu_img(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "qed",
+        raw_s,
+        qed_s.to_str().unwrap(),
+    ]);
+    let gib = size as f64 / (1u64 << 30) as f64;
+    println!(
+        "convert -O qed, {} MiB virtual, {:.0}% data in 1 MiB extents, {runs} runs interleaved (wall s; CPU s/GiB virtual)",
+        size / MIB,
+        data as f64 * 100.0 / size as f64
+    );
+    for (format, src) in [("raw", raw.clone()), ("qed", qed_s.clone())] {
+        let src = src.to_str().unwrap().to_string();
+        let out = d.join("out.qed");
+        let out_s = out.to_str().unwrap().to_string();
+        let ours_bin = qedstream_binary();
+        let contestants: [(&str, Vec<Vec<String>>); 3] = [
+            (
+                "ours",
+                vec![vec![
+                    ours_bin.clone(),
+                    "convert".into(),
+                    "-f".into(),
+                    format.into(),
+                    "-O".into(),
+                    "qed".into(),
+                    src.clone(),
+                    out_s.clone(),
+                ]],
+            ),
+            (
+                "qemu-img -t writeback + sync",
+                vec![
+                    qemu_convert_args("writeback", format, &src, &out_s),
+                    vec!["sync".into(), out_s.clone()],
+                ],
+            ),
+            (
+                "qemu-img -t none",
+                vec![qemu_convert_args("none", format, &src, &out_s)],
+            ),
+        ];
+        let mut walls = vec![Vec::new(); contestants.len()];
+        let mut cpus = vec![Vec::new(); contestants.len()];
+        for run in 0..runs {
+            // Alternate who goes first, so neither always inherits the other's writeback.
+            let mut order: Vec<usize> = (0..contestants.len()).collect();
+            if run % 2 == 1 {
+                order.reverse();
+            }
+            for i in order {
+                let _ = std::fs::remove_file(&out);
+                let (mut wall, mut cpu) = (0.0, 0.0);
+                for argv in &contestants[i].1 {
+                    let (w, c) =
+                        qedstream_benches::run_measured(Command::new(&argv[0]).args(&argv[1..]));
+                    wall += w;
+                    cpu += c;
+                }
+                walls[i].push(wall);
+                cpus[i].push(cpu);
+            }
+            if run == 0 {
+                let cmp = Command::new("qemu-img")
+                    .args(["compare", "-f", format, "-F", "qed", &src, &out_s])
+                    .status()
+                    .expect("qemu-img compare");
+                assert!(cmp.success(), "the output differs from the source");
+            }
+        }
+        let _ = std::fs::remove_file(&out);
+        for (i, (name, _)) in contestants.iter().enumerate() {
+            let ratios: Vec<f64> = walls[i].iter().zip(&walls[0]).map(|(t, o)| t / o).collect();
+            let list: Vec<String> = walls[i].iter().map(|w| format!("{w:.2}")).collect();
+            println!(
+                "  {format} -> qed {name:<30} wall {:.3} [{}]  CPU {:.2} s/GiB  ratio/ours {:.2}x",
+                qedstream_benches::median(&walls[i]),
+                list.join(" "),
+                qedstream_benches::median(&cpus[i]) / gib,
+                qedstream_benches::median(&ratios)
+            );
+        }
+    }
+}
+
+fn qemu_convert_args(cache: &str, format: &str, src: &str, out: &str) -> Vec<String> {
+    [
+        "qemu-img", "convert", "-t", cache, "-f", format, "-O", "qed", src, out,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+/// The `qedstream` binary beside this runner (same profile), or `$QEDSTREAM`.
+fn qedstream_binary() -> String {
+    if let Some(p) = std::env::var_os("QEDSTREAM") {
+        return p.to_string_lossy().into_owned();
+    }
+    let p = std::env::current_exe()
+        .expect("current exe")
+        .with_file_name("qedstream");
+    assert!(
+        p.exists(),
+        "{} is missing: build it with the same profile (cargo build --release -p engine --bin qedstream) or set $QEDSTREAM",
+        p.display()
+    );
+    p.to_string_lossy().into_owned()
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    if std::env::args().any(|a| a == "--convert-only") {
+        let root = std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
+        let dir = tempfile::tempdir_in(root).unwrap();
+        convert_comparison(dir.path(), quick);
+        return;
+    }
     let runs = if quick { 1 } else { 3 };
     let dir =
         tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
@@ -221,64 +358,6 @@ fn main() {
         qemu,
     );
 
-    // 5. convert raw -> qed: 60% random data in 64 KiB..8 MiB extents, the rest holes.
-    let size = if quick { 256 * MIB } else { 1024 * MIB };
-    let src = d.join("src.raw");
-    qedstream_benches::sparse_random_file(&src, size, 60, 9);
-    let out = d.join("out.qed");
-    let ours = time(
-        runs,
-        || {
-            let _ = std::fs::remove_file(&out);
-        },
-        || {
-            let source = Source::open(&src, Some("raw")).unwrap();
-            convert(
-                &source,
-                &out,
-                &Target::Qed {
-                    cluster_size: 65536,
-                    table_size: 4,
-                },
-            )
-            .unwrap();
-        },
-    );
-    let (src_s, out_s) = (src.to_str().unwrap(), out.to_str().unwrap());
-    let qemu = time(
-        runs,
-        || {
-            let _ = std::fs::remove_file(&out);
-        },
-        || {
-            qemu_img(&[
-                "convert",
-                "-t",
-                "writeback",
-                "-f",
-                "raw",
-                "-O",
-                "qed",
-                src_s,
-                out_s,
-            ])
-        },
-    );
-    report(
-        &format!("convert {} MiB raw (60% data) -> qed, synced", size / MIB),
-        size,
-        ours,
-        qemu,
-    );
-    let unsafe_qemu = time(
-        runs,
-        || {
-            let _ = std::fs::remove_file(&out);
-        },
-        || qemu_img(&["convert", "-f", "raw", "-O", "qed", src_s, out_s]),
-    );
-    println!(
-        "  (qemu-img convert's default cache=unsafe skips the final sync: {:.3}s; ours always syncs)",
-        unsafe_qemu.as_secs_f64()
-    );
+    // 5. convert -O qed, as processes: see `convert_comparison`.
+    convert_comparison(d, quick);
 }

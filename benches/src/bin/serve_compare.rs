@@ -14,7 +14,15 @@
 //! 4. guest read latency while a full-speed stream runs: random 4 KiB reads at queue depth 1
 //!    through the export of a fresh overlay, p99 idle and while `serve --stream` (QSD:
 //!    `block-stream` over QMP) streams the overlay; only samples that start and end while the
-//!    job runs count.
+//!    job runs count;
+//! 5. writes through a writable export (ours: `serve`; qemu-nbd `--cache=writeback`; QSD: a
+//!    writable qed node, `cache=writeback`): random 4 KiB writes at queue depth 16 and
+//!    sequential 1 MiB writes over the whole disk (4 in flight), each over a fresh empty image
+//!    (allocating) and in place over a local one, a FLUSH at the end counted in the time;
+//!    medians of the per-run ratios, and each server's CPU seconds per GiB (from its rusage).
+//!
+//! Flags: `--quick`, `--writes-only` (comparison 5 alone), `--no-latency` (all but 4),
+//! `--latency-only` (4 alone).
 //!
 //! ```text
 //! cargo build --release -p engine --bin qedstream
@@ -56,19 +64,23 @@ struct Served {
 }
 
 impl Served {
-    fn stop(mut self) {
+    /// Stops the server; returns its CPU seconds (user + sys over its whole life, from the
+    /// rusage of the reaped child: no other child is reaped meanwhile).
+    fn stop(mut self) -> f64 {
+        let cpu0 = qedstream_benches::children_cpu_seconds();
         // SAFETY: kill(2) on the pid of our own child, not yet reaped (wait below).
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
-                return;
+                return qedstream_benches::children_cpu_seconds() - cpu0;
             }
             std::thread::sleep(Duration::from_millis(10));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
         drop(self.qmp.take());
+        qedstream_benches::children_cpu_seconds() - cpu0
     }
 }
 
@@ -137,9 +149,11 @@ fn start_ours(image: &Path, sock: &Path, extra: &[&str]) -> Served {
     }
 }
 
-fn start_qemu_nbd(image: &Path, sock: &Path) -> Served {
+/// `qemu-nbd -f qed` of `image`: read-only, or writable with `--cache=writeback`.
+fn start_qemu_nbd(image: &Path, sock: &Path, writable: bool) -> Served {
     let mut cmd = Command::new("qemu-nbd");
-    cmd.args(["-r", "-f", "qed", "--persistent", "--shared=8", "-k"])
+    let access = if writable { "--cache=writeback" } else { "-r" };
+    cmd.args([access, "-f", "qed", "--persistent", "--shared=8", "-k"])
         .arg(sock)
         .arg(image)
         .stdout(Stdio::null())
@@ -153,12 +167,24 @@ fn start_qemu_nbd(image: &Path, sock: &Path) -> Served {
     }
 }
 
-/// QSD exporting `image`: read-only qed node, or (`cor`) a writable qed over its backing with
-/// a copy-on-read filter on top; a QMP monitor on `sock.qmp`.
-fn start_qsd(image: &Path, sock: &Path, cor: bool) -> Served {
+/// How QSD exports the image.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum QsdMode {
+    /// A read-only qed node.
+    ReadOnly,
+    /// A writable qed node (`cache=writeback`, the file driver's default).
+    Writable,
+    /// A writable qed over its backing with a copy-on-read filter on top.
+    CopyOnRead,
+}
+
+/// QSD exporting `image` as `mode` says; a QMP monitor on `sock.qmp`.
+fn start_qsd(image: &Path, sock: &Path, mode: QsdMode) -> Served {
     let qmp_sock = sock.with_extension("qmp");
     let _ = std::fs::remove_file(&qmp_sock);
-    let ro = if cor { "off" } else { "on" };
+    let cor = mode == QsdMode::CopyOnRead;
+    let writable = mode != QsdMode::ReadOnly;
+    let ro = if writable { "off" } else { "on" };
     let img = image.display();
     let mut cmd = Command::new("qemu-storage-daemon");
     cmd.arg("--blockdev")
@@ -179,7 +205,7 @@ fn start_qsd(image: &Path, sock: &Path, cor: bool) -> Served {
         .arg("--export")
         .arg(format!(
             "type=nbd,id=e0,node-name={node},name=,writable={}",
-            if cor { "on" } else { "off" }
+            if writable { "on" } else { "off" }
         ))
         .arg("--chardev")
         .arg(format!(
@@ -279,6 +305,171 @@ fn random_reads(rt: &tokio::runtime::Runtime, uri: &str, count: usize, depth: us
     let elapsed = t.elapsed();
     rt.block_on(client.close());
     elapsed
+}
+
+/// A write workload of the driver.
+#[derive(Clone, Copy)]
+enum Writes {
+    /// `count` 4 KiB writes at seeded random 4 KiB-aligned offsets, 16 in flight.
+    Random4k { count: usize },
+    /// 1 MiB writes over the whole disk in order, 4 in flight.
+    Sequential1m,
+}
+
+impl Writes {
+    fn bytes(self, size: u64) -> u64 {
+        match self {
+            Writes::Random4k { count } => count as u64 * 4096,
+            Writes::Sequential1m => size,
+        }
+    }
+}
+
+/// Runs `writes` through one connection, then one FLUSH; the wall time of both.
+fn write_workload(rt: &tokio::runtime::Runtime, uri: &str, writes: Writes) -> Duration {
+    let client = connect(rt, uri);
+    assert!(
+        client.can_write() && client.can_flush(),
+        "{uri}: not writable"
+    );
+    let size = client.size();
+    let (depth, block, count) = match writes {
+        Writes::Random4k { count } => (16, 4096u64, count as u64),
+        Writes::Sequential1m => (4, 1 << 20, size >> 20),
+    };
+    let next = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let t = Instant::now();
+    rt.block_on(async {
+        let mut tasks = Vec::new();
+        for worker in 0..depth {
+            let (c, next) = (client.clone(), Arc::clone(&next));
+            tasks.push(tokio::spawn(async move {
+                let mut rng = XorShift::new(worker as u64 + 11);
+                let mut buf = vec![0u8; block as usize];
+                rng.fill(&mut buf);
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        break;
+                    }
+                    let at = match writes {
+                        Writes::Random4k { .. } => rng.below(size / block) * block,
+                        Writes::Sequential1m => i * block,
+                    };
+                    buf[0] = i as u8;
+                    c.write(at, &buf).await.expect("write");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("driver task");
+        }
+        client.flush().await.expect("flush");
+    });
+    let elapsed = t.elapsed();
+    rt.block_on(client.close());
+    elapsed
+}
+
+/// One write figure per server: wall times and server CPU seconds.
+struct WriteFigures {
+    kind: &'static str,
+    wall: Figure,
+    cpu: Figure,
+}
+
+/// Comparison 5: `writes` through each writable server, over a fresh empty image
+/// (`allocating`) or in place over the local image; the image is made anew for each run.
+fn write_comparison(
+    rt: &tokio::runtime::Runtime,
+    dir: &Path,
+    plan: Plan,
+    writes: Writes,
+    allocating: bool,
+) -> Vec<WriteFigures> {
+    let sock = dir.join("nbd.sock");
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let image = dir.join("w.qed");
+    let mut out: Vec<WriteFigures> = ["ours", "qemu-nbd", "qsd"]
+        .iter()
+        .map(|&kind| WriteFigures {
+            kind,
+            wall: Figure { samples: vec![] },
+            cpu: Figure { samples: vec![] },
+        })
+        .collect();
+    for _ in 0..plan.runs {
+        for fig in out.iter_mut() {
+            let _ = std::fs::remove_file(&sock);
+            let _ = std::fs::remove_file(&image);
+            if allocating {
+                let size = plan.size.to_string();
+                tools::ok(
+                    dir,
+                    "qemu-img",
+                    &["create", "-q", "-f", "qed", "w.qed", &size],
+                );
+            } else {
+                let args = [
+                    "convert", "-q", "-f", "raw", "-O", "qed", "base.raw", "w.qed",
+                ];
+                tools::ok(dir, "qemu-img", &args);
+            }
+            let served = match fig.kind {
+                "ours" => start_ours(&image, &sock, &[]),
+                "qemu-nbd" => start_qemu_nbd(&image, &sock, true),
+                _ => start_qsd(&image, &sock, QsdMode::Writable),
+            };
+            fig.wall
+                .samples
+                .push(write_workload(rt, &uri, writes).as_secs_f64());
+            fig.cpu.samples.push(served.stop());
+            assert_eq!(tools::qemu_check(dir, "w.qed"), 0, "{}: check", fig.kind);
+        }
+    }
+    let _ = std::fs::remove_file(&image);
+    out
+}
+
+fn print_writes(rt: &tokio::runtime::Runtime, d: &Path, plan: Plan) {
+    let random = Writes::Random4k {
+        count: plan.random_reads / 4,
+    };
+    let cases = [
+        ("random 4k writes qd16, allocating", random, true),
+        ("random 4k writes qd16, in place", random, false),
+        (
+            "sequential 1M writes qd4, allocating",
+            Writes::Sequential1m,
+            true,
+        ),
+        (
+            "sequential 1M writes qd4, in place",
+            Writes::Sequential1m,
+            false,
+        ),
+    ];
+    for (name, writes, allocating) in cases {
+        let figs = write_comparison(rt, d, plan, writes, allocating);
+        let gib = writes.bytes(plan.size) as f64 / (1u64 << 30) as f64;
+        println!("{name} ({} MiB + FLUSH):", writes.bytes(plan.size) >> 20);
+        for f in &figs {
+            let ratios: Vec<f64> = f
+                .wall
+                .samples
+                .iter()
+                .zip(&figs[0].wall.samples)
+                .map(|(t, o)| t / o)
+                .collect();
+            println!(
+                "  {:>9}: wall {}   server CPU {:.2} s/GiB   their / ours {:.2}x",
+                f.kind,
+                f.wall.show(),
+                f.cpu.median() / gib,
+                qedstream_benches::median(&ratios)
+            );
+        }
+    }
 }
 
 /// Random 4 KiB reads one at a time, each timed; only while `running` holds (when `gated`),
@@ -405,13 +596,18 @@ fn local_reads(
             let _ = std::fs::remove_file(&sock);
             let served = match *kind {
                 "ours" => start_ours(&image, &sock, &["--read-only"]),
-                "qemu-nbd" => start_qemu_nbd(&image, &sock),
-                _ => start_qsd(&image, &sock, false),
+                "qemu-nbd" => start_qemu_nbd(&image, &sock, false),
+                _ => start_qsd(&image, &sock, QsdMode::ReadOnly),
             };
             copy.samples.push(nbdcopy(dir, &uri).as_secs_f64());
             let r = random_reads(rt, &uri, plan.random_reads, 16);
             random.samples.push(r.as_secs_f64());
-            served.stop();
+            let cpu = served.stop();
+            let gib = (plan.size + plan.random_reads as u64 * 4096) as f64 / (1u64 << 30) as f64;
+            println!(
+                "    {kind}: server CPU {:.2} s/GiB read (nbdcopy + random)",
+                cpu / gib
+            );
         }
     }
     std::fs::remove_file(&image).ok();
@@ -430,10 +626,16 @@ fn first_touch(dir: &Path, plan: Plan) -> (Figure, Figure) {
             let served = if i == 0 {
                 start_ours(&top, &sock, &[])
             } else {
-                start_qsd(&top, &sock, true)
+                start_qsd(&top, &sock, QsdMode::CopyOnRead)
             };
             fig.samples.push(nbdcopy(dir, &uri).as_secs_f64());
-            served.stop();
+            let cpu = served.stop();
+            let gib = plan.size as f64 / (1u64 << 30) as f64;
+            println!(
+                "    {}: server CPU {:.2} s/GiB copied in",
+                ["ours", "qsd"][i],
+                cpu / gib
+            );
             let map = tools::ok(dir, "qemu-img", &["map", "--output=json", "top.qed"]);
             assert!(
                 !map.contains("\"depth\": 1"),
@@ -476,7 +678,7 @@ fn stream_latency(
                 let mut served = match (ours, streaming) {
                     (true, false) => start_ours(&top, &sock, &[]),
                     (true, true) => start_ours(&top, &sock, &["--stream"]),
-                    (false, _) => start_qsd(&top, &sock, true),
+                    (false, _) => start_qsd(&top, &sock, QsdMode::CopyOnRead),
                 };
                 if streaming && !ours {
                     qsd_block_stream(&mut served);
@@ -533,6 +735,11 @@ fn main() {
         print_latency(&rt, d, plan);
         return;
     }
+    // `--writes-only`: comparison 5 alone; `--no-latency`: all but comparison 4.
+    if std::env::args().any(|a| a == "--writes-only") {
+        print_writes(&rt, d, plan);
+        return;
+    }
     let local = local_reads(&rt, d, plan);
     let ours = &local[0];
     for (kind, copy, random) in &local {
@@ -557,7 +764,10 @@ fn main() {
         cor_qsd.show(),
         cor_qsd.median() / cor_ours.median()
     );
-    print_latency(&rt, d, plan);
+    print_writes(&rt, d, plan);
+    if !std::env::args().any(|a| a == "--no-latency") {
+        print_latency(&rt, d, plan);
+    }
 }
 
 fn print_latency(rt: &tokio::runtime::Runtime, d: &Path, plan: Plan) {

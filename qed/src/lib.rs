@@ -107,5 +107,5 @@ pub use error::{Error, Result};
 pub use file::{Access, FileId, LockConflict};
 pub use image::{CreateOptions, Extent, Image, Mapping, OpenOptions, PopulateOutcome};
 pub use layout::{Geometry, Header};
-pub use storage::{MemStorage, Storage};
+pub use storage::{Aio, Backend, CacheMode, IoConfig, MemStorage, Storage};
 pub use types::{GuestCluster, GuestOffset, HostCluster, HostOffset, L1Index};

@@ -245,6 +245,7 @@ impl CorDevice {
         let p = path.to_path_buf();
         let read_only = options.read_only;
         let force_share = options.gate.force_share;
+        let storage = options.gate.storage(file, path)?;
         let image = blocking(move || {
             let o = OpenOptions {
                 read_only,
@@ -252,7 +253,7 @@ impl CorDevice {
                 path: Some(p.clone()),
                 ..OpenOptions::default()
             };
-            Image::open(Box::new(file), o).map_err(Error::qed(&p.display().to_string()))
+            Image::open(storage, o).map_err(Error::qed(&p.display().to_string()))
         })
         .await?;
         let backing = options.gate.open_below(&image, path, 0).await?;

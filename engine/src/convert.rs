@@ -7,7 +7,6 @@
 //! `pwrite` and `qed::Image` are synchronous) while the next chunks are being read. The output
 //! is flushed to stable storage before `convert` returns.
 
-use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -50,14 +49,15 @@ const IN_FLIGHT: usize = 16;
 /// Where converted bytes go.
 #[derive(Debug)]
 enum Sink {
-    Raw(File),
+    Raw(Box<dyn Storage>),
     Qed(Box<Image>),
 }
 
 impl Sink {
     fn write(&self, buf: &[u8], at: u64, dst: &Path) -> Result<()> {
         match self {
-            Sink::Raw(f) => Storage::write_at(f, buf, at)
+            Sink::Raw(f) => f
+                .write_at(buf, at)
                 .map_err(Error::io(format!("writing {}", dst.display()))),
             Sink::Qed(image) => image
                 .write_at(buf, qed::GuestOffset(at))
@@ -66,8 +66,18 @@ impl Sink {
     }
 }
 
-/// Copies `source` into `dst` as `target`.
+/// Copies `source` into `dst` as `target`, with the default [`qed::IoConfig`].
 pub fn convert(source: &Source, dst: &Path, target: &Target) -> Result<ConvertStats> {
+    convert_with(source, dst, target, qed::IoConfig::default())
+}
+
+/// Copies `source` into `dst` as `target`, writing `dst` as `io` says (`--cache`, `--aio`).
+pub fn convert_with(
+    source: &Source,
+    dst: &Path,
+    target: &Target,
+    io: qed::IoConfig,
+) -> Result<ConvertStats> {
     let size = source.size();
     let (sink, block) = match target {
         Target::Raw => {
@@ -77,6 +87,7 @@ pub fn convert(source: &Source, dst: &Path, target: &Target) -> Result<ConvertSt
             out.set_len(0)
                 .and_then(|()| out.set_len(size))
                 .map_err(Error::io(format!("sizing {}", dst.display())))?;
+            let out = io.storage(out).map_err(|e| Error::open(dst, e))?;
             (Sink::Raw(out), 64 << 10)
         }
         Target::Qed {
@@ -95,7 +106,8 @@ pub fn convert(source: &Source, dst: &Path, target: &Target) -> Result<ConvertSt
                 path: Some(dst.to_path_buf()),
                 ..OpenOptions::default()
             };
-            let image = Image::open(Box::new(file), options).map_err(|e| Error::image(dst, e))?;
+            let storage = io.storage(file).map_err(|e| Error::open(dst, e))?;
+            let image = Image::open(storage, options).map_err(|e| Error::image(dst, e))?;
             let cs = image.geometry().cluster_size();
             (Sink::Qed(Box::new(image)), cs)
         }
@@ -106,7 +118,7 @@ pub fn convert(source: &Source, dst: &Path, target: &Target) -> Result<ConvertSt
     // so the image is clean when the last reference drops).
     match &*sink {
         Sink::Raw(out) => out
-            .sync_all()
+            .flush()
             .map_err(Error::io(format!("finishing {}", dst.display())))?,
         Sink::Qed(image) => image.flush().map_err(|e| Error::image(dst, e))?,
     }

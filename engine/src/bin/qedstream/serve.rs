@@ -213,7 +213,8 @@ async fn open_node(cmd: &ServeCommand) -> Result<Opened> {
         }
         _ => {
             let raw =
-                RawFile::from_file(file, path.clone(), !cmd.read_only).map_err(Error::device)?;
+                RawFile::from_file_with(file, path.clone(), !cmd.read_only, gate.io)
+                    .map_err(Error::device)?;
             (Arc::new(raw), None)
         }
     };

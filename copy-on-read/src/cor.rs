@@ -52,7 +52,8 @@ use crate::lock::{RangeGuard, RangeLock};
 /// Options for [`CorDevice::open`].
 #[derive(Clone, Debug)]
 pub struct CorOptions {
-    /// The gate the backing chain is opened through.
+    /// The gate the backing chain is opened through; its [`Gate::io`] (cache mode and I/O
+    /// backend) also applies to the image itself.
     pub gate: Gate,
     /// Store what reads fetch from the backing (default true).
     pub copy_on_read: bool,

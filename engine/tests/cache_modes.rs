@@ -41,7 +41,11 @@ fn create_and_convert_with_cache_none_pass_qemu_img_check() {
         args.extend(io);
         args.extend(["top.qed", "out.raw"]);
         ok_command(&mut ours(dir, &args));
-        ok(dir, "qemu-img", &["compare", "-f", "raw", "out.raw", "top.qed"]);
+        ok(
+            dir,
+            "qemu-img",
+            &["compare", "-f", "raw", "out.raw", "top.qed"],
+        );
         let mut args = vec!["create", "-b", "out.raw", "-F", "raw"];
         args.extend(io);
         args.push("new.qed");
@@ -56,13 +60,20 @@ fn stream_with_cache_none_passes_qemu_img_check() {
         let d = tempdir();
         let dir = d.path();
         raw_fixture(dir);
-        ok(dir, "qemu-img", &["convert", "-O", "raw", "top.qed", "expected.raw"]);
+        ok(
+            dir,
+            "qemu-img",
+            &["convert", "-O", "raw", "top.qed", "expected.raw"],
+        );
         ok_command(&mut ours(
             dir,
             &["stream", "--cache", "none", "--aio", aio, "top.qed"],
         ));
         let info = ok(dir, "qemu-img", &["info", "top.qed"]);
-        assert!(!info.contains("backing file"), "{aio}: still linked: {info}");
+        assert!(
+            !info.contains("backing file"),
+            "{aio}: still linked: {info}"
+        );
         assert_clean_and_equal(dir, "top.qed", "expected.raw", &format!("stream, {aio}"));
     }
 }
@@ -80,7 +91,11 @@ fn serve_with_cache_none_takes_unaligned_guest_writes() {
         let d = tempdir();
         let dir = d.path();
         raw_fixture(dir);
-        ok(dir, "qemu-img", &["convert", "-O", "raw", "top.qed", "expected.raw"]);
+        ok(
+            dir,
+            "qemu-img",
+            &["convert", "-O", "raw", "top.qed", "expected.raw"],
+        );
         qemu_io(dir, "raw", "expected.raw", &writes);
         let sock = dir.join("nbd.sock");
         let program = Path::new(env!("CARGO_BIN_EXE_qedstream"));
@@ -133,7 +148,11 @@ fn without_io_uring_the_threads_backend_is_chosen_and_works() {
     let text = String::from_utf8_lossy(&denied.stdout);
     assert!(text.contains("aio: threads"), "filtered default: {text}");
     // The whole stream under the filter, with O_DIRECT as well.
-    ok(dir, "qemu-img", &["convert", "-O", "raw", "top.qed", "expected.raw"]);
+    ok(
+        dir,
+        "qemu-img",
+        &["convert", "-O", "raw", "top.qed", "expected.raw"],
+    );
     let mut stream = ours(dir, &["stream", "--cache", "none", "top.qed"]);
     qedstream_tests::seccomp::deny_io_uring(&mut stream);
     ok_command(&mut stream);

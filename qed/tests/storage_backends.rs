@@ -17,8 +17,10 @@ use qed::{Aio, CacheMode, IoConfig, Storage};
 fn configs() -> Vec<(&'static str, IoConfig)> {
     let mut out = Vec::new();
     for (aio_name, aio) in [("threads", Aio::Threads), ("io_uring", Aio::IoUring)] {
-        for (cache_name, cache) in [("writeback", CacheMode::Writeback), ("none", CacheMode::None)]
-        {
+        for (cache_name, cache) in [
+            ("writeback", CacheMode::Writeback),
+            ("none", CacheMode::None),
+        ] {
             let name = Box::leak(format!("{aio_name}/{cache_name}").into_boxed_str());
             out.push((&*name, IoConfig { cache, aio }));
         }
@@ -44,7 +46,9 @@ fn scratch_dir() -> tempfile::TempDir {
 }
 
 fn open(config: IoConfig, dir: &tempfile::TempDir, name: &str) -> Box<dyn Storage> {
-    config.storage(scratch(dir, name)).expect("opening the storage")
+    config
+        .storage(scratch(dir, name))
+        .expect("opening the storage")
 }
 
 /// A small deterministic generator (no dependency, same sequence every run).
@@ -95,7 +99,11 @@ fn unaligned_writes_and_reads_match_a_model() {
             // Half the writes from a misaligned address.
             let mut holder = vec![0u8; len + 1];
             holder[1..].copy_from_slice(&data);
-            let src = if round % 2 == 0 { &data[..] } else { &holder[1..] };
+            let src = if round % 2 == 0 {
+                &data[..]
+            } else {
+                &holder[1..]
+            };
             s.write_at(src, offset).expect("writing");
             let end = offset as usize + len;
             if model.len() < end {
@@ -116,11 +124,17 @@ fn unaligned_writes_and_reads_match_a_model() {
         );
         let mut whole = vec![0u8; model.len()];
         s.read_at(&mut whole, 0).unwrap();
-        assert!(whole == model, "{name}: the whole file differs from the model");
+        assert!(
+            whole == model,
+            "{name}: the whole file differs from the model"
+        );
         s.flush().expect("flushing");
         drop(s);
         let on_disk = std::fs::read(dir.path().join(name.replace('/', "-"))).unwrap();
-        assert!(on_disk == model, "{name}: the file read back by name differs");
+        assert!(
+            on_disk == model,
+            "{name}: the file read back by name differs"
+        );
     }
 }
 

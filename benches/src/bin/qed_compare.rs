@@ -6,7 +6,8 @@
 //! with `cache=writeback` and `cache=none`), against qemu-io with the same `-t CACHE -i AIO`,
 //! runs interleaved, medians.
 //!
-//! `cargo run --release -p qedstream-benches --bin qed-compare [-- --quick]`
+//! `cargo run --release -p qedstream-benches --bin qed-compare [-- --quick] [--io-only]`
+//! (`--io-only`: the matrix alone, three runs)
 
 use std::path::Path;
 use std::process::Command;
@@ -99,6 +100,10 @@ fn main() {
     let d = dir.path();
     let img = d.join("w.qed");
     let pattern = vec![0x5au8; MIB as usize];
+    if std::env::args().any(|a| a == "--io-only") {
+        std::fs::write(d.join("base.raw"), vec![0x11u8; (64 * MIB) as usize]).unwrap();
+        return write_matrix(d, runs.max(3), quick);
+    }
 
     // qemu-io's own start-up and close, to read the small cases fairly.
     create(&img, 1 << 30, None);
@@ -285,7 +290,7 @@ fn main() {
         "  (qemu-img convert's default cache=unsafe skips the final sync: {:.3}s; ours always syncs)",
         unsafe_qemu.as_secs_f64()
     );
-    write_matrix(d, runs, quick);
+    write_matrix(d, runs.max(3), quick);
 }
 
 /// An image without a backing, its file read and written as `io` says.
@@ -370,7 +375,10 @@ fn write_cases(quick: bool) -> Vec<WriteCase> {
                 }
                 image.close().unwrap();
             }),
-            qemu: offsets.iter().map(|o| format!("write -P 0x5a {o} 4k")).collect(),
+            qemu: offsets
+                .iter()
+                .map(|o| format!("write -P 0x5a {o} 4k"))
+                .collect(),
         },
     ]
 }
@@ -416,7 +424,12 @@ fn write_matrix(d: &Path, runs: usize, quick: bool) {
         let ours: Vec<Duration> = ours.into_iter().map(median).collect();
         for (i, io) in configs.iter().enumerate() {
             let q = median(std::mem::take(&mut qemu[i]));
-            report(&format!("{}, {}", case.name, name(io)), case.bytes, ours[i], q);
+            report(
+                &format!("{}, {}", case.name, name(io)),
+                case.bytes,
+                ours[i],
+                q,
+            );
             println!(
                 "{:<48} ours / own buffered {:>5.2}x",
                 "",

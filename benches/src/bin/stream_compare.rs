@@ -9,7 +9,8 @@
 //! each through the page cache (`cache=writeback`) and with O_DIRECT (`cache=none`), runs
 //! interleaved, medians printed with each one's ratio to its own backend's buffered time.
 //!
-//! `cargo run --release -p qedstream-benches --bin stream-compare [-- --quick]`
+//! `cargo run --release -p qedstream-benches --bin stream-compare [-- --quick] [--io-only]`
+//! (`--io-only`: the matrix alone)
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -65,6 +66,9 @@ fn main() {
         data as f64 * 100.0 / size as f64
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
+    if std::env::args().any(|a| a == "--io-only") {
+        return io_matrix(&rt, d, runs, data);
+    }
     let sock = d.join("nbd.sock");
     let mut args: Vec<OsString> = ["-r", "-t", "-e", "8", "-f", "raw", "-k"]
         .map(OsString::from)
@@ -135,9 +139,11 @@ fn io_matrix(rt: &tokio::runtime::Runtime, d: &Path, runs: usize, data: u64) {
                 "create", "-f", "qed", "-b", "base.raw", "-F", "raw", "io.qed",
             ]));
             times[i].push(our_stream_with(rt, &d.join("io.qed"), *io));
-            ok_command(Command::new("qemu-img").current_dir(d).args([
-                "compare", "-f", "qed", "-F", "raw", "io.qed", "base.raw",
-            ]));
+            ok_command(
+                Command::new("qemu-img")
+                    .current_dir(d)
+                    .args(["compare", "-f", "qed", "-F", "raw", "io.qed", "base.raw"]),
+            );
         }
     }
     let medians: Vec<Duration> = times.into_iter().map(median).collect();

@@ -59,10 +59,16 @@ impl Image {
     ) -> Result<File> {
         let (head, file_len) = plan_create(options)?;
         let file = crate::file::create(path, inputs)?;
-        let dup = file.try_clone().map_err(Error::io("opening the new image", 0))?;
-        let storage = io.storage(dup).map_err(Error::io("opening the new image", 0))?;
+        let dup = file
+            .try_clone()
+            .map_err(Error::io("opening the new image", 0))?;
+        let storage = io
+            .storage(dup)
+            .map_err(Error::io("opening the new image", 0))?;
         write_new(&*storage, &head, file_len)?;
-        storage.flush().map_err(Error::io("flushing the new image", 0))?;
+        storage
+            .flush()
+            .map_err(Error::io("flushing the new image", 0))?;
         crate::file::lock(&file, Access::ReadWrite)?;
         Ok(file)
     }

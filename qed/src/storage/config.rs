@@ -150,9 +150,7 @@ impl IoConfig {
             (Backend::Threads, CacheMode::Writeback) => Box::new(file),
             (Backend::Threads, CacheMode::None) => Box::new(DirectFile::new(file)),
             (Backend::IoUring, CacheMode::Writeback) => Box::new(UringFile::new(file)?),
-            (Backend::IoUring, CacheMode::None) => {
-                Box::new(DirectFile::new(UringFile::new(file)?))
-            }
+            (Backend::IoUring, CacheMode::None) => Box::new(DirectFile::new(UringFile::new(file)?)),
         })
     }
 }

@@ -47,26 +47,32 @@ pub fn deny_io_uring(cmd: &mut Command) -> &mut Command {
     // SAFETY: the closure runs in the child between fork and exec and makes only two system
     // calls (async-signal-safe, no allocation); `address` is the filter leaked above, so it
     // is alive in the child's copy of the address space.
-    unsafe {
-        cmd.pre_exec(move || {
-            let prog = libc::sock_fprog {
-                len,
-                filter: address as *mut libc::sock_filter,
-            };
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let r = libc::syscall(
-                libc::SYS_seccomp,
-                libc::SECCOMP_SET_MODE_FILTER,
-                0,
-                &prog as *const libc::sock_fprog,
-            );
-            if r != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        })
-    };
+    unsafe { cmd.pre_exec(move || install_filter(len, address)) };
     cmd
+}
+
+/// `PR_SET_NO_NEW_PRIVS`, then the filter of `len` instructions at `address` (in the child).
+fn install_filter(len: u16, address: usize) -> std::io::Result<()> {
+    // SAFETY: prctl(PR_SET_NO_NEW_PRIVS) takes no pointers.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let prog = libc::sock_fprog {
+        len,
+        filter: address as *mut libc::sock_filter,
+    };
+    // SAFETY: `prog` lives across the call and points at `len` leaked, valid instructions;
+    // the kernel copies the program.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0,
+            &prog as *const libc::sock_fprog,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -313,12 +313,15 @@ fn open_with(path: &Path, io: qed::IoConfig) -> SyncDevice<CorDevice> {
     SyncDevice::open(path, options).unwrap()
 }
 
+/// Our side of a write workload: the image, and how its files are read and written.
+type OurWrites = Box<dyn Fn(&Path, qed::IoConfig)>;
+
 /// One write workload: its name, bytes written, our run, and qemu-io's commands.
 struct WriteCase {
     name: String,
     bytes: u64,
     backing: bool,
-    ours: Box<dyn Fn(&Path, qed::IoConfig)>,
+    ours: OurWrites,
     qemu: Vec<String>,
 }
 

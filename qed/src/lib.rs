@@ -20,9 +20,9 @@
 //!   in-memory implementation, and the file backends an [`IoConfig`] picks (QEMU's names):
 //!   `aio=threads` (the calling thread's pread/pwrite) or `aio=io_uring`
 //!   ([`storage::UringFile`]: one ring for the process and a reaper thread, callers blocking on
-//!   their own completions, so each calling thread has a request in flight; registered
-//!   files), through the page cache (`cache=writeback`) or with O_DIRECT (`cache=none`,
-//!   [`storage::DirectFile`]: aligned bounce buffers, read-modify-write of partial sectors
+//!   their own completions, so each calling thread has a request in flight; files are not
+//!   registered: see the module), through the page cache (`cache=writeback`) or with
+//!   O_DIRECT (`cache=none`, [`storage::DirectFile`]: aligned bounce buffers, read-modify-write of partial sectors
 //!   under striped sector locks). The default is io_uring when `io_uring_setup` works in the
 //!   process (not under a seccomp filter or an old kernel), else threads.
 //! - `tables` (internal): the L1/L2 tables of an open image: the L2 cache, crash-safe

@@ -9,9 +9,13 @@
 //! requests are in flight as threads are calling, with one system call per request and one
 //! for the reaper's batch of completions.
 //!
-//! Files are registered with the ring (a sparse table of [`FILE_SLOTS`] entries; a file that
-//! finds the table full uses its plain descriptor). Buffers are not registered: the callers'
-//! buffers are theirs (any address, any length), and a registered pool would add a copy.
+//! Files are not registered with the ring: a registered file is referenced by the ring, and
+//! after a SIGKILL the kernel drops those references only when its asynchronous ring teardown
+//! runs, so the image's locks outlived the process and a `qemu-img check` run right after
+//! the kill found the image locked (`engine/tests/stream.rs`,
+//! `sigkill_mid_stream_then_resume_gives_the_same_content`, failed with registered files).
+//! Buffers are not registered either: the callers' buffers are theirs (any address, any
+//! length), and a registered pool would add a copy.
 //!
 //! **Memory safety.** The kernel writes into (or reads from) the caller's buffer until the
 //! request's completion is posted. Every function that submits waits for that completion
@@ -34,9 +38,6 @@ use super::{FileIo, Storage};
 /// Submission queue entries of the process's ring (completions: twice as many; the kernel
 /// keeps overflowing completions rather than dropping them).
 const RING_ENTRIES: u32 = 256;
-
-/// Registered-file slots of the ring.
-pub const FILE_SLOTS: u32 = 1024;
 
 /// The largest single transfer handed to the kernel (lengths are `u32` in an SQE); longer
 /// requests are completed by the resubmission loops above.
@@ -71,7 +72,6 @@ impl Waiter {
 pub(crate) struct Ring {
     uring: IoUring,
     submit_lock: Mutex<()>,
-    free_slots: Mutex<Vec<u32>>,
 }
 
 impl std::fmt::Debug for Ring {
@@ -93,17 +93,9 @@ impl Ring {
 
     fn start() -> io::Result<Arc<Ring>> {
         let uring = IoUring::new(RING_ENTRIES)?;
-        let free_slots = match uring.submitter().register_files_sparse(FILE_SLOTS) {
-            Ok(()) => (0..FILE_SLOTS).rev().collect(),
-            Err(e) => {
-                tracing::debug!("io_uring: no registered files ({e}); plain descriptors");
-                Vec::new()
-            }
-        };
         let ring = Arc::new(Ring {
             uring,
             submit_lock: Mutex::new(()),
-            free_slots: Mutex::new(free_slots),
         });
         let reaper = Arc::clone(&ring);
         std::thread::Builder::new()
@@ -184,30 +176,6 @@ impl Ring {
             }
         }
     }
-
-    fn take_slot(&self, fd: i32) -> Option<u32> {
-        let slot = self.free_slots.lock().pop()?;
-        match self.uring.submitter().register_files_update(slot, &[fd]) {
-            Ok(_) => Some(slot),
-            Err(e) => {
-                tracing::debug!("io_uring: registering a file failed ({e})");
-                self.free_slots.lock().push(slot);
-                None
-            }
-        }
-    }
-
-    fn release_slot(&self, slot: u32) {
-        // -1 empties the slot (the kernel drops its reference to the file).
-        if self
-            .uring
-            .submitter()
-            .register_files_update(slot, &[-1])
-            .is_ok()
-        {
-            self.free_slots.lock().push(slot);
-        }
-    }
 }
 
 fn is_transient(e: &io::Error) -> bool {
@@ -224,7 +192,6 @@ fn is_transient(e: &io::Error) -> bool {
 pub struct UringFile {
     file: File,
     ring: Arc<Ring>,
-    slot: Option<u32>,
 }
 
 impl UringFile {
@@ -232,27 +199,12 @@ impl UringFile {
     /// `io_uring_setup` error when io_uring is unavailable.
     pub fn new(file: File) -> io::Result<UringFile> {
         let ring = Ring::global()?;
-        let slot = ring.take_slot(file.as_raw_fd());
-        Ok(UringFile { file, ring, slot })
+        Ok(UringFile { file, ring })
     }
 
-    /// True when the ring knows the file by a registered slot.
-    pub fn is_registered(&self) -> bool {
-        self.slot.is_some()
+    fn target(&self) -> types::Fd {
+        types::Fd(self.file.as_raw_fd())
     }
-
-    fn target(&self) -> Target {
-        match self.slot {
-            Some(slot) => Target::Fixed(types::Fixed(slot)),
-            None => Target::Fd(types::Fd(self.file.as_raw_fd())),
-        }
-    }
-}
-
-/// The file an SQE names.
-enum Target {
-    Fixed(types::Fixed),
-    Fd(types::Fd),
 }
 
 fn errno_result(r: i32) -> io::Result<usize> {
@@ -271,10 +223,9 @@ impl FileIo for UringFile {
     fn read_once(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
         let len = buf.len().min(MAX_TRANSFER) as u32;
         let ptr = buf.as_mut_ptr();
-        let entry = match self.target() {
-            Target::Fixed(f) => opcode::Read::new(f, ptr, len).offset(offset).build(),
-            Target::Fd(f) => opcode::Read::new(f, ptr, len).offset(offset).build(),
-        };
+        let entry = opcode::Read::new(self.target(), ptr, len)
+            .offset(offset)
+            .build();
         // SAFETY: `buf` is mutably borrowed for this whole call and `run` returns only after
         // the kernel has completed the read, so the kernel writes into live, unaliased memory.
         errno_result(unsafe { self.ring.run(entry) })
@@ -283,10 +234,9 @@ impl FileIo for UringFile {
     fn write_once(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
         let len = buf.len().min(MAX_TRANSFER) as u32;
         let ptr = buf.as_ptr();
-        let entry = match self.target() {
-            Target::Fixed(f) => opcode::Write::new(f, ptr, len).offset(offset).build(),
-            Target::Fd(f) => opcode::Write::new(f, ptr, len).offset(offset).build(),
-        };
+        let entry = opcode::Write::new(self.target(), ptr, len)
+            .offset(offset)
+            .build();
         // SAFETY: `buf` is borrowed for this whole call and `run` returns only after the
         // kernel has completed the write, so the kernel reads live memory.
         errno_result(unsafe { self.ring.run(entry) })
@@ -294,22 +244,9 @@ impl FileIo for UringFile {
 
     fn sync_data(&self) -> io::Result<()> {
         let flags = types::FsyncFlags::DATASYNC;
-        let entry = match self.target() {
-            Target::Fixed(f) => opcode::Fsync::new(f).flags(flags).build(),
-            Target::Fd(f) => opcode::Fsync::new(f).flags(flags).build(),
-        };
+        let entry = opcode::Fsync::new(self.target()).flags(flags).build();
         // SAFETY: an fsync names no memory; `run` waits for its completion.
         errno_result(unsafe { self.ring.run(entry) }).map(drop)
-    }
-}
-
-impl Drop for UringFile {
-    fn drop(&mut self) {
-        // No request can be in flight: each call waits for its completion, and `drop` has
-        // the file to itself.
-        if let Some(slot) = self.slot.take() {
-            self.ring.release_slot(slot);
-        }
     }
 }
 

@@ -52,7 +52,8 @@ use crate::lock::{RangeGuard, RangeLock};
 /// Options for [`CorDevice::open`].
 #[derive(Clone, Debug)]
 pub struct CorOptions {
-    /// The gate the backing chain is opened through.
+    /// The gate the backing chain is opened through; its [`Gate::io`] (cache mode and I/O
+    /// backend) also applies to the image itself.
     pub gate: Gate,
     /// Store what reads fetch from the backing (default true).
     pub copy_on_read: bool,
@@ -245,6 +246,7 @@ impl CorDevice {
         let p = path.to_path_buf();
         let read_only = options.read_only;
         let force_share = options.gate.force_share;
+        let storage = options.gate.storage(file, path)?;
         let image = blocking(move || {
             let o = OpenOptions {
                 read_only,
@@ -252,7 +254,7 @@ impl CorDevice {
                 path: Some(p.clone()),
                 ..OpenOptions::default()
             };
-            Image::open(Box::new(file), o).map_err(Error::qed(&p.display().to_string()))
+            Image::open(storage, o).map_err(Error::qed(&p.display().to_string()))
         })
         .await?;
         let backing = options.gate.open_below(&image, path, 0).await?;

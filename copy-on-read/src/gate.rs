@@ -40,6 +40,10 @@ pub struct Gate {
     /// (`-U`: inspect an image another process may be writing) instead of
     /// [`qed::Access::ReadOnly`], which keeps writers and resizers out.
     pub force_share: bool,
+    /// How image and raw files are read and written: page cache or O_DIRECT, io_uring or
+    /// pread/pwrite (the CLI's `--cache` and `--aio`). Applies to the top image opened with
+    /// [`crate::CorDevice::open`] and to every file of its chain.
+    pub io: qed::IoConfig,
 }
 
 impl Default for Gate {
@@ -51,6 +55,7 @@ impl Default for Gate {
             max_depth: qed::backing::DEFAULT_MAX_DEPTH,
             nbd: nbd_client::ClientConfig::default(),
             force_share: false,
+            io: qed::IoConfig::default(),
         }
     }
 }
@@ -112,6 +117,13 @@ impl Gate {
         }
     }
 
+    /// Wraps `file` (opened from `path`) as [`Gate::io`] says: O_DIRECT or not, on io_uring
+    /// or pread/pwrite. Fails when io_uring was asked for and is unavailable, or the file
+    /// system refuses O_DIRECT.
+    pub fn storage(&self, file: std::fs::File, path: &Path) -> Result<Box<dyn qed::Storage>> {
+        storage_for(self.io, file, path)
+    }
+
     /// How files below the top are opened: [`qed::Access::ReadOnly`], or
     /// [`qed::Access::SharedRead`] with [`Gate::force_share`].
     pub fn read_access(&self) -> qed::Access {
@@ -155,6 +167,7 @@ impl Gate {
             seen.to_vec(),
         );
         let force_share = self.force_share;
+        let io = self.io;
         let opened = blocking(move || {
             let admitted = match rules.admit_file(&n, at.as_deref(), depth, &seen_now, recorded) {
                 Ok(a) => a,
@@ -164,7 +177,7 @@ impl Gate {
             let path = admitted.path;
             match admitted.format {
                 "raw" => Ok(Ok(OpenedLayer::Raw {
-                    raw: RawFile::from_file(admitted.file, path.clone(), false)?,
+                    raw: RawFile::from_file_with(admitted.file, path.clone(), false, io)?,
                     path,
                 })),
                 "qed" => {
@@ -174,7 +187,8 @@ impl Gate {
                         path: Some(path.clone()),
                         ..OpenOptions::default()
                     };
-                    let image = Image::open(Box::new(admitted.file), options)
+                    let storage = storage_for(io, admitted.file, &path)?;
+                    let image = Image::open(storage, options)
                         .map_err(Error::qed(&path.display().to_string()))?;
                     Ok(Ok(OpenedLayer::Qed {
                         image: Box::new(image),
@@ -232,6 +246,18 @@ impl Gate {
         let layers = self.open_chain(image, path, depth).await?;
         Ok(stack(layers))
     }
+}
+
+/// `file` (opened from `path`) as the storage `io` asks for; a refusal names the file.
+pub(crate) fn storage_for(
+    io: qed::IoConfig,
+    file: std::fs::File,
+    path: &Path,
+) -> Result<Box<dyn qed::Storage>> {
+    io.storage(file).map_err(|source| Error::Open {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Stacks opened layers (top first) into devices, bottom up: each QED layer reads what it

@@ -1,9 +1,9 @@
-//! A raw file as a block device. I/O runs on tokio's blocking pool (`spawn_blocking`) with
-//! positioned reads and writes; block status comes from `SEEK_DATA`/`SEEK_HOLE`.
+//! A raw file as a block device. I/O runs on tokio's blocking pool (`spawn_blocking`) through
+//! the file's [`qed::Storage`] (pread/pwrite or io_uring, page cache or O_DIRECT, as the
+//! [`qed::IoConfig`] says); block status comes from `SEEK_DATA`/`SEEK_HOLE`.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -18,6 +18,7 @@ use crate::error::{blocking, Error, Result};
 #[derive(Debug)]
 pub struct RawFile {
     file: Arc<File>,
+    data: Arc<dyn qed::Storage>,
     path: PathBuf,
     size: u64,
     writable: bool,
@@ -43,14 +44,31 @@ impl RawFile {
         RawFile::from_file(file, path.to_path_buf(), access.writes())
     }
 
-    /// Wraps an open file.
+    /// Wraps an open file, with the default [`qed::IoConfig`].
     pub fn from_file(file: File, path: PathBuf, writable: bool) -> Result<RawFile> {
+        RawFile::from_file_with(file, path, writable, qed::IoConfig::default())
+    }
+
+    /// Wraps an open file; its data is read and written as `io` says (the descriptor is
+    /// duplicated: O_DIRECT, when asked for, is set on the file as a whole).
+    pub fn from_file_with(
+        file: File,
+        path: PathBuf,
+        writable: bool,
+        io: qed::IoConfig,
+    ) -> Result<RawFile> {
+        let dup = file.try_clone().map_err(|source| Error::Open {
+            path: path.clone(),
+            source,
+        })?;
+        let data: Arc<dyn qed::Storage> = Arc::from(crate::gate::storage_for(io, dup, &path)?);
         let len = file
             .metadata()
             .map_err(Error::io("sizing raw file", 0))?
             .len();
         Ok(RawFile {
             file: Arc::new(file),
+            data,
             path,
             size: len.div_ceil(512) * 512,
             writable,
@@ -67,22 +85,6 @@ impl RawFile {
     pub fn file(&self) -> &File {
         &self.file
     }
-}
-
-fn pread_padded(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < buf.len() {
-        match file.read_at(&mut buf[done..], offset + done as u64) {
-            Ok(0) => {
-                buf[done..].fill(0);
-                break;
-            }
-            Ok(n) => done += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// `lseek(fd, pos, whence)`, or `None` when the call fails.
@@ -153,14 +155,14 @@ impl BlockDevice for RawFile {
     }
 
     fn readv(&self, offset: u64, mut bufs: IoBufs) -> IoFuture<'_, IoBufs> {
-        let file = Arc::clone(&self.file);
+        let data = Arc::clone(&self.data);
         Box::pin(async move {
             self.closed.check()?;
             check_range(offset, bufs.len() as u64, self.size)?;
             // Straight into the caller's segments.
             blocking(move || {
                 for (at, seg) in bufs.segments_mut() {
-                    pread_padded(&file, seg, offset + at as u64)
+                    data.read_at(seg, offset + at as u64)
                         .map_err(Error::io("reading raw file", offset + at as u64))?;
                 }
                 Ok(bufs)
@@ -170,7 +172,7 @@ impl BlockDevice for RawFile {
     }
 
     fn writev(&self, offset: u64, bufs: IoBufs, flags: WriteFlags) -> IoFuture<'_, IoBufs> {
-        let file = Arc::clone(&self.file);
+        let data = Arc::clone(&self.data);
         Box::pin(async move {
             self.closed.check()?;
             if !self.writable {
@@ -179,11 +181,11 @@ impl BlockDevice for RawFile {
             check_range(offset, bufs.len() as u64, self.size)?;
             blocking(move || {
                 for (at, seg) in bufs.segments() {
-                    file.write_all_at(seg, offset + at as u64)
+                    data.write_at(seg, offset + at as u64)
                         .map_err(Error::io("writing raw file", offset + at as u64))?;
                 }
                 if flags.fua {
-                    file.sync_data()
+                    data.flush()
                         .map_err(Error::io("flushing raw file", offset))?;
                 }
                 Ok(bufs)
@@ -209,14 +211,14 @@ impl BlockDevice for RawFile {
     }
 
     fn flush(&self) -> IoFuture<'_, ()> {
-        let file = Arc::clone(&self.file);
+        let data = Arc::clone(&self.data);
         let writable = self.writable;
         Box::pin(async move {
             self.closed.check()?;
             if !writable {
                 return Ok(());
             }
-            blocking(move || file.sync_data().map_err(Error::io("flushing raw file", 0))).await
+            blocking(move || data.flush().map_err(Error::io("flushing raw file", 0))).await
         })
     }
 

@@ -151,6 +151,7 @@ fn open_top_layer(
     path: &Path,
     format: BackingFormat,
     access: qed::Access,
+    io: qed::IoConfig,
     runtime: &tokio::runtime::Runtime,
 ) -> Result<ChainLayer> {
     let name = path.display().to_string();
@@ -168,7 +169,9 @@ fn open_top_layer(
     let file = qed::file::open(path, access).map_err(|e| Error::image(path, e))?;
     let detected = probe_storage(&file).map_err(|e| Error::open(path, e))?;
     let layer = if format == BackingFormat::Raw || detected == "raw" {
-        Layer::Raw(RawFile::from_file(file, path.to_path_buf(), false).map_err(Error::device)?)
+        Layer::Raw(
+            RawFile::from_file_with(file, path.to_path_buf(), false, io).map_err(Error::device)?,
+        )
     } else if detected == "qed" {
         let options = OpenOptions {
             read_only: true,
@@ -176,8 +179,9 @@ fn open_top_layer(
             path: Some(path.to_path_buf()),
             ..OpenOptions::default()
         };
+        let storage = io.storage(file).map_err(|e| Error::open(path, e))?;
         Layer::Qed(Box::new(
-            Image::open(Box::new(file), options).map_err(|e| Error::image(path, e))?,
+            Image::open(storage, options).map_err(|e| Error::image(path, e))?,
         ))
     } else {
         return Err(Error::UnsupportedFormat {
@@ -227,7 +231,7 @@ impl Chain {
                 })
             }
         };
-        let top = open_top_layer(path, top_format, gate.read_access(), &runtime)?;
+        let top = open_top_layer(path, top_format, gate.read_access(), gate.io, &runtime)?;
         if format == Some("qed") && top.format() != "qed" {
             return Err(Error::FormatMismatch {
                 path: path.to_path_buf(),

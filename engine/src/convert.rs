@@ -58,7 +58,7 @@ const IN_FLIGHT_BYTES: u64 = 32 << 20;
 /// ([`DirectStorage`]).
 #[derive(Debug)]
 enum Sink {
-    Raw(DirectStorage),
+    Raw(Box<dyn Storage>),
     Qed(Box<Image>),
 }
 
@@ -93,6 +93,26 @@ impl Sink {
     }
 }
 
+/// Bytes [`DirectStorage`] has written past the page cache.
+type DirectCount = Arc<std::sync::atomic::AtomicU64>;
+
+/// The output's storage: with `--cache none`, the configured backend with O_DIRECT for every
+/// write; otherwise whole aligned data blocks past the page cache through a second O_DIRECT
+/// description ([`DirectStorage`], whose byte count comes back) and the rest buffered.
+fn output_storage(
+    file: std::fs::File,
+    dst: &Path,
+    io: qed::IoConfig,
+) -> Result<(Box<dyn Storage>, Option<DirectCount>)> {
+    if io.cache == qed::CacheMode::None {
+        let storage = io.storage(file).map_err(|e| Error::open(dst, e))?;
+        return Ok((storage, None));
+    }
+    let storage = DirectStorage::new(file);
+    let direct = storage.direct_bytes();
+    Ok((Box::new(storage), Some(direct)))
+}
+
 /// Grows the new image's file (sparse) to the most a conversion of `size` bytes can allocate:
 /// every data cluster and every L2 table. Direct writes inside the file's length do not
 /// extend it, and ext4 runs such writes concurrently, where writes that extend the file wait
@@ -111,8 +131,18 @@ fn presize(image: &Image, size: u64) {
     }
 }
 
-/// Copies `source` into `dst` as `target`.
+/// Copies `source` into `dst` as `target`, with the default [`qed::IoConfig`].
 pub fn convert(source: &Source, dst: &Path, target: &Target) -> Result<ConvertStats> {
+    convert_with(source, dst, target, qed::IoConfig::default())
+}
+
+/// Copies `source` into `dst` as `target`, writing `dst` as `io` says (`--cache`, `--aio`).
+pub fn convert_with(
+    source: &Source,
+    dst: &Path,
+    target: &Target,
+    io: qed::IoConfig,
+) -> Result<ConvertStats> {
     let size = source.size();
     let direct_bytes;
     let (sink, block) = match target {
@@ -123,8 +153,8 @@ pub fn convert(source: &Source, dst: &Path, target: &Target) -> Result<ConvertSt
             out.set_len(0)
                 .and_then(|()| out.set_len(size))
                 .map_err(Error::io(format!("sizing {}", dst.display())))?;
-            let out = DirectStorage::new(out);
-            direct_bytes = out.direct_bytes();
+            let (out, direct) = output_storage(out, dst, io)?;
+            direct_bytes = direct;
             (Sink::Raw(out), 64 << 10)
         }
         Target::Qed {
@@ -143,8 +173,8 @@ pub fn convert(source: &Source, dst: &Path, target: &Target) -> Result<ConvertSt
                 path: Some(dst.to_path_buf()),
                 ..OpenOptions::default()
             };
-            let storage = Box::new(DirectStorage::new(file));
-            direct_bytes = storage.direct_bytes();
+            let (storage, direct) = output_storage(file, dst, io)?;
+            direct_bytes = direct;
             let image = Image::open(storage, options).map_err(|e| Error::image(dst, e))?;
             presize(&image, size);
             let cs = image.geometry().cluster_size();
@@ -158,7 +188,9 @@ pub fn convert(source: &Source, dst: &Path, target: &Target) -> Result<ConvertSt
     Ok(ConvertStats {
         virtual_size: size,
         data_bytes,
-        direct_bytes: direct_bytes.load(std::sync::atomic::Ordering::Relaxed),
+        // With `--cache none` every write went past the page cache.
+        direct_bytes: direct_bytes
+            .map_or(data_bytes, |n| n.load(std::sync::atomic::Ordering::Relaxed)),
     })
 }
 

@@ -77,7 +77,7 @@ impl Source {
             match format.as_str() {
                 "raw" => (
                     Arc::new(
-                        RawFile::from_file(file, name.to_path_buf(), false)
+                        RawFile::from_file_with(file, name.to_path_buf(), false, gate.io)
                             .map_err(Error::device)?,
                     ),
                     SourceKind::Raw,

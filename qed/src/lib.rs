@@ -17,7 +17,14 @@
 //!   opened once, confinement checked on the opened descriptor, loops by file identity,
 //!   depth bound, probe policy.
 //! - [`storage`]: the [`Storage`] trait (positioned, thread-safe I/O) with a file and an
-//!   in-memory implementation.
+//!   in-memory implementation, and the file backends an [`IoConfig`] picks (QEMU's names):
+//!   `aio=threads` (the calling thread's pread/pwrite) or `aio=io_uring`
+//!   ([`storage::UringFile`]: one ring for the process and a reaper thread, callers blocking on
+//!   their own completions, so each calling thread has a request in flight; files are not
+//!   registered: see the module), through the page cache (`cache=writeback`) or with
+//!   O_DIRECT (`cache=none`, [`storage::DirectFile`]: aligned bounce buffers, read-modify-write of partial sectors
+//!   under striped sector locks). The default is io_uring when `io_uring_setup` works in the
+//!   process (not under a seccomp filter or an old kernel), else threads.
 //! - `tables` (internal): the L1/L2 tables of an open image: the L2 cache, crash-safe
 //!   updates under a lock per L2 table, the allocation cursor, and the walk API the check
 //!   uses. It answers "where" and keeps metadata consistent; it never touches guest data.
@@ -107,5 +114,5 @@ pub use error::{Error, Result};
 pub use file::{Access, FileId, LockConflict};
 pub use image::{CreateOptions, Extent, Image, Mapping, OpenOptions, PopulateOutcome};
 pub use layout::{Geometry, Header};
-pub use storage::{MemStorage, Storage};
+pub use storage::{Aio, Backend, CacheMode, IoConfig, MemStorage, Storage};
 pub use types::{GuestCluster, GuestOffset, HostCluster, HostOffset, L1Index};

@@ -66,6 +66,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod qsd;
 pub mod runtime;
+pub mod seccomp;
 pub mod served;
 pub mod tmpfs;
 pub mod tools;

@@ -7,6 +7,12 @@
 //!
 //! The convert comparison runs the `qedstream` binary (beside this runner, or `$QEDSTREAM`)
 //! and `qemu-img` as processes, `$CONVERT_RUNS` times each (default 5), interleaved.
+//!
+//! Then the write cases again under each I/O backend × cache mode (io_uring and threads, each
+//! with `cache=writeback` and `cache=none`), against qemu-io with the same `-t CACHE -i AIO`,
+//! runs interleaved, medians.
+//!
+//! `--io-only`: the backend × cache matrix alone, three runs.
 
 use std::path::Path;
 use std::process::Command;
@@ -232,6 +238,10 @@ fn main() {
     let d = dir.path();
     let img = d.join("w.qed");
     let pattern = vec![0x5au8; MIB as usize];
+    if std::env::args().any(|a| a == "--io-only") {
+        std::fs::write(d.join("base.raw"), vec![0x11u8; (64 * MIB) as usize]).unwrap();
+        return write_matrix(d, runs.max(3), quick);
+    }
 
     // qemu-io's own start-up and close, to read the small cases fairly.
     create(&img, 1 << 30, None);
@@ -360,4 +370,154 @@ fn main() {
 
     // 5. convert -O qed, as processes: see `convert_comparison`.
     convert_comparison(d, quick);
+    write_matrix(d, runs.max(3), quick);
+}
+
+/// An image without a backing, its file read and written as `io` says.
+fn open_alone_with(path: &Path, io: qed::IoConfig) -> Image {
+    let file = qed::file::open(path, qed::Access::ReadWrite).unwrap();
+    let options = OpenOptions {
+        path: Some(path.to_path_buf()),
+        ..OpenOptions::default()
+    };
+    Image::open(io.storage(file).unwrap(), options).unwrap()
+}
+
+/// The image over its backing through the copy-on-read device, every file as `io` says.
+fn open_with(path: &Path, io: qed::IoConfig) -> SyncDevice<CorDevice> {
+    let mut options = CorOptions {
+        copy_on_read: false,
+        ..CorOptions::default()
+    };
+    options.gate.io = io;
+    SyncDevice::open(path, options).unwrap()
+}
+
+/// Our side of a write workload: the image, and how its files are read and written.
+type OurWrites = Box<dyn Fn(&Path, qed::IoConfig)>;
+
+/// One write workload: its name, bytes written, our run, and qemu-io's commands.
+struct WriteCase {
+    name: String,
+    bytes: u64,
+    backing: bool,
+    ours: OurWrites,
+    qemu: Vec<String>,
+}
+
+fn write_cases(quick: bool) -> Vec<WriteCase> {
+    let seq = if quick { 64 * MIB } else { 256 * MIB };
+    let count = if quick { 1024 } else { 4096 };
+    let mut rng = XorShift::new(42);
+    let offsets: Vec<u64> = (0..count)
+        .map(|_| (rng.next_u64() % (1 << 30)) & !4095)
+        .collect();
+    let random = offsets.clone();
+    vec![
+        WriteCase {
+            name: format!("sequential 1 MiB writes, {} MiB", seq / MIB),
+            bytes: seq,
+            backing: false,
+            ours: Box::new(move |img, io| {
+                let image = open_alone_with(img, io);
+                let pattern = vec![0x5au8; MIB as usize];
+                for i in 0..seq / MIB {
+                    image.write_at(&pattern, GuestOffset(i * MIB)).unwrap();
+                }
+                image.close().unwrap();
+            }),
+            qemu: (0..seq / MIB)
+                .map(|i| format!("write -P 0x5a {} 1M", i * MIB))
+                .collect(),
+        },
+        WriteCase {
+            name: "sequential 64 KiB writes, raw backing".into(),
+            bytes: 64 * MIB,
+            backing: true,
+            ours: Box::new(|img, io| {
+                let image = open_with(img, io);
+                let pattern = vec![0x5au8; 65536];
+                for i in 0..(64 * MIB) / 65536 {
+                    image.write_at(&pattern, i * 65536).unwrap();
+                }
+                image.close().unwrap();
+            }),
+            qemu: (0..(64 * MIB) / 65536)
+                .map(|i| format!("write -P 0x5a {} 64k", i * 65536))
+                .collect(),
+        },
+        WriteCase {
+            name: format!("random 4 KiB allocating writes x{count}"),
+            bytes: count * 4096,
+            backing: false,
+            ours: Box::new(move |img, io| {
+                let image = open_alone_with(img, io);
+                let pattern = vec![0x5au8; 4096];
+                for &o in &random {
+                    image.write_at(&pattern, GuestOffset(o)).unwrap();
+                }
+                image.close().unwrap();
+            }),
+            qemu: offsets
+                .iter()
+                .map(|o| format!("write -P 0x5a {o} 4k"))
+                .collect(),
+        },
+    ]
+}
+
+/// qemu-io on `image` with QEMU's own cache mode and aio backend.
+fn qemu_io_with(image: &Path, io: qed::IoConfig, cmds: &[String]) {
+    let aio = io.backend().unwrap().name();
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "qed", "-t", io.cache.name(), "-i", aio]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    ok_command(c.arg(image));
+}
+
+/// The write cases under every backend × cache mode, ours and qemu-io's, interleaved.
+fn write_matrix(d: &Path, runs: usize, quick: bool) {
+    let img = d.join("m.qed");
+    let mut configs = Vec::new();
+    for aio in [qed::Aio::IoUring, qed::Aio::Threads] {
+        for cache in [qed::CacheMode::Writeback, qed::CacheMode::None] {
+            configs.push(qed::IoConfig { cache, aio });
+        }
+    }
+    let name = |io: &qed::IoConfig| format!("{}/{}", io.backend().unwrap().name(), io.cache.name());
+    for case in write_cases(quick) {
+        let size = if case.backing { 64 * MIB } else { 1 << 30 };
+        let backing = case.backing.then_some("base.raw");
+        let mut ours = vec![Vec::new(); configs.len()];
+        let mut qemu = vec![Vec::new(); configs.len()];
+        for _ in 0..runs {
+            for (i, io) in configs.iter().enumerate() {
+                create(&img, size, backing);
+                let t = Instant::now();
+                (case.ours)(&img, *io);
+                ours[i].push(t.elapsed());
+                create(&img, size, backing);
+                let t = Instant::now();
+                qemu_io_with(&img, *io, &case.qemu);
+                qemu[i].push(t.elapsed());
+            }
+        }
+        let ours: Vec<Duration> = ours.into_iter().map(median).collect();
+        for (i, io) in configs.iter().enumerate() {
+            let q = median(std::mem::take(&mut qemu[i]));
+            report(
+                &format!("{}, {}", case.name, name(io)),
+                case.bytes,
+                ours[i],
+                q,
+            );
+            println!(
+                "{:<48} ours / own buffered {:>5.2}x",
+                "",
+                ours[i].as_secs_f64() / ours[i - i % 2].as_secs_f64()
+            );
+        }
+    }
 }

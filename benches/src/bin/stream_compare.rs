@@ -5,7 +5,12 @@
 //! the block-stream command to BLOCK_JOB_COMPLETED). Prints medians and QEMU time / our time.
 //! Each result is checked with `qemu-img compare` against the base.
 //!
-//! `cargo run --release -p qedstream-benches --bin stream-compare [-- --quick]`
+//! Then the backend × cache matrix of our stream over the raw file: io_uring and threads,
+//! each through the page cache (`cache=writeback`) and with O_DIRECT (`cache=none`), runs
+//! interleaved, medians printed with each one's ratio to its own backend's buffered time.
+//!
+//! `cargo run --release -p qedstream-benches --bin stream-compare [-- --quick] [--io-only]`
+//! (`--io-only`: the matrix alone)
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -21,9 +26,15 @@ use qedstream_tests::qsd;
 use qedstream_tests::tools::ok_command;
 
 fn our_stream(rt: &tokio::runtime::Runtime, image: &Path) -> Duration {
+    our_stream_with(rt, image, qed::IoConfig::default())
+}
+
+fn our_stream_with(rt: &tokio::runtime::Runtime, image: &Path, io: qed::IoConfig) -> Duration {
     rt.block_on(async {
         let t = Instant::now();
-        let dev = Arc::new(CorDevice::open(image, CorOptions::default()).await.unwrap());
+        let mut options = CorOptions::default();
+        options.gate.io = io;
+        let dev = Arc::new(CorDevice::open(image, options).await.unwrap());
         let outcome = StreamJob::start(dev.clone(), StreamOptions::default())
             .wait()
             .await
@@ -55,6 +66,9 @@ fn main() {
         data as f64 * 100.0 / size as f64
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
+    if std::env::args().any(|a| a == "--io-only") {
+        return io_matrix(&rt, d, runs, data);
+    }
     let sock = d.join("nbd.sock");
     let mut args: Vec<OsString> = ["-r", "-t", "-e", "8", "-f", "raw", "-k"]
         .map(OsString::from)
@@ -96,6 +110,52 @@ fn main() {
             q.as_secs_f64(),
             mbs(q),
             q.as_secs_f64() / o.as_secs_f64()
+        );
+    }
+    io_matrix(&rt, d, runs, data);
+}
+
+/// The four backend × cache configurations, with their names.
+fn io_configs() -> Vec<(String, qed::IoConfig)> {
+    let mut out = Vec::new();
+    for aio in [qed::Aio::IoUring, qed::Aio::Threads] {
+        for cache in [qed::CacheMode::Writeback, qed::CacheMode::None] {
+            let io = qed::IoConfig { cache, aio };
+            let name = format!("{}/{}", io.backend().unwrap().name(), cache.name());
+            out.push((name, io));
+        }
+    }
+    out
+}
+
+/// Our stream over the raw base under each configuration, interleaved run by run.
+fn io_matrix(rt: &tokio::runtime::Runtime, d: &Path, runs: usize, data: u64) {
+    let configs = io_configs();
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
+    for _ in 0..runs.max(3) {
+        for (i, (_, io)) in configs.iter().enumerate() {
+            let _ = std::fs::remove_file(d.join("io.qed"));
+            ok_command(Command::new("qemu-img").current_dir(d).args([
+                "create", "-f", "qed", "-b", "base.raw", "-F", "raw", "io.qed",
+            ]));
+            times[i].push(our_stream_with(rt, &d.join("io.qed"), *io));
+            ok_command(
+                Command::new("qemu-img")
+                    .current_dir(d)
+                    .args(["compare", "-f", "qed", "-F", "raw", "io.qed", "base.raw"]),
+            );
+        }
+    }
+    let medians: Vec<Duration> = times.into_iter().map(median).collect();
+    for (i, (name, _)) in configs.iter().enumerate() {
+        // Configurations come in pairs: (writeback, none) per backend.
+        let buffered = medians[i - i % 2];
+        let t = medians[i].as_secs_f64();
+        println!(
+            "stream, raw file, {name:<20} {t:>7.3}s ({:>6.0} MB/s of data)   / own buffered {:>5.2}x   / io_uring/writeback {:>5.2}x",
+            data as f64 / t / 1e6,
+            t / buffered.as_secs_f64(),
+            t / medians[0].as_secs_f64()
         );
     }
 }

@@ -49,6 +49,30 @@ impl Image {
         Ok(file)
     }
 
+    /// As [`Image::create_file`], writing the new image through the storage `io` asks for
+    /// (O_DIRECT for [`crate::CacheMode::None`]) and flushing it.
+    pub fn create_file_with(
+        path: &Path,
+        options: &CreateOptions,
+        inputs: &[FileId],
+        io: crate::IoConfig,
+    ) -> Result<File> {
+        let (head, file_len) = plan_create(options)?;
+        let file = crate::file::create(path, inputs)?;
+        let dup = file
+            .try_clone()
+            .map_err(Error::io("opening the new image", 0))?;
+        let storage = io
+            .storage(dup)
+            .map_err(Error::io("opening the new image", 0))?;
+        write_new(&*storage, &head, file_len)?;
+        storage
+            .flush()
+            .map_err(Error::io("flushing the new image", 0))?;
+        crate::file::lock(&file, Access::ReadWrite)?;
+        Ok(file)
+    }
+
     /// Opens the file at `path`, with QEMU's image locks: [`Access::ReadWrite`], or
     /// [`Access::ReadOnly`] when `options.read_only` ([`Access::SharedRead`] with
     /// `options.force_share`).

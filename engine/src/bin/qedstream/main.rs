@@ -24,7 +24,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Map, Value};
 
 use engine::chain::{chain_info_json, info_json, Chain};
-use engine::convert::{convert, Target};
+use engine::convert::{convert_with, Target};
 use engine::size::parse_size;
 use engine::source::{Source, SourceKind};
 use qed::backing::resolve_backing_path;
@@ -72,9 +72,34 @@ struct ChainArgs {
     /// then it fails (EIO), so a request the server dies on cannot loop.
     #[arg(long, value_name = "N", default_value_t = 3)]
     request_retries: u32,
+    /// The host's page cache for image and raw files (QEMU's cache modes): writeback (through
+    /// it) or none (O_DIRECT; flushes are still sent).
+    #[arg(long, value_name = "MODE", default_value = "writeback")]
+    cache: qed::CacheMode,
+    /// The I/O backend (QEMU's aio=): io_uring or threads (pread/pwrite). Default: io_uring
+    /// when the kernel allows it, else threads.
+    #[arg(long, value_name = "BACKEND", value_parser = parse_aio)]
+    aio: Option<qed::Aio>,
+}
+
+/// `--aio`: QEMU's two names only (the default is left to the run-time probe).
+fn parse_aio(s: &str) -> std::result::Result<qed::Aio, String> {
+    match s {
+        "io_uring" => Ok(qed::Aio::IoUring),
+        "threads" => Ok(qed::Aio::Threads),
+        other => Err(format!("'{other}' is not io_uring or threads")),
+    }
 }
 
 impl ChainArgs {
+    /// How files are read and written (`--cache`, `--aio`).
+    fn io(self) -> qed::IoConfig {
+        qed::IoConfig {
+            cache: self.cache,
+            aio: self.aio.unwrap_or_default(),
+        }
+    }
+
     fn gate(self) -> copy_on_read::Gate {
         self.shared(false).gate()
     }
@@ -100,6 +125,7 @@ impl SharedChainArgs {
         let mut gate = copy_on_read::Gate {
             max_depth: self.chain.max_chain_depth,
             force_share: self.force_share,
+            io: self.chain.io(),
             ..copy_on_read::Gate::default()
         };
         gate.nbd.reconnect_delay = self.chain.reconnect_delay;
@@ -150,6 +176,10 @@ enum Command {
         /// Also open and show every backing layer, top first.
         #[arg(long)]
         backing_chain: bool,
+        /// Also name the I/O backend (io_uring or threads) and cache mode the files were
+        /// opened with.
+        #[arg(short = 'v', long)]
+        verbose: bool,
         /// Inspect an image that another process may be using (take only the "read" image
         /// lock, as qemu-img -U); what is read may be inconsistent while a writer runs.
         #[arg(short = 'U', long = "force-share")]
@@ -537,13 +567,14 @@ fn run(cli: Cli) -> Result<u8> {
             chain,
             output,
             backing_chain,
+            verbose,
             force_share,
             format,
             image,
         } => cmd_info(
             chain,
             output,
-            backing_chain,
+            (backing_chain, verbose),
             force_share,
             format.as_deref(),
             &image,
@@ -878,14 +909,15 @@ fn cmd_create(
     };
     // Validates every option before the file is touched; refuses the backing itself (by
     // device and inode) and a file another process holds.
-    Image::create_file(image, &options, &inputs).map_err(|e| Error::image(image, e))?;
+    Image::create_file_with(image, &options, &inputs, chain.io())
+        .map_err(|e| Error::image(image, e))?;
     Ok(0)
 }
 
 fn cmd_info(
     chain: ChainArgs,
     output: Output,
-    backing_chain: bool,
+    (backing_chain, verbose): (bool, bool),
     force_share: bool,
     format: Option<&str>,
     image: &Path,
@@ -909,7 +941,20 @@ fn cmd_info(
         )?,
         Output::Human => print_info_human(&layers)?,
     }
+    if verbose {
+        print_io(gate.io)?;
+    }
     Ok(0)
+}
+
+/// `info --verbose`: the backend the files were opened with and the cache mode.
+fn print_io(io: qed::IoConfig) -> Result<()> {
+    let backend = io
+        .backend()
+        .map_err(engine::Error::io("choosing the I/O backend"))?;
+    outln!("aio: {}", backend.name())?;
+    outln!("cache: {}", io.cache.name())?;
+    Ok(())
 }
 
 fn print_info_human(layers: &[Value]) -> Result<()> {
@@ -1298,7 +1343,7 @@ fn cmd_convert(
         }
     };
     let source = Source::open_with(src, format, chain.gate())?;
-    convert(&source, dst, &target)?;
+    convert_with(&source, dst, &target, chain.chain.io())?;
     source.close()?;
     Ok(0)
 }

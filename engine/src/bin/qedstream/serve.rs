@@ -212,8 +212,8 @@ async fn open_node(cmd: &ServeCommand) -> Result<Opened> {
             (dev.clone(), Some(dev))
         }
         _ => {
-            let raw =
-                RawFile::from_file(file, path.clone(), !cmd.read_only).map_err(Error::device)?;
+            let raw = RawFile::from_file_with(file, path.clone(), !cmd.read_only, gate.io)
+                .map_err(Error::device)?;
             (Arc::new(raw), None)
         }
     };

@@ -1,14 +1,111 @@
-//! The small I/O trait under an image, and its two implementations: a file and memory.
+//! The small I/O trait under an image, and its implementations: a file, memory, and the file
+//! backends an [`IoConfig`] chooses.
 //!
 //! Everything the `qed` crate reads or writes goes through [`Storage`]. Its methods take `&self`
 //! so many threads can do positioned I/O at once; an implementation must make concurrent calls
 //! on disjoint ranges safe.
+//!
+//! A file is read and written by one of two backends ([`Aio`], QEMU's `aio=` names):
+//! `threads`, the calling thread's own `pread`/`pwrite`/`fdatasync` (`impl Storage for File`),
+//! or `io_uring` ([`UringFile`]: one ring for the process, callers block on their own
+//! completions, so every calling thread has a request in flight). Either runs through the page
+//! cache ([`CacheMode::Writeback`]) or with O_DIRECT ([`CacheMode::None`], QEMU's
+//! `cache=none`: flushes are still sent), where [`DirectFile`] takes care of alignment.
+//! [`IoConfig::storage`] turns an open file into the storage the configuration asks for.
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 
 use parking_lot::RwLock;
+
+mod config;
+pub mod direct;
+pub mod uring;
+
+pub use config::{Aio, Backend, CacheMode, IoConfig, StorageSetupError};
+pub use direct::DirectFile;
+pub use uring::UringFile;
+
+/// One positioned transfer on a file, which may be short (one system call, or one ring
+/// request): what the buffered and O_DIRECT storages are built on.
+pub trait FileIo: Send + Sync + std::fmt::Debug {
+    /// The open file (for its length, truncation, `lseek` and identity).
+    fn file(&self) -> &File;
+    /// Reads at most `buf.len()` bytes at `offset`; 0 at the end of the file.
+    fn read_once(&self, buf: &mut [u8], offset: u64) -> io::Result<usize>;
+    /// Writes at most `buf.len()` bytes at `offset`.
+    fn write_once(&self, buf: &[u8], offset: u64) -> io::Result<usize>;
+    /// `fdatasync`.
+    fn sync_data(&self) -> io::Result<()>;
+}
+
+impl FileIo for File {
+    fn file(&self) -> &File {
+        self
+    }
+
+    fn read_once(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        FileExt::read_at(self, buf, offset)
+    }
+
+    fn write_once(&self, buf: &[u8], offset: u64) -> io::Result<usize> {
+        FileExt::write_at(self, buf, offset)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+}
+
+/// Fills `buf` from `offset`, resubmitting short reads; past the end of the file, zeros.
+pub(crate) fn read_full<B: FileIo + ?Sized>(io: &B, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match io.read_once(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf[done..].fill(0);
+    Ok(())
+}
+
+/// Writes all of `buf` at `offset`, resubmitting short writes.
+pub(crate) fn write_full<B: FileIo + ?Sized>(io: &B, buf: &[u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        match io.write_once(&buf[done..], offset + done as u64) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// `lseek(SEEK_DATA)`: where data begins at or after `offset`, `u64::MAX` for none, `None`
+/// when the file system cannot say.
+pub(crate) fn seek_data(file: &File, offset: u64) -> io::Result<Option<u64>> {
+    use std::os::fd::AsRawFd;
+    let Ok(off) = libc::off_t::try_from(offset) else {
+        return Ok(None);
+    };
+    // SAFETY: lseek only repositions the file offset of a descriptor that `file` owns for
+    // the duration of the call; no memory is shared with the kernel. Positioned I/O
+    // (pread/pwrite, ring requests with offsets) does not depend on the file offset.
+    let r = unsafe { libc::lseek(file.as_raw_fd(), off, libc::SEEK_DATA) };
+    if r >= 0 {
+        return Ok(Some(r as u64));
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::ENXIO) => Ok(Some(u64::MAX)), // no data at or after `offset`
+        _ => Ok(None),                           // SEEK_DATA unsupported: assume data
+    }
+}
 
 /// Positioned, thread-safe byte storage (a file, a block device, memory).
 pub trait Storage: Send + Sync + std::fmt::Debug {
@@ -39,19 +136,7 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
 
 impl Storage for File {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            match FileExt::read_at(self, &mut buf[done..], offset + done as u64) {
-                Ok(0) => {
-                    buf[done..].fill(0);
-                    break;
-                }
-                Ok(n) => done += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        read_full(self, buf, offset)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -75,21 +160,7 @@ impl Storage for File {
     }
 
     fn next_data(&self, offset: u64) -> io::Result<Option<u64>> {
-        use std::os::fd::AsRawFd;
-        let Ok(off) = libc::off_t::try_from(offset) else {
-            return Ok(None);
-        };
-        // SAFETY: lseek only repositions the file offset of a descriptor that `self` owns for
-        // the duration of the call; no memory is shared with the kernel. Positioned I/O
-        // (pread/pwrite) elsewhere does not depend on the file offset.
-        let r = unsafe { libc::lseek(self.as_raw_fd(), off, libc::SEEK_DATA) };
-        if r >= 0 {
-            return Ok(Some(r as u64));
-        }
-        match io::Error::last_os_error().raw_os_error() {
-            Some(libc::ENXIO) => Ok(Some(u64::MAX)), // no data at or after `offset`
-            _ => Ok(None),                           // SEEK_DATA unsupported: assume data
-        }
+        seek_data(self, offset)
     }
 }
 

@@ -59,11 +59,12 @@ pub mod gate;
 pub mod image;
 pub mod lock;
 pub mod nbd;
+pub mod pool;
 pub mod raw;
 pub mod sync;
 
 pub use buf::{IoBuf, IoBufs};
-pub use cor::{CorDevice, CorOptions, CorStats, PopulateStats};
+pub use cor::{CorDevice, CorOptions, CorStats, Fetched, PopulateStats};
 pub use device::{
     read_padded, status_padded, BlockDevice, Capabilities, Geometry, IoFuture, LinkState,
     LocalExtent, MappedRead, Populate, Reconnect, Status, StatusExtent, WriteFlags,
@@ -73,5 +74,6 @@ pub use gate::Gate;
 pub use image::QedImage;
 pub use lock::{RangeGuard, RangeLock};
 pub use nbd::NbdExport;
+pub use pool::{BufferPool, Chunks, PoolStats};
 pub use raw::RawFile;
 pub use sync::SyncDevice;

@@ -41,7 +41,9 @@
 //! stream with its own defaults (4 MiB requests, four in flight) over QEMU's default 64K
 //! clusters, to its drop, (10) `rebase -u` to backing names longer than the first sector
 //! holds (the header must then name the old or the new backing, never a mix: it did, before
-//! `set_backing` wrote such a name apart from the header first).
+//! `set_backing` wrote such a name apart from the header first), (11) the stream's batched
+//! commit: units fetched under their locks into a buffer pool, then stored together with one
+//! flush before all their L2 updates (across an existing L2 table and a new one).
 //!
 //! States checked at the default sample sizes (`POWER_LOSS_SAMPLES`, a percentage, scales
 //! them), as each test prints them; leaks: states with leaked clusters; unlinked: states past
@@ -310,6 +312,30 @@ impl Recorder {
             &format!("populate {offset:#x}+{len:#x}"),
             |d| {
                 d.block_on(d.populate_range(offset, len)).unwrap();
+            },
+            |_| {},
+        );
+    }
+
+    /// The stream's batched commit: `units` fetched one by one into a buffer pool (each under
+    /// its range lock), then stored together with one flush before all their L2 updates, as
+    /// the stream's committer stores them.
+    fn batch(&mut self, units: &[(u64, u64)]) {
+        self.op(
+            &format!("batch of {} units", units.len()),
+            |d| {
+                let pool = copy_on_read::BufferPool::new(8 << 20, 64 << 10);
+                let dev = d.device();
+                let stats = d.block_on(async {
+                    let mut fetched = Vec::new();
+                    for &(o, l) in units {
+                        fetched.push(dev.fetch_range(o, l, &pool).await.unwrap());
+                    }
+                    // Stored in another order than fetched: the batch sorts them.
+                    fetched.reverse();
+                    dev.store_fetched(fetched).await.unwrap()
+                });
+                assert!(stats.copied > 0, "the batch stored nothing: {stats:?}");
             },
             |_| {},
         );
@@ -851,6 +877,23 @@ fn the_stream_batches_and_their_flush() {
     });
     r.stream(64 << 10, true);
     check_run(&r.finish());
+}
+
+#[test]
+fn batched_commits_share_one_flush() {
+    // 6 MiB of 4K clusters, tables of 1024 clusters (4 MiB): a batch across an existing table
+    // and a new one, with units that are partly local, zeros in the backing, and the disk's
+    // short last cluster.
+    let size = (6 << 20) + 1000;
+    let base = backing_bytes(size as usize + 3000, 9, K4 as usize);
+    let mut r = start("batched commits, 4K", 4096, size, Some(base), |d| {
+        d.write_at(&[9u8; 6000], 40 * K4 + 100).unwrap();
+        d.write_zeroes(3 * K4, K4).unwrap();
+    });
+    r.batch(&[(0, 16 * K4), (32 * K4, 16 * K4), (1000 * K4, 40 * K4)]);
+    r.batch(&[(16 * K4, 16 * K4), (size - 20 * K4 - 1000, 20 * K4 + 1000)]);
+    let counts = check_run(&r.finish());
+    assert!(counts.leaks > 0, "no state with the batch's data unlinked: {counts:?}");
 }
 
 #[test]

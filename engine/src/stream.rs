@@ -49,7 +49,7 @@ use crate::error::{Error, Result};
 use crate::job::{EventSender, IoStatus, JobEvent, JobEvents, OnError, Operation, RangeError};
 
 /// The default [`StreamOptions::buffer_budget`].
-pub const DEFAULT_BUFFER_BUDGET: u64 = 32 << 20;
+pub const DEFAULT_BUFFER_BUDGET: u64 = 16 << 20;
 
 /// The copy buffers' size: what one NBD read request carries by default (and a whole number
 /// of clusters).
@@ -70,7 +70,7 @@ pub struct StreamOptions {
     /// this says: a request waits for buffers before it starts.
     pub in_flight: usize,
     /// Bytes of copy buffers the job may hold at once (recycled, never allocated again):
-    /// the bound on its memory. Default 32 MiB ([`DEFAULT_BUFFER_BUDGET`]).
+    /// the bound on its memory. Default 16 MiB ([`DEFAULT_BUFFER_BUDGET`]).
     pub buffer_budget: u64,
     /// How many times one request is retried after a retryable backing error (a lost NBD
     /// connection that `nbd-client` could not ride out by itself). Default 3.

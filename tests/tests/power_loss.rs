@@ -884,14 +884,14 @@ fn batched_commits_share_one_flush() {
     // 6 MiB of 4K clusters, tables of 1024 clusters (4 MiB): a batch across an existing table
     // and a new one, with units that are partly local, zeros in the backing, and the disk's
     // short last cluster.
-    let size = (6 << 20) + 1000;
+    let size = (6 << 20) + 1024;
     let base = backing_bytes(size as usize + 3000, 9, K4 as usize);
     let mut r = start("batched commits, 4K", 4096, size, Some(base), |d| {
         d.write_at(&[9u8; 6000], 40 * K4 + 100).unwrap();
         d.write_zeroes(3 * K4, K4).unwrap();
     });
     r.batch(&[(0, 16 * K4), (32 * K4, 16 * K4), (1000 * K4, 40 * K4)]);
-    r.batch(&[(16 * K4, 16 * K4), (size - 20 * K4 - 1000, 20 * K4 + 1000)]);
+    r.batch(&[(16 * K4, 16 * K4), (size - 20 * K4 - 1024, 20 * K4 + 1024)]);
     let counts = check_run(&r.finish());
     assert!(counts.leaks > 0, "no state with the batch's data unlinked: {counts:?}");
 }

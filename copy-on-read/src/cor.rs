@@ -558,7 +558,12 @@ impl CorDevice {
     /// [`Populate::fetch_range`]: locks the unit, finds what the image lacks, and reads the
     /// windows of `pool`'s chunks that hold it from the backing (whole chunks, zeros past the
     /// backing's end).
-    pub async fn fetch_range(&self, offset: u64, length: u64, pool: &BufferPool) -> Result<Fetched> {
+    pub async fn fetch_range(
+        &self,
+        offset: u64,
+        length: u64,
+        pool: &BufferPool,
+    ) -> Result<Fetched> {
         self.closed.check()?;
         check_range(offset, length, self.size())?;
         if self.image.is_read_only() {
@@ -617,7 +622,8 @@ impl CorDevice {
         let image = Arc::clone(&self.image);
         let name = self.name.clone();
         let outcome = blocking(move || {
-            let pieces: Vec<(GuestOffset, &[u8])> = units.iter().flat_map(Fetched::slices).collect();
+            let pieces: Vec<(GuestOffset, &[u8])> =
+                units.iter().flat_map(Fetched::slices).collect();
             let o = image
                 .populate_batch(&pieces, true)
                 .map_err(Error::qed(&name));

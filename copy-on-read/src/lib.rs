@@ -11,7 +11,10 @@
 //!   another server of the same size, [`Reconnect::repoint`]);
 //! - [`CorDevice`]: the product: a QED image stacked on its backing chain, with copy-on-read,
 //!   guest writes that are never overwritten by older backing data, and the
-//!   [`CorDevice::populate_range`] primitive the stream job (in `engine`) is built on.
+//!   [`CorDevice::populate_range`] primitive; the stream job (in `engine`) uses its two halves,
+//!   [`Populate::fetch_range`] (into a [`BufferPool`] of recycled buffers under a byte
+//!   budget) and [`Populate::store_fetched`] (many units under one flush, with
+//!   [`qed::Image::populate_batch`]).
 //!
 //! The division of labour with `qed`: the format answers "where" ([`qed::Image::map`], over
 //! [`qed::GuestOffset`]s) and keeps its metadata consistent; this crate moves the bytes and

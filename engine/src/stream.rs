@@ -595,7 +595,8 @@ async fn committer(
             bytes += next.0.fetched_bytes();
             batch.push(next);
         }
-        let (units, replies): (Vec<Fetched>, Vec<oneshot::Sender<bool>>) = batch.into_iter().unzip();
+        let (units, replies): (Vec<Fetched>, Vec<oneshot::Sender<bool>>) =
+            batch.into_iter().unzip();
         let stored = dev.store_fetched(units).await;
         h.shared.batches.fetch_add(1, Ordering::AcqRel);
         let ok = match stored {
@@ -931,7 +932,14 @@ async fn plan_or_skip(
 ) -> Result<Option<Plan>> {
     let size = end;
     loop {
-        match plan(&**dev, pos, pos.saturating_add(PLAN_WINDOW).min(end), PLAN_BUDGET).await {
+        match plan(
+            &**dev,
+            pos,
+            pos.saturating_add(PLAN_WINDOW).min(end),
+            PLAN_BUDGET,
+        )
+        .await
+        {
             Ok(p) => return Ok(Some(p)),
             Err(e) => {
                 let length = skip.min(size - pos);

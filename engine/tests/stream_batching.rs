@@ -130,7 +130,15 @@ fn buffers_stay_within_the_budget_whatever_in_flight_says() {
     let b = outcome.buffers;
     println!("{b:?}, {} batches", outcome.batches);
     assert_eq!(b.budget, budget);
-    assert!(b.peak <= budget, "{} bytes of buffers out at once: {b:?}", b.peak);
-    assert!(b.allocated <= budget, "{} bytes allocated: {b:?}", b.allocated);
+    assert!(
+        b.peak <= budget,
+        "{} bytes of buffers out at once: {b:?}",
+        b.peak
+    );
+    assert!(
+        b.allocated <= budget,
+        "{} bytes allocated: {b:?}",
+        b.allocated
+    );
     assert!(b.peak > 0, "no buffer was used: {b:?}");
 }

@@ -62,8 +62,9 @@
 //! | 8 racing the stream, 4K | ~143 | ~96 | ~31000-37000 | ~1700 | ~22000-25000 | ~1500-2000 | ~130 | 20 |
 //! | 9 default stream, 64K | 22 | ~10 | ~1500-1600 | 0 | ~1300-1400 | 3 | ~6600-7300 | 20 |
 //! | 10 rebase -u, 4K | 17 | 17 | 1056 | 0 | 522 | 0 | 8 | 20 |
+//! | 11 batched commits, 4K | 26 | 7 | 1856 | 0 | 1712 | 0 | 440 | 20 |
 //!
-//! About 86,000 states in all: 110 s of CPU, 4 minutes on two cores shared with other builds.
+//! About 88,000 states in all: 110 s of CPU, 4 minutes on two cores shared with other builds.
 
 use std::sync::Arc;
 
@@ -893,7 +894,10 @@ fn batched_commits_share_one_flush() {
     r.batch(&[(0, 16 * K4), (32 * K4, 16 * K4), (1000 * K4, 40 * K4)]);
     r.batch(&[(16 * K4, 16 * K4), (size - 20 * K4 - 1024, 20 * K4 + 1024)]);
     let counts = check_run(&r.finish());
-    assert!(counts.leaks > 0, "no state with the batch's data unlinked: {counts:?}");
+    assert!(
+        counts.leaks > 0,
+        "no state with the batch's data unlinked: {counts:?}"
+    );
 }
 
 #[test]

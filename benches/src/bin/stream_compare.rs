@@ -48,7 +48,12 @@ fn timed(cmd: &mut Command) -> Timed {
     // for writes for the duration of the call.
     let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
     let wall = t.elapsed();
-    assert_eq!(r, pid, "wait4 of {cmd:?}: {}", std::io::Error::last_os_error());
+    assert_eq!(
+        r,
+        pid,
+        "wait4 of {cmd:?}: {}",
+        std::io::Error::last_os_error()
+    );
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "{cmd:?} failed: status {status:#x}"
@@ -90,11 +95,9 @@ fn median_d(v: &[Duration]) -> Duration {
 /// A fresh empty overlay `name` in `d` over `backing` (raw).
 fn overlay(d: &Path, name: &str, backing: &str) {
     let _ = std::fs::remove_file(d.join(name));
-    ok_command(
-        Command::new("qemu-img")
-            .current_dir(d)
-            .args(["create", "-q", "-f", "qed", "-b", backing, "-F", "raw", name]),
-    );
+    ok_command(Command::new("qemu-img").current_dir(d).args([
+        "create", "-q", "-f", "qed", "-b", backing, "-F", "raw", name,
+    ]));
 }
 
 fn compare(d: &Path, image: &str) {
@@ -110,11 +113,11 @@ fn plain_copy(d: &Path, backing: &Backing) -> Timed {
     let _ = std::fs::remove_file(d.join("copy.raw"));
     match backing {
         Backing::Raw => {
-            let cp = timed(
-                Command::new("cp")
-                    .current_dir(d)
-                    .args(["--sparse=always", "base.raw", "copy.raw"]),
-            );
+            let cp = timed(Command::new("cp").current_dir(d).args([
+                "--sparse=always",
+                "base.raw",
+                "copy.raw",
+            ]));
             let sync = timed(Command::new("sync").current_dir(d).arg("copy.raw"));
             Timed {
                 wall: cp.wall + sync.wall,
@@ -197,8 +200,11 @@ fn main() {
         let mut r = Runs::default();
         for _ in 0..runs {
             overlay(d, "ours.qed", &backing.header_name());
-            r.ours
-                .push(timed(Command::new(&bin).current_dir(d).args(["stream", "ours.qed"])));
+            r.ours.push(timed(
+                Command::new(&bin)
+                    .current_dir(d)
+                    .args(["stream", "ours.qed"]),
+            ));
             compare(d, "ours.qed");
             overlay(d, "qemu.qed", &backing.header_name());
             r.qemu.push(qsd::block_stream(d, "qemu.qed"));
@@ -211,7 +217,11 @@ fn main() {
 
 fn report(backing: &Backing, r: &Runs, data: u64, gib: f64) {
     let walls = |v: &[Timed]| v.iter().map(|t| t.wall).collect::<Vec<_>>();
-    let (o, q, p) = (median_d(&walls(&r.ours)), median_d(&r.qemu), median_d(&walls(&r.plain)));
+    let (o, q, p) = (
+        median_d(&walls(&r.ours)),
+        median_d(&r.qemu),
+        median_d(&walls(&r.plain)),
+    );
     let cpu = |v: &[Timed]| median_f(v.iter().map(|t| t.cpu.as_secs_f64() / gib).collect());
     let ratio = |a: &[f64], b: &[f64]| median_f(a.iter().zip(b).map(|(x, y)| x / y).collect());
     let ow: Vec<f64> = r.ours.iter().map(|t| t.wall.as_secs_f64()).collect();

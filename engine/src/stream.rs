@@ -839,6 +839,8 @@ async fn run(dev: &Arc<dyn Populate>, h: &StreamHandle, options: &StreamOptions)
         }
         scope = copied.into_ranges();
     }
+    // The last pass may have looked at a few ranges only: the whole disk is done.
+    h.shared.offset.store(size, Ordering::Release);
     if h.is_cancelled() {
         return Err(h.cancelled_at(size));
     }

@@ -38,7 +38,7 @@
 //! repair QEMU would make at open, of a crash state with an L2 entry past the end of the
 //! file and leaked clusters at its end, and the writes after it, (8) guest writes racing the
 //! real stream job (two requests in flight, on a runtime of its own), then its drop, (9) the
-//! stream with its own defaults (4 MiB requests, four in flight) over QEMU's default 64K
+//! stream with its own defaults (4 MiB requests, sixteen in flight, batched commits) over QEMU's default 64K
 //! clusters, to its drop, (10) `rebase -u` to backing names longer than the first sector
 //! holds (the header must then name the old or the new backing, never a mix: it did, before
 //! `set_backing` wrote such a name apart from the header first), (11) the stream's batched
@@ -60,7 +60,7 @@
 //! | 6 mixed, 4K | 73 | 44 | 14405 | 2561 | 7760 | 4612 | 1081 | 20 |
 //! | 7 repair at open, 4K | 20 | 14 | 3023 | 3017 | 0 | 0 | 26 | 20 |
 //! | 8 racing the stream, 4K | ~143 | ~96 | ~31000-37000 | ~1700 | ~22000-25000 | ~1500-2000 | ~130 | 20 |
-//! | 9 default stream, 64K | 22 | ~10 | ~1500-1600 | 0 | ~1300-1400 | 3 | ~6600-7300 | 20 |
+//! | 9 default stream, 64K | 36 | 9 | 1812 | 0 | 1661 | 3 | 6656 | 20 |
 //! | 10 rebase -u, 4K | 17 | 17 | 1056 | 0 | 522 | 0 | 8 | 20 |
 //! | 11 batched commits, 4K | 26 | 7 | 1856 | 0 | 1712 | 0 | 440 | 20 |
 //!
@@ -902,7 +902,7 @@ fn batched_commits_share_one_flush() {
 
 #[test]
 fn the_stream_with_its_default_options_over_64k_clusters() {
-    // QEMU's default geometry and the stream's own defaults: 4 MiB requests, four in flight.
+    // QEMU's default geometry and the stream's own defaults: 4 MiB requests, sixteen in flight.
     let size = 8u64 << 20;
     let base = backing_bytes((6 << 20) + 5000, 7, K64 as usize);
     let mut r = start(

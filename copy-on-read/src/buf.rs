@@ -192,6 +192,31 @@ impl IoBufs {
         out
     }
 
+    /// A request over `vecs`, in order.
+    pub fn from_vecs(vecs: Vec<Vec<u8>>) -> IoBufs {
+        let mut b = IoBufs::new();
+        for v in vecs {
+            b.push_vec(v);
+        }
+        b
+    }
+
+    /// The segments as `Vec`s: `Vec` segments as they are (no copy), any other copied.
+    pub fn into_vecs(self) -> Vec<Vec<u8>> {
+        self.segments
+            .into_iter()
+            .map(|s| match s {
+                Segment::Vec(v) => v,
+                Segment::Other(b) => b.as_bytes().to_vec(),
+            })
+            .collect()
+    }
+
+    /// True when every segment is a `Vec` (then [`IoBufs::into_vecs`] copies nothing).
+    pub fn all_vecs(&self) -> bool {
+        self.segments.iter().all(|s| matches!(s, Segment::Vec(_)))
+    }
+
     /// The segments, given back to their owner.
     pub fn into_segments(self) -> Vec<Box<dyn IoBuf>> {
         self.segments

@@ -48,6 +48,7 @@ use crate::error::{blocking, Error, Result};
 use crate::gate::Gate;
 use crate::image::{on_image, qed_status, read_local, read_local_bufs, read_local_into};
 use crate::lock::{RangeGuard, RangeLock};
+use crate::pool::{BufferPool, Chunks};
 
 /// Options for [`CorDevice::open`].
 #[derive(Clone, Debug)]
@@ -217,6 +218,117 @@ fn fill_cluster(image: &Image, at: u64, merged: &[u8]) -> qed::Result<bool> {
             std::thread::sleep(std::time::Duration::from_micros(200));
         }
     }
+}
+
+/// A unit fetched from the backing for [`CorDevice::store_fetched`]: its clusters locked, the
+/// bytes the image lacked in buffers of a [`BufferPool`]. Dropping it unlocks the clusters and
+/// gives the buffers back, storing nothing.
+#[derive(Debug)]
+pub struct Fetched {
+    /// The unit's first byte (cluster aligned once fetched).
+    offset: u64,
+    /// Guest ranges the image lacked under the lock (ascending, cluster aligned).
+    pieces: Vec<(u64, u64)>,
+    /// Bytes that were already local.
+    local: u64,
+    /// Chunk `k` holds the backing's bytes from `offset + k * chunk`.
+    chunks: Option<Chunks>,
+    guard: Option<RangeGuard>,
+}
+
+impl Fetched {
+    /// A unit with nothing to store (`length` bytes local, or nothing to copy from).
+    fn local_only(offset: u64, length: u64) -> Fetched {
+        Fetched {
+            offset,
+            pieces: Vec::new(),
+            local: length,
+            chunks: None,
+            guard: None,
+        }
+    }
+
+    /// The unit's first byte.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Bytes fetched to be stored.
+    pub fn fetched_bytes(&self) -> u64 {
+        self.pieces.iter().map(|p| p.1).sum()
+    }
+
+    /// Runs `[k0, k1)` of the chunk indices the pieces touch, for a chunk size of `chunk`.
+    fn windows(&self, chunk: u64) -> Vec<(usize, usize)> {
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for &(a, l) in &self.pieces {
+            let k0 = ((a - self.offset) / chunk) as usize;
+            let k1 = ((a + l - self.offset).div_ceil(chunk)) as usize;
+            match runs.last_mut() {
+                Some(last) if last.1 >= k0 => last.1 = last.1.max(k1),
+                _ => runs.push((k0, k1)),
+            }
+        }
+        runs
+    }
+
+    /// The pieces as guest offsets and the bytes to store there, split at chunk boundaries
+    /// (which are cluster boundaries).
+    fn slices(&self) -> Vec<(GuestOffset, &[u8])> {
+        let Some(chunks) = &self.chunks else {
+            return Vec::new();
+        };
+        let chunk = chunks.chunk_bytes() as u64;
+        let mut out = Vec::new();
+        for &(a, l) in &self.pieces {
+            let mut pos = a;
+            while pos < a + l {
+                let k = ((pos - self.offset) / chunk) as usize;
+                let base = self.offset + k as u64 * chunk;
+                let end = (a + l).min(base + chunk);
+                let buf = &chunks.bufs()[k];
+                out.push((
+                    GuestOffset(pos),
+                    &buf[(pos - base) as usize..(end - base) as usize],
+                ));
+                pos = end;
+            }
+        }
+        out
+    }
+}
+
+/// Reads `bufs` (consecutive, from `at`) from the backing, zeros past its end (and all zeros
+/// when the link is gone), into the buffers themselves.
+async fn read_bufs_padded(
+    backing: Option<&Arc<dyn BlockDevice>>,
+    at: u64,
+    mut bufs: Vec<Vec<u8>>,
+) -> Result<Vec<Vec<u8>>> {
+    let size = backing.map_or(0, |b| b.size());
+    let lens: Vec<usize> = bufs.iter().map(Vec::len).collect();
+    let mut pos = at;
+    let mut inside = 0;
+    for b in bufs.iter_mut() {
+        let n = size.saturating_sub(pos).min(b.len() as u64) as usize;
+        pos += b.len() as u64;
+        if n == 0 {
+            b.fill(0);
+            continue;
+        }
+        b.truncate(n);
+        inside += 1;
+    }
+    if let (Some(backing), true) = (backing, inside > 0) {
+        let rest = bufs.split_off(inside);
+        let read = backing.readv(at, IoBufs::from_vecs(bufs)).await?;
+        bufs = read.into_vecs();
+        bufs.extend(rest);
+    }
+    for (b, &len) in bufs.iter_mut().zip(&lens) {
+        b.resize(len, 0);
+    }
+    Ok(bufs)
 }
 
 impl CorDevice {
@@ -437,6 +549,89 @@ impl CorDevice {
                 total.skipped += o.skipped;
             }
             Ok(total)
+        })
+        .await?;
+        stats.copied += outcome.written;
+        stats.zeroed += outcome.zeroed;
+        stats.local += outcome.skipped;
+        Ok(stats)
+    }
+
+    /// [`Populate::fetch_range`]: locks the unit, finds what the image lacks, and reads the
+    /// windows of `pool`'s chunks that hold it from the backing (whole chunks, zeros past the
+    /// backing's end).
+    pub async fn fetch_range(
+        &self,
+        offset: u64,
+        length: u64,
+        pool: &BufferPool,
+    ) -> Result<Fetched> {
+        self.closed.check()?;
+        check_range(offset, length, self.size())?;
+        if self.image.is_read_only() {
+            return Err(Error::ReadOnly);
+        }
+        let mut unit = Fetched::local_only(offset, length);
+        if length == 0 {
+            return Ok(unit);
+        }
+        self.wait_for_guest().await;
+        if self.backing().is_none() {
+            return Ok(unit);
+        }
+        let (lo, hi) = self.widen(offset, offset + length);
+        let mut chunks = pool.take(hi - lo).await?;
+        let guard = self.lock(lo, hi).await;
+        // The link may have been dropped while we waited.
+        let backing = self.backing();
+        unit.offset = lo;
+        unit.local = 0;
+        for e in self.local_map(lo, hi - lo).await? {
+            if e.mapping == Mapping::Unallocated {
+                unit.pieces.push((e.offset.0, e.length));
+            } else {
+                unit.local += e.length;
+            }
+        }
+        if unit.pieces.is_empty() {
+            return Ok(unit);
+        }
+        let chunk = chunks.chunk_bytes() as u64;
+        for (k0, k1) in unit.windows(chunk) {
+            let bufs = chunks.take_bufs(k0, k1);
+            let at = lo + k0 as u64 * chunk;
+            let bufs = read_bufs_padded(backing.as_ref(), at, bufs).await?;
+            chunks.put(k0, bufs);
+        }
+        unit.chunks = Some(chunks);
+        unit.guard = Some(guard);
+        Ok(unit)
+    }
+
+    /// [`Populate::store_fetched`]: one blocking hop stores every unit's pieces with
+    /// [`Image::populate_batch`] (one flush before all their L2 updates); the units (their
+    /// locks and buffers) are dropped there, once the I/O has ended.
+    pub async fn store_fetched(&self, mut units: Vec<Fetched>) -> Result<PopulateStats> {
+        let mut stats = PopulateStats {
+            local: units.iter().map(|u| u.local).sum(),
+            ..PopulateStats::default()
+        };
+        if units.iter().all(|u| u.pieces.is_empty()) {
+            return Ok(stats);
+        }
+        self.closed.check()?;
+        units.sort_by_key(|u| u.offset);
+        let image = Arc::clone(&self.image);
+        let name = self.name.clone();
+        let outcome = blocking(move || {
+            let pieces: Vec<(GuestOffset, &[u8])> =
+                units.iter().flat_map(Fetched::slices).collect();
+            let o = image
+                .populate_batch(&pieces, true)
+                .map_err(Error::qed(&name));
+            drop(pieces);
+            drop(units);
+            o
         })
         .await?;
         stats.copied += outcome.written;
@@ -852,6 +1047,19 @@ impl Populate for CorDevice {
 
     fn populate_range(&self, offset: u64, length: u64) -> IoFuture<'_, PopulateStats> {
         Box::pin(CorDevice::populate_range(self, offset, length))
+    }
+
+    fn fetch_range<'a>(
+        &'a self,
+        offset: u64,
+        length: u64,
+        pool: &'a BufferPool,
+    ) -> IoFuture<'a, Fetched> {
+        Box::pin(CorDevice::fetch_range(self, offset, length, pool))
+    }
+
+    fn store_fetched(&self, units: Vec<Fetched>) -> IoFuture<'_, PopulateStats> {
+        Box::pin(CorDevice::store_fetched(self, units))
     }
 
     fn drop_backing_link(&self) -> IoFuture<'_, ()> {

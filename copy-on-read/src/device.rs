@@ -226,6 +226,22 @@ pub trait Populate: BlockDevice {
     /// Copies what the local layer lacks of `[offset, offset + length)` (whole clusters) from
     /// the backing, under the same range locks as guest I/O; guest writes are never undone.
     fn populate_range(&self, offset: u64, length: u64) -> IoFuture<'_, PopulateStats>;
+    /// The first half of [`Populate::populate_range`], for callers that store many units at
+    /// once: locks `[offset, offset + length)` (whole clusters), looks up what the local layer
+    /// lacks and reads it from the backing into buffers of `pool` (taken before the lock, so
+    /// no range stays locked while the pool is full). Nothing is stored until
+    /// [`Populate::store_fetched`]; dropping the unit unlocks it and gives its buffers back.
+    fn fetch_range<'a>(
+        &'a self,
+        offset: u64,
+        length: u64,
+        pool: &'a crate::pool::BufferPool,
+    ) -> IoFuture<'a, crate::cor::Fetched>;
+    /// The second half: stores fetched units (disjoint, in any order) with one flush for them
+    /// all before their L2 updates ([`qed::Image::populate_batch`]), then unlocks them and
+    /// gives their buffers back. Clusters a guest wrote since are never in a unit (the lock
+    /// kept guest writes out).
+    fn store_fetched(&self, units: Vec<crate::cor::Fetched>) -> IoFuture<'_, PopulateStats>;
     /// Flushes, drops the backing link from the local layer's header, flushes again, and
     /// closes the backing.
     fn drop_backing_link(&self) -> IoFuture<'_, ()>;

@@ -84,6 +84,14 @@ pub enum Error {
         /// The size of the new export.
         found: u64,
     },
+    /// A copy request needs more buffer memory than the whole budget of its pool.
+    #[error("a request of {length} bytes exceeds the buffer budget of {budget} bytes")]
+    OverBudget {
+        /// The request's length.
+        length: u64,
+        /// The pool's budget.
+        budget: u64,
+    },
     /// The device was closed, or the backing link was dropped while a request needed it.
     #[error("the device is closed")]
     Closed,

@@ -11,7 +11,10 @@
 //!   another server of the same size, [`Reconnect::repoint`]);
 //! - [`CorDevice`]: the product: a QED image stacked on its backing chain, with copy-on-read,
 //!   guest writes that are never overwritten by older backing data, and the
-//!   [`CorDevice::populate_range`] primitive the stream job (in `engine`) is built on.
+//!   [`CorDevice::populate_range`] primitive; the stream job (in `engine`) uses its two halves,
+//!   [`Populate::fetch_range`] (into a [`BufferPool`] of recycled buffers under a byte
+//!   budget) and [`Populate::store_fetched`] (many units under one flush, with
+//!   [`qed::Image::populate_batch`]).
 //!
 //! The division of labour with `qed`: the format answers "where" ([`qed::Image::map`], over
 //! [`qed::GuestOffset`]s) and keeps its metadata consistent; this crate moves the bytes and
@@ -59,11 +62,12 @@ pub mod gate;
 pub mod image;
 pub mod lock;
 pub mod nbd;
+pub mod pool;
 pub mod raw;
 pub mod sync;
 
 pub use buf::{IoBuf, IoBufs};
-pub use cor::{CorDevice, CorOptions, CorStats, PopulateStats};
+pub use cor::{CorDevice, CorOptions, CorStats, Fetched, PopulateStats};
 pub use device::{
     read_padded, status_padded, BlockDevice, Capabilities, Geometry, IoFuture, LinkState,
     LocalExtent, MappedRead, Populate, Reconnect, Status, StatusExtent, WriteFlags,
@@ -73,5 +77,6 @@ pub use gate::Gate;
 pub use image::QedImage;
 pub use lock::{RangeGuard, RangeLock};
 pub use nbd::NbdExport;
+pub use pool::{BufferPool, Chunks, PoolStats};
 pub use raw::RawFile;
 pub use sync::SyncDevice;

@@ -215,6 +215,36 @@ impl NbdExport {
         self.link.repoint(uri).await
     }
 
+    /// Runs `request` on the client in use (see [`Link::request`]).
+    async fn request<T, F, Fut>(&self, request: F) -> Result<T>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: Future<Output = std::result::Result<T, nbd_client::Error>>,
+    {
+        self.link.request(request).await
+    }
+
+    /// Reads `bufs` (each at most the client's request size) from `offset` on, all at once,
+    /// each straight into its own buffer (no copy): the stream's chunks.
+    async fn read_vecs(&self, offset: u64, bufs: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        let mut set = tokio::task::JoinSet::new();
+        let mut at = offset;
+        let n = bufs.len();
+        for (i, buf) in bufs.into_iter().enumerate() {
+            let (link, len) = (Arc::clone(&self.link), buf.len() as u64);
+            set.spawn(async move { (i, link.read_owned(at, buf).await) });
+            at += len;
+        }
+        let mut out: Vec<Option<Vec<u8>>> = (0..n).map(|_| None).collect();
+        while let Some(joined) = set.join_next().await {
+            let (i, r) = joined.map_err(Error::Task)?;
+            out[i] = Some(r?);
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+}
+
+impl Link {
     /// Runs `request` on the client in use. A request that the client in use cannot finish
     /// because a repoint replaced it (still waiting, or failed with a lost connection after
     /// the swap) is sent again to the new client.
@@ -223,10 +253,10 @@ impl NbdExport {
         F: Fn(Client) -> Fut,
         Fut: Future<Output = std::result::Result<T, nbd_client::Error>>,
     {
-        let mut generation = self.link.generation.subscribe();
+        let mut generation = self.generation.subscribe();
         loop {
             let seen = *generation.borrow_and_update();
-            let Current { client, uri } = self.link.current();
+            let Current { client, uri } = self.current();
             tokio::select! {
                 r = request(client.clone()) => match r {
                     Ok(v) => return Ok(v),
@@ -235,7 +265,7 @@ impl NbdExport {
                     // "ask the new one", not that this export is closed.
                     Err(e)
                         if (e.is_retryable() || matches!(e, nbd_client::Error::Closed))
-                            && *self.link.generation.borrow() != seen => {}
+                            && *self.generation.borrow() != seen => {}
                     Err(e) => return Err(nbd_error(&client, uri, e)),
                 },
                 r = generation.changed() => {
@@ -245,6 +275,18 @@ impl NbdExport {
                 }
             }
         }
+    }
+
+    /// Reads into `buf` itself (the client owns it while the request is out); a request sent
+    /// again after a repoint reads into a fresh buffer.
+    async fn read_owned(&self, offset: u64, buf: Vec<u8>) -> Result<Vec<u8>> {
+        let len = buf.len();
+        let first = parking_lot::Mutex::new(Some(buf));
+        self.request(|c| {
+            let buf = first.lock().take().unwrap_or_else(|| vec![0u8; len]);
+            async move { c.read_buf(offset, buf).await }
+        })
+        .await
     }
 }
 
@@ -280,6 +322,11 @@ impl BlockDevice for NbdExport {
         Box::pin(async move {
             self.closed.check()?;
             check_range(offset, bufs.len() as u64, self.size())?;
+            let piece = self.link.client().max_request_bytes() as usize;
+            if bufs.all_vecs() && bufs.segments().all(|(_, s)| s.len() <= piece) {
+                let vecs = self.read_vecs(offset, bufs.into_vecs()).await?;
+                return Ok(IoBufs::from_vecs(vecs));
+            }
             for (at, seg) in bufs.segments_mut() {
                 if !seg.is_empty() {
                     let (at, len) = (offset + at as u64, seg.len() as u64);

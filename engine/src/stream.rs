@@ -36,15 +36,24 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::JoinSet;
 // tokio's clock, so the rate limit, the rate and the elapsed time follow a paused test clock.
 use tokio::time::Instant;
 
-use copy_on_read::{status_padded, LinkState, Populate, Reconnect, Status};
+use copy_on_read::{
+    status_padded, BufferPool, Fetched, LinkState, PoolStats, Populate, Reconnect, Status,
+};
 
 use crate::error::{Error, Result};
 use crate::job::{EventSender, IoStatus, JobEvent, JobEvents, OnError, Operation, RangeError};
+
+/// The default [`StreamOptions::buffer_budget`].
+pub const DEFAULT_BUFFER_BUDGET: u64 = 16 << 20;
+
+/// The copy buffers' size: what one NBD read request carries by default (and a whole number
+/// of clusters).
+const CHUNK_BYTES: u64 = 256 << 10;
 
 /// How a stream runs.
 #[derive(Clone, Debug)]
@@ -53,10 +62,16 @@ pub struct StreamOptions {
     pub rate: Option<NonZeroU64>,
     /// Leave the backing link in place at the end.
     pub keep_backing: bool,
-    /// Largest copy request (rounded to clusters). Default 4 MiB.
+    /// Largest copy request (rounded to clusters, and to at most half the buffer budget).
+    /// Default 4 MiB.
     pub request_bytes: u64,
-    /// Copy requests in flight. Default 4.
+    /// Copy requests in flight (fetching from the backing, or waiting for their batch to be
+    /// stored). Default 16. Memory is bounded by [`StreamOptions::buffer_budget`] whatever
+    /// this says: a request waits for buffers before it starts.
     pub in_flight: usize,
+    /// Bytes of copy buffers the job may hold at once (recycled, never allocated again):
+    /// the bound on its memory. Default 16 MiB ([`DEFAULT_BUFFER_BUDGET`]).
+    pub buffer_budget: u64,
     /// How many times one request is retried after a retryable backing error (a lost NBD
     /// connection that `nbd-client` could not ride out by itself). Default 3.
     pub retries: u32,
@@ -71,7 +86,8 @@ impl Default for StreamOptions {
             rate: None,
             keep_backing: false,
             request_bytes: 4 << 20,
-            in_flight: 4,
+            in_flight: 16,
+            buffer_budget: DEFAULT_BUFFER_BUDGET,
             retries: 3,
             on_error: OnError::Report,
         }
@@ -134,6 +150,11 @@ pub struct StreamOutcome {
     /// Ranges skipped under [`OnError::Ignore`] (`(offset, length)`, in the order they
     /// failed); the link is kept when there are any.
     pub ignored: Vec<(u64, u64)>,
+    /// What the job's buffer pool did: its budget, the bytes it allocated and the most it
+    /// handed out at once (both within the budget).
+    pub buffers: PoolStats,
+    /// Batches stored (each with one flush before its L2 updates).
+    pub batches: u64,
 }
 
 #[derive(Debug)]
@@ -157,6 +178,8 @@ struct Shared {
     io_status: Mutex<IoStatus>,
     ignored: Mutex<Vec<(u64, u64)>>,
     events: EventSender,
+    pool: BufferPool,
+    batches: AtomicU64,
 }
 
 /// Controls a running [`StreamJob`]; cheap to clone.
@@ -535,6 +558,84 @@ fn requests(ranges: &[(u64, u64)], max: u64) -> Vec<(u64, u64)> {
     out
 }
 
+/// The pool's chunk size for an image of `cs`-byte clusters: [`CHUNK_BYTES`], or one cluster
+/// when clusters are larger.
+fn chunk_bytes(cs: u64) -> usize {
+    (CHUNK_BYTES.max(cs) / cs.max(1) * cs.max(1)) as usize
+}
+
+/// Aborts a task when dropped (the committer of a window that ends or is cancelled: a store
+/// it started finishes in the background, under its units' range locks).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A fetched unit on its way to the committer, and where to say whether it was stored.
+type Commit = (Fetched, oneshot::Sender<bool>);
+
+/// Stores fetched units in batches: whatever is queued when it is free, up to `batch_bytes`
+/// of data, with one [`Populate::store_fetched`] (one flush before the batch's L2 updates).
+/// A batch that fails tells its units so; each then copies itself alone, under the job's
+/// error policy ([`copy_one`]).
+async fn committer(
+    dev: Arc<dyn Populate>,
+    h: StreamHandle,
+    mut queue: mpsc::UnboundedReceiver<Commit>,
+    batch_bytes: u64,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut bytes = first.0.fetched_bytes();
+        let mut batch = vec![first];
+        while bytes < batch_bytes {
+            let Ok(next) = queue.try_recv() else { break };
+            bytes += next.0.fetched_bytes();
+            batch.push(next);
+        }
+        let (units, replies): (Vec<Fetched>, Vec<oneshot::Sender<bool>>) =
+            batch.into_iter().unzip();
+        let stored = dev.store_fetched(units).await;
+        h.shared.batches.fetch_add(1, Ordering::AcqRel);
+        let ok = match stored {
+            Ok(s) => {
+                h.record_copy(s.copied, s.zeroed, s.local);
+                true
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "a stream batch failed; its units are copied alone");
+                false
+            }
+        };
+        for r in replies {
+            let _ = r.send(ok);
+        }
+    }
+}
+
+/// Copies one request: fetched into the job's buffers and stored in a batch by the
+/// committer; when the fetch or the batch fails, copied alone by [`copy_one`] (its retries and
+/// the job's error policy).
+async fn copy_unit(
+    dev: Arc<dyn Populate>,
+    handle: StreamHandle,
+    commits: mpsc::UnboundedSender<Commit>,
+    offset: u64,
+    len: u64,
+    retries: u32,
+) -> Result<()> {
+    let pool = handle.shared.pool.clone();
+    if let Ok(unit) = dev.fetch_range(offset, len, &pool).await {
+        let (tx, rx) = oneshot::channel();
+        if commits.send((unit, tx)).is_ok() && rx.await == Ok(true) {
+            return Ok(());
+        }
+    }
+    copy_one(dev, handle, offset, len, retries).await
+}
+
 /// Copies one request, retrying retryable backing errors while the backing is not gone.
 async fn copy_one(
     dev: Arc<dyn Populate>,
@@ -664,6 +765,8 @@ impl StreamJob {
             io_status: Mutex::new(IoStatus::Ok),
             ignored: Mutex::new(Vec::new()),
             events: EventSender::new(),
+            pool: BufferPool::new(options.buffer_budget, chunk_bytes(dev.cluster_size())),
+            batches: AtomicU64::new(0),
         });
         let handle = StreamHandle { shared };
         let events = handle.subscribe();
@@ -684,6 +787,8 @@ impl StreamJob {
                 unlinked: dev.backing().is_none(),
                 elapsed: start.elapsed(),
                 ignored: h.shared.ignored.lock().clone(),
+                buffers: h.shared.pool.stats(),
+                batches: h.shared.batches.load(Ordering::Acquire),
             });
             h.finish(r)
         });
@@ -704,49 +809,38 @@ impl StreamJob {
     }
 }
 
-/// The body of a full stream.
+/// The body of a full stream: a first pass over the whole disk, then passes over only what
+/// the previous pass copied (the backing does not change, so what it reported as holes or
+/// zeros, and what was local, stays so), until a pass finds nothing left to copy.
 async fn run(dev: &Arc<dyn Populate>, h: &StreamHandle, options: &StreamOptions) -> Result<()> {
     let size = dev.size();
-    let cs = dev.cluster_size();
     let mut pass = 0;
+    // None: the whole disk.
+    let mut scope: Option<Vec<(u64, u64)>> = None;
     loop {
         pass += 1;
-        let mut found_work = false;
-        let mut pos = 0;
-        // Counters describe the first pass; later passes only mop up.
-        while pos < size {
-            if h.wait_unpaused().await {
-                return Err(h.cancelled_at(h.shared.offset.load(Ordering::Acquire)));
-            }
-            let limit = h.shared.rate_limit.load(Ordering::Acquire);
-            let Some(p) = plan_or_skip(dev, h, pos, request_max(options, cs, limit)).await? else {
-                // The plan failed and the policy skipped a request's worth from `pos`.
-                pos = (pos + request_max(options, cs, limit)).min(size);
-                h.shared.offset.store(pos, Ordering::Release);
-                continue;
-            };
-            if pass == 1 {
-                h.shared.skipped.fetch_add(p.skipped, Ordering::AcqRel);
-                h.shared.local.fetch_add(p.local, Ordering::AcqRel);
-            }
-            let reqs = requests(&p.copy, request_max(options, cs, limit));
-            found_work |= !reqs.is_empty();
-            copy_window(dev, h, options, &reqs, pos, p.end).await?;
-            pos = p.end;
-            h.shared.offset.store(pos, Ordering::Release);
+        let mut copied = CopiedRanges::default();
+        let ranges = scope.take().unwrap_or_else(|| vec![(0, size)]);
+        for (start, end) in ranges {
+            // Counters describe the first pass; later passes only mop up.
+            stream_range(dev, h, options, (start, end), pass == 1, &mut copied).await?;
         }
         if !h.shared.ignored.lock().is_empty() {
             // Skipped ranges come from the backing still: one pass, and the link stays.
             dev.flush().await.map_err(Error::device)?;
             return Ok(());
         }
+        let found_work = copied.found_work();
         if !found_work || pass >= 3 {
             if found_work {
                 return Err(Error::Incomplete { passes: pass });
             }
             break;
         }
+        scope = copied.into_ranges();
     }
+    // The last pass may have looked at a few ranges only: the whole disk is done.
+    h.shared.offset.store(size, Ordering::Release);
     if h.is_cancelled() {
         return Err(h.cancelled_at(size));
     }
@@ -758,17 +852,96 @@ async fn run(dev: &Arc<dyn Populate>, h: &StreamHandle, options: &StreamOptions)
     Ok(())
 }
 
+/// The ranges a pass copied, merged, for the next pass to check; past [`MAX_TRACKED`]
+/// ranges the next pass walks the whole disk again instead.
+#[derive(Debug, Default)]
+struct CopiedRanges {
+    ranges: Vec<(u64, u64)>,
+    overflowed: bool,
+}
+
+/// The most ranges [`CopiedRanges`] keeps (16 bytes each).
+const MAX_TRACKED: usize = 1 << 16;
+
+impl CopiedRanges {
+    fn add(&mut self, reqs: &[(u64, u64)]) {
+        for &(o, l) in reqs {
+            let full = self.ranges.len() >= MAX_TRACKED;
+            match self.ranges.last_mut() {
+                Some(last) if last.1 == o => last.1 = o + l,
+                _ if self.overflowed => {}
+                _ if full => self.overflowed = true,
+                _ => self.ranges.push((o, o + l)),
+            }
+        }
+    }
+
+    fn found_work(&self) -> bool {
+        self.overflowed || !self.ranges.is_empty()
+    }
+
+    /// The next pass's scope: these ranges, or `None` (the whole disk).
+    fn into_ranges(self) -> Option<Vec<(u64, u64)>> {
+        (!self.overflowed).then_some(self.ranges)
+    }
+}
+
+/// One pass over `[start, end)`: plans windows and copies what they need, adding what it
+/// copied to `copied`. `count` adds what is skipped and local to the job's counters.
+async fn stream_range(
+    dev: &Arc<dyn Populate>,
+    h: &StreamHandle,
+    options: &StreamOptions,
+    (start, end): (u64, u64),
+    count: bool,
+    copied: &mut CopiedRanges,
+) -> Result<()> {
+    let cs = dev.cluster_size();
+    let mut pos = start;
+    while pos < end {
+        if h.wait_unpaused().await {
+            return Err(h.cancelled_at(h.shared.offset.load(Ordering::Acquire)));
+        }
+        let limit = h.shared.rate_limit.load(Ordering::Acquire);
+        let max = request_max(options, cs, limit);
+        let Some(p) = plan_or_skip(dev, h, pos, end, max).await? else {
+            // The plan failed and the policy skipped a request's worth from `pos`.
+            pos = (pos + max).min(end);
+            h.shared.offset.store(pos, Ordering::Release);
+            continue;
+        };
+        if count {
+            h.shared.skipped.fetch_add(p.skipped, Ordering::AcqRel);
+            h.shared.local.fetch_add(p.local, Ordering::AcqRel);
+        }
+        let reqs = requests(&p.copy, max);
+        copied.add(&reqs);
+        copy_window(dev, h, options, &reqs, pos, p.end).await?;
+        pos = p.end;
+        h.shared.offset.store(pos, Ordering::Release);
+    }
+    Ok(())
+}
+
 /// Plans the window from `pos`, applying the job's policy when the plan fails: `None` when a
 /// request's worth from `pos` (`skip` bytes) is to be skipped.
 async fn plan_or_skip(
     dev: &Arc<dyn Populate>,
     h: &StreamHandle,
     pos: u64,
+    end: u64,
     skip: u64,
 ) -> Result<Option<Plan>> {
-    let size = dev.size();
+    let size = end;
     loop {
-        match plan(&**dev, pos, (pos + PLAN_WINDOW).min(size), PLAN_BUDGET).await {
+        match plan(
+            &**dev,
+            pos,
+            pos.saturating_add(PLAN_WINDOW).min(end),
+            PLAN_BUDGET,
+        )
+        .await
+        {
             Ok(p) => return Ok(Some(p)),
             Err(e) => {
                 let length = skip.min(size - pos);
@@ -784,7 +957,10 @@ async fn plan_or_skip(
 /// The largest copy request: the configured size in whole clusters, and no more than a quarter
 /// second's worth under a rate limit (so the limit is smooth).
 fn request_max(options: &StreamOptions, cs: u64, limit: u64) -> u64 {
-    let mut max = options.request_bytes.max(cs) / cs * cs;
+    let chunk = chunk_bytes(cs) as u64;
+    // Two requests fit the budget at least (one storing while the next one fetches).
+    let half_budget = (options.buffer_budget / 2 / chunk).max(1) * chunk;
+    let mut max = options.request_bytes.min(half_budget).max(cs) / cs * cs;
     if limit > 0 {
         max = max.min((limit / 4).max(cs) / cs * cs);
     }
@@ -803,6 +979,13 @@ async fn copy_window(
     to: u64,
 ) -> Result<()> {
     let mut set: JoinSet<(u64, Result<()>)> = JoinSet::new();
+    let (commits, queue) = mpsc::unbounded_channel();
+    let _committer = AbortOnDrop(tokio::spawn(committer(
+        Arc::clone(dev),
+        h.clone(),
+        queue,
+        h.shared.pool.budget() / 2,
+    )));
     let mut in_flight: std::collections::BTreeSet<u64> = Default::default();
     let mut next = 0;
     let mut failure: Option<Error> = None;
@@ -818,7 +1001,8 @@ async fn copy_window(
                 .offset
                 .store(in_flight.first().copied().unwrap_or(o), Ordering::Release);
             let (d, hh, retries) = (Arc::clone(dev), h.clone(), options.retries);
-            set.spawn(async move { (o, copy_one(d, hh, o, l, retries).await) });
+            let tx = commits.clone();
+            set.spawn(async move { (o, copy_unit(d, hh, tx, o, l, retries).await) });
             next += 1;
         }
         if set.is_empty() {

@@ -1,161 +1,312 @@
-//! The stream job against QEMU's block-stream (qemu-storage-daemon, driven over QMP), on the
-//! same image, in one run: a 1 GiB base with 60% random data in 64 KiB..8 MiB extents, the rest
-//! holes, under an empty QED overlay, backed (a) by the raw file and (b) by qemu-nbd on a unix
-//! socket. Times are job wall times (ours in-process: open, stream, unlink, close; QEMU's from
-//! the block-stream command to BLOCK_JOB_COMPLETED). Prints medians and QEMU time / our time.
-//! Each result is checked with `qemu-img compare` against the base.
+//! The stream job against the tools that do the same copy, on the same data, in one run: a
+//! 1 GiB base with 60% random data in 64 KiB..8 MiB extents, the rest holes, under an empty QED
+//! overlay, backed (a) by the raw file and (b) by qemu-nbd (`-r -f raw`, unix socket).
 //!
-//! Then the backend × cache matrix of our stream over the raw file: io_uring and threads,
-//! each through the page cache (`cache=writeback`) and with O_DIRECT (`cache=none`), runs
-//! interleaved, medians printed with each one's ratio to its own backend's buffered time.
+//! For each backing, each run streams the overlay with the `qedstream` binary (`qedstream
+//! stream`, a whole process: open, stream, unlink, close) and with QEMU's block-stream
+//! (qemu-storage-daemon over QMP, job time), and copies the same data with the plain tool for
+//! it, durably: `cp --sparse=always` then `sync` for the raw file, `nbdcopy --flush` of the
+//! export to a file for qemu-nbd. Runs are interleaved (ours, QEMU's, the plain tool, then
+//! again), so a machine whose load changes affects all alike. Printed per backing: median wall
+//! times, CPU seconds (user + sys, from `wait4`) per GiB of data, and the medians of the
+//! per-run ratios. Each streamed image is checked with `qemu-img compare` against the base.
 //!
-//! `cargo run --release -p qedstream-benches --bin stream-compare [-- --quick] [--io-only]`
-//! (`--io-only`: the matrix alone)
+//! Then the backend × cache matrix of our stream over the raw file: `--aio io_uring` and
+//! `--aio threads`, each through the page cache (`--cache writeback`) and with O_DIRECT
+//! (`--cache none`), runs interleaved, medians printed with each one's ratio to its own
+//! backend's buffered time.
+//!
+//! `cargo build --release -p engine --bin qedstream && cargo run --release -p qedstream-benches
+//! --bin stream-compare [-- --quick] [--runs N] [--io-only]` (the `qedstream` binary is taken
+//! from the same folder as this one, or from `$QEDSTREAM`; `--io-only`: the matrix alone).
 
 use std::ffi::OsString;
-use std::path::Path;
-use std::process::Command;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use copy_on_read::{CorDevice, CorOptions};
-use engine::stream::{StreamJob, StreamOptions};
 use qedstream_benches::sparse_random_file;
 use qedstream_tests::nbd_server::NbdServer;
 use qedstream_tests::qsd;
 use qedstream_tests::tools::ok_command;
 
-fn our_stream(rt: &tokio::runtime::Runtime, image: &Path) -> Duration {
-    our_stream_with(rt, image, qed::IoConfig::default())
+/// Wall time and CPU time (user + sys) of one child process.
+#[derive(Clone, Copy, Debug)]
+struct Timed {
+    wall: Duration,
+    cpu: Duration,
 }
 
-fn our_stream_with(rt: &tokio::runtime::Runtime, image: &Path, io: qed::IoConfig) -> Duration {
-    rt.block_on(async {
-        let t = Instant::now();
-        let mut options = CorOptions::default();
-        options.gate.io = io;
-        let dev = Arc::new(CorDevice::open(image, options).await.unwrap());
-        let outcome = StreamJob::start(dev.clone(), StreamOptions::default())
-            .wait()
-            .await
-            .unwrap();
-        assert!(outcome.unlinked);
-        copy_on_read::BlockDevice::close(&*dev).await.unwrap();
-        t.elapsed()
-    })
+/// Runs `cmd` to its end, failing loudly when it cannot start or fails; times it with
+/// `wait4` (the child's own user and system time).
+fn timed(cmd: &mut Command) -> Timed {
+    let t = Instant::now();
+    let child = cmd
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?} (is it installed?): {e}"));
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our own child, not yet waited for; `status` and `usage` are valid
+    // for writes for the duration of the call.
+    let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let wall = t.elapsed();
+    assert_eq!(
+        r,
+        pid,
+        "wait4 of {cmd:?}: {}",
+        std::io::Error::last_os_error()
+    );
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "{cmd:?} failed: status {status:#x}"
+    );
+    std::mem::forget(child);
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Timed {
+        wall,
+        cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
+    }
 }
 
-fn median(mut v: Vec<Duration>) -> Duration {
+/// The `qedstream` binary: `$QEDSTREAM`, or next to this one.
+fn qedstream_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("QEDSTREAM") {
+        return p.into();
+    }
+    let me = std::env::current_exe().expect("the runner's own path");
+    let p = me.with_file_name("qedstream");
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (cargo build --release -p engine --bin qedstream) or set QEDSTREAM",
+        p.display()
+    );
+    p
+}
+
+fn median_f(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn median_d(v: &[Duration]) -> Duration {
+    let mut v = v.to_vec();
     v.sort();
     v[v.len() / 2]
 }
 
+/// A fresh empty overlay `name` in `d` over `backing` (raw).
+fn overlay(d: &Path, name: &str, backing: &str) {
+    let _ = std::fs::remove_file(d.join(name));
+    ok_command(Command::new("qemu-img").current_dir(d).args([
+        "create", "-q", "-f", "qed", "-b", backing, "-F", "raw", name,
+    ]));
+}
+
+fn compare(d: &Path, image: &str) {
+    ok_command(
+        Command::new("qemu-img")
+            .current_dir(d)
+            .args(["compare", "-q", "-f", "qed", "-F", "raw", image, "base.raw"]),
+    );
+}
+
+/// The plain copy for a backing: `cp --sparse=always` + `sync` (raw), `nbdcopy --flush` (NBD).
+fn plain_copy(d: &Path, backing: &Backing) -> Timed {
+    let _ = std::fs::remove_file(d.join("copy.raw"));
+    match backing {
+        Backing::Raw => {
+            let cp = timed(Command::new("cp").current_dir(d).args([
+                "--sparse=always",
+                "base.raw",
+                "copy.raw",
+            ]));
+            let sync = timed(Command::new("sync").current_dir(d).arg("copy.raw"));
+            Timed {
+                wall: cp.wall + sync.wall,
+                cpu: cp.cpu + sync.cpu,
+            }
+        }
+        Backing::Nbd(uri) => timed(
+            Command::new("nbdcopy")
+                .current_dir(d)
+                .args(["--flush", uri, "copy.raw"]),
+        ),
+    }
+}
+
+enum Backing {
+    Raw,
+    Nbd(String),
+}
+
+impl Backing {
+    fn name(&self) -> &'static str {
+        match self {
+            Backing::Raw => "raw file",
+            Backing::Nbd(_) => "qemu-nbd (unix socket)",
+        }
+    }
+    fn plain(&self) -> &'static str {
+        match self {
+            Backing::Raw => "cp --sparse=always + sync",
+            Backing::Nbd(_) => "nbdcopy --flush",
+        }
+    }
+    fn header_name(&self) -> String {
+        match self {
+            Backing::Raw => "base.raw".into(),
+            Backing::Nbd(uri) => uri.clone(),
+        }
+    }
+}
+
+/// What the runs of one backing measured.
+#[derive(Default)]
+struct Runs {
+    ours: Vec<Timed>,
+    qemu: Vec<Duration>,
+    plain: Vec<Timed>,
+}
+
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let runs = if quick { 1 } else { 3 };
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let runs = args
+        .iter()
+        .position(|a| a == "--runs")
+        .and_then(|i| args.get(i + 1))
+        .map(|n| n.parse::<usize>().expect("--runs N"))
+        .unwrap_or(if quick { 1 } else { 5 });
     let size: u64 = if quick { 256 << 20 } else { 1 << 30 };
+    let bin = qedstream_binary();
     let dir =
         tempfile::tempdir_in(std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into()))
             .unwrap();
     let d = dir.path();
     let data = sparse_random_file(&d.join("base.raw"), size, 60, 11);
+    let gib = data as f64 / (1u64 << 30) as f64;
     println!(
-        "base: {} MiB, {} MiB of data ({:.0}%)",
+        "base: {} MiB, {} MiB of data ({:.0}%); {runs} interleaved runs; {}",
         size >> 20,
         data >> 20,
-        data as f64 * 100.0 / size as f64
+        data as f64 * 100.0 / size as f64,
+        bin.display()
     );
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    if std::env::args().any(|a| a == "--io-only") {
-        return io_matrix(&rt, d, runs, data);
+    if args.iter().any(|a| a == "--io-only") {
+        return io_matrix(&bin, d, runs.max(3), data);
     }
     let sock = d.join("nbd.sock");
-    let mut args: Vec<OsString> = ["-r", "-t", "-e", "8", "-f", "raw", "-k"]
-        .map(OsString::from)
-        .to_vec();
-    args.push(sock.clone().into());
-    args.push(d.join("base.raw").into());
-    let _nbd = NbdServer::start("qemu-nbd", args, &sock);
+    let mut nbd_args: Vec<OsString> = ["-r", "-t", "-f", "raw", "-k"].map(OsString::from).to_vec();
+    nbd_args.push(sock.clone().into());
+    nbd_args.push(d.join("base.raw").into());
+    let _nbd = NbdServer::start("qemu-nbd", nbd_args, &sock);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
-    for (name, backing) in [
-        ("raw file", "base.raw".to_string()),
-        ("qemu-nbd (unix socket)", uri),
-    ] {
-        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for backing in [Backing::Raw, Backing::Nbd(uri)] {
+        let mut r = Runs::default();
         for _ in 0..runs {
-            for img in ["ours.qed", "qemu.qed"] {
-                let _ = std::fs::remove_file(d.join(img));
-                ok_command(
-                    Command::new("qemu-img")
-                        .current_dir(d)
-                        .args(["create", "-f", "qed", "-b", &backing, "-F", "raw", img]),
-                );
-            }
-            ours.push(our_stream(&rt, &d.join("ours.qed")));
-            theirs.push(qsd::block_stream(d, "qemu.qed"));
-            for img in ["ours.qed", "qemu.qed"] {
-                ok_command(
-                    Command::new("qemu-img")
-                        .current_dir(d)
-                        .args(["compare", "-f", "qed", "-F", "raw", img, "base.raw"]),
-                );
-            }
-        }
-        let (o, q) = (median(ours), median(theirs));
-        let mbs = |t: Duration| data as f64 / t.as_secs_f64() / 1e6;
-        println!(
-            "stream over {name:<24} ours {:>7.3}s ({:>6.0} MB/s of data)   qemu block-stream {:>7.3}s ({:>6.0} MB/s)   qemu/ours {:>5.2}x",
-            o.as_secs_f64(),
-            mbs(o),
-            q.as_secs_f64(),
-            mbs(q),
-            q.as_secs_f64() / o.as_secs_f64()
-        );
-    }
-    io_matrix(&rt, d, runs, data);
-}
-
-/// The four backend × cache configurations, with their names.
-fn io_configs() -> Vec<(String, qed::IoConfig)> {
-    let mut out = Vec::new();
-    for aio in [qed::Aio::IoUring, qed::Aio::Threads] {
-        for cache in [qed::CacheMode::Writeback, qed::CacheMode::None] {
-            let io = qed::IoConfig { cache, aio };
-            let name = format!("{}/{}", io.backend().unwrap().name(), cache.name());
-            out.push((name, io));
-        }
-    }
-    out
-}
-
-/// Our stream over the raw base under each configuration, interleaved run by run.
-fn io_matrix(rt: &tokio::runtime::Runtime, d: &Path, runs: usize, data: u64) {
-    let configs = io_configs();
-    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); configs.len()];
-    for _ in 0..runs.max(3) {
-        for (i, (_, io)) in configs.iter().enumerate() {
-            let _ = std::fs::remove_file(d.join("io.qed"));
-            ok_command(Command::new("qemu-img").current_dir(d).args([
-                "create", "-f", "qed", "-b", "base.raw", "-F", "raw", "io.qed",
-            ]));
-            times[i].push(our_stream_with(rt, &d.join("io.qed"), *io));
-            ok_command(
-                Command::new("qemu-img")
+            overlay(d, "ours.qed", &backing.header_name());
+            r.ours.push(timed(
+                Command::new(&bin)
                     .current_dir(d)
-                    .args(["compare", "-f", "qed", "-F", "raw", "io.qed", "base.raw"]),
+                    .args(["stream", "ours.qed"]),
+            ));
+            compare(d, "ours.qed");
+            overlay(d, "qemu.qed", &backing.header_name());
+            r.qemu.push(qsd::block_stream(d, "qemu.qed"));
+            compare(d, "qemu.qed");
+            r.plain.push(plain_copy(d, &backing));
+        }
+        report(&backing, &r, data, gib);
+    }
+    io_matrix(&bin, d, runs.max(3), data);
+}
+
+/// The four backend × cache configurations: their names and `qedstream` options, in pairs
+/// (writeback, none) per backend.
+const IO_CONFIGS: [(&str, [&str; 4]); 4] = [
+    (
+        "io_uring/writeback",
+        ["--aio", "io_uring", "--cache", "writeback"],
+    ),
+    ("io_uring/none", ["--aio", "io_uring", "--cache", "none"]),
+    (
+        "threads/writeback",
+        ["--aio", "threads", "--cache", "writeback"],
+    ),
+    ("threads/none", ["--aio", "threads", "--cache", "none"]),
+];
+
+/// `qedstream stream` over the raw base under each configuration, interleaved run by run.
+fn io_matrix(bin: &Path, d: &Path, runs: usize, data: u64) {
+    let mut times: Vec<Vec<Duration>> = vec![Vec::new(); IO_CONFIGS.len()];
+    for _ in 0..runs {
+        for (i, (_, options)) in IO_CONFIGS.iter().enumerate() {
+            overlay(d, "io.qed", "base.raw");
+            let t = timed(
+                Command::new(bin)
+                    .current_dir(d)
+                    .arg("stream")
+                    .args(options)
+                    .arg("io.qed"),
             );
+            times[i].push(t.wall);
+            compare(d, "io.qed");
         }
     }
-    let medians: Vec<Duration> = times.into_iter().map(median).collect();
-    for (i, (name, _)) in configs.iter().enumerate() {
-        // Configurations come in pairs: (writeback, none) per backend.
-        let buffered = medians[i - i % 2];
-        let t = medians[i].as_secs_f64();
+    let medians: Vec<f64> = times.iter().map(|t| median_d(t).as_secs_f64()).collect();
+    for (i, (name, _)) in IO_CONFIGS.iter().enumerate() {
+        let t = medians[i];
         println!(
             "stream, raw file, {name:<20} {t:>7.3}s ({:>6.0} MB/s of data)   / own buffered {:>5.2}x   / io_uring/writeback {:>5.2}x",
             data as f64 / t / 1e6,
-            t / buffered.as_secs_f64(),
-            t / medians[0].as_secs_f64()
+            t / medians[i - i % 2],
+            t / medians[0]
         );
     }
+}
+
+fn report(backing: &Backing, r: &Runs, data: u64, gib: f64) {
+    let walls = |v: &[Timed]| v.iter().map(|t| t.wall).collect::<Vec<_>>();
+    let (o, q, p) = (
+        median_d(&walls(&r.ours)),
+        median_d(&r.qemu),
+        median_d(&walls(&r.plain)),
+    );
+    let cpu = |v: &[Timed]| median_f(v.iter().map(|t| t.cpu.as_secs_f64() / gib).collect());
+    let ratio = |a: &[f64], b: &[f64]| median_f(a.iter().zip(b).map(|(x, y)| x / y).collect());
+    let ow: Vec<f64> = r.ours.iter().map(|t| t.wall.as_secs_f64()).collect();
+    let qw: Vec<f64> = r.qemu.iter().map(Duration::as_secs_f64).collect();
+    let pw: Vec<f64> = r.plain.iter().map(|t| t.wall.as_secs_f64()).collect();
+    let oc: Vec<f64> = r.ours.iter().map(|t| t.cpu.as_secs_f64()).collect();
+    let pc: Vec<f64> = r.plain.iter().map(|t| t.cpu.as_secs_f64()).collect();
+    let mbs = |t: Duration| data as f64 / t.as_secs_f64() / 1e6;
+    println!("stream over {}:", backing.name());
+    println!(
+        "  qedstream stream      {:>7.3}s ({:>5.0} MB/s)  CPU {:>5.2} s/GiB",
+        o.as_secs_f64(),
+        mbs(o),
+        cpu(&r.ours)
+    );
+    println!(
+        "  qemu block-stream     {:>7.3}s ({:>5.0} MB/s)  (job time)",
+        q.as_secs_f64(),
+        mbs(q)
+    );
+    println!(
+        "  {:<21} {:>7.3}s ({:>5.0} MB/s)  CPU {:>5.2} s/GiB",
+        backing.plain(),
+        p.as_secs_f64(),
+        mbs(p),
+        cpu(&r.plain)
+    );
+    println!(
+        "  medians of ratios: ours/{} wall {:.2}, CPU {:.2}; qemu/ours wall {:.2}",
+        backing.plain(),
+        ratio(&ow, &pw),
+        ratio(&oc, &pc),
+        ratio(&qw, &ow)
+    );
 }

@@ -341,8 +341,9 @@ struct StreamArgs {
     /// With --step: the unit's length (default 1M).
     #[arg(long, requires = "step")]
     length: Option<String>,
-    /// Copy requests in flight (1 to 64).
-    #[arg(long, default_value = "4")]
+    /// Copy requests in flight (1 to 64). Memory stays within the stream's 16 MiB of
+    /// recycled copy buffers whatever this says.
+    #[arg(long, default_value = "16")]
     in_flight: usize,
     /// What the stream does when a range fails: report (fail; run again to resume) or
     /// ignore (skip it, finish the rest, keep the link). `stop` needs a resume, so only
@@ -405,7 +406,7 @@ struct ServeArgs {
     /// human, or json (a "ready" line, then one line per job event).
     #[arg(long, value_enum, default_value = "human")]
     output: Output,
-    /// The stream's copy requests in flight (1 to 64). Fewer than `stream`'s 4: a guest's
+    /// The stream's copy requests in flight (1 to 64). Fewer than `stream`'s 16: a guest's
     /// reads share the disk and the CPUs with them (see the README's performance figures).
     #[arg(long, default_value = "1")]
     in_flight: usize,

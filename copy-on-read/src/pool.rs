@@ -1,0 +1,255 @@
+//! A pool of reusable copy buffers under a byte budget: what the stream job fetches from the
+//! backing goes into buffers of this pool, and each buffer comes back to it once its data is
+//! stored, so a stream allocates (and the kernel faults in) at most the budget's worth of
+//! buffer memory however long it runs, and never holds more than the budget at once, whatever
+//! its request size and number of requests in flight say.
+//!
+//! The budget is counted in chunks of [`BufferPool::chunk_bytes`] (each buffer is one chunk,
+//! the last of a request possibly shorter). [`BufferPool::take`] waits (FIFO) until a request's
+//! chunks are free, all at once, so requests never hold part of what they need while waiting
+//! for the rest; a request larger than the whole budget is refused with
+//! [`Error::OverBudget`], never waited for.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::error::{Error, Result};
+
+/// Reusable buffers under a byte budget; cheap to clone (clones share the buffers).
+#[derive(Clone, Debug)]
+pub struct BufferPool {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    chunk: usize,
+    chunks: usize,
+    permits: Arc<Semaphore>,
+    free: Mutex<Vec<Vec<u8>>>,
+    /// Bytes of buffers ever allocated (recycled ones are not counted again).
+    allocated: AtomicU64,
+    /// Bytes handed out now, and the most ever handed out at once.
+    out: AtomicU64,
+    peak: AtomicU64,
+}
+
+/// What a pool has done, for tests and reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// The budget, bytes (a whole number of chunks).
+    pub budget: u64,
+    /// Bytes of buffers ever allocated: never more than the budget.
+    pub allocated: u64,
+    /// The most bytes of buffers handed out at once: never more than the budget.
+    pub peak: u64,
+}
+
+/// The buffers of one request: chunk `k` holds bytes `[k * chunk, (k + 1) * chunk)` of it.
+/// Dropping them gives them back to their pool.
+#[derive(Debug)]
+pub struct Chunks {
+    bufs: Vec<Vec<u8>>,
+    len: u64,
+    pool: Arc<Inner>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl BufferPool {
+    /// A pool of `budget` bytes (at least one chunk) in chunks of `chunk` bytes (at least 1).
+    pub fn new(budget: u64, chunk: usize) -> BufferPool {
+        let chunk = chunk.max(1);
+        let chunks = usize::try_from(budget / chunk as u64)
+            .unwrap_or(usize::MAX)
+            .clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
+        BufferPool {
+            inner: Arc::new(Inner {
+                chunk,
+                chunks,
+                permits: Arc::new(Semaphore::new(chunks)),
+                free: Mutex::new(Vec::new()),
+                allocated: AtomicU64::new(0),
+                out: AtomicU64::new(0),
+                peak: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The size of one buffer.
+    pub fn chunk_bytes(&self) -> usize {
+        self.inner.chunk
+    }
+
+    /// The budget, bytes (a whole number of chunks).
+    pub fn budget(&self) -> u64 {
+        self.inner.chunks as u64 * self.inner.chunk as u64
+    }
+
+    /// Buffers for `len` bytes, waiting until the budget has room for them. Fails with
+    /// [`Error::OverBudget`] when `len` exceeds the whole budget.
+    pub async fn take(&self, len: u64) -> Result<Chunks> {
+        let chunk = self.inner.chunk as u64;
+        let n = len.div_ceil(chunk);
+        if n > self.inner.chunks as u64 {
+            return Err(Error::OverBudget {
+                length: len,
+                budget: self.budget(),
+            });
+        }
+        let permit = Arc::clone(&self.inner.permits)
+            .acquire_many_owned(n as u32)
+            .await
+            .map_err(|_| Error::Closed)?;
+        let mut bufs = Vec::with_capacity(n as usize);
+        for k in 0..n {
+            let want = (len - k * chunk).min(chunk) as usize;
+            bufs.push(self.inner.buffer(want));
+        }
+        self.inner.count_out(n * chunk);
+        Ok(Chunks {
+            bufs,
+            len,
+            pool: Arc::clone(&self.inner),
+            _permit: permit,
+        })
+    }
+
+    /// What the pool has done so far.
+    pub fn stats(&self) -> PoolStats {
+        PoolStats {
+            budget: self.budget(),
+            allocated: self.inner.allocated.load(Ordering::Acquire),
+            peak: self.inner.peak.load(Ordering::Acquire),
+        }
+    }
+}
+
+impl Inner {
+    /// A free buffer of `len` bytes (recycled when one is free).
+    fn buffer(&self, len: usize) -> Vec<u8> {
+        if let Some(mut b) = self.free.lock().pop() {
+            b.truncate(len);
+            b.resize(len, 0);
+            return b;
+        }
+        self.allocated
+            .fetch_add(self.chunk as u64, Ordering::AcqRel);
+        let mut b = Vec::with_capacity(self.chunk);
+        b.resize(len, 0);
+        b
+    }
+
+    fn count_out(&self, bytes: u64) {
+        let now = self.out.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        self.peak.fetch_max(now, Ordering::AcqRel);
+    }
+}
+
+impl Chunks {
+    /// The request's length.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True for a request of no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The chunk size.
+    pub fn chunk_bytes(&self) -> usize {
+        self.pool.chunk
+    }
+
+    /// The buffers, in order.
+    pub fn bufs(&self) -> &[Vec<u8>] {
+        &self.bufs
+    }
+
+    /// Takes buffers `[from, to)` out (to be filled by a read that owns them); give them back
+    /// with [`Chunks::put`]. A buffer not given back (its read failed or was dropped) is
+    /// simply not recycled.
+    pub fn take_bufs(&mut self, from: usize, to: usize) -> Vec<Vec<u8>> {
+        self.bufs[from..to].iter_mut().map(std::mem::take).collect()
+    }
+
+    /// Puts buffers taken with [`Chunks::take_bufs`] back from index `from` on.
+    pub fn put(&mut self, from: usize, bufs: Vec<Vec<u8>>) {
+        for (slot, b) in self.bufs[from..].iter_mut().zip(bufs) {
+            *slot = b;
+        }
+    }
+}
+
+impl Drop for Chunks {
+    fn drop(&mut self) {
+        let chunk = self.pool.chunk;
+        let mut free = self.pool.free.lock();
+        for b in self.bufs.drain(..) {
+            if b.capacity() == chunk {
+                free.push(b);
+            }
+        }
+        drop(free);
+        self.pool.out.fetch_sub(
+            self.len.div_ceil(chunk as u64) * chunk as u64,
+            Ordering::AcqRel,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn buffers_are_recycled_and_the_budget_holds() {
+        let pool = BufferPool::new(4 << 20, 1 << 20);
+        for _ in 0..100 {
+            let a = pool.take(3 << 20).await.unwrap();
+            assert_eq!(a.bufs().len(), 3);
+            assert_eq!(a.bufs()[2].len(), 1 << 20);
+            drop(a);
+        }
+        let s = pool.stats();
+        assert_eq!(s.allocated, 3 << 20, "buffers were not recycled: {s:?}");
+        assert_eq!(s.peak, 3 << 20);
+        let a = pool.take(2 << 20).await.unwrap();
+        let b = pool.take((1 << 20) + 5).await.unwrap();
+        assert_eq!(b.bufs()[1].len(), 5);
+        let waiting = pool.take(1);
+        tokio::pin!(waiting);
+        assert!(futures_poll_once(waiting.as_mut()).await.is_none());
+        drop(a);
+        let c = waiting.await.unwrap();
+        assert_eq!(c.len(), 1);
+        assert!(pool.stats().peak <= pool.budget());
+        drop((b, c));
+    }
+
+    #[tokio::test]
+    async fn a_request_over_the_whole_budget_is_refused() {
+        let pool = BufferPool::new(1 << 20, 256 << 10);
+        match pool.take((1 << 20) + 1).await {
+            Err(Error::OverBudget { length, budget }) => {
+                assert_eq!((length, budget), ((1 << 20) + 1, 1 << 20));
+            }
+            other => panic!("not refused: {other:?}"),
+        }
+    }
+
+    /// Polls `f` once: `Some` when it is ready.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
+        let mut f = f;
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut f).poll(cx) {
+                std::task::Poll::Ready(v) => Some(v),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,144 @@
+//! The stream's batched commit and its memory bound, on a QED image in memory whose storage
+//! counts flushes, over a raw backing:
+//!
+//! - units fetched while a batch is being stored are stored together, with one flush for the
+//!   whole batch before its L2 updates (not one per unit): the flushes of a whole stream are
+//!   its batches plus a fixed few (the new L2 table, the backing drop), and far fewer than its
+//!   units;
+//! - whatever `in_flight` and `request_bytes` say, the job's copy buffers stay within
+//!   `buffer_budget`: never more allocated, never more handed out at once, and they are
+//!   recycled (a stream of 12 times the budget allocates the budget at most);
+//! - the image then reads as the backing.
+//!
+//! The storage's flush takes a few milliseconds (as a real `fdatasync` does), so that units
+//! queue up behind a batch being stored; nothing here asserts on time.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use copy_on_read::CorDevice;
+use engine::stream::{StreamJob, StreamOptions};
+use qed::{BackingFormat, CreateOptions, Image, MemStorage, OpenOptions, Storage};
+use qedstream_tests::{disk_over, raw_backing, Disk, XorShift};
+
+/// A storage in memory that counts its flushes, each of which sleeps `flush_delay`.
+#[derive(Debug)]
+struct Counting {
+    mem: Arc<MemStorage>,
+    flushes: Arc<AtomicU64>,
+    flush_delay: Duration,
+}
+
+impl Storage for Counting {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.mem.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.mem.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        std::thread::sleep(self.flush_delay);
+        self.flushes.fetch_add(1, Ordering::AcqRel);
+        self.mem.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.mem.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.mem.set_len(len)
+    }
+}
+
+/// An empty overlay (64 KiB clusters) of `backing` on a flush-counting storage, and its
+/// flush counter.
+fn overlay(backing: &[u8], flush_delay: Duration) -> (Disk, Arc<AtomicU64>) {
+    let mut create = CreateOptions::new(backing.len() as u64);
+    create.backing = Some(("base.raw".into(), BackingFormat::Raw));
+    let mem = Arc::new(MemStorage::new());
+    Image::create(&*mem, &create).unwrap();
+    let flushes = Arc::new(AtomicU64::new(0));
+    let storage = Counting {
+        mem,
+        flushes: Arc::clone(&flushes),
+        flush_delay,
+    };
+    let image = Image::open(Box::new(storage), OpenOptions::default()).unwrap();
+    (disk_over(image, Some(raw_backing(backing))), flushes)
+}
+
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut b = vec![0u8; len];
+    XorShift::new(seed).fill(&mut b);
+    b
+}
+
+/// Streams `disk` with `options` to its end and checks that it reads as `backing`.
+fn stream(disk: &Disk, options: StreamOptions, backing: &[u8]) -> engine::stream::StreamOutcome {
+    let dev: Arc<CorDevice> = Arc::clone(disk.device());
+    let outcome = disk
+        .block_on(async { StreamJob::start(dev, options).wait().await })
+        .unwrap();
+    assert!(outcome.unlinked, "the stream kept its backing");
+    let mut got = vec![0u8; backing.len()];
+    disk.read_at(&mut got, 0).unwrap();
+    qedstream_tests::assert_same_bytes(&got, backing, "the streamed image");
+    outcome
+}
+
+#[test]
+fn a_batch_of_units_shares_one_flush() {
+    let backing = random_bytes(16 << 20, 1);
+    let (disk, flushes) = overlay(&backing, Duration::from_millis(30));
+    let units = (16u64 << 20) / (256 << 10);
+    let options = StreamOptions {
+        request_bytes: 256 << 10,
+        in_flight: 64,
+        ..StreamOptions::default()
+    };
+    let outcome = stream(&disk, options, &backing);
+    let flushes = flushes.load(Ordering::Acquire);
+    println!(
+        "{units} units, {} batches, {flushes} flushes",
+        outcome.batches
+    );
+    // One flush per batch, one for the new L2 table, and those of the backing drop.
+    assert!(
+        flushes <= outcome.batches + 4,
+        "{flushes} flushes for {} batches",
+        outcome.batches
+    );
+    assert!(
+        outcome.batches * 4 <= units,
+        "{} batches for {units} units: units were not batched",
+        outcome.batches
+    );
+}
+
+#[test]
+fn buffers_stay_within_the_budget_whatever_in_flight_says() {
+    let backing = random_bytes(24 << 20, 2);
+    let (disk, _) = overlay(&backing, Duration::from_millis(1));
+    let budget = 2 << 20;
+    let options = StreamOptions {
+        request_bytes: 1 << 30,
+        in_flight: 10_000,
+        buffer_budget: budget,
+        ..StreamOptions::default()
+    };
+    let outcome = stream(&disk, options, &backing);
+    let b = outcome.buffers;
+    println!("{b:?}, {} batches", outcome.batches);
+    assert_eq!(b.budget, budget);
+    assert!(
+        b.peak <= budget,
+        "{} bytes of buffers out at once: {b:?}",
+        b.peak
+    );
+    assert!(
+        b.allocated <= budget,
+        "{} bytes allocated: {b:?}",
+        b.allocated
+    );
+    assert!(b.peak > 0, "no buffer was used: {b:?}");
+}

@@ -6,6 +6,8 @@
 //! - [`RawFile`]: a raw file (block status from `SEEK_DATA`/`SEEK_HOLE`);
 //! - [`QedImage`]: a QED image read through its own backing device (the lower layers of a
 //!   chain);
+//! - [`Qcow2Image`]: a qcow2 image (read-only, on the `imago` crate) read through its own
+//!   backing device; compressed clusters are inflated, block status comes from its tables;
 //! - [`NbdExport`]: an NBD export through `nbd-client` (block status from `base:allocation`;
 //!   the [`Reconnect`] capability reports the connection state and repoints the export at
 //!   another server of the same size, [`Reconnect::repoint`]);
@@ -59,6 +61,7 @@ pub mod gate;
 pub mod image;
 pub mod lock;
 pub mod nbd;
+pub mod qcow2;
 pub mod raw;
 pub mod sync;
 
@@ -73,5 +76,6 @@ pub use gate::Gate;
 pub use image::QedImage;
 pub use lock::{RangeGuard, RangeLock};
 pub use nbd::NbdExport;
+pub use qcow2::{Qcow2, Qcow2Image};
 pub use raw::RawFile;
 pub use sync::SyncDevice;

@@ -35,21 +35,23 @@ fn confinement_covers_qcow2_backings_and_their_data_files() {
     let dir = tempdir();
     let (root, inside) = (dir.path(), dir.path().join("in"));
     std::fs::create_dir(&inside).unwrap();
-    // A qcow2 image inside, its data file outside; and one wholly inside.
+    // A qcow2 image inside, its data file outside; and one wholly inside (made from inside:
+    // qemu-img resolves a data file name against its working directory).
     ok(
-        root,
+        &inside,
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", "data_file=../out.data", "in/leaky.qcow2", "1M"],
+        &["create", "-q", "-f", "qcow2", "-o", "data_file=../out.data", "leaky.qcow2", "1M"],
     );
     ok(
-        root,
+        &inside,
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", "data_file=ok.data", "in/good.qcow2", "1M"],
+        &["create", "-q", "-f", "qcow2", "-o", "data_file=ok.data", "good.qcow2", "1M"],
     );
     ok(root, "qemu-img", &["create", "-q", "-f", "qcow2", "outside.qcow2", "1M"]);
-    for image in ["in/leaky.qcow2", "in/good.qcow2", "outside.qcow2"] {
-        qemu_io(root, "qcow2", image, &["write -P 0x66 0 64k"]);
+    for (at, image) in [(&inside, "leaky.qcow2"), (&inside, "good.qcow2")] {
+        qemu_io(at, "qcow2", image, &["write -P 0x66 0 64k"]);
     }
+    qemu_io(root, "qcow2", "outside.qcow2", &["write -P 0x66 0 64k"]);
     for (top, backing) in [
         ("in/leaky.qed", "leaky.qcow2"),
         ("in/good.qed", "good.qcow2"),

@@ -25,7 +25,10 @@ fn open(top: &Path, root: &Path) -> copy_on_read::Result<CorDevice> {
     runtime.block_on(async {
         let dev = CorDevice::open(top, confined(root)).await?;
         let head = dev.read_at(0, vec![0u8; 4096]).await?;
-        assert!(head.iter().all(|&b| b == 0x66), "wrong bytes through the chain");
+        assert!(
+            head.iter().all(|&b| b == 0x66),
+            "wrong bytes through the chain"
+        );
         Ok(dev)
     })
 }
@@ -40,14 +43,36 @@ fn confinement_covers_qcow2_backings_and_their_data_files() {
     ok(
         &inside,
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", "data_file=../out.data", "leaky.qcow2", "1M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=../out.data",
+            "leaky.qcow2",
+            "1M",
+        ],
     );
     ok(
         &inside,
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", "data_file=ok.data", "good.qcow2", "1M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=ok.data",
+            "good.qcow2",
+            "1M",
+        ],
     );
-    ok(root, "qemu-img", &["create", "-q", "-f", "qcow2", "outside.qcow2", "1M"]);
+    ok(
+        root,
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "outside.qcow2", "1M"],
+    );
     for (at, image) in [(&inside, "leaky.qcow2"), (&inside, "good.qcow2")] {
         qemu_io(at, "qcow2", image, &["write -P 0x66 0 64k"]);
     }
@@ -60,7 +85,9 @@ fn confinement_covers_qcow2_backings_and_their_data_files() {
         ok(
             root,
             "qemu-img",
-            &["create", "-q", "-f", "qed", "-b", backing, "-F", "qcow2", top],
+            &[
+                "create", "-q", "-f", "qed", "-b", backing, "-F", "qcow2", top,
+            ],
         );
     }
     open(&root.join("in/good.qed"), &inside).expect("a chain wholly inside opens");

@@ -271,7 +271,9 @@ impl Chain {
             // The name as the layer above stores it.
             let name = match &layers.last().map(|l| &l.layer) {
                 Some(Layer::Qed(image)) => image.backing_name().unwrap_or_default(),
-                Some(Layer::Qcow2(image)) => image.header().backing_name.clone().unwrap_or_default(),
+                Some(Layer::Qcow2(image)) => {
+                    image.header().backing_name.clone().unwrap_or_default()
+                }
                 _ => String::new(),
             };
             let (layer, path) = match opened {

@@ -13,9 +13,7 @@ use std::process::Command;
 
 use qedstream_tests::served::Served;
 use qedstream_tests::tempdir;
-use qedstream_tests::tools::{
-    command_in, ok, qemu_io, refused, run_with_deadline,
-};
+use qedstream_tests::tools::{command_in, ok, qemu_io, refused, run_with_deadline};
 use serde_json::Value;
 
 fn ours(dir: &Path, args: &[&str]) -> Command {
@@ -48,7 +46,11 @@ const BASES: [&str; 4] = ["comp.qcow2", "v2.qcow2", "over.qcow2", "ext.qcow2"];
 
 /// `base.raw` (8 MiB: data, a zero run, a hole) and the qcow2 images of [`BASES`].
 fn fixture(dir: &Path) {
-    ok(dir, "qemu-img", &["create", "-q", "-f", "raw", "base.raw", "8M"]);
+    ok(
+        dir,
+        "qemu-img",
+        &["create", "-q", "-f", "raw", "base.raw", "8M"],
+    );
     qemu_io(
         dir,
         "raw",
@@ -71,18 +73,41 @@ fn fixture(dir: &Path) {
     ok(
         dir,
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", "over.qcow2"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "over.qcow2",
+        ],
     );
     qemu_io(
         dir,
         "qcow2",
         "over.qcow2",
-        &["write -P 0x44 64k 64k", "write -z 512k 128k", "write -P 0x55 5M 100k"],
+        &[
+            "write -P 0x44 64k 64k",
+            "write -z 512k 128k",
+            "write -P 0x55 5M 100k",
+        ],
     );
     ok(
         dir,
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", "data_file=ext.data", "ext.qcow2", "8M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "data_file=ext.data",
+            "ext.qcow2",
+            "8M",
+        ],
     );
     qemu_io(
         dir,
@@ -117,7 +142,10 @@ fn convert_gives_qemu_img_converts_bytes() {
     fixture(dir.path());
     for base in BASES {
         let (theirs, mine) = converted(dir.path(), base, Some("qcow2"));
-        assert!(theirs == mine, "convert -f qcow2 {base} differs from qemu-img's");
+        assert!(
+            theirs == mine,
+            "convert -f qcow2 {base} differs from qemu-img's"
+        );
         let top = format!("{base}.qed");
         let (theirs, mine) = converted(dir.path(), &top, None);
         assert!(theirs == mine, "convert {top} differs from qemu-img's");
@@ -125,7 +153,9 @@ fn convert_gives_qemu_img_converts_bytes() {
     // Something real was compared: the compressed base's data, the overlay's write.
     let (theirs, _) = converted(dir.path(), "comp.qcow2.qed", None);
     assert!(theirs[..1 << 20].iter().all(|&b| b == 0x11));
-    assert!(theirs[2 << 20..(2 << 20) + 65536].iter().all(|&b| b == 0x77));
+    assert!(theirs[2 << 20..(2 << 20) + 65536]
+        .iter()
+        .all(|&b| b == 0x77));
 }
 
 #[test]
@@ -194,7 +224,17 @@ fn create_and_rebase_onto_qcow2_write_qemu_imgs_bytes() {
     ok(
         d,
         "qemu-img",
-        &["create", "-q", "-f", "qed", "-b", "comp.qcow2", "-F", "qcow2", "q.qed"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qed",
+            "-b",
+            "comp.qcow2",
+            "-F",
+            "qcow2",
+            "q.qed",
+        ],
     );
     ours_ok(d, &["create", "-b", "comp.qcow2", "-F", "qcow2", "o.qed"]);
     let read = |n: &str| std::fs::read(d.join(n)).unwrap();
@@ -207,7 +247,9 @@ fn create_and_rebase_onto_qcow2_write_qemu_imgs_bytes() {
         ok(
             d,
             "qemu-img",
-            &["create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw", image],
+            &[
+                "create", "-q", "-f", "qed", "-b", "base.raw", "-F", "raw", image,
+            ],
         );
         let args = ["rebase", "-u", "-b", "comp.qcow2", "-F", "qcow2", image];
         if tool == "qemu-img" {
@@ -216,7 +258,10 @@ fn create_and_rebase_onto_qcow2_write_qemu_imgs_bytes() {
             ours_ok(d, &args);
         }
     }
-    assert!(read("rq.qed") == read("ro.qed"), "rebase -u -F qcow2 differs");
+    assert!(
+        read("rq.qed") == read("ro.qed"),
+        "rebase -u -F qcow2 differs"
+    );
     let info = ok(d, "qemu-img", &["info", "--output=json", "ro.qed"]);
     assert!(!info.contains("backing-filename-format"), "{info}");
 }
@@ -252,10 +297,23 @@ fn serve_of_an_overlay_on_qcow2_is_read_by_qemu() {
         &["--nbd", sock.to_str().unwrap(), "over.qcow2.qed"],
     );
     let uri = served.uri();
-    ok(d, "qemu-img", &["convert", "-f", "raw", "-O", "raw", &uri, "served.raw"]);
-    qemu_io(d, "raw", &uri, &["read -P 0x44 64k 64k", "read -P 0 512k 128k"]);
+    ok(
+        d,
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", &uri, "served.raw"],
+    );
+    qemu_io(
+        d,
+        "raw",
+        &uri,
+        &["read -P 0x44 64k 64k", "read -P 0 512k 128k"],
+    );
     assert_eq!(served.terminate(), 0);
-    ok(d, "qemu-img", &["convert", "-O", "raw", "over.qcow2.qed", "ref.raw"]);
+    ok(
+        d,
+        "qemu-img",
+        &["convert", "-O", "raw", "over.qcow2.qed", "ref.raw"],
+    );
     let read = |n: &str| std::fs::read(d.join(n)).unwrap();
     assert!(read("served.raw") == read("ref.raw"), "served bytes differ");
 }
@@ -283,7 +341,19 @@ fn encrypted_and_zstd_images_are_refused_naming_the_cause() {
     ok(
         d,
         "qemu-img",
-        &["create", "-q", "-f", "qed", "-u", "-b", "enc.qcow2", "-F", "qcow2", "enc.qed", "4M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qed",
+            "-u",
+            "-b",
+            "enc.qcow2",
+            "-F",
+            "qcow2",
+            "enc.qed",
+            "4M",
+        ],
     );
     for args in [
         &["read", "enc.qed", "0", "512"][..],
@@ -297,12 +367,23 @@ fn encrypted_and_zstd_images_are_refused_naming_the_cause() {
     ok(
         d,
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", "compression_type=zstd", "z.qcow2", "4M"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            "compression_type=zstd",
+            "z.qcow2",
+            "4M",
+        ],
     );
     ok(
         d,
         "qemu-img",
-        &["create", "-q", "-f", "qed", "-b", "z.qcow2", "-F", "qcow2", "z.qed"],
+        &[
+            "create", "-q", "-f", "qed", "-b", "z.qcow2", "-F", "qcow2", "z.qed",
+        ],
     );
     for args in [
         &["convert", "z.qed", "z.raw"][..],
@@ -356,7 +437,10 @@ fn a_header_claiming_a_huge_size_is_refused_or_skipped_not_walked() {
     // The same size with the old, small L1 table is refused (QEMU: "L1 table is too small").
     std::fs::copy(d.join("comp.qcow2"), d.join("small-l1.qcow2")).unwrap();
     poke_be(&d.join("small-l1.qcow2"), 24, &(4u64 << 40).to_be_bytes());
-    let e = refused(&mut ours(d, &["convert", "-f", "qcow2", "small-l1.qcow2", "s.raw"]));
+    let e = refused(&mut ours(
+        d,
+        &["convert", "-f", "qcow2", "small-l1.qcow2", "s.raw"],
+    ));
     assert!(e.contains("L1 table"), "{e}");
     assert!(!d.join("s.raw").exists() || std::fs::metadata(d.join("s.raw")).unwrap().len() == 0);
 }
@@ -367,7 +451,10 @@ fn the_gate_bounds_depth_refuses_loops_and_never_probes_a_recorded_raw() {
     fixture(dir.path());
     let d = dir.path();
     // over.qcow2.qed -> over.qcow2 -> base.raw: three layers, two below the top.
-    let e = refused(&mut ours(d, &["map", "--max-chain-depth", "1", "over.qcow2.qed"]));
+    let e = refused(&mut ours(
+        d,
+        &["map", "--max-chain-depth", "1", "over.qcow2.qed"],
+    ));
     assert!(e.contains("deeper than 1"), "{e}");
     ours_ok(d, &["map", "--max-chain-depth", "2", "over.qcow2.qed"]);
     // Two qcow2 images naming each other are a loop.
@@ -375,13 +462,17 @@ fn the_gate_bounds_depth_refuses_loops_and_never_probes_a_recorded_raw() {
         ok(
             d,
             "qemu-img",
-            &["create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "qcow2", image, "4M"],
+            &[
+                "create", "-q", "-f", "qcow2", "-u", "-b", backing, "-F", "qcow2", image, "4M",
+            ],
         );
     }
     ok(
         d,
         "qemu-img",
-        &["create", "-q", "-f", "qed", "-b", "a.qcow2", "-F", "qcow2", "-u", "loop.qed", "4M"],
+        &[
+            "create", "-q", "-f", "qed", "-b", "a.qcow2", "-F", "qcow2", "-u", "loop.qed", "4M",
+        ],
     );
     let e = refused(&mut ours(d, &["read", "loop.qed", "0", "512"]));
     assert!(e.contains("loops"), "{e}");
@@ -390,7 +481,17 @@ fn the_gate_bounds_depth_refuses_loops_and_never_probes_a_recorded_raw() {
     ok(
         d,
         "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-b", "looks.raw", "-F", "raw", "r.qcow2"],
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "looks.raw",
+            "-F",
+            "raw",
+            "r.qcow2",
+        ],
     );
     let (theirs, mine) = converted(d, "r.qcow2", None);
     assert!(theirs == mine, "a recorded raw backing was not read as raw");

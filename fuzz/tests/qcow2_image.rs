@@ -34,7 +34,9 @@ fn every_seed_gets_the_verdict_its_name_says() {
             "damaged-cluster-bits" => assert!(refused.contains("cluster size"), "{name}: {seen:?}"),
             "damaged-version" => assert!(refused.contains("version 4"), "{name}: {seen:?}"),
             "damaged-backing-name" => assert!(refused.contains("backing"), "{name}: {seen:?}"),
-            "damaged-truncated-header" => assert!(refused.contains("cut short"), "{name}: {seen:?}"),
+            "damaged-truncated-header" => {
+                assert!(refused.contains("cut short"), "{name}: {seen:?}")
+            }
             "damaged-header-length" => {
                 assert!(refused.contains("header length"), "{name}: {seen:?}")
             }

@@ -41,12 +41,30 @@ fn our_stream(rt: &tokio::runtime::Runtime, image: &Path) -> Duration {
 /// against the qcow2. Prints one line like the raw and NBD cases.
 fn qcow2_case(rt: &tokio::runtime::Runtime, d: &Path, runs: usize, data: u64) {
     let qemu_img = |args: &[&str]| ok_command(Command::new("qemu-img").current_dir(d).args(args));
-    qemu_img(&["convert", "-c", "-f", "raw", "-O", "qcow2", "base.raw", "base.qcow2"]);
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "base.raw",
+        "base.qcow2",
+    ]);
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         for img in ["ours.qed", "qemu.qed"] {
             let _ = std::fs::remove_file(d.join(img));
-            qemu_img(&["create", "-f", "qed", "-b", "base.qcow2", "-F", "qcow2", img]);
+            qemu_img(&[
+                "create",
+                "-f",
+                "qed",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                img,
+            ]);
         }
         ours.push(our_stream(rt, &d.join("ours.qed")));
         theirs.push(qsd::block_stream(d, "qemu.qed"));

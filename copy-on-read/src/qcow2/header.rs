@@ -70,7 +70,9 @@ pub enum HeaderError {
     #[error("the qcow2 L1 table has {0} entries, more than the {MAX_L1_ENTRIES} allowed")]
     L1TooBig(u32),
     /// The L1 table cannot map the whole virtual size (QEMU: "L1 table is too small").
-    #[error("the qcow2 L1 table ({l1_entries} entries) is too small for a virtual size of {size} bytes")]
+    #[error(
+        "the qcow2 L1 table ({l1_entries} entries) is too small for a virtual size of {size} bytes"
+    )]
     L1TooSmall {
         /// The virtual size the header claims.
         size: u64,

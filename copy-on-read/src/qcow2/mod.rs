@@ -127,9 +127,8 @@ impl Qcow2 {
             FileStorage::from_open_file(f, StorageOpenOptions::new().filename(p))
                 .map_err(Qcow2Error::Tables)
         };
-        let mut image =
-            imago::qcow2::Qcow2::<FileStorage>::open_image(storage(file, path)?, false)
-                .map_err(Qcow2Error::Tables)?;
+        let mut image = imago::qcow2::Qcow2::<FileStorage>::open_image(storage(file, path)?, false)
+            .map_err(Qcow2Error::Tables)?;
         image.set_backing(None);
         let data_dup = match &data_file {
             Some((f, p)) => {
@@ -316,13 +315,7 @@ impl Qcow2Image {
     {
         let image = Arc::clone(&self.image);
         let name = self.name.clone();
-        blocking(move || {
-            f(&image).map_err(|source| Error::Qcow2 {
-                path: name,
-                source,
-            })
-        })
-        .await
+        blocking(move || f(&image).map_err(|source| Error::Qcow2 { path: name, source })).await
     }
 
     /// The backing's status over `[pos, end)`, or zeros without a backing.

@@ -378,7 +378,9 @@ impl Control {
 /// `raw`; an NBD export reads as raw), name and size, as its device describes itself.
 fn backing_image(b: &dyn copy_on_read::BlockDevice) -> Value {
     let describe = b.describe();
-    let (format, name) = describe.split_once(' ').unwrap_or(("raw", describe.as_str()));
+    let (format, name) = describe
+        .split_once(' ')
+        .unwrap_or(("raw", describe.as_str()));
     let format = if format == "nbd" { "raw" } else { format };
     json!({"filename": name, "format": format, "virtual-size": b.size()})
 }

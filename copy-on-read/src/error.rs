@@ -30,6 +30,15 @@ pub enum Error {
         #[source]
         source: qed::Error,
     },
+    /// A qcow2 layer cannot be read (refused at open, or its tables are damaged).
+    #[error("{path}: {source}")]
+    Qcow2 {
+        /// The image.
+        path: String,
+        /// Why.
+        #[source]
+        source: crate::qcow2::Qcow2Error,
+    },
     /// The NBD backing failed. [`Error::is_retryable`] tells a failed transport apart.
     #[error("NBD backing {uri}: {source}")]
     Nbd {

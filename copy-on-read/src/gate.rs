@@ -3,8 +3,11 @@
 //! A QED header names its backing by a string: a path (relative names resolve against the
 //! image's folder), or an `nbd://`, `nbd+unix://`, legacy `nbd:` or `json:` NBD name, which
 //! opens through `nbd-client`. The recorded format is "raw, never probe" (the
-//! `BACKING_FORMAT_NO_PROBE` bit) or nothing, in which case the backing is probed (QED or raw),
-//! as QEMU does. Probing an untrusted image's backing is dangerous: a guest that wrote a QED
+//! `BACKING_FORMAT_NO_PROBE` bit) or nothing, in which case the backing is probed (QED, qcow2
+//! or raw), as QEMU does. A qcow2 layer names its own backing (and may record its format:
+//! `raw` is never probed, any other name is probed) and may need an external data file, which
+//! is admitted by the same rules as a backing file (confinement, loops, locks) and never
+//! probed. Probing an untrusted image's backing is dangerous: a guest that wrote a QED
 //! header into its raw disk could make the host open any file that header names. The [`Gate`]
 //! therefore decides whether probing is allowed, confines file names to a directory, decides
 //! whether NBD names may be opened, and bounds the chain depth; a chain that names a file
@@ -20,6 +23,7 @@ use crate::device::BlockDevice;
 use crate::error::{blocking, Error, GateRefusal, Result};
 use crate::image::QedImage;
 use crate::nbd::NbdExport;
+use crate::qcow2::{Qcow2, Qcow2Error, Qcow2Image};
 use crate::raw::RawFile;
 
 /// What an image may open below it.
@@ -78,6 +82,13 @@ pub enum OpenedLayer {
         /// The path it resolved to.
         path: PathBuf,
     },
+    /// A qcow2 image, opened read-only (its backing is the next layer).
+    Qcow2 {
+        /// The image.
+        image: Box<Qcow2>,
+        /// The path it resolved to.
+        path: PathBuf,
+    },
     /// An NBD export (read as raw).
     Nbd {
         /// The connected export.
@@ -85,13 +96,97 @@ pub enum OpenedLayer {
     },
 }
 
+/// The backing an image header names, and the format to open it as.
+type NextLayer = Option<(String, BackingFormat)>;
+
+/// The backing `image` names (a format not recorded is probed).
+fn qed_backing(image: &Image) -> NextLayer {
+    image
+        .backing_name()
+        .map(|n| (n, image.backing_format().unwrap_or(BackingFormat::Probe)))
+}
+
+/// The backing a qcow2 image names: a recorded `raw` is never probed; any other recorded
+/// format, or none, is probed (and QED/qcow2/raw are what a probe may find).
+fn qcow2_backing(image: &Qcow2) -> NextLayer {
+    let header = image.header();
+    header.backing_name.clone().map(|n| {
+        let format = match header.backing_format.as_deref() {
+            Some("raw") => BackingFormat::Raw,
+            _ => BackingFormat::Probe,
+        };
+        (n, format)
+    })
+}
+
+/// Opens the qcow2 image in `file` (admitted at `path`, `depth` layers below the top, below
+/// the files in `seen`): its header is checked, and its external data file, if it has one,
+/// admitted by `rules` (never probed). Blocking.
+pub fn open_qcow2(
+    rules: &qed::gate::Rules,
+    file: std::fs::File,
+    path: &Path,
+    depth: u32,
+    seen: &[qed::FileId],
+) -> Result<Qcow2> {
+    let wrap = |source| Error::Qcow2 {
+        path: path.display().to_string(),
+        source,
+    };
+    let header = crate::qcow2::read_header(&file).map_err(wrap)?;
+    header.check_readable().map_err(|e| wrap(e.into()))?;
+    let data_file = match (&header.data_file, header.has_data_file()) {
+        (Some(name), true) => {
+            let mut seen = seen.to_vec();
+            seen.extend(qed::FileId::of(&file));
+            let admitted = rules
+                .admit_file(name, Some(path), depth, &seen, BackingFormat::Raw)
+                .map_err(|e| {
+                    wrap(Qcow2Error::DataFile {
+                        name: name.clone(),
+                        source: Box::new(match e {
+                            qed::Error::Refused(refusal) => Error::Gate {
+                                name: name.clone(),
+                                image: path.display().to_string(),
+                                refusal,
+                            },
+                            other => Error::qed(name)(other),
+                        }),
+                    })
+                })?;
+            Some((admitted.file, admitted.path))
+        }
+        _ => None,
+    };
+    Qcow2::open(file, path, header, data_file).map_err(wrap)
+}
+
 impl OpenedLayer {
+    /// The backing this layer's header names, if any (raw files and NBD exports name none).
+    fn next(&self) -> NextLayer {
+        match self {
+            OpenedLayer::Qed { image, .. } => qed_backing(image),
+            OpenedLayer::Qcow2 { image, .. } => qcow2_backing(image),
+            OpenedLayer::Raw { .. } | OpenedLayer::Nbd { .. } => None,
+        }
+    }
+
+    /// The local files this layer reads.
+    fn file_ids(&self) -> Vec<qed::FileId> {
+        match self {
+            OpenedLayer::Qed { image, .. } => image.file_id().into_iter().collect(),
+            OpenedLayer::Qcow2 { image, .. } => image.file_ids(),
+            OpenedLayer::Raw { raw, .. } => raw.files(),
+            OpenedLayer::Nbd { .. } => Vec::new(),
+        }
+    }
+
     /// The layer's name in messages: its path, or the export's URI.
     pub fn describe(&self) -> String {
         match self {
-            OpenedLayer::Raw { path, .. } | OpenedLayer::Qed { path, .. } => {
-                path.display().to_string()
-            }
+            OpenedLayer::Raw { path, .. }
+            | OpenedLayer::Qed { path, .. }
+            | OpenedLayer::Qcow2 { path, .. } => path.display().to_string(),
             OpenedLayer::Nbd { export } => export.describe(),
         }
     }
@@ -195,6 +290,13 @@ impl Gate {
                         path,
                     }))
                 }
+                "qcow2" => {
+                    let image = open_qcow2(&rules, admitted.file, &path, depth, &seen_now)?;
+                    Ok(Ok(OpenedLayer::Qcow2 {
+                        image: Box::new(image),
+                        path,
+                    }))
+                }
                 other => Ok(Err(GateRefusal::UnsupportedFormat(other))),
             }
         })
@@ -211,28 +313,85 @@ impl Gate {
         path: &Path,
         depth: u32,
     ) -> Result<Vec<OpenedLayer>> {
-        let mut seen: Vec<qed::FileId> = image.file_id().into_iter().collect();
+        let seen: Vec<qed::FileId> = image.file_id().into_iter().collect();
+        self.walk_chain(qed_backing(image), path, depth, seen).await
+    }
+
+    /// As [`Gate::open_chain`], below a layer the caller opened (the top of a chain that is
+    /// not QED: a qcow2 image given to `convert`, `info` or `map`).
+    pub async fn open_chain_below(
+        &self,
+        layer: &OpenedLayer,
+        path: &Path,
+        depth: u32,
+    ) -> Result<Vec<OpenedLayer>> {
+        self.walk_chain(layer.next(), path, depth, layer.file_ids())
+            .await
+    }
+
+    /// As [`Gate::open_chain`], below a qcow2 image (opened from `path` at `depth`).
+    pub async fn open_chain_of_qcow2(
+        &self,
+        image: &Qcow2,
+        path: &Path,
+        depth: u32,
+    ) -> Result<Vec<OpenedLayer>> {
+        self.walk_chain(qcow2_backing(image), path, depth, image.file_ids())
+            .await
+    }
+
+    /// Opens the layers from `next` (named by the image at `above`, `depth` layers below the
+    /// top) down, below the files in `seen`.
+    async fn walk_chain(
+        &self,
+        mut next: NextLayer,
+        above: &Path,
+        mut depth: u32,
+        mut seen: Vec<qed::FileId>,
+    ) -> Result<Vec<OpenedLayer>> {
         let mut layers: Vec<OpenedLayer> = Vec::new();
-        let mut next = image
-            .backing_name()
-            .map(|n| (n, image.backing_format().unwrap_or(BackingFormat::Probe)));
-        let mut above = path.to_path_buf();
-        let mut depth = depth;
+        let mut above = above.to_path_buf();
         while let Some((name, format)) = next.take() {
             depth += 1;
             let layer = self
                 .open_layer(&name, format, Some(&above), depth, &seen)
                 .await?;
-            if let OpenedLayer::Qed { image, path } = &layer {
-                seen.extend(image.file_id());
-                next = image
-                    .backing_name()
-                    .map(|n| (n, image.backing_format().unwrap_or(BackingFormat::Probe)));
+            next = layer.next();
+            if let OpenedLayer::Qed { path, .. } | OpenedLayer::Qcow2 { path, .. } = &layer {
+                seen.extend(layer.file_ids());
                 above = path.clone();
             }
             layers.push(layer);
         }
         Ok(layers)
+    }
+
+    /// Opens the qcow2 image in `file` (the top of a chain, admitted by the caller at `path`)
+    /// and its whole backing chain, stacked into one read-only device.
+    pub async fn open_qcow2_device(
+        &self,
+        file: std::fs::File,
+        path: &Path,
+    ) -> Result<Arc<dyn BlockDevice>> {
+        let top = self.open_qcow2_top(file, path).await?;
+        let mut layers = vec![top];
+        layers.extend(self.open_chain_below(&layers[0], path, 0).await?);
+        stack(layers).ok_or(Error::Closed)
+    }
+
+    /// Opens the qcow2 image in `file` (the top of a chain, admitted by the caller at `path`)
+    /// alone, as a layer (its backing is named, not opened).
+    pub async fn open_qcow2_top(&self, file: std::fs::File, path: &Path) -> Result<OpenedLayer> {
+        let rules = self.rules();
+        let path = path.to_path_buf();
+        blocking(move || {
+            let image = open_qcow2(&rules, file, &path, 0, &[])?;
+            Ok(OpenedLayer::Qcow2 {
+                image: Box::new(image),
+                path,
+            })
+        })
+        .await
     }
 
     /// Opens the chain below `image` (opened from `path` at `depth`) and stacks it into one
@@ -269,6 +428,9 @@ pub fn stack(layers: Vec<OpenedLayer>) -> Option<Arc<dyn BlockDevice>> {
             OpenedLayer::Raw { raw, .. } => Arc::new(raw),
             OpenedLayer::Qed { image, path } => {
                 Arc::new(QedImage::new(*image, path.display().to_string(), below))
+            }
+            OpenedLayer::Qcow2 { image, path } => {
+                Arc::new(Qcow2Image::new(*image, path.display().to_string(), below))
             }
             OpenedLayer::Nbd { export } => Arc::new(export),
         });

@@ -6,6 +6,8 @@
 //! - [`RawFile`]: a raw file (block status from `SEEK_DATA`/`SEEK_HOLE`);
 //! - [`QedImage`]: a QED image read through its own backing device (the lower layers of a
 //!   chain);
+//! - [`Qcow2Image`]: a qcow2 image (read-only, on the `imago` crate) read through its own
+//!   backing device; compressed clusters are inflated, block status comes from its tables;
 //! - [`NbdExport`]: an NBD export through `nbd-client` (block status from `base:allocation`;
 //!   the [`Reconnect`] capability reports the connection state and repoints the export at
 //!   another server of the same size, [`Reconnect::repoint`]);
@@ -63,6 +65,7 @@ pub mod image;
 pub mod lock;
 pub mod nbd;
 pub mod pool;
+pub mod qcow2;
 pub mod raw;
 pub mod sync;
 
@@ -78,5 +81,6 @@ pub use image::QedImage;
 pub use lock::{RangeGuard, RangeLock};
 pub use nbd::NbdExport;
 pub use pool::{BufferPool, Chunks, PoolStats};
+pub use qcow2::{Qcow2, Qcow2Image};
 pub use raw::RawFile;
 pub use sync::SyncDevice;

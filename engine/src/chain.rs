@@ -13,7 +13,8 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value};
 
 use copy_on_read::gate::OpenedLayer;
-use copy_on_read::{BlockDevice, Gate, NbdExport, RawFile};
+use copy_on_read::qcow2::Qcow2Mapping;
+use copy_on_read::{BlockDevice, Gate, NbdExport, Qcow2, RawFile};
 use qed::backing::probe_storage;
 use qed::{BackingFormat, Image, Mapping, OpenOptions, Storage};
 
@@ -28,6 +29,8 @@ pub enum Layer {
     Nbd(Box<NbdExport>),
     /// A raw file (its size is its length rounded up to 512).
     Raw(RawFile),
+    /// A qcow2 image (read-only; its backing is the next layer, opened by the gate).
+    Qcow2(Box<Qcow2>),
 }
 
 /// A layer and the name it was opened by.
@@ -48,13 +51,15 @@ impl ChainLayer {
             Layer::Qed(image) => image.size(),
             Layer::Raw(raw) => raw.size(),
             Layer::Nbd(export) => export.size(),
+            Layer::Qcow2(image) => image.size(),
         }
     }
 
-    /// `"qed"` or `"raw"` (an NBD export reads as raw).
+    /// `"qed"`, `"qcow2"` or `"raw"` (an NBD export reads as raw).
     pub fn format(&self) -> &'static str {
         match &self.layer {
             Layer::Qed(_) => "qed",
+            Layer::Qcow2(_) => "qcow2",
             Layer::Raw(_) | Layer::Nbd(_) => "raw",
         }
     }
@@ -84,6 +89,8 @@ pub struct MapEntry {
     pub zero: bool,
     /// Stored data.
     pub data: bool,
+    /// A compressed qcow2 cluster (no offset is given for it, as in qemu-img).
+    pub compressed: bool,
     /// Where it is stored in that layer's file, when known.
     pub offset: Option<u64>,
 }
@@ -98,7 +105,7 @@ impl MapEntry {
         m.insert("present".into(), json!(self.present));
         m.insert("zero".into(), json!(self.zero));
         m.insert("data".into(), json!(self.data));
-        m.insert("compressed".into(), json!(false));
+        m.insert("compressed".into(), json!(self.compressed));
         if let Some(o) = self.offset {
             m.insert("offset".into(), json!(o));
         }
@@ -108,8 +115,8 @@ impl MapEntry {
     /// The line `qemu-img map --output=json` prints for this extent, spelled the same way.
     pub fn to_qemu_json_line(&self) -> String {
         let mut line = format!(
-            "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": false",
-            self.start, self.length, self.depth, self.present, self.zero, self.data
+            "{{ \"start\": {}, \"length\": {}, \"depth\": {}, \"present\": {}, \"zero\": {}, \"data\": {}, \"compressed\": {}",
+            self.start, self.length, self.depth, self.present, self.zero, self.data, self.compressed
         );
         if let Some(o) = self.offset {
             line.push_str(&format!(", \"offset\": {o}"));
@@ -128,6 +135,7 @@ impl MapEntry {
             present: true,
             zero: !data,
             data,
+            compressed: false,
             offset: Some(start),
         }
     }
@@ -138,6 +146,7 @@ impl MapEntry {
             && self.present == next.present
             && self.zero == next.zero
             && self.data == next.data
+            && self.compressed == next.compressed
             && match (self.offset, next.offset) {
                 (Some(a), Some(b)) => a + self.length == b,
                 (None, None) => true,
@@ -150,10 +159,11 @@ impl MapEntry {
 fn open_top_layer(
     path: &Path,
     format: BackingFormat,
-    access: qed::Access,
-    io: qed::IoConfig,
+    gate: &Gate,
     runtime: &tokio::runtime::Runtime,
 ) -> Result<ChainLayer> {
+    let access = gate.read_access();
+    let io = gate.io;
     let name = path.display().to_string();
     if crate::source::is_nbd_name(path) {
         let uri = path.to_string_lossy().into_owned();
@@ -183,11 +193,26 @@ fn open_top_layer(
         Layer::Qed(Box::new(
             Image::open(storage, options).map_err(|e| Error::image(path, e))?,
         ))
+    } else if detected == "qcow2" {
+        match runtime
+            .block_on(gate.open_qcow2_top(file, path))
+            .map_err(Error::device)?
+        {
+            OpenedLayer::Qcow2 { image, .. } => Layer::Qcow2(image),
+            // `open_qcow2_top` opens qcow2 layers only; anything else is refused, not trusted.
+            _ => {
+                return Err(Error::UnsupportedFormat {
+                    path: Some(path.to_path_buf()),
+                    format: detected.to_string(),
+                    supported: "qed, qcow2 or raw",
+                })
+            }
+        }
     } else {
         return Err(Error::UnsupportedFormat {
             path: Some(path.to_path_buf()),
             format: detected.to_string(),
-            supported: "qed or raw",
+            supported: "qed, qcow2 or raw",
         });
     };
     Ok(ChainLayer {
@@ -220,28 +245,35 @@ impl Chain {
             .enable_all()
             .build()
             .map_err(Error::io("starting the I/O runtime"))?;
-        let top_format = match format {
-            Some("raw") => BackingFormat::Raw,
-            Some("qed") | None => BackingFormat::Probe,
+        let (top_format, expected) = match format {
+            Some("raw") => (BackingFormat::Raw, None),
+            Some("qed") => (BackingFormat::Probe, Some("QED")),
+            Some("qcow2") => (BackingFormat::Probe, Some("qcow2")),
+            None => (BackingFormat::Probe, None),
             Some(other) => {
                 return Err(Error::UnsupportedFormat {
                     path: None,
                     format: other.to_string(),
-                    supported: "qed or raw",
+                    supported: "qed, qcow2 or raw",
                 })
             }
         };
-        let top = open_top_layer(path, top_format, gate.read_access(), gate.io, &runtime)?;
-        if format == Some("qed") && top.format() != "qed" {
-            return Err(Error::FormatMismatch {
-                path: path.to_path_buf(),
-                expected: "QED",
-                found: top.format(),
-            });
+        let top = open_top_layer(path, top_format, gate, &runtime)?;
+        if let Some(expected) = expected {
+            if !top.format().eq_ignore_ascii_case(expected) {
+                return Err(Error::FormatMismatch {
+                    path: path.to_path_buf(),
+                    expected,
+                    found: top.format(),
+                });
+            }
         }
         let below = match (&top.layer, whole_chain) {
             (Layer::Qed(image), true) => runtime
                 .block_on(gate.open_chain(image, path, 0))
+                .map_err(Error::device)?,
+            (Layer::Qcow2(image), true) => runtime
+                .block_on(gate.open_chain_of_qcow2(image, path, 0))
                 .map_err(Error::device)?,
             _ => Vec::new(),
         };
@@ -250,11 +282,15 @@ impl Chain {
             // The name as the layer above stores it.
             let name = match &layers.last().map(|l| &l.layer) {
                 Some(Layer::Qed(image)) => image.backing_name().unwrap_or_default(),
+                Some(Layer::Qcow2(image)) => {
+                    image.header().backing_name.clone().unwrap_or_default()
+                }
                 _ => String::new(),
             };
             let (layer, path) = match opened {
                 OpenedLayer::Raw { raw, path } => (Layer::Raw(raw), path),
                 OpenedLayer::Qed { image, path } => (Layer::Qed(image), path),
+                OpenedLayer::Qcow2 { image, path } => (Layer::Qcow2(image), path),
                 OpenedLayer::Nbd { export } => (Layer::Nbd(Box::new(export)), PathBuf::from(&name)),
             };
             layers.push(ChainLayer { layer, path, name });
@@ -303,6 +339,7 @@ impl Chain {
                     present: false,
                     zero: true,
                     data: false,
+                    compressed: false,
                     offset: None,
                 });
             }
@@ -324,6 +361,7 @@ impl Chain {
                                 present: true,
                                 zero: false,
                                 data: true,
+                                compressed: false,
                                 offset: Some(host.0),
                             })
                         }
@@ -335,6 +373,7 @@ impl Chain {
                                 present: true,
                                 zero: true,
                                 data: false,
+                                compressed: false,
                                 offset: None,
                             })
                         }
@@ -370,6 +409,15 @@ impl Chain {
                     let (data, n) = raw_extent(raw.file(), pos, len);
                     return Ok(MapEntry::raw(pos, n, depth, data));
                 }
+                Layer::Qcow2(image) => {
+                    let (mapping, n) = image
+                        .mapping_at(pos, len)
+                        .map_err(|e| qcow2_error(&cl.path, e))?;
+                    len = n;
+                    if let Some(e) = qcow2_entry(mapping, pos, len, depth) {
+                        return Ok(e);
+                    }
+                }
             }
         }
         let bottom = (self.layers.len() - 1) as u32;
@@ -380,9 +428,39 @@ impl Chain {
             present: false,
             zero: true,
             data: false,
+            compressed: false,
             offset: None,
         })
     }
+}
+
+/// A qcow2 layer's error, naming its file.
+fn qcow2_error(path: &Path, source: copy_on_read::qcow2::Qcow2Error) -> Error {
+    Error::device(copy_on_read::Error::Qcow2 {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// The map entry of a qcow2 layer's extent, or `None` where it is unallocated (the layer
+/// below answers). As qemu-img: a compressed cluster has no offset.
+fn qcow2_entry(mapping: Qcow2Mapping, start: u64, length: u64, depth: u32) -> Option<MapEntry> {
+    let (zero, compressed, offset) = match mapping {
+        Qcow2Mapping::Unallocated => return None,
+        Qcow2Mapping::Data { host_offset } => (false, false, Some(host_offset)),
+        Qcow2Mapping::Compressed => (false, true, None),
+        Qcow2Mapping::Zero => (true, false, None),
+    };
+    Some(MapEntry {
+        start,
+        length,
+        depth,
+        present: true,
+        zero,
+        data: !zero,
+        compressed,
+        offset,
+    })
 }
 
 /// Whether `pos` of a raw file is data or a hole, and how far that lasts (SEEK_DATA /
@@ -480,8 +558,48 @@ pub fn info_json(chain: &Chain, index: usize) -> Value {
         Layer::Nbd(_) => {
             m.insert("protocol".into(), json!("nbd"));
         }
+        Layer::Qcow2(image) => qcow2_info(chain, index, image, &mut m),
     }
     Value::Object(m)
+}
+
+/// qemu-img info's keys for a qcow2 layer.
+fn qcow2_info(chain: &Chain, index: usize, image: &Qcow2, m: &mut Map<String, Value>) {
+    let cl = &chain.layers[index];
+    let header = image.header();
+    m.insert("actual-size".into(), json!(actual_size(image.file())));
+    m.insert("cluster-size".into(), json!(header.cluster_size()));
+    m.insert("dirty-flag".into(), json!(header.incompatible & 1 != 0));
+    if let Some(name) = &header.backing_name {
+        m.insert("backing-filename".into(), json!(name));
+        let full = match chain.layers.get(index + 1) {
+            Some(b) => b.path.display().to_string(),
+            None if qed::backing::is_protocol_name(name) => name.clone(),
+            None => qed::backing::resolve_backing_path(name, Some(&cl.path))
+                .display()
+                .to_string(),
+        };
+        m.insert("full-backing-filename".into(), json!(full));
+        if let Some(f) = &header.backing_format {
+            m.insert("backing-filename-format".into(), json!(f));
+        }
+    }
+    let mut data = Map::new();
+    data.insert(
+        "compat".into(),
+        json!(if header.version == 2 { "0.10" } else { "1.1" }),
+    );
+    if header.version == 3 {
+        data.insert("compression-type".into(), json!("zlib"));
+        data.insert("refcount-bits".into(), json!(1u64 << header.refcount_order));
+    }
+    if let Some(f) = &header.data_file {
+        data.insert("data-file".into(), json!(f));
+    }
+    m.insert(
+        "format-specific".into(),
+        json!({"type": "qcow2", "data": Value::Object(data)}),
+    );
 }
 
 /// The bytes a QED layer's file takes on disk, through the descriptor it was opened by.

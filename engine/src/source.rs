@@ -1,5 +1,5 @@
-//! What `convert` and `read` copy from: a QED image read through its backing chain (files or
-//! NBD), a raw file, or an NBD export named by a URI (`nbd://`, `nbd+unix://`, `json:`).
+//! What `convert` and `read` copy from: a QED or qcow2 image read through its backing chain
+//! (files or NBD), a raw file, or an NBD export named by a URI (`nbd://`, `nbd+unix://`, `json:`).
 //!
 //! A source is a `copy_on_read` block device (opened read-only, copy-on-read off) driven from
 //! synchronous code through a [`SyncDevice`] on a small tokio runtime of its own.
@@ -21,6 +21,8 @@ pub enum SourceKind {
     Qed,
     /// A raw file.
     Raw,
+    /// A qcow2 image with its backing chain (read-only).
+    Qcow2,
     /// An NBD export.
     Nbd,
 }
@@ -42,7 +44,7 @@ pub fn is_nbd_name(name: &Path) -> bool {
 }
 
 impl Source {
-    /// Opens `name` as `format` (`"qed"`, `"raw"`, or probed when `None`), read-only. An NBD
+    /// Opens `name` as `format` (`"qed"`, `"qcow2"`, `"raw"`, or probed when `None`), read-only. An NBD
     /// URI is always raw.
     pub fn open(name: &Path, format: Option<&str>) -> Result<Source> {
         Source::open_with(name, format, Gate::default())
@@ -93,11 +95,17 @@ impl Source {
                         .map_err(Error::device)?;
                     (Arc::new(dev), SourceKind::Qed)
                 }
+                "qcow2" => {
+                    let dev = runtime
+                        .block_on(gate.open_qcow2_device(file, name))
+                        .map_err(Error::device)?;
+                    (dev, SourceKind::Qcow2)
+                }
                 other => {
                     return Err(Error::UnsupportedFormat {
                         path: Some(name.to_path_buf()),
                         format: other.to_string(),
-                        supported: "qed or raw",
+                        supported: "qed, qcow2 or raw",
                     })
                 }
             }

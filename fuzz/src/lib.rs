@@ -16,6 +16,10 @@
 //!
 //! Run it with cargo-fuzz: `cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run qed_image`.
 //!
+//! - [`qcow2::fuzz_qcow2_image`]: any byte string, opened as a qcow2 image as the gate opens
+//!   a backing (our header checks, then `imago`), mapped, read and block-statused
+//!   (`cargo fuzz run qcow2_image`).
+//!
 //! The other targets' logic lives in the crates they exercise: `nbd_client_replay` in
 //! `nbd_client::fuzzing`; `nbd_server_replay`, `nbd_server_options` and `nbd_server_requests`
 //! in `nbd_server::fuzzing`; `control_json` in `engine::control::fuzzing` (feature
@@ -25,6 +29,8 @@
 //! `--example make_control_corpus` write them into `corpus/`.
 
 use qed::{CheckReport, Image, MemStorage, OpenOptions, Repair};
+
+pub mod qcow2;
 
 /// The most a fuzzed image's storage may grow past its input: allocations beyond fail with
 /// ENOSPC, so a header promising huge tables cannot make the fuzzer allocate gigabytes.

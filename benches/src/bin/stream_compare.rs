@@ -1,6 +1,9 @@
 //! The stream job against the tools that do the same copy, on the same data, in one run: a
 //! 1 GiB base with 60% random data in 64 KiB..8 MiB extents, the rest holes, under an empty QED
-//! overlay, backed (a) by the raw file and (b) by qemu-nbd (`-r -f raw`, unix socket).
+//! overlay, backed (a) by the raw file and (b) by qemu-nbd (`-r -f raw`, unix socket). A third
+//! case streams from a zlib-compressed qcow2 base (`qemu-img convert -c` of the same base, as
+//! cloud images are shipped) under the same empty QED overlay, against block-stream only
+//! ([`qcow2_case`]).
 //!
 //! For each backing, each run streams the overlay with the `qedstream` binary (`qedstream
 //! stream`, a whole process: open, stream, unlink, close) and with QEMU's block-stream
@@ -221,7 +224,62 @@ fn main() {
         }
         report(&backing, &r, data, gib);
     }
+    qcow2_case(&bin, d, runs, data);
     io_matrix(&bin, d, runs.max(3), data);
+}
+
+/// The stream from a compressed qcow2 base (made from `base.raw` in `d`): the `qedstream`
+/// binary and qemu-storage-daemon's block-stream, `runs` times each, every result
+/// `qemu-img compare`d against the qcow2. Prints one line like the raw and NBD cases.
+fn qcow2_case(bin: &Path, d: &Path, runs: usize, data: u64) {
+    let qemu_img = |args: &[&str]| ok_command(Command::new("qemu-img").current_dir(d).args(args));
+    qemu_img(&[
+        "convert",
+        "-c",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        "base.raw",
+        "base.qcow2",
+    ]);
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        for img in ["ours.qed", "qemu.qed"] {
+            let _ = std::fs::remove_file(d.join(img));
+            qemu_img(&[
+                "create",
+                "-q",
+                "-f",
+                "qed",
+                "-b",
+                "base.qcow2",
+                "-F",
+                "qcow2",
+                img,
+            ]);
+        }
+        let t = timed(
+            Command::new(bin)
+                .current_dir(d)
+                .args(["stream", "ours.qed"]),
+        );
+        ours.push(t.wall);
+        theirs.push(qsd::block_stream(d, "qemu.qed"));
+        for img in ["ours.qed", "qemu.qed"] {
+            qemu_img(&["compare", "-f", "qed", "-F", "qcow2", img, "base.qcow2"]);
+        }
+    }
+    let (o, q) = (median_d(&ours), median_d(&theirs));
+    let mbs = |t: Duration| data as f64 / t.as_secs_f64() / 1e6;
+    println!(
+        "stream over a compressed qcow2 file: ours {:>7.3}s ({:>6.0} MB/s of data)   qemu block-stream {:>7.3}s ({:>6.0} MB/s)   qemu/ours {:>5.2}x",
+        o.as_secs_f64(),
+        mbs(o),
+        q.as_secs_f64(),
+        mbs(q),
+        q.as_secs_f64() / o.as_secs_f64()
+    );
 }
 
 /// The four backend × cache configurations: their names and `qedstream` options, in pairs

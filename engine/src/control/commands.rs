@@ -354,6 +354,7 @@ impl Control {
         if let Some(b) = backing {
             info["backing_file"] = json!(b.describe());
             image["backing-filename"] = json!(b.describe());
+            image["backing-image"] = backing_image(&*b);
         }
         info["image"] = image;
         info
@@ -371,4 +372,15 @@ impl Control {
             "inserted": self.node_info(),
         }])
     }
+}
+
+/// QEMU's nested `backing-image` of `query-block`: the backing's format (`qed`, `qcow2`,
+/// `raw`; an NBD export reads as raw), name and size, as its device describes itself.
+fn backing_image(b: &dyn copy_on_read::BlockDevice) -> Value {
+    let describe = b.describe();
+    let (format, name) = describe
+        .split_once(' ')
+        .unwrap_or(("raw", describe.as_str()));
+    let format = if format == "nbd" { "raw" } else { format };
+    json!({"filename": name, "format": format, "virtual-size": b.size()})
 }

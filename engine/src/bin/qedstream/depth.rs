@@ -105,7 +105,9 @@ impl ChainDepth {
         for (depth, layer) in (2u32..).zip(layers) {
             match layer {
                 OpenedLayer::Qed { image, .. } => below.push(LayerRuns::of(image, depth)?),
-                OpenedLayer::Raw { .. } | OpenedLayer::Nbd { .. } => {
+                // A qcow2 layer counts as allocated everywhere from here down (its own map is
+                // not read for the depth).
+                OpenedLayer::Raw { .. } | OpenedLayer::Nbd { .. } | OpenedLayer::Qcow2 { .. } => {
                     bottom = depth;
                     break;
                 }

@@ -152,7 +152,7 @@ enum Command {
         /// Backing file (path, relative to the image's folder, or absolute).
         #[arg(short = 'b', long = "backing")]
         backing: Option<String>,
-        /// Backing format: raw or qed (probed when omitted).
+        /// Backing format: raw, qed or qcow2 (probed when omitted; only raw is recorded).
         #[arg(short = 'F', long = "backing-format")]
         backing_format: Option<String>,
         /// Image format (only qed).
@@ -185,7 +185,7 @@ enum Command {
         #[arg(short = 'U', long = "force-share")]
         force_share: bool,
 
-        /// Image format (qed or raw; probed when omitted).
+        /// Image format (qed, qcow2 or raw; probed when omitted).
         #[arg(short = 'f')]
         format: Option<String>,
         /// The image.
@@ -255,7 +255,7 @@ enum Command {
     Convert {
         #[command(flatten)]
         chain: ChainArgs,
-        /// Source format: qed or raw (probed when omitted).
+        /// Source format: qed, qcow2 or raw (probed when omitted).
         #[arg(short = 'f')]
         format: Option<String>,
         /// Output format: raw or qed.
@@ -288,7 +288,7 @@ enum Command {
         /// The new backing ('' for none).
         #[arg(short = 'b')]
         backing: String,
-        /// The new backing's format: raw or qed.
+        /// The new backing's format: raw, qed or qcow2 (only raw is recorded).
         #[arg(short = 'F')]
         backing_format: Option<String>,
         /// The image.
@@ -839,11 +839,12 @@ fn parse_backing_format(f: Option<&str>) -> Result<Option<BackingFormat>> {
     match f {
         None => Ok(None),
         Some("raw") => Ok(Some(BackingFormat::Raw)),
-        Some("qed") => Ok(Some(BackingFormat::Probe)),
+        // QED records only "raw, never probe": any other format is probed at every open.
+        Some("qed") | Some("qcow2") => Ok(Some(BackingFormat::Probe)),
         Some(other) => Err(engine::Error::UnsupportedFormat {
             path: None,
             format: other.to_string(),
-            supported: "a backing is raw or qed",
+            supported: "a backing is raw, qed or qcow2",
         }
         .into()),
     }
@@ -876,17 +877,13 @@ fn cmd_create(
         } else {
             resolve_backing_path(name, Some(image))
         };
+        // `-F` is checked against the backing here, and recorded only when it is raw.
         let fmt = parse_backing_format(backing_format.as_deref())?;
-        let src_format = match fmt {
-            Some(BackingFormat::Raw) => Some("raw"),
-            Some(BackingFormat::Probe) => Some("qed"),
-            None => None,
-        };
-        let source = Source::open_with(&path, src_format, chain.gate())?;
+        let source = Source::open_with(&path, backing_format.as_deref(), chain.gate())?;
         backing_size = Some(source.size());
         inputs = source.files();
         let fmt = fmt.unwrap_or(match source.kind() {
-            SourceKind::Qed => BackingFormat::Probe,
+            SourceKind::Qed | SourceKind::Qcow2 => BackingFormat::Probe,
             SourceKind::Raw | SourceKind::Nbd => BackingFormat::Raw,
         });
         source.close()?;
@@ -1376,7 +1373,7 @@ fn cmd_rebase(path: &Path, backing: &str, backing_format: Option<&str>) -> Resul
             None => {
                 return Err(Error::invalid(
                     "-F",
-                    "-F raw|qed is needed with -b (the format is recorded, not probed)",
+                    "-F raw|qed|qcow2 is needed with -b (raw is recorded as never probed; qed and qcow2 are probed at every open)",
                 ))
             }
         };

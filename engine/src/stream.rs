@@ -627,11 +627,24 @@ async fn copy_unit(
     retries: u32,
 ) -> Result<()> {
     let pool = handle.shared.pool.clone();
-    if let Ok(unit) = dev.fetch_range(offset, len, &pool).await {
-        let (tx, rx) = oneshot::channel();
-        if commits.send((unit, tx)).is_ok() && rx.await == Ok(true) {
-            return Ok(());
+    match dev.fetch_range(offset, len, &pool).await {
+        Ok(unit) => {
+            let (tx, rx) = oneshot::channel();
+            if commits.send((unit, tx)).is_ok() && rx.await == Ok(true) {
+                return Ok(());
+            }
         }
+        // A failure the backing would give again (a request its server dies on, after the
+        // client's own bounded resends): sending it once more alone would only multiply it,
+        // so the job's error policy decides at once. A request larger than the buffer budget
+        // is copied alone.
+        Err(e) if !e.is_retryable() && !matches!(e, copy_on_read::Error::OverBudget { .. }) => {
+            match after_error(&handle, offset, len, Error::device(e)).await? {
+                AfterError::Retry => {}
+                AfterError::Skip => return Ok(()),
+            }
+        }
+        Err(_) => {}
     }
     copy_one(dev, handle, offset, len, retries).await
 }

@@ -425,13 +425,7 @@ impl VolatileStorage {
 impl Storage for VolatileStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let state = self.state.lock();
-        let bytes = state.0.current();
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(bytes.len());
-        let n = (bytes.len() - start).min(buf.len());
-        buf[..n].copy_from_slice(&bytes[start..start + n]);
-        buf[n..].fill(0);
+        qed::storage::read_from_bytes(state.0.current(), buf, offset);
         Ok(())
     }
 

@@ -209,15 +209,20 @@ impl MemStorage {
     }
 }
 
+/// Fills `buf` from `bytes` at `offset` as [`Storage::read_at`] reads: bytes past the end
+/// read as zeros. For storages that keep their bytes in memory.
+pub fn read_from_bytes(bytes: &[u8], buf: &mut [u8], offset: u64) {
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(bytes.len());
+    let n = (bytes.len() - start).min(buf.len());
+    buf[..n].copy_from_slice(&bytes[start..start + n]);
+    buf[n..].fill(0);
+}
+
 impl Storage for MemStorage {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        let bytes = self.bytes.read();
-        let start = usize::try_from(offset)
-            .unwrap_or(usize::MAX)
-            .min(bytes.len());
-        let n = (bytes.len() - start).min(buf.len());
-        buf[..n].copy_from_slice(&bytes[start..start + n]);
-        buf[n..].fill(0);
+        read_from_bytes(&self.bytes.read(), buf, offset);
         Ok(())
     }
 

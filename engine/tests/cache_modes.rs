@@ -140,20 +140,29 @@ fn without_io_uring_the_threads_backend_is_chosen_and_works() {
     let d = tempdir();
     let dir = d.path();
     raw_fixture(dir);
-    let free = info_verbose(dir, &[], false);
+    let default = info_verbose(dir, &[], false);
+    let default = String::from_utf8_lossy(&default.stdout);
+    assert!(
+        default.contains("aio: threads"),
+        "the default backend: {default}"
+    );
+    let free = info_verbose(dir, &["--aio", "auto"], false);
     let free = String::from_utf8_lossy(&free.stdout);
-    assert!(free.contains("aio: io_uring"), "unfiltered default: {free}");
-    let denied = info_verbose(dir, &[], true);
+    assert!(free.contains("aio: io_uring"), "unfiltered auto: {free}");
+    let denied = info_verbose(dir, &["--aio", "auto"], true);
     assert!(denied.status.success(), "info under the filter: {denied:?}");
     let text = String::from_utf8_lossy(&denied.stdout);
-    assert!(text.contains("aio: threads"), "filtered default: {text}");
+    assert!(text.contains("aio: threads"), "filtered auto: {text}");
     // The whole stream under the filter, with O_DIRECT as well.
     ok(
         dir,
         "qemu-img",
         &["convert", "-O", "raw", "top.qed", "expected.raw"],
     );
-    let mut stream = ours(dir, &["stream", "--cache", "none", "top.qed"]);
+    let mut stream = ours(
+        dir,
+        &["stream", "--aio", "auto", "--cache", "none", "top.qed"],
+    );
     qedstream_tests::seccomp::deny_io_uring(&mut stream);
     ok_command(&mut stream);
     assert_clean_and_equal(dir, "top.qed", "expected.raw", "stream under the filter");

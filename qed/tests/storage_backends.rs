@@ -242,10 +242,19 @@ fn cache_none_sets_o_direct_and_writeback_does_not() {
 fn auto_picks_io_uring_where_it_works() {
     let dir = scratch_dir();
     UringFile::new(scratch(&dir, "ring")).expect("io_uring on this machine");
+    let auto = IoConfig {
+        aio: qed::Aio::Auto,
+        ..IoConfig::default()
+    };
     assert_eq!(
-        IoConfig::default().backend().unwrap(),
+        auto.backend().unwrap(),
         qed::Backend::IoUring,
         "auto picks io_uring where it works"
+    );
+    assert_eq!(
+        IoConfig::default().backend().unwrap(),
+        qed::Backend::Threads,
+        "the default is threads, the faster in the runners"
     );
 }
 

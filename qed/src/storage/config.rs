@@ -41,14 +41,21 @@ impl std::str::FromStr for CacheMode {
 }
 
 /// Which backend moves a file's bytes: chosen, or left to the run-time probe.
+///
+/// The default is [`Aio::Threads`]: measured on the quiet development machine (release
+/// builds, page cache) it was the faster in every runner case: the 1 GiB stream 0.64 s against
+/// io_uring's 0.96 s, sequential 1 MiB writes 0.060 against 0.065 s, 64 KiB writes over a
+/// backing 0.44 against 0.57 s, random 4 KiB allocating writes 0.10 against 0.25 s (one ring
+/// per process with one submission lock costs more than a blocking-pool thread's own pwrite
+/// at these sizes).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Aio {
     /// io_uring when `io_uring_setup` works in this process, else threads.
-    #[default]
     Auto,
     /// io_uring (`aio=io_uring`); opening fails when io_uring is unavailable.
     IoUring,
     /// The calling thread's pread/pwrite (`aio=threads`).
+    #[default]
     Threads,
 }
 
@@ -122,7 +129,7 @@ impl From<StorageSetupError> for io::Error {
 pub struct IoConfig {
     /// Page cache or O_DIRECT.
     pub cache: CacheMode,
-    /// The backend (default: io_uring when available).
+    /// The backend (default: threads; `Auto` probes io_uring).
     pub aio: Aio,
 }
 

@@ -76,18 +76,19 @@ struct ChainArgs {
     /// it) or none (O_DIRECT; flushes are still sent).
     #[arg(long, value_name = "MODE", default_value = "writeback")]
     cache: qed::CacheMode,
-    /// The I/O backend (QEMU's aio=): io_uring or threads (pread/pwrite). Default: io_uring
-    /// when the kernel allows it, else threads.
+    /// The I/O backend (QEMU's aio=): threads (pread/pwrite, the default: the faster in our
+    /// runners), io_uring, or auto (io_uring when the kernel allows it, else threads).
     #[arg(long, value_name = "BACKEND", value_parser = parse_aio)]
     aio: Option<qed::Aio>,
 }
 
-/// `--aio`: QEMU's two names only (the default is left to the run-time probe).
+/// `--aio`: QEMU's two names, and `auto` (the run-time probe).
 fn parse_aio(s: &str) -> std::result::Result<qed::Aio, String> {
     match s {
         "io_uring" => Ok(qed::Aio::IoUring),
         "threads" => Ok(qed::Aio::Threads),
-        other => Err(format!("'{other}' is not io_uring or threads")),
+        "auto" => Ok(qed::Aio::Auto),
+        other => Err(format!("'{other}' is not io_uring, threads or auto")),
     }
 }
 

@@ -88,3 +88,19 @@ pub fn median(v: &[f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
+
+/// The `qedstream` binary the runners time: `$QEDSTREAM`, or the one beside the runner (built
+/// with the same profile). Fails loudly when it is missing.
+pub fn qedstream_binary() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("QEDSTREAM") {
+        return p.into();
+    }
+    let exe = std::env::current_exe().expect("the runner's own path");
+    let p = exe.with_file_name("qedstream");
+    assert!(
+        p.exists(),
+        "{} is missing: build it with the same profile (cargo build -p engine --bin qedstream) or set $QEDSTREAM",
+        p.display()
+    );
+    p
+}

@@ -209,18 +209,9 @@ fn qemu_convert_args(cache: &str, format: &str, src: &str, out: &str) -> Vec<Str
 
 /// The `qedstream` binary beside this runner (same profile), or `$QEDSTREAM`.
 fn qedstream_binary() -> String {
-    if let Some(p) = std::env::var_os("QEDSTREAM") {
-        return p.to_string_lossy().into_owned();
-    }
-    let p = std::env::current_exe()
-        .expect("current exe")
-        .with_file_name("qedstream");
-    assert!(
-        p.exists(),
-        "{} is missing: build it with the same profile (cargo build --release -p engine --bin qedstream) or set $QEDSTREAM",
-        p.display()
-    );
-    p.to_string_lossy().into_owned()
+    qedstream_benches::qedstream_binary()
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn main() {

@@ -42,6 +42,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nbd_client::{Client, ClientConfig};
+use qedstream_benches::qedstream_binary;
 use qedstream_benches::XorShift;
 use qedstream_tests::tools;
 use serde_json::Value;
@@ -82,20 +83,6 @@ impl Served {
         drop(self.qmp.take());
         qedstream_benches::children_cpu_seconds() - cpu0
     }
-}
-
-fn qedstream_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("QEDSTREAM") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("current exe");
-    let p = exe.with_file_name("qedstream");
-    assert!(
-        p.exists(),
-        "{} is missing: build it with the same profile (cargo build -p engine --bin qedstream) or set $QEDSTREAM",
-        p.display()
-    );
-    p
 }
 
 fn wait_for_socket(sock: &Path, child: &mut Child) {

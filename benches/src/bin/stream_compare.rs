@@ -24,10 +24,11 @@
 //! from the same folder as this one, or from `$QEDSTREAM`; `--io-only`: the matrix alone).
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use qedstream_benches::qedstream_binary;
 use qedstream_benches::sparse_random_file;
 use qedstream_tests::nbd_server::NbdServer;
 use qedstream_tests::qsd;
@@ -72,21 +73,6 @@ fn timed(cmd: &mut Command) -> Timed {
         wall,
         cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
     }
-}
-
-/// The `qedstream` binary: `$QEDSTREAM`, or next to this one.
-fn qedstream_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("QEDSTREAM") {
-        return p.into();
-    }
-    let me = std::env::current_exe().expect("the runner's own path");
-    let p = me.with_file_name("qedstream");
-    assert!(
-        p.exists(),
-        "{} is missing: build it first (cargo build --release -p engine --bin qedstream) or set QEDSTREAM",
-        p.display()
-    );
-    p
 }
 
 fn median_f(mut v: Vec<f64>) -> f64 {

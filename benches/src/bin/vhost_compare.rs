@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use qedstream_benches::qedstream_binary;
 use qedstream_benches::XorShift;
 use qedstream_tests::tools;
 use qedstream_tests::vhost_front::{BlkRequest, VhostFront};
@@ -73,20 +74,6 @@ impl Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn qedstream_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("QEDSTREAM") {
-        return p.into();
-    }
-    let exe = std::env::current_exe().expect("current exe");
-    let p = exe.with_file_name("qedstream");
-    assert!(
-        p.exists(),
-        "{} is missing: build it with the same profile (cargo build -p engine --bin qedstream) or set $QEDSTREAM",
-        p.display()
-    );
-    p
 }
 
 fn wait_for_socket(sock: &Path, child: &mut Child) {

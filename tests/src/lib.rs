@@ -31,6 +31,8 @@
 //!   sampled.
 //! - [`crash`]: what a disk may hold after its server is killed: a per-sector model of
 //!   acknowledged, flushed and in-flight writes, and sectors that say which write they are.
+//! - [`tls`]: X.509 credentials directories (QEMU's `tls-creds-x509` layout) made by
+//!   `certtool`: a CA, servers and clients it signs, current or expired.
 //! - [`chain`]: a per-unit view of a backing chain's allocation, from `qemu-img map` and from
 //!   our [`qed::Image::map`], so the two can be compared exactly.
 //!
@@ -68,6 +70,7 @@ pub mod qsd;
 pub mod runtime;
 pub mod seccomp;
 pub mod served;
+pub mod tls;
 pub mod tmpfs;
 pub mod tools;
 pub mod vhost_front;

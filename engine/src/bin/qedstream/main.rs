@@ -58,7 +58,7 @@ enum RepairArg {
 
 /// How every command that opens a chain opens it: the depth bound, and how NBD backings ride
 /// out an outage.
-#[derive(clap::Args, Debug, Clone, Copy)]
+#[derive(clap::Args, Debug, Clone)]
 struct ChainArgs {
     /// The deepest backing chain opened (layers below the image).
     #[arg(long, value_name = "N", default_value_t = qed::backing::DEFAULT_MAX_DEPTH)]
@@ -80,6 +80,12 @@ struct ChainArgs {
     /// runners), io_uring, or auto (io_uring when the kernel allows it, else threads).
     #[arg(long, value_name = "BACKEND", value_parser = parse_aio)]
     aio: Option<qed::Aio>,
+    /// X.509 credentials for NBD over TLS, a directory laid out as QEMU's tls-creds-x509
+    /// (ca-cert.pem; client-cert.pem and client-key.pem if the server asks for them): used for
+    /// nbds:// backings and sources. On `serve`, also the export's (server-cert.pem,
+    /// server-key.pem), which then requires TLS.
+    #[arg(long, value_name = "DIR")]
+    tls_creds: Option<std::path::PathBuf>,
 }
 
 /// `--aio`: QEMU's two names, and `auto` (the run-time probe).
@@ -94,35 +100,35 @@ fn parse_aio(s: &str) -> std::result::Result<qed::Aio, String> {
 
 impl ChainArgs {
     /// How files are read and written (`--cache`, `--aio`).
-    fn io(self) -> qed::IoConfig {
+    fn io(&self) -> qed::IoConfig {
         qed::IoConfig {
             cache: self.cache,
             aio: self.aio.unwrap_or_default(),
         }
     }
 
-    fn gate(self) -> copy_on_read::Gate {
+    fn gate(&self) -> copy_on_read::Gate {
         self.shared(false).gate()
     }
 
     /// The bound, and whether images in use may be inspected (`-U`).
-    fn shared(self, force_share: bool) -> SharedChainArgs {
+    fn shared(&self, force_share: bool) -> SharedChainArgs {
         SharedChainArgs {
-            chain: self,
+            chain: self.clone(),
             force_share,
         }
     }
 }
 
 /// How an inspection command opens a chain: the chain options and `-U`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct SharedChainArgs {
     chain: ChainArgs,
     force_share: bool,
 }
 
 impl SharedChainArgs {
-    fn gate(self) -> copy_on_read::Gate {
+    fn gate(&self) -> copy_on_read::Gate {
         let mut gate = copy_on_read::Gate {
             max_depth: self.chain.max_chain_depth,
             force_share: self.force_share,

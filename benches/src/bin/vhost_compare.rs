@@ -9,7 +9,13 @@
 //! 2. sequential 1 MiB reads, 4 in flight, of the same image;
 //! 3. first-touch copy-on-read: the same sequential reads through a fresh empty overlay over a
 //!    raw base (ours: `serve` of the overlay, copy-on-read by default; QSD: file + qed over its
-//!    backing + a `copy-on-read` filter, exported writable).
+//!    backing + a `copy-on-read` filter, exported writable);
+//! 4. during a stream: the random reads of (1) through a fresh empty overlay while the stream
+//!    job fills it at a rate limit of a sixteenth of the image per second (ours: `serve
+//!    --stream --rate`; QSD: `block-stream` with `speed`, whose copy-on-read filter the export
+//!    then reads through). The random reads touch nearly every cluster, so they copy in much of
+//!    the image themselves, beside the job. Both jobs are asked over QMP, after the reads,
+//!    whether they are still running; the runner says when one had already ended.
 //!
 //! ```text
 //! cargo build --release -p engine --bin qedstream
@@ -27,9 +33,10 @@ use std::time::{Duration, Instant};
 
 use qedstream_benches::qedstream_binary;
 use qedstream_benches::XorShift;
+use qedstream_tests::qmp::Qmp;
 use qedstream_tests::tools;
 use qedstream_tests::vhost_front::{BlkRequest, VhostFront};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -89,12 +96,18 @@ fn wait_for_socket(sock: &Path, child: &mut Child) {
 
 /// `qedstream serve --output=json --vhost-user-blk SOCK [--read-only] IMAGE`, waited for.
 fn start_ours(image: &Path, sock: &Path, read_only: bool) -> Server {
+    start_ours_with(image, sock, read_only, &[])
+}
+
+/// [`start_ours`] with more arguments to `serve`.
+fn start_ours_with(image: &Path, sock: &Path, read_only: bool, extra: &[&str]) -> Server {
     let _ = std::fs::remove_file(sock);
     let mut cmd = Command::new(qedstream_binary());
     cmd.arg("serve")
         .arg("--output=json")
         .arg("--vhost-user-blk")
-        .arg(sock);
+        .arg(sock)
+        .args(extra);
     if read_only {
         cmd.arg("--read-only");
     }
@@ -144,6 +157,81 @@ fn start_qsd(image: &Path, sock: &Path, cor: bool) -> Server {
         tools::spawn(&mut cmd).expect("cannot run qemu-storage-daemon (is it installed?)");
     wait_for_socket(sock, &mut child);
     Server { child }
+}
+
+/// qemu-storage-daemon exporting a writable qed `image` over vhost-user-blk, with a QMP
+/// monitor on `qmp` (for block-stream).
+fn start_qsd_streamable(image: &Path, sock: &Path, qmp: &Path) -> Server {
+    let _ = std::fs::remove_file(sock);
+    let _ = std::fs::remove_file(qmp);
+    let mut cmd = Command::new("qemu-storage-daemon");
+    cmd.arg("--blockdev")
+        .arg(format!("driver=file,filename={},node-name=f0", image.display()))
+        .arg("--blockdev")
+        .arg("driver=qed,file=f0,node-name=d0")
+        .arg("--chardev")
+        .arg(format!("socket,id=m,path={},server=on,wait=off", qmp.display()))
+        .arg("--monitor")
+        .arg("chardev=m")
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1",
+            sock.display()
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+    let mut child =
+        tools::spawn(&mut cmd).expect("cannot run qemu-storage-daemon (is it installed?)");
+    wait_for_socket(sock, &mut child);
+    wait_for_socket(qmp, &mut child);
+    Server { child }
+}
+
+/// Whether the server behind the QMP socket `qmp` still has a block job.
+fn job_running(qmp: &Path) -> bool {
+    let mut monitor = Qmp::negotiated(qmp);
+    let reply = monitor.execute(json!({"execute": "query-block-jobs"}), &mut Vec::new());
+    let jobs = reply["return"]
+        .as_array()
+        .expect("query-block-jobs answers a list");
+    jobs.iter()
+        .any(|job| !matches!(job["status"].as_str(), Some("concluded" | "null")))
+}
+
+/// The random reads through a fresh overlay while the server streams it at `rate` bytes/s;
+/// the measurement, and whether the stream was still running when the reads ended.
+fn measure_during_stream(
+    d: &Path,
+    name: &str,
+    sock: &Path,
+    rate: u64,
+    random: &[(u64, u32)],
+) -> ((Duration, f64), bool) {
+    let overlay = d.join(format!("streamed-{name}.qed"));
+    let _ = std::fs::remove_file(&overlay);
+    let file = overlay.file_name().unwrap().to_str().unwrap();
+    tools::create_overlay(d, "base.raw", "raw", file, None);
+    let qmp = d.join("qmp.sock");
+    let _ = std::fs::remove_file(&qmp);
+    let server = if name == "ours" {
+        let rate = rate.to_string();
+        let control = qmp.to_str().unwrap();
+        let args = ["--stream", "--rate", &rate, "--control", control];
+        start_ours_with(&overlay, sock, false, &args)
+    } else {
+        let server = start_qsd_streamable(&overlay, sock, &qmp);
+        let mut monitor = Qmp::negotiated(&qmp);
+        let command = json!({"execute": "block-stream",
+            "arguments": {"job-id": "s", "device": "d0", "speed": rate}});
+        let reply = monitor.execute(command, &mut Vec::new());
+        assert!(reply.get("return").is_some(), "block-stream: {reply}");
+        server
+    };
+    let measured = measure(&server, sock, 16, random);
+    let running = job_running(&qmp);
+    server.stop();
+    assert_eq!(tools::qemu_check(d, file), 0, "{file} after the stream");
+    (measured, running)
 }
 
 /// Runs `requests` on queue 0 with up to `depth` in flight; the wall time.
@@ -280,6 +368,9 @@ fn main() {
     let (mut rand_ours, mut rand_qsd) = (Runs::default(), Runs::default());
     let (mut seq_ours, mut seq_qsd) = (Runs::default(), Runs::default());
     let (mut cor_ours, mut cor_qsd) = (Runs::default(), Runs::default());
+    let (mut streamed_ours, mut streamed_qsd) = (Runs::default(), Runs::default());
+    let mut finished_first = Vec::new();
+    let rate = plan.size / 16;
     for run in 0..plan.runs {
         eprintln!("run {} of {}", run + 1, plan.runs);
         let ours = start_ours(&local, &sock, true);
@@ -313,6 +404,13 @@ fn main() {
                 0
             );
         }
+        for (name, runs) in [("ours", &mut streamed_ours), ("QSD", &mut streamed_qsd)] {
+            let (measured, running) = measure_during_stream(d, name, &sock, rate, &random);
+            runs.push(measured);
+            if !running {
+                finished_first.push(format!("{name} (run {})", run + 1));
+            }
+        }
     }
     println!(
         "vhost-user-blk server, {} MiB image, {} run(s), medians:",
@@ -341,4 +439,18 @@ fn main() {
         &cor_ours,
         &cor_qsd,
     );
+    report(
+        &format!("random 4 KiB reads, QD 16, stream at {} MiB/s", rate / MIB),
+        plan.random_reads as f64,
+        "req",
+        &streamed_ours,
+        &streamed_qsd,
+    );
+    if !finished_first.is_empty() {
+        println!(
+            "  note: the stream ended before the reads in {} (the reads and the job between them \
+             had copied everything in)",
+            finished_first.join(", ")
+        );
+    }
 }

@@ -26,17 +26,13 @@
 //! 3 runs each, interleaved) is for a quiet machine; `--size-mib N` changes the image size. Scratch files go under `$BENCH_DIR`
 //! (default /var/tmp). Needs qemu-img and qemu-storage-daemon.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use qedstream_benches::qedstream_binary;
+use qedstream_benches::vhost::{job_running, start_ours, start_qsd, start_streaming, Server};
 use qedstream_benches::XorShift;
-use qedstream_tests::qmp::Qmp;
 use qedstream_tests::tools;
 use qedstream_tests::vhost_front::{BlkRequest, VhostFront};
-use serde_json::{json, Value};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -47,155 +43,6 @@ struct Plan {
     size: u64,
     runs: usize,
     random_reads: usize,
-}
-
-/// A server process, SIGTERM then SIGKILL when stopped.
-struct Server {
-    child: Child,
-}
-
-impl Server {
-    /// User + system CPU seconds the server has used so far.
-    fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .expect("the server's /proc/PID/stat");
-        // Fields after the command name (which is in parentheses and may hold spaces).
-        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-        // SAFETY: sysconf only reads a system constant.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        ticks / hz
-    }
-
-    fn stop(mut self) {
-        // SAFETY: kill(2) on the pid of our own child, not yet reaped (wait below).
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for_socket(sock: &Path, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !sock.exists() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("server exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// `qedstream serve --output=json --vhost-user-blk SOCK [--read-only] IMAGE`, waited for.
-fn start_ours(image: &Path, sock: &Path, read_only: bool) -> Server {
-    start_ours_with(image, sock, read_only, &[])
-}
-
-/// [`start_ours`] with more arguments to `serve`.
-fn start_ours_with(image: &Path, sock: &Path, read_only: bool, extra: &[&str]) -> Server {
-    let _ = std::fs::remove_file(sock);
-    let mut cmd = Command::new(qedstream_binary());
-    cmd.arg("serve")
-        .arg("--output=json")
-        .arg("--vhost-user-blk")
-        .arg(sock)
-        .args(extra);
-    if read_only {
-        cmd.arg("--read-only");
-    }
-    cmd.arg(image)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut child = tools::spawn(&mut cmd).expect("starting qedstream serve");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let ready: Value = serde_json::from_str(&lines.next().expect("ready line").expect("stdout"))
-        .expect("JSON ready line");
-    assert_eq!(ready["event"], "ready", "{ready}");
-    std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
-    Server { child }
-}
-
-/// qemu-storage-daemon exporting `image` over vhost-user-blk: a read-only qed node, or
-/// (`cor`) a writable qed over its backing under a copy-on-read filter.
-fn start_qsd(image: &Path, sock: &Path, cor: bool) -> Server {
-    let _ = std::fs::remove_file(sock);
-    let ro = if cor { "off" } else { "on" };
-    let img = image.display();
-    let mut cmd = Command::new("qemu-storage-daemon");
-    cmd.arg("--blockdev")
-        .arg(format!(
-            "driver=file,filename={img},node-name=f0,read-only={ro}"
-        ))
-        .arg("--blockdev")
-        .arg(format!("driver=qed,file=f0,node-name=d0,read-only={ro}"));
-    let node = if cor {
-        cmd.arg("--blockdev")
-            .arg("driver=copy-on-read,file=d0,node-name=c0");
-        "c0"
-    } else {
-        "d0"
-    };
-    cmd.arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,addr.path={},writable={},num-queues=1",
-            sock.display(),
-            if cor { "on" } else { "off" }
-        ))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    let mut child =
-        tools::spawn(&mut cmd).expect("cannot run qemu-storage-daemon (is it installed?)");
-    wait_for_socket(sock, &mut child);
-    Server { child }
-}
-
-/// qemu-storage-daemon exporting a writable qed `image` over vhost-user-blk, with a QMP
-/// monitor on `qmp` (for block-stream).
-fn start_qsd_streamable(image: &Path, sock: &Path, qmp: &Path) -> Server {
-    let _ = std::fs::remove_file(sock);
-    let _ = std::fs::remove_file(qmp);
-    let mut cmd = Command::new("qemu-storage-daemon");
-    cmd.arg("--blockdev")
-        .arg(format!("driver=file,filename={},node-name=f0", image.display()))
-        .arg("--blockdev")
-        .arg("driver=qed,file=f0,node-name=d0")
-        .arg("--chardev")
-        .arg(format!("socket,id=m,path={},server=on,wait=off", qmp.display()))
-        .arg("--monitor")
-        .arg("chardev=m")
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on,num-queues=1",
-            sock.display()
-        ))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    let mut child =
-        tools::spawn(&mut cmd).expect("cannot run qemu-storage-daemon (is it installed?)");
-    wait_for_socket(sock, &mut child);
-    wait_for_socket(qmp, &mut child);
-    Server { child }
-}
-
-/// Whether the server behind the QMP socket `qmp` still has a block job.
-fn job_running(qmp: &Path) -> bool {
-    let mut monitor = Qmp::negotiated(qmp);
-    let reply = monitor.execute(json!({"execute": "query-block-jobs"}), &mut Vec::new());
-    let jobs = reply["return"]
-        .as_array()
-        .expect("query-block-jobs answers a list");
-    jobs.iter()
-        .any(|job| !matches!(job["status"].as_str(), Some("concluded" | "null")))
 }
 
 /// The random reads through a fresh overlay while the server streams it at `rate` bytes/s;
@@ -212,21 +59,7 @@ fn measure_during_stream(
     let file = overlay.file_name().unwrap().to_str().unwrap();
     tools::create_overlay(d, "base.raw", "raw", file, None);
     let qmp = d.join("qmp.sock");
-    let _ = std::fs::remove_file(&qmp);
-    let server = if name == "ours" {
-        let rate = rate.to_string();
-        let control = qmp.to_str().unwrap();
-        let args = ["--stream", "--rate", &rate, "--control", control];
-        start_ours_with(&overlay, sock, false, &args)
-    } else {
-        let server = start_qsd_streamable(&overlay, sock, &qmp);
-        let mut monitor = Qmp::negotiated(&qmp);
-        let command = json!({"execute": "block-stream",
-            "arguments": {"job-id": "s", "device": "d0", "speed": rate}});
-        let reply = monitor.execute(command, &mut Vec::new());
-        assert!(reply.get("return").is_some(), "block-stream: {reply}");
-        server
-    };
+    let server = start_streaming(name, &overlay, sock, &qmp, rate);
     let measured = measure(&server, sock, 16, random);
     let running = job_running(&qmp);
     server.stop();

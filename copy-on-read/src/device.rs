@@ -330,6 +330,24 @@ pub fn check_range(offset: u64, length: u64, size: u64) -> Result<()> {
     }
 }
 
+/// Fills the ranges a layer lacks in a read at `offset` (`missing`: guest offsets and
+/// lengths) from the layer below: read from `backing`, or zeros when there is none.
+pub(crate) async fn fill_missing(
+    backing: Option<&Arc<dyn BlockDevice>>,
+    offset: u64,
+    bufs: &mut IoBufs,
+    missing: Vec<(u64, u64)>,
+) -> Result<()> {
+    for (at, len) in missing {
+        let s = (at - offset) as usize;
+        match backing {
+            Some(b) => bufs.copy_in(s, &read_padded(&**b, at, len as usize).await?),
+            None => bufs.zero(s, len as usize),
+        }
+    }
+    Ok(())
+}
+
 /// Reads `length` bytes at `offset` of `device`, where bytes at or past its end read as zeros
 /// (how a backing smaller than its overlay behaves).
 pub async fn read_padded(device: &dyn BlockDevice, offset: u64, length: usize) -> Result<Vec<u8>> {

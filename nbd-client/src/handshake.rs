@@ -1,6 +1,8 @@
 //! The fixed-newstyle handshake: greeting, EXTENDED_HEADERS (else STRUCTURED_REPLY),
 //! SET_META_CONTEXT `base:allocation` immediately followed by GO (nothing may come between: nbdkit
-//! drops the contexts otherwise), the EXPORT_NAME fallback, LIST and ABORT.
+//! drops the contexts otherwise), the EXPORT_NAME fallback, LIST and ABORT; and STARTTLS, after
+//! which the caller runs TLS on the socket and negotiates the rest inside it
+//! ([`negotiate_after_greeting`]).
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -178,9 +180,7 @@ fn reply_name(reply: u32) -> &'static str {
 fn refused(option: u32, reply: u32, payload: &[u8]) -> Error {
     let message = String::from_utf8_lossy(payload).into_owned();
     if reply == REP_ERR_TLS_REQD {
-        return Error::TlsUnsupported {
-            uri: format!("(server requires TLS: {message})"),
-        };
+        return Error::TlsRequired { message };
     }
     Error::OptionRefused {
         option: option_name(option),
@@ -257,11 +257,53 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     export: &str,
 ) -> Result<ExportInfo, Error> {
-    let r = negotiate_options(s, export).await;
+    let no_zeroes = greet(s).await?;
+    negotiate_after_greeting(s, export, no_zeroes).await
+}
+
+/// Greet the server and upgrade with NBD_OPT_STARTTLS: `Ok(no_zeroes)` once the server has
+/// acknowledged it, and the caller must then run the TLS handshake on `s`. Anything else (an
+/// error reply, an oldstyle or non-fixed-newstyle server, a reply that is no ACK) is
+/// [`Error::TlsRefused`]: a client that asked for TLS never goes on in plain text.
+pub async fn start_tls<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<bool, Error> {
+    let no_zeroes = match greet(s).await {
+        Ok(no_zeroes) => no_zeroes,
+        Err(Error::UnsupportedServer(what)) => {
+            return Err(Error::TlsRefused {
+                reply: what,
+                message: String::new(),
+            })
+        }
+        Err(e) => return Err(e),
+    };
+    let refusal = match simple_option(s, OPT_STARTTLS).await {
+        Ok(Ok(())) => return Ok(no_zeroes),
+        Ok(Err((reply, payload))) => Error::TlsRefused {
+            reply: reply_name(reply),
+            message: String::from_utf8_lossy(&payload).into_owned(),
+        },
+        Err(Error::Protocol(v)) => Error::TlsRefused {
+            reply: "a reply that is no ACK",
+            message: v.to_string(),
+        },
+        Err(e) => return Err(e),
+    };
+    abort(s).await;
+    Err(refusal)
+}
+
+/// The options after the greeting (on the plain stream, or inside TLS after
+/// [`start_tls`]), ending politely with NBD_OPT_ABORT when the server refuses one.
+pub async fn negotiate_after_greeting<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    export: &str,
+    no_zeroes: bool,
+) -> Result<ExportInfo, Error> {
+    let r = negotiate_options(s, export, no_zeroes).await;
     // (A refused EXPORT_NAME means the server closed the connection: nothing to abort.)
     let polite = match &r {
         Err(Error::OptionRefused { option, .. }) => *option != "EXPORT_NAME",
-        Err(Error::TlsUnsupported { .. }) => true,
+        Err(Error::TlsRequired { .. }) => true,
         _ => false,
     };
     if polite {
@@ -273,6 +315,7 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
 async fn negotiate_options<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     export: &str,
+    no_zeroes: bool,
 ) -> Result<ExportInfo, Error> {
     if export.len() > 4096 {
         return Err(Error::InvalidUri {
@@ -280,7 +323,6 @@ async fn negotiate_options<S: AsyncRead + AsyncWrite + Unpin>(
             reason: "export name longer than 4096 bytes".into(),
         });
     }
-    let no_zeroes = greet(s).await?;
     let mode = negotiate_header_mode(s).await?;
     // Meta context, immediately followed by GO.
     let base_allocation = if mode.structured() {
@@ -538,6 +580,13 @@ async fn export_name_fallback<S: AsyncRead + AsyncWrite + Unpin>(
 /// NBD_OPT_LIST on a fresh stream, then NBD_OPT_ABORT.
 pub async fn list<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<Vec<ExportEntry>, Error> {
     greet(s).await?;
+    list_after_greeting(s).await
+}
+
+/// NBD_OPT_LIST after the greeting (inside TLS after [`start_tls`]), then NBD_OPT_ABORT.
+pub async fn list_after_greeting<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+) -> Result<Vec<ExportEntry>, Error> {
     send_option(s, OPT_LIST, &[]).await?;
     let mut out = Vec::new();
     loop {

@@ -75,7 +75,7 @@ pub use client::{list_exports, Client, ClientConfig, ConnectionState, Extent, Ze
 pub use error::{Errno, Error, Refusal, Violation};
 pub use handshake::{BlockSize, ExportEntry, ExportInfo, TransmissionFlags};
 pub use protocol::{Command, HeaderMode};
-pub use uri::{Address, Uri};
+pub use uri::{Address, Uri, UriTls};
 
 /// Support for the cargo-fuzz target (not part of the stable API).
 #[doc(hidden)]
@@ -106,6 +106,7 @@ pub mod fuzzing {
             max_bytes_in_flight: 1 << 20,
             resend_writes: false,
             open_timeout: Duration::ZERO,
+            tls_creds: None,
         }
     }
 
@@ -129,7 +130,7 @@ pub mod fuzzing {
     }
 
     /// Whether a handshake may end in `e` when the server's side is a transcript then EOF.
-    /// A server's ERR_TLS_REQD to any option is [`Error::TlsUnsupported`].
+    /// A server's ERR_TLS_REQD to any option is [`Error::TlsRequired`].
     fn explained_at_handshake(e: &Error) -> bool {
         matches!(
             e,
@@ -138,7 +139,7 @@ pub mod fuzzing {
                 | Error::UnsupportedServer(_)
                 | Error::OptionRefused { .. }
                 | Error::ExportTooLarge { .. }
-                | Error::TlsUnsupported { .. }
+                | Error::TlsRequired { .. }
         )
     }
 

@@ -7,7 +7,8 @@
 //! survives qemu-nbd being killed and restarted (the reconnection runs TLS again), and that
 //! every way TLS can fail is refused with a clear error and never falls back to plain text: a
 //! wrong CA, an expired server certificate, a certificate that does not name the host, no
-//! client certificate for a server that verifies peers, a plain-text server, a scripted server
+//! client certificate for a server that verifies peers, a plain-text server (newstyle or
+//! oldstyle), a scripted server
 //! that answers STARTTLS with an error (a downgrade attempt), missing credentials, and PSK.
 //!
 //! A missing qemu-nbd, nbdkit, qemu-img or certtool fails the test loudly.
@@ -562,12 +563,18 @@ fn a_plain_text_server_is_never_used_when_tls_was_asked() {
     let dir = d.path();
     base(dir, 4);
     let c = creds(dir, &["localhost"]);
-    for program in ["qemu-nbd", "nbdkit"] {
-        let sock = dir.join(format!("{program}.sock"));
+    for program in ["qemu-nbd", "nbdkit", "nbdkit --oldstyle"] {
+        let sock = dir.join(format!("{}.sock", program.replace(' ', "")));
         let listen = Listen::Unix(sock.clone());
         let _server = match program {
             "qemu-nbd" => qemu_nbd(dir, None, false, listen),
-            _ => nbdkit(dir, None, false, listen),
+            "nbdkit" => nbdkit(dir, None, false, listen),
+            _ => {
+                let mut args = vec!["-f".to_string(), "-r".into(), "--oldstyle".into()];
+                args.extend(listen_args("nbdkit", &listen));
+                args.extend(["file".into(), dir.join("base.raw").display().to_string()]);
+                Server::start(dir, "nbdkit", args, listen)
+            }
         };
         let uri = format!("nbds+unix:///exp?socket={}", sock.display());
         convert_refused(

@@ -28,9 +28,16 @@
 //!   embedder can pause a guest while the server is away.
 //! - Dropping a request future is safe: the request's slot owns its buffer and its chunks are
 //!   still consumed.
+//! - TLS (X.509, on rustls through `nbd-tls`) when the location asks for it ([`Uri::tls`]:
+//!   `nbds://`, `nbds+unix://`, `tls-certificates=`, a `json:` `tls-creds`): `NBD_OPT_STARTTLS`
+//!   right after the client flags, the TLS handshake with the credentials of
+//!   [`ClientConfig::tls_creds`] (or the URI's own), the rest of the haggling and every request
+//!   inside TLS; every reconnection runs TLS again. A client that asked for TLS never goes on in
+//!   plain text ([`Error::TlsRefused`]); certificate failures are [`Error::TlsHandshake`], a
+//!   server that requires TLS of a plain location [`Error::TlsRequired`].
 //!
-//! Main types: [`Uri`] (parses `nbd://`, `nbd+unix://`, legacy `nbd:` and QEMU `json:` backing
-//! strings), [`ClientConfig`], [`Client`], [`Extent`], [`Error`].
+//! Main types: [`Uri`] (parses `nbd://`, `nbd+unix://`, `nbds://`, `nbds+unix://`, legacy
+//! `nbd:` and QEMU `json:` backing strings), [`ClientConfig`], [`Client`], [`Extent`], [`Error`].
 //!
 //! Modules: [`uri`] (locations and QEMU backing strings), [`protocol`] (pure encode/decode of the
 //! wire structures, no I/O), `handshake` (option negotiation), `connection` (one socket: a writer

@@ -3,7 +3,8 @@
 //! that `certtool` makes at test time. It proves that `create -b nbds://...` records QEMU's
 //! `json:` form with a `tls-creds` id that QEMU itself opens (`qemu-img compare`, `qemu-io`,
 //! `qemu-img map` with `--object tls-creds-x509`), that `convert`, `info`, `map` and `stream`
-//! read through TLS and the streamed image equals the base and stands alone, that a stream
+//! read through TLS and the streamed image equals the base and stands alone (also under
+//! `serve --stream`), that NBD_OPT_LIST runs inside TLS, that a stream
 //! survives qemu-nbd being killed and restarted (the reconnection runs TLS again), and that
 //! every way TLS can fail is refused with a clear error and never falls back to plain text: a
 //! wrong CA, an expired server certificate, a certificate that does not name the host, no
@@ -812,4 +813,135 @@ fn qemu_nbd_killed_mid_stream_and_restarted_the_stream_completes_over_tls() {
     assert!(tail.contains(r#""event":"completed""#), "{tail}");
     drop(server);
     assert_streamed(dir, "ov.qed");
+}
+
+/// One directory with the client's and the server's credentials (`serve --tls-creds` reads
+/// its backing's client side from it, and its own export's server side).
+fn both_sides(c: &Creds, dir: &Path) -> PathBuf {
+    let both = dir.join("both");
+    std::fs::create_dir(&both).unwrap();
+    for (from, name) in [
+        (&c.client, "ca-cert.pem"),
+        (&c.client, "client-cert.pem"),
+        (&c.client, "client-key.pem"),
+        (&c.server, "server-cert.pem"),
+        (&c.server, "server-key.pem"),
+    ] {
+        std::fs::copy(from.join(name), both.join(name)).unwrap();
+    }
+    both
+}
+
+#[test]
+fn serve_streams_its_backing_over_tls() {
+    let d = tempdir();
+    let dir = d.path();
+    base(dir, 8);
+    let c = creds(dir, &["localhost"]);
+    let sock = dir.join("tls.sock");
+    let _server = qemu_nbd(dir, Some(&c.server), true, Listen::Unix(sock.clone()));
+    let uri = format!("nbds+unix:///exp?socket={}", sock.display());
+    let both = both_sides(&c, dir);
+    let creds = both.to_str().unwrap();
+    ours_ok(
+        dir,
+        &[
+            "create",
+            "--tls-creds",
+            creds,
+            "-b",
+            &uri,
+            "-F",
+            "raw",
+            "ov.qed",
+        ],
+    );
+    let mut served = qedstream_tests::served::Served::start(
+        Path::new(env!("CARGO_BIN_EXE_qedstream")),
+        dir,
+        &[
+            "--tls-creds",
+            creds,
+            "--control",
+            "ctl.sock",
+            "--stream",
+            "ov.qed",
+        ],
+    );
+    let done = served.wait_for("completed");
+    assert_eq!(done["unlinked"], true, "{done}");
+    served.signal(libc::SIGTERM);
+    assert_eq!(served.wait(), 0);
+    assert_streamed(dir, "ov.qed");
+}
+
+#[test]
+fn list_exports_runs_inside_tls() {
+    let d = tempdir();
+    let dir = d.path();
+    base(dir, 4);
+    let c = creds(dir, &["localhost"]);
+    let sock = dir.join("tls.sock");
+    let _server = qemu_nbd(dir, Some(&c.server), true, Listen::Unix(sock.clone()));
+    let uri = nbd_client::Uri::unix(&sock, "").with_tls();
+    let config = nbd_client::ClientConfig {
+        tls_creds: Some(c.client.clone()),
+        ..nbd_client::ClientConfig::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let exports = rt
+        .block_on(nbd_client::list_exports(&uri, &config))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let names: Vec<&str> = exports.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["exp"]);
+}
+
+#[test]
+fn rebase_records_qemus_json_form_with_the_chosen_object_id() {
+    let d = tempdir();
+    let dir = d.path();
+    base(dir, 4);
+    let c = creds(dir, &["localhost"]);
+    let sock = dir.join("tls.sock");
+    let _server = qemu_nbd(dir, Some(&c.server), true, Listen::Unix(sock.clone()));
+    ok(
+        dir,
+        "qemu-img",
+        &["create", "-q", "-f", "qed", "ov.qed", "4M"],
+    );
+    let uri = format!(
+        "nbds+unix:///exp?socket={}&tls-hostname=localhost",
+        sock.display()
+    );
+    ours_ok(
+        dir,
+        &[
+            "rebase",
+            "-u",
+            "-b",
+            &uri,
+            "-F",
+            "raw",
+            "--tls-creds-id",
+            "sec1",
+            "ov.qed",
+        ],
+    );
+    let backing = recorded_backing(dir, "ov.qed");
+    assert!(backing.contains(r#""tls-creds":"sec1""#), "{backing}");
+    let obj = format!(
+        "tls-creds-x509,id=sec1,dir={},endpoint=client",
+        c.client.display()
+    );
+    let out = run(
+        dir,
+        "qemu-img",
+        &[
+            "compare", "--object", &obj, "-f", "qed", "-F", "raw", "ov.qed", "base.raw",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
 }

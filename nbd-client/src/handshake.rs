@@ -640,3 +640,97 @@ pub async fn abort<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
     }
     let _ = s.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs [`start_tls`] against a server that says `server` (then EOF); returns its result
+    /// and every byte the client sent.
+    async fn start_tls_against(server: Vec<u8>) -> (Result<bool, Error>, Vec<u8>) {
+        let (mut client, mut peer) = tokio::io::duplex(1 << 16);
+        let talk = tokio::spawn(async move {
+            peer.write_all(&server).await.unwrap();
+            peer.shutdown().await.unwrap();
+            let mut sent = Vec::new();
+            let _ = peer.read_to_end(&mut sent).await;
+            sent
+        });
+        let r = start_tls(&mut client).await;
+        drop(client);
+        (r, talk.await.unwrap())
+    }
+
+    fn newstyle_greeting() -> Vec<u8> {
+        let mut g = INIT_PASSWD.to_be_bytes().to_vec();
+        g.extend(IHAVEOPT.to_be_bytes());
+        g.extend((FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        g
+    }
+
+    fn starttls_reply(reply: u32, payload: &[u8]) -> Vec<u8> {
+        let mut r = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+        r.extend(OPT_STARTTLS.to_be_bytes());
+        r.extend(reply.to_be_bytes());
+        r.extend((payload.len() as u32).to_be_bytes());
+        r.extend(payload);
+        r
+    }
+
+    /// The options the client sent after its 4 flag bytes.
+    fn options_sent(sent: &[u8]) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut rest = sent.get(4..).unwrap_or_default();
+        while rest.len() >= 16 {
+            out.push(be32(rest, 8));
+            let len = be32(rest, 12) as usize;
+            rest = rest.get(16 + len..).unwrap_or_default();
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn an_acknowledged_starttls_hands_over_to_tls() {
+        let mut server = newstyle_greeting();
+        server.extend(starttls_reply(REP_ACK, b""));
+        let (r, sent) = start_tls_against(server).await;
+        assert!(matches!(r, Ok(true)), "{r:?}");
+        assert_eq!(options_sent(&sent), [OPT_STARTTLS]);
+    }
+
+    #[tokio::test]
+    async fn every_refusal_of_starttls_ends_without_plain_text_negotiation() {
+        for (reply, name) in [(REP_ERR_UNSUP, "ERR_UNSUP"), (REP_ERR_POLICY, "ERR_POLICY")] {
+            let mut server = newstyle_greeting();
+            server.extend(starttls_reply(reply, b"no TLS here"));
+            let (r, sent) = start_tls_against(server).await;
+            match r {
+                Err(Error::TlsRefused { reply, message }) => {
+                    assert_eq!(reply, name);
+                    assert_eq!(message, "no TLS here");
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+            assert_eq!(options_sent(&sent), [OPT_STARTTLS, OPT_ABORT], "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ack_with_a_payload_or_an_oldstyle_server_is_a_refusal() {
+        let mut server = newstyle_greeting();
+        server.extend(starttls_reply(REP_ACK, b"x"));
+        let (r, _) = start_tls_against(server).await;
+        assert!(matches!(r, Err(Error::TlsRefused { .. })), "{r:?}");
+        let mut oldstyle = INIT_PASSWD.to_be_bytes().to_vec();
+        oldstyle.extend(CLISERV_MAGIC.to_be_bytes());
+        oldstyle.extend([0u8; 128]);
+        let (r, sent) = start_tls_against(oldstyle).await;
+        let e = r.unwrap_err();
+        assert!(matches!(e, Error::TlsRefused { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains("not falling back to plain text"),
+            "{e}"
+        );
+        assert!(sent.is_empty(), "sent {sent:?} to an oldstyle server");
+    }
+}

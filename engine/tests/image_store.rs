@@ -24,7 +24,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use qedstream_tests::image_store::{curl_export, export_uri, HttpStore};
-use qedstream_tests::tools::{command_in, ok, ok_command, qemu_check, run, wait_within};
+use qedstream_tests::tools::{
+    command_in, ok, ok_command, qemu_check, refused, run, wait_within,
+};
 use qedstream_tests::{tempdir, XorShift};
 use serde_json::Value;
 
@@ -320,4 +322,29 @@ fn nbdkit_killed_mid_stream_and_restarted_every_stream_completes() {
             .collect::<Vec<_>>(),
         ends.iter().map(|e| e["elapsed"].clone()).collect::<Vec<_>>()
     );
+}
+
+/// nbdkit up, the store behind it gone: nbdkit answers the handshake's GO with `ERR_UNKNOWN`
+/// and no message. `qedstream create` fails with one line that says the export is not
+/// available and where to look (it used to end in `ERR_UNKNOWN: ""`).
+#[test]
+fn a_store_that_is_down_is_reported_clearly() {
+    let d = tempdir();
+    let dir = d.path();
+    let (store_dir, _) = make_store(dir);
+    let store = HttpStore::start(&store_dir, None);
+    let url = store.url("base.raw");
+    drop(store);
+    let sock = dir.join("store.sock");
+    let _export = curl_export(&url, &sock);
+    let err = refused(&mut qedstream(
+        dir,
+        &["create", "-b", &export_uri(&sock), "-F", "raw", "vm.qed"],
+    ));
+    assert!(
+        err.contains("ERR_UNKNOWN (the export is not available")
+            && err.contains("the server's log says which"),
+        "{err}"
+    );
+    assert!(!dir.join("vm.qed").exists(), "create left an image behind");
 }

@@ -9,8 +9,10 @@ Content-Range; a range past the end gets 416; several ranges in one header are i
 the whole file is sent (as the RFC allows). Only regular files under DIRECTORY are served.
 
 Usage: range_http_server.py [--bind ADDR] [--port PORT] [--directory DIR] [--rate BYTES_PER_S]
+                            [--certfile PEM --keyfile PEM]
 
-It prints its base URL (`http://ADDR:PORT/`) on stdout once it listens (`--port 0`, the
+With `--certfile` and `--keyfile` it speaks HTTPS. It prints its base URL
+(`http://ADDR:PORT/` or `https://...`) on stdout once it listens (`--port 0`, the
 default, takes a free port). `--rate` caps the bytes per second sent over all requests
 together: a slow store, for tests. One line per request on stderr, after its body was sent:
 `GET /PATH STATUS start=S sent=N` (HEAD: `sent=0`; STATUS `aborted` when the client
@@ -22,6 +24,7 @@ import functools
 import http.server
 import os
 import re
+import ssl
 import sys
 import threading
 import time
@@ -151,12 +154,20 @@ def main():
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--directory", default=os.getcwd())
     parser.add_argument("--rate", type=int, default=0, help="bytes per second, 0: unlimited")
+    parser.add_argument("--certfile", help="the server's certificate (PEM): serve HTTPS")
+    parser.add_argument("--keyfile", help="the certificate's private key (PEM)")
     args = parser.parse_args()
     RangeHandler.throttle = Throttle(args.rate)
     handler = functools.partial(RangeHandler, directory=args.directory)
     server = http.server.ThreadingHTTPServer((args.bind, args.port), handler)
+    scheme = "http"
+    if args.certfile:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.certfile, args.keyfile)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
     host, port = server.server_address[:2]
-    print(f"http://{host}:{port}/", flush=True)
+    print(f"{scheme}://{host}:{port}/", flush=True)
     server.serve_forever()
 
 

@@ -20,7 +20,7 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -40,12 +40,15 @@ pub const CURL_FILTERS: [&str; 2] = ["retry-request", "cache"];
 /// How long the HTTP server may take to say where it listens.
 const START_LIMIT: Duration = Duration::from_secs(10);
 
-/// A running HTTP server of a directory (byte ranges, keep-alive), killed on drop.
+/// A running HTTP server of a directory (byte ranges, keep-alive), killed on drop; it can be
+/// killed and started again on the same port ([`HttpStore::kill`], [`HttpStore::restart`]).
 #[derive(Debug)]
 pub struct HttpStore {
-    child: Child,
+    child: Option<Child>,
+    dir: PathBuf,
     base_url: String,
-    /// The server's stderr: one line per request (an unlinked file, read with `pread`).
+    /// The server's stderr, over every start: one line per request (an unlinked file, read
+    /// with `pread`).
     log: File,
 }
 
@@ -54,34 +57,35 @@ impl HttpStore {
     /// all requests together (`None`: unlimited), and waits until it listens.
     pub fn start(dir: &Path, rate: Option<u64>) -> HttpStore {
         let log = tempfile::tempfile().expect("a temporary file for the HTTP log");
-        let mut cmd = Command::new("python3");
-        cmd.arg(RANGE_HTTP_SERVER)
-            .args(["--bind", "127.0.0.1", "--port", "0", "--directory"])
-            .arg(dir)
-            .args(["--rate", &rate.unwrap_or(0).to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(log.try_clone().expect("duplicating the log's descriptor"));
-        crate::tools::die_with_this_thread(&mut cmd);
-        let mut child = crate::tools::spawn(&mut cmd).unwrap_or_else(|e| {
-            panic!("cannot run python3 (is it installed? the image store's HTTP server needs it): {e}")
-        });
-        let base_url = match first_line_within(&mut child, START_LIMIT) {
-            Some(url) if url.starts_with("http://") => url,
-            other => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "{RANGE_HTTP_SERVER} did not start (first line {other:?}): {}",
-                    read_log(&log)
-                );
-            }
-        };
+        let (child, base_url) = spawn_server(dir, rate, 0, &log);
         HttpStore {
-            child,
+            child: Some(child),
+            dir: dir.to_path_buf(),
             base_url,
             log,
         }
+    }
+
+    /// Kills the server (SIGKILL): the store is down, connections are reset.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills the server if it runs and starts it again on the same port, with `rate`.
+    pub fn restart(&mut self, rate: Option<u64>) {
+        self.kill();
+        let port = self
+            .base_url
+            .trim_end_matches('/')
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse::<u16>().ok())
+            .expect("the base URL names its port");
+        let (child, base_url) = spawn_server(&self.dir, rate, port, &self.log);
+        assert_eq!(base_url, self.base_url, "the store moved");
+        self.child = Some(child);
     }
 
     /// The URL of `file` in the served directory.
@@ -115,8 +119,35 @@ impl HttpStore {
 
 impl Drop for HttpStore {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
+    }
+}
+
+/// Starts the server script on `dir` (127.0.0.1, `port`, 0 for a free one) with its stderr
+/// appended to `log`, and waits for its URL.
+fn spawn_server(dir: &Path, rate: Option<u64>, port: u16, log: &File) -> (Child, String) {
+    let mut cmd = Command::new("python3");
+    cmd.arg(RANGE_HTTP_SERVER)
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--directory"])
+        .arg(dir)
+        .args(["--rate", &rate.unwrap_or(0).to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log.try_clone().expect("duplicating the log's descriptor"));
+    crate::tools::die_with_this_thread(&mut cmd);
+    let mut child = crate::tools::spawn(&mut cmd).unwrap_or_else(|e| {
+        panic!("cannot run python3 (is it installed? the image store's HTTP server needs it): {e}")
+    });
+    match first_line_within(&mut child, START_LIMIT) {
+        Some(url) if url.starts_with("http://") => (child, url),
+        other => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{RANGE_HTTP_SERVER} did not start (first line {other:?}): {}",
+                read_log(log)
+            );
+        }
     }
 }
 

@@ -24,9 +24,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use qedstream_tests::image_store::{curl_export, export_uri, HttpStore};
-use qedstream_tests::tools::{
-    command_in, ok, ok_command, qemu_check, refused, run, wait_within,
-};
+use qedstream_tests::tools::{command_in, ok, ok_command, qemu_check, refused, run, wait_within};
 use qedstream_tests::{tempdir, XorShift};
 use serde_json::Value;
 
@@ -57,7 +55,8 @@ fn write_base(path: &Path) {
     use std::os::unix::fs::FileExt;
     for m in (0..BASE_SIZE / MIB).filter(|m| m % 5 != 3 && !(10..14).contains(m)) {
         rng.fill(&mut chunk);
-        file.write_all_at(&chunk, m * MIB).expect("writing the base");
+        file.write_all_at(&chunk, m * MIB)
+            .expect("writing the base");
     }
     rng.fill(&mut chunk[..100_000]);
     file.write_all_at(&chunk[..100_000], 12 * MIB + 5_000)
@@ -78,7 +77,10 @@ fn create_overlays(dir: &Path, uri: &str, count: usize) -> Vec<String> {
     (1..=count)
         .map(|n| {
             let image = format!("vm{n}.qed");
-            ok_command(&mut qedstream(dir, &["create", "-b", uri, "-F", "raw", &image]));
+            ok_command(&mut qedstream(
+                dir,
+                &["create", "-b", uri, "-F", "raw", &image],
+            ));
             image
         })
         .collect()

@@ -128,7 +128,13 @@ impl Drop for HttpStore {
 fn spawn_server(dir: &Path, rate: Option<u64>, port: u16, log: &File) -> (Child, String) {
     let mut cmd = Command::new("python3");
     cmd.arg(RANGE_HTTP_SERVER)
-        .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--directory"])
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--directory",
+        ])
         .arg(dir)
         .args(["--rate", &rate.unwrap_or(0).to_string()])
         .stdin(Stdio::null())

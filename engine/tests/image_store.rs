@@ -364,7 +364,7 @@ fn a_store_down_past_nbdkit_retries_stops_each_stream_cleanly_and_a_rerun_comple
     let mut store = HttpStore::start(&store_dir, Some(SLOW_RATE));
     let sock = dir.join("store.sock");
     let export = curl_export(&store.url("base.raw"), &sock);
-    let images = create_overlays(dir, &export_uri(&sock), 2);
+    let images = create_overlays(dir, &export_uri(&sock), STREAMS);
     let streams: Vec<_> = images
         .iter()
         .map(|i| RunningStream::start(dir, i))

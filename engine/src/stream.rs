@@ -982,7 +982,10 @@ fn request_max(options: &StreamOptions, cs: u64, limit: u64) -> u64 {
 
 /// Copies the requests of one planned window `[pos, to)`, [`StreamOptions::in_flight`] at a
 /// time, keeping the progress offset at the lowest request still in flight. The first failure
-/// stops new requests and is returned once those in flight have ended; a cancel aborts them.
+/// (the job's error policy has already decided to fail) and a cancel abort the requests still
+/// in flight and return at once: waiting for them could take the backing's whole timeouts
+/// (behind nbdkit's curl plugin with its web server down, a minute). What they fetched is not
+/// stored; a store already started finishes in the background, under its range locks.
 async fn copy_window(
     dev: &Arc<dyn Populate>,
     h: &StreamHandle,
@@ -1001,9 +1004,8 @@ async fn copy_window(
     )));
     let mut in_flight: std::collections::BTreeSet<u64> = Default::default();
     let mut next = 0;
-    let mut failure: Option<Error> = None;
     while next < reqs.len() || !set.is_empty() {
-        while failure.is_none() && next < reqs.len() && set.len() < options.in_flight.max(1) {
+        while next < reqs.len() && set.len() < options.in_flight.max(1) {
             let (o, l) = reqs[next];
             if h.wait_unpaused().await || h.charge(l).await {
                 set.abort_all();
@@ -1042,18 +1044,17 @@ async fn copy_window(
                 h.shared.offset.store(frontier, Ordering::Release);
             }
             Ok((_, Err(e))) => {
-                failure.get_or_insert(e);
+                set.abort_all();
+                return Err(e);
             }
             Err(e) if e.is_cancelled() => {}
             Err(e) => {
-                failure.get_or_insert(Error::task("stream copy")(e));
+                set.abort_all();
+                return Err(Error::task("stream copy")(e));
             }
         }
     }
-    match failure {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    Ok(())
 }
 
 /// What [`step`] did.

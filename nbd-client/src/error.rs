@@ -144,7 +144,7 @@ pub enum Error {
     #[error("unsupported NBD server: {0}")]
     UnsupportedServer(&'static str),
     /// The server refused a handshake option (e.g. the export does not exist).
-    #[error("NBD server refused option {option} with {reply}: {message:?}")]
+    #[error("NBD server refused option {option} with {reply}{}", refusal_detail(.reply, .message))]
     OptionRefused {
         /// The option (e.g. "GO").
         option: &'static str,
@@ -265,6 +265,24 @@ fn tls_hint(e: &std::io::Error) -> &'static str {
         }
         _ => "",
     }
+}
+
+/// What [`Error::OptionRefused`] adds after the reply's name: the server's message when it
+/// gave one, and for `ERR_UNKNOWN` (the export is not available) where to look, since
+/// servers often send no message: nbdkit's curl plugin whose web server is down or whose
+/// certificate does not verify answers `GO` with `ERR_UNKNOWN` and an empty message.
+fn refusal_detail(reply: &str, message: &str) -> String {
+    let mut detail = String::new();
+    if !message.is_empty() {
+        detail = format!(": {message:?}");
+    }
+    if reply == "ERR_UNKNOWN" {
+        detail.push_str(
+            " (the export is not available: no export of that name, or the server could not \
+             open what it exports; the server's log says which)",
+        );
+    }
+    detail
 }
 
 /// An NBD error value (defined with the wire format).

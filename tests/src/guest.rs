@@ -306,7 +306,7 @@ impl GuestKit {
         let console_path = scratch.path().join("console.log");
         let mut cmd = self.command(&disk, action, &console_path);
         let command = format!("{cmd:?}");
-        die_with_this_thread(&mut cmd);
+        crate::tools::die_with_this_thread(&mut cmd);
         let started = Instant::now();
         let out = crate::tools::output_within(&mut cmd, BOOT_DEADLINE).map_err(|source| {
             GuestError::Tool {
@@ -395,26 +395,6 @@ impl GuestDisk {
 /// A value for QEMU's `key=value,...` option syntax, where a comma is written twice.
 fn escape_option_value(value: &str) -> String {
     value.replace(',', ",,")
-}
-
-/// Makes the child get SIGKILL when the thread that starts it ends: a QEMU whose test was
-/// killed must not run on (the thread that boots a guest waits for it, so this never cuts a
-/// boot short).
-fn die_with_this_thread(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    fn ask_for_sigkill_on_parent_death() -> std::io::Result<()> {
-        // SAFETY: prctl(2) with PR_SET_PDEATHSIG takes a signal number and no pointers.
-        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    }
-    // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
-    // calls are allowed: it makes one system call and neither allocates nor takes locks.
-    unsafe {
-        cmd.pre_exec(ask_for_sigkill_on_parent_death);
-    }
 }
 
 /// The kernel command line: the serial console, power off instead of rebooting on a panic

@@ -29,6 +29,8 @@
 //! - [`power`]: a storage with a volatile write cache ([`power::VolatileStorage`]) and the
 //!   disk states a power loss can leave (any subset of the unflushed sectors), enumerated or
 //!   sampled.
+//! - [`image_store`]: a central image store: files over HTTP with byte ranges (a Python
+//!   server, optionally slow) and nbdkit's curl plugin with its cache filter exporting one.
 //! - [`crash`]: what a disk may hold after its server is killed: a per-sector model of
 //!   acknowledged, flushed and in-flight writes, and sectors that say which write they are.
 //! - [`tls`]: X.509 credentials directories (QEMU's `tls-creds-x509` layout) made by
@@ -61,6 +63,7 @@ pub type Disk = SyncDevice<CorDevice>;
 pub mod chain;
 pub mod crash;
 pub mod guest;
+pub mod image_store;
 pub mod nbd_server;
 pub mod poison;
 pub mod power;

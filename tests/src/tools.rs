@@ -21,6 +21,27 @@ pub fn spawn(cmd: &mut Command) -> std::io::Result<std::process::Child> {
     cmd.spawn()
 }
 
+/// Makes the child get SIGKILL when the thread that starts it ends (`PR_SET_PDEATHSIG`): a
+/// QEMU or a server whose test was killed must not run on. Start the child on the thread
+/// that outlives it (the test's own: the thread that boots a guest waits for it, so this
+/// never cuts a boot short).
+pub fn die_with_this_thread(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    fn ask_for_sigkill_on_parent_death() -> std::io::Result<()> {
+        // SAFETY: prctl(2) with PR_SET_PDEATHSIG takes a signal number and no pointers.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+    // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
+    // calls are allowed: it makes one system call and neither allocates nor takes locks.
+    unsafe {
+        cmd.pre_exec(ask_for_sigkill_on_parent_death);
+    }
+}
+
 /// `cmd.output()`, with the child started through [`spawn`].
 pub fn output(cmd: &mut Command) -> std::io::Result<Output> {
     use std::process::Stdio;
@@ -58,14 +79,29 @@ pub fn output_within(
     limit: std::time::Duration,
 ) -> std::io::Result<Option<Output>> {
     use std::process::Stdio;
-    use std::time::{Duration, Instant};
     let mut child = spawn(
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
     )?;
+    if wait_within(&mut child, limit)?.is_none() {
+        return Ok(None);
+    }
+    child.wait_with_output().map(Some)
+}
+
+/// Waits for `child` to end, at most `limit`: its status, or `Ok(None)` after killing it
+/// (SIGKILL) when it was still running. A caller treats `None` as a hang, a failure.
+pub fn wait_within(
+    child: &mut std::process::Child,
+    limit: std::time::Duration,
+) -> std::io::Result<Option<std::process::ExitStatus>> {
+    use std::time::{Duration, Instant};
     let deadline = Instant::now() + limit;
-    while child.try_wait()?.is_none() {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
@@ -73,7 +109,6 @@ pub fn output_within(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    child.wait_with_output().map(Some)
 }
 
 /// Runs `cmd` and asserts success; returns stdout.

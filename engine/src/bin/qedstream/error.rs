@@ -41,7 +41,8 @@ pub enum Error {
     /// The input of a write is the image being written.
     #[error("{}: the input is the image being written; nothing was written", .0.display())]
     InputIsImage(PathBuf),
-    /// A stream stopped because its backing went away; says how to finish.
+    /// A stream stopped because its backing went away or its NBD server failed a read; says
+    /// how to finish.
     #[error("{0}; the image is intact and still linked to its backing: run the stream again when the backing is back")]
     StreamInterrupted(#[source] engine::Error),
     /// A stream stopped because the image's file system is full (ENOSPC); says how to finish.

@@ -282,6 +282,9 @@ fn report_completed(outcome: &engine::stream::StreamOutcome, json: bool) -> Resu
 fn report_failure(e: engine::Error, p: &Progress, json: bool) -> Error {
     let e = match e {
         engine::Error::BackingUnavailable(_) => Error::StreamInterrupted(e),
+        // A read the NBD server failed (nbdkit's curl plugin answers EIO while its web server
+        // is down): the image is as intact, and a rerun resumes, as after a lost connection.
+        engine::Error::Device(copy_on_read::Error::Nbd { .. }) => Error::StreamInterrupted(e),
         e if e.is_nospace() => Error::DiskFull(e),
         other => Error::Engine(other),
     };

@@ -208,34 +208,51 @@ fn after_starttls_the_export_is_served_inside_tls() {
     s.stop();
 }
 
+/// STARTTLS, then a rustls handshake with the client credentials in `creds` (rustls sends its
+/// certificate whatever CA the server names); then GO, which a refused client never gets
+/// answered. The server's refusal.
+fn refused_handshake(s: &Served, creds: &Path) -> Refused {
+    let mut refusals = s.server.refusals();
+    let tls = nbd_tls::ClientTls::from_dir(creds, None).expect("client credentials");
+    client(async {
+        let mut c = connect(&s.sock).await;
+        option(&mut c, OPT_STARTTLS, &[]).await;
+        assert_eq!(reply(&mut c, OPT_STARTTLS).await.0, REP_ACK);
+        // TLS 1.3: the client's side of the handshake may complete before the server judges
+        // its certificate; the refusal then shows on the first read.
+        if let Ok(mut t) = tls.connect(c).await {
+            option(&mut t, OPT_GO, &encode_go_data("", &[])).await;
+            assert!(closed(&mut t).await, "served with {}", creds.display());
+        }
+    });
+    refusal(&mut refusals)
+}
+
 #[test]
 fn a_failed_tls_handshake_closes_and_is_reported() {
     let dir = qedstream_tests::tempdir();
     let pki = Pki::new(&dir.path().join("pki"), "test CA");
     let s = served_tls(dir.path(), &pki, Duration::from_secs(10));
-    let mut refusals = s.server.refusals();
-    // No client certificate, and the server verifies peers.
     let anonymous = pki.client("anonymous", false, Validity::Current);
-    let tls = nbd_tls::ClientTls::from_dir(&anonymous, None).expect("client credentials");
-    client(async {
-        let mut c = connect(&s.sock).await;
-        option(&mut c, OPT_STARTTLS, &[]).await;
-        assert_eq!(reply(&mut c, OPT_STARTTLS).await.0, REP_ACK);
-        // TLS 1.3: the client's handshake completes before the server judges its (absent)
-        // certificate; the refusal shows on the first read.
-        match tls.connect(c).await {
-            Err(_) => {}
-            Ok(mut t) => {
-                option(&mut t, OPT_GO, &encode_go_data("", &[])).await;
-                assert!(closed(&mut t).await, "served without a client certificate");
-            }
-        }
-    });
-    let r = refusal(&mut refusals);
-    let TlsRefusal::Handshake { reason } = &r.reason else {
-        panic!("{r}");
-    };
-    assert!(reason.contains("no certificates"), "{r}");
+    let expired = pki.client("expired", true, Validity::Expired);
+    // A certificate of another CA, in a directory that trusts our server.
+    let foreign = Pki::new(&dir.path().join("other"), "other CA").client(
+        "foreign",
+        true,
+        Validity::Current,
+    );
+    std::fs::copy(pki.ca_cert(), foreign.join("ca-cert.pem")).unwrap();
+    for (creds, reason) in [
+        (&anonymous, "peer sent no certificates"),
+        (&expired, "certificate expired"),
+        (&foreign, "UnknownIssuer"),
+    ] {
+        let r = refused_handshake(&s, creds);
+        let TlsRefusal::Handshake { reason: why } = &r.reason else {
+            panic!("{r}");
+        };
+        assert!(why.contains(reason), "{r}");
+    }
     s.stop();
 }
 

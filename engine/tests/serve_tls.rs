@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use nbd_proto::*;
 use qedstream_tests::served::Served;
 use qedstream_tests::tls::{Pki, Validity};
-use qedstream_tests::tools::{ok, refused, run_command};
+use qedstream_tests::tools::{ok, run_command, run_with_deadline};
 
 /// The longest a log line may take to appear: only a hang guard.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -468,6 +468,14 @@ fn bad_credentials_end_serve_before_anything_listens() {
             .args(extra)
             .arg("top.qed");
         cmd
+    };
+    // A serve that starts anyway would serve until killed: the deadline fails the test.
+    let refused = |cmd: &mut Command| {
+        let out = run_with_deadline(cmd);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "{cmd:?} succeeded");
+        assert_eq!(err.trim_end().lines().count(), 1, "{cmd:?}: {err}");
+        err
     };
     // A client directory: no server certificate.
     let err = refused(&mut serve(&c.client, &[]));

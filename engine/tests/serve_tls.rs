@@ -55,18 +55,40 @@ fn images(dir: &Path) {
     ok(
         dir,
         "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x5a 0 2M", "-c", "write -P 0x11 6M 1M", "base.raw"],
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x5a 0 2M",
+            "-c",
+            "write -P 0x11 6M 1M",
+            "base.raw",
+        ],
     );
     ok(
         dir,
         "qemu-img",
-        &["create", "-f", "qed", "-b", "base.raw", "-F", "raw", "top.qed"],
+        &[
+            "create", "-f", "qed", "-b", "base.raw", "-F", "raw", "top.qed",
+        ],
     );
-    ok(dir, "qemu-io", &["-f", "qed", "-c", "write -P 0xaa 1M 64k", "top.qed"]);
+    ok(
+        dir,
+        "qemu-io",
+        &["-f", "qed", "-c", "write -P 0xaa 1M 64k", "top.qed"],
+    );
     ok(
         dir,
         "qemu-img",
-        &["convert", "-f", "qed", "-O", "raw", "top.qed", "expected.raw"],
+        &[
+            "convert",
+            "-f",
+            "qed",
+            "-O",
+            "raw",
+            "top.qed",
+            "expected.raw",
+        ],
     );
 }
 
@@ -192,14 +214,24 @@ fn qemu_reads_and_writes_through_the_tls_export_on_a_unix_socket() {
 
     let opts = unix_opts(&sock);
     let info = succeeded(
-        qemu_tls(d, "qemu-img", &c.client, &["info", "--output=json", "--image-opts", &opts]),
+        qemu_tls(
+            d,
+            "qemu-img",
+            &c.client,
+            &["info", "--output=json", "--image-opts", &opts],
+        ),
         "qemu-img info",
     );
     let info: serde_json::Value = serde_json::from_str(&info).expect("qemu-img info JSON");
     assert_eq!(info["virtual-size"], 8 << 20, "{info}");
     let expected = "driver=raw,file.driver=file,file.filename=expected.raw";
     succeeded(
-        qemu_tls(d, "qemu-img", &c.client, &["compare", "--image-opts", &opts, expected]),
+        qemu_tls(
+            d,
+            "qemu-img",
+            &c.client,
+            &["compare", "--image-opts", &opts, expected],
+        ),
         "qemu-img compare before the write",
     );
     succeeded(
@@ -216,12 +248,23 @@ fn qemu_reads_and_writes_through_the_tls_export_on_a_unix_socket() {
             d,
             "qemu-io",
             &c.client,
-            &["-c", "read -P 0x77 3M 256k", "-c", "read -P 0xaa 1M 64k", "--image-opts", &opts],
+            &[
+                "-c",
+                "read -P 0x77 3M 256k",
+                "-c",
+                "read -P 0xaa 1M 64k",
+                "--image-opts",
+                &opts,
+            ],
         ),
         "qemu-io read back",
     );
     assert_eq!(served.terminate(), 0);
-    ok(d, "qemu-io", &["-f", "raw", "-c", "write -P 0x77 3M 256k", "expected.raw"]);
+    ok(
+        d,
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x77 3M 256k", "expected.raw"],
+    );
     assert_image_is(d, "expected.raw");
 }
 
@@ -232,7 +275,10 @@ fn qemu_reads_and_writes_over_tcp_checking_the_server_name() {
     let c = creds(d);
     images(d);
     let mut served = serve_tls(d, &c.server, &["--nbd", "tcp:127.0.0.1:0"]);
-    let addr = served.ready["nbd"][0].as_str().expect("nbd address").to_string();
+    let addr = served.ready["nbd"][0]
+        .as_str()
+        .expect("nbd address")
+        .to_string();
     let port = addr.rsplit(':').next().expect("a port").to_string();
     assert_eq!(served.uri(), format!("nbds://127.0.0.1:{port}/"));
     // The host QEMU checks is the address it connects to; both names are in the certificate.
@@ -243,20 +289,32 @@ fn qemu_reads_and_writes_over_tcp_checking_the_server_name() {
                 d,
                 "qemu-io",
                 &c.client,
-                &["-c", "write -P 0x66 5M 128k", "-c", "read -P 0x66 5M 128k", "--image-opts", &opts],
+                &[
+                    "-c",
+                    "write -P 0x66 5M 128k",
+                    "-c",
+                    "read -P 0x66 5M 128k",
+                    "--image-opts",
+                    &opts,
+                ],
             ),
             &format!("qemu-io over tcp to {host}"),
         );
     }
     // A name the certificate does not carry is refused by QEMU, the client.
-    let opts = format!("driver=nbd,host=127.0.0.1,port={port},tls-creds=tls0,tls-hostname=elsewhere");
+    let opts =
+        format!("driver=nbd,host=127.0.0.1,port={port},tls-creds=tls0,tls-hostname=elsewhere");
     let err = failed(
         qemu_tls(d, "qemu-img", &c.client, &["info", "--image-opts", &opts]),
         "qemu-img info with a wrong tls-hostname",
     );
     assert!(err.contains("does not match"), "{err}");
     assert_eq!(served.terminate(), 0);
-    ok(d, "qemu-io", &["-f", "raw", "-c", "write -P 0x66 5M 128k", "expected.raw"]);
+    ok(
+        d,
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x66 5M 128k", "expected.raw"],
+    );
     assert_image_is(d, "expected.raw");
 }
 
@@ -295,7 +353,11 @@ fn plain_text_clients_are_refused_and_logged() {
     let sock = d.join("nbd.sock");
     let mut served = serve_tls(d, &c.server, &["--nbd", s(&sock)]);
     let plain = format!("nbd+unix:///?socket={}", s(&sock));
-    let out = run_command(Command::new("qemu-img").current_dir(d).args(["info", &plain]));
+    let out = run_command(
+        Command::new("qemu-img")
+            .current_dir(d)
+            .args(["info", &plain]),
+    );
     let err = failed(out, "qemu-img info without TLS");
     assert!(err.contains("TLS"), "qemu-img does not say TLS: {err}");
     logged(d, &["refused", "plain-text client", "before STARTTLS"]);
@@ -315,7 +377,11 @@ fn plain_text_clients_are_refused_and_logged() {
         "nbdinfo does not show the server's reason: {err}"
     );
     // A second log line, for this client (libnbd asks for structured replies first).
-    logged_after(d, lines_before, &["NBD_OPT_STRUCTURED_REPLY before STARTTLS"]);
+    logged_after(
+        d,
+        lines_before,
+        &["NBD_OPT_STRUCTURED_REPLY before STARTTLS"],
+    );
     assert_eq!(served.terminate(), 0);
     assert_image_is(d, "expected.raw");
 }
@@ -357,10 +423,30 @@ fn clients_without_a_valid_certificate_are_refused_and_logged() {
     };
     type Client<'a> = &'a dyn Fn(&Path) -> std::process::Output;
     let cases: [(&str, Client<'_>, &Path, &str); 4] = [
-        ("qemu-img, no certificate", &qemu, &c.anonymous, "peer sent no certificates"),
-        ("qemu-img, another CA's PKI", &qemu, &other_pki, "peer sent no certificates"),
-        ("nbdinfo, another CA", &nbdinfo, &c.foreign, "peer sent no certificates"),
-        ("nbdinfo, expired", &nbdinfo, &c.expired, "invalid peer certificate: certificate expired"),
+        (
+            "qemu-img, no certificate",
+            &qemu,
+            &c.anonymous,
+            "peer sent no certificates",
+        ),
+        (
+            "qemu-img, another CA's PKI",
+            &qemu,
+            &other_pki,
+            "peer sent no certificates",
+        ),
+        (
+            "nbdinfo, another CA",
+            &nbdinfo,
+            &c.foreign,
+            "peer sent no certificates",
+        ),
+        (
+            "nbdinfo, expired",
+            &nbdinfo,
+            &c.expired,
+            "invalid peer certificate: certificate expired",
+        ),
     ];
     for (who, client, creds, reason) in cases {
         let lines_before = log_lines(d);
@@ -385,7 +471,11 @@ fn verify_peer_no_serves_a_client_without_a_certificate() {
     let c = creds(d);
     images(d);
     let sock = d.join("nbd.sock");
-    let mut served = serve_tls(d, &c.server, &["--nbd", s(&sock), "--tls-verify-peer", "no"]);
+    let mut served = serve_tls(
+        d,
+        &c.server,
+        &["--nbd", s(&sock), "--tls-verify-peer", "no"],
+    );
     assert_eq!(served.ready["tls-verify-peer"], false, "{}", served.ready);
     let expected = "driver=raw,file.driver=file,file.filename=expected.raw";
     succeeded(
@@ -399,7 +489,11 @@ fn verify_peer_no_serves_a_client_without_a_certificate() {
     );
     // Still TLS only.
     let plain = format!("nbd+unix:///?socket={}", s(&sock));
-    let out = run_command(Command::new("qemu-img").current_dir(d).args(["info", &plain]));
+    let out = run_command(
+        Command::new("qemu-img")
+            .current_dir(d)
+            .args(["info", &plain]),
+    );
     failed(out, "qemu-img info without TLS");
     assert_eq!(served.terminate(), 0);
 }
@@ -449,7 +543,10 @@ fn a_downgrade_attempt_gets_refusals_and_no_export_data() {
     let mut rest = Vec::new();
     let _ = r.read_to_end(&mut rest);
     assert!(rest.is_empty(), "{} bytes answered EXPORT_NAME", rest.len());
-    logged(d, &["NBD_OPT_EXPORT_NAME before STARTTLS", "connection closed"]);
+    logged(
+        d,
+        &["NBD_OPT_EXPORT_NAME before STARTTLS", "connection closed"],
+    );
     assert_eq!(served.terminate(), 0);
 }
 
@@ -485,7 +582,10 @@ fn bad_credentials_end_serve_before_anything_listens() {
     std::fs::create_dir(&psk).unwrap();
     std::fs::write(psk.join("keys.psk"), "alice:0123456789abcdef\n").unwrap();
     let err = refused(&mut serve(&psk, &[]));
-    assert!(err.contains("TLS-PSK credentials are not supported"), "{err}");
+    assert!(
+        err.contains("TLS-PSK credentials are not supported"),
+        "{err}"
+    );
     // Verifying peers needs the CA.
     let no_ca = d.join("no-ca");
     std::fs::create_dir(&no_ca).unwrap();

@@ -59,6 +59,6 @@ pub use addr::ListenAddr;
 pub use depth::{AllocationDepth, DepthRun};
 pub use error::{Error, Result};
 pub use export::Export;
-pub use refusal::{Refused, TlsRefusal};
 pub use handshake::MAX_OPTION_DATA;
+pub use refusal::{Refused, TlsRefusal};
 pub use server::{Listener, Server, ServerConfig, ServerStats};

@@ -199,7 +199,11 @@ fn after_starttls_the_export_is_served_inside_tls() {
         t.flush().await.unwrap();
         let mut simple = [0u8; 16];
         t.read_exact(&mut simple).await.expect("the read's reply");
-        assert_eq!((be32(&simple, 4), be64(&simple, 8)), (0, 7), "errno, cookie");
+        assert_eq!(
+            (be32(&simple, 4), be64(&simple, 8)),
+            (0, 7),
+            "errno, cookie"
+        );
         let mut data = vec![0u8; 512];
         t.read_exact(&mut data).await.expect("the read's data");
         assert!(data.iter().all(|&b| b == 0x5a), "wrong data over TLS");
@@ -236,11 +240,8 @@ fn a_failed_tls_handshake_closes_and_is_reported() {
     let anonymous = pki.client("anonymous", false, Validity::Current);
     let expired = pki.client("expired", true, Validity::Expired);
     // A certificate of another CA, in a directory that trusts our server.
-    let foreign = Pki::new(&dir.path().join("other"), "other CA").client(
-        "foreign",
-        true,
-        Validity::Current,
-    );
+    let foreign =
+        Pki::new(&dir.path().join("other"), "other CA").client("foreign", true, Validity::Current);
     std::fs::copy(pki.ca_cert(), foreign.join("ca-cert.pem")).unwrap();
     for (creds, reason) in [
         (&anonymous, "peer sent no certificates"),

@@ -174,7 +174,9 @@ fn check_option_replies(
         rest = after;
         if tls_required {
             if be32(first, 12) != last {
-                return Err(format!("option {option}: a reply before TLS that is not final"));
+                return Err(format!(
+                    "option {option}: a reply before TLS that is not final"
+                ));
             }
             check_before_tls(option, last, data_len, rest, end)?;
             if last == REP_ACK {

@@ -787,11 +787,8 @@ fn cmd_serve(args: ServeArgs) -> Result<u8> {
             "--stream writes the image; it cannot go with --read-only",
         ));
     }
-    let tls = crate::serve::export_tls(
-        &nbd,
-        args.chain.tls_creds.as_deref(),
-        args.tls_verify_peer,
-    )?;
+    let tls =
+        crate::serve::export_tls(&nbd, args.chain.tls_creds.as_deref(), args.tls_verify_peer)?;
     crate::serve::run(crate::serve::ServeCommand {
         tls,
         image: args.image,

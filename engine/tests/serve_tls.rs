@@ -601,4 +601,18 @@ fn bad_credentials_end_serve_before_anything_listens() {
     let mut served = serve_tls(d, &no_ca, &["--nbd", "nbd.sock", "--tls-verify-peer", "no"]);
     assert_eq!(served.ready["tls"], true, "{}", served.ready);
     assert_eq!(served.terminate(), 0);
+    // Without --nbd the flag is only for an nbds:// backing: a client directory serves the
+    // vhost-user-blk device, which TLS does not concern.
+    let mut served = serve_tls(d, &c.client, &["--vhost-user-blk", "vhost.sock"]);
+    assert_eq!(served.ready["tls"], false, "{}", served.ready);
+    assert_eq!(
+        served.ready["vhost-user-blk"], "vhost.sock",
+        "{}",
+        served.ready
+    );
+    assert!(
+        d.join("vhost.sock").exists(),
+        "the vhost-user-blk socket is missing"
+    );
+    assert_eq!(served.terminate(), 0);
 }

@@ -60,5 +60,5 @@ pub use depth::{AllocationDepth, DepthRun};
 pub use error::{Error, Result};
 pub use export::Export;
 pub use handshake::MAX_OPTION_DATA;
-pub use refusal::{Refused, TlsRefusal};
+pub use refusal::{HandshakeFailure, Refused, TlsRefusal};
 pub use server::{Listener, Server, ServerConfig, ServerStats};

@@ -7,7 +7,7 @@ use std::fmt;
 use nbd_proto::*;
 
 /// Why a client of a TLS-only server was turned away.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TlsRefusal {
     /// The client sent an option other than STARTTLS before TLS: it got
@@ -32,13 +32,44 @@ pub enum TlsRefusal {
     /// an expired one, or no TLS at all); the connection was closed.
     #[error("TLS handshake failed: {reason}")]
     Handshake {
-        /// rustls's reason, or the socket's error.
-        reason: String,
+        /// Why.
+        reason: HandshakeFailure,
     },
 }
 
+/// Why a TLS handshake failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandshakeFailure {
+    /// rustls refused the client or the exchange: no certificate
+    /// (`NoCertificatesPresented`), one it cannot verify (`InvalidCertificate`: an unknown
+    /// issuer, expired, revoked), an alert the client sent, or bytes that are not TLS.
+    #[error("{0}")]
+    Rejected(rustls::Error),
+    /// The socket failed or the client went away during the handshake.
+    #[error("{kind}")]
+    Io {
+        /// What kind of failure.
+        kind: std::io::ErrorKind,
+    },
+}
+
+impl HandshakeFailure {
+    /// What a failed `accept` says: rustls's error when rustls refused, else the I/O error's
+    /// kind.
+    pub(crate) fn of(e: &std::io::Error) -> HandshakeFailure {
+        match e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            Some(tls) => HandshakeFailure::Rejected(tls.clone()),
+            None => HandshakeFailure::Io { kind: e.kind() },
+        }
+    }
+}
+
 /// One connection a TLS-only server turned away.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Refused {
     /// Who connected: `tcp:ADDR:PORT`, or `unix socket` with the peer's pid and uid.
     pub peer: String,
@@ -84,5 +115,26 @@ mod tests {
         assert!(line.contains("tcp:127.0.0.1:4000"), "{line}");
         assert!(line.contains("NBD_OPT_GO before STARTTLS"), "{line}");
         assert_eq!(option_name(99), "option 99");
+    }
+
+    #[test]
+    fn handshake_failures_keep_rustls_errors_and_io_kinds() {
+        let refused = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::NoCertificatesPresented,
+        );
+        assert_eq!(
+            HandshakeFailure::of(&refused),
+            HandshakeFailure::Rejected(rustls::Error::NoCertificatesPresented)
+        );
+        let gone = std::io::Error::from(std::io::ErrorKind::UnexpectedEof);
+        let failure = HandshakeFailure::of(&gone);
+        assert_eq!(
+            failure,
+            HandshakeFailure::Io {
+                kind: std::io::ErrorKind::UnexpectedEof
+            }
+        );
+        assert_eq!(failure.to_string(), "unexpected end of file");
     }
 }

@@ -16,7 +16,7 @@ use crate::addr::ListenAddr;
 use crate::error::{Disconnect, Error, Result};
 use crate::export::Export;
 use crate::handshake::{greet, haggle, Haggling, Negotiated, Offer, Outcome};
-use crate::refusal::{Refused, TlsRefusal};
+use crate::refusal::{HandshakeFailure, Refused, TlsRefusal};
 use crate::transmission::{serve, Limits};
 
 /// How a server behaves and what it bounds.
@@ -458,12 +458,10 @@ impl Server {
                     // `haggle` says StartTls only when the offer requires TLS, which it does
                     // only when credentials are configured.
                     let Some(tls) = &self.config.tls else {
-                        return Err(Disconnect::Tls("no TLS credentials configured".into()));
+                        let e = std::io::Error::other("no TLS credentials configured");
+                        return Err(Disconnect::Tls(e));
                     };
-                    let secured = tls
-                        .accept(stream)
-                        .await
-                        .map_err(|e| Disconnect::Tls(e.to_string()))?;
+                    let secured = tls.accept(stream).await.map_err(Disconnect::Tls)?;
                     stream = Box::new(secured);
                     haggling.secured = true;
                 }
@@ -478,8 +476,8 @@ impl Server {
             return;
         }
         let reason = match (ended, haggling.plain_option) {
-            (Some(Disconnect::Tls(reason)), _) => TlsRefusal::Handshake {
-                reason: reason.clone(),
+            (Some(Disconnect::Tls(e)), _) => TlsRefusal::Handshake {
+                reason: HandshakeFailure::of(e),
             },
             (_, Some(nbd_proto::OPT_EXPORT_NAME)) => TlsRefusal::PlainExportName,
             (_, Some(option)) => TlsRefusal::PlainOption { option },

@@ -5,7 +5,9 @@
 //! - `cargo run --release -p qedstream-benches --bin qed-compare`: the same workloads run side
 //!   by side with `qemu-io` and `qemu-img convert -O qed` in one run, printed as ratios.
 //!
-//! Helpers shared by both live here.
+//! Helpers shared by the runners live here; [`vhost`]: the vhost-user-blk servers compared.
+
+pub mod vhost;
 
 /// A small, fast, seeded generator (xorshift64*), so runs are repeatable; shared with the
 /// tests.

@@ -41,8 +41,9 @@ use qed::{GuestCluster, GuestOffset, Image, Mapping, OpenOptions};
 
 pub use crate::device::PopulateStats;
 use crate::device::{
-    check_range, push_extent, read_padded, BlockDevice, Capabilities, Closed, Geometry, IoBufs,
-    IoFuture, LocalExtent, MappedRead, Populate, Reconnect, Status, StatusExtent, WriteFlags,
+    check_range, push_extent, read_padded, BlockDevice, BlockingRead, Capabilities, Closed,
+    Geometry, IoBufs, IoFuture, LocalExtent, MappedRead, Populate, Reconnect, Status, StatusExtent,
+    WriteFlags,
 };
 use crate::error::{blocking, Error, Result};
 use crate::gate::Gate;
@@ -1082,6 +1083,23 @@ impl BlockDevice for CorDevice {
 
     fn read_mapped(&self, offset: u64, buf: Vec<u8>) -> IoFuture<'_, MappedRead> {
         Box::pin(self.guest_read_mapped(offset, buf))
+    }
+
+    fn read_blocking(&self, offset: u64, mut bufs: IoBufs) -> Result<BlockingRead> {
+        self.closed.check()?;
+        check_range(offset, bufs.len() as u64, self.size())?;
+        let missing = read_local_bufs(&self.image, &self.name, &mut bufs, offset)?;
+        if missing.is_empty() {
+            return Ok(Ok(bufs));
+        }
+        if self.backing().is_some() {
+            // The backing must be asked (and maybe copied in): that is `readv`'s work.
+            return Ok(Err(bufs));
+        }
+        for (at, l) in missing {
+            bufs.zero((at - offset) as usize, l as usize);
+        }
+        Ok(Ok(bufs))
     }
 
     fn writev(&self, offset: u64, bufs: IoBufs, flags: WriteFlags) -> IoFuture<'_, IoBufs> {

@@ -171,6 +171,18 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         Box::pin(async move { Ok(Err(buf)) })
     }
 
+    /// Reads on the calling thread, blocking it, when the device can answer the whole range
+    /// from its own storage (nothing below it to ask): gives the filled buffers
+    /// (`Ok(Ok(bufs))`), or the buffers back (`Ok(Err(bufs))`) when it cannot, as the default
+    /// does; the caller then uses [`BlockDevice::readv`]. Their contents are unspecified then.
+    ///
+    /// For callers on a thread of their own that may block (a virtqueue worker), never on a
+    /// runtime worker: it saves `readv`'s hop to the blocking pool and back.
+    fn read_blocking(&self, offset: u64, bufs: IoBufs) -> Result<BlockingRead> {
+        let _ = offset;
+        Ok(Err(bufs))
+    }
+
     /// Reads `buf.len()` bytes at `offset` into `buf` and gives it back.
     fn read_at(&self, offset: u64, buf: Vec<u8>) -> IoFuture<'_, Vec<u8>> {
         Box::pin(async move { Ok(self.readv(offset, IoBufs::from(buf)).await?.into_vec()) })
@@ -185,6 +197,10 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         })
     }
 }
+
+/// What [`BlockDevice::read_blocking`] gives: the filled buffers, or the buffers back when
+/// the device could not answer on the calling thread.
+pub type BlockingRead = std::result::Result<IoBufs, IoBufs>;
 
 /// What [`BlockDevice::read_mapped`] gives: the filled buffer and status extents covering the
 /// whole range in order, or the buffer back unread.
@@ -312,6 +328,24 @@ pub fn check_range(offset: u64, length: u64, size: u64) -> Result<()> {
             size,
         }),
     }
+}
+
+/// Fills the ranges a layer lacks in a read at `offset` (`missing`: guest offsets and
+/// lengths) from the layer below: read from `backing`, or zeros when there is none.
+pub(crate) async fn fill_missing(
+    backing: Option<&Arc<dyn BlockDevice>>,
+    offset: u64,
+    bufs: &mut IoBufs,
+    missing: Vec<(u64, u64)>,
+) -> Result<()> {
+    for (at, len) in missing {
+        let s = (at - offset) as usize;
+        match backing {
+            Some(b) => bufs.copy_in(s, &read_padded(&**b, at, len as usize).await?),
+            None => bufs.zero(s, len as usize),
+        }
+    }
+    Ok(())
 }
 
 /// Reads `length` bytes at `offset` of `device`, where bytes at or past its end read as zeros

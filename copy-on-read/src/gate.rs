@@ -38,7 +38,7 @@ pub struct Gate {
     /// The deepest layer accepted (the top image is depth 0). Default
     /// [`qed::backing::DEFAULT_MAX_DEPTH`].
     pub max_depth: u32,
-    /// How NBD backings connect (timeouts, reconnect window).
+    /// How NBD backings connect (timeouts, reconnect window, TLS credentials).
     pub nbd: nbd_client::ClientConfig,
     /// Open backing files, and a read-only top image, with [`qed::Access::SharedRead`]
     /// (`-U`: inspect an image another process may be writing) instead of

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use qed::{GuestOffset, Image, Mapping};
 
 use crate::device::{
-    check_range, push_extent, read_padded, status_padded, BlockDevice, Capabilities, Closed,
+    check_range, fill_missing, push_extent, status_padded, BlockDevice, Capabilities, Closed,
     Geometry, IoBufs, IoFuture, Reconnect, Status, StatusExtent, WriteFlags,
 };
 use crate::error::{blocking, Error, Result};
@@ -212,13 +212,7 @@ impl BlockDevice for QedImage {
                 Ok((bufs, missing))
             })
             .await?;
-            for (at, len) in missing {
-                let s = (at - offset) as usize;
-                match &self.backing {
-                    Some(b) => bufs.copy_in(s, &read_padded(&**b, at, len as usize).await?),
-                    None => bufs.zero(s, len as usize),
-                }
-            }
+            fill_missing(self.backing.as_ref(), offset, &mut bufs, missing).await?;
             Ok(bufs)
         })
     }

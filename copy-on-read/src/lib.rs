@@ -72,8 +72,8 @@ pub mod sync;
 pub use buf::{IoBuf, IoBufs};
 pub use cor::{CorDevice, CorOptions, CorStats, Fetched, PopulateStats};
 pub use device::{
-    read_padded, status_padded, BlockDevice, Capabilities, Geometry, IoFuture, LinkState,
-    LocalExtent, MappedRead, Populate, Reconnect, Status, StatusExtent, WriteFlags,
+    read_padded, status_padded, BlockDevice, BlockingRead, Capabilities, Geometry, IoFuture,
+    LinkState, LocalExtent, MappedRead, Populate, Reconnect, Status, StatusExtent, WriteFlags,
 };
 pub use error::{Error, GateRefusal, Result};
 pub use gate::Gate;

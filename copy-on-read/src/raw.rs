@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::device::{
-    check_range, BlockDevice, Capabilities, Closed, IoBufs, IoFuture, Status, StatusExtent,
-    WriteFlags,
+    check_range, BlockDevice, BlockingRead, Capabilities, Closed, IoBufs, IoFuture, Status,
+    StatusExtent, WriteFlags,
 };
 use crate::error::{blocking, Error, Result};
 
@@ -169,6 +169,17 @@ impl BlockDevice for RawFile {
             })
             .await
         })
+    }
+
+    fn read_blocking(&self, offset: u64, mut bufs: IoBufs) -> Result<BlockingRead> {
+        self.closed.check()?;
+        check_range(offset, bufs.len() as u64, self.size)?;
+        for (at, seg) in bufs.segments_mut() {
+            self.data
+                .read_at(seg, offset + at as u64)
+                .map_err(Error::io("reading raw file", offset + at as u64))?;
+        }
+        Ok(Ok(bufs))
     }
 
     fn writev(&self, offset: u64, bufs: IoBufs, flags: WriteFlags) -> IoFuture<'_, IoBufs> {

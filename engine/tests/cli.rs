@@ -608,7 +608,7 @@ fn convert_takes_an_nbd_uri_from_nbdkit() {
 }
 
 #[test]
-fn nbds_is_a_clear_error() {
+fn nbds_without_credentials_is_a_clear_error() {
     let dir = tempdir();
     let out = run(&mut ours(
         dir.path(),
@@ -616,7 +616,8 @@ fn nbds_is_a_clear_error() {
     ));
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("TLS"), "{err}");
+    assert!(err.contains("TLS is required"), "{err}");
+    assert!(err.contains("--tls-creds DIR"), "{err}");
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
 }
 

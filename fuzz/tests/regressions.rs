@@ -52,7 +52,7 @@ fn test_check_fragmentation_count_does_not_overflow() {
 
 /// `nbd_client_replay` (crash-0b2cef69…, 7155 runs into the campaign): a server that answers
 /// the client's first option with NBD_REP_ERR_TLS_REQD. The client rightly ends the handshake
-/// with `Error::TlsUnsupported`, but the harness did not count that error among those a
+/// with `Error::TlsRequired` (then named `TlsUnsupported`), but the harness did not count that error among those a
 /// transcript explains and reported it as a bug. The replay must end cleanly, unconnected.
 #[test]
 fn test_client_replay_server_requires_tls() {

@@ -56,6 +56,10 @@ pub struct ClientConfig {
     /// Like QEMU's `open-timeout`: keep retrying the first connection (after socket errors,
     /// EOF or timeouts) for this long; zero means a single attempt (default zero).
     pub open_timeout: Duration,
+    /// The TLS credentials directory (QEMU's `tls-creds-x509` layout) for locations that ask
+    /// for TLS ([`Uri::tls`]) without naming their own (`tls-certificates=`); default none. It
+    /// does not make a plain location use TLS: the location decides.
+    pub tls_creds: Option<std::path::PathBuf>,
 }
 
 impl ClientConfig {
@@ -87,6 +91,7 @@ impl Default for ClientConfig {
             max_bytes_in_flight: 64 * 1024 * 1024,
             resend_writes: false,
             open_timeout: Duration::ZERO,
+            tls_creds: None,
         }
     }
 }
@@ -213,7 +218,11 @@ async fn negotiate<S>(stream: &mut S, export: &str) -> Result<ExportInfo, Error>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let info = handshake::negotiate(stream, export).await?;
+    check_export_size(handshake::negotiate(stream, export).await?)
+}
+
+/// Refuses an export larger than [`crate::MAX_EXPORT_SIZE`].
+fn check_export_size(info: ExportInfo) -> Result<ExportInfo, Error> {
     if info.size > crate::MAX_EXPORT_SIZE {
         return Err(Error::ExportTooLarge {
             size: info.size,
@@ -221,6 +230,106 @@ where
         });
     }
     Ok(info)
+}
+
+/// The TLS configuration for `uri` when it asks for TLS: its own `tls-certificates`, else
+/// [`ClientConfig::tls_creds`], checked against the name [`Uri::tls_server_name`] gives. Loaded
+/// at every (re)connection, so renewed certificates are picked up.
+fn client_tls(uri: &Uri, config: &ClientConfig) -> Result<Option<nbd_tls::ClientTls>, Error> {
+    let Some(tls) = &uri.tls else {
+        return Ok(None);
+    };
+    let Some(dir) = tls.certificates.as_ref().or(config.tls_creds.as_ref()) else {
+        let qemu_hint = match &tls.creds_id {
+            Some(id) => format!(
+                "; QEMU opens it with --object tls-creds-x509,id={id},dir=DIR,endpoint=client"
+            ),
+            None => String::new(),
+        };
+        return Err(Error::TlsCredsMissing {
+            uri: uri.to_string(),
+            qemu_hint,
+        });
+    };
+    nbd_tls::ClientTls::from_dir(dir, uri.tls_server_name())
+        .map(Some)
+        .map_err(|e| Error::TlsCreds(Arc::new(e)))
+}
+
+/// Whether an I/O error inside TLS negotiation is the server refusing the session: a
+/// certificate rustls refused or an alert (`InvalidData`), or a server that hung up or reset
+/// the connection in the middle of it (GnuTLS servers do so for a missing client certificate).
+fn refused_by_tls(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionReset, InvalidData, UnexpectedEof};
+    matches!(e.kind(), InvalidData | UnexpectedEof | ConnectionReset)
+}
+
+/// A failed TLS handshake: a refused session is [`Error::TlsHandshake`]; any other socket
+/// failure under it is a lost connection (retryable).
+fn tls_handshake_error(e: std::io::Error) -> Error {
+    if refused_by_tls(&e) {
+        Error::TlsHandshake(Arc::new(e))
+    } else {
+        Error::io(e)
+    }
+}
+
+/// A TLS session the server ended during negotiation, with an alert or by closing without
+/// `close_notify` (a client certificate missing or refused: in TLS 1.3 the client learns it
+/// only then; QEMU's GnuTLS just closes), is [`Error::TlsHandshake`].
+fn tls_session_error(e: Error) -> Error {
+    match e {
+        Error::ConnectionLost(io) if refused_by_tls(&io) => Error::TlsHandshake(io),
+        other => other,
+    }
+}
+
+/// STARTTLS on the plain `stream`, the TLS handshake, then `inside` on the TLS stream; the
+/// whole within the handshake timeout.
+async fn over_tls<S, T, F>(
+    mut stream: S,
+    tls: &nbd_tls::ClientTls,
+    config: &ClientConfig,
+    inside: F,
+) -> Result<T, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: AsyncFnOnce(tokio_rustls::client::TlsStream<S>, bool) -> Result<T, Error>,
+{
+    let work = async {
+        let no_zeroes = handshake::start_tls(&mut stream).await?;
+        let secured = tls.connect(stream).await.map_err(tls_handshake_error)?;
+        inside(secured, no_zeroes).await.map_err(tls_session_error)
+    };
+    with_handshake_timeout(config, work).await
+}
+
+/// Negotiates `uri`'s export inside TLS on `stream` and starts the connection's tasks on the
+/// TLS stream.
+async fn open_tls_connection<S>(
+    stream: S,
+    tls: &nbd_tls::ClientTls,
+    uri: &Uri,
+    config: &ClientConfig,
+    hook: DeathHook,
+) -> Result<Connection, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let export = uri.export.as_str();
+    let (secured, info) = over_tls(stream, tls, config, async |mut t, no_zeroes| {
+        let info = handshake::negotiate_after_greeting(&mut t, export, no_zeroes).await?;
+        Ok((t, check_export_size(info)?))
+    })
+    .await?;
+    let (r, w) = tokio::io::split(secured);
+    Ok(Connection::start(
+        r,
+        w,
+        Arc::new(info),
+        limits(config),
+        hook,
+    ))
 }
 
 fn limits(config: &ClientConfig) -> Limits {
@@ -237,7 +346,14 @@ async fn open_connection(
     config: &ClientConfig,
     hook: DeathHook,
 ) -> Result<Connection, Error> {
+    let tls = client_tls(uri, config)?;
     let stream = open_stream(&uri.address, config).await?;
+    if let Some(tls) = tls {
+        return match stream {
+            Stream::Unix(s) => open_tls_connection(s, &tls, uri, config, hook).await,
+            Stream::Tcp(s) => open_tls_connection(s, &tls, uri, config, hook).await,
+        };
+    }
     // The two arms differ only in type: each splits into owned halves (`into_split`), which,
     // unlike `tokio::io::split`, need no lock between the reader and writer tasks.
     match stream {
@@ -1182,10 +1298,26 @@ pub(crate) fn clamp_extents(offset: u64, length: u64, raw: &[RawExtent]) -> Vec<
 
 /// NBD_OPT_LIST: the exports a server offers (then NBD_OPT_ABORT).
 pub async fn list_exports(uri: &Uri, config: &ClientConfig) -> Result<Vec<ExportEntry>, Error> {
-    match open_stream(&uri.address, config).await? {
+    let tls = client_tls(uri, config)?;
+    let stream = open_stream(&uri.address, config).await?;
+    if let Some(tls) = tls {
+        return match stream {
+            Stream::Unix(s) => over_tls(s, &tls, config, list_inside).await,
+            Stream::Tcp(s) => over_tls(s, &tls, config, list_inside).await,
+        };
+    }
+    match stream {
         Stream::Unix(mut s) => with_handshake_timeout(config, handshake::list(&mut s)).await,
         Stream::Tcp(mut s) => with_handshake_timeout(config, handshake::list(&mut s)).await,
     }
+}
+
+/// NBD_OPT_LIST inside a TLS session.
+async fn list_inside<S>(mut secured: S, _no_zeroes: bool) -> Result<Vec<ExportEntry>, Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    handshake::list_after_greeting(&mut secured).await
 }
 
 #[cfg(test)]

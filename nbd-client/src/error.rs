@@ -88,12 +88,50 @@ pub enum Error {
         /// The configured limit.
         after: Duration,
     },
-    /// `nbds://` and friends: this client does not implement TLS.
-    #[error("TLS is not supported by this NBD client (URI {uri:?})")]
-    TlsUnsupported {
-        /// The URI that asked for TLS.
-        uri: String,
+    /// The server requires TLS (it answered an option with `NBD_REP_ERR_TLS_REQD`) and the
+    /// location did not ask for it.
+    #[error(
+        "the NBD server requires TLS ({message:?}): use an nbds:// or nbds+unix:// URI (or \
+         \"tls-creds\" in a json: backing) and give the credentials with --tls-creds DIR"
+    )]
+    TlsRequired {
+        /// The server's message.
+        message: String,
     },
+    /// The location asks for TLS but no credentials directory was given (neither the URI's
+    /// `tls-certificates=` nor [`crate::ClientConfig::tls_creds`]).
+    #[error(
+        "TLS is required but no credentials were given: pass --tls-creds DIR (a \
+         directory laid out as QEMU's tls-creds-x509: ca-cert.pem, and client-cert.pem and \
+         client-key.pem if the server verifies clients){qemu_hint}"
+    )]
+    TlsCredsMissing {
+        /// The location.
+        uri: String,
+        /// For a `json:` location: how QEMU would be given the same credentials.
+        qemu_hint: String,
+    },
+    /// The TLS credentials could not be loaded (or are TLS-PSK, which rustls lacks).
+    #[error("NBD over TLS: {0}")]
+    TlsCreds(Arc<nbd_tls::Error>),
+    /// TLS was required and the server refused or ignored `NBD_OPT_STARTTLS` (an error
+    /// reply, an oldstyle server, a reply that is no ACK): the client never goes on in plain
+    /// text.
+    #[error(
+        "TLS was required but the NBD server refused it ({reply}: {message:?}); not falling \
+         back to plain text"
+    )]
+    TlsRefused {
+        /// The server's answer ("ERR_UNSUP", "ERR_POLICY", "oldstyle negotiation", ...).
+        reply: &'static str,
+        /// The server's message, if any.
+        message: String,
+    },
+    /// The TLS handshake failed or the server ended the TLS session during negotiation: an
+    /// untrusted, expired or misnamed server certificate, or a server that wanted a client
+    /// certificate we did not have or that it did not trust.
+    #[error("TLS with the NBD server failed: {0}{hint}", hint = tls_hint(.0))]
+    TlsHandshake(Arc<std::io::Error>),
     /// The URI could not be parsed.
     #[error("invalid NBD URI {uri:?}: {reason}")]
     InvalidUri {
@@ -192,6 +230,43 @@ impl Error {
     }
 }
 
+/// What a TLS failure most likely means, in words an operator acts on: which certificate
+/// check failed (rustls's own reason follows it), or, for a session the server ended, that it
+/// may want a client certificate.
+fn tls_hint(e: &std::io::Error) -> &'static str {
+    use std::io::ErrorKind::{ConnectionReset, UnexpectedEof};
+    use tokio_rustls::rustls::{CertificateError, Error as Tls};
+    let reason = e.get_ref().and_then(|r| r.downcast_ref::<Tls>());
+    match reason {
+        Some(Tls::InvalidCertificate(c)) => match c {
+            CertificateError::UnknownIssuer | CertificateError::BadSignature => {
+                " (the server's certificate is not signed by the CA in ca-cert.pem)"
+            }
+            CertificateError::Expired
+            | CertificateError::ExpiredContext { .. }
+            | CertificateError::NotValidYet
+            | CertificateError::NotValidYetContext { .. } => {
+                " (the server's certificate is outside its validity period)"
+            }
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                " (the server's certificate does not name the host; tls-hostname=NAME checks \
+                 another name)"
+            }
+            CertificateError::Revoked => " (the server's certificate is revoked by ca-crl.pem)",
+            _ => "",
+        },
+        Some(Tls::AlertReceived(_)) => {
+            " (the server refused the session: it may require a client certificate, \
+             client-cert.pem and client-key.pem signed by a CA it trusts)"
+        }
+        None if matches!(e.kind(), UnexpectedEof | ConnectionReset) => {
+            " (the server ended the session: it may require a client certificate, \
+             client-cert.pem and client-key.pem signed by a CA it trusts)"
+        }
+        _ => "",
+    }
+}
+
 /// An NBD error value (defined with the wire format).
 pub use crate::protocol::Errno;
 
@@ -271,7 +346,14 @@ mod tests {
                 error_offset: None,
             },
             Error::Refused(Refusal::ZeroLength),
-            Error::TlsUnsupported { uri: "x".into() },
+            Error::TlsRequired {
+                message: "x".into(),
+            },
+            Error::TlsRefused {
+                reply: "ERR_UNSUP",
+                message: String::new(),
+            },
+            Error::TlsHandshake(io()),
             Error::InvalidUri {
                 uri: "x".into(),
                 reason: "y".into(),

@@ -1,6 +1,8 @@
 //! The fixed-newstyle handshake: greeting, EXTENDED_HEADERS (else STRUCTURED_REPLY),
 //! SET_META_CONTEXT `base:allocation` immediately followed by GO (nothing may come between: nbdkit
-//! drops the contexts otherwise), the EXPORT_NAME fallback, LIST and ABORT.
+//! drops the contexts otherwise), the EXPORT_NAME fallback, LIST and ABORT; and STARTTLS, after
+//! which the caller runs TLS on the socket and negotiates the rest inside it
+//! ([`negotiate_after_greeting`]).
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -178,9 +180,7 @@ fn reply_name(reply: u32) -> &'static str {
 fn refused(option: u32, reply: u32, payload: &[u8]) -> Error {
     let message = String::from_utf8_lossy(payload).into_owned();
     if reply == REP_ERR_TLS_REQD {
-        return Error::TlsUnsupported {
-            uri: format!("(server requires TLS: {message})"),
-        };
+        return Error::TlsRequired { message };
     }
     Error::OptionRefused {
         option: option_name(option),
@@ -257,11 +257,53 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     export: &str,
 ) -> Result<ExportInfo, Error> {
-    let r = negotiate_options(s, export).await;
+    let no_zeroes = greet(s).await?;
+    negotiate_after_greeting(s, export, no_zeroes).await
+}
+
+/// Greet the server and upgrade with NBD_OPT_STARTTLS: `Ok(no_zeroes)` once the server has
+/// acknowledged it, and the caller must then run the TLS handshake on `s`. Anything else (an
+/// error reply, an oldstyle or non-fixed-newstyle server, a reply that is no ACK) is
+/// [`Error::TlsRefused`]: a client that asked for TLS never goes on in plain text.
+pub async fn start_tls<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<bool, Error> {
+    let no_zeroes = match greet(s).await {
+        Ok(no_zeroes) => no_zeroes,
+        Err(Error::UnsupportedServer(what)) => {
+            return Err(Error::TlsRefused {
+                reply: what,
+                message: String::new(),
+            })
+        }
+        Err(e) => return Err(e),
+    };
+    let refusal = match simple_option(s, OPT_STARTTLS).await {
+        Ok(Ok(())) => return Ok(no_zeroes),
+        Ok(Err((reply, payload))) => Error::TlsRefused {
+            reply: reply_name(reply),
+            message: String::from_utf8_lossy(&payload).into_owned(),
+        },
+        Err(Error::Protocol(v)) => Error::TlsRefused {
+            reply: "a reply that is no ACK",
+            message: v.to_string(),
+        },
+        Err(e) => return Err(e),
+    };
+    abort(s).await;
+    Err(refusal)
+}
+
+/// The options after the greeting (on the plain stream, or inside TLS after
+/// [`start_tls`]), ending politely with NBD_OPT_ABORT when the server refuses one.
+pub async fn negotiate_after_greeting<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    export: &str,
+    no_zeroes: bool,
+) -> Result<ExportInfo, Error> {
+    let r = negotiate_options(s, export, no_zeroes).await;
     // (A refused EXPORT_NAME means the server closed the connection: nothing to abort.)
     let polite = match &r {
         Err(Error::OptionRefused { option, .. }) => *option != "EXPORT_NAME",
-        Err(Error::TlsUnsupported { .. }) => true,
+        Err(Error::TlsRequired { .. }) => true,
         _ => false,
     };
     if polite {
@@ -273,6 +315,7 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
 async fn negotiate_options<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     export: &str,
+    no_zeroes: bool,
 ) -> Result<ExportInfo, Error> {
     if export.len() > 4096 {
         return Err(Error::InvalidUri {
@@ -280,7 +323,6 @@ async fn negotiate_options<S: AsyncRead + AsyncWrite + Unpin>(
             reason: "export name longer than 4096 bytes".into(),
         });
     }
-    let no_zeroes = greet(s).await?;
     let mode = negotiate_header_mode(s).await?;
     // Meta context, immediately followed by GO.
     let base_allocation = if mode.structured() {
@@ -538,6 +580,13 @@ async fn export_name_fallback<S: AsyncRead + AsyncWrite + Unpin>(
 /// NBD_OPT_LIST on a fresh stream, then NBD_OPT_ABORT.
 pub async fn list<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) -> Result<Vec<ExportEntry>, Error> {
     greet(s).await?;
+    list_after_greeting(s).await
+}
+
+/// NBD_OPT_LIST after the greeting (inside TLS after [`start_tls`]), then NBD_OPT_ABORT.
+pub async fn list_after_greeting<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+) -> Result<Vec<ExportEntry>, Error> {
     send_option(s, OPT_LIST, &[]).await?;
     let mut out = Vec::new();
     loop {
@@ -590,4 +639,98 @@ pub async fn abort<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S) {
         .await;
     }
     let _ = s.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs [`start_tls`] against a server that says `server` (then EOF); returns its result
+    /// and every byte the client sent.
+    async fn start_tls_against(server: Vec<u8>) -> (Result<bool, Error>, Vec<u8>) {
+        let (mut client, mut peer) = tokio::io::duplex(1 << 16);
+        let talk = tokio::spawn(async move {
+            peer.write_all(&server).await.unwrap();
+            peer.shutdown().await.unwrap();
+            let mut sent = Vec::new();
+            let _ = peer.read_to_end(&mut sent).await;
+            sent
+        });
+        let r = start_tls(&mut client).await;
+        drop(client);
+        (r, talk.await.unwrap())
+    }
+
+    fn newstyle_greeting() -> Vec<u8> {
+        let mut g = INIT_PASSWD.to_be_bytes().to_vec();
+        g.extend(IHAVEOPT.to_be_bytes());
+        g.extend((FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        g
+    }
+
+    fn starttls_reply(reply: u32, payload: &[u8]) -> Vec<u8> {
+        let mut r = OPTION_REPLY_MAGIC.to_be_bytes().to_vec();
+        r.extend(OPT_STARTTLS.to_be_bytes());
+        r.extend(reply.to_be_bytes());
+        r.extend((payload.len() as u32).to_be_bytes());
+        r.extend(payload);
+        r
+    }
+
+    /// The options the client sent after its 4 flag bytes.
+    fn options_sent(sent: &[u8]) -> Vec<u32> {
+        let mut out = Vec::new();
+        let mut rest = sent.get(4..).unwrap_or_default();
+        while rest.len() >= 16 {
+            out.push(be32(rest, 8));
+            let len = be32(rest, 12) as usize;
+            rest = rest.get(16 + len..).unwrap_or_default();
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn an_acknowledged_starttls_hands_over_to_tls() {
+        let mut server = newstyle_greeting();
+        server.extend(starttls_reply(REP_ACK, b""));
+        let (r, sent) = start_tls_against(server).await;
+        assert!(matches!(r, Ok(true)), "{r:?}");
+        assert_eq!(options_sent(&sent), [OPT_STARTTLS]);
+    }
+
+    #[tokio::test]
+    async fn every_refusal_of_starttls_ends_without_plain_text_negotiation() {
+        for (reply, name) in [(REP_ERR_UNSUP, "ERR_UNSUP"), (REP_ERR_POLICY, "ERR_POLICY")] {
+            let mut server = newstyle_greeting();
+            server.extend(starttls_reply(reply, b"no TLS here"));
+            let (r, sent) = start_tls_against(server).await;
+            match r {
+                Err(Error::TlsRefused { reply, message }) => {
+                    assert_eq!(reply, name);
+                    assert_eq!(message, "no TLS here");
+                }
+                other => panic!("{name}: {other:?}"),
+            }
+            assert_eq!(options_sent(&sent), [OPT_STARTTLS, OPT_ABORT], "{name}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ack_with_a_payload_or_an_oldstyle_server_is_a_refusal() {
+        let mut server = newstyle_greeting();
+        server.extend(starttls_reply(REP_ACK, b"x"));
+        let (r, _) = start_tls_against(server).await;
+        assert!(matches!(r, Err(Error::TlsRefused { .. })), "{r:?}");
+        let mut oldstyle = INIT_PASSWD.to_be_bytes().to_vec();
+        oldstyle.extend(CLISERV_MAGIC.to_be_bytes());
+        oldstyle.extend([0u8; 128]);
+        let (r, sent) = start_tls_against(oldstyle).await;
+        let e = r.unwrap_err();
+        assert!(matches!(e, Error::TlsRefused { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains("not falling back to plain text"),
+            "{e}"
+        );
+        assert!(sent.is_empty(), "sent {sent:?} to an oldstyle server");
+    }
 }

@@ -28,9 +28,16 @@
 //!   embedder can pause a guest while the server is away.
 //! - Dropping a request future is safe: the request's slot owns its buffer and its chunks are
 //!   still consumed.
+//! - TLS (X.509, on rustls through `nbd-tls`) when the location asks for it ([`Uri::tls`]:
+//!   `nbds://`, `nbds+unix://`, `tls-certificates=`, a `json:` `tls-creds`): `NBD_OPT_STARTTLS`
+//!   right after the client flags, the TLS handshake with the credentials of
+//!   [`ClientConfig::tls_creds`] (or the URI's own), the rest of the haggling and every request
+//!   inside TLS; every reconnection runs TLS again. A client that asked for TLS never goes on in
+//!   plain text ([`Error::TlsRefused`]); certificate failures are [`Error::TlsHandshake`], a
+//!   server that requires TLS of a plain location [`Error::TlsRequired`].
 //!
-//! Main types: [`Uri`] (parses `nbd://`, `nbd+unix://`, legacy `nbd:` and QEMU `json:` backing
-//! strings), [`ClientConfig`], [`Client`], [`Extent`], [`Error`].
+//! Main types: [`Uri`] (parses `nbd://`, `nbd+unix://`, `nbds://`, `nbds+unix://`, legacy
+//! `nbd:` and QEMU `json:` backing strings), [`ClientConfig`], [`Client`], [`Extent`], [`Error`].
 //!
 //! Modules: [`uri`] (locations and QEMU backing strings), [`protocol`] (pure encode/decode of the
 //! wire structures, no I/O), `handshake` (option negotiation), `connection` (one socket: a writer
@@ -75,7 +82,7 @@ pub use client::{list_exports, Client, ClientConfig, ConnectionState, Extent, Ze
 pub use error::{Errno, Error, Refusal, Violation};
 pub use handshake::{BlockSize, ExportEntry, ExportInfo, TransmissionFlags};
 pub use protocol::{Command, HeaderMode};
-pub use uri::{Address, Uri};
+pub use uri::{Address, Uri, UriTls};
 
 /// Support for the cargo-fuzz target (not part of the stable API).
 #[doc(hidden)]
@@ -106,6 +113,7 @@ pub mod fuzzing {
             max_bytes_in_flight: 1 << 20,
             resend_writes: false,
             open_timeout: Duration::ZERO,
+            tls_creds: None,
         }
     }
 
@@ -129,7 +137,7 @@ pub mod fuzzing {
     }
 
     /// Whether a handshake may end in `e` when the server's side is a transcript then EOF.
-    /// A server's ERR_TLS_REQD to any option is [`Error::TlsUnsupported`].
+    /// A server's ERR_TLS_REQD to any option is [`Error::TlsRequired`].
     fn explained_at_handshake(e: &Error) -> bool {
         matches!(
             e,
@@ -138,7 +146,7 @@ pub mod fuzzing {
                 | Error::UnsupportedServer(_)
                 | Error::OptionRefused { .. }
                 | Error::ExportTooLarge { .. }
-                | Error::TlsUnsupported { .. }
+                | Error::TlsRequired { .. }
         )
     }
 

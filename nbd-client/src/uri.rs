@@ -2,7 +2,13 @@
 //! `nbd+unix:///export?socket=PATH`, the legacy `nbd:unix:PATH[:exportname=E]` /
 //! `nbd:HOST:PORT[:exportname=E]`, and QEMU's `json:{...}` pseudo-protocol with an `nbd` node
 //! (nested under a `raw` driver's `file`, or at the top level, with nested or dotted keys).
-//! `nbds://` and `nbds+unix://` parse to [`Error::TlsUnsupported`].
+//!
+//! TLS is asked for by `nbds://` and `nbds+unix://`, by libnbd's `tls-certificates=DIR` and
+//! `tls-hostname=NAME` queries (on any scheme), and by a `json:` node's `"tls-creds"` object id
+//! (with `"tls-hostname"`); [`Uri::tls`] then says so. A location that asked for TLS writes
+//! itself back ([`Uri::to_qemu_string`]) as QEMU's `json:` form with a `tls-creds` id, the one
+//! form QEMU opens (given `--object tls-creds-x509,id=ID,dir=DIR,endpoint=client`). TLS-PSK
+//! (`tls-psk-file=`) is refused: rustls has no PSK.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -41,6 +47,33 @@ pub struct Uri {
     pub reconnect_delay: Option<Duration>,
     /// `open-timeout` from a `json:` string, if present.
     pub open_timeout: Option<Duration>,
+    /// Whether the location asks for TLS, and what it says about it (`None`: plain text).
+    pub tls: Option<UriTls>,
+}
+
+/// What a location that asks for TLS says about it. The credentials themselves come from
+/// [`UriTls::certificates`] or else [`crate::ClientConfig::tls_creds`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct UriTls {
+    /// libnbd's `tls-certificates=DIR`: the credentials directory (QEMU's `tls-creds-x509`
+    /// layout).
+    pub certificates: Option<PathBuf>,
+    /// `tls-hostname`: the name the server's certificate must carry, instead of the TCP host
+    /// (and the only name checked over a unix socket).
+    pub hostname: Option<String>,
+    /// QEMU's `tls-creds` object id from a `json:` string (written back as given; `tls0` when
+    /// none was given).
+    pub creds_id: Option<String>,
+}
+
+/// The `tls-creds` object id written for a location that named none.
+pub const DEFAULT_TLS_CREDS_ID: &str = "tls0";
+
+impl UriTls {
+    /// The `tls-creds` object id QEMU must be given (`--object tls-creds-x509,id=ID,...`).
+    pub fn creds_id(&self) -> &str {
+        self.creds_id.as_deref().unwrap_or(DEFAULT_TLS_CREDS_ID)
+    }
 }
 
 impl Uri {
@@ -51,6 +84,7 @@ impl Uri {
             export: export.into(),
             reconnect_delay: None,
             open_timeout: None,
+            tls: None,
         }
     }
 
@@ -64,6 +98,24 @@ impl Uri {
             export: export.into(),
             reconnect_delay: None,
             open_timeout: None,
+            tls: None,
+        }
+    }
+
+    /// The same location, asking for TLS (with nothing said about it yet).
+    pub fn with_tls(mut self) -> Uri {
+        self.tls.get_or_insert_with(UriTls::default);
+        self
+    }
+
+    /// The name the server's certificate must carry: `tls-hostname` where given, else the TCP
+    /// host; `None` over a unix socket without `tls-hostname` (no name is checked, as QEMU).
+    pub fn tls_server_name(&self) -> Option<&str> {
+        let given = self.tls.as_ref().and_then(|t| t.hostname.as_deref());
+        match (&self.address, given) {
+            (_, Some(name)) => Some(name),
+            (Address::Tcp { host, .. }, None) => Some(host),
+            (Address::Unix(_), None) => None,
         }
     }
 
@@ -95,13 +147,12 @@ impl Uri {
             }
             return Err(bad("expected nbd://, nbd+unix://, nbd: or json:"));
         };
-        match scheme {
-            "nbds" | "nbds+unix" | "nbds+tcp" | "nbds+vsock" => {
-                return Err(Error::TlsUnsupported { uri: s.to_string() })
-            }
-            "nbd" | "nbd+tcp" | "nbd+unix" => {}
+        let (scheme, mut tls) = match scheme {
+            "nbds" | "nbds+tcp" => ("nbd", Some(UriTls::default())),
+            "nbds+unix" => ("nbd+unix", Some(UriTls::default())),
+            "nbd" | "nbd+tcp" | "nbd+unix" => (scheme, None),
             _ => return Err(bad("unknown scheme")),
-        }
+        };
         if rest.contains('#') {
             return Err(bad("fragments are not allowed"));
         }
@@ -128,8 +179,10 @@ impl Uri {
                         percent_decode(v).ok_or_else(|| bad("bad percent-encoding in socket"))?,
                     )
                 }
-                "tls-type" | "tls-hostname" | "tls-verify-peer" | "tls-psk-file"
-                | "tls-certificates" => return Err(Error::TlsUnsupported { uri: s.to_string() }),
+                "tls-certificates" | "tls-hostname" | "tls-verify-peer" | "tls-psk-file" => {
+                    let v = percent_decode(v).ok_or_else(|| bad("bad percent-encoding"))?;
+                    tls_query(s, k, v, tls.get_or_insert_with(UriTls::default))?
+                }
                 _ => return Err(bad("unsupported query parameter")),
             }
         }
@@ -158,12 +211,57 @@ impl Uri {
             export,
             reconnect_delay: None,
             open_timeout: None,
+            tls,
         })
     }
 
     /// The string QEMU writes as a backing file name for this location (and accepts back):
-    /// `nbd+unix:///EXPORT?socket=PATH`, `nbd+unix://?socket=PATH` or `nbd://HOST:PORT/EXPORT`.
+    /// `nbd+unix:///EXPORT?socket=PATH`, `nbd+unix://?socket=PATH` or `nbd://HOST:PORT/EXPORT`;
+    /// for a location that asks for TLS, QEMU's `json:` form with the `tls-creds` object id
+    /// (and `tls-hostname`), since QEMU's NBD URIs cannot ask for TLS. The credentials
+    /// directory (`tls-certificates`) is not written: QEMU takes it from the object.
     pub fn to_qemu_string(&self) -> String {
+        match &self.tls {
+            Some(tls) => self.to_qemu_json(tls),
+            None => self.to_plain_uri(),
+        }
+    }
+
+    /// `json:{"driver":"raw","file":{"driver":"nbd",...,"tls-creds":ID}}`.
+    fn to_qemu_json(&self, tls: &UriTls) -> String {
+        let server = match &self.address {
+            Address::Unix(p) => serde_json::json!({
+                "type": "unix",
+                "path": p.to_string_lossy(),
+            }),
+            Address::Tcp { host, port } => serde_json::json!({
+                "type": "inet",
+                "host": host,
+                "port": port.to_string(),
+            }),
+        };
+        let mut nbd = Map::new();
+        nbd.insert("driver".into(), "nbd".into());
+        nbd.insert("server".into(), server);
+        if !self.export.is_empty() {
+            nbd.insert("export".into(), self.export.clone().into());
+        }
+        nbd.insert("tls-creds".into(), tls.creds_id().into());
+        if let Some(h) = &tls.hostname {
+            nbd.insert("tls-hostname".into(), h.clone().into());
+        }
+        if let Some(d) = self.reconnect_delay {
+            nbd.insert("reconnect-delay".into(), d.as_secs().into());
+        }
+        if let Some(t) = self.open_timeout {
+            nbd.insert("open-timeout".into(), t.as_secs().into());
+        }
+        let top = serde_json::json!({ "driver": "raw", "file": Value::Object(nbd) });
+        format!("json:{top}")
+    }
+
+    /// The plain `nbd://` or `nbd+unix://` URI.
+    fn to_plain_uri(&self) -> String {
         let export = percent_encode(&self.export, false);
         match &self.address {
             Address::Unix(p) => {
@@ -190,9 +288,34 @@ impl Uri {
     }
 }
 
+/// The location as a URI for messages: [`Uri::to_qemu_string`] for a plain one, libnbd's
+/// `nbds://` / `nbds+unix://` form (with `tls-hostname`, `tls-certificates`) for one that asks
+/// for TLS; either parses back to the same location.
 impl fmt::Display for Uri {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.to_qemu_string())
+        let Some(tls) = &self.tls else {
+            return f.write_str(&self.to_plain_uri());
+        };
+        let plain = self.to_plain_uri();
+        let rest = plain.strip_prefix("nbd").unwrap_or(&plain);
+        write!(f, "nbds{rest}")?;
+        let mut sep = if rest.contains('?') { '&' } else { '?' };
+        let queries = [
+            ("tls-hostname", tls.hostname.clone()),
+            (
+                "tls-certificates",
+                tls.certificates
+                    .as_ref()
+                    .map(|p| p.to_string_lossy().into_owned()),
+            ),
+        ];
+        for (key, value) in queries {
+            if let Some(v) = value {
+                write!(f, "{sep}{key}={}", percent_encode(&v, true))?;
+                sep = '&';
+            }
+        }
+        Ok(())
     }
 }
 
@@ -201,6 +324,29 @@ impl std::str::FromStr for Uri {
     fn from_str(s: &str) -> Result<Uri, Error> {
         Uri::parse(s)
     }
+}
+
+/// One TLS query parameter of a URI (libnbd's names).
+fn tls_query(whole: &str, key: &str, value: String, tls: &mut UriTls) -> Result<(), Error> {
+    let bad = |reason: &str| Error::InvalidUri {
+        uri: whole.to_string(),
+        reason: reason.to_string(),
+    };
+    match key {
+        "tls-certificates" if !value.is_empty() => tls.certificates = Some(value.into()),
+        "tls-hostname" if !value.is_empty() => tls.hostname = Some(value),
+        "tls-verify-peer" => match value.as_str() {
+            "true" | "on" | "1" | "yes" => {}
+            _ => return Err(bad("tls-verify-peer cannot be turned off: the server is always verified against the CA")),
+        },
+        "tls-psk-file" => {
+            return Err(Error::TlsCreds(std::sync::Arc::new(
+                nbd_tls::Error::PskUnsupported { path: value.into() },
+            )))
+        }
+        _ => return Err(bad(&format!("{key} needs a value"))),
+    }
+    Ok(())
 }
 
 fn split_host_port(a: &str) -> Option<(String, Option<u16>)> {
@@ -325,11 +471,7 @@ fn parse_json_nbd(whole: &str, node: &Map<String, Value>) -> Result<Uri, Error> 
         uri: whole.to_string(),
         reason: reason.to_string(),
     };
-    if node.contains_key("tls-creds") {
-        return Err(Error::TlsUnsupported {
-            uri: whole.to_string(),
-        });
-    }
+    let tls = json_tls(whole, node)?;
     let export = node.get("export").and_then(json_str).unwrap_or_default();
     let address = if let Some(Value::Object(server)) = node.get("server") {
         match server.get("type").and_then(Value::as_str) {
@@ -369,7 +511,38 @@ fn parse_json_nbd(whole: &str, node: &Map<String, Value>) -> Result<Uri, Error> 
         export,
         reconnect_delay: json_secs(node.get("reconnect-delay")),
         open_timeout: json_secs(node.get("open-timeout")),
+        tls,
     })
+}
+
+/// A `json:` nbd node's `tls-creds` (an object id) and `tls-hostname`.
+fn json_tls(whole: &str, node: &Map<String, Value>) -> Result<Option<UriTls>, Error> {
+    let bad = |reason: &str| Error::InvalidUri {
+        uri: whole.to_string(),
+        reason: reason.to_string(),
+    };
+    let Some(id) = node.get("tls-creds") else {
+        if node.contains_key("tls-hostname") {
+            return Err(bad("tls-hostname without tls-creds"));
+        }
+        return Ok(None);
+    };
+    let id = json_str(id)
+        .filter(|s| !s.is_empty())
+        .ok_or_else(|| bad("tls-creds must be an object id"))?;
+    let hostname = match node.get("tls-hostname") {
+        None => None,
+        Some(h) => Some(
+            json_str(h)
+                .filter(|s| !s.is_empty())
+                .ok_or_else(|| bad("tls-hostname must be a name"))?,
+        ),
+    };
+    Ok(Some(UriTls {
+        certificates: None,
+        hostname,
+        creds_id: Some(id),
+    }))
 }
 
 fn percent_decode(s: &str) -> Option<String> {
@@ -407,6 +580,7 @@ fn percent_encode(s: &str, keep_slash: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn tcp_forms() {
@@ -456,16 +630,59 @@ mod tests {
     }
 
     #[test]
-    fn tls_is_refused_clearly() {
-        for s in [
-            "nbds://h/e",
-            "nbds+unix:///e?socket=/s",
-            "nbd://h/e?tls-type=x509",
-        ] {
-            let e = Uri::parse(s).unwrap_err();
-            assert!(matches!(e, Error::TlsUnsupported { .. }), "{s}: {e}");
-            assert!(e.to_string().contains("TLS is not supported"));
-        }
+    fn tls_schemes_and_queries_ask_for_tls() {
+        let u = Uri::parse("nbds://h:99/e").unwrap();
+        assert_eq!(u, Uri::tcp("h", 99, "e").with_tls());
+        assert_eq!(u.tls_server_name(), Some("h"));
+        let u = Uri::parse("nbds+unix:///e?socket=/s").unwrap();
+        assert_eq!(u, Uri::unix("/s", "e").with_tls());
+        assert_eq!(u.tls_server_name(), None);
+        let u = Uri::parse(
+            "nbds+unix:///e?socket=/s&tls-hostname=img.example&tls-certificates=/etc/pki/a%20b",
+        )
+        .unwrap();
+        let tls = u.tls.as_ref().unwrap();
+        assert_eq!(tls.certificates.as_deref(), Some(Path::new("/etc/pki/a b")));
+        assert_eq!(u.tls_server_name(), Some("img.example"));
+        assert_eq!(Uri::parse(&u.to_string()).unwrap(), u);
+        // A TLS query on a plain scheme asks for TLS too (never silently plain).
+        let u = Uri::parse("nbd://10.0.0.1/e?tls-certificates=/d").unwrap();
+        assert!(u.tls.is_some());
+        assert_eq!(u.tls_server_name(), Some("10.0.0.1"));
+    }
+
+    #[test]
+    fn psk_and_unverified_tls_are_refused() {
+        let e = Uri::parse("nbds://h/e?tls-psk-file=/k.psk").unwrap_err();
+        assert!(matches!(e, Error::TlsCreds(_)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("TLS-PSK credentials are not supported"),
+            "{e}"
+        );
+        let e = Uri::parse("nbds://h/e?tls-verify-peer=false").unwrap_err();
+        assert!(e.to_string().contains("cannot be turned off"), "{e}");
+        assert!(Uri::parse("nbds://h/e?tls-verify-peer=true").is_ok());
+    }
+
+    #[test]
+    fn tls_locations_are_written_as_qemu_json() {
+        let u = Uri::parse("nbds://img.example:10810/vda").unwrap();
+        let s = u.to_qemu_string();
+        assert_eq!(
+            s,
+            r#"json:{"driver":"raw","file":{"driver":"nbd","server":{"type":"inet","host":"img.example","port":"10810"},"export":"vda","tls-creds":"tls0"}}"#
+        );
+        assert_eq!(
+            Uri::parse(&s).unwrap().tls_server_name(),
+            Some("img.example")
+        );
+        let mut u = Uri::parse("nbds+unix:///e?socket=/s&tls-hostname=n").unwrap();
+        u.tls.as_mut().unwrap().creds_id = Some("sec0".into());
+        let back = Uri::parse(&u.to_qemu_string()).unwrap();
+        assert_eq!(back.address, u.address);
+        assert_eq!(back.tls.as_ref().unwrap().creds_id(), "sec0");
+        assert_eq!(back.tls_server_name(), Some("n"));
     }
 
     #[test]
@@ -493,7 +710,11 @@ mod tests {
         let s = r#"json:{"file.driver":"nbd","file.server.type":"unix","file.server.path":"/p","file.export":"x"}"#;
         assert_eq!(Uri::parse(s).unwrap(), Uri::unix("/p", "x"));
         let s = r#"json:{"driver":"nbd","server":{"type":"unix","path":"/p"},"tls-creds":"tls0"}"#;
-        assert!(matches!(Uri::parse(s), Err(Error::TlsUnsupported { .. })));
+        let u = Uri::parse(s).unwrap();
+        assert_eq!(u.tls.as_ref().unwrap().creds_id.as_deref(), Some("tls0"));
+        assert_eq!(u.tls_server_name(), None);
+        let s = r#"json:{"driver":"nbd","server":{"type":"unix","path":"/p"},"tls-hostname":"x"}"#;
+        assert!(Uri::parse(s).is_err());
         assert!(
             Uri::parse(r#"json:{"driver":"qcow2","file":{"driver":"file","filename":"x"}}"#)
                 .is_err()

@@ -18,8 +18,40 @@ use crate::layout::{self, Geometry, ENTRY_UNALLOCATED, ENTRY_ZERO, SECTOR};
 use crate::storage::Storage;
 use crate::types::{GuestCluster, GuestOffset, HostOffset, L1Index};
 
-/// A decoded L2 table (raw entries), shared with the cache. Immutable: an update replaces it.
-pub(crate) type L2Table = Arc<Vec<u64>>;
+/// A decoded L2 table (raw entries), shared with the cache and the lookups holding it. An
+/// update stores its new entries in place (under the table's lock, after they are written to
+/// the file), so a lookup sees each entry old or new, and no update copies the whole table.
+#[derive(Clone, Debug)]
+pub(crate) struct L2Table(Arc<[AtomicU64]>);
+
+impl L2Table {
+    fn new(entries: Vec<u64>) -> L2Table {
+        L2Table(entries.into_iter().map(AtomicU64::new).collect())
+    }
+
+    /// The raw entry in slot `i`. Panics past the end, as indexing does.
+    pub(crate) fn entry(&self, i: usize) -> u64 {
+        self.0[i].load(Ordering::Acquire)
+    }
+
+    /// The number of entries.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The raw entries of slots `range`.
+    fn entries(&self, range: std::ops::Range<usize>) -> Vec<u64> {
+        self.0[range]
+            .iter()
+            .map(|e| e.load(Ordering::Acquire))
+            .collect()
+    }
+
+    /// Sets slot `i` (callers hold the table's update lock).
+    fn set(&self, i: usize, raw: u64) {
+        self.0[i].store(raw, Ordering::Release);
+    }
+}
 
 /// The new value of an L2 entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -111,7 +143,7 @@ impl L2Cache {
         let tick = inner.tick;
         inner.tables.get_mut(&offset).map(|(t, used)| {
             *used = tick;
-            Arc::clone(t)
+            t.clone()
         })
     }
 
@@ -413,8 +445,8 @@ impl Tables {
         let entries = self
             .read_l2(offset)
             .map_err(Error::io("reading L2 table", offset.0))?;
-        let entries = Arc::new(entries);
-        self.cache.fill(offset, Arc::clone(&entries), epoch, seen);
+        let entries = L2Table::new(entries);
+        self.cache.fill(offset, entries.clone(), epoch, seen);
         Ok(entries)
     }
 
@@ -488,22 +520,27 @@ impl Tables {
             // worst) and so do the clusters it names.
             self.write_l1_entry(table, offset)
                 .map_err(TableFailure::after)?;
-            self.cache.replace(offset, Arc::new(entries), epoch);
+            self.cache.replace(offset, L2Table::new(entries), epoch);
             return Ok(());
         };
-        let mut entries = self.load_l2(table, offset).map_err(TableFailure::before)?;
-        let t = Arc::make_mut(&mut entries);
-        for &(c, e) in group {
-            t[c.slot(g)] = e.to_raw();
-        }
+        let entries = self.load_l2(table, offset).map_err(TableFailure::before)?;
+        // Only the changed sectors are copied, changed and written; the entries in memory
+        // change once they are in the file, as a new table would be swapped in then.
         let per_sector = (SECTOR / 8) as usize;
         let s0 = group[0].0.slot(g) / per_sector * per_sector;
         let s1 = (group[group.len() - 1].0.slot(g) / per_sector + 1) * per_sector;
+        let mut sectors = entries.entries(s0..s1);
+        for &(c, e) in group {
+            sectors[c.slot(g) - s0] = e.to_raw();
+        }
         let at = offset + s0 as u64 * 8;
         self.storage
-            .write_at(&layout::encode_table(&t[s0..s1]), at.0)
+            .write_at(&layout::encode_table(&sectors), at.0)
             .map_err(Error::io("writing L2 table", at.0))
             .map_err(TableFailure::after)?;
+        for &(c, e) in group {
+            entries.set(c.slot(g), e.to_raw());
+        }
         self.cache.replace(offset, entries, epoch);
         Ok(())
     }
@@ -675,7 +712,7 @@ mod tests {
         assert_eq!(ops, expected);
         assert_eq!(t.read_l2(HostOffset(l1[0])).unwrap()[3], host);
         let table = t.l2_for(GuestOffset(per_table * CS)).unwrap().unwrap();
-        assert_eq!(table[1], host + CS);
+        assert_eq!(table.entry(1), host + CS);
     }
 
     #[test]
@@ -700,10 +737,33 @@ mod tests {
         );
         let cached = t.l2_for(GuestOffset(0)).unwrap().unwrap();
         assert_eq!(
-            (cached[0], cached[70], cached[200]),
+            (cached.entry(0), cached.entry(70), cached.entry(200)),
             (ENTRY_ZERO, ENTRY_ZERO, ENTRY_ZERO)
         );
         assert_eq!(writes_in(&ops, CS, CS + 512), vec![]);
+    }
+
+    #[test]
+    fn entries_change_in_memory_only_once_written_and_in_place() {
+        let (s, t) = tables(4);
+        t.update(&[(GuestCluster(0), NewEntry::Zero)]).unwrap();
+        let held = t.l2_for(GuestOffset(0)).unwrap().unwrap();
+        s.fail_writes(true);
+        let failed = t.update(&[(GuestCluster(70), NewEntry::Zero)]);
+        assert!(failed.is_err());
+        let after = t.l2_for(GuestOffset(0)).unwrap().unwrap();
+        assert_eq!(
+            after.entry(70),
+            ENTRY_UNALLOCATED,
+            "a failed write changed memory"
+        );
+        assert_eq!(held.entry(70), ENTRY_UNALLOCATED);
+        s.fail_writes(false);
+        t.update(&[(GuestCluster(70), NewEntry::Zero)]).unwrap();
+        // A lookup holding the table sees the entry once it is in the file.
+        assert_eq!(held.entry(70), ENTRY_ZERO);
+        let on_disk = t.read_l2(HostOffset(t.l1_entries()[0])).unwrap();
+        assert_eq!(on_disk[70], ENTRY_ZERO);
     }
 
     #[test]
@@ -727,17 +787,17 @@ mod tests {
         let cache = L2Cache::new(4);
         let epoch = AtomicU64::new(0);
         let seen = epoch.load(Ordering::Acquire);
-        cache.replace(HostOffset(CS), Arc::new(vec![1]), &epoch);
+        cache.replace(HostOffset(CS), L2Table::new(vec![1]), &epoch);
         cache.clear();
-        cache.fill(HostOffset(CS), Arc::new(vec![0]), &epoch, seen);
+        cache.fill(HostOffset(CS), L2Table::new(vec![0]), &epoch, seen);
         assert!(cache.get(HostOffset(CS)).is_none());
         cache.fill(
             HostOffset(CS),
-            Arc::new(vec![2]),
+            L2Table::new(vec![2]),
             &epoch,
             epoch.load(Ordering::Acquire),
         );
-        assert_eq!(*cache.get(HostOffset(CS)).unwrap(), vec![2]);
+        assert_eq!(cache.get(HostOffset(CS)).unwrap().entries(0..1), vec![2]);
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub(crate) enum Op {
 pub(crate) struct Recording {
     inner: MemStorage,
     log: Mutex<Vec<Op>>,
+    /// Fail every write with EIO (logged all the same) while set.
+    failing: std::sync::atomic::AtomicBool,
 }
 
 impl Recording {
@@ -37,6 +39,12 @@ impl Recording {
     /// The operations since the last call.
     pub(crate) fn take(&self) -> Vec<Op> {
         std::mem::take(&mut *self.log.lock())
+    }
+
+    /// Makes every write fail with EIO from now on (`true`), or succeed again.
+    pub(crate) fn fail_writes(&self, failing: bool) {
+        self.failing
+            .store(failing, std::sync::atomic::Ordering::Release);
     }
 
     /// The bytes stored.
@@ -54,6 +62,9 @@ impl Storage for Recording {
             offset,
             len: buf.len() as u64,
         });
+        if self.failing.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
         self.inner.write_at(buf, offset)
     }
     fn flush(&self) -> io::Result<()> {

@@ -98,6 +98,8 @@ pub struct GuestReport {
     pub console: String,
     /// Wall time from starting QEMU to its exit.
     pub elapsed: Duration,
+    /// Seconds the guest's own hash of the disk took, by its clock (`dd` of the whole disk).
+    pub hash_seconds: Option<f64>,
 }
 
 /// Why a kit could not be built or a guest did not report.
@@ -332,6 +334,7 @@ impl GuestKit {
                 size: report.size,
                 console,
                 elapsed,
+                hash_seconds: report.hash_seconds,
             }),
             result => Err(GuestError::NoReport {
                 problem: match (result, out.status.success()) {
@@ -437,7 +440,7 @@ pub fn host_sha256(path: &Path) -> String {
 }
 
 /// The marker lines `/init` prints on the console.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct ConsoleReport {
     /// `QEDSTREAM-SHA256`.
     pub sha256: String,
@@ -445,6 +448,9 @@ pub struct ConsoleReport {
     pub size: u64,
     /// `QEDSTREAM-WROTE offset len byte`, when the guest wrote.
     pub wrote: Option<(u64, u64, u8)>,
+    /// Seconds the guest's hash of its disk took (`QEDSTREAM-HASH-TIME start end`, its own
+    /// clock), when reported.
+    pub hash_seconds: Option<f64>,
 }
 
 impl ConsoleReport {
@@ -454,6 +460,7 @@ impl ConsoleReport {
         let mut sha256 = None;
         let mut size = None;
         let mut wrote = None;
+        let mut hash_seconds = None;
         let mut done = false;
         for line in console.lines() {
             // A kernel message may share a line with ours: the marker starts it anywhere.
@@ -472,6 +479,13 @@ impl ConsoleReport {
                     let mut number = || words.next().and_then(|w| w.parse::<u64>().ok());
                     let (offset, len, byte) = (number(), number(), number());
                     wrote = Some((offset, len, byte.and_then(|b| u8::try_from(b).ok())));
+                }
+                Some("QEDSTREAM-HASH-TIME") => {
+                    let mut time = || words.next().and_then(|w| w.parse::<f64>().ok());
+                    hash_seconds = match (time(), time()) {
+                        (Some(start), Some(end)) if end >= start => Some(end - start),
+                        _ => return Err("a malformed QEDSTREAM-HASH-TIME line".into()),
+                    };
                 }
                 Some("QEDSTREAM-DONE") => done = true,
                 _ => {}
@@ -493,6 +507,7 @@ impl ConsoleReport {
             sha256,
             size,
             wrote,
+            hash_seconds,
         })
     }
 
@@ -530,10 +545,12 @@ mod tests {
             "QEDSTREAM-SIZE 33554432",
             "QEDSTREAM-WROTE 1000 5000 171",
             &format!("QEDSTREAM-SHA256 {HEX}"),
+            "QEDSTREAM-HASH-TIME 3.25 10.75",
             "[    4.2] virtio_blk: something QEDSTREAM-DONE",
         ]);
         let report = ConsoleReport::parse(&c).unwrap();
         assert_eq!(report.sha256, HEX);
+        assert_eq!(report.hash_seconds, Some(7.5));
         assert_eq!(report.size, 33554432);
         assert_eq!(report.wrote, Some((1000, 5000, 171)));
         let write = GuestAction::Write {
@@ -555,7 +572,7 @@ mod tests {
     #[test]
     fn missing_or_malformed_markers_are_errors() {
         let sha = format!("QEDSTREAM-SHA256 {HEX}");
-        let cases: [&[&str]; 6] = [
+        let cases: [&[&str]; 7] = [
             &[],
             &["QEDSTREAM-SIZE 512", &sha],
             &[
@@ -569,6 +586,12 @@ mod tests {
                 "QEDSTREAM-SIZE 512",
                 "QEDSTREAM-WROTE 1 2 300",
                 &sha,
+                "QEDSTREAM-DONE",
+            ],
+            &[
+                "QEDSTREAM-SIZE 512",
+                &sha,
+                "QEDSTREAM-HASH-TIME 9.5 2",
                 "QEDSTREAM-DONE",
             ],
         ];

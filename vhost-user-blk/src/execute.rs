@@ -157,6 +157,28 @@ pub async fn execute(
     }
 }
 
+/// Runs a READ on the calling thread, when the device can answer it from its own storage
+/// ([`BlockDevice::read_blocking`]): straight from the file into guest memory with no hop to
+/// another thread. `None` when it cannot (a range the backing must fill, or not a READ): the
+/// caller runs [`execute`].
+pub fn read_now(device: &dyn BlockDevice, mem: &Arc<GuestRam>, req: &Request) -> Option<Outcome> {
+    if req.op != Operation::Read {
+        return None;
+    }
+    let offset = req.sector.saturating_mul(SECTOR_SIZE);
+    let Some(bufs) = guest_bufs(mem, &req.data) else {
+        return Some(Outcome::status(STATUS_IOERR));
+    };
+    match device.read_blocking(offset, bufs) {
+        Ok(Ok(_)) => Some(Outcome {
+            status: STATUS_OK,
+            written: u32::try_from(req.data_len).unwrap_or(u32::MAX),
+        }),
+        Ok(Err(_)) => None,
+        Err(e) => Some(failed(&e)),
+    }
+}
+
 /// The status for a device error.
 fn failed(e: &DeviceError) -> Outcome {
     tracing::debug!(error = %e, "virtio-blk request failed");

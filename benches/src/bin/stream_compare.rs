@@ -14,14 +14,21 @@
 //! times, CPU seconds (user + sys, from `wait4`) per GiB of data, and the medians of the
 //! per-run ratios. Each streamed image is checked with `qemu-img compare` against the base.
 //!
+//! The cost of TLS ([`tls_case`]): a second qemu-nbd serves the same base over TLS
+//! (`tls-creds-x509`, `verify-peer=on`, credentials made by `certtool`), and each run streams
+//! the overlay from the plain-text and from the TLS export with the `qedstream` binary, and
+//! copies both with `nbdcopy --flush` (libnbd over GnuTLS) as the reference; printed: the
+//! median wall and CPU times and the TLS/plain ratios of each.
+//!
 //! Then the backend × cache matrix of our stream over the raw file: `--aio io_uring` and
 //! `--aio threads`, each through the page cache (`--cache writeback`) and with O_DIRECT
 //! (`--cache none`), runs interleaved, medians printed with each one's ratio to its own
 //! backend's buffered time.
 //!
 //! `cargo build --release -p engine --bin qedstream && cargo run --release -p qedstream-benches
-//! --bin stream-compare [-- --quick] [--runs N] [--io-only]` (the `qedstream` binary is taken
-//! from the same folder as this one, or from `$QEDSTREAM`; `--io-only`: the matrix alone).
+//! --bin stream-compare [-- --quick] [--runs N] [--io-only] [--tls-only]` (the `qedstream`
+//! binary is taken from the same folder as this one, or from `$QEDSTREAM`; `--io-only`: the
+//! matrix alone; `--tls-only`: the TLS case alone).
 
 use std::ffi::OsString;
 use std::path::Path;
@@ -193,6 +200,10 @@ fn main() {
     nbd_args.push(d.join("base.raw").into());
     let _nbd = NbdServer::start("qemu-nbd", nbd_args, &sock);
     let uri = format!("nbd+unix:///?socket={}", sock.display());
+    tls_case(&bin, d, runs, &uri, gib);
+    if args.iter().any(|a| a == "--tls-only") {
+        return;
+    }
     for backing in [Backing::Raw, Backing::Nbd(uri)] {
         let mut r = Runs::default();
         for _ in 0..runs {
@@ -212,6 +223,97 @@ fn main() {
     }
     qcow2_case(&bin, d, runs, data);
     io_matrix(&bin, d, runs.max(3), data);
+}
+
+/// The TLS case: qemu-nbd over TLS beside the plain-text export at `plain_uri`, our stream
+/// and nbdcopy from each, `runs` times interleaved; every streamed image compared with the
+/// base. Prints the medians and the TLS/plain ratios.
+fn tls_case(bin: &Path, d: &Path, runs: usize, plain_uri: &str, gib: f64) {
+    use qedstream_tests::tls::{Pki, Validity};
+    let pki = Pki::new(&d.join("pki"), "stream-compare CA");
+    let server = pki.server("server", &["localhost"], Validity::Current);
+    let client = pki.client("client", true, Validity::Current);
+    let sock = d.join("tls.sock");
+    let mut args: Vec<OsString> = vec![
+        "--object".into(),
+        format!(
+            "tls-creds-x509,id=tls0,endpoint=server,dir={},verify-peer=on",
+            server.display()
+        )
+        .into(),
+    ];
+    args.extend(["--tls-creds", "tls0", "-r", "-t", "-f", "raw", "-k"].map(OsString::from));
+    args.push(sock.clone().into());
+    args.push(d.join("base.raw").into());
+    let _tls = NbdServer::start("qemu-nbd", args, &sock);
+    let tls_uri = format!("nbds+unix:///?socket={}", sock.display());
+    let nbdcopy_tls_uri = format!("{tls_uri}&tls-certificates={}", client.display());
+    let creds = client.to_str().expect("a UTF-8 path");
+    let stream = |uri: &str| {
+        let _ = std::fs::remove_file(d.join("tls.qed"));
+        ok_command(Command::new(bin).current_dir(d).args([
+            "create",
+            "--tls-creds",
+            creds,
+            "-b",
+            uri,
+            "-F",
+            "raw",
+            "tls.qed",
+        ]));
+        let t = timed(Command::new(bin).current_dir(d).args([
+            "stream",
+            "--tls-creds",
+            creds,
+            "tls.qed",
+        ]));
+        compare(d, "tls.qed");
+        t
+    };
+    let nbdcopy = |uri: &str| {
+        let _ = std::fs::remove_file(d.join("copy.raw"));
+        timed(
+            Command::new("nbdcopy")
+                .current_dir(d)
+                .args(["--flush", uri, "copy.raw"]),
+        )
+    };
+    let mut m: [Vec<Timed>; 4] = Default::default();
+    for _ in 0..runs {
+        m[0].push(stream(plain_uri));
+        m[1].push(stream(&tls_uri));
+        m[2].push(nbdcopy(plain_uri));
+        m[3].push(nbdcopy(&nbdcopy_tls_uri));
+    }
+    let wall = |v: &[Timed]| median_d(&v.iter().map(|t| t.wall).collect::<Vec<_>>()).as_secs_f64();
+    let cpu = |v: &[Timed]| median_f(v.iter().map(|t| t.cpu.as_secs_f64() / gib).collect());
+    // Medians of the per-run ratios: each pair ran back to back, so load that drifts over the
+    // runs cancels out.
+    let ratio = |a: &[Timed], b: &[Timed], f: fn(&Timed) -> f64| {
+        median_f(a.iter().zip(b).map(|(x, y)| f(x) / f(y)).collect())
+    };
+    let w = |t: &Timed| t.wall.as_secs_f64();
+    let c = |t: &Timed| t.cpu.as_secs_f64();
+    println!("stream over qemu-nbd, plain text vs TLS (unix socket, verify-peer=on):");
+    for (name, plain, tls) in [
+        ("qedstream stream", &m[0], &m[1]),
+        ("nbdcopy --flush", &m[2], &m[3]),
+    ] {
+        println!(
+            "  {name:<17} plain {:>7.3}s CPU {:>5.2} s/GiB   TLS {:>7.3}s CPU {:>5.2} s/GiB   medians of TLS/plain ratios: wall {:.2}, CPU {:.2}",
+            wall(plain),
+            cpu(plain),
+            wall(tls),
+            cpu(tls),
+            ratio(tls, plain, w),
+            ratio(tls, plain, c)
+        );
+    }
+    println!(
+        "  ours/nbdcopy over TLS (medians of ratios): wall {:.2}, CPU {:.2}",
+        ratio(&m[1], &m[3], w),
+        ratio(&m[1], &m[3], c)
+    );
 }
 
 /// The stream from a compressed qcow2 base (made from `base.raw` in `d`): the `qedstream`

@@ -9,7 +9,13 @@
 //! 2. sequential 1 MiB reads, 4 in flight, of the same image;
 //! 3. first-touch copy-on-read: the same sequential reads through a fresh empty overlay over a
 //!    raw base (ours: `serve` of the overlay, copy-on-read by default; QSD: file + qed over its
-//!    backing + a `copy-on-read` filter, exported writable).
+//!    backing + a `copy-on-read` filter, exported writable);
+//! 4. during a stream: the random reads of (1) through a fresh empty overlay while the stream
+//!    job fills it at a rate limit of a sixteenth of the image per second (ours: `serve
+//!    --stream --rate`; QSD: `block-stream` with `speed`, whose copy-on-read filter the export
+//!    then reads through). The random reads touch nearly every cluster, so they copy in much of
+//!    the image themselves, beside the job. Both jobs are asked over QMP, after the reads,
+//!    whether they are still running; the runner says when one had already ended.
 //!
 //! ```text
 //! cargo build --release -p engine --bin qedstream
@@ -20,16 +26,13 @@
 //! 3 runs each, interleaved) is for a quiet machine; `--size-mib N` changes the image size. Scratch files go under `$BENCH_DIR`
 //! (default /var/tmp). Needs qemu-img and qemu-storage-daemon.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use qedstream_benches::qedstream_binary;
+use qedstream_benches::vhost::{job_running, start_ours, start_qsd, start_streaming, Server};
 use qedstream_benches::XorShift;
 use qedstream_tests::tools;
 use qedstream_tests::vhost_front::{BlkRequest, VhostFront};
-use serde_json::Value;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -42,108 +45,26 @@ struct Plan {
     random_reads: usize,
 }
 
-/// A server process, SIGTERM then SIGKILL when stopped.
-struct Server {
-    child: Child,
-}
-
-impl Server {
-    /// User + system CPU seconds the server has used so far.
-    fn cpu_seconds(&self) -> f64 {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .expect("the server's /proc/PID/stat");
-        // Fields after the command name (which is in parentheses and may hold spaces).
-        let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-        // SAFETY: sysconf only reads a system constant.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-        ticks / hz
-    }
-
-    fn stop(mut self) {
-        // SAFETY: kill(2) on the pid of our own child, not yet reaped (wait below).
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for_socket(sock: &Path, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !sock.exists() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("server exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// `qedstream serve --output=json --vhost-user-blk SOCK [--read-only] IMAGE`, waited for.
-fn start_ours(image: &Path, sock: &Path, read_only: bool) -> Server {
-    let _ = std::fs::remove_file(sock);
-    let mut cmd = Command::new(qedstream_binary());
-    cmd.arg("serve")
-        .arg("--output=json")
-        .arg("--vhost-user-blk")
-        .arg(sock);
-    if read_only {
-        cmd.arg("--read-only");
-    }
-    cmd.arg(image)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut child = tools::spawn(&mut cmd).expect("starting qedstream serve");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let ready: Value = serde_json::from_str(&lines.next().expect("ready line").expect("stdout"))
-        .expect("JSON ready line");
-    assert_eq!(ready["event"], "ready", "{ready}");
-    std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
-    Server { child }
-}
-
-/// qemu-storage-daemon exporting `image` over vhost-user-blk: a read-only qed node, or
-/// (`cor`) a writable qed over its backing under a copy-on-read filter.
-fn start_qsd(image: &Path, sock: &Path, cor: bool) -> Server {
-    let _ = std::fs::remove_file(sock);
-    let ro = if cor { "off" } else { "on" };
-    let img = image.display();
-    let mut cmd = Command::new("qemu-storage-daemon");
-    cmd.arg("--blockdev")
-        .arg(format!(
-            "driver=file,filename={img},node-name=f0,read-only={ro}"
-        ))
-        .arg("--blockdev")
-        .arg(format!("driver=qed,file=f0,node-name=d0,read-only={ro}"));
-    let node = if cor {
-        cmd.arg("--blockdev")
-            .arg("driver=copy-on-read,file=d0,node-name=c0");
-        "c0"
-    } else {
-        "d0"
-    };
-    cmd.arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,addr.path={},writable={},num-queues=1",
-            sock.display(),
-            if cor { "on" } else { "off" }
-        ))
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
-    let mut child =
-        tools::spawn(&mut cmd).expect("cannot run qemu-storage-daemon (is it installed?)");
-    wait_for_socket(sock, &mut child);
-    Server { child }
+/// The random reads through a fresh overlay while the server streams it at `rate` bytes/s;
+/// the measurement, and whether the stream was still running when the reads ended.
+fn measure_during_stream(
+    d: &Path,
+    name: &str,
+    sock: &Path,
+    rate: u64,
+    random: &[(u64, u32)],
+) -> ((Duration, f64), bool) {
+    let overlay = d.join(format!("streamed-{name}.qed"));
+    let _ = std::fs::remove_file(&overlay);
+    let file = overlay.file_name().unwrap().to_str().unwrap();
+    tools::create_overlay(d, "base.raw", "raw", file, None);
+    let qmp = d.join("qmp.sock");
+    let server = start_streaming(name, &overlay, sock, &qmp, rate);
+    let measured = measure(&server, sock, 16, random);
+    let running = job_running(&qmp);
+    server.stop();
+    assert_eq!(tools::qemu_check(d, file), 0, "{file} after the stream");
+    (measured, running)
 }
 
 /// Runs `requests` on queue 0 with up to `depth` in flight; the wall time.
@@ -280,6 +201,9 @@ fn main() {
     let (mut rand_ours, mut rand_qsd) = (Runs::default(), Runs::default());
     let (mut seq_ours, mut seq_qsd) = (Runs::default(), Runs::default());
     let (mut cor_ours, mut cor_qsd) = (Runs::default(), Runs::default());
+    let (mut streamed_ours, mut streamed_qsd) = (Runs::default(), Runs::default());
+    let mut finished_first = Vec::new();
+    let rate = plan.size / 16;
     for run in 0..plan.runs {
         eprintln!("run {} of {}", run + 1, plan.runs);
         let ours = start_ours(&local, &sock, true);
@@ -313,6 +237,13 @@ fn main() {
                 0
             );
         }
+        for (name, runs) in [("ours", &mut streamed_ours), ("QSD", &mut streamed_qsd)] {
+            let (measured, running) = measure_during_stream(d, name, &sock, rate, &random);
+            runs.push(measured);
+            if !running {
+                finished_first.push(format!("{name} (run {})", run + 1));
+            }
+        }
     }
     println!(
         "vhost-user-blk server, {} MiB image, {} run(s), medians:",
@@ -341,4 +272,18 @@ fn main() {
         &cor_ours,
         &cor_qsd,
     );
+    report(
+        &format!("random 4 KiB reads, QD 16, stream at {} MiB/s", rate / MIB),
+        plan.random_reads as f64,
+        "req",
+        &streamed_ours,
+        &streamed_qsd,
+    );
+    if !finished_first.is_empty() {
+        println!(
+            "  note: the stream ended before the reads in {} (the reads and the job between them \
+             had copied everything in)",
+            finished_first.join(", ")
+        );
+    }
 }

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use imago::{FormatAccess, ShallowMapping, StorageOpenOptions};
 
 use crate::device::{
-    check_range, push_extent, read_padded, status_padded, BlockDevice, Capabilities, Closed,
+    check_range, fill_missing, push_extent, status_padded, BlockDevice, Capabilities, Closed,
     Geometry, IoBufs, IoFuture, Reconnect, Status, StatusExtent, WriteFlags,
 };
 use crate::error::{blocking, Error, Result};
@@ -378,12 +378,7 @@ impl BlockDevice for Qcow2Image {
                     Ok((bufs, missing))
                 })
                 .await?;
-            if let Some(b) = &self.backing {
-                for (at, len) in missing {
-                    let s = (at - offset) as usize;
-                    bufs.copy_in(s, &read_padded(&**b, at, len as usize).await?);
-                }
-            }
+            fill_missing(self.backing.as_ref(), offset, &mut bufs, missing).await?;
             Ok(bufs)
         })
     }

@@ -47,15 +47,16 @@ impl Image {
                 L2Entry::Data(_) => self.tables.data_offset(raw, file_end).map(Mapping::Data),
             }
         };
-        let kind = classify(table[first]).ok_or(Error::InvalidEntry {
+        let entry = table.entry(first);
+        let kind = classify(entry).ok_or(Error::InvalidEntry {
             table: TableKind::L2,
             guest: guest.0,
-            entry: table[first],
+            entry,
         })?;
         let mut len = (cs - in_cluster).min(max_len);
         let mut i = first + 1;
         while len < max_len && i < table.len() {
-            let Some(next) = classify(table[i]) else {
+            let Some(next) = classify(table.entry(i)) else {
                 break; // the bad entry fails the request that reaches it
             };
             let same = match (kind, next) {

@@ -7,7 +7,8 @@
 //! it, else 4096. [`DirectFile`] accepts any request:
 //!
 //! - aligned offset, length and address: straight through;
-//! - aligned offset and length, unaligned address: through an aligned bounce buffer;
+//! - aligned offset and length, unaligned address: through an aligned bounce buffer of at
+//!   most 1 MiB, kept for reuse (up to 16 of them, process-wide) rather than made per request;
 //! - an unaligned write: its partial first and last sectors are read, merged and written
 //!   whole (read-modify-write); the aligned middle goes as above. Reads past the end of the
 //!   file give zeros; a write that ends inside a sector past the end of the file leaves the
@@ -160,6 +161,63 @@ impl Drop for AlignedBuf {
     }
 }
 
+/// Bounce buffers of [`BOUNCE_CHUNK`] bytes kept for the next request, at most
+/// [`KEPT_BOUNCES`] of them: a fresh zeroed megabyte per request (an mmap, a page fault per
+/// page, a munmap) cost an O_DIRECT stream more than the copy through it.
+static BOUNCES: parking_lot::Mutex<Vec<AlignedBuf>> = parking_lot::Mutex::new(Vec::new());
+
+/// How many bounce buffers [`BOUNCES`] keeps (16 MiB).
+const KEPT_BOUNCES: usize = 16;
+
+/// The first `len` bytes of a bounce buffer aligned to `align`, kept or made; it goes back to
+/// [`BOUNCES`] when dropped. Its bytes are whatever the last user left: callers fill all
+/// `len` of them (a read, zero-filled past the end of the file, or a copy) before using them.
+struct Bounce {
+    buf: Option<AlignedBuf>,
+    len: usize,
+}
+
+impl Bounce {
+    fn get(len: usize, align: usize) -> io::Result<Bounce> {
+        debug_assert!(len <= BOUNCE_CHUNK);
+        let kept = {
+            let mut kept = BOUNCES.lock();
+            let at = kept.iter().position(|b| b.layout.align() >= align);
+            at.map(|i| kept.swap_remove(i))
+        };
+        let buf = match kept {
+            Some(buf) => buf,
+            None => AlignedBuf::zeroed(BOUNCE_CHUNK, align)?,
+        };
+        Ok(Bounce {
+            buf: Some(buf),
+            len,
+        })
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        self.buf.as_ref().map_or(&[], |b| &b.as_slice()[..self.len])
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        let len = self.len;
+        self.buf
+            .as_mut()
+            .map_or(&mut [], |b| &mut b.as_mut_slice()[..len])
+    }
+}
+
+impl Drop for Bounce {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            let mut kept = BOUNCES.lock();
+            if kept.len() < KEPT_BOUNCES {
+                kept.push(buf);
+            }
+        }
+    }
+}
+
 /// A file opened with O_DIRECT, behind any [`FileIo`] backend (pread/pwrite or io_uring),
 /// that accepts requests of any alignment. See the module documentation.
 #[derive(Debug)]
@@ -253,7 +311,7 @@ impl<B: FileIo> DirectFile<B> {
         while at < end {
             let start = self.align.down(at);
             let stop = self.align.up(end).min(start + BOUNCE_CHUNK as u64);
-            let mut bounce = AlignedBuf::zeroed((stop - start) as usize, self.align.memory)?;
+            let mut bounce = Bounce::get((stop - start) as usize, self.align.memory)?;
             self.read_aligned(bounce.as_mut_slice(), start)?;
             let n = (stop.min(end) - at) as usize;
             let from = (at - start) as usize;
@@ -267,7 +325,7 @@ impl<B: FileIo> DirectFile<B> {
     /// Writes an aligned range whose buffer is not aligned in memory, in pieces.
     fn write_bounced(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         for (i, piece) in buf.chunks(BOUNCE_CHUNK).enumerate() {
-            let mut bounce = AlignedBuf::zeroed(piece.len(), self.align.memory)?;
+            let mut bounce = Bounce::get(piece.len(), self.align.memory)?;
             bounce.as_mut_slice().copy_from_slice(piece);
             self.write_aligned(bounce.as_slice(), offset + (i * BOUNCE_CHUNK) as u64)?;
         }

@@ -139,8 +139,35 @@ impl SharedChainArgs {
         gate.nbd.max_resends = self.chain.request_retries;
         gate.nbd.connect_timeout = std::time::Duration::from_secs(10);
         gate.nbd.request_timeout = Some(std::time::Duration::from_secs(30));
+        gate.nbd.tls_creds = self.chain.tls_creds.clone();
         gate
     }
+}
+
+/// The name to record in a header for the backing `name`: an NBD location that asks for TLS
+/// (`nbds://`, `tls-certificates=`) becomes QEMU's `json:` form with the `tls-creds` object id
+/// `tls_id` (unless the name carried one), the one form QEMU opens over TLS; anything else is
+/// recorded as given.
+fn recorded_backing_name(name: &str, tls_id: Option<&str>) -> Result<String> {
+    if !engine::source::is_nbd_name(Path::new(name)) {
+        return Ok(name.to_string());
+    }
+    let mut uri = nbd_client::Uri::parse(name).map_err(|source| {
+        engine::Error::Device(copy_on_read::Error::Nbd {
+            uri: name.to_string(),
+            source,
+        })
+    })?;
+    let Some(tls) = uri.tls.as_mut() else {
+        return Ok(name.to_string());
+    };
+    if name.starts_with("json:") && tls_id.is_none() {
+        return Ok(name.to_string());
+    }
+    if let Some(id) = tls_id {
+        tls.creds_id = Some(id.to_string());
+    }
+    Ok(uri.to_qemu_string())
 }
 
 /// The gate of the demo's own steps: a short reconnect window (its server is local).
@@ -168,6 +195,11 @@ enum Command {
         /// Options: cluster_size=N,table_size=N.
         #[arg(short = 'o')]
         options: Option<String>,
+        /// The id of the QEMU tls-creds object an nbds:// backing is recorded with (QEMU's
+        /// json: form; default tls0): QEMU then opens the image given
+        /// --object tls-creds-x509,id=ID,dir=DIR,endpoint=client.
+        #[arg(long, value_name = "ID")]
+        tls_creds_id: Option<String>,
         /// The image to create.
         image: PathBuf,
         /// Virtual size (K/M/G/T suffixes).
@@ -298,6 +330,10 @@ enum Command {
         /// The new backing's format: raw, qed or qcow2 (only raw is recorded).
         #[arg(short = 'F')]
         backing_format: Option<String>,
+        /// The id of the QEMU tls-creds object an nbds:// backing is recorded with (as for
+        /// create; default tls0).
+        #[arg(long, value_name = "ID")]
+        tls_creds_id: Option<String>,
         /// The image.
         image: PathBuf,
     },
@@ -576,12 +612,12 @@ fn run(cli: Cli) -> Result<u8> {
             backing_format,
             format,
             options,
+            tls_creds_id,
             image,
             size,
         } => cmd_create(
             chain,
-            backing,
-            backing_format,
+            (backing, backing_format, tls_creds_id.as_deref()),
             &format,
             options,
             &image,
@@ -655,8 +691,15 @@ fn run(cli: Cli) -> Result<u8> {
             unsafe_mode: _,
             backing,
             backing_format,
+            tls_creds_id,
             image,
-        } => cmd_rebase(&image, &backing, backing_format.as_deref()),
+        } => {
+            let backing = match backing.as_str() {
+                "" => backing,
+                name => recorded_backing_name(name, tls_creds_id.as_deref())?,
+            };
+            cmd_rebase(&image, &backing, backing_format.as_deref())
+        }
         Command::Stream(args) => cmd_stream(args),
         Command::Serve(args) => cmd_serve(args),
         Command::Job(args) => cmd_job(args),
@@ -878,8 +921,7 @@ fn parse_backing_format(f: Option<&str>) -> Result<Option<BackingFormat>> {
 
 fn cmd_create(
     chain: ChainArgs,
-    backing: Option<String>,
-    backing_format: Option<String>,
+    (backing, backing_format, tls_creds_id): (Option<String>, Option<String>, Option<&str>),
     format: &str,
     options: Option<String>,
     image: &Path,
@@ -913,7 +955,7 @@ fn cmd_create(
             SourceKind::Raw | SourceKind::Nbd => BackingFormat::Raw,
         });
         source.close()?;
-        recorded = Some((name.clone(), fmt));
+        recorded = Some((recorded_backing_name(name, tls_creds_id)?, fmt));
     }
     let size = match (size, backing_size) {
         (Some(s), _) => parse_size(&s)?,

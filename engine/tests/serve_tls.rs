@@ -2,7 +2,8 @@
 //! QEMU (`qemu-img info/compare`, `qemu-io` with `--object tls-creds-x509` and
 //! `--image-opts driver=nbd,...,tls-creds=tls0`) reads and writes through it over a unix socket
 //! and over TCP on 127.0.0.1 (the certificate names 127.0.0.1 and localhost); libnbd's
-//! `nbdinfo` and `nbdcopy` read it from an `nbds+unix://...&tls-certificates=DIR` URI. Every
+//! `nbdinfo` and `nbdcopy` read it from an `nbds+unix://...&tls-certificates=DIR` URI, and so
+//! does our own client (`qedstream convert --tls-creds`) from the ready line's URI. Every
 //! refusal gives the client an error and the server a line on stderr: a plain-text client
 //! (qemu-img, nbdinfo), no client certificate (then served with `--tls-verify-peer no`), a
 //! certificate from another CA, an expired certificate, and a scripted downgrade (GO, LIST,
@@ -341,6 +342,45 @@ fn nbdinfo_and_nbdcopy_read_the_export_with_tls_certificates() {
         std::fs::read(d.join("expected.raw")).unwrap(),
         "nbdcopy over TLS copied other bytes"
     );
+    assert_eq!(served.terminate(), 0);
+}
+
+#[test]
+fn our_own_client_reads_the_export_over_tls_and_not_in_plain_text() {
+    let dir = qedstream_tests::tempdir();
+    let d = dir.path();
+    let c = creds(d);
+    images(d);
+    let sock = d.join("nbd.sock");
+    let mut served = serve_tls(d, &c.server, &["--nbd", s(&sock), "--read-only"]);
+    let ours = env!("CARGO_BIN_EXE_qedstream");
+    let uri = served.uri();
+    ok(
+        d,
+        ours,
+        &[
+            "convert",
+            "--tls-creds",
+            s(&c.client),
+            "-f",
+            "raw",
+            "-O",
+            "raw",
+            &uri,
+            "ours.raw",
+        ],
+    );
+    assert_eq!(
+        std::fs::read(d.join("ours.raw")).unwrap(),
+        std::fs::read(d.join("expected.raw")).unwrap(),
+        "convert over TLS copied other bytes"
+    );
+    // The same export as plain nbd+unix://: refused, and told what to use.
+    let plain = format!("nbd+unix:///?socket={}", s(&sock));
+    let out = run_command(Command::new(ours).current_dir(d).args(["info", &plain]));
+    let err = failed(out, "qedstream info without TLS");
+    assert!(err.contains("nbds://"), "{err}");
+    logged(d, &["refused", "plain-text client"]);
     assert_eq!(served.terminate(), 0);
 }
 

@@ -299,6 +299,19 @@ pub mod nbd_phases {
         let mut o = CLIENT_FIXED_NEWSTYLE.to_be_bytes().to_vec();
         o.extend(encode_option(OPT_EXPORT_NAME, b""));
         v.push(("export-name-zeroes", with_selector(12, o)));
+        // TLS required (selector bit 4): options before STARTTLS are refused, STARTTLS with
+        // data is invalid, STARTTLS is acknowledged; EXPORT_NAME before TLS closes.
+        let mut o = flags();
+        o.extend(encode_option(OPT_LIST, &[]));
+        o.extend(encode_option(OPT_STRUCTURED_REPLY, &[]));
+        o.extend(encode_option(OPT_GO, &encode_go_data("", &[INFO_NAME])));
+        o.extend(encode_option(OPT_STARTTLS, &[0]));
+        o.extend(encode_option(OPT_STARTTLS, &[]));
+        v.push(("tls-required-starttls", with_selector(0x10, o)));
+        let mut o = flags();
+        o.extend(encode_option(OPT_INFO, &encode_go_data("", &[])));
+        o.extend(encode_option(OPT_EXPORT_NAME, b""));
+        v.push(("tls-required-export-name", with_selector(0x10, o)));
         v
     }
 

@@ -58,6 +58,13 @@ fn option_seeds_end_as_meant() {
     assert_eq!(named.options, 3, "{named:?}");
     let zeroes = go("export-name-zeroes");
     assert_eq!(zeroes.sent, 18 + 134, "{zeroes:?}");
+    // TLS required: four refusals, then STARTTLS's ACK ends the clear-text haggling.
+    let tls = go("tls-required-starttls");
+    assert_eq!(tls.end, NegotiationEnd::StartTls, "{tls:?}");
+    assert_eq!(tls.options, 5, "{tls:?}");
+    let named = go("tls-required-export-name");
+    assert_eq!(named.end, NegotiationEnd::Closed, "{named:?}");
+    assert_eq!(named.options, 1, "{named:?}");
 }
 
 #[test]

@@ -66,4 +66,7 @@ pub(crate) enum Disconnect {
     /// The server shut down during the handshake.
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The TLS handshake after STARTTLS failed (rustls's error inside, when rustls refused).
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
 }

@@ -1,9 +1,20 @@
 //! The server's side of the fixed-newstyle handshake: greeting, client flags, then options
 //! until GO or EXPORT_NAME starts transmission (or ABORT or a violation ends it).
 //!
-//! Bounds: at most `max_options` options, each with at most [`MAX_OPTION_DATA`] bytes of data
-//! (a client past either is disconnected); the caller puts the whole handshake under a
-//! timeout. Strings are checked by the `nbd-proto` decoders.
+//! When the offer requires TLS (the spec's FORCEDTLS mode), the options before TLS get
+//! nothing but refusals: STARTTLS is acknowledged and [`haggle`] returns
+//! [`Outcome::StartTls`] so that the caller runs the TLS handshake on the same socket and
+//! calls [`haggle`] again on the TLS stream (with a fresh mode and context selection: what was
+//! said before TLS counts for nothing); ABORT is acknowledged; EXPORT_NAME, which cannot be
+//! refused, closes the connection; every other option (LIST, INFO and GO included) gets
+//! `NBD_REP_ERR_TLS_REQD`, so nothing about the exports is said in clear text. Inside TLS a
+//! second STARTTLS gets `NBD_REP_ERR_INVALID`. Without TLS configured STARTTLS gets
+//! `NBD_REP_ERR_UNSUP` (the NOTLS mode).
+//!
+//! Bounds: at most `max_options` options in all (before and inside TLS), each with at most
+//! [`MAX_OPTION_DATA`] bytes of data (a client past either is disconnected); the caller puts
+//! the whole handshake, the TLS handshake included, under a timeout. Strings are checked by
+//! the `nbd-proto` decoders.
 
 use std::sync::Arc;
 
@@ -36,48 +47,98 @@ pub(crate) struct Offer<'a> {
     /// Why GO / INFO must be refused now (the server is full or shutting down): the option
     /// error and its message.
     pub refusal: &'a (dyn Fn() -> Option<(u32, &'static str)> + Send + Sync),
+    /// TLS is required (FORCEDTLS): before it, only STARTTLS and ABORT are served.
+    pub tls_required: bool,
 }
 
-/// The state of one negotiation.
+/// Where one connection's negotiation stands, kept across [`haggle`] calls (before and inside
+/// TLS) and readable by the caller however the negotiation ended (a timeout included).
+#[derive(Debug)]
+pub(crate) struct Haggling {
+    no_zeroes: bool,
+    /// Options the client may still send.
+    options_left: usize,
+    /// The TLS handshake succeeded: options now come over TLS.
+    pub secured: bool,
+    /// The first option a TLS-only server refused (or closed on) because TLS was not started.
+    pub plain_option: Option<u32>,
+}
+
+impl Haggling {
+    /// A connection that may send `max_options` options.
+    pub(crate) fn new(max_options: usize) -> Haggling {
+        Haggling {
+            no_zeroes: false,
+            options_left: max_options,
+            secured: false,
+            plain_option: None,
+        }
+    }
+}
+
+/// How one [`haggle`] ended.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    /// GO or EXPORT_NAME chose an export.
+    Transmission(Negotiated),
+    /// STARTTLS was acknowledged: the TLS handshake comes next, on the same socket.
+    StartTls,
+    /// The client ended it (ABORT, or EOF between options), or EXPORT_NAME was refused.
+    Closed,
+}
+
+/// The state of one negotiation (of one [`haggle`]: STARTTLS starts a new one).
 struct Session<'a, S> {
     s: &'a mut S,
     offer: &'a Offer<'a>,
     mode: HeaderMode,
-    no_zeroes: bool,
     /// The export name SET_META_CONTEXT was for, and the contexts it selected.
     selected: Option<(String, Vec<(u32, &'static str)>)>,
+    state: &'a mut Haggling,
 }
 
 enum Step {
     Next,
     Transmission(Negotiated),
+    StartTls,
     Close,
 }
 
-/// Runs the handshake on `s`. `Ok(None)`: the client ended it (ABORT, or EOF between options).
-pub(crate) async fn negotiate<S>(
-    s: &mut S,
-    offer: &Offer<'_>,
-) -> Result<Option<Negotiated>, Disconnect>
+/// Sends the greeting and reads the client's flags.
+pub(crate) async fn greet<S>(s: &mut S, state: &mut Haggling) -> Result<(), Disconnect>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     s.write_all(&encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES))
         .await?;
     s.flush().await?;
-    let no_zeroes = decode_client_flags(s.read_u32().await?)?;
+    state.no_zeroes = decode_client_flags(s.read_u32().await?)?;
+    Ok(())
+}
+
+/// Serves options on `s` (after [`greet`], or on the TLS stream after [`Outcome::StartTls`])
+/// until one ends the haggling.
+pub(crate) async fn haggle<S>(
+    s: &mut S,
+    offer: &Offer<'_>,
+    state: &mut Haggling,
+) -> Result<Outcome, Disconnect>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut session = Session {
         s,
         offer,
         mode: HeaderMode::Simple,
-        no_zeroes,
         selected: None,
+        state,
     };
-    for _ in 0..offer.max_options {
+    while session.state.options_left > 0 {
+        session.state.options_left -= 1;
         let mut h = [0u8; 16];
         match session.s.read_exact(&mut h).await {
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(Outcome::Closed),
             Err(e) => return Err(e.into()),
         }
         let h = decode_option_header(&h)?;
@@ -88,8 +149,9 @@ where
         session.s.read_exact(&mut data).await?;
         match session.option(h.option, &data).await? {
             Step::Next => {}
-            Step::Transmission(n) => return Ok(Some(n)),
-            Step::Close => return Ok(None),
+            Step::Transmission(n) => return Ok(Outcome::Transmission(n)),
+            Step::StartTls => return Ok(Outcome::StartTls),
+            Step::Close => return Ok(Outcome::Closed),
         }
     }
     Err(Disconnect::Limit("too many options"))
@@ -116,8 +178,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
     }
 
     async fn option(&mut self, option: u32, data: &[u8]) -> Result<Step, Disconnect> {
+        if self.offer.tls_required && !self.state.secured {
+            return self.before_tls(option, data).await;
+        }
         match option {
             OPT_EXPORT_NAME => return self.export_name(data).await,
+            OPT_STARTTLS if self.offer.tls_required => {
+                self.error(option, REP_ERR_INVALID, "TLS is already running")
+                    .await?
+            }
             OPT_ABORT => {
                 // The client may already be gone: an ACK it never reads is fine.
                 let _ = self.ack(option).await;
@@ -135,6 +204,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
         Ok(Step::Next)
     }
 
+    /// An option of a TLS-only server before TLS: STARTTLS and ABORT are served, EXPORT_NAME
+    /// closes, the rest gets TLS_REQD.
+    async fn before_tls(&mut self, option: u32, data: &[u8]) -> Result<Step, Disconnect> {
+        match option {
+            OPT_STARTTLS if data.is_empty() => {
+                self.ack(option).await?;
+                Ok(Step::StartTls)
+            }
+            OPT_STARTTLS => {
+                let m = "STARTTLS takes no data";
+                self.error(option, REP_ERR_INVALID, m).await?;
+                Ok(Step::Next)
+            }
+            OPT_ABORT => {
+                let _ = self.ack(option).await;
+                Ok(Step::Close)
+            }
+            _ => {
+                self.state.plain_option.get_or_insert(option);
+                if option == OPT_EXPORT_NAME {
+                    // It cannot be refused: the spec's answer is to close.
+                    return Ok(Step::Close);
+                }
+                let m = "TLS is required: send NBD_OPT_STARTTLS first";
+                self.error(option, REP_ERR_TLS_REQD, m).await?;
+                Ok(Step::Next)
+            }
+        }
+    }
+
     async fn export_name(&mut self, data: &[u8]) -> Result<Step, Disconnect> {
         // No way to report an error here: the spec's answer is to close.
         if self.mode == HeaderMode::Extended || (self.offer.refusal)().is_some() {
@@ -144,7 +243,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Session<'_, S> {
             return Ok(Step::Close);
         };
         let flags = export.transmission_flags(self.mode);
-        let reply = encode_export_name_reply(export.device.size(), flags, self.no_zeroes);
+        let reply = encode_export_name_reply(export.device.size(), flags, self.state.no_zeroes);
         self.s.write_all(&reply).await?;
         self.s.flush().await?;
         Ok(Step::Transmission(self.negotiated(export)))

@@ -5,7 +5,10 @@
 //! `nbd-client`), serving any [`copy_on_read::BlockDevice`]: a raw file, or the copy-on-read
 //! device a VM runs on while its image streams.
 //!
-//! What it speaks: fixed newstyle only; `OPT_GO`, `OPT_INFO` (export, name, description, block
+//! What it speaks: fixed newstyle only; with [`ServerConfig::tls`], TLS is required
+//! (`OPT_STARTTLS`, then everything inside TLS; before it every other option is refused with
+//! `NBD_REP_ERR_TLS_REQD`, and the clients turned away are reported by [`Server::refusals`]);
+//! `OPT_GO`, `OPT_INFO` (export, name, description, block
 //! size), `OPT_EXPORT_NAME`, `OPT_LIST`, `OPT_ABORT`, `OPT_STRUCTURED_REPLY`,
 //! `OPT_EXTENDED_HEADERS`, and `OPT_SET_META_CONTEXT` / `OPT_LIST_META_CONTEXT` for
 //! `base:allocation` and, when the export has layers ([`Export::with_layers`]) or an
@@ -21,7 +24,7 @@
 //!
 //! Modules: [`addr`] (where to listen), [`export`] (what is served), [`depth`]
 //! (`qemu:allocation-depth` answers), `handshake` (option
-//! negotiation), `transmission` (one connection's requests), `server` ([`Server`], its
+//! negotiation, STARTTLS included), [`refusal`] (the clients a TLS-only server turned away), `transmission` (one connection's requests), `server` ([`Server`], its
 //! configuration, statistics and shutdown), [`error`]. The wire format is `nbd-proto`'s.
 //!
 //! ```no_run
@@ -48,6 +51,7 @@ pub mod export;
 pub mod fuzzing;
 mod handshake;
 mod pool;
+pub mod refusal;
 mod server;
 mod transmission;
 
@@ -56,4 +60,5 @@ pub use depth::{AllocationDepth, DepthRun};
 pub use error::{Error, Result};
 pub use export::Export;
 pub use handshake::MAX_OPTION_DATA;
+pub use refusal::{HandshakeFailure, Refused, TlsRefusal};
 pub use server::{Listener, Server, ServerConfig, ServerStats};

@@ -9,13 +9,14 @@ use std::time::Duration;
 use nbd_proto::{REP_ERR_POLICY, REP_ERR_SHUTDOWN};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{broadcast, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::addr::ListenAddr;
 use crate::error::{Disconnect, Error, Result};
 use crate::export::Export;
-use crate::handshake::{negotiate, Negotiated, Offer};
+use crate::handshake::{greet, haggle, Haggling, Negotiated, Offer, Outcome};
+use crate::refusal::{HandshakeFailure, Refused, TlsRefusal};
 use crate::transmission::{serve, Limits};
 
 /// How a server behaves and what it bounds.
@@ -37,6 +38,11 @@ pub struct ServerConfig {
     /// How long [`Server::shutdown`] waits for requests in flight before dropping their
     /// connections.
     pub shutdown_grace: Duration,
+    /// TLS credentials: when set, TLS is required on every connection (the spec's FORCEDTLS
+    /// mode: no option but STARTTLS and ABORT is served in clear text, LIST included), and the
+    /// handshake timeout covers the TLS handshake. Clients the server turns away are reported
+    /// by [`Server::refusals`].
+    pub tls: Option<nbd_tls::ServerTls>,
 }
 
 impl Default for ServerConfig {
@@ -49,6 +55,7 @@ impl Default for ServerConfig {
             max_buffered_bytes: 64 * 1024 * 1024,
             max_options: 128,
             shutdown_grace: Duration::from_secs(10),
+            tls: None,
         }
     }
 }
@@ -142,7 +149,13 @@ pub struct Server {
     refusals: Arc<Semaphore>,
     shutdown: watch::Sender<bool>,
     listeners: Mutex<Vec<JoinHandle<()>>>,
+    /// Clients turned away by TLS, for whoever listens.
+    refused: broadcast::Sender<Refused>,
 }
+
+/// How many refusals wait for a slow reader of [`Server::refusals`] before the oldest are
+/// dropped (it is told how many).
+const REFUSALS_QUEUED: usize = 64;
 
 /// A bound listener: the address it listens on (with the port a `tcp:HOST:0` got).
 #[derive(Debug, Clone)]
@@ -189,13 +202,24 @@ impl Drop for UnixSocketFile {
 }
 
 impl Socket {
-    async fn accept(&self) -> std::io::Result<Box<dyn StreamBox>> {
+    /// The next connection, and who made it (for the log).
+    async fn accept(&self) -> std::io::Result<(Box<dyn StreamBox>, String)> {
         match self {
-            Socket::Unix { listener, .. } => Ok(Box::new(listener.accept().await?.0)),
+            Socket::Unix { listener, .. } => {
+                let (s, _) = listener.accept().await?;
+                let peer = match s.peer_cred() {
+                    Ok(c) => match c.pid() {
+                        Some(pid) => format!("unix socket (pid {pid}, uid {})", c.uid()),
+                        None => format!("unix socket (uid {})", c.uid()),
+                    },
+                    Err(_) => "unix socket".to_string(),
+                };
+                Ok((Box::new(s), peer))
+            }
             Socket::Tcp(l) => {
-                let (s, _) = l.accept().await?;
+                let (s, addr) = l.accept().await?;
                 let _ = s.set_nodelay(true);
-                Ok(Box::new(s))
+                Ok((Box::new(s), format!("tcp:{addr}")))
             }
         }
     }
@@ -239,7 +263,16 @@ impl Server {
             counters: Arc::default(),
             shutdown: watch::channel(false).0,
             listeners: Mutex::new(Vec::new()),
+            refused: broadcast::channel(REFUSALS_QUEUED).0,
         })
+    }
+
+    /// The clients a TLS-only server turns away from now on, one [`Refused`] per connection:
+    /// a plain-text client (an option or EXPORT_NAME before STARTTLS) or a failed TLS
+    /// handshake (no client certificate, an unknown CA, an expired certificate). A reader that
+    /// falls more than 64 behind is told how many it missed (`RecvError::Lagged`).
+    pub fn refusals(&self) -> broadcast::Receiver<Refused> {
+        self.refused.subscribe()
     }
 
     /// Listens on `addr` and accepts connections on the current tokio runtime. The socket
@@ -318,7 +351,7 @@ impl Server {
                 a = socket.accept() => a,
             };
             while connections.try_join_next().is_some() {}
-            let stream = match accepted {
+            let (stream, peer) = match accepted {
                 Ok(s) => s,
                 Err(e) => {
                     // Out of descriptors or the like: back off instead of spinning.
@@ -329,9 +362,9 @@ impl Server {
             };
             match Arc::clone(&self.slots).try_acquire_owned() {
                 Ok(slot) => {
-                    connections.spawn(Arc::clone(&self).connection(stream, slot));
+                    connections.spawn(Arc::clone(&self).connection(stream, peer, slot));
                 }
-                Err(_) => self.refuse(stream, &mut connections),
+                Err(_) => self.refuse(stream, peer, &mut connections),
             }
         }
         drop(socket); // Stop accepting, remove the socket file.
@@ -348,7 +381,7 @@ impl Server {
 
     /// Turns a connection away: the handshake runs (LIST and ABORT work) but GO and INFO get
     /// an error; beyond a few such at once, the socket is just closed.
-    fn refuse(self: &Arc<Self>, mut stream: Box<dyn StreamBox>, set: &mut JoinSet<()>) {
+    fn refuse(self: &Arc<Self>, stream: Box<dyn StreamBox>, peer: String, set: &mut JoinSet<()>) {
         self.counters.refused.fetch_add(1, Ordering::Relaxed);
         let Ok(permit) = Arc::clone(&self.refusals).try_acquire_owned() else {
             return;
@@ -358,7 +391,9 @@ impl Server {
             let _permit = permit;
             let full = || Some((REP_ERR_POLICY, "too many connections"));
             let offer = server.offer(&full);
-            let _ = server.handshake(&mut stream, &offer).await;
+            let mut haggling = Haggling::new(offer.max_options);
+            let ended = server.handshake(stream, &offer, &mut haggling).await;
+            server.report_refusal(&peer, &haggling, ended.as_ref().err());
         });
     }
 
@@ -371,41 +406,96 @@ impl Server {
             max_options: self.config.max_options,
             max_request_bytes: self.config.max_request_bytes,
             refusal,
+            tls_required: self.config.tls.is_some(),
         }
     }
 
     /// Serves one already connected stream as a listener would (the fuzz target's way in).
     pub(crate) async fn serve_stream(self: Arc<Self>, stream: Box<dyn StreamBox>) {
+        let peer = "memory".to_string();
         match Arc::clone(&self.slots).try_acquire_owned() {
-            Ok(slot) => self.connection(stream, slot).await,
+            Ok(slot) => self.connection(stream, peer, slot).await,
             Err(_) => {
                 let mut set = JoinSet::new();
-                self.refuse(stream, &mut set);
+                self.refuse(stream, peer, &mut set);
                 while set.join_next().await.is_some() {}
             }
         }
     }
 
-    /// The handshake, under its timeout, given up when the server shuts down.
+    /// The handshake (the TLS handshake included), under its timeout, given up when the
+    /// server shuts down; the stream to serve on (the TLS stream after STARTTLS). `haggling`
+    /// says how far it went, however it ended.
     async fn handshake(
         &self,
-        stream: &mut Box<dyn StreamBox>,
+        stream: Box<dyn StreamBox>,
         offer: &Offer<'_>,
-    ) -> std::result::Result<Option<Negotiated>, Disconnect> {
+        haggling: &mut Haggling,
+    ) -> std::result::Result<Option<(Negotiated, Box<dyn StreamBox>)>, Disconnect> {
         let mut stop = self.shutdown.subscribe();
         let timeout = self.config.handshake_timeout;
         tokio::select! {
-            r = tokio::time::timeout(timeout, negotiate(stream, offer)) => {
+            r = tokio::time::timeout(timeout, self.negotiate(stream, offer, haggling)) => {
                 r.unwrap_or(Err(Disconnect::Timeout))
             }
             _ = stop.wait_for(|s| *s) => Err(Disconnect::ShuttingDown),
         }
     }
 
+    /// Greets, haggles, and after STARTTLS runs the TLS handshake and haggles on inside TLS.
+    async fn negotiate(
+        &self,
+        mut stream: Box<dyn StreamBox>,
+        offer: &Offer<'_>,
+        haggling: &mut Haggling,
+    ) -> std::result::Result<Option<(Negotiated, Box<dyn StreamBox>)>, Disconnect> {
+        greet(&mut stream, haggling).await?;
+        loop {
+            match haggle(&mut stream, offer, haggling).await? {
+                Outcome::Transmission(n) => return Ok(Some((n, stream))),
+                Outcome::Closed => return Ok(None),
+                Outcome::StartTls => {
+                    // `haggle` says StartTls only when the offer requires TLS, which it does
+                    // only when credentials are configured.
+                    let Some(tls) = &self.config.tls else {
+                        let e = std::io::Error::other("no TLS credentials configured");
+                        return Err(Disconnect::Tls(e));
+                    };
+                    let secured = tls.accept(stream).await.map_err(Disconnect::Tls)?;
+                    stream = Box::new(secured);
+                    haggling.secured = true;
+                }
+            }
+        }
+    }
+
+    /// Reports a connection a TLS-only server turned away (to [`Server::refusals`] and the
+    /// log); nothing for one that got TLS, or that left without sending an option.
+    fn report_refusal(&self, peer: &str, haggling: &Haggling, ended: Option<&Disconnect>) {
+        if self.config.tls.is_none() || haggling.secured {
+            return;
+        }
+        let reason = match (ended, haggling.plain_option) {
+            (Some(Disconnect::Tls(e)), _) => TlsRefusal::Handshake {
+                reason: HandshakeFailure::of(e),
+            },
+            (_, Some(nbd_proto::OPT_EXPORT_NAME)) => TlsRefusal::PlainExportName,
+            (_, Some(option)) => TlsRefusal::PlainOption { option },
+            (_, None) => return,
+        };
+        let refused = Refused {
+            peer: peer.to_string(),
+            reason,
+        };
+        tracing::warn!("{refused}");
+        let _ = self.refused.send(refused);
+    }
+
     /// Serves one connection: the handshake, then transmission.
     async fn connection(
         self: Arc<Self>,
-        mut stream: Box<dyn StreamBox>,
+        stream: Box<dyn StreamBox>,
+        peer: String,
         _slot: OwnedSemaphorePermit,
     ) {
         self.counters.connections.fetch_add(1, Ordering::Relaxed);
@@ -416,9 +506,11 @@ impl Server {
             move || (*stop.borrow()).then_some((REP_ERR_SHUTDOWN, "the server is shutting down"))
         };
         let offer = self.offer(&stopping);
-        let negotiated = self.handshake(&mut stream, &offer).await;
+        let mut haggling = Haggling::new(offer.max_options);
+        let negotiated = self.handshake(stream, &offer, &mut haggling).await;
+        self.report_refusal(&peer, &haggling, negotiated.as_ref().err());
         let ended = match negotiated {
-            Ok(Some(n)) => {
+            Ok(Some((n, stream))) => {
                 let limits = Limits {
                     max_request_bytes: self.config.max_request_bytes,
                     max_in_flight: self.config.max_in_flight,

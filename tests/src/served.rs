@@ -41,6 +41,18 @@ pub struct Served {
 impl Served {
     /// Starts `program serve --output=json ARGS...` in `dir` and waits for its ready line.
     pub fn start(program: &Path, dir: &Path, args: &[&str]) -> Served {
+        Served::start_with_stderr(program, dir, args, Stdio::inherit())
+    }
+
+    /// [`Served::start`] with stderr sent to the file `log` (created or truncated), for tests
+    /// that read what the server logs.
+    pub fn start_logged(program: &Path, dir: &Path, args: &[&str], log: &Path) -> Served {
+        let file = std::fs::File::create(log)
+            .unwrap_or_else(|e| panic!("creating {}: {e}", log.display()));
+        Served::start_with_stderr(program, dir, args, Stdio::from(file))
+    }
+
+    fn start_with_stderr(program: &Path, dir: &Path, args: &[&str], stderr: Stdio) -> Served {
         let mut cmd = Command::new(program);
         cmd.current_dir(dir)
             .arg("serve")
@@ -48,7 +60,7 @@ impl Served {
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+            .stderr(stderr);
         let mut child = crate::tools::spawn(&mut cmd)
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
         let stdout = child.stdout.take().expect("piped stdout");

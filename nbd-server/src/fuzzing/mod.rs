@@ -202,6 +202,7 @@ pub fn replay_config() -> ServerConfig {
         max_buffered_bytes: 1 << 20,
         max_options: 32,
         shutdown_grace: Duration::from_secs(1),
+        tls: None,
     }
 }
 

@@ -1,7 +1,9 @@
 //! The `nbd_server_options` target: the option haggling alone. The input's first byte picks
-//! how the server stands (bit 0: it is shutting down, so GO and INFO are refused) and how the
-//! client's bytes arrive (bits 1..=3: the size of each read); the rest is everything the
-//! client sends from its flags on. The handshake runs directly on in-memory streams (no
+//! how the server stands (bit 0: it is shutting down, so GO and INFO are refused; bit 4: it
+//! requires TLS, so every option before STARTTLS but ABORT must be refused with
+//! `NBD_REP_ERR_TLS_REQD`, EXPORT_NAME must close, and the haggling ends at STARTTLS's ACK,
+//! where the TLS handshake would start) and how the client's bytes arrive (bits 1..=3: the
+//! size of each read); the rest is everything the client sends from its flags on. The handshake runs directly on in-memory streams (no
 //! runtime, no socket), and what the server sent is checked against the protocol: the
 //! greeting, then for each option the client completed, in order, informational replies
 //! echoing it and one final ACK or error (none for EXPORT_NAME, whose reply or close ends the
@@ -15,7 +17,7 @@ use super::script::{run_ready, Duplex, Script, Sink};
 use super::{fuzz_exports, ReplayFailure};
 use crate::error::Disconnect;
 use crate::export::Export;
-use crate::handshake::{negotiate, Negotiated, Offer, MAX_OPTION_DATA};
+use crate::handshake::{greet, haggle, Haggling, Offer, Outcome, MAX_OPTION_DATA};
 
 /// The most options one negotiation may send (as [`super::replay_config`]).
 const MAX_OPTIONS: usize = 32;
@@ -39,6 +41,8 @@ pub enum NegotiationEnd {
     },
     /// The client ended it (ABORT, or EOF between options), or EXPORT_NAME was refused.
     Closed,
+    /// A TLS-only server acknowledged STARTTLS: the TLS handshake would come next.
+    StartTls,
     /// The server dropped the client (a violation, a bound, or EOF inside an option).
     Disconnected(String),
 }
@@ -72,6 +76,7 @@ pub fn negotiate_client_bytes(input: &[u8]) -> Result<Negotiation, ReplayFailure
         max_options: MAX_OPTIONS,
         max_request_bytes: 64 * 1024,
         refusal: &refusal,
+        tls_required: selector & 0x10 != 0,
     };
     let piece = PIECES[usize::from(selector >> 1) & 7];
     let sink = Sink::new(1 << 20);
@@ -79,10 +84,15 @@ pub fn negotiate_client_bytes(input: &[u8]) -> Result<Negotiation, ReplayFailure
         script: Script::new(client, piece),
         sink: sink.clone(),
     };
-    let result = run_ready(negotiate(&mut stream, &offer)).ok_or(ReplayFailure::Stalled)?;
+    let mut haggling = Haggling::new(MAX_OPTIONS);
+    let negotiation = async {
+        greet(&mut stream, &mut haggling).await?;
+        haggle(&mut stream, &offer, &mut haggling).await
+    };
+    let result = run_ready(negotiation).ok_or(ReplayFailure::Stalled)?;
     let sent = sink.take();
     let end = ending(result);
-    let options = check_option_replies(client, &sent.bytes, &end)
+    let options = check_option_replies(client, &sent.bytes, &end, offer.tls_required)
         .map_err(|e| ReplayFailure::BadReply(format!("{e} (ended {end:?})")))?;
     Ok(Negotiation {
         end,
@@ -91,15 +101,16 @@ pub fn negotiate_client_bytes(input: &[u8]) -> Result<Negotiation, ReplayFailure
     })
 }
 
-fn ending(result: Result<Option<Negotiated>, Disconnect>) -> NegotiationEnd {
+fn ending(result: Result<Outcome, Disconnect>) -> NegotiationEnd {
     match result {
-        Ok(Some(n)) => NegotiationEnd::Transmission {
+        Ok(Outcome::Transmission(n)) => NegotiationEnd::Transmission {
             export: n.export.name.clone(),
             mode: n.mode,
             base_allocation: n.base_allocation.is_some(),
             allocation_depth: n.allocation_depth.is_some(),
         },
-        Ok(None) => NegotiationEnd::Closed,
+        Ok(Outcome::Closed) => NegotiationEnd::Closed,
+        Ok(Outcome::StartTls) => NegotiationEnd::StartTls,
         Err(e) => NegotiationEnd::Disconnected(e.to_string()),
     }
 }
@@ -132,23 +143,47 @@ fn client_options(client: &[u8]) -> Vec<(u32, &[u8])> {
 }
 
 /// Walks the server's bytes against the client's options; the number of options answered.
-fn check_option_replies(client: &[u8], sent: &[u8], end: &NegotiationEnd) -> Result<usize, String> {
+/// With `tls_required`, every option before STARTTLS must be refused as the FORCEDTLS mode
+/// says.
+fn check_option_replies(
+    client: &[u8],
+    sent: &[u8],
+    end: &NegotiationEnd,
+    tls_required: bool,
+) -> Result<usize, String> {
     let greeting = encode_greeting(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES);
     if !sent.starts_with(&greeting) {
         return Err("no greeting".into());
     }
     let mut rest = &sent[greeting.len()..];
     let mut answered = 0;
-    for (option, _) in client_options(client) {
+    for (option, data) in client_options(client) {
+        let data_len = data.len();
         if rest.is_empty() {
             break;
         }
         answered += 1;
         if option == OPT_EXPORT_NAME {
+            if tls_required {
+                return Err("EXPORT_NAME answered before TLS".into());
+            }
             return export_name_reply(client, rest, end).map(|()| answered);
         }
+        let first = rest;
         let (last, after) = option_replies(option, rest)?;
         rest = after;
+        if tls_required {
+            if be32(first, 12) != last {
+                return Err(format!(
+                    "option {option}: a reply before TLS that is not final"
+                ));
+            }
+            check_before_tls(option, last, data_len, rest, end)?;
+            if last == REP_ACK {
+                break;
+            }
+            continue;
+        }
         let finished = (option == OPT_GO && last == REP_ACK) || option == OPT_ABORT;
         if finished {
             break;
@@ -158,6 +193,38 @@ fn check_option_replies(client: &[u8], sent: &[u8], end: &NegotiationEnd) -> Res
         return Err(format!("{} bytes after the last reply", rest.len()));
     }
     Ok(answered)
+}
+
+/// One option's final reply before TLS: only STARTTLS (without data, ending the haggling at
+/// TLS) and ABORT get an ACK; every other option gets TLS_REQD alone (STARTTLS with data:
+/// INVALID).
+fn check_before_tls(
+    option: u32,
+    last: u32,
+    data_len: usize,
+    rest: &[u8],
+    end: &NegotiationEnd,
+) -> Result<(), String> {
+    let want = match option {
+        OPT_STARTTLS if data_len == 0 => REP_ACK,
+        OPT_STARTTLS => REP_ERR_INVALID,
+        OPT_ABORT => REP_ACK,
+        _ => REP_ERR_TLS_REQD,
+    };
+    if last != want {
+        return Err(format!(
+            "option {option} before TLS answered {last:#x}, not {want:#x}"
+        ));
+    }
+    if option == OPT_STARTTLS && last == REP_ACK {
+        if *end != NegotiationEnd::StartTls {
+            return Err("STARTTLS acknowledged but the haggling went on in clear text".into());
+        }
+        if !rest.is_empty() {
+            return Err("bytes in clear text after STARTTLS's ACK".into());
+        }
+    }
+    Ok(())
 }
 
 /// One option's replies: informational ones, then a final ACK or error. The final reply's

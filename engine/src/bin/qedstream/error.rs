@@ -74,6 +74,10 @@ pub enum Error {
     /// failed).
     #[error("NBD export: {0}")]
     Nbd(#[from] nbd_server::Error),
+    /// The NBD export's TLS credentials (`serve --tls-creds`) could not be loaded; nothing
+    /// listens yet.
+    #[error("NBD export: --tls-creds: {0}")]
+    ExportTls(#[source] nbd_tls::Error),
     /// The vhost-user-blk socket.
     #[error(transparent)]
     VhostUser(#[from] vhost_user_blk::Error),

@@ -456,8 +456,24 @@ struct ServeArgs {
     /// The stream's largest copy request (rounded to clusters; suffixes allowed: 1M).
     #[arg(long, value_name = "BYTES", default_value = "2M")]
     request_size: String,
+    /// With --tls-creds: whether NBD clients must present a certificate signed by the CA
+    /// (ca-cert.pem), as QEMU's verify-peer (yes by default for servers); no: any client that
+    /// speaks TLS is served.
+    #[arg(long, value_name = "yes|no", default_value = "yes", value_parser = parse_yes_no,
+          action = clap::ArgAction::Set,
+          requires = "tls_creds")]
+    tls_verify_peer: bool,
     /// The image (QED, or raw).
     image: PathBuf,
+}
+
+/// `yes` or `no` (QEMU's `on` and `off` too).
+fn parse_yes_no(s: &str) -> std::result::Result<bool, String> {
+    match s {
+        "yes" | "on" => Ok(true),
+        "no" | "off" => Ok(false),
+        other => Err(format!("'{other}' is not yes or no")),
+    }
 }
 
 // The arguments of `qedstream job`.
@@ -814,7 +830,10 @@ fn cmd_serve(args: ServeArgs) -> Result<u8> {
             "--stream writes the image; it cannot go with --read-only",
         ));
     }
+    let tls =
+        crate::serve::export_tls(&nbd, args.chain.tls_creds.as_deref(), args.tls_verify_peer)?;
     crate::serve::run(crate::serve::ServeCommand {
+        tls,
         image: args.image,
         nbd,
         vhost_user_blk: args.vhost_user_blk,

@@ -11,7 +11,9 @@
 //!
 //! The vhost-user-blk device is the `vhost-user-blk` crate's, started in [`start_vhost_user`].
 //! The NBD export is the `nbd-server` crate's, started in [`start_nbd`]; over a QED backing
-//! chain its `qemu:allocation-depth` is [`ChainDepth`]'s, exact at every depth.
+//! chain its `qemu:allocation-depth` is [`ChainDepth`]'s, exact at every depth. With
+//! `--tls-creds` the export requires TLS ([`export_tls`] loads the credentials before anything
+//! listens), and each client it turns away gets a line on stderr ([`log_refusals`]).
 
 use std::io::Write;
 use std::num::NonZeroU64;
@@ -52,9 +54,42 @@ pub fn parse_listen(text: &str) -> std::result::Result<ListenAddr, String> {
     }
 }
 
+/// The NBD export's TLS credentials: from `--tls-creds DIR` when the image is served over NBD
+/// (the directory then needs server-cert.pem and server-key.pem, and ca-cert.pem when
+/// `verify_peer`), else none (the flag is then only for an nbds:// backing). Errors in the
+/// directory end the command here, before anything listens.
+pub fn export_tls(
+    nbd: &[ListenAddr],
+    creds: Option<&Path>,
+    verify_peer: bool,
+) -> Result<Option<nbd_tls::ServerTls>> {
+    match creds {
+        Some(dir) if !nbd.is_empty() => nbd_tls::ServerTls::from_dir(dir, verify_peer)
+            .map(Some)
+            .map_err(Error::ExportTls),
+        _ => Ok(None),
+    }
+}
+
+/// Writes one line on stderr for each NBD client the TLS-only export turns away, until the
+/// server is gone.
+async fn log_refusals(mut refusals: tokio::sync::broadcast::Receiver<nbd_server::Refused>) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let line = match refusals.recv().await {
+            Ok(r) => r.to_string(),
+            Err(RecvError::Lagged(n)) => format!("{n} more NBD clients refused (not logged)"),
+            Err(RecvError::Closed) => return,
+        };
+        let _ = writeln!(std::io::stderr().lock(), "qedstream serve: {line}");
+    }
+}
+
 /// What `qedstream serve` was asked to do.
 #[derive(Clone, Debug)]
 pub struct ServeCommand {
+    /// The NBD export's TLS credentials: TLS is required when set.
+    pub tls: Option<nbd_tls::ServerTls>,
     /// The image.
     pub image: PathBuf,
     /// NBD listeners.
@@ -113,6 +148,7 @@ impl NbdService {
 /// and accepting when this returns.
 async fn start_nbd(
     listen: &[ListenAddr],
+    tls: Option<nbd_tls::ServerTls>,
     node: &Node,
     depth: Option<Arc<dyn AllocationDepth>>,
 ) -> Result<NbdService> {
@@ -128,7 +164,12 @@ async fn start_nbd(
     if let Some(depth) = depth {
         export = export.with_allocation_depth(depth);
     }
-    let server = Server::new(vec![export], ServerConfig::default());
+    let config = ServerConfig {
+        tls,
+        ..ServerConfig::default()
+    };
+    let server = Server::new(vec![export], config);
+    tokio::spawn(log_refusals(server.refusals()));
     let mut bound = Vec::with_capacity(listen.len());
     for addr in listen {
         match server.bind(addr).await {
@@ -245,8 +286,21 @@ fn write_pid_file(path: &Path) -> Result<()> {
     )))
 }
 
+/// The NBD URI of the export at `addr`: `nbds://` and `nbds+unix://` when TLS is required.
+fn export_uri(cmd: &ServeCommand, addr: &ListenAddr, export: &str) -> String {
+    let uri = addr.uri(export);
+    match (&cmd.tls, uri.strip_prefix("nbd")) {
+        (Some(_), Some(rest)) => format!("nbds{rest}"),
+        _ => uri,
+    }
+}
+
 /// The "ready" report: every socket that accepts.
 fn say_ready(cmd: &ServeCommand, node: &Node, nbd: &[ListenAddr]) -> Result<()> {
+    let uris: Vec<String> = nbd
+        .iter()
+        .map(|a| export_uri(cmd, a, &node.export_name))
+        .collect();
     if cmd.json {
         print_json(&json!({
             "event": "ready",
@@ -257,12 +311,14 @@ fn say_ready(cmd: &ServeCommand, node: &Node, nbd: &[ListenAddr]) -> Result<()> 
             "read_only": node.read_only,
             "control": cmd.control.as_ref().map(|p| p.display().to_string()),
             "nbd": nbd.iter().map(ToString::to_string).collect::<Vec<_>>(),
-            "uris": nbd.iter().map(|a| a.uri(&node.export_name)).collect::<Vec<_>>(),
+            "uris": uris,
+            "tls": cmd.tls.is_some(),
+            "tls-verify-peer": cmd.tls.as_ref().map(nbd_tls::ServerTls::verify_peer),
             "vhost-user-blk": cmd.vhost_user_blk.as_ref().map(|p| p.display().to_string()),
             "pid": std::process::id(),
         }))
     } else {
-        let mut sockets: Vec<String> = nbd.iter().map(|a| a.uri(&node.export_name)).collect();
+        let mut sockets = uris;
         if let Some(v) = &cmd.vhost_user_blk {
             sockets.push(format!("vhost-user-blk {}", v.display()));
         }
@@ -474,7 +530,7 @@ async fn start_sockets(
         Some(p) => Some(control.listen(p).await?),
         None => None,
     };
-    let nbd = match start_nbd(&cmd.nbd, control.node(), depth).await {
+    let nbd = match start_nbd(&cmd.nbd, cmd.tls.clone(), control.node(), depth).await {
         Ok(n) => n,
         Err(e) => {
             if let Some(s) = socket {

@@ -4,8 +4,9 @@
 //!
 //! Threads: `vhost-user-backend` runs one epoll thread per entry of
 //! [`VhostUserBackend::queues_per_thread`]; this back end asks for one per queue. A kick makes
-//! that queue's thread take every available chain, parse each ([`crate::request::parse`]),
-//! run them all at once, and put them in the used ring. READs first try
+//! that queue's thread take every available chain, parse each ([`crate::request::parse`]) and
+//! run them all at once, putting each in the used ring as soon as it ends and starting the
+//! chains the driver adds meanwhile, until none is running. READs first try
 //! [`copy_on_read::BlockDevice::read_blocking`] (a local range read straight into guest
 //! memory): a READ alone in its batch on the queue's thread itself, with no hop; several on the
 //! runtime's blocking pool, one hop each, still at once. The rest, and reads the backing must
@@ -167,10 +168,37 @@ impl BlkBackend {
         Ok(atomic.memory().into_inner())
     }
 
-    /// Serves every available chain of queue `index` (`vring`) once; true if there was any.
+    /// Serves queue `index` (`vring`): every available chain, and those the driver adds while
+    /// they run; true if there was any. Each request is put in the used ring as soon as it
+    /// ends, so the driver can refill the queue while the others still run.
     fn serve_queue(&self, index: usize, vring: &VringRwLock) -> io::Result<bool> {
         let mem = self.memory()?;
-        let parsed: Vec<(u16, std::result::Result<Request, Rejection>)> = {
+        let parsed = self.take_chains(index, vring, &mem)?;
+        if parsed.is_empty() {
+            return Ok(false);
+        }
+        if let [(head, Ok(req))] = parsed.as_slice() {
+            // One READ alone: a local one runs right here, with no hop at all.
+            if let Some(out) = read_now(&*self.shared.device, &mem, req) {
+                let len = complete(&mem, Some(req.status), out);
+                publish(vring, *head, len)?;
+                return Ok(true);
+            }
+        }
+        self.shared
+            .runtime
+            .block_on(self.run_pipelined(index, vring, &mem, parsed))?;
+        Ok(true)
+    }
+
+    /// Takes and parses every chain available on `vring` (and counts them).
+    fn take_chains(
+        &self,
+        index: usize,
+        vring: &VringRwLock,
+        mem: &Arc<GuestRam>,
+    ) -> io::Result<Chains> {
+        let parsed: Chains = {
             let mut state = vring.get_mut();
             let chains = state
                 .get_queue_mut()
@@ -183,47 +211,47 @@ impl BlkBackend {
                 })
                 .collect()
         };
-        if parsed.is_empty() {
-            return Ok(false);
-        }
         if let Some(c) = self.shared.counters.get(index) {
             let bad = parsed.iter().filter(|(_, p)| p.is_err()).count() as u64;
             c.rejected.fetch_add(bad, Ordering::Relaxed);
             c.requests
                 .fetch_add(parsed.len() as u64 - bad, Ordering::Relaxed);
         }
-        let used = match parsed.as_slice() {
-            // One request alone: a local read runs right here, with no hop at all.
-            [(head, Ok(req))] if req.op == Operation::Read => {
-                match read_now(&*self.shared.device, &mem, req) {
-                    Some(out) => vec![(*head, complete(&mem, Some(req.status), out))],
-                    None => self.shared.runtime.block_on(self.run_all(&mem, parsed)),
-                }
-            }
-            _ => self.shared.runtime.block_on(self.run_all(&mem, parsed)),
-        };
-        for (head, len) in used {
-            vring
-                .add_used(head, len)
-                .map_err(|e| io::Error::other(e.to_string()))?;
-        }
-        if vring
-            .needs_notification()
-            .map_err(|e| io::Error::other(e.to_string()))?
-        {
-            vring.signal_used_queue()?;
-        }
-        Ok(true)
+        Ok(parsed)
     }
 
-    /// Runs the requests of one batch concurrently; gives each head's used length.
-    async fn run_all(
+    /// Runs `first` concurrently, publishing each request as it ends and starting the chains
+    /// the driver adds meanwhile, until none is left running.
+    async fn run_pipelined(
         &self,
+        index: usize,
+        vring: &VringRwLock,
         mem: &Arc<GuestRam>,
-        parsed: Vec<(u16, std::result::Result<Request, Rejection>)>,
-    ) -> Vec<(u16, u32)> {
+        first: Chains,
+    ) -> io::Result<()> {
         let mut tasks = tokio::task::JoinSet::new();
-        let mut used = Vec::with_capacity(parsed.len());
+        self.start_all(&mut tasks, vring, mem, first)?;
+        while let Some(done) = tasks.join_next().await {
+            match done {
+                Ok((head, len)) => publish(vring, head, len)?,
+                // A request task cannot panic by design; should one, its chain is lost, the
+                // others still complete.
+                Err(e) => tracing::error!(error = %e, "a virtio-blk request task failed"),
+            }
+            let more = self.take_chains(index, vring, mem)?;
+            self.start_all(&mut tasks, vring, mem, more)?;
+        }
+        Ok(())
+    }
+
+    /// Starts each parsed chain as a task (a malformed one is answered at once).
+    fn start_all(
+        &self,
+        tasks: &mut tokio::task::JoinSet<(u16, u32)>,
+        vring: &VringRwLock,
+        mem: &Arc<GuestRam>,
+        parsed: Chains,
+    ) -> io::Result<()> {
         for (head, p) in parsed {
             match p {
                 // Reads run on the blocking pool: a local one is one pread into guest memory
@@ -255,20 +283,29 @@ impl BlkBackend {
                 }
                 Err(r) => {
                     tracing::debug!(reason = r.reason, "malformed virtio-blk chain");
-                    used.push((head, complete(mem, r.status, rejected(&r))));
+                    publish(vring, head, complete(mem, r.status, rejected(&r)))?;
                 }
             }
         }
-        while let Some(done) = tasks.join_next().await {
-            match done {
-                Ok(pair) => used.push(pair),
-                // A request task cannot panic by design; should one, its chain is lost, the
-                // others still complete.
-                Err(e) => tracing::error!(error = %e, "a virtio-blk request task failed"),
-            }
-        }
-        used
+        Ok(())
     }
+}
+
+/// Chains taken from a queue: each head and its parsed request (or why it was rejected).
+type Chains = Vec<(u16, std::result::Result<Request, Rejection>)>;
+
+/// Puts one finished chain in the used ring and notifies the driver if it wants to be.
+fn publish(vring: &VringRwLock, head: u16, len: u32) -> io::Result<()> {
+    vring
+        .add_used(head, len)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    if vring
+        .needs_notification()
+        .map_err(|e| io::Error::other(e.to_string()))?
+    {
+        vring.signal_used_queue()?;
+    }
+    Ok(())
 }
 
 impl VhostUserBackend for BlkBackend {

@@ -70,3 +70,16 @@ fn test_client_replay_server_requires_tls() {
     assert!(!seen.connected, "{seen:?}");
     assert_eq!(seen.succeeded, 0, "{seen:?}");
 }
+
+/// `qcow2_image` (crash-26659179…, 380,120 runs into its second campaign): a v3 header whose
+/// feature name table extension is 49 bytes long. The qcow2 crate (imago 0.2.6) walks the
+/// table in 48-byte entries and indexed past the 1-byte last one. Our header check now refuses
+/// a table that is not whole entries before the crate sees it (the file is also
+/// `corpus/qcow2_image/regression-ragged-feature-name-table`).
+#[test]
+fn test_qcow2_ragged_feature_name_table_is_refused() {
+    let data = include_bytes!("../corpus/qcow2_image/regression-ragged-feature-name-table");
+    let seen = qedstream_fuzz::qcow2::fuzz_qcow2_image(data);
+    let refused = seen.refused.expect("the image must be refused, not opened");
+    assert!(refused.contains("48-byte entries"), "{refused}");
+}

@@ -21,6 +21,10 @@ pub const MAX_BACKING_NAME: u32 = 1023;
 const EXT_BACKING_FORMAT: u32 = 0xe279_2aca;
 /// Header extension: the external data file's name.
 const EXT_DATA_FILE: u32 = 0x4441_5441;
+/// Header extension: the feature name table, entries of [`FEATURE_NAME_ENTRY`] bytes.
+const EXT_FEATURE_NAMES: u32 = 0x6803_f857;
+/// The size of one feature name table entry (type, bit, a 46-byte name).
+const FEATURE_NAME_ENTRY: usize = 48;
 
 /// Incompatible feature bit 2: guest data lives in an external data file.
 pub const INCOMPAT_DATA_FILE: u64 = 1 << 2;
@@ -205,6 +209,14 @@ impl Header {
             match kind {
                 EXT_BACKING_FORMAT => self.backing_format = Some(text()?),
                 EXT_DATA_FILE => self.data_file = Some(text()?),
+                // QEMU writes whole entries; a ragged table made the qcow2 crate index past
+                // its last entry (the qcow2_image fuzz target's first finding).
+                EXT_FEATURE_NAMES if length % FEATURE_NAME_ENTRY != 0 => {
+                    return Err(HeaderError::Extension {
+                        kind,
+                        why: "a feature name table that is not whole 48-byte entries",
+                    })
+                }
                 _ => {}
             }
             at = at + 8 + length.div_ceil(8) * 8;
@@ -330,6 +342,22 @@ mod tests {
             Header::parse(&b),
             Err(HeaderError::Extension { .. })
         ));
+    }
+
+    #[test]
+    fn a_feature_name_table_of_whole_entries_only() {
+        let with_table = |len: usize| {
+            let mut b = v3();
+            b.resize(4096, 0);
+            b[112..116].copy_from_slice(&EXT_FEATURE_NAMES.to_be_bytes());
+            b[116..120].copy_from_slice(&(len as u32).to_be_bytes());
+            Header::parse(&b)
+        };
+        with_table(96).unwrap();
+        for ragged in [1, 47, 49, 97] {
+            let e = with_table(ragged).unwrap_err();
+            assert!(e.to_string().contains("48-byte entries"), "{ragged}: {e}");
+        }
     }
 
     #[test]

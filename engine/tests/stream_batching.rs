@@ -8,13 +8,15 @@
 //! - whatever `in_flight` and `request_bytes` say, the job's copy buffers stay within
 //!   `buffer_budget`: never more allocated, never more handed out at once, and they are
 //!   recycled (a stream of 12 times the budget allocates the budget at most);
+//! - batches are stored side by side: a batch is written and flushed while an earlier
+//!   batch's flush is still running (the disk writes one back while the next is copied);
 //! - the image then reads as the backing.
 //!
 //! The storage's flush takes a few milliseconds (as a real `fdatasync` does), so that units
 //! queue up behind a batch being stored; nothing here asserts on time.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use copy_on_read::CorDevice;
@@ -50,21 +52,76 @@ impl Storage for Counting {
     }
 }
 
-/// An empty overlay (64 KiB clusters) of `backing` on a flush-counting storage, and its
-/// flush counter.
-fn overlay(backing: &[u8], flush_delay: Duration) -> (Disk, Arc<AtomicU64>) {
+/// Flushes running now, and the most seen at once.
+#[derive(Debug, Default)]
+struct FlushOverlap {
+    counts: Mutex<(u32, u32)>,
+    changed: Condvar,
+}
+
+/// A storage in memory whose flushes record how many run at once. A flush waits (up to 2 s)
+/// until another one has run beside it, so that a second batch has every chance to start
+/// while the first is being flushed; stores taken in turns never overlap, and then each flush
+/// only waits out the 2 s.
+#[derive(Debug)]
+struct Overlapping {
+    mem: Arc<MemStorage>,
+    overlap: Arc<FlushOverlap>,
+}
+
+impl Storage for Overlapping {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.mem.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.mem.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        let o = &self.overlap;
+        let mut c = o.counts.lock().unwrap();
+        c.0 += 1;
+        c.1 = c.1.max(c.0);
+        o.changed.notify_all();
+        let (mut c, _) = o
+            .changed
+            .wait_timeout_while(c, Duration::from_secs(2), |c| c.1 < 2)
+            .unwrap();
+        c.0 -= 1;
+        drop(c);
+        self.mem.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.mem.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.mem.set_len(len)
+    }
+}
+
+/// An empty overlay (64 KiB clusters) of `backing` on `storage` (made from the image's
+/// memory).
+fn overlay_on<S: Storage + 'static>(
+    backing: &[u8],
+    storage: impl FnOnce(Arc<MemStorage>) -> S,
+) -> Disk {
     let mut create = CreateOptions::new(backing.len() as u64);
     create.backing = Some(("base.raw".into(), BackingFormat::Raw));
     let mem = Arc::new(MemStorage::new());
     Image::create(&*mem, &create).unwrap();
+    let image = Image::open(Box::new(storage(mem)), OpenOptions::default()).unwrap();
+    disk_over(image, Some(raw_backing(backing)))
+}
+
+/// An empty overlay (64 KiB clusters) of `backing` on a flush-counting storage, and its
+/// flush counter.
+fn overlay(backing: &[u8], flush_delay: Duration) -> (Disk, Arc<AtomicU64>) {
     let flushes = Arc::new(AtomicU64::new(0));
-    let storage = Counting {
+    let disk = overlay_on(backing, |mem| Counting {
         mem,
         flushes: Arc::clone(&flushes),
         flush_delay,
-    };
-    let image = Image::open(Box::new(storage), OpenOptions::default()).unwrap();
-    (disk_over(image, Some(raw_backing(backing))), flushes)
+    });
+    (disk, flushes)
 }
 
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
@@ -141,4 +198,30 @@ fn buffers_stay_within_the_budget_whatever_in_flight_says() {
         b.allocated
     );
     assert!(b.peak > 0, "no buffer was used: {b:?}");
+}
+
+#[test]
+fn a_batch_is_stored_while_an_earlier_one_flushes() {
+    let backing = random_bytes(16 << 20, 3);
+    let overlap = Arc::new(FlushOverlap::default());
+    let disk = overlay_on(&backing, |mem| Overlapping {
+        mem,
+        overlap: Arc::clone(&overlap),
+    });
+    let options = StreamOptions {
+        request_bytes: 1 << 20,
+        in_flight: 16,
+        ..StreamOptions::default()
+    };
+    let outcome = stream(&disk, options, &backing);
+    let most = overlap.counts.lock().unwrap().1;
+    println!(
+        "{} batches, at most {most} flushes at once",
+        outcome.batches
+    );
+    assert!(
+        most >= 2,
+        "batches were stored one at a time: at most {most} flush at once in {} batches",
+        outcome.batches
+    );
 }

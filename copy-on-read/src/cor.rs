@@ -39,6 +39,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use qed::{GuestCluster, GuestOffset, Image, Mapping, OpenOptions};
 
+use crate::copy_in::{CopyIn, CopyIns};
 pub use crate::device::PopulateStats;
 use crate::device::{
     check_range, push_extent, read_padded, BlockDevice, BlockingRead, Capabilities, Closed,
@@ -96,9 +97,8 @@ pub struct CorDevice {
     copy_on_read: AtomicBool,
     urgent: Arc<AtomicUsize>,
     urgent_done: Arc<Notify>,
-    cor_bytes: Arc<AtomicU64>,
     misses: AtomicU64,
-    cor_failures: Arc<AtomicU64>,
+    copy_ins: Arc<CopyIns>,
     /// Bytes of copy-ins that may be stored after their read has returned.
     copy_in_budget: Arc<Semaphore>,
     closed: Closed,
@@ -128,6 +128,44 @@ async fn fetch(backing: Option<&Arc<dyn BlockDevice>>, at: u64, len: usize) -> R
         Some(b) => read_padded(&**b, at, len).await,
         None => Ok(vec![0u8; len]),
     }
+}
+
+/// The unallocated runs of `[offset, offset + length)` in `image` (blocking), merged.
+fn unallocated_runs(
+    image: &Image,
+    name: &str,
+    offset: u64,
+    length: u64,
+) -> Result<Vec<(u64, u64)>> {
+    let extents = image
+        .map(GuestOffset(offset), length)
+        .map_err(Error::qed(name))?;
+    let runs = extents
+        .iter()
+        .filter(|e| e.mapping == Mapping::Unallocated)
+        .map(|e| (e.offset.0, e.length));
+    Ok(merge_runs(runs))
+}
+
+/// `runs` (ascending) cut to `[offset, offset + length)`, adjacent ones merged.
+fn clip_merged(runs: &[(u64, u64)], offset: u64, length: u64) -> Vec<(u64, u64)> {
+    let end = offset + length;
+    merge_runs(runs.iter().filter_map(|&(at, l)| {
+        let (s, e) = (at.max(offset), (at + l).min(end));
+        (s < e).then_some((s, e - s))
+    }))
+}
+
+/// Ascending runs with adjacent ones merged.
+fn merge_runs(runs: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (at, l) in runs {
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 == at => last.1 += l,
+            _ => out.push((at, l)),
+        }
+    }
+    out
 }
 
 /// Closes a backing, giving up after two seconds (a dead NBD server must not hold up the
@@ -381,18 +419,18 @@ impl CorDevice {
     /// [`Gate`]; `None` when it names none).
     pub fn new(image: Image, name: String, backing: Option<Arc<dyn BlockDevice>>) -> CorDevice {
         let cor = !image.is_read_only();
+        let image = Arc::new(image);
         CorDevice {
             path: image.path().map(Path::to_path_buf),
-            image: Arc::new(image),
+            copy_ins: Arc::new(CopyIns::new(Arc::clone(&image), name.clone())),
+            image,
             name,
             backing: RwLock::new(backing),
             locks: RangeLock::new(),
             copy_on_read: AtomicBool::new(cor),
             urgent: Arc::new(AtomicUsize::new(0)),
             urgent_done: Arc::new(Notify::new()),
-            cor_bytes: Arc::default(),
             misses: AtomicU64::new(0),
-            cor_failures: Arc::default(),
             copy_in_budget: Arc::new(Semaphore::new(COPY_IN_BUDGET)),
             closed: Closed::default(),
         }
@@ -437,9 +475,9 @@ impl CorDevice {
     /// Counters.
     pub fn stats(&self) -> CorStats {
         CorStats {
-            cor_bytes: self.cor_bytes.load(Ordering::Relaxed),
+            cor_bytes: self.copy_ins.stored_bytes(),
             misses: self.misses.load(Ordering::Relaxed),
-            cor_failures: self.cor_failures.load(Ordering::Relaxed),
+            cor_failures: self.copy_ins.failures(),
         }
     }
 
@@ -838,6 +876,28 @@ impl CorDevice {
         // Re-check under the lock: a write or another fill may have landed.
         let image = Arc::clone(&self.image);
         let name = self.name.clone();
+        let now_missing = blocking(move || unallocated_runs(&image, &name, lo, hi - lo)).await?;
+        if clip_merged(&now_missing, offset, len) == missing {
+            // Nothing landed since the first look (the case of every first touch): the local
+            // bytes are in `bufs` already, so fetch the missing clusters whole, copy the
+            // request's part of them, and store them.
+            let mut fills = Vec::with_capacity(now_missing.len());
+            for (at, l) in now_missing {
+                let data = fetch(backing.as_ref(), at, l as usize).await?;
+                let (s, e) = (at.max(offset), (at + l).min(offset + len));
+                if s < e {
+                    bufs.copy_in(
+                        (s - offset) as usize,
+                        &data[(s - at) as usize..(e - at) as usize],
+                    );
+                }
+                fills.push((at, data));
+            }
+            self.store_copy_in(fills, guard).await;
+            return Ok(bufs);
+        }
+        let image = Arc::clone(&self.image);
+        let name = self.name.clone();
         let (mut wide, wmissing) =
             blocking(move || read_local(&image, &name, vec![0u8; (hi - lo) as usize], lo)).await?;
         let mut fills = Vec::new();
@@ -914,13 +974,14 @@ impl CorDevice {
     }
 
     /// Stores what a guest read fetched (whole clusters, under its range lock, held until
-    /// stored), after the read returns: the store runs on the blocking pool while the data
-    /// goes to the guest (within [`COPY_IN_BUDGET`]; beyond it the read waits for its store).
-    /// A failure to store (a full disk) does not fail the read, which already holds the right
-    /// bytes: it is counted ([`CorStats::cor_failures`]) and logged, and the clusters stay
-    /// unallocated (the image's crash-safe order links nothing whose data was not written).
-    /// [`CorDevice::settle_copy_ins`] waits for the stores of reads that returned; `close`
-    /// does too.
+    /// stored), after the read returns: it joins the device's copy-in queue, stored in
+    /// batches with one flush each on the blocking pool while the data goes to the guest
+    /// (within [`COPY_IN_BUDGET`]; beyond it the read stores its copy-in alone before it
+    /// returns). See [`crate::copy_in`]. A failure to store (a full disk) does not fail the
+    /// read, which already holds the right bytes: it is counted ([`CorStats::cor_failures`])
+    /// and logged, and the clusters stay unallocated (the image's crash-safe order links
+    /// nothing whose data was not written). [`CorDevice::settle_copy_ins`] waits for the
+    /// stores of reads that returned; `close` does too.
     async fn store_copy_in(&self, fills: Vec<(u64, Vec<u8>)>, guard: RangeGuard) {
         let bytes: usize = fills.iter().map(|(_, d)| d.len()).sum();
         let budget = u32::try_from(bytes).ok().and_then(|n| {
@@ -928,37 +989,18 @@ impl CorDevice {
                 .try_acquire_many_owned(n)
                 .ok()
         });
-        let image = Arc::clone(&self.image);
-        let name = self.name.clone();
-        let (copied, failures) = (Arc::clone(&self.cor_bytes), Arc::clone(&self.cor_failures));
         let background = budget.is_some();
-        let store = move || {
-            let _guard = guard;
-            let _budget = budget;
-            let stored: qed::Result<u64> = fills.into_iter().try_fold(0, |n, (at, data)| {
-                let o = image.populate(GuestOffset(at), &data, true)?;
-                Ok(n + o.written + o.zeroed)
-            });
-            // Counted before the guard is released, so that a settled device shows it.
-            match stored {
-                Ok(n) => {
-                    copied.fetch_add(n, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    failures.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        image = %name,
-                        error = %e,
-                        "copy-on-read could not store what a guest read fetched; the read is served"
-                    );
-                }
-            }
+        let copy_in = CopyIn {
+            fills,
+            guard,
+            budget,
         };
         if background {
-            drop(tokio::task::spawn_blocking(store));
+            self.copy_ins.queue(copy_in);
         } else {
+            let copy_ins = Arc::clone(&self.copy_ins);
             let _ = blocking(move || {
-                store();
+                copy_ins.store_now(copy_in);
                 Ok(())
             })
             .await;

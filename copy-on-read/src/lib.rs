@@ -16,7 +16,8 @@
 //!   [`CorDevice::populate_range`] primitive; the stream job (in `engine`) uses its two halves,
 //!   [`Populate::fetch_range`] (into a [`BufferPool`] of recycled buffers under a byte
 //!   budget) and [`Populate::store_fetched`] (many units under one flush, with
-//!   [`qed::Image::populate_batch`]).
+//!   [`qed::Image::populate_batch`]). What guest reads fetch is stored after they return, in
+//!   batches that share one flush too (the copy-in queue, `copy_in.rs`).
 //!
 //! The division of labour with `qed`: the format answers "where" ([`qed::Image::map`], over
 //! [`qed::GuestOffset`]s) and keeps its metadata consistent; this crate moves the bytes and
@@ -57,6 +58,7 @@
 //! Close devices with [`BlockDevice::close`]: there is no async drop.
 
 pub mod buf;
+mod copy_in;
 pub mod cor;
 pub mod device;
 pub mod error;

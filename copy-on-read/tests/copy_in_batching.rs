@@ -1,0 +1,104 @@
+//! Copy-ins share their flushes: guest reads that miss at the same time are stored in batches,
+//! one flush per batch before its L2 updates, not one flush per read. On a QED image in memory
+//! whose storage counts flushes (each takes a few milliseconds, as an `fdatasync` does, so
+//! that copy-ins queue up behind a batch being stored), over a raw backing:
+//!
+//! - 64 concurrent reads of 64 clusters the image lacks are served, and all 64 clusters are
+//!   copied in, with at most a quarter as many flushes as reads;
+//! - every cluster is then local, and the device reads as the backing.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use copy_on_read::{BlockDevice, CorDevice};
+use qed::{BackingFormat, CreateOptions, Image, Mapping, MemStorage, OpenOptions, Storage};
+use qedstream_tests::runtime::two_workers;
+use qedstream_tests::{raw_backing, XorShift};
+
+/// A storage in memory whose flushes are counted and take `FLUSH_DELAY` each.
+#[derive(Debug)]
+struct Counting {
+    mem: Arc<MemStorage>,
+    flushes: Arc<AtomicU64>,
+}
+
+const FLUSH_DELAY: Duration = Duration::from_millis(20);
+
+impl Storage for Counting {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.mem.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.mem.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        std::thread::sleep(FLUSH_DELAY);
+        self.flushes.fetch_add(1, Ordering::AcqRel);
+        self.mem.flush()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.mem.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.mem.set_len(len)
+    }
+}
+
+#[test]
+fn concurrent_misses_are_stored_in_batches_that_share_a_flush() {
+    const CS: u64 = 64 << 10;
+    const READS: u64 = 64;
+    let mut backing = vec![0u8; (READS * CS) as usize];
+    XorShift::new(11).fill(&mut backing);
+    let mut create = CreateOptions::new(backing.len() as u64);
+    create.backing = Some(("base.raw".into(), BackingFormat::Raw));
+    let mem = Arc::new(MemStorage::new());
+    Image::create(&*mem, &create).unwrap();
+    let flushes = Arc::new(AtomicU64::new(0));
+    let storage = Counting {
+        mem,
+        flushes: Arc::clone(&flushes),
+    };
+    let image = Image::open(Box::new(storage), OpenOptions::default()).unwrap();
+    let dev = Arc::new(CorDevice::new(
+        image,
+        "memory".into(),
+        Some(raw_backing(&backing)),
+    ));
+    let before = flushes.load(Ordering::Acquire);
+    two_workers().block_on(async {
+        let reads: Vec<_> = (0..READS)
+            .map(|i| {
+                let dev = Arc::clone(&dev);
+                tokio::spawn(async move { dev.read_at(i * CS, vec![0u8; CS as usize]).await })
+            })
+            .collect();
+        for (i, r) in reads.into_iter().enumerate() {
+            let data = r.await.unwrap().unwrap();
+            let at = i * CS as usize;
+            assert!(
+                data == backing[at..at + CS as usize],
+                "read {i}: wrong bytes"
+            );
+        }
+        dev.settle_copy_ins().await;
+        let stats = dev.stats();
+        let flushed = flushes.load(Ordering::Acquire) - before;
+        println!("{stats:?}, {flushed} flushes for {READS} copy-ins");
+        assert_eq!(stats.cor_bytes, READS * CS, "{stats:?}");
+        assert_eq!(stats.cor_failures, 0, "{stats:?}");
+        assert!(
+            flushed * 4 <= READS,
+            "{flushed} flushes for {READS} copy-ins: they were not batched"
+        );
+        let map = dev.local_map(0, backing.len() as u64).await.unwrap();
+        assert!(
+            map.iter().all(|e| e.mapping != Mapping::Unallocated),
+            "a cluster was left to the backing: {map:?}"
+        );
+        let all = dev.read_at(0, vec![0u8; backing.len()]).await.unwrap();
+        assert!(all == backing, "the copied-in image reads differently");
+        dev.close().await.unwrap();
+    });
+}

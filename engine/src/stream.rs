@@ -51,9 +51,16 @@ use crate::job::{EventSender, IoStatus, JobEvent, JobEvents, OnError, Operation,
 /// The default [`StreamOptions::buffer_budget`].
 pub const DEFAULT_BUFFER_BUDGET: u64 = 16 << 20;
 
-/// The copy buffers' size: what one NBD read request carries by default (and a whole number
-/// of clusters).
-const CHUNK_BYTES: u64 = 256 << 10;
+/// The copy buffers' size over an NBD backing: what one NBD read request carries by default
+/// (and a whole number of clusters).
+const NBD_CHUNK_BYTES: u64 = 256 << 10;
+
+/// The copy buffers' size over local files: each store writes a buffer at a time, and with
+/// `--cache none` ext4 runs the direct writes that extend the image one after the other, so
+/// larger ones go faster (the 1 GiB local stream of `stream-compare` with `--cache none`:
+/// 1.00-1.06 s with 256 KiB buffers, 0.82-0.92 s with 1 MiB; buffered alike). Over NBD,
+/// 1 MiB buffers measured no faster and cost more CPU.
+const FILE_CHUNK_BYTES: u64 = 1 << 20;
 
 /// How a stream runs.
 #[derive(Clone, Debug)]
@@ -558,10 +565,18 @@ fn requests(ranges: &[(u64, u64)], max: u64) -> Vec<(u64, u64)> {
     out
 }
 
-/// The pool's chunk size for an image of `cs`-byte clusters: [`CHUNK_BYTES`], or one cluster
-/// when clusters are larger.
-fn chunk_bytes(cs: u64) -> usize {
-    (CHUNK_BYTES.max(cs) / cs.max(1) * cs.max(1)) as usize
+/// The pool's chunk size for an image of `cs`-byte clusters: [`NBD_CHUNK_BYTES`] when an NBD
+/// connection is anywhere below `dev` (it has a [`Reconnect`] capability), else
+/// [`FILE_CHUNK_BYTES`]; or one cluster when clusters are larger.
+fn chunk_bytes(dev: &dyn Populate) -> usize {
+    let cs = dev.cluster_size().max(1);
+    let over_nbd = dev.backing().is_some_and(|b| b.reconnect().is_some());
+    let chunk = if over_nbd {
+        NBD_CHUNK_BYTES
+    } else {
+        FILE_CHUNK_BYTES
+    };
+    (chunk.max(cs) / cs * cs) as usize
 }
 
 /// Aborts a task when dropped (the committer of a window that ends or is cancelled: a store
@@ -796,7 +811,7 @@ impl StreamJob {
             io_status: Mutex::new(IoStatus::Ok),
             ignored: Mutex::new(Vec::new()),
             events: EventSender::new(),
-            pool: BufferPool::new(options.buffer_budget, chunk_bytes(dev.cluster_size())),
+            pool: BufferPool::new(options.buffer_budget, chunk_bytes(dev.as_ref())),
             batches: AtomicU64::new(0),
         });
         let handle = StreamHandle { shared };
@@ -934,7 +949,7 @@ async fn stream_range(
             return Err(h.cancelled_at(h.shared.offset.load(Ordering::Acquire)));
         }
         let limit = h.shared.rate_limit.load(Ordering::Acquire);
-        let max = request_max(options, cs, limit);
+        let max = request_max(options, cs, h.shared.pool.chunk_bytes() as u64, limit);
         let Some(p) = plan_or_skip(dev, h, pos, end, max).await? else {
             // The plan failed and the policy skipped a request's worth from `pos`.
             pos = (pos + max).min(end);
@@ -987,8 +1002,7 @@ async fn plan_or_skip(
 
 /// The largest copy request: the configured size in whole clusters, and no more than a quarter
 /// second's worth under a rate limit (so the limit is smooth).
-fn request_max(options: &StreamOptions, cs: u64, limit: u64) -> u64 {
-    let chunk = chunk_bytes(cs) as u64;
+fn request_max(options: &StreamOptions, cs: u64, chunk: u64, limit: u64) -> u64 {
     // Two requests fit the budget at least (one storing while the next one fetches).
     let half_budget = (options.buffer_budget / 2 / chunk).max(1) * chunk;
     let mut max = options.request_bytes.min(half_budget).max(cs) / cs * cs;

@@ -9,8 +9,10 @@
 //! stream`, a whole process: open, stream, unlink, close) and with QEMU's block-stream
 //! (qemu-storage-daemon over QMP, job time), and copies the same data with the plain tool for
 //! it, durably: `cp --sparse=always` then `sync` for the raw file, `nbdcopy --flush` of the
-//! export to a file for qemu-nbd. Runs are interleaved (ours, QEMU's, the plain tool, then
-//! again), so a machine whose load changes affects all alike. Printed per backing: median wall
+//! export to a file for qemu-nbd; and `qemu-img rebase -b ''` (safe mode: it copies what the
+//! backing holds into the overlay, then drops the link) followed by `sync`. Runs are
+//! interleaved (ours, QEMU's two, the plain tool, then again), so a machine whose load changes
+//! affects all alike. Printed per backing: median wall
 //! times, CPU seconds (user + sys, from `wait4`) per GiB of data, and the medians of the
 //! per-run ratios. Each streamed image is checked with `qemu-img compare` against the base.
 //!
@@ -164,7 +166,29 @@ impl Backing {
 struct Runs {
     ours: Vec<Timed>,
     qemu: Vec<Duration>,
+    rebase: Vec<Timed>,
     plain: Vec<Timed>,
+}
+
+/// `qemu-img rebase -b ''` of a fresh overlay `rebase.qed` (it copies everything the backing
+/// holds into it, then drops the link), then `sync`: the same durable end as ours.
+fn qemu_img_rebase(d: &Path, backing: &Backing) -> Timed {
+    overlay(d, "rebase.qed", &backing.header_name());
+    let rebase = timed(Command::new("qemu-img").current_dir(d).args([
+        "rebase",
+        "-q",
+        "-f",
+        "qed",
+        "-b",
+        "",
+        "rebase.qed",
+    ]));
+    let sync = timed(Command::new("sync").current_dir(d).arg("rebase.qed"));
+    compare(d, "rebase.qed");
+    Timed {
+        wall: rebase.wall + sync.wall,
+        cpu: rebase.cpu + sync.cpu,
+    }
 }
 
 fn main() {
@@ -217,6 +241,7 @@ fn main() {
             overlay(d, "qemu.qed", &backing.header_name());
             r.qemu.push(qsd::block_stream(d, "qemu.qed"));
             compare(d, "qemu.qed");
+            r.rebase.push(qemu_img_rebase(d, &backing));
             r.plain.push(plain_copy(d, &backing));
         }
         report(&backing, &r, data, gib);
@@ -426,6 +451,8 @@ fn report(backing: &Backing, r: &Runs, data: u64, gib: f64) {
     let ow: Vec<f64> = r.ours.iter().map(|t| t.wall.as_secs_f64()).collect();
     let qw: Vec<f64> = r.qemu.iter().map(Duration::as_secs_f64).collect();
     let pw: Vec<f64> = r.plain.iter().map(|t| t.wall.as_secs_f64()).collect();
+    let rw: Vec<f64> = r.rebase.iter().map(|t| t.wall.as_secs_f64()).collect();
+    let rb = median_d(&walls(&r.rebase));
     let oc: Vec<f64> = r.ours.iter().map(|t| t.cpu.as_secs_f64()).collect();
     let pc: Vec<f64> = r.plain.iter().map(|t| t.cpu.as_secs_f64()).collect();
     let mbs = |t: Duration| data as f64 / t.as_secs_f64() / 1e6;
@@ -442,6 +469,12 @@ fn report(backing: &Backing, r: &Runs, data: u64, gib: f64) {
         mbs(q)
     );
     println!(
+        "  qemu-img rebase + sync {:>6.3}s ({:>5.0} MB/s)  CPU {:>5.2} s/GiB",
+        rb.as_secs_f64(),
+        mbs(rb),
+        cpu(&r.rebase)
+    );
+    println!(
         "  {:<21} {:>7.3}s ({:>5.0} MB/s)  CPU {:>5.2} s/GiB",
         backing.plain(),
         p.as_secs_f64(),
@@ -449,10 +482,11 @@ fn report(backing: &Backing, r: &Runs, data: u64, gib: f64) {
         cpu(&r.plain)
     );
     println!(
-        "  medians of ratios: ours/{} wall {:.2}, CPU {:.2}; qemu/ours wall {:.2}",
+        "  medians of ratios: ours/{} wall {:.2}, CPU {:.2}; qemu/ours wall {:.2}; qemu-img rebase/ours wall {:.2}",
         backing.plain(),
         ratio(&ow, &pw),
         ratio(&oc, &pc),
-        ratio(&qw, &ow)
+        ratio(&qw, &ow),
+        ratio(&rw, &ow)
     );
 }

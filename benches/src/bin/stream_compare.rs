@@ -25,7 +25,11 @@
 //! Then the backend × cache matrix of our stream over the raw file: `--aio io_uring` and
 //! `--aio threads`, each through the page cache (`--cache writeback`) and with O_DIRECT
 //! (`--cache none`), runs interleaved, medians printed with each one's ratio to its own
-//! backend's buffered time.
+//! backend's buffered time. The matrix runs twice: with the base in the page cache (warm, as
+//! every other case here), and cold, the base's pages dropped before each run (`dd
+//! iflag=nocache count=0`): with `--cache none` the base is read from the disk either way (the
+//! backing inherits the cache mode, as in QEMU), so the cold rows compare the two modes on the
+//! same reads.
 //!
 //! `cargo build --release -p engine --bin qedstream && cargo run --release -p qedstream-benches
 //! --bin stream-compare [-- --quick] [--runs N] [--io-only] [--tls-only]` (the `qedstream`
@@ -410,12 +414,33 @@ const IO_CONFIGS: [(&str, [&str; 4]); 4] = [
     ("threads/none", ["--aio", "threads", "--cache", "none"]),
 ];
 
-/// `qedstream stream` over the raw base under each configuration, interleaved run by run.
+/// Drops the base's pages from the page cache (GNU dd: `iflag=nocache count=0` advises
+/// the kernel to drop the whole file).
+fn drop_base_cache(d: &Path) {
+    ok_command(Command::new("dd").current_dir(d).args([
+        "if=base.raw",
+        "iflag=nocache",
+        "count=0",
+        "status=none",
+    ]));
+}
+
+/// `qedstream stream` over the raw base under each configuration, interleaved run by run,
+/// with the base warm in the page cache and then with it dropped before each run.
 fn io_matrix(bin: &Path, d: &Path, runs: usize, data: u64) {
+    for cold in [false, true] {
+        io_matrix_runs(bin, d, runs, data, cold);
+    }
+}
+
+fn io_matrix_runs(bin: &Path, d: &Path, runs: usize, data: u64, cold: bool) {
     let mut times: Vec<Vec<Duration>> = vec![Vec::new(); IO_CONFIGS.len()];
     for _ in 0..runs {
         for (i, (_, options)) in IO_CONFIGS.iter().enumerate() {
             overlay(d, "io.qed", "base.raw");
+            if cold {
+                drop_base_cache(d);
+            }
             let t = timed(
                 Command::new(bin)
                     .current_dir(d)
@@ -427,11 +452,21 @@ fn io_matrix(bin: &Path, d: &Path, runs: usize, data: u64) {
             compare(d, "io.qed");
         }
     }
+    if cold {
+        // What the other cases expect: the base back in the page cache.
+        ok_command(Command::new("dd").current_dir(d).args([
+            "if=base.raw",
+            "of=/dev/null",
+            "bs=4M",
+            "status=none",
+        ]));
+    }
     let medians: Vec<f64> = times.iter().map(|t| median_d(t).as_secs_f64()).collect();
+    let base = if cold { "cold" } else { "warm" };
     for (i, (name, _)) in IO_CONFIGS.iter().enumerate() {
         let t = medians[i];
         println!(
-            "stream, raw file, {name:<20} {t:>7.3}s ({:>6.0} MB/s of data)   / own buffered {:>5.2}x   / io_uring/writeback {:>5.2}x",
+            "stream, raw file ({base} base), {name:<20} {t:>7.3}s ({:>6.0} MB/s of data)   / own buffered {:>5.2}x   / io_uring/writeback {:>5.2}x",
             data as f64 / t / 1e6,
             t / medians[i - i % 2],
             t / medians[0]

@@ -50,7 +50,7 @@ use crate::error::{blocking, Error, Result};
 use crate::gate::Gate;
 use crate::image::{on_image, qed_status, read_local, read_local_bufs, read_local_into};
 use crate::lock::{RangeGuard, RangeLock};
-use crate::pool::{BufferPool, Chunks};
+use crate::pool::Chunks;
 
 /// Options for [`CorDevice::open`].
 #[derive(Clone, Debug)]
@@ -597,14 +597,9 @@ impl CorDevice {
     }
 
     /// [`Populate::fetch_range`]: locks the unit, finds what the image lacks, and reads the
-    /// windows of `pool`'s chunks that hold it from the backing (whole chunks, zeros past the
+    /// windows of `chunks` that hold it from the backing (whole chunks, zeros past the
     /// backing's end).
-    pub async fn fetch_range(
-        &self,
-        offset: u64,
-        length: u64,
-        pool: &BufferPool,
-    ) -> Result<Fetched> {
+    pub async fn fetch_range(&self, offset: u64, length: u64, chunks: Chunks) -> Result<Fetched> {
         self.closed.check()?;
         check_range(offset, length, self.size())?;
         if self.image.is_read_only() {
@@ -619,7 +614,13 @@ impl CorDevice {
             return Ok(unit);
         }
         let (lo, hi) = self.widen(offset, offset + length);
-        let mut chunks = pool.take(hi - lo).await?;
+        if chunks.len() != hi - lo {
+            return Err(Error::BuffersMismatch {
+                need: hi - lo,
+                have: chunks.len(),
+            });
+        }
+        let mut chunks = chunks;
         let guard = self.lock(lo, hi).await;
         // The link may have been dropped while we waited.
         let backing = self.backing();
@@ -1092,13 +1093,8 @@ impl Populate for CorDevice {
         Box::pin(CorDevice::populate_range(self, offset, length))
     }
 
-    fn fetch_range<'a>(
-        &'a self,
-        offset: u64,
-        length: u64,
-        pool: &'a BufferPool,
-    ) -> IoFuture<'a, Fetched> {
-        Box::pin(CorDevice::fetch_range(self, offset, length, pool))
+    fn fetch_range(&self, offset: u64, length: u64, chunks: Chunks) -> IoFuture<'_, Fetched> {
+        Box::pin(CorDevice::fetch_range(self, offset, length, chunks))
     }
 
     fn store_fetched(&self, units: Vec<Fetched>) -> IoFuture<'_, PopulateStats> {

@@ -244,15 +244,19 @@ pub trait Populate: BlockDevice {
     fn populate_range(&self, offset: u64, length: u64) -> IoFuture<'_, PopulateStats>;
     /// The first half of [`Populate::populate_range`], for callers that store many units at
     /// once: locks `[offset, offset + length)` (whole clusters), looks up what the local layer
-    /// lacks and reads it from the backing into buffers of `pool` (taken before the lock, so
-    /// no range stays locked while the pool is full). Nothing is stored until
+    /// lacks and reads it from the backing into `chunks`, buffers the caller took from a
+    /// [`crate::BufferPool`] for the unit's length before (so no range stays locked while the
+    /// pool is full, and a caller that takes them in order never lets a later unit hold the
+    /// buffers an earlier one waits for). `chunks` must hold exactly the unit widened to whole
+    /// clusters (the unit itself when it is whole clusters, the last one ending at the disk's
+    /// end), else [`crate::Error::BuffersMismatch`]. Nothing is stored until
     /// [`Populate::store_fetched`]; dropping the unit unlocks it and gives its buffers back.
-    fn fetch_range<'a>(
-        &'a self,
+    fn fetch_range(
+        &self,
         offset: u64,
         length: u64,
-        pool: &'a crate::pool::BufferPool,
-    ) -> IoFuture<'a, crate::cor::Fetched>;
+        chunks: crate::pool::Chunks,
+    ) -> IoFuture<'_, crate::cor::Fetched>;
     /// The second half: stores fetched units (disjoint, in any order) with one flush for them
     /// all before their L2 updates ([`qed::Image::populate_batch`]), then unlocks them and
     /// gives their buffers back. Clusters a guest wrote since are never in a unit (the lock

@@ -101,6 +101,15 @@ pub enum Error {
         /// The pool's budget.
         budget: u64,
     },
+    /// Buffers given to [`crate::Populate::fetch_range`] do not hold its unit, widened to
+    /// whole clusters, exactly.
+    #[error("a copy of {need} bytes was given buffers of {have} bytes")]
+    BuffersMismatch {
+        /// The unit's bytes, widened to whole clusters.
+        need: u64,
+        /// The buffers' bytes.
+        have: u64,
+    },
     /// The device was closed, or the backing link was dropped while a request needed it.
     #[error("the device is closed")]
     Closed,

@@ -655,12 +655,15 @@ async fn copy_unit(
     dev: Arc<dyn Populate>,
     handle: StreamHandle,
     commits: mpsc::UnboundedSender<Commit>,
-    offset: u64,
-    len: u64,
+    (offset, len): (u64, u64),
+    chunks: Option<copy_on_read::Chunks>,
     retries: u32,
 ) -> Result<()> {
-    let pool = handle.shared.pool.clone();
-    match dev.fetch_range(offset, len, &pool).await {
+    // Without buffers (a request larger than the whole budget) it is copied alone.
+    let Some(chunks) = chunks else {
+        return copy_one(dev, handle, offset, len, retries).await;
+    };
+    match dev.fetch_range(offset, len, chunks).await {
         Ok(unit) => {
             let (tx, rx) = oneshot::channel();
             if commits.send((unit, tx)).is_ok() && rx.await == Ok(true) {
@@ -669,9 +672,11 @@ async fn copy_unit(
         }
         // A failure the backing would give again (a request its server dies on, after the
         // client's own bounded resends): sending it once more alone would only multiply it,
-        // so the job's error policy decides at once. A request larger than the buffer budget
-        // is copied alone.
-        Err(e) if !e.is_retryable() && !matches!(e, copy_on_read::Error::OverBudget { .. }) => {
+        // so the job's error policy decides at once. Buffers that do not fit the request
+        // (never from the window's own requests) leave it to be copied alone.
+        Err(e)
+            if !e.is_retryable() && !matches!(e, copy_on_read::Error::BuffersMismatch { .. }) =>
+        {
             match after_error(&handle, offset, len, Error::device(e)).await? {
                 AfterError::Retry => {}
                 AfterError::Skip => return Ok(()),
@@ -1013,11 +1018,13 @@ fn request_max(options: &StreamOptions, cs: u64, chunk: u64, limit: u64) -> u64 
 }
 
 /// Copies the requests of one planned window `[pos, to)`, [`StreamOptions::in_flight`] at a
-/// time, keeping the progress offset at the lowest request still in flight. The first failure
-/// (the job's error policy has already decided to fail) and a cancel abort the requests still
-/// in flight and return at once: waiting for them could take the backing's whole timeouts
-/// (behind nbdkit's curl plugin with its web server down, a minute). What they fetched is not
-/// stored; a store already started finishes in the background, under its range locks.
+/// time, keeping the progress offset at the lowest request still in flight. Each request's
+/// buffers are taken here, in request order, before it starts ([`take_in_order`]). The first
+/// failure (the job's error policy has already decided to fail) and a cancel abort the
+/// requests still in flight and return at once: waiting for them could take the backing's
+/// whole timeouts (behind nbdkit's curl plugin with its web server down, a minute). What they
+/// fetched is not stored; a store already started finishes in the background, under its range
+/// locks.
 async fn copy_window(
     dev: &Arc<dyn Populate>,
     h: &StreamHandle,
@@ -1026,7 +1033,6 @@ async fn copy_window(
     pos: u64,
     to: u64,
 ) -> Result<()> {
-    let mut set: JoinSet<(u64, Result<()>)> = JoinSet::new();
     let (commits, queue) = mpsc::unbounded_channel();
     let _committer = AbortOnDrop(tokio::spawn(committer(
         Arc::clone(dev),
@@ -1034,59 +1040,109 @@ async fn copy_window(
         queue,
         h.shared.pool.budget() / 4,
     )));
-    let mut in_flight: std::collections::BTreeSet<u64> = Default::default();
+    let mut f = InFlight {
+        set: JoinSet::new(),
+        offsets: Default::default(),
+        h,
+    };
     let mut next = 0;
-    while next < reqs.len() || !set.is_empty() {
-        while next < reqs.len() && set.len() < options.in_flight.max(1) {
+    let start_of = |next: usize| reqs.get(next).map_or(to, |r| r.0);
+    while next < reqs.len() || !f.set.is_empty() {
+        while next < reqs.len() && f.set.len() < options.in_flight.max(1) {
             let (o, l) = reqs[next];
             if h.wait_unpaused().await || h.charge(l).await {
-                set.abort_all();
-                return Err(h.cancelled_at(in_flight.first().copied().unwrap_or(o)));
+                return Err(f.cancelled(o));
             }
-            in_flight.insert(o);
+            let chunks = take_in_order(&mut f, l, o).await?;
+            f.offsets.insert(o);
             h.shared
                 .offset
-                .store(in_flight.first().copied().unwrap_or(o), Ordering::Release);
+                .store(f.offsets.first().copied().unwrap_or(o), Ordering::Release);
             let (d, hh, retries) = (Arc::clone(dev), h.clone(), options.retries);
             let tx = commits.clone();
-            set.spawn(async move { (o, copy_unit(d, hh, tx, o, l, retries).await) });
+            f.set
+                .spawn(async move { (o, copy_unit(d, hh, tx, (o, l), chunks, retries).await) });
             next += 1;
         }
-        if set.is_empty() {
+        if f.set.is_empty() {
             break;
         }
-        let joined = tokio::select! {
-            j = set.join_next() => j,
+        tokio::select! {
+            Some(j) = f.set.join_next() => f.reap(j, start_of(next))?,
             c = h.cancelled_or_nudged() => {
                 if c {
-                    set.abort_all();
-                    return Err(h.cancelled_at(in_flight.first().copied().unwrap_or(pos)));
+                    return Err(f.cancelled(pos));
                 }
-                continue;
-            }
-        };
-        let Some(j) = joined else { break };
-        match j {
-            Ok((o, Ok(()))) => {
-                in_flight.remove(&o);
-                let frontier = in_flight
-                    .first()
-                    .copied()
-                    .unwrap_or_else(|| reqs.get(next).map_or(to, |r| r.0));
-                h.shared.offset.store(frontier, Ordering::Release);
-            }
-            Ok((_, Err(e))) => {
-                set.abort_all();
-                return Err(e);
-            }
-            Err(e) if e.is_cancelled() => {}
-            Err(e) => {
-                set.abort_all();
-                return Err(Error::task("stream copy")(e));
             }
         }
     }
     Ok(())
+}
+
+/// The requests of one window in flight (each returns its offset), and their offsets.
+struct InFlight<'a> {
+    set: JoinSet<(u64, Result<()>)>,
+    offsets: std::collections::BTreeSet<u64>,
+    h: &'a StreamHandle,
+}
+
+impl InFlight<'_> {
+    /// Takes in a request that ended: its error aborts the others and comes back; otherwise
+    /// the progress offset moves to the lowest request still in flight (`next_start`, the next
+    /// request's start, when none is).
+    fn reap(
+        &mut self,
+        joined: std::result::Result<(u64, Result<()>), tokio::task::JoinError>,
+        next_start: u64,
+    ) -> Result<()> {
+        let failed = match joined {
+            Ok((o, Ok(()))) => {
+                self.offsets.remove(&o);
+                let frontier = self.offsets.first().copied().unwrap_or(next_start);
+                self.h.shared.offset.store(frontier, Ordering::Release);
+                return Ok(());
+            }
+            Ok((_, Err(e))) => e,
+            Err(e) if e.is_cancelled() => return Ok(()),
+            Err(e) => Error::task("stream copy")(e),
+        };
+        self.set.abort_all();
+        Err(failed)
+    }
+
+    /// Aborts every request and says where the job stopped: the lowest request in flight, or
+    /// `fallback`.
+    fn cancelled(&mut self, fallback: u64) -> Error {
+        self.set.abort_all();
+        self.h
+            .cancelled_at(self.offsets.first().copied().unwrap_or(fallback))
+    }
+}
+
+/// The buffers for the next request, `len` bytes at `offset`, taken by the window in request
+/// order rather than by each request as it starts: a request never waits for buffers that
+/// later ones hold. (Taken by the requests, whichever ran first took them; behind a backing
+/// that fails the first request at once and never answers the others, the first could find
+/// every buffer held by requests that would never end, and the job hung instead of failing.)
+/// Requests that end meanwhile are taken in, and a cancel returns. `None` when the pool
+/// refuses (a request over the whole budget): the request is then copied alone.
+async fn take_in_order(
+    f: &mut InFlight<'_>,
+    len: u64,
+    offset: u64,
+) -> Result<Option<copy_on_read::Chunks>> {
+    let pool = f.h.shared.pool.clone();
+    loop {
+        tokio::select! {
+            chunks = pool.take(len) => return Ok(chunks.ok()),
+            Some(j) = f.set.join_next(), if !f.set.is_empty() => f.reap(j, offset)?,
+            c = f.h.cancelled_or_nudged() => {
+                if c {
+                    return Err(f.cancelled(offset));
+                }
+            }
+        }
+    }
 }
 
 /// What [`step`] did.

@@ -148,9 +148,12 @@ fn a_batch_of_units_shares_one_flush() {
     let backing = random_bytes(16 << 20, 1);
     let (disk, flushes) = overlay(&backing, Duration::from_millis(30));
     let units = (16u64 << 20) / (256 << 10);
+    // Each 256 KiB unit takes one of the pool's 1 MiB buffers (over a local backing): a budget
+    // of 64 of them lets every unit be in flight at once.
     let options = StreamOptions {
         request_bytes: 256 << 10,
         in_flight: 64,
+        buffer_budget: 64 << 20,
         ..StreamOptions::default()
     };
     let outcome = stream(&disk, options, &backing);

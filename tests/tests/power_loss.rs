@@ -330,7 +330,8 @@ impl Recorder {
                 let stats = d.block_on(async {
                     let mut fetched = Vec::new();
                     for &(o, l) in units {
-                        fetched.push(dev.fetch_range(o, l, &pool).await.unwrap());
+                        let chunks = pool.take(l).await.unwrap();
+                        fetched.push(dev.fetch_range(o, l, chunks).await.unwrap());
                     }
                     // Stored in another order than fetched: the batch sorts them.
                     fetched.reverse();

@@ -5,13 +5,12 @@
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use qedstream_tests::qmp::Qmp;
 use qedstream_tests::tools;
 use serde_json::{json, Value};
 
-use crate::qedstream_binary;
+use crate::{qedstream_binary, qsd_with_qed_nodes, terminate, wait_for_server};
 
 /// A server process, SIGTERM then SIGKILL when stopped.
 #[derive(Debug)]
@@ -33,30 +32,16 @@ impl Server {
         ticks / hz
     }
 
+    /// Stops the server: SIGTERM, SIGKILL after 10 s ([`terminate`]).
     pub fn stop(mut self) {
-        // SAFETY: kill(2) on the pid of our own child, not yet reaped (wait below).
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        terminate(&mut self.child);
     }
 }
 
+/// Waits until `sock` exists ([`wait_for_server`]; a vhost-user socket is not probed by
+/// connecting, which would open a vhost-user session).
 pub fn wait_for_socket(sock: &Path, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !sock.exists() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("server exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_server(child, || sock.exists());
 }
 
 /// `qedstream serve --output=json --vhost-user-blk SOCK [--read-only] IMAGE`, waited for.
@@ -94,22 +79,7 @@ pub fn start_ours_with(image: &Path, sock: &Path, read_only: bool, extra: &[&str
 /// (`cor`) a writable qed over its backing under a copy-on-read filter.
 pub fn start_qsd(image: &Path, sock: &Path, cor: bool) -> Server {
     let _ = std::fs::remove_file(sock);
-    let ro = if cor { "off" } else { "on" };
-    let img = image.display();
-    let mut cmd = Command::new("qemu-storage-daemon");
-    cmd.arg("--blockdev")
-        .arg(format!(
-            "driver=file,filename={img},node-name=f0,read-only={ro}"
-        ))
-        .arg("--blockdev")
-        .arg(format!("driver=qed,file=f0,node-name=d0,read-only={ro}"));
-    let node = if cor {
-        cmd.arg("--blockdev")
-            .arg("driver=copy-on-read,file=d0,node-name=c0");
-        "c0"
-    } else {
-        "d0"
-    };
+    let (mut cmd, node) = qsd_with_qed_nodes(image, cor, cor);
     cmd.arg("--export")
         .arg(format!(
             "type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,addr.path={},writable={},num-queues=1",
@@ -129,12 +99,8 @@ pub fn start_qsd(image: &Path, sock: &Path, cor: bool) -> Server {
 pub fn start_qsd_streamable(image: &Path, sock: &Path, qmp: &Path) -> Server {
     let _ = std::fs::remove_file(sock);
     let _ = std::fs::remove_file(qmp);
-    let mut cmd = Command::new("qemu-storage-daemon");
-    cmd.arg("--blockdev")
-        .arg(format!("driver=file,filename={},node-name=f0", image.display()))
-        .arg("--blockdev")
-        .arg("driver=qed,file=f0,node-name=d0")
-        .arg("--chardev")
+    let (mut cmd, _) = qsd_with_qed_nodes(image, true, false);
+    cmd.arg("--chardev")
         .arg(format!("socket,id=m,path={},server=on,wait=off", qmp.display()))
         .arg("--monitor")
         .arg("chardev=m")

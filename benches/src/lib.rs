@@ -5,8 +5,8 @@
 //! - `cargo run --release -p qedstream-benches --bin qed-compare`: the same workloads run side
 //!   by side with `qemu-io` and `qemu-img convert -O qed` in one run, printed as ratios.
 //!
-//! Helpers shared by the runners live here (server processes: [`qsd_with_qed_nodes`],
-//! [`wait_for_server`], [`terminate`]); [`vhost`]: the vhost-user-blk servers compared.
+//! Helpers shared by the runners live here (server processes: [`serve_command`] and
+//! [`start_until_ready`], [`qsd_with_qed_nodes`], [`wait_for_server`], [`terminate`]); [`vhost`]: the vhost-user-blk servers compared.
 
 pub mod vhost;
 
@@ -106,6 +106,34 @@ pub fn qedstream_binary() -> std::path::PathBuf {
         p.display()
     );
     p
+}
+
+/// `qedstream serve --output=json` ([`qedstream_binary`]), to which the caller adds its
+/// arguments; started with [`start_until_ready`].
+pub fn serve_command() -> std::process::Command {
+    let mut cmd = std::process::Command::new(qedstream_binary());
+    cmd.arg("serve").arg("--output=json");
+    cmd
+}
+
+/// The JSON lines a `qedstream serve --output=json` prints after its ready line.
+pub type ServeLines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
+
+/// Starts `cmd` (a [`serve_command`]; stdout piped, stderr inherited) and waits for its
+/// `ready` line: the process, and the lines it prints after that.
+pub fn start_until_ready(cmd: &mut std::process::Command) -> (std::process::Child, ServeLines) {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = qedstream_tests::tools::spawn(cmd).expect("starting qedstream serve");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let first = lines.next().expect("ready line").expect("stdout");
+    let ready: serde_json::Value = serde_json::from_str(&first).expect("JSON ready line");
+    assert_eq!(ready["event"], "ready", "{ready}");
+    (child, lines)
 }
 
 /// A `qemu-storage-daemon` command holding `image`'s block nodes and no export yet: a file

@@ -2,15 +2,14 @@
 //! binary, as users run it) and qemu-storage-daemon's `--export type=vhost-user-blk`, started
 //! and stopped as processes, with their CPU time and their block jobs asked over QMP.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 
 use qedstream_tests::qmp::Qmp;
 use qedstream_tests::tools;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::{qedstream_binary, qsd_with_qed_nodes, terminate, wait_for_server};
+use crate::{qsd_with_qed_nodes, serve_command, start_until_ready, terminate, wait_for_server};
 
 /// A server process, SIGTERM then SIGKILL when stopped.
 #[derive(Debug)]
@@ -52,25 +51,13 @@ pub fn start_ours(image: &Path, sock: &Path, read_only: bool) -> Server {
 /// [`start_ours`] with more arguments to `serve`.
 pub fn start_ours_with(image: &Path, sock: &Path, read_only: bool, extra: &[&str]) -> Server {
     let _ = std::fs::remove_file(sock);
-    let mut cmd = Command::new(qedstream_binary());
-    cmd.arg("serve")
-        .arg("--output=json")
-        .arg("--vhost-user-blk")
-        .arg(sock)
-        .args(extra);
+    let mut cmd = serve_command();
+    cmd.arg("--vhost-user-blk").arg(sock).args(extra);
     if read_only {
         cmd.arg("--read-only");
     }
-    cmd.arg(image)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut child = tools::spawn(&mut cmd).expect("starting qedstream serve");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let ready: Value = serde_json::from_str(&lines.next().expect("ready line").expect("stdout"))
-        .expect("JSON ready line");
-    assert_eq!(ready["event"], "ready", "{ready}");
+    cmd.arg(image);
+    let (child, lines) = start_until_ready(&mut cmd);
     std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
     Server { child }
 }

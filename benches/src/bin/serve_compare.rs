@@ -43,7 +43,9 @@ use std::time::{Duration, Instant};
 
 use nbd_client::{Client, ClientConfig};
 use qedstream_benches::XorShift;
-use qedstream_benches::{qedstream_binary, qsd_with_qed_nodes, terminate, wait_for_server};
+use qedstream_benches::{
+    qsd_with_qed_nodes, serve_command, start_until_ready, terminate, wait_for_server,
+};
 use qedstream_tests::tools;
 use serde_json::Value;
 
@@ -83,22 +85,12 @@ fn wait_for_socket(sock: &Path, child: &mut Child) {
 /// `qedstream serve --output=json --nbd unix:SOCK [extra] IMAGE`; waits for the ready line
 /// and watches stdout for the job's completion.
 fn start_ours(image: &Path, sock: &Path, extra: &[&str]) -> Served {
-    let mut cmd = Command::new(qedstream_binary());
-    cmd.arg("serve")
-        .arg("--output=json")
-        .arg("--nbd")
+    let mut cmd = serve_command();
+    cmd.arg("--nbd")
         .arg(format!("unix:{}", sock.display()))
         .args(extra)
-        .arg(image)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut child = tools::spawn(&mut cmd).expect("starting qedstream serve");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let ready: Value = serde_json::from_str(&lines.next().expect("ready line").expect("stdout"))
-        .expect("JSON ready line");
-    assert_eq!(ready["event"], "ready", "{ready}");
+        .arg(image);
+    let (child, lines) = start_until_ready(&mut cmd);
     let running = Arc::new(AtomicBool::new(extra.contains(&"--stream")));
     let flag = Arc::clone(&running);
     std::thread::spawn(move || {

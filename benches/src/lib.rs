@@ -5,7 +5,8 @@
 //! - `cargo run --release -p qedstream-benches --bin qed-compare`: the same workloads run side
 //!   by side with `qemu-io` and `qemu-img convert -O qed` in one run, printed as ratios.
 //!
-//! Helpers shared by the runners live here; [`vhost`]: the vhost-user-blk servers compared.
+//! Helpers shared by the runners live here (server processes: [`serve_command`] and
+//! [`start_until_ready`], [`qsd_with_qed_nodes`], [`wait_for_server`], [`terminate`]); [`vhost`]: the vhost-user-blk servers compared.
 
 pub mod vhost;
 
@@ -105,4 +106,87 @@ pub fn qedstream_binary() -> std::path::PathBuf {
         p.display()
     );
     p
+}
+
+/// `qedstream serve --output=json` ([`qedstream_binary`]), to which the caller adds its
+/// arguments; started with [`start_until_ready`].
+pub fn serve_command() -> std::process::Command {
+    let mut cmd = std::process::Command::new(qedstream_binary());
+    cmd.arg("serve").arg("--output=json");
+    cmd
+}
+
+/// The JSON lines a `qedstream serve --output=json` prints after its ready line.
+pub type ServeLines = std::io::Lines<std::io::BufReader<std::process::ChildStdout>>;
+
+/// Starts `cmd` (a [`serve_command`]; stdout piped, stderr inherited) and waits for its
+/// `ready` line: the process, and the lines it prints after that.
+pub fn start_until_ready(cmd: &mut std::process::Command) -> (std::process::Child, ServeLines) {
+    use std::io::BufRead;
+    use std::process::Stdio;
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let mut child = qedstream_tests::tools::spawn(cmd).expect("starting qedstream serve");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let first = lines.next().expect("ready line").expect("stdout");
+    let ready: serde_json::Value = serde_json::from_str(&first).expect("JSON ready line");
+    assert_eq!(ready["event"], "ready", "{ready}");
+    (child, lines)
+}
+
+/// A `qemu-storage-daemon` command holding `image`'s block nodes and no export yet: a file
+/// node `f0` and a qed node `d0` over it, both read-only unless `writable`, and with
+/// `copy_on_read` a copy-on-read filter `c0` over `d0`. Returns the command and the node to
+/// export (`c0` or `d0`); the caller adds the export (vhost-user-blk, NBD, ...).
+pub fn qsd_with_qed_nodes(
+    image: &std::path::Path,
+    writable: bool,
+    copy_on_read: bool,
+) -> (std::process::Command, &'static str) {
+    let ro = if writable { "off" } else { "on" };
+    let img = image.display();
+    let mut cmd = std::process::Command::new("qemu-storage-daemon");
+    cmd.arg("--blockdev")
+        .arg(format!(
+            "driver=file,filename={img},node-name=f0,read-only={ro}"
+        ))
+        .arg("--blockdev")
+        .arg(format!("driver=qed,file=f0,node-name=d0,read-only={ro}"));
+    if !copy_on_read {
+        return (cmd, "d0");
+    }
+    cmd.arg("--blockdev")
+        .arg("driver=copy-on-read,file=d0,node-name=c0");
+    (cmd, "c0")
+}
+
+/// Waits until `ready()` holds (a socket exists, or accepts): 30 s at most, polled every
+/// 10 ms. Panics when `child` (the server) exits first or the time runs out.
+pub fn wait_for_server(child: &mut std::process::Child, ready: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !ready() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("server exited early: {status}");
+        }
+        assert!(std::time::Instant::now() < deadline, "server did not start");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Stops a server process: SIGTERM, then SIGKILL when it has not exited 10 s later; reaped
+/// either way.
+pub fn terminate(child: &mut std::process::Child) {
+    // SAFETY: kill(2) on the pid of our own child, not yet reaped (reaped below).
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }

@@ -2,16 +2,14 @@
 //! binary, as users run it) and qemu-storage-daemon's `--export type=vhost-user-blk`, started
 //! and stopped as processes, with their CPU time and their block jobs asked over QMP.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Stdio};
 
 use qedstream_tests::qmp::Qmp;
 use qedstream_tests::tools;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use crate::qedstream_binary;
+use crate::{qsd_with_qed_nodes, serve_command, start_until_ready, terminate, wait_for_server};
 
 /// A server process, SIGTERM then SIGKILL when stopped.
 #[derive(Debug)]
@@ -33,30 +31,16 @@ impl Server {
         ticks / hz
     }
 
+    /// Stops the server: SIGTERM, SIGKILL after 10 s ([`terminate`]).
     pub fn stop(mut self) {
-        // SAFETY: kill(2) on the pid of our own child, not yet reaped (wait below).
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        terminate(&mut self.child);
     }
 }
 
+/// Waits until `sock` exists ([`wait_for_server`]; a vhost-user socket is not probed by
+/// connecting, which would open a vhost-user session).
 pub fn wait_for_socket(sock: &Path, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !sock.exists() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("server exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_server(child, || sock.exists());
 }
 
 /// `qedstream serve --output=json --vhost-user-blk SOCK [--read-only] IMAGE`, waited for.
@@ -67,25 +51,13 @@ pub fn start_ours(image: &Path, sock: &Path, read_only: bool) -> Server {
 /// [`start_ours`] with more arguments to `serve`.
 pub fn start_ours_with(image: &Path, sock: &Path, read_only: bool, extra: &[&str]) -> Server {
     let _ = std::fs::remove_file(sock);
-    let mut cmd = Command::new(qedstream_binary());
-    cmd.arg("serve")
-        .arg("--output=json")
-        .arg("--vhost-user-blk")
-        .arg(sock)
-        .args(extra);
+    let mut cmd = serve_command();
+    cmd.arg("--vhost-user-blk").arg(sock).args(extra);
     if read_only {
         cmd.arg("--read-only");
     }
-    cmd.arg(image)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut child = tools::spawn(&mut cmd).expect("starting qedstream serve");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let ready: Value = serde_json::from_str(&lines.next().expect("ready line").expect("stdout"))
-        .expect("JSON ready line");
-    assert_eq!(ready["event"], "ready", "{ready}");
+    cmd.arg(image);
+    let (child, lines) = start_until_ready(&mut cmd);
     std::thread::spawn(move || lines.map_while(Result::ok).for_each(drop));
     Server { child }
 }
@@ -94,22 +66,7 @@ pub fn start_ours_with(image: &Path, sock: &Path, read_only: bool, extra: &[&str
 /// (`cor`) a writable qed over its backing under a copy-on-read filter.
 pub fn start_qsd(image: &Path, sock: &Path, cor: bool) -> Server {
     let _ = std::fs::remove_file(sock);
-    let ro = if cor { "off" } else { "on" };
-    let img = image.display();
-    let mut cmd = Command::new("qemu-storage-daemon");
-    cmd.arg("--blockdev")
-        .arg(format!(
-            "driver=file,filename={img},node-name=f0,read-only={ro}"
-        ))
-        .arg("--blockdev")
-        .arg(format!("driver=qed,file=f0,node-name=d0,read-only={ro}"));
-    let node = if cor {
-        cmd.arg("--blockdev")
-            .arg("driver=copy-on-read,file=d0,node-name=c0");
-        "c0"
-    } else {
-        "d0"
-    };
+    let (mut cmd, node) = qsd_with_qed_nodes(image, cor, cor);
     cmd.arg("--export")
         .arg(format!(
             "type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,addr.path={},writable={},num-queues=1",
@@ -129,12 +86,8 @@ pub fn start_qsd(image: &Path, sock: &Path, cor: bool) -> Server {
 pub fn start_qsd_streamable(image: &Path, sock: &Path, qmp: &Path) -> Server {
     let _ = std::fs::remove_file(sock);
     let _ = std::fs::remove_file(qmp);
-    let mut cmd = Command::new("qemu-storage-daemon");
-    cmd.arg("--blockdev")
-        .arg(format!("driver=file,filename={},node-name=f0", image.display()))
-        .arg("--blockdev")
-        .arg("driver=qed,file=f0,node-name=d0")
-        .arg("--chardev")
+    let (mut cmd, _) = qsd_with_qed_nodes(image, true, false);
+    cmd.arg("--chardev")
         .arg(format!("socket,id=m,path={},server=on,wait=off", qmp.display()))
         .arg("--monitor")
         .arg("chardev=m")

@@ -831,20 +831,22 @@ impl CorDevice {
         Ok(pieces)
     }
 
+    /// Refuses a read of `length` bytes at `offset` when the device is closed or the range
+    /// runs past its end: the first check of every guest read.
+    fn check_read(&self, offset: u64, length: u64) -> Result<()> {
+        self.closed.check()?;
+        check_range(offset, length, self.size())
+    }
+
     /// A guest read: local data straight into the caller's segments; what the image lacks is
     /// fetched into a buffer of ours, stored (copy-on-read) and copied out.
     async fn guest_readv(&self, offset: u64, bufs: IoBufs) -> Result<IoBufs> {
-        self.closed.check()?;
         let len = bufs.len() as u64;
-        check_range(offset, len, self.size())?;
+        self.check_read(offset, len)?;
         let image = Arc::clone(&self.image);
         let name = self.name.clone();
-        let (mut bufs, missing) = blocking(move || {
-            let mut bufs = bufs;
-            let missing = read_local_bufs(&image, &name, &mut bufs, offset)?;
-            Ok((bufs, missing))
-        })
-        .await?;
+        let (mut bufs, missing) =
+            blocking(move || read_local_bufs(&image, &name, bufs, offset)).await?;
         if missing.is_empty() {
             return Ok(bufs);
         }
@@ -917,8 +919,7 @@ impl CorDevice {
     /// [`BlockDevice::read_mapped`]: one blocking hop maps the range and, when the image
     /// answers it alone (no unallocated cluster over a backing), reads it in the same hop.
     async fn guest_read_mapped(&self, offset: u64, buf: Vec<u8>) -> Result<MappedRead> {
-        self.closed.check()?;
-        check_range(offset, buf.len() as u64, self.size())?;
+        self.check_read(offset, buf.len() as u64)?;
         // Without a backing (none, or its link dropped) unallocated clusters read as zeros.
         let has_backing = self.backing().is_some();
         let image = Arc::clone(&self.image);
@@ -1123,10 +1124,9 @@ impl BlockDevice for CorDevice {
         Box::pin(self.guest_read_mapped(offset, buf))
     }
 
-    fn read_blocking(&self, offset: u64, mut bufs: IoBufs) -> Result<BlockingRead> {
-        self.closed.check()?;
-        check_range(offset, bufs.len() as u64, self.size())?;
-        let missing = read_local_bufs(&self.image, &self.name, &mut bufs, offset)?;
+    fn read_blocking(&self, offset: u64, bufs: IoBufs) -> Result<BlockingRead> {
+        self.check_read(offset, bufs.len() as u64)?;
+        let (mut bufs, missing) = read_local_bufs(&self.image, &self.name, bufs, offset)?;
         if missing.is_empty() {
             return Ok(Ok(bufs));
         }

@@ -53,14 +53,15 @@ pub(crate) fn read_local_into(
     Ok(holes.into_iter().map(|(at, len)| (at.0, len)).collect())
 }
 
-/// [`read_local_into`] over every segment of `bufs` (the request at `offset`): local data
-/// lands in the caller's memory with no copy of ours.
+/// [`read_local_into`] over every segment of `bufs` (the request at `offset`), blocking: local
+/// data lands in the caller's memory with no copy of ours. Returns the buffers and the
+/// unallocated ranges (guest offsets) still to fill from the backing.
 pub(crate) fn read_local_bufs(
     image: &Image,
     name: &str,
-    bufs: &mut IoBufs,
+    mut bufs: IoBufs,
     offset: u64,
-) -> Result<Vec<(u64, u64)>> {
+) -> Result<(IoBufs, Vec<(u64, u64)>)> {
     let mut missing: Vec<(u64, u64)> = Vec::new();
     for (at, seg) in bufs.segments_mut() {
         for (o, l) in read_local_into(image, name, seg, offset + at as u64)? {
@@ -70,7 +71,7 @@ pub(crate) fn read_local_bufs(
             }
         }
     }
-    Ok(missing)
+    Ok((bufs, missing))
 }
 
 /// The local part of a read: the buffer with allocated and zero ranges filled, and the
@@ -206,12 +207,8 @@ impl BlockDevice for QedImage {
             check_range(offset, bufs.len() as u64, self.size())?;
             let image = Arc::clone(&self.image);
             let name = self.name.clone();
-            let (mut bufs, missing) = blocking(move || {
-                let mut bufs = bufs;
-                let missing = read_local_bufs(&image, &name, &mut bufs, offset)?;
-                Ok((bufs, missing))
-            })
-            .await?;
+            let (mut bufs, missing) =
+                blocking(move || read_local_bufs(&image, &name, bufs, offset)).await?;
             fill_missing(self.backing.as_ref(), offset, &mut bufs, missing).await?;
             Ok(bufs)
         })

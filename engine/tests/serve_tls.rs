@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use nbd_proto::*;
 use qedstream_tests::served::Served;
-use qedstream_tests::tls::{Pki, Validity};
+use qedstream_tests::tls::{convert_args, Pki, Validity};
 use qedstream_tests::tools::{ok, run_command, run_with_deadline};
 
 /// The longest a log line may take to appear: only a hang guard.
@@ -93,6 +93,14 @@ fn images(dir: &Path) {
     );
 }
 
+/// A test directory with its credentials ([`creds`]) and images ([`images`]).
+fn setup() -> (tempfile::TempDir, Creds) {
+    let dir = qedstream_tests::tempdir();
+    let c = creds(dir.path());
+    images(dir.path());
+    (dir, c)
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().expect("UTF-8 test paths")
 }
@@ -104,6 +112,42 @@ fn serve_tls(dir: &Path, server: &Path, args: &[&str]) -> Served {
     all.push("top.qed");
     let program = Path::new(env!("CARGO_BIN_EXE_qedstream"));
     Served::start_logged(program, dir, &all, &dir.join("serve.log"))
+}
+
+/// [`serve_tls`] exporting over NBD on the unix socket `dir/nbd.sock`, with `extra`
+/// arguments: the server and the socket.
+fn serve_on_unix(dir: &Path, server: &Path, extra: &[&str]) -> (Served, PathBuf) {
+    let sock = dir.join("nbd.sock");
+    let mut args = vec!["--nbd", s(&sock)];
+    args.extend_from_slice(extra);
+    let served = serve_tls(dir, server, &args);
+    (served, sock)
+}
+
+/// The export on `sock` in plain text (no TLS).
+fn plain_uri(sock: &Path) -> String {
+    format!("nbd+unix:///?socket={}", s(sock))
+}
+
+/// The export on `sock` over TLS in libnbd's spelling, with the client credentials `creds`.
+fn libnbd_uri(sock: &Path, creds: &Path) -> String {
+    format!(
+        "nbds+unix:///?socket={}&tls-certificates={}",
+        s(sock),
+        s(creds)
+    )
+}
+
+/// `qemu-img info` of the export on `sock` in plain text, which must fail; its stderr.
+#[track_caller]
+fn qemu_img_info_plain(dir: &Path, sock: &Path) -> String {
+    let plain = plain_uri(sock);
+    let out = run_command(
+        Command::new("qemu-img")
+            .current_dir(dir)
+            .args(["info", &plain]),
+    );
+    failed(out, "qemu-img info without TLS")
 }
 
 /// QEMU's client credentials object for `dir`.
@@ -190,6 +234,13 @@ fn logged_after(dir: &Path, skip: usize, words: &[&str]) -> String {
     }
 }
 
+/// After the server stopped: the image reads as `expected.raw` with the qemu-io command
+/// `write` applied (done to `expected.raw` too), and is clean.
+fn assert_image_is_expected_after(dir: &Path, write: &str) {
+    ok(dir, "qemu-io", &["-f", "raw", "-c", write, "expected.raw"]);
+    assert_image_is(dir, "expected.raw");
+}
+
 /// After the server stopped: the image is clean for qemu-img check and reads as `raw`.
 fn assert_image_is(dir: &Path, raw: &str) {
     ok(dir, "qemu-img", &["check", "top.qed"]);
@@ -202,12 +253,9 @@ fn assert_image_is(dir: &Path, raw: &str) {
 
 #[test]
 fn qemu_reads_and_writes_through_the_tls_export_on_a_unix_socket() {
-    let dir = qedstream_tests::tempdir();
+    let (dir, c) = setup();
     let d = dir.path();
-    let c = creds(d);
-    images(d);
-    let sock = d.join("nbd.sock");
-    let mut served = serve_tls(d, &c.server, &["--nbd", s(&sock)]);
+    let (mut served, sock) = serve_on_unix(d, &c.server, &[]);
     assert_eq!(served.ready["tls"], true, "{}", served.ready);
     assert_eq!(served.ready["tls-verify-peer"], true, "{}", served.ready);
     let uri = served.uri();
@@ -261,20 +309,13 @@ fn qemu_reads_and_writes_through_the_tls_export_on_a_unix_socket() {
         "qemu-io read back",
     );
     assert_eq!(served.terminate(), 0);
-    ok(
-        d,
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x77 3M 256k", "expected.raw"],
-    );
-    assert_image_is(d, "expected.raw");
+    assert_image_is_expected_after(d, "write -P 0x77 3M 256k");
 }
 
 #[test]
 fn qemu_reads_and_writes_over_tcp_checking_the_server_name() {
-    let dir = qedstream_tests::tempdir();
+    let (dir, c) = setup();
     let d = dir.path();
-    let c = creds(d);
-    images(d);
     let mut served = serve_tls(d, &c.server, &["--nbd", "tcp:127.0.0.1:0"]);
     let addr = served.ready["nbd"][0]
         .as_str()
@@ -311,27 +352,15 @@ fn qemu_reads_and_writes_over_tcp_checking_the_server_name() {
     );
     assert!(err.contains("does not match"), "{err}");
     assert_eq!(served.terminate(), 0);
-    ok(
-        d,
-        "qemu-io",
-        &["-f", "raw", "-c", "write -P 0x66 5M 128k", "expected.raw"],
-    );
-    assert_image_is(d, "expected.raw");
+    assert_image_is_expected_after(d, "write -P 0x66 5M 128k");
 }
 
 #[test]
 fn nbdinfo_and_nbdcopy_read_the_export_with_tls_certificates() {
-    let dir = qedstream_tests::tempdir();
+    let (dir, c) = setup();
     let d = dir.path();
-    let c = creds(d);
-    images(d);
-    let sock = d.join("nbd.sock");
-    let mut served = serve_tls(d, &c.server, &["--nbd", s(&sock), "--read-only"]);
-    let uri = format!(
-        "nbds+unix:///?socket={}&tls-certificates={}",
-        s(&sock),
-        s(&c.client)
-    );
+    let (mut served, sock) = serve_on_unix(d, &c.server, &["--read-only"]);
+    let uri = libnbd_uri(&sock, &c.client);
     let info = ok(d, "nbdinfo", &["--json", &uri]);
     let info: serde_json::Value = serde_json::from_str(&info).expect("nbdinfo JSON");
     assert_eq!(info["exports"][0]["export-size"], 8 << 20, "{info}");
@@ -347,36 +376,19 @@ fn nbdinfo_and_nbdcopy_read_the_export_with_tls_certificates() {
 
 #[test]
 fn our_own_client_reads_the_export_over_tls_and_not_in_plain_text() {
-    let dir = qedstream_tests::tempdir();
+    let (dir, c) = setup();
     let d = dir.path();
-    let c = creds(d);
-    images(d);
-    let sock = d.join("nbd.sock");
-    let mut served = serve_tls(d, &c.server, &["--nbd", s(&sock), "--read-only"]);
+    let (mut served, sock) = serve_on_unix(d, &c.server, &["--read-only"]);
     let ours = env!("CARGO_BIN_EXE_qedstream");
     let uri = served.uri();
-    ok(
-        d,
-        ours,
-        &[
-            "convert",
-            "--tls-creds",
-            s(&c.client),
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri,
-            "ours.raw",
-        ],
-    );
+    ok(d, ours, &convert_args(s(&c.client), &uri, "ours.raw"));
     assert_eq!(
         std::fs::read(d.join("ours.raw")).unwrap(),
         std::fs::read(d.join("expected.raw")).unwrap(),
         "convert over TLS copied other bytes"
     );
     // The same export as plain nbd+unix://: refused, and told what to use.
-    let plain = format!("nbd+unix:///?socket={}", s(&sock));
+    let plain = plain_uri(&sock);
     let out = run_command(Command::new(ours).current_dir(d).args(["info", &plain]));
     let err = failed(out, "qedstream info without TLS");
     assert!(err.contains("nbds://"), "{err}");
@@ -386,19 +398,10 @@ fn our_own_client_reads_the_export_over_tls_and_not_in_plain_text() {
 
 #[test]
 fn plain_text_clients_are_refused_and_logged() {
-    let dir = qedstream_tests::tempdir();
+    let (dir, c) = setup();
     let d = dir.path();
-    let c = creds(d);
-    images(d);
-    let sock = d.join("nbd.sock");
-    let mut served = serve_tls(d, &c.server, &["--nbd", s(&sock)]);
-    let plain = format!("nbd+unix:///?socket={}", s(&sock));
-    let out = run_command(
-        Command::new("qemu-img")
-            .current_dir(d)
-            .args(["info", &plain]),
-    );
-    let err = failed(out, "qemu-img info without TLS");
+    let (mut served, sock) = serve_on_unix(d, &c.server, &[]);
+    let err = qemu_img_info_plain(d, &sock);
     assert!(err.contains("TLS"), "qemu-img does not say TLS: {err}");
     logged(d, &["refused", "plain-text client", "before STARTTLS"]);
 
@@ -409,7 +412,7 @@ fn plain_text_clients_are_refused_and_logged() {
         Command::new("nbdinfo")
             .current_dir(d)
             .env("LIBNBD_DEBUG", "1")
-            .arg(&plain),
+            .arg(plain_uri(&sock)),
     );
     let err = failed(out, "nbdinfo without TLS");
     assert!(
@@ -428,20 +431,10 @@ fn plain_text_clients_are_refused_and_logged() {
 
 #[test]
 fn clients_without_a_valid_certificate_are_refused_and_logged() {
-    let dir = qedstream_tests::tempdir();
+    let (dir, c) = setup();
     let d = dir.path();
-    let c = creds(d);
-    images(d);
-    let sock = d.join("nbd.sock");
-    let mut served = serve_tls(d, &c.server, &["--nbd", s(&sock)]);
+    let (mut served, sock) = serve_on_unix(d, &c.server, &[]);
     let opts = unix_opts(&sock);
-    let nbdinfo_uri = |creds: &Path| {
-        format!(
-            "nbds+unix:///?socket={}&tls-certificates={}",
-            s(&sock),
-            s(creds)
-        )
-    };
     // Each client fails, and the server logs why it refused the connection. GnuTLS (QEMU's,
     // libnbd's) sends only a certificate whose issuer the server's request names, so one from
     // another CA is withheld and the server sees none; QEMU even refuses to load its own
@@ -458,7 +451,7 @@ fn clients_without_a_valid_certificate_are_refused_and_logged() {
         run_command(
             Command::new("nbdinfo")
                 .current_dir(d)
-                .arg(nbdinfo_uri(creds)),
+                .arg(libnbd_uri(&sock, creds)),
         )
     };
     type Client<'a> = &'a dyn Fn(&Path) -> std::process::Output;
@@ -506,16 +499,9 @@ fn clients_without_a_valid_certificate_are_refused_and_logged() {
 
 #[test]
 fn verify_peer_no_serves_a_client_without_a_certificate() {
-    let dir = qedstream_tests::tempdir();
+    let (dir, c) = setup();
     let d = dir.path();
-    let c = creds(d);
-    images(d);
-    let sock = d.join("nbd.sock");
-    let mut served = serve_tls(
-        d,
-        &c.server,
-        &["--nbd", s(&sock), "--tls-verify-peer", "no"],
-    );
+    let (mut served, sock) = serve_on_unix(d, &c.server, &["--tls-verify-peer", "no"]);
     assert_eq!(served.ready["tls-verify-peer"], false, "{}", served.ready);
     let expected = "driver=raw,file.driver=file,file.filename=expected.raw";
     succeeded(
@@ -528,13 +514,7 @@ fn verify_peer_no_serves_a_client_without_a_certificate() {
         "qemu-img compare without a client certificate",
     );
     // Still TLS only.
-    let plain = format!("nbd+unix:///?socket={}", s(&sock));
-    let out = run_command(
-        Command::new("qemu-img")
-            .current_dir(d)
-            .args(["info", &plain]),
-    );
-    failed(out, "qemu-img info without TLS");
+    qemu_img_info_plain(d, &sock);
     assert_eq!(served.terminate(), 0);
 }
 
@@ -562,12 +542,9 @@ fn option_reply(s: &mut UnixStream, option: u32, data: &[u8]) -> (u32, usize) {
 
 #[test]
 fn a_downgrade_attempt_gets_refusals_and_no_export_data() {
-    let dir = qedstream_tests::tempdir();
+    let (dir, c) = setup();
     let d = dir.path();
-    let c = creds(d);
-    images(d);
-    let sock = d.join("nbd.sock");
-    let mut served = serve_tls(d, &c.server, &["--nbd", s(&sock)]);
+    let (mut served, sock) = serve_on_unix(d, &c.server, &[]);
     let mut r = raw_client(&sock);
     let go = encode_go_data("", &[INFO_BLOCK_SIZE]);
     for (option, data) in [(OPT_GO, &go[..]), (OPT_LIST, &[][..]), (OPT_INFO, &go[..])] {
@@ -592,10 +569,8 @@ fn a_downgrade_attempt_gets_refusals_and_no_export_data() {
 
 #[test]
 fn bad_credentials_end_serve_before_anything_listens() {
-    let dir = qedstream_tests::tempdir();
+    let (dir, c) = setup();
     let d = dir.path();
-    let c = creds(d);
-    images(d);
     let program = env!("CARGO_BIN_EXE_qedstream");
     let serve = |creds: &Path, extra: &[&str]| {
         let mut cmd = Command::new(program);

@@ -22,7 +22,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use qedstream_tests::tempdir;
-use qedstream_tests::tls::{Pki, Validity};
+use qedstream_tests::tls::{convert_args, create_args, Pki, Validity};
 use qedstream_tests::tools::{ok, qemu_check, run};
 use serde_json::Value;
 
@@ -66,12 +66,6 @@ enum Listen {
 }
 
 impl Listen {
-    /// A free TCP port on 127.0.0.1.
-    fn free_tcp() -> Listen {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        Listen::Tcp(l.local_addr().unwrap().port())
-    }
-
     fn accepts(&self) -> bool {
         match self {
             Listen::Unix(p) => UnixStream::connect(p).is_ok(),
@@ -190,6 +184,33 @@ fn qemu_nbd(dir: &Path, creds: Option<&Path>, verify_peer: bool, listen: Listen)
     Server::start(dir, "qemu-nbd", args, listen)
 }
 
+/// A free TCP port on 127.0.0.1.
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// [`qemu_nbd`] over TLS with the `server` credentials on the unix socket `dir/tls.sock`:
+/// the server and the socket.
+fn qemu_nbd_unix(dir: &Path, server: &Path, verify_peer: bool) -> (Server, PathBuf) {
+    let sock = dir.join("tls.sock");
+    let listen = Listen::Unix(sock.clone());
+    (qemu_nbd(dir, Some(server), verify_peer, listen), sock)
+}
+
+/// [`qemu_nbd`] over TLS with the `server` credentials, verifying peers, on a free TCP port
+/// of 127.0.0.1: the server and its `nbds://` URI.
+fn qemu_nbd_tcp(dir: &Path, server: &Path) -> (Server, String) {
+    let port = free_port();
+    let server = qemu_nbd(dir, Some(server), true, Listen::Tcp(port));
+    (server, format!("nbds://127.0.0.1:{port}/exp"))
+}
+
+/// The `nbds+unix://` URI of the export `exp` on `sock`.
+fn nbds_unix(sock: &Path) -> String {
+    format!("nbds+unix:///exp?socket={}", sock.display())
+}
+
 /// nbdkit's file plugin serving `dir/base.raw` read-only as `exp`, `--tls=require` with
 /// `creds` (and `--tls-verify-peer` when asked), or in plain text when `creds` is `None`.
 fn nbdkit(dir: &Path, creds: Option<&Path>, verify_peer: bool, listen: Listen) -> Server {
@@ -248,6 +269,28 @@ fn creds(dir: &Path, hosts: &[&str]) -> Creds {
         server,
         client,
     }
+}
+
+/// A test directory holding `base.raw` of `mib` MiB ([`base`]) and credentials whose server
+/// certificate names `hosts` ([`creds`]).
+fn setup(mib: u64, hosts: &[&str]) -> (tempfile::TempDir, Creds) {
+    let d = tempdir();
+    base(d.path(), mib);
+    let c = creds(d.path(), hosts);
+    (d, c)
+}
+
+/// `create --tls-creds CREDS -b URI -F raw ov.qed`, which must succeed.
+fn create_overlay(dir: &Path, creds: &str, uri: &str) {
+    ours_ok(dir, &create_args(creds, uri, "ov.qed"));
+}
+
+/// A runtime on this thread for the tests that drive the client library directly.
+fn current_thread() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn object(client: &Path) -> String {
@@ -311,19 +354,7 @@ fn recorded_backing(dir: &Path, image: &str) -> String {
 /// object, our info/map read through TLS, and stream makes the image whole and standalone.
 fn create_check_and_stream(dir: &Path, client: &Path, uri: &str) {
     let creds = client.to_str().unwrap();
-    ours_ok(
-        dir,
-        &[
-            "create",
-            "--tls-creds",
-            creds,
-            "-b",
-            uri,
-            "-F",
-            "raw",
-            "ov.qed",
-        ],
-    );
+    create_overlay(dir, creds, uri);
     let backing = recorded_backing(dir, "ov.qed");
     assert!(backing.starts_with("json:"), "{backing}");
     assert!(backing.contains(r#""tls-creds":"tls0""#), "{backing}");
@@ -373,47 +404,21 @@ fn create_check_and_stream(dir: &Path, client: &Path, uri: &str) {
 
 #[test]
 fn qemu_nbd_over_unix_verifying_peers_create_info_map_stream() {
-    let d = tempdir();
+    let (d, c) = setup(8, &["localhost"]);
     let dir = d.path();
-    base(dir, 8);
-    let c = creds(dir, &["localhost"]);
-    let sock = dir.join("tls.sock");
-    let _server = qemu_nbd(dir, Some(&c.server), true, Listen::Unix(sock.clone()));
+    let (_server, sock) = qemu_nbd_unix(dir, &c.server, true);
     // QEMU checks a name over a unix socket only with tls-hostname (and insists on one).
-    let uri = format!(
-        "nbds+unix:///exp?socket={}&tls-hostname=localhost",
-        sock.display()
-    );
+    let uri = format!("{}&tls-hostname=localhost", nbds_unix(&sock));
     create_check_and_stream(dir, &c.client, &uri);
 }
 
 #[test]
 fn qemu_nbd_over_tcp_convert_and_stream() {
-    let d = tempdir();
+    let (d, c) = setup(8, &["127.0.0.1"]);
     let dir = d.path();
-    base(dir, 8);
-    let c = creds(dir, &["127.0.0.1"]);
-    let listen = Listen::free_tcp();
-    let Listen::Tcp(port) = listen else {
-        unreachable!()
-    };
-    let _server = qemu_nbd(dir, Some(&c.server), true, listen);
-    let uri = format!("nbds://127.0.0.1:{port}/exp");
+    let (_server, uri) = qemu_nbd_tcp(dir, &c.server);
     let creds = c.client.to_str().unwrap();
-    ours_ok(
-        dir,
-        &[
-            "convert",
-            "--tls-creds",
-            creds,
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &uri,
-            "out.raw",
-        ],
-    );
+    ours_ok(dir, &convert_args(creds, &uri, "out.raw"));
     assert_eq!(
         std::fs::read(dir.join("out.raw")).unwrap(),
         std::fs::read(dir.join("base.raw")).unwrap()
@@ -423,16 +428,14 @@ fn qemu_nbd_over_tcp_convert_and_stream() {
 
 #[test]
 fn nbdkit_tls_require_with_libnbd_uri_query() {
-    let d = tempdir();
+    let (d, c) = setup(8, &["localhost"]);
     let dir = d.path();
-    base(dir, 8);
-    let c = creds(dir, &["localhost"]);
     let sock = dir.join("kit.sock");
     let _server = nbdkit(dir, Some(&c.server), true, Listen::Unix(sock.clone()));
     // libnbd's spelling: the credentials in the URI, no --tls-creds.
     let uri = format!(
-        "nbds+unix:///exp?socket={}&tls-certificates={}",
-        sock.display(),
+        "{}&tls-certificates={}",
+        nbds_unix(&sock),
         c.client.display()
     );
     ours_ok(dir, &["convert", "-f", "raw", "-O", "qed", &uri, "out.qed"]);
@@ -460,20 +463,7 @@ fn nbdkit_tls_require_with_libnbd_uri_query() {
 /// `convert` from `uri` with `--tls-creds creds` must fail with one line containing every
 /// word of `expect`.
 fn convert_refused(dir: &Path, creds: &Path, uri: &str, expect: &[&str]) -> String {
-    let err = ours_refused(
-        dir,
-        &[
-            "convert",
-            "--tls-creds",
-            creds.to_str().unwrap(),
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            uri,
-            "out.raw",
-        ],
-    );
+    let err = ours_refused(dir, &convert_args(creds.to_str().unwrap(), uri, "out.raw"));
     for e in expect {
         assert!(err.contains(e), "expected {e:?} in: {err}");
     }
@@ -482,69 +472,48 @@ fn convert_refused(dir: &Path, creds: &Path, uri: &str, expect: &[&str]) -> Stri
 
 #[test]
 fn a_server_signed_by_another_ca_is_refused() {
-    let d = tempdir();
+    let (d, c) = setup(4, &["localhost"]);
     let dir = d.path();
-    base(dir, 4);
-    let c = creds(dir, &["localhost"]);
     let other = Pki::new(&dir.join("other"), "another CA");
     let stranger = other.client("stranger", true, Validity::Current);
-    let sock = dir.join("tls.sock");
-    let _server = qemu_nbd(dir, Some(&c.server), false, Listen::Unix(sock.clone()));
-    let uri = format!("nbds+unix:///exp?socket={}", sock.display());
-    convert_refused(dir, &stranger, &uri, &["not signed by the CA"]);
+    let (_server, sock) = qemu_nbd_unix(dir, &c.server, false);
+    convert_refused(dir, &stranger, &nbds_unix(&sock), &["not signed by the CA"]);
 }
 
 #[test]
 fn an_expired_server_certificate_is_refused() {
-    let d = tempdir();
+    let (d, c) = setup(4, &["localhost"]);
     let dir = d.path();
-    base(dir, 4);
-    let c = creds(dir, &["localhost"]);
     // qemu-nbd refuses to start with an expired certificate; nbdkit serves it.
     let expired = c.pki.server("expired", &["localhost"], Validity::Expired);
     let sock = dir.join("kit.sock");
     let _server = nbdkit(dir, Some(&expired), false, Listen::Unix(sock.clone()));
-    let uri = format!("nbds+unix:///exp?socket={}", sock.display());
-    convert_refused(dir, &c.client, &uri, &["outside its validity period"]);
+    convert_refused(
+        dir,
+        &c.client,
+        &nbds_unix(&sock),
+        &["outside its validity period"],
+    );
 }
 
 #[test]
 fn a_certificate_that_does_not_name_the_tcp_host_is_refused() {
-    let d = tempdir();
+    let (d, c) = setup(4, &["images.example"]);
     let dir = d.path();
-    base(dir, 4);
-    let c = creds(dir, &["images.example"]);
-    let listen = Listen::free_tcp();
-    let Listen::Tcp(port) = listen else {
-        unreachable!()
-    };
-    let _server = qemu_nbd(dir, Some(&c.server), true, listen);
-    let uri = format!("nbds://127.0.0.1:{port}/exp");
+    let (_server, uri) = qemu_nbd_tcp(dir, &c.server);
     convert_refused(dir, &c.client, &uri, &["does not name the host"]);
     // tls-hostname names what the certificate carries: then it is accepted.
     let named = format!("{uri}?tls-hostname=images.example");
     ours_ok(
         dir,
-        &[
-            "convert",
-            "--tls-creds",
-            c.client.to_str().unwrap(),
-            "-f",
-            "raw",
-            "-O",
-            "raw",
-            &named,
-            "out.raw",
-        ],
+        &convert_args(c.client.to_str().unwrap(), &named, "out.raw"),
     );
 }
 
 #[test]
 fn no_client_certificate_for_a_server_that_verifies_peers_is_refused() {
-    let d = tempdir();
+    let (d, c) = setup(4, &["localhost"]);
     let dir = d.path();
-    base(dir, 4);
-    let c = creds(dir, &["localhost"]);
     let anonymous = c.pki.client("anonymous", false, Validity::Current);
     for program in ["qemu-nbd", "nbdkit"] {
         let sock = dir.join(format!("{program}.sock"));
@@ -553,17 +522,15 @@ fn no_client_certificate_for_a_server_that_verifies_peers_is_refused() {
             "qemu-nbd" => qemu_nbd(dir, Some(&c.server), true, listen),
             _ => nbdkit(dir, Some(&c.server), true, listen),
         };
-        let uri = format!("nbds+unix:///exp?socket={}", sock.display());
+        let uri = nbds_unix(&sock);
         convert_refused(dir, &anonymous, &uri, &["TLS", "client certificate"]);
     }
 }
 
 #[test]
 fn a_plain_text_server_is_never_used_when_tls_was_asked() {
-    let d = tempdir();
+    let (d, c) = setup(4, &["localhost"]);
     let dir = d.path();
-    base(dir, 4);
-    let c = creds(dir, &["localhost"]);
     for program in ["qemu-nbd", "nbdkit", "nbdkit --oldstyle"] {
         let sock = dir.join(format!("{}.sock", program.replace(' ', "")));
         let listen = Listen::Unix(sock.clone());
@@ -577,11 +544,10 @@ fn a_plain_text_server_is_never_used_when_tls_was_asked() {
                 Server::start(dir, "nbdkit", args, listen)
             }
         };
-        let uri = format!("nbds+unix:///exp?socket={}", sock.display());
         convert_refused(
             dir,
             &c.client,
-            &uri,
+            &nbds_unix(&sock),
             &["TLS was required", "not falling back to plain text"],
         );
     }
@@ -589,12 +555,9 @@ fn a_plain_text_server_is_never_used_when_tls_was_asked() {
 
 #[test]
 fn a_tls_server_asked_in_plain_text_says_to_use_nbds() {
-    let d = tempdir();
+    let (d, c) = setup(4, &["localhost"]);
     let dir = d.path();
-    base(dir, 4);
-    let c = creds(dir, &["localhost"]);
-    let sock = dir.join("tls.sock");
-    let _server = qemu_nbd(dir, Some(&c.server), true, Listen::Unix(sock.clone()));
+    let (_server, sock) = qemu_nbd_unix(dir, &c.server, true);
     let uri = format!("nbd+unix:///exp?socket={}", sock.display());
     convert_refused(
         dir,
@@ -606,13 +569,10 @@ fn a_tls_server_asked_in_plain_text_says_to_use_nbds() {
 
 #[test]
 fn missing_or_psk_credentials_are_refused_clearly() {
-    let d = tempdir();
+    let (d, c) = setup(4, &["localhost"]);
     let dir = d.path();
-    base(dir, 4);
-    let c = creds(dir, &["localhost"]);
-    let sock = dir.join("tls.sock");
-    let _server = qemu_nbd(dir, Some(&c.server), true, Listen::Unix(sock.clone()));
-    let uri = format!("nbds+unix:///exp?socket={}", sock.display());
+    let (_server, sock) = qemu_nbd_unix(dir, &c.server, true);
+    let uri = nbds_unix(&sock);
     let err = ours_refused(dir, &["create", "-b", &uri, "-F", "raw", "ov.qed"]);
     assert!(
         err.contains("no credentials were given: pass --tls-creds DIR"),
@@ -704,10 +664,7 @@ fn a_server_answering_starttls_with_an_error_is_not_followed_into_plain_text() {
         handshake_timeout: Duration::from_secs(10),
         ..nbd_client::ClientConfig::default()
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = current_thread();
     let result = rt.block_on(nbd_client::Client::connect(&uri, config));
     let err = match result {
         Ok(_) => panic!("connected in plain text after STARTTLS was refused"),
@@ -761,27 +718,12 @@ fn wait_copied(child: &mut Child, bytes: u64) -> std::process::ChildStdout {
 
 #[test]
 fn qemu_nbd_killed_mid_stream_and_restarted_the_stream_completes_over_tls() {
-    let d = tempdir();
+    let (d, c) = setup(24, &["localhost"]);
     let dir = d.path();
-    base(dir, 24);
-    let c = creds(dir, &["localhost"]);
-    let sock = dir.join("tls.sock");
-    let mut server = qemu_nbd(dir, Some(&c.server), true, Listen::Unix(sock.clone()));
-    let uri = format!("nbds+unix:///exp?socket={}", sock.display());
+    let (mut server, sock) = qemu_nbd_unix(dir, &c.server, true);
+    let uri = nbds_unix(&sock);
     let creds = c.client.to_str().unwrap();
-    ours_ok(
-        dir,
-        &[
-            "create",
-            "--tls-creds",
-            creds,
-            "-b",
-            &uri,
-            "-F",
-            "raw",
-            "ov.qed",
-        ],
-    );
+    create_overlay(dir, creds, &uri);
     let mut child = qedstream(
         dir,
         &[
@@ -834,28 +776,13 @@ fn both_sides(c: &Creds, dir: &Path) -> PathBuf {
 
 #[test]
 fn serve_streams_its_backing_over_tls() {
-    let d = tempdir();
+    let (d, c) = setup(8, &["localhost"]);
     let dir = d.path();
-    base(dir, 8);
-    let c = creds(dir, &["localhost"]);
-    let sock = dir.join("tls.sock");
-    let _server = qemu_nbd(dir, Some(&c.server), true, Listen::Unix(sock.clone()));
-    let uri = format!("nbds+unix:///exp?socket={}", sock.display());
+    let (_server, sock) = qemu_nbd_unix(dir, &c.server, true);
+    let uri = nbds_unix(&sock);
     let both = both_sides(&c, dir);
     let creds = both.to_str().unwrap();
-    ours_ok(
-        dir,
-        &[
-            "create",
-            "--tls-creds",
-            creds,
-            "-b",
-            &uri,
-            "-F",
-            "raw",
-            "ov.qed",
-        ],
-    );
+    create_overlay(dir, creds, &uri);
     let mut served = qedstream_tests::served::Served::start(
         Path::new(env!("CARGO_BIN_EXE_qedstream")),
         dir,
@@ -877,21 +804,15 @@ fn serve_streams_its_backing_over_tls() {
 
 #[test]
 fn list_exports_runs_inside_tls() {
-    let d = tempdir();
+    let (d, c) = setup(4, &["localhost"]);
     let dir = d.path();
-    base(dir, 4);
-    let c = creds(dir, &["localhost"]);
-    let sock = dir.join("tls.sock");
-    let _server = qemu_nbd(dir, Some(&c.server), true, Listen::Unix(sock.clone()));
+    let (_server, sock) = qemu_nbd_unix(dir, &c.server, true);
     let uri = nbd_client::Uri::unix(&sock, "").with_tls();
     let config = nbd_client::ClientConfig {
         tls_creds: Some(c.client.clone()),
         ..nbd_client::ClientConfig::default()
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = current_thread();
     let exports = rt
         .block_on(nbd_client::list_exports(&uri, &config))
         .unwrap_or_else(|e| panic!("{e}"));
@@ -901,21 +822,15 @@ fn list_exports_runs_inside_tls() {
 
 #[test]
 fn rebase_records_qemus_json_form_with_the_chosen_object_id() {
-    let d = tempdir();
+    let (d, c) = setup(4, &["localhost"]);
     let dir = d.path();
-    base(dir, 4);
-    let c = creds(dir, &["localhost"]);
-    let sock = dir.join("tls.sock");
-    let _server = qemu_nbd(dir, Some(&c.server), true, Listen::Unix(sock.clone()));
+    let (_server, sock) = qemu_nbd_unix(dir, &c.server, true);
     ok(
         dir,
         "qemu-img",
         &["create", "-q", "-f", "qed", "ov.qed", "4M"],
     );
-    let uri = format!(
-        "nbds+unix:///exp?socket={}&tls-hostname=localhost",
-        sock.display()
-    );
+    let uri = format!("{}&tls-hostname=localhost", nbds_unix(&sock));
     ours_ok(
         dir,
         &[

@@ -145,22 +145,6 @@ async fn read_option_reply<S: AsyncRead + Unpin>(
     Ok((h.reply_type, payload))
 }
 
-fn option_name(option: u32) -> &'static str {
-    match option {
-        OPT_EXPORT_NAME => "EXPORT_NAME",
-        OPT_ABORT => "ABORT",
-        OPT_LIST => "LIST",
-        OPT_STARTTLS => "STARTTLS",
-        OPT_INFO => "INFO",
-        OPT_GO => "GO",
-        OPT_STRUCTURED_REPLY => "STRUCTURED_REPLY",
-        OPT_LIST_META_CONTEXT => "LIST_META_CONTEXT",
-        OPT_SET_META_CONTEXT => "SET_META_CONTEXT",
-        OPT_EXTENDED_HEADERS => "EXTENDED_HEADERS",
-        _ => "unknown option",
-    }
-}
-
 fn reply_name(reply: u32) -> &'static str {
     match reply {
         REP_ERR_UNSUP => "ERR_UNSUP",
@@ -183,7 +167,7 @@ fn refused(option: u32, reply: u32, payload: &[u8]) -> Error {
         return Error::TlsRequired { message };
     }
     Error::OptionRefused {
-        option: option_name(option),
+        option: option_name(option).unwrap_or("unknown option"),
         reply: reply_name(reply),
         message,
     }

@@ -35,6 +35,25 @@ pub const OPT_LIST_META_CONTEXT: u32 = 9;
 pub const OPT_SET_META_CONTEXT: u32 = 10;
 pub const OPT_EXTENDED_HEADERS: u32 = 11;
 
+/// The protocol document's name of an option without its `NBD_OPT_` prefix (`GO` for
+/// [`OPT_GO`]), or `None` for a number this crate does not name.
+pub fn option_name(option: u32) -> Option<&'static str> {
+    let name = match option {
+        OPT_EXPORT_NAME => "EXPORT_NAME",
+        OPT_ABORT => "ABORT",
+        OPT_LIST => "LIST",
+        OPT_STARTTLS => "STARTTLS",
+        OPT_INFO => "INFO",
+        OPT_GO => "GO",
+        OPT_STRUCTURED_REPLY => "STRUCTURED_REPLY",
+        OPT_LIST_META_CONTEXT => "LIST_META_CONTEXT",
+        OPT_SET_META_CONTEXT => "SET_META_CONTEXT",
+        OPT_EXTENDED_HEADERS => "EXTENDED_HEADERS",
+        _ => return None,
+    };
+    Some(name)
+}
+
 // Option reply types.
 pub const REP_ACK: u32 = 1;
 pub const REP_SERVER: u32 = 2;
@@ -625,6 +644,28 @@ pub enum Violation {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_named_option_has_its_spec_name_and_others_none() {
+        let named = [
+            (1, "EXPORT_NAME"),
+            (2, "ABORT"),
+            (3, "LIST"),
+            (5, "STARTTLS"),
+            (6, "INFO"),
+            (7, "GO"),
+            (8, "STRUCTURED_REPLY"),
+            (9, "LIST_META_CONTEXT"),
+            (10, "SET_META_CONTEXT"),
+            (11, "EXTENDED_HEADERS"),
+        ];
+        for (number, name) in named {
+            assert_eq!(option_name(number), Some(name), "option {number}");
+        }
+        for unknown in [0, 4, 12, 99, u32::MAX] {
+            assert_eq!(option_name(unknown), None, "option {unknown}");
+        }
+    }
 
     #[test]
     fn compact_request_layout() {

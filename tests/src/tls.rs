@@ -5,7 +5,9 @@
 //! `gnutls-bin`).
 //!
 //! One [`Pki`] is one CA; it makes server and client directories signed by it, current or
-//! expired. Two `Pki`s are two unrelated CAs (for the wrong-CA tests).
+//! expired. Two `Pki`s are two unrelated CAs (for the wrong-CA tests). [`create_args`] and
+//! [`convert_args`]: how the tests and benches put a QED overlay on an export over TLS and read
+//! one with `qedstream`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -148,4 +150,37 @@ fn private_key(out: &Path) {
 
 fn path(p: &Path) -> &str {
     p.to_str().expect("test paths are UTF-8")
+}
+
+/// `qedstream`'s arguments that create the QED overlay `image` over the export `uri`, reached
+/// over TLS with the client credentials directory `creds`: `create --tls-creds CREDS -b URI
+/// -F raw IMAGE`.
+pub fn create_args<'a>(creds: &'a str, uri: &'a str, image: &'a str) -> [&'a str; 8] {
+    [
+        "create",
+        "--tls-creds",
+        creds,
+        "-b",
+        uri,
+        "-F",
+        "raw",
+        image,
+    ]
+}
+
+/// `qedstream`'s arguments that read the export `uri` over TLS, with the client credentials
+/// directory `creds`, into the raw file `out`: `convert --tls-creds CREDS -f raw -O raw URI
+/// OUT`.
+pub fn convert_args<'a>(creds: &'a str, uri: &'a str, out: &'a str) -> [&'a str; 9] {
+    [
+        "convert",
+        "--tls-creds",
+        creds,
+        "-f",
+        "raw",
+        "-O",
+        "raw",
+        uri,
+        out,
+    ]
 }

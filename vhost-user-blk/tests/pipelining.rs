@@ -3,14 +3,17 @@
 //! completes while a slow one taken with it is still running. The device holds the READs at
 //! 0 and 4096 until the test lets each go.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::{serve, FrontShape, Reads};
 use copy_on_read::device::check_range;
-use copy_on_read::{BlockDevice, Capabilities, Error, IoBufs, IoFuture, StatusExtent, WriteFlags};
+use copy_on_read::{Error, IoBufs, IoFuture};
 use qedstream_tests::vhost_front::{BlkRequest, VhostFront};
 use tokio::sync::Semaphore;
-use vhost_user_blk::{BlkBackend, BlkOptions, VhostUserBlkServer};
+use vhost_user_blk::BlkOptions;
 
 const SIZE: u64 = 1 << 20;
 
@@ -21,9 +24,12 @@ struct GatedDisk {
     second: Arc<Semaphore>,
 }
 
-impl BlockDevice for GatedDisk {
+impl Reads for GatedDisk {
     fn size(&self) -> u64 {
         SIZE
+    }
+    fn describe(&self) -> String {
+        "gated".into()
     }
     fn readv(&self, offset: u64, mut bufs: IoBufs) -> IoFuture<'_, IoBufs> {
         Box::pin(async move {
@@ -40,30 +46,6 @@ impl BlockDevice for GatedDisk {
             bufs.copy_in(0, &vec![offset as u8; bufs.len()]);
             Ok(bufs)
         })
-    }
-    fn writev(&self, _offset: u64, _bufs: IoBufs, _flags: WriteFlags) -> IoFuture<'_, IoBufs> {
-        Box::pin(async { Err(Error::ReadOnly) })
-    }
-    fn write_zeroes(&self, _offset: u64, _length: u64) -> IoFuture<'_, ()> {
-        Box::pin(async { Err(Error::ReadOnly) })
-    }
-    fn discard(&self, _offset: u64, _length: u64) -> IoFuture<'_, ()> {
-        Box::pin(async { Err(Error::ReadOnly) })
-    }
-    fn flush(&self) -> IoFuture<'_, ()> {
-        Box::pin(async { Ok(()) })
-    }
-    fn block_status(&self, _offset: u64, _length: u64) -> IoFuture<'_, Vec<StatusExtent>> {
-        Box::pin(async { Err(Error::Unsupported("block status")) })
-    }
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
-    }
-    fn describe(&self) -> String {
-        "gated".into()
-    }
-    fn close(&self) -> IoFuture<'_, ()> {
-        Box::pin(async { Ok(()) })
     }
 }
 
@@ -97,21 +79,18 @@ fn completed(front: &mut VhostFront, slot: u16, seen: &mut Vec<u16>) {
 #[test]
 fn a_fast_read_completes_while_a_slow_one_taken_with_it_still_runs() {
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("blk.sock");
     let disk = Arc::new(GatedDisk {
         first: Arc::new(Semaphore::new(0)),
         second: Arc::new(Semaphore::new(0)),
     });
     let runtime = qedstream_tests::runtime::two_workers();
     let _let_go = LetGo(disk.clone());
-    let backend = BlkBackend::new(
-        disk.clone(),
-        runtime.handle().clone(),
-        &BlkOptions::default(),
-    )
-    .unwrap();
-    let server = VhostUserBlkServer::start(&socket, backend).unwrap();
-    let mut front = VhostFront::connect(&socket, 1, 4, 4096).unwrap();
+    let shape = FrontShape {
+        queues: 1,
+        depth: 4,
+        max_len: 4096,
+    };
+    let (server, mut front) = serve(dir.path(), &disk, &runtime, &BlkOptions::default(), shape);
     let read = |offset| BlkRequest::Read { offset, len: 4096 };
 
     // Slot 0 holds the worker; slots 1 (held) and 2 (free) queue up behind it.

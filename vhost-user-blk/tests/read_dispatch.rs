@@ -5,15 +5,16 @@
 //! only through `read_blocking` and the high half only through `readv` (the other way fails
 //! with EIO), so a request routed the wrong way shows as an IOERR status or wrong bytes.
 
+mod common;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use common::{serve, FrontShape, Reads};
 use copy_on_read::device::check_range;
-use copy_on_read::{
-    BlockDevice, BlockingRead, Capabilities, Error, IoBufs, IoFuture, StatusExtent, WriteFlags,
-};
+use copy_on_read::{BlockingRead, Error, IoBufs, IoFuture};
 use qedstream_tests::vhost_front::{BlkRequest, VhostFront};
-use vhost_user_blk::{BlkBackend, BlkOptions, VhostUserBlkServer};
+use vhost_user_blk::BlkOptions;
 
 const SIZE: u64 = 4 << 20;
 const HALF: u64 = SIZE / 2;
@@ -37,9 +38,12 @@ fn fill(offset: u64, bufs: &mut IoBufs) {
     bufs.copy_in(0, &bytes);
 }
 
-impl BlockDevice for SplitDisk {
+impl Reads for SplitDisk {
     fn size(&self) -> u64 {
         SIZE
+    }
+    fn describe(&self) -> String {
+        "split".into()
     }
     fn read_blocking(&self, offset: u64, mut bufs: IoBufs) -> copy_on_read::Result<BlockingRead> {
         check_range(offset, bufs.len() as u64, SIZE)?;
@@ -65,30 +69,6 @@ impl BlockDevice for SplitDisk {
             self.async_reads.fetch_add(1, Ordering::Relaxed);
             Ok(bufs)
         })
-    }
-    fn writev(&self, _offset: u64, _bufs: IoBufs, _flags: WriteFlags) -> IoFuture<'_, IoBufs> {
-        Box::pin(async { Err(Error::ReadOnly) })
-    }
-    fn write_zeroes(&self, _offset: u64, _length: u64) -> IoFuture<'_, ()> {
-        Box::pin(async { Err(Error::ReadOnly) })
-    }
-    fn discard(&self, _offset: u64, _length: u64) -> IoFuture<'_, ()> {
-        Box::pin(async { Err(Error::ReadOnly) })
-    }
-    fn flush(&self) -> IoFuture<'_, ()> {
-        Box::pin(async { Ok(()) })
-    }
-    fn block_status(&self, _offset: u64, _length: u64) -> IoFuture<'_, Vec<StatusExtent>> {
-        Box::pin(async { Err(Error::Unsupported("block status")) })
-    }
-    fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
-    }
-    fn describe(&self) -> String {
-        "split".into()
-    }
-    fn close(&self) -> IoFuture<'_, ()> {
-        Box::pin(async { Ok(()) })
     }
 }
 
@@ -138,18 +118,20 @@ fn read_all(front: &mut VhostFront, queues: u16, depth: u16) {
 #[test]
 fn reads_the_device_answers_in_place_skip_readv_and_the_others_use_it() {
     let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("blk.sock");
     let disk = Arc::new(SplitDisk::default());
     let runtime = qedstream_tests::runtime::two_workers();
     let options = BlkOptions {
         num_queues: 2,
         ..BlkOptions::default()
     };
-    let backend = BlkBackend::new(disk.clone(), runtime.handle().clone(), &options).unwrap();
-    let server = VhostUserBlkServer::start(&socket, backend).unwrap();
+    let shape = FrontShape {
+        queues: 2,
+        depth: 8,
+        max_len: SLOT,
+    };
+    let (server, mut front) = serve(dir.path(), &disk, &runtime, &options, shape);
 
     // One request at a time (each alone in its batch), then 8 at once on each of two queues.
-    let mut front = VhostFront::connect(&socket, 2, 8, SLOT).unwrap();
     read_all(&mut front, 1, 1);
     let alone = disk.blocking_reads.load(Ordering::Relaxed);
     assert_eq!(

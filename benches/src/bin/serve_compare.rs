@@ -42,8 +42,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nbd_client::{Client, ClientConfig};
-use qedstream_benches::qedstream_binary;
 use qedstream_benches::XorShift;
+use qedstream_benches::{
+    qsd_with_qed_nodes, serve_command, start_until_ready, terminate, wait_for_server,
+};
 use qedstream_tests::tools;
 use serde_json::Value;
 
@@ -69,52 +71,26 @@ impl Served {
     /// rusage of the reaped child: no other child is reaped meanwhile).
     fn stop(mut self) -> f64 {
         let cpu0 = qedstream_benches::children_cpu_seconds();
-        // SAFETY: kill(2) on the pid of our own child, not yet reaped (wait below).
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return qedstream_benches::children_cpu_seconds() - cpu0;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        terminate(&mut self.child);
         drop(self.qmp.take());
         qedstream_benches::children_cpu_seconds() - cpu0
     }
 }
 
+/// Waits until `sock` accepts a connection ([`wait_for_server`]).
 fn wait_for_socket(sock: &Path, child: &mut Child) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while UnixStream::connect(sock).is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("server exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "server did not start");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_server(child, || UnixStream::connect(sock).is_ok());
 }
 
 /// `qedstream serve --output=json --nbd unix:SOCK [extra] IMAGE`; waits for the ready line
 /// and watches stdout for the job's completion.
 fn start_ours(image: &Path, sock: &Path, extra: &[&str]) -> Served {
-    let mut cmd = Command::new(qedstream_binary());
-    cmd.arg("serve")
-        .arg("--output=json")
-        .arg("--nbd")
+    let mut cmd = serve_command();
+    cmd.arg("--nbd")
         .arg(format!("unix:{}", sock.display()))
         .args(extra)
-        .arg(image)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut child = tools::spawn(&mut cmd).expect("starting qedstream serve");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut lines = BufReader::new(stdout).lines();
-    let ready: Value = serde_json::from_str(&lines.next().expect("ready line").expect("stdout"))
-        .expect("JSON ready line");
-    assert_eq!(ready["event"], "ready", "{ready}");
+        .arg(image);
+    let (child, lines) = start_until_ready(&mut cmd);
     let running = Arc::new(AtomicBool::new(extra.contains(&"--stream")));
     let flag = Arc::clone(&running);
     std::thread::spawn(move || {
@@ -169,24 +145,8 @@ enum QsdMode {
 fn start_qsd(image: &Path, sock: &Path, mode: QsdMode) -> Served {
     let qmp_sock = sock.with_extension("qmp");
     let _ = std::fs::remove_file(&qmp_sock);
-    let cor = mode == QsdMode::CopyOnRead;
     let writable = mode != QsdMode::ReadOnly;
-    let ro = if writable { "off" } else { "on" };
-    let img = image.display();
-    let mut cmd = Command::new("qemu-storage-daemon");
-    cmd.arg("--blockdev")
-        .arg(format!(
-            "driver=file,filename={img},node-name=f0,read-only={ro}"
-        ))
-        .arg("--blockdev")
-        .arg(format!("driver=qed,file=f0,node-name=d0,read-only={ro}"));
-    let node = if cor {
-        cmd.arg("--blockdev")
-            .arg("driver=copy-on-read,file=d0,node-name=c0");
-        "c0"
-    } else {
-        "d0"
-    };
+    let (mut cmd, node) = qsd_with_qed_nodes(image, writable, mode == QsdMode::CopyOnRead);
     cmd.arg("--nbd-server")
         .arg(format!("addr.type=unix,addr.path={}", sock.display()))
         .arg("--export")

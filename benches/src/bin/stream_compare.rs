@@ -45,6 +45,7 @@ use qedstream_benches::qedstream_binary;
 use qedstream_benches::sparse_random_file;
 use qedstream_tests::nbd_server::NbdServer;
 use qedstream_tests::qsd;
+use qedstream_tests::tls::create_args;
 use qedstream_tests::tools::ok_command;
 
 /// Wall time and CPU time (user + sys) of one child process.
@@ -280,16 +281,11 @@ fn tls_case(bin: &Path, d: &Path, runs: usize, plain_uri: &str, gib: f64) {
     let creds = client.to_str().expect("a UTF-8 path");
     let stream = |uri: &str| {
         let _ = std::fs::remove_file(d.join("tls.qed"));
-        ok_command(Command::new(bin).current_dir(d).args([
-            "create",
-            "--tls-creds",
-            creds,
-            "-b",
-            uri,
-            "-F",
-            "raw",
-            "tls.qed",
-        ]));
+        ok_command(
+            Command::new(bin)
+                .current_dir(d)
+                .args(create_args(creds, uri, "tls.qed")),
+        );
         let t = timed(Command::new(bin).current_dir(d).args([
             "stream",
             "--tls-creds",

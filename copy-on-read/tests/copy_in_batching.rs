@@ -7,43 +7,17 @@
 //!   copied in, with at most a quarter as many flushes as reads;
 //! - every cluster is then local, and the device reads as the backing.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
 use copy_on_read::{BlockDevice, CorDevice};
-use qed::{BackingFormat, CreateOptions, Image, Mapping, MemStorage, OpenOptions, Storage};
+use qed::Mapping;
+use qedstream_tests::flushes::counted_overlay;
 use qedstream_tests::runtime::two_workers;
 use qedstream_tests::{raw_backing, XorShift};
 
-/// A storage in memory whose flushes are counted and take `FLUSH_DELAY` each.
-#[derive(Debug)]
-struct Counting {
-    mem: Arc<MemStorage>,
-    flushes: Arc<AtomicU64>,
-}
-
 const FLUSH_DELAY: Duration = Duration::from_millis(20);
-
-impl Storage for Counting {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.mem.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.mem.write_at(buf, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        std::thread::sleep(FLUSH_DELAY);
-        self.flushes.fetch_add(1, Ordering::AcqRel);
-        self.mem.flush()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.mem.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.mem.set_len(len)
-    }
-}
 
 #[test]
 fn concurrent_misses_are_stored_in_batches_that_share_a_flush() {
@@ -51,16 +25,7 @@ fn concurrent_misses_are_stored_in_batches_that_share_a_flush() {
     const READS: u64 = 64;
     let mut backing = vec![0u8; (READS * CS) as usize];
     XorShift::new(11).fill(&mut backing);
-    let mut create = CreateOptions::new(backing.len() as u64);
-    create.backing = Some(("base.raw".into(), BackingFormat::Raw));
-    let mem = Arc::new(MemStorage::new());
-    Image::create(&*mem, &create).unwrap();
-    let flushes = Arc::new(AtomicU64::new(0));
-    let storage = Counting {
-        mem,
-        flushes: Arc::clone(&flushes),
-    };
-    let image = Image::open(Box::new(storage), OpenOptions::default()).unwrap();
+    let (image, flushes) = counted_overlay(backing.len() as u64, FLUSH_DELAY);
     let dev = Arc::new(CorDevice::new(
         image,
         "memory".into(),

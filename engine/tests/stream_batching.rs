@@ -21,36 +21,9 @@ use std::time::Duration;
 
 use copy_on_read::CorDevice;
 use engine::stream::{StreamJob, StreamOptions};
-use qed::{BackingFormat, CreateOptions, Image, MemStorage, OpenOptions, Storage};
+use qed::{Image, MemStorage, OpenOptions, Storage};
+use qedstream_tests::flushes::{counted_overlay, overlay_memory};
 use qedstream_tests::{disk_over, raw_backing, Disk, XorShift};
-
-/// A storage in memory that counts its flushes, each of which sleeps `flush_delay`.
-#[derive(Debug)]
-struct Counting {
-    mem: Arc<MemStorage>,
-    flushes: Arc<AtomicU64>,
-    flush_delay: Duration,
-}
-
-impl Storage for Counting {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.mem.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.mem.write_at(buf, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        std::thread::sleep(self.flush_delay);
-        self.flushes.fetch_add(1, Ordering::AcqRel);
-        self.mem.flush()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.mem.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.mem.set_len(len)
-    }
-}
 
 /// Flushes running now, and the most seen at once.
 #[derive(Debug, Default)]
@@ -98,30 +71,21 @@ impl Storage for Overlapping {
     }
 }
 
-/// An empty overlay (64 KiB clusters) of `backing` on `storage` (made from the image's
-/// memory).
-fn overlay_on<S: Storage + 'static>(
-    backing: &[u8],
-    storage: impl FnOnce(Arc<MemStorage>) -> S,
-) -> Disk {
-    let mut create = CreateOptions::new(backing.len() as u64);
-    create.backing = Some(("base.raw".into(), BackingFormat::Raw));
-    let mem = Arc::new(MemStorage::new());
-    Image::create(&*mem, &create).unwrap();
-    let image = Image::open(Box::new(storage(mem)), OpenOptions::default()).unwrap();
+/// An empty overlay (64 KiB clusters) of `backing` whose storage records flushes that overlap.
+fn overlapping_overlay(backing: &[u8], overlap: &Arc<FlushOverlap>) -> Disk {
+    let storage = Overlapping {
+        mem: overlay_memory(backing.len() as u64),
+        overlap: Arc::clone(overlap),
+    };
+    let image = Image::open(Box::new(storage), OpenOptions::default()).unwrap();
     disk_over(image, Some(raw_backing(backing)))
 }
 
 /// An empty overlay (64 KiB clusters) of `backing` on a flush-counting storage, and its
 /// flush counter.
 fn overlay(backing: &[u8], flush_delay: Duration) -> (Disk, Arc<AtomicU64>) {
-    let flushes = Arc::new(AtomicU64::new(0));
-    let disk = overlay_on(backing, |mem| Counting {
-        mem,
-        flushes: Arc::clone(&flushes),
-        flush_delay,
-    });
-    (disk, flushes)
+    let (image, flushes) = counted_overlay(backing.len() as u64, flush_delay);
+    (disk_over(image, Some(raw_backing(backing))), flushes)
 }
 
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
@@ -207,10 +171,7 @@ fn buffers_stay_within_the_budget_whatever_in_flight_says() {
 fn a_batch_is_stored_while_an_earlier_one_flushes() {
     let backing = random_bytes(16 << 20, 3);
     let overlap = Arc::new(FlushOverlap::default());
-    let disk = overlay_on(&backing, |mem| Overlapping {
-        mem,
-        overlap: Arc::clone(&overlap),
-    });
+    let disk = overlapping_overlay(&backing, &overlap);
     let options = StreamOptions {
         request_bytes: 1 << 20,
         in_flight: 16,

@@ -33,6 +33,8 @@
 //!   server, optionally slow) and nbdkit's curl plugin with its cache filter exporting one.
 //! - [`crash`]: what a disk may hold after its server is killed: a per-sector model of
 //!   acknowledged, flushed and in-flight writes, and sectors that say which write they are.
+//! - [`flushes`]: an in-memory overlay whose flushes are counted and slow, for tests of how
+//!   many `fdatasync` calls a piece of work shares.
 //! - [`tls`]: X.509 credentials directories (QEMU's `tls-creds-x509` layout) made by
 //!   `certtool`: a CA, servers and clients it signs, current or expired.
 //! - [`chain`]: a per-unit view of a backing chain's allocation, from `qemu-img map` and from
@@ -62,6 +64,7 @@ pub type Disk = SyncDevice<CorDevice>;
 
 pub mod chain;
 pub mod crash;
+pub mod flushes;
 pub mod guest;
 pub mod image_store;
 pub mod nbd_server;

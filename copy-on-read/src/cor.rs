@@ -48,7 +48,9 @@ use crate::device::{
 };
 use crate::error::{blocking, Error, Result};
 use crate::gate::Gate;
-use crate::image::{on_image, qed_status, read_local, read_local_bufs, read_local_into};
+use crate::image::{
+    merge_runs, on_image, qed_status, read_local, read_local_bufs, read_local_into,
+};
 use crate::lock::{RangeGuard, RangeLock};
 use crate::pool::Chunks;
 
@@ -154,18 +156,6 @@ fn clip_merged(runs: &[(u64, u64)], offset: u64, length: u64) -> Vec<(u64, u64)>
         let (s, e) = (at.max(offset), (at + l).min(end));
         (s < e).then_some((s, e - s))
     }))
-}
-
-/// Ascending runs with adjacent ones merged.
-fn merge_runs(runs: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for (at, l) in runs {
-        match out.last_mut() {
-            Some(last) if last.0 + last.1 == at => last.1 += l,
-            _ => out.push((at, l)),
-        }
-    }
-    out
 }
 
 /// Closes a backing, giving up after two seconds (a dead NBD server must not hold up the

@@ -62,16 +62,25 @@ pub(crate) fn read_local_bufs(
     mut bufs: IoBufs,
     offset: u64,
 ) -> Result<(IoBufs, Vec<(u64, u64)>)> {
-    let mut missing: Vec<(u64, u64)> = Vec::new();
+    let mut holes: Vec<(u64, u64)> = Vec::new();
     for (at, seg) in bufs.segments_mut() {
-        for (o, l) in read_local_into(image, name, seg, offset + at as u64)? {
-            match missing.last_mut() {
-                Some(last) if last.0 + last.1 == o => last.1 += l,
-                _ => missing.push((o, l)),
-            }
+        holes.extend(read_local_into(image, name, seg, offset + at as u64)?);
+    }
+    Ok((bufs, merge_runs(holes.into_iter())))
+}
+
+/// Ascending `(offset, length)` runs with adjacent ones merged: the one form in which the read
+/// paths give missing ranges, so that two lists of them compare equal when they cover the
+/// same bytes.
+pub(crate) fn merge_runs(runs: impl Iterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (at, l) in runs {
+        match out.last_mut() {
+            Some(last) if last.0 + last.1 == at => last.1 += l,
+            _ => out.push((at, l)),
         }
     }
-    Ok((bufs, missing))
+    out
 }
 
 /// The local part of a read: the buffer with allocated and zero ranges filled, and the

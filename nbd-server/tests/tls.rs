@@ -31,6 +31,14 @@ use tokio::sync::broadcast;
 const HANG: Duration = Duration::from_secs(30);
 
 /// A 1 MiB disk of 0x5a, served TLS-only (client certificates verified) on `dir/nbd.sock`.
+/// A temporary directory, a CA in it, and [`served_tls`] there: what every test starts with.
+fn served_in_tempdir(handshake_timeout: Duration) -> (tempfile::TempDir, Pki, Served) {
+    let dir = qedstream_tests::tempdir();
+    let pki = Pki::new(&dir.path().join("pki"), "test CA");
+    let s = served_tls(dir.path(), &pki, handshake_timeout);
+    (dir, pki, s)
+}
+
 fn served_tls(dir: &Path, pki: &Pki, handshake_timeout: Duration) -> Served {
     let server_dir = pki.server("server", &["localhost"], Validity::Current);
     let tls = nbd_tls::ServerTls::from_dir(&server_dir, true).expect("server credentials");
@@ -104,9 +112,7 @@ fn refusal(rx: &mut broadcast::Receiver<Refused>) -> Refused {
 
 #[test]
 fn every_option_before_starttls_is_refused_with_tls_reqd() {
-    let dir = qedstream_tests::tempdir();
-    let pki = Pki::new(&dir.path().join("pki"), "test CA");
-    let s = served_tls(dir.path(), &pki, Duration::from_secs(10));
+    let (_dir, _pki, s) = served_in_tempdir(Duration::from_secs(10));
     let mut refusals = s.server.refusals();
     client(async {
         let mut c = connect(&s.sock).await;
@@ -141,9 +147,7 @@ fn every_option_before_starttls_is_refused_with_tls_reqd() {
 
 #[test]
 fn export_name_before_starttls_closes_without_export_data() {
-    let dir = qedstream_tests::tempdir();
-    let pki = Pki::new(&dir.path().join("pki"), "test CA");
-    let s = served_tls(dir.path(), &pki, Duration::from_secs(10));
+    let (_dir, _pki, s) = served_in_tempdir(Duration::from_secs(10));
     let mut refusals = s.server.refusals();
     client(async {
         let mut c = connect(&s.sock).await;
@@ -158,9 +162,7 @@ fn export_name_before_starttls_closes_without_export_data() {
 
 #[test]
 fn after_starttls_the_export_is_served_inside_tls() {
-    let dir = qedstream_tests::tempdir();
-    let pki = Pki::new(&dir.path().join("pki"), "test CA");
-    let s = served_tls(dir.path(), &pki, Duration::from_secs(10));
+    let (_dir, pki, s) = served_in_tempdir(Duration::from_secs(10));
     let creds = pki.client("client", true, Validity::Current);
     let tls = nbd_tls::ClientTls::from_dir(&creds, None).expect("client credentials");
     client(async {
@@ -244,9 +246,7 @@ fn refused_handshake(s: &Served, creds: &Path) -> Refused {
 
 #[test]
 fn a_failed_tls_handshake_closes_and_is_reported() {
-    let dir = qedstream_tests::tempdir();
-    let pki = Pki::new(&dir.path().join("pki"), "test CA");
-    let s = served_tls(dir.path(), &pki, Duration::from_secs(10));
+    let (dir, pki, s) = served_in_tempdir(Duration::from_secs(10));
     let anonymous = pki.client("anonymous", false, Validity::Current);
     let expired = pki.client("expired", true, Validity::Expired);
     // A certificate of another CA, in a directory that trusts our server.
@@ -292,9 +292,7 @@ fn a_failed_tls_handshake_closes_and_is_reported() {
 
 #[test]
 fn a_client_silent_after_starttls_is_closed_by_the_handshake_timeout() {
-    let dir = qedstream_tests::tempdir();
-    let pki = Pki::new(&dir.path().join("pki"), "test CA");
-    let s = served_tls(dir.path(), &pki, Duration::from_millis(300));
+    let (_dir, _pki, s) = served_in_tempdir(Duration::from_millis(300));
     client(async {
         let mut c = connect(&s.sock).await;
         option(&mut c, OPT_STARTTLS, &[]).await;

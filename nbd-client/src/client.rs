@@ -259,9 +259,16 @@ fn client_tls(uri: &Uri, config: &ClientConfig) -> Result<Option<nbd_tls::Client
 /// Whether an I/O error inside TLS negotiation is the server refusing the session: a
 /// certificate rustls refused or an alert (`InvalidData`), or a server that hung up or reset
 /// the connection in the middle of it (GnuTLS servers do so for a missing client certificate).
+/// A hang-up shows as whichever call meets it first: a read (`UnexpectedEof`, or
+/// `ConnectionReset`) or a write (`BrokenPipe`: under TLS 1.3 the client's handshake ends
+/// before the server checks its certificate, so the server may close before the client's
+/// first NBD option is written).
 fn refused_by_tls(e: &std::io::Error) -> bool {
-    use std::io::ErrorKind::{ConnectionReset, InvalidData, UnexpectedEof};
-    matches!(e.kind(), InvalidData | UnexpectedEof | ConnectionReset)
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, InvalidData, UnexpectedEof};
+    matches!(
+        e.kind(),
+        InvalidData | UnexpectedEof | ConnectionReset | BrokenPipe
+    )
 }
 
 /// A failed TLS handshake: a refused session is [`Error::TlsHandshake`]; any other socket
@@ -1322,6 +1329,24 @@ where
 
 #[cfg(test)]
 mod tests {
+    /// A server that hangs up inside TLS negotiation refuses the session, whichever call meets
+    /// the hang-up first: a read or a write (EPIPE when the server closed before our first
+    /// option went out). Each says the server may want a client certificate.
+    #[test]
+    fn a_hang_up_inside_tls_negotiation_is_a_refused_session_read_or_write() {
+        use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
+        for kind in [UnexpectedEof, ConnectionReset, BrokenPipe] {
+            let e = tls_session_error(Error::io(std::io::Error::from(kind)));
+            assert!(matches!(e, Error::TlsHandshake(_)), "{kind:?}: {e:?}");
+            let text = e.to_string();
+            assert!(text.contains("client certificate"), "{kind:?}: {text}");
+            assert!(!e.is_retryable(), "{kind:?}");
+        }
+        // Other failures keep their kind: a timeout is not a refusal.
+        let lost = Error::io(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert!(matches!(tls_session_error(lost), Error::ConnectionLost(_)));
+    }
+
     use super::*;
 
     #[test]

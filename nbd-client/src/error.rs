@@ -234,7 +234,7 @@ impl Error {
 /// check failed (rustls's own reason follows it), or, for a session the server ended, that it
 /// may want a client certificate.
 fn tls_hint(e: &std::io::Error) -> &'static str {
-    use std::io::ErrorKind::{ConnectionReset, UnexpectedEof};
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset, UnexpectedEof};
     use tokio_rustls::rustls::{CertificateError, Error as Tls};
     let reason = e.get_ref().and_then(|r| r.downcast_ref::<Tls>());
     match reason {
@@ -259,7 +259,7 @@ fn tls_hint(e: &std::io::Error) -> &'static str {
             " (the server refused the session: it may require a client certificate, \
              client-cert.pem and client-key.pem signed by a CA it trusts)"
         }
-        None if matches!(e.kind(), UnexpectedEof | ConnectionReset) => {
+        None if matches!(e.kind(), UnexpectedEof | ConnectionReset | BrokenPipe) => {
             " (the server ended the session: it may require a client certificate, \
              client-cert.pem and client-key.pem signed by a CA it trusts)"
         }

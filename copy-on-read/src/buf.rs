@@ -15,6 +15,8 @@
 //! cluster) goes through buffers of the device's own, because guest memory may change under
 //! the device while it stores what it read.
 
+use crate::pool::PoolBuf;
+
 /// Memory one request reads into or writes from, owned by the request until it completes.
 pub trait IoBuf: Send + Sync + 'static {
     /// The bytes.
@@ -24,6 +26,15 @@ pub trait IoBuf: Send + Sync + 'static {
 }
 
 impl IoBuf for Vec<u8> {
+    fn as_bytes(&self) -> &[u8] {
+        self
+    }
+    fn as_bytes_mut(&mut self) -> &mut [u8] {
+        self
+    }
+}
+
+impl IoBuf for qed::storage::AlignedBuf {
     fn as_bytes(&self) -> &[u8] {
         self
     }
@@ -43,6 +54,9 @@ impl IoBuf for Box<[u8]> {
 
 enum Segment {
     Vec(Vec<u8>),
+    /// A copy buffer at an aligned address (see [`crate::pool`]): an O_DIRECT file reads
+    /// into it and writes from it with no bounce copy.
+    Aligned(qed::storage::AlignedBuf),
     Other(Box<dyn IoBuf>),
 }
 
@@ -50,12 +64,14 @@ impl Segment {
     fn bytes(&self) -> &[u8] {
         match self {
             Segment::Vec(v) => v,
+            Segment::Aligned(a) => a,
             Segment::Other(b) => b.as_bytes(),
         }
     }
     fn bytes_mut(&mut self) -> &mut [u8] {
         match self {
             Segment::Vec(v) => v,
+            Segment::Aligned(a) => a,
             Segment::Other(b) => b.as_bytes_mut(),
         }
     }
@@ -207,7 +223,34 @@ impl IoBufs {
             .into_iter()
             .map(|s| match s {
                 Segment::Vec(v) => v,
+                Segment::Aligned(a) => a.to_vec(),
                 Segment::Other(b) => b.as_bytes().to_vec(),
+            })
+            .collect()
+    }
+
+    /// A request over a pool's copy buffers, in order.
+    pub(crate) fn from_pool_bufs(bufs: Vec<PoolBuf>) -> IoBufs {
+        let mut b = IoBufs::new();
+        for buf in bufs {
+            b.len += buf.len();
+            b.segments.push(match buf {
+                PoolBuf::Vec(v) => Segment::Vec(v),
+                PoolBuf::Aligned(a) => Segment::Aligned(a),
+            });
+        }
+        b
+    }
+
+    /// The segments as a pool's copy buffers: those made by [`IoBufs::from_pool_bufs`] as
+    /// they are (no copy), any other copied.
+    pub(crate) fn into_pool_bufs(self) -> Vec<PoolBuf> {
+        self.segments
+            .into_iter()
+            .map(|s| match s {
+                Segment::Vec(v) => PoolBuf::Vec(v),
+                Segment::Aligned(a) => PoolBuf::Aligned(a),
+                Segment::Other(b) => PoolBuf::Vec(b.as_bytes().to_vec()),
             })
             .collect()
     }
@@ -223,6 +266,7 @@ impl IoBufs {
             .into_iter()
             .map(|s| match s {
                 Segment::Vec(v) => Box::new(v) as Box<dyn IoBuf>,
+                Segment::Aligned(a) => Box::new(a),
                 Segment::Other(b) => b,
             })
             .collect()

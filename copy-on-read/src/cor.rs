@@ -52,7 +52,7 @@ use crate::image::{
     merge_runs, on_image, qed_status, read_local, read_local_bufs, read_local_into,
 };
 use crate::lock::{RangeGuard, RangeLock};
-use crate::pool::Chunks;
+use crate::pool::{Chunks, PoolBuf};
 
 /// Options for [`CorDevice::open`].
 #[derive(Clone, Debug)]
@@ -332,10 +332,10 @@ impl Fetched {
 async fn read_bufs_padded(
     backing: Option<&Arc<dyn BlockDevice>>,
     at: u64,
-    mut bufs: Vec<Vec<u8>>,
-) -> Result<Vec<Vec<u8>>> {
+    mut bufs: Vec<PoolBuf>,
+) -> Result<Vec<PoolBuf>> {
     let size = backing.map_or(0, |b| b.size());
-    let lens: Vec<usize> = bufs.iter().map(Vec::len).collect();
+    let lens: Vec<usize> = bufs.iter().map(|b| b.len()).collect();
     let mut pos = at;
     let mut inside = 0;
     for b in bufs.iter_mut() {
@@ -350,12 +350,12 @@ async fn read_bufs_padded(
     }
     if let (Some(backing), true) = (backing, inside > 0) {
         let rest = bufs.split_off(inside);
-        let read = backing.readv(at, IoBufs::from_vecs(bufs)).await?;
-        bufs = read.into_vecs();
+        let read = backing.readv(at, IoBufs::from_pool_bufs(bufs)).await?;
+        bufs = read.into_pool_bufs();
         bufs.extend(rest);
     }
     for (b, &len) in bufs.iter_mut().zip(&lens) {
-        b.resize(len, 0);
+        b.resize_zeroed(len);
     }
     Ok(bufs)
 }

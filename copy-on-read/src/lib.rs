@@ -82,7 +82,7 @@ pub use gate::Gate;
 pub use image::QedImage;
 pub use lock::{RangeGuard, RangeLock};
 pub use nbd::NbdExport;
-pub use pool::{BufferPool, Chunks, PoolStats};
+pub use pool::{BufferPool, Chunks, PoolBuf, PoolStats, PAGE_ALIGN};
 pub use qcow2::{Qcow2, Qcow2Image};
 pub use raw::RawFile;
 pub use sync::SyncDevice;

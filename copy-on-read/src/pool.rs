@@ -9,6 +9,12 @@
 //! chunks are free, all at once, so requests never hold part of what they need while waiting
 //! for the rest; a request larger than the whole budget is refused with
 //! [`Error::OverBudget`], never waited for.
+//!
+//! A pool made with [`BufferPool::page_aligned`] hands out buffers at page-aligned addresses
+//! ([`PoolBuf::Aligned`]): a chunk is a whole number of clusters from a cluster boundary, so an
+//! image or raw file opened with O_DIRECT (`--cache none`) reads into it and writes from it
+//! straight, with no copy through a bounce buffer. Over NBD the buffers stay `Vec`s, which
+//! the NBD client reads into as they are.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,7 +22,75 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use qed::storage::AlignedBuf;
+
 use crate::error::{Error, Result};
+
+/// The address alignment of a page-aligned pool's buffers: what O_DIRECT asks of memory on
+/// the file systems and devices seen (`statx` reports 4 to 4096 bytes).
+pub const PAGE_ALIGN: usize = 4096;
+
+/// One copy buffer of a pool: a `Vec`, or page-aligned memory (see the module
+/// documentation). Either reads as its bytes.
+#[derive(Debug)]
+pub enum PoolBuf {
+    /// Heap memory at whatever address the allocator gave.
+    Vec(Vec<u8>),
+    /// Memory at a [`PAGE_ALIGN`]-aligned address.
+    Aligned(AlignedBuf),
+}
+
+impl PoolBuf {
+    /// The bytes the buffer can hold.
+    fn capacity(&self) -> usize {
+        match self {
+            PoolBuf::Vec(v) => v.capacity(),
+            PoolBuf::Aligned(a) => a.capacity(),
+        }
+    }
+
+    /// Keeps the first `len` bytes.
+    pub fn truncate(&mut self, len: usize) {
+        match self {
+            PoolBuf::Vec(v) => v.truncate(len),
+            PoolBuf::Aligned(a) => a.truncate(len),
+        }
+    }
+
+    /// Sets the length to `len` (an aligned buffer stops at its capacity, the pool's chunk
+    /// size); bytes that come into use read as zeros.
+    pub fn resize_zeroed(&mut self, len: usize) {
+        match self {
+            PoolBuf::Vec(v) => v.resize(len, 0),
+            PoolBuf::Aligned(a) => a.resize_zeroed(len),
+        }
+    }
+}
+
+impl Default for PoolBuf {
+    fn default() -> PoolBuf {
+        PoolBuf::Vec(Vec::new())
+    }
+}
+
+impl std::ops::Deref for PoolBuf {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            PoolBuf::Vec(v) => v,
+            PoolBuf::Aligned(a) => a,
+        }
+    }
+}
+
+impl std::ops::DerefMut for PoolBuf {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            PoolBuf::Vec(v) => v,
+            PoolBuf::Aligned(a) => a,
+        }
+    }
+}
 
 /// Reusable buffers under a byte budget; cheap to clone (clones share the buffers).
 #[derive(Clone, Debug)]
@@ -28,8 +102,10 @@ pub struct BufferPool {
 struct Inner {
     chunk: usize,
     chunks: usize,
+    /// Buffers are [`PoolBuf::Aligned`].
+    aligned: bool,
     permits: Arc<Semaphore>,
-    free: Mutex<Vec<Vec<u8>>>,
+    free: Mutex<Vec<PoolBuf>>,
     /// Bytes of buffers ever allocated (recycled ones are not counted again).
     allocated: AtomicU64,
     /// Bytes handed out now, and the most ever handed out at once.
@@ -52,15 +128,25 @@ pub struct PoolStats {
 /// Dropping them gives them back to their pool.
 #[derive(Debug)]
 pub struct Chunks {
-    bufs: Vec<Vec<u8>>,
+    bufs: Vec<PoolBuf>,
     len: u64,
     pool: Arc<Inner>,
     _permit: OwnedSemaphorePermit,
 }
 
 impl BufferPool {
-    /// A pool of `budget` bytes (at least one chunk) in chunks of `chunk` bytes (at least 1).
+    /// A pool of `budget` bytes (at least one chunk) in chunks of `chunk` bytes (at least 1),
+    /// each a `Vec`.
     pub fn new(budget: u64, chunk: usize) -> BufferPool {
+        BufferPool::with_buffers(budget, chunk, false)
+    }
+
+    /// As [`BufferPool::new`], each buffer at a [`PAGE_ALIGN`]-aligned address.
+    pub fn page_aligned(budget: u64, chunk: usize) -> BufferPool {
+        BufferPool::with_buffers(budget, chunk, true)
+    }
+
+    fn with_buffers(budget: u64, chunk: usize, aligned: bool) -> BufferPool {
         let chunk = chunk.max(1);
         let chunks = usize::try_from(budget / chunk as u64)
             .unwrap_or(usize::MAX)
@@ -69,6 +155,7 @@ impl BufferPool {
             inner: Arc::new(Inner {
                 chunk,
                 chunks,
+                aligned,
                 permits: Arc::new(Semaphore::new(chunks)),
                 free: Mutex::new(Vec::new()),
                 allocated: AtomicU64::new(0),
@@ -83,13 +170,19 @@ impl BufferPool {
         self.inner.chunk
     }
 
+    /// True when the buffers are page-aligned.
+    pub fn is_page_aligned(&self) -> bool {
+        self.inner.aligned
+    }
+
     /// The budget, bytes (a whole number of chunks).
     pub fn budget(&self) -> u64 {
         self.inner.chunks as u64 * self.inner.chunk as u64
     }
 
     /// Buffers for `len` bytes, waiting until the budget has room for them. Fails with
-    /// [`Error::OverBudget`] when `len` exceeds the whole budget.
+    /// [`Error::OverBudget`] when `len` exceeds the whole budget, and with [`Error::Io`] when
+    /// the memory of a page-aligned buffer cannot be had.
     pub async fn take(&self, len: u64) -> Result<Chunks> {
         let chunk = self.inner.chunk as u64;
         let n = len.div_ceil(chunk);
@@ -106,7 +199,11 @@ impl BufferPool {
         let mut bufs = Vec::with_capacity(n as usize);
         for k in 0..n {
             let want = (len - k * chunk).min(chunk) as usize;
-            bufs.push(self.inner.buffer(want));
+            bufs.push(
+                self.inner
+                    .buffer(want)
+                    .map_err(Error::io("allocating a copy buffer", len))?,
+            );
         }
         self.inner.count_out(n * chunk);
         Ok(Chunks {
@@ -128,18 +225,25 @@ impl BufferPool {
 }
 
 impl Inner {
-    /// A free buffer of `len` bytes (recycled when one is free).
-    fn buffer(&self, len: usize) -> Vec<u8> {
-        if let Some(mut b) = self.free.lock().pop() {
-            b.truncate(len);
-            b.resize(len, 0);
-            return b;
-        }
-        self.allocated
-            .fetch_add(self.chunk as u64, Ordering::AcqRel);
-        let mut b = Vec::with_capacity(self.chunk);
-        b.resize(len, 0);
-        b
+    /// A free buffer of `len` bytes: recycled when one is free (its bytes are what its last
+    /// user left; every user fills them before reading them), else new and zeroed.
+    fn buffer(&self, len: usize) -> std::io::Result<PoolBuf> {
+        let mut b = match self.free.lock().pop() {
+            Some(b) => b,
+            None => {
+                let b = if self.aligned {
+                    PoolBuf::Aligned(AlignedBuf::zeroed(self.chunk, PAGE_ALIGN)?)
+                } else {
+                    PoolBuf::Vec(Vec::with_capacity(self.chunk))
+                };
+                self.allocated
+                    .fetch_add(self.chunk as u64, Ordering::AcqRel);
+                b
+            }
+        };
+        b.truncate(len);
+        b.resize_zeroed(len);
+        Ok(b)
     }
 
     fn count_out(&self, bytes: u64) {
@@ -165,19 +269,19 @@ impl Chunks {
     }
 
     /// The buffers, in order.
-    pub fn bufs(&self) -> &[Vec<u8>] {
+    pub fn bufs(&self) -> &[PoolBuf] {
         &self.bufs
     }
 
     /// Takes buffers `[from, to)` out (to be filled by a read that owns them); give them back
     /// with [`Chunks::put`]. A buffer not given back (its read failed or was dropped) is
     /// simply not recycled.
-    pub fn take_bufs(&mut self, from: usize, to: usize) -> Vec<Vec<u8>> {
+    pub fn take_bufs(&mut self, from: usize, to: usize) -> Vec<PoolBuf> {
         self.bufs[from..to].iter_mut().map(std::mem::take).collect()
     }
 
     /// Puts buffers taken with [`Chunks::take_bufs`] back from index `from` on.
-    pub fn put(&mut self, from: usize, bufs: Vec<Vec<u8>>) {
+    pub fn put(&mut self, from: usize, bufs: Vec<PoolBuf>) {
         for (slot, b) in self.bufs[from..].iter_mut().zip(bufs) {
             *slot = b;
         }
@@ -228,6 +332,29 @@ mod tests {
         assert_eq!(c.len(), 1);
         assert!(pool.stats().peak <= pool.budget());
         drop((b, c));
+    }
+
+    #[tokio::test]
+    async fn a_page_aligned_pool_recycles_aligned_buffers() {
+        let pool = BufferPool::page_aligned(2 << 20, 1 << 20);
+        assert!(pool.is_page_aligned());
+        for round in 0..10 {
+            let mut a = pool.take((1 << 20) + 100).await.unwrap();
+            let lens: Vec<usize> = a.bufs().iter().map(|b| b.len()).collect();
+            assert_eq!(lens, [1 << 20, 100]);
+            for b in a.bufs() {
+                assert!(matches!(b, PoolBuf::Aligned(_)), "round {round}: {b:?}");
+                assert_eq!(b.as_ptr() as usize % PAGE_ALIGN, 0, "round {round}");
+            }
+            // Taken out, shortened and grown back, as a read at the backing's end does.
+            let mut bufs = a.take_bufs(0, 2);
+            bufs[1].truncate(10);
+            bufs[1].resize_zeroed(100);
+            assert!(bufs[1][10..].iter().all(|&x| x == 0));
+            a.put(0, bufs);
+        }
+        assert_eq!(pool.stats().allocated, 2 << 20, "buffers were not recycled");
+        assert!(!BufferPool::new(1 << 20, 1 << 20).is_page_aligned());
     }
 
     #[tokio::test]

@@ -565,18 +565,20 @@ fn requests(ranges: &[(u64, u64)], max: u64) -> Vec<(u64, u64)> {
     out
 }
 
-/// The pool's chunk size for an image of `cs`-byte clusters: [`NBD_CHUNK_BYTES`] when an NBD
-/// connection is anywhere below `dev` (it has a [`Reconnect`] capability), else
-/// [`FILE_CHUNK_BYTES`]; or one cluster when clusters are larger.
-fn chunk_bytes(dev: &dyn Populate) -> usize {
+/// The copy buffers of a stream of `dev` under `budget` bytes. When an NBD connection is
+/// anywhere below `dev` (it has a [`Reconnect`] capability): chunks of [`NBD_CHUNK_BYTES`],
+/// `Vec`s the NBD client reads into as they are. Else chunks of [`FILE_CHUNK_BYTES`] at
+/// page-aligned addresses, which files opened with O_DIRECT (`--cache none`) read into and
+/// write from with no bounce copy. A chunk is one cluster when clusters are larger.
+fn copy_buffers(dev: &dyn Populate, budget: u64) -> BufferPool {
     let cs = dev.cluster_size().max(1);
     let over_nbd = dev.backing().is_some_and(|b| b.reconnect().is_some());
-    let chunk = if over_nbd {
-        NBD_CHUNK_BYTES
+    let chunk = |bytes: u64| (bytes.max(cs) / cs * cs) as usize;
+    if over_nbd {
+        BufferPool::new(budget, chunk(NBD_CHUNK_BYTES))
     } else {
-        FILE_CHUNK_BYTES
-    };
-    (chunk.max(cs) / cs * cs) as usize
+        BufferPool::page_aligned(budget, chunk(FILE_CHUNK_BYTES))
+    }
 }
 
 /// Aborts a task when dropped (the committer of a window that ends or is cancelled: a store
@@ -816,7 +818,7 @@ impl StreamJob {
             io_status: Mutex::new(IoStatus::Ok),
             ignored: Mutex::new(Vec::new()),
             events: EventSender::new(),
-            pool: BufferPool::new(options.buffer_budget, chunk_bytes(dev.as_ref())),
+            pool: copy_buffers(dev.as_ref(), options.buffer_budget),
             batches: AtomicU64::new(0),
         });
         let handle = StreamHandle { shared };

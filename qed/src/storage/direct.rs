@@ -24,14 +24,13 @@
 //! the file through a partial sector holds the size lock exclusively, so no other write or
 //! truncation can move the end of the file under it.
 
-use std::alloc::Layout;
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::{FileIo, Storage};
+use super::{AlignedBuf, FileIo, Storage};
 
 /// The alignment assumed when the file system does not report its own.
 pub const DEFAULT_ALIGN: usize = 4096;
@@ -124,43 +123,6 @@ pub fn set_direct(file: &File) -> io::Result<()> {
     Ok(())
 }
 
-/// A heap buffer aligned for O_DIRECT, zeroed when made.
-struct AlignedBuf {
-    ptr: std::ptr::NonNull<u8>,
-    layout: Layout,
-}
-
-// SAFETY: the buffer is plain owned memory; nothing ties it to a thread.
-unsafe impl Send for AlignedBuf {}
-
-impl AlignedBuf {
-    fn zeroed(len: usize, align: usize) -> io::Result<AlignedBuf> {
-        let layout = Layout::from_size_align(len.max(1), align.max(DEFAULT_ALIGN))
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: the layout has a non-zero size.
-        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-        let ptr = std::ptr::NonNull::new(ptr).ok_or(io::ErrorKind::OutOfMemory)?;
-        Ok(AlignedBuf { ptr, layout })
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: `ptr` points at `layout.size()` initialised (zeroed) bytes owned by `self`.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as in `as_slice`, and `&mut self` makes the borrow unique.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.layout.size()) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: `ptr` came from `alloc_zeroed` with this very layout and is freed once.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) }
-    }
-}
-
 /// Bounce buffers of [`BOUNCE_CHUNK`] bytes kept for the next request, at most
 /// [`KEPT_BOUNCES`] of them: a fresh zeroed megabyte per request (an mmap, a page fault per
 /// page, a munmap) cost an O_DIRECT stream more than the copy through it.
@@ -182,12 +144,12 @@ impl Bounce {
         debug_assert!(len <= BOUNCE_CHUNK);
         let kept = {
             let mut kept = BOUNCES.lock();
-            let at = kept.iter().position(|b| b.layout.align() >= align);
+            let at = kept.iter().position(|b| b.align() >= align);
             at.map(|i| kept.swap_remove(i))
         };
         let buf = match kept {
             Some(buf) => buf,
-            None => AlignedBuf::zeroed(BOUNCE_CHUNK, align)?,
+            None => AlignedBuf::zeroed(BOUNCE_CHUNK, align.max(DEFAULT_ALIGN))?,
         };
         Ok(Bounce {
             buf: Some(buf),
@@ -368,7 +330,8 @@ impl<B: FileIo> DirectFile<B> {
     }
 
     fn merge_sector(&self, piece: &[u8], offset: u64, sector: u64) -> io::Result<()> {
-        let mut bounce = AlignedBuf::zeroed(self.align.offset, self.align.memory)?;
+        let mut bounce =
+            AlignedBuf::zeroed(self.align.offset, self.align.memory.max(DEFAULT_ALIGN))?;
         self.read_aligned(bounce.as_mut_slice(), sector)?;
         let from = (offset - sector) as usize;
         bounce.as_mut_slice()[from..from + piece.len()].copy_from_slice(piece);

@@ -19,10 +19,12 @@ use std::os::unix::fs::FileExt;
 
 use parking_lot::RwLock;
 
+mod aligned;
 mod config;
 pub mod direct;
 pub mod uring;
 
+pub use aligned::AlignedBuf;
 pub use config::{Aio, Backend, CacheMode, IoConfig, StorageSetupError};
 pub use direct::DirectFile;
 pub use uring::UringFile;

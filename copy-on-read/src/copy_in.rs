@@ -23,6 +23,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use qed::{GuestOffset, Image};
 
 use crate::lock::RangeGuard;
+use crate::pool::PoolBuf;
 
 /// Store loops at once: a batch is written while an earlier one is being flushed.
 const STORES: usize = 2;
@@ -33,7 +34,7 @@ const BATCH_BYTES: usize = 8 << 20;
 /// What one guest read fetched to store: whole clusters, under the read's range lock.
 pub(crate) struct CopyIn {
     /// Cluster-aligned guest offsets and the bytes the backing holds there.
-    pub fills: Vec<(u64, Vec<u8>)>,
+    pub fills: Vec<(u64, PoolBuf)>,
     /// The read's range lock, released once stored (held, never read).
     #[allow(dead_code)]
     pub guard: RangeGuard,
@@ -156,7 +157,7 @@ impl CopyIns {
         let mut pieces: Vec<(GuestOffset, &[u8])> = batch
             .iter()
             .flat_map(|c| c.fills.iter())
-            .map(|(at, data)| (GuestOffset(*at), data.as_slice()))
+            .map(|(at, data)| (GuestOffset(*at), &data[..]))
             .collect();
         // Disjoint: each copy-in holds the range lock of its clusters.
         pieces.sort_unstable_by_key(|(at, _)| at.0);

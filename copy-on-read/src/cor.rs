@@ -37,6 +37,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use tokio::sync::{Notify, Semaphore};
 
+use qed::storage::AlignedBuf;
 use qed::{GuestCluster, GuestOffset, Image, Mapping, OpenOptions};
 
 use crate::copy_in::{CopyIn, CopyIns};
@@ -52,7 +53,7 @@ use crate::image::{
     merge_runs, on_image, qed_status, read_local, read_local_bufs, read_local_into,
 };
 use crate::lock::{RangeGuard, RangeLock};
-use crate::pool::{Chunks, PoolBuf};
+use crate::pool::{Chunks, PoolBuf, PAGE_ALIGN};
 
 /// Options for [`CorDevice::open`].
 #[derive(Clone, Debug)]
@@ -130,6 +131,26 @@ async fn fetch(backing: Option<&Arc<dyn BlockDevice>>, at: u64, len: usize) -> R
         Some(b) => read_padded(&**b, at, len).await,
         None => Ok(vec![0u8; len]),
     }
+}
+
+/// As [`fetch`], for bytes that go on to be stored into the image: into memory at a
+/// page-aligned address when the backing is local, so that an O_DIRECT backing is read into
+/// it and an O_DIRECT image written from it with no bounce copy; a `Vec` over NBD (anywhere
+/// below: the backing has a reconnect capability), which the NBD client reads into as it is.
+async fn fetch_to_store(
+    backing: Option<&Arc<dyn BlockDevice>>,
+    at: u64,
+    len: usize,
+) -> Result<PoolBuf> {
+    let buf = match backing {
+        Some(b) if b.reconnect().is_none() => PoolBuf::Aligned(
+            AlignedBuf::zeroed(len, PAGE_ALIGN)
+                .map_err(Error::io("allocating a copy-in buffer", at))?,
+        ),
+        _ => PoolBuf::Vec(vec![0u8; len]),
+    };
+    let mut read = read_bufs_padded(backing, at, vec![buf]).await?;
+    Ok(read.pop().unwrap_or_default())
 }
 
 /// The unallocated runs of `[offset, offset + length)` in `image` (blocking), merged.
@@ -557,7 +578,7 @@ impl CorDevice {
         let mut fills = Vec::new();
         for e in extents {
             if e.mapping == Mapping::Unallocated {
-                let data = fetch(backing.as_ref(), e.offset.0, e.length as usize).await?;
+                let data = fetch_to_store(backing.as_ref(), e.offset.0, e.length as usize).await?;
                 fills.push((e.offset, data));
             } else {
                 stats.local += e.length;
@@ -876,7 +897,7 @@ impl CorDevice {
             // request's part of them, and store them.
             let mut fills = Vec::with_capacity(now_missing.len());
             for (at, l) in now_missing {
-                let data = fetch(backing.as_ref(), at, l as usize).await?;
+                let data = fetch_to_store(backing.as_ref(), at, l as usize).await?;
                 let (s, e) = (at.max(offset), (at + l).min(offset + len));
                 if s < e {
                     bufs.copy_in(
@@ -895,7 +916,7 @@ impl CorDevice {
             blocking(move || read_local(&image, &name, vec![0u8; (hi - lo) as usize], lo)).await?;
         let mut fills = Vec::new();
         for (at, l) in wmissing {
-            let data = fetch(backing.as_ref(), at, l as usize).await?;
+            let data = fetch_to_store(backing.as_ref(), at, l as usize).await?;
             let s = (at - lo) as usize;
             wide[s..s + l as usize].copy_from_slice(&data);
             fills.push((at, data));
@@ -974,7 +995,7 @@ impl CorDevice {
     /// and logged, and the clusters stay unallocated (the image's crash-safe order links
     /// nothing whose data was not written). [`CorDevice::settle_copy_ins`] waits for the
     /// stores of reads that returned; `close` does too.
-    async fn store_copy_in(&self, fills: Vec<(u64, Vec<u8>)>, guard: RangeGuard) {
+    async fn store_copy_in(&self, fills: Vec<(u64, PoolBuf)>, guard: RangeGuard) {
         let bytes: usize = fills.iter().map(|(_, d)| d.len()).sum();
         let budget = u32::try_from(bytes).ok().and_then(|n| {
             Arc::clone(&self.copy_in_budget)

@@ -5,7 +5,10 @@
 //!
 //! - 64 concurrent reads of 64 clusters the image lacks are served, and all 64 clusters are
 //!   copied in, with at most a quarter as many flushes as reads;
-//! - every cluster is then local, and the device reads as the backing.
+//! - every cluster is then local, and the device reads as the backing;
+//! - over a local backing, what a read copies in (and what `populate_range` stores) reaches
+//!   the image's storage from page-aligned memory, which an O_DIRECT image (`--cache none`)
+//!   writes with no bounce copy.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,6 +18,7 @@ use copy_on_read::{BlockDevice, CorDevice};
 use qed::Mapping;
 use qedstream_tests::flushes::counted_overlay;
 use qedstream_tests::runtime::two_workers;
+use qedstream_tests::write_addresses::recorded_overlay;
 use qedstream_tests::{raw_backing, XorShift};
 
 const FLUSH_DELAY: Duration = Duration::from_millis(20);
@@ -64,6 +68,49 @@ fn concurrent_misses_are_stored_in_batches_that_share_a_flush() {
         );
         let all = dev.read_at(0, vec![0u8; backing.len()]).await.unwrap();
         assert!(all == backing, "the copied-in image reads differently");
+        dev.close().await.unwrap();
+    });
+}
+
+#[test]
+fn copy_ins_reach_the_image_from_page_aligned_memory() {
+    const CS: u64 = 64 << 10;
+    let mut backing = vec![0u8; (16 * CS) as usize];
+    XorShift::new(12).fill(&mut backing);
+    let (image, seen) = recorded_overlay(backing.len() as u64);
+    let dev = CorDevice::new(image, "memory".into(), Some(raw_backing(&backing)));
+    two_workers().block_on(async {
+        // The L2 table first (metadata, from a buffer of its own): a guest write of the last
+        // cluster as the backing holds it. Only the copy-ins' writes count.
+        let last = backing.len() - CS as usize;
+        dev.write_at(last as u64, backing[last..].to_vec())
+            .await
+            .unwrap();
+        seen.reset();
+        // Two reads of a cluster and a half each (copied in whole), then the stream's way.
+        for at in [0, 4 * CS] {
+            let data = dev
+                .read_at(at, vec![0u8; (3 * CS / 2) as usize])
+                .await
+                .unwrap();
+            assert!(
+                data[..] == backing[at as usize..][..data.len()],
+                "read at {at}"
+            );
+        }
+        dev.settle_copy_ins().await;
+        dev.populate_range(8 * CS, 4 * CS).await.unwrap();
+        let (writes, aligned) = seen.counts();
+        println!("{writes} cluster writes, {aligned} from page-aligned memory");
+        assert!(writes >= 3, "only {writes} cluster writes");
+        assert_eq!(
+            aligned,
+            writes,
+            "{} of {writes} cluster writes came from unaligned memory",
+            writes - aligned
+        );
+        let all = dev.read_at(0, vec![0u8; backing.len()]).await.unwrap();
+        assert!(all == backing, "the image reads differently");
         dev.close().await.unwrap();
     });
 }

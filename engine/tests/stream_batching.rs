@@ -26,6 +26,7 @@ use copy_on_read::CorDevice;
 use engine::stream::{StreamJob, StreamOptions};
 use qed::{Image, MemStorage, OpenOptions, Storage};
 use qedstream_tests::flushes::{counted_overlay, overlay_memory};
+use qedstream_tests::write_addresses::recorded_overlay;
 use qedstream_tests::{disk_over, raw_backing, Disk, XorShift};
 
 /// Flushes running now, and the most seen at once.
@@ -64,39 +65,6 @@ impl Storage for Overlapping {
             .unwrap();
         c.0 -= 1;
         drop(c);
-        self.mem.flush()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.mem.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.mem.set_len(len)
-    }
-}
-
-/// A storage in memory that counts the writes of whole clusters (data, not metadata), and
-/// those among them from a page-aligned address.
-#[derive(Debug)]
-struct WriteAddresses {
-    mem: Arc<MemStorage>,
-    /// Cluster writes, and page-aligned ones.
-    seen: Arc<(AtomicU64, AtomicU64)>,
-}
-
-impl Storage for WriteAddresses {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.mem.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        if buf.len() >= 64 << 10 {
-            self.seen.0.fetch_add(1, Ordering::AcqRel);
-            if buf.as_ptr() as usize % copy_on_read::PAGE_ALIGN == 0 {
-                self.seen.1.fetch_add(1, Ordering::AcqRel);
-            }
-        }
-        self.mem.write_at(buf, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
         self.mem.flush()
     }
     fn len(&self) -> std::io::Result<u64> {
@@ -229,24 +197,15 @@ fn a_batch_is_stored_while_an_earlier_one_flushes() {
 #[test]
 fn over_a_local_backing_clusters_are_stored_from_page_aligned_buffers() {
     let backing = random_bytes(8 << 20, 4);
-    let seen = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
-    let storage = WriteAddresses {
-        mem: overlay_memory(backing.len() as u64),
-        seen: Arc::clone(&seen),
-    };
-    let image = Image::open(Box::new(storage), OpenOptions::default()).unwrap();
+    let (image, seen) = recorded_overlay(backing.len() as u64);
     let disk = disk_over(image, Some(raw_backing(&backing)));
     // The L2 table (metadata, written from a buffer of its own) comes first, with a guest
     // write of the last cluster as the backing holds it; only the stream's writes count.
     let last = backing.len() - (64 << 10);
     disk.write_at(&backing[last..], last as u64).unwrap();
-    seen.0.store(0, Ordering::Release);
-    seen.1.store(0, Ordering::Release);
+    seen.reset();
     stream(&disk, StreamOptions::default(), &backing);
-    let (writes, aligned) = (
-        seen.0.load(Ordering::Acquire),
-        seen.1.load(Ordering::Acquire),
-    );
+    let (writes, aligned) = seen.counts();
     println!("{writes} cluster writes, {aligned} from page-aligned memory");
     assert!(writes > 0, "the stream stored nothing");
     assert_eq!(

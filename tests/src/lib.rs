@@ -81,6 +81,7 @@ pub mod tmpfs;
 pub mod tools;
 pub mod vhost_front;
 pub mod vm_serve;
+pub mod write_addresses;
 
 /// A geometry under test and the virtual size its images get.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

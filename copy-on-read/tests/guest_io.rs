@@ -10,9 +10,9 @@
 //! - while an NBD backing is reconnecting, guest requests wait for the reconnect window and
 //!   then fail, or succeed once the server is back; they never return wrong data.
 
+use qedstream_tests::hooked::{Hooked, StorageHooks};
 use qedstream_tests::runtime::two_workers;
 use std::collections::HashSet;
-use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -303,39 +303,24 @@ fn a_guest_miss_goes_ahead_of_a_busy_stream() {
     two_workers().block_on(dev.close()).unwrap();
 }
 
-/// A file that cannot grow past `limit` bytes: writes beyond it fail with ENOSPC, as on a
-/// full file system.
+/// Hooks of a file that cannot grow past `.0` bytes: writes and resizes beyond it fail with
+/// ENOSPC, as on a full file system.
 #[derive(Debug)]
-struct FullDisk {
-    file: File,
-    limit: u64,
-}
+struct FullDisk(u64);
 
-impl qed::Storage for FullDisk {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        qed::Storage::read_at(&self.file, buf, offset)
-    }
-
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        if offset + buf.len() as u64 > self.limit {
+impl StorageHooks for FullDisk {
+    fn write(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        if offset + buf.len() as u64 > self.0 {
             return Err(std::io::Error::from_raw_os_error(libc_enospc()));
         }
-        qed::Storage::write_at(&self.file, buf, offset)
-    }
-
-    fn flush(&self) -> std::io::Result<()> {
-        qed::Storage::flush(&self.file)
-    }
-
-    fn len(&self) -> std::io::Result<u64> {
-        qed::Storage::len(&self.file)
+        Ok(())
     }
 
     fn set_len(&self, len: u64) -> std::io::Result<()> {
-        if len > self.limit {
+        if len > self.0 {
             return Err(std::io::Error::from_raw_os_error(libc_enospc()));
         }
-        qed::Storage::set_len(&self.file, len)
+        Ok(())
     }
 }
 
@@ -360,7 +345,11 @@ fn a_copy_in_that_cannot_be_stored_still_serves_the_read() {
             path: Some(path.clone()),
             ..OpenOptions::default()
         };
-        let image = Image::open(Box::new(FullDisk { file, limit }), options).unwrap();
+        let full = Hooked {
+            inner: file,
+            hooks: FullDisk(limit),
+        };
+        let image = Image::open(Box::new(full), options).unwrap();
         let backing = Gate::default().open_below(&image, &path, 0).await.unwrap();
         let dev = CorDevice::new(image, path.display().to_string(), backing);
         let data = dev.read_at(3 * CS + 7, vec![0u8; 5000]).await.unwrap();

@@ -24,8 +24,9 @@ use std::time::Duration;
 
 use copy_on_read::CorDevice;
 use engine::stream::{StreamJob, StreamOptions};
-use qed::{Image, MemStorage, OpenOptions, Storage};
+use qed::{Image, OpenOptions};
 use qedstream_tests::flushes::{counted_overlay, overlay_memory};
+use qedstream_tests::hooked::{Hooked, StorageHooks};
 use qedstream_tests::write_addresses::recorded_overlay;
 use qedstream_tests::{disk_over, raw_backing, Disk, XorShift};
 
@@ -36,25 +37,16 @@ struct FlushOverlap {
     changed: Condvar,
 }
 
-/// A storage in memory whose flushes record how many run at once. A flush waits (up to 2 s)
-/// until another one has run beside it, so that a second batch has every chance to start
-/// while the first is being flushed; stores taken in turns never overlap, and then each flush
-/// only waits out the 2 s.
+/// Hooks whose flushes record how many run at once. A flush waits (up to 2 s) until another
+/// one has run beside it, so that a second batch has every chance to start while the first is
+/// being flushed; stores taken in turns never overlap, and then each flush only waits out the
+/// 2 s.
 #[derive(Debug)]
-struct Overlapping {
-    mem: Arc<MemStorage>,
-    overlap: Arc<FlushOverlap>,
-}
+struct Overlapping(Arc<FlushOverlap>);
 
-impl Storage for Overlapping {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.mem.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.mem.write_at(buf, offset)
-    }
+impl StorageHooks for Overlapping {
     fn flush(&self) -> std::io::Result<()> {
-        let o = &self.overlap;
+        let o = &self.0;
         let mut c = o.counts.lock().unwrap();
         c.0 += 1;
         c.1 = c.1.max(c.0);
@@ -64,22 +56,15 @@ impl Storage for Overlapping {
             .wait_timeout_while(c, Duration::from_secs(2), |c| c.1 < 2)
             .unwrap();
         c.0 -= 1;
-        drop(c);
-        self.mem.flush()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.mem.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.mem.set_len(len)
+        Ok(())
     }
 }
 
 /// An empty overlay (64 KiB clusters) of `backing` whose storage records flushes that overlap.
 fn overlapping_overlay(backing: &[u8], overlap: &Arc<FlushOverlap>) -> Disk {
-    let storage = Overlapping {
-        mem: overlay_memory(backing.len() as u64),
-        overlap: Arc::clone(overlap),
+    let storage = Hooked {
+        inner: overlay_memory(backing.len() as u64),
+        hooks: Overlapping(Arc::clone(overlap)),
     };
     let image = Image::open(Box::new(storage), OpenOptions::default()).unwrap();
     disk_over(image, Some(raw_backing(backing)))

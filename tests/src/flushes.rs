@@ -6,33 +6,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use qed::{BackingFormat, CreateOptions, Image, MemStorage, OpenOptions, Storage};
+use qed::{BackingFormat, CreateOptions, Image, MemStorage, OpenOptions};
 
-/// A storage in memory that counts its flushes, each of which sleeps `delay`.
+use crate::hooked::{Hooked, StorageHooks};
+
+/// Hooks that count flushes, each of which first sleeps `delay`.
 #[derive(Debug)]
 pub struct CountedFlushes {
-    mem: Arc<MemStorage>,
     flushes: Arc<AtomicU64>,
     delay: Duration,
 }
 
-impl Storage for CountedFlushes {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.mem.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.mem.write_at(buf, offset)
-    }
+impl StorageHooks for CountedFlushes {
     fn flush(&self) -> std::io::Result<()> {
         std::thread::sleep(self.delay);
         self.flushes.fetch_add(1, Ordering::AcqRel);
-        self.mem.flush()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.mem.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.mem.set_len(len)
+        Ok(())
     }
 }
 
@@ -50,10 +39,12 @@ pub fn overlay_memory(size: u64) -> Arc<MemStorage> {
 /// whose flushes take `delay`, opened; and its flush counter.
 pub fn counted_overlay(size: u64, delay: Duration) -> (Image, Arc<AtomicU64>) {
     let flushes = Arc::new(AtomicU64::new(0));
-    let storage = CountedFlushes {
-        mem: overlay_memory(size),
-        flushes: Arc::clone(&flushes),
-        delay,
+    let storage = Hooked {
+        inner: overlay_memory(size),
+        hooks: CountedFlushes {
+            flushes: Arc::clone(&flushes),
+            delay,
+        },
     };
     let image = Image::open(Box::new(storage), OpenOptions::default()).expect("opening it");
     (image, flushes)

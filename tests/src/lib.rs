@@ -66,6 +66,7 @@ pub mod chain;
 pub mod crash;
 pub mod flushes;
 pub mod guest;
+pub mod hooked;
 pub mod image_store;
 pub mod nbd_server;
 pub mod poison;

@@ -5,9 +5,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use qed::{Image, MemStorage, OpenOptions, Storage};
+use qed::{Image, OpenOptions};
 
 use crate::flushes::overlay_memory;
+use crate::hooked::{Hooked, StorageHooks};
 
 /// The address alignment the copy paths promise (one page).
 pub const PAGE: usize = 4096;
@@ -36,34 +37,19 @@ impl WriteAddresses {
     }
 }
 
-/// A storage in memory that records its writes' addresses in a [`WriteAddresses`].
+/// Hooks that record their writes' addresses in a [`WriteAddresses`].
 #[derive(Debug)]
-struct Recording {
-    mem: Arc<MemStorage>,
-    seen: Arc<WriteAddresses>,
-}
+struct Recording(Arc<WriteAddresses>);
 
-impl Storage for Recording {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.mem.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+impl StorageHooks for Recording {
+    fn write(&self, buf: &[u8], _offset: u64) -> std::io::Result<()> {
         if buf.len() >= 64 << 10 {
-            self.seen.writes.fetch_add(1, Ordering::AcqRel);
+            self.0.writes.fetch_add(1, Ordering::AcqRel);
             if buf.as_ptr() as usize % PAGE == 0 {
-                self.seen.aligned.fetch_add(1, Ordering::AcqRel);
+                self.0.aligned.fetch_add(1, Ordering::AcqRel);
             }
         }
-        self.mem.write_at(buf, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.mem.flush()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.mem.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.mem.set_len(len)
+        Ok(())
     }
 }
 
@@ -71,9 +57,9 @@ impl Storage for Recording {
 /// records its writes' addresses, opened; and the record.
 pub fn recorded_overlay(size: u64) -> (Image, Arc<WriteAddresses>) {
     let seen = Arc::new(WriteAddresses::default());
-    let storage = Recording {
-        mem: overlay_memory(size),
-        seen: Arc::clone(&seen),
+    let storage = Hooked {
+        inner: overlay_memory(size),
+        hooks: Recording(Arc::clone(&seen)),
     };
     let image = Image::open(Box::new(storage), OpenOptions::default()).expect("opening it");
     (image, seen)

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use qed::{CreateOptions, Image, MemStorage, OpenOptions, Repair, Storage};
+use qedstream_tests::hooked::{Hooked, StorageHooks};
 use qedstream_tests::{disk_over, random_ops, raw_backing, Model, XorShift};
 
 #[derive(Clone, Debug)]
@@ -23,45 +24,40 @@ enum Event {
     SetLen(u64),
 }
 
-#[derive(Debug, Clone)]
-struct Recording {
-    inner: Arc<MemStorage>,
-    log: Arc<Mutex<Vec<Event>>>,
-}
+/// Hooks that log every write (with its bytes), flush and resize, in order.
+#[derive(Debug, Clone, Default)]
+struct Log(Arc<Mutex<Vec<Event>>>);
 
-impl Recording {
-    fn new(bytes: Vec<u8>) -> Recording {
-        Recording {
-            inner: Arc::new(MemStorage::from_bytes(bytes)),
-            log: Arc::default(),
-        }
-    }
-    fn take_log(&self) -> Vec<Event> {
-        std::mem::take(&mut *self.log.lock())
+impl Log {
+    /// The events so far, leaving the log empty.
+    fn take(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.0.lock())
     }
 }
 
-impl Storage for Recording {
-    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.inner.read_at(buf, offset)
-    }
-    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
-        self.log.lock().push(Event::Write {
+impl StorageHooks for Log {
+    fn write(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.0.lock().push(Event::Write {
             offset,
             data: buf.to_vec(),
         });
-        self.inner.write_at(buf, offset)
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        self.log.lock().push(Event::Flush);
         Ok(())
     }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.lock().push(Event::Flush);
+        Ok(())
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.log.lock().push(Event::SetLen(len));
-        self.inner.set_len(len)
+        self.0.lock().push(Event::SetLen(len));
+        Ok(())
+    }
+}
+
+/// Memory holding `bytes` whose writes, flushes and resizes are logged (clones share both).
+fn recording(bytes: Vec<u8>) -> Hooked<Arc<MemStorage>, Log> {
+    Hooked {
+        inner: Arc::new(MemStorage::from_bytes(bytes)),
+        hooks: Log::default(),
     }
 }
 
@@ -102,17 +98,17 @@ fn summary(log: &[Event]) -> Vec<String> {
 
 #[test]
 fn allocating_write_with_backing_orders_data_flush_l2_flush_l1() {
-    let rec = Recording::new(fresh(true));
+    let rec = recording(fresh(true));
     let image = disk_over(
         Image::open(Box::new(rec.clone()), OpenOptions::default()).unwrap(),
         Some(raw_backing(&base_bytes())),
     );
     let l1 = image.image().header().l1_table_offset;
     let end0 = image.image().file_end();
-    rec.take_log();
+    rec.hooks.take();
     // Partial write into a fresh cluster: COW from the backing, a new L2 table.
     image.write_at(&[0xab; 4096], 100 << 10).unwrap();
-    let log = rec.take_log();
+    let log = rec.hooks.take();
     let s = summary(&log);
     let is_data = |e: &Event| matches!(e, Event::Write { offset, .. } if *offset >= end0 && *offset < end0 + CS);
     let last_data = log.iter().rposition(is_data).expect("data written");
@@ -156,7 +152,7 @@ fn allocating_write_with_backing_orders_data_flush_l2_flush_l1() {
     // A second allocation in the same table: data, flush, one L2 sector, no L1.
     let end1 = image.image().file_end();
     image.write_at(&[0xcd; 100], 300 << 10).unwrap();
-    let log = rec.take_log();
+    let log = rec.hooks.take();
     let s = summary(&log);
     let data = position(
         &log,
@@ -178,11 +174,11 @@ fn allocating_write_with_backing_orders_data_flush_l2_flush_l1() {
 
 #[test]
 fn allocating_write_without_backing_sets_need_check_first_and_close_clears_it() {
-    let rec = Recording::new(fresh(false));
+    let rec = recording(fresh(false));
     let image = Image::open(Box::new(rec.clone()), OpenOptions::default()).unwrap();
-    rec.take_log();
+    rec.hooks.take();
     image.write_at(&[0x22; 65536], qed::GuestOffset(0)).unwrap();
-    let log = rec.take_log();
+    let log = rec.hooks.take();
     let s = summary(&log);
     match &log[0] {
         Event::Write { offset: 0, data } => {
@@ -206,12 +202,12 @@ fn allocating_write_without_backing_sets_need_check_first_and_close_clears_it() 
     image
         .write_at(&[0x23; 10], qed::GuestOffset(1 << 20))
         .unwrap();
-    let log = rec.take_log();
+    let log = rec.hooks.take();
     assert!(!log
         .iter()
         .any(|e| matches!(e, Event::Write { offset: 0, .. })));
     image.close().unwrap();
-    let log = rec.take_log();
+    let log = rec.hooks.take();
     let s = summary(&log);
     let header = position(
         &log,
@@ -247,7 +243,7 @@ fn replay_every_crash_point(backing: bool, seed: u64) {
         Image::open(storage, OpenOptions::default())
             .map(|image| disk_over(image, backing.then(|| raw_backing(&base))))
     };
-    let rec = Recording::new(initial.clone());
+    let rec = recording(initial.clone());
     let image = open(Box::new(rec.clone())).unwrap();
     let mut rng = XorShift::new(seed);
     let mut model = Model::new(view, CS);
@@ -255,13 +251,13 @@ fn replay_every_crash_point(backing: bool, seed: u64) {
     // (events so far, model before, model after) per op.
     let mut steps = Vec::new();
     let mut log = Vec::new();
-    rec.take_log();
+    rec.hooks.take();
     for op in &ops {
         let before = model.bytes.clone();
         op.apply(&image).unwrap();
         model.apply(op);
         let start = log.len();
-        log.extend(rec.take_log());
+        log.extend(rec.hooks.take());
         steps.push((start, log.len(), before, model.bytes.clone()));
     }
     // No close: a crash after the last op is one of the cases.

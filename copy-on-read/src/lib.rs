@@ -15,7 +15,8 @@
 //!   guest writes that are never overwritten by older backing data, and the
 //!   [`CorDevice::populate_range`] primitive; the stream job (in `engine`) uses its two halves,
 //!   [`Populate::fetch_range`] (into a [`BufferPool`] of recycled buffers under a byte
-//!   budget) and [`Populate::store_fetched`] (many units under one flush, with
+//!   budget, page-aligned over a local backing so that O_DIRECT needs no bounce copy) and
+//!   [`Populate::store_fetched`] (many units under one flush, with
 //!   [`qed::Image::populate_batch`]). What guest reads fetch is stored after they return, in
 //!   batches that share one flush too (the copy-in queue, `copy_in.rs`).
 //!

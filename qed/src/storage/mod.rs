@@ -10,7 +10,9 @@
 //! or `io_uring` ([`UringFile`]: one ring for the process, callers block on their own
 //! completions, so every calling thread has a request in flight). Either runs through the page
 //! cache ([`CacheMode::Writeback`]) or with O_DIRECT ([`CacheMode::None`], QEMU's
-//! `cache=none`: flushes are still sent), where [`DirectFile`] takes care of alignment.
+//! `cache=none`: flushes are still sent), where [`DirectFile`] takes care of alignment: a
+//! buffer at an aligned address ([`AlignedBuf`], as the stream's copy buffers are) goes
+//! straight to the kernel, any other through an aligned bounce buffer.
 //! [`IoConfig::storage`] turns an open file into the storage the configuration asks for.
 
 use std::fs::File;

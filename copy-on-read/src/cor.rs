@@ -271,7 +271,7 @@ fn fill_cluster(image: &Image, at: u64, merged: &[u8]) -> qed::Result<bool> {
 }
 
 /// A unit fetched from the backing for [`CorDevice::store_fetched`]: its clusters locked, the
-/// bytes the image lacked in buffers of a [`BufferPool`]. Dropping it unlocks the clusters and
+/// bytes the image lacked in buffers of a [`BufferPool`](crate::BufferPool). Dropping it unlocks the clusters and
 /// gives the buffers back, storing nothing.
 #[derive(Debug)]
 pub struct Fetched {

@@ -252,7 +252,7 @@ impl Qcow2 {
     }
 
     /// The image's own map of `[offset, offset + length)` as runs of data, zero and
-    /// unallocated (`None`), covering a prefix: at most [`STATUS_STEPS`] table lookups.
+    /// unallocated (`None`), covering a prefix: at most `STATUS_STEPS` table lookups.
     /// Blocking.
     pub fn status_local(
         &self,

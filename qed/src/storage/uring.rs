@@ -4,7 +4,7 @@
 //! `qed` is synchronous, and the async block devices above it run every call on tokio's
 //! blocking pool, so many threads call one [`Storage`] at once. Each call here pushes one
 //! request (a read, a write or an `IORING_OP_FSYNC` with `IORING_FSYNC_DATASYNC`) onto the
-//! shared submission queue and parks on its own [`Waiter`]; the reaper thread waits in
+//! shared submission queue and parks on its own waiter; the reaper thread waits in
 //! `io_uring_enter` for completions and wakes the thread each one belongs to. So as many
 //! requests are in flight as threads are calling, with one system call per request and one
 //! for the reaper's batch of completions.

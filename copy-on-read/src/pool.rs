@@ -291,9 +291,12 @@ impl Chunks {
 impl Drop for Chunks {
     fn drop(&mut self) {
         let chunk = self.pool.chunk;
+        let aligned = self.pool.aligned;
         let mut free = self.pool.free.lock();
         for b in self.bufs.drain(..) {
-            if b.capacity() == chunk {
+            // Only the pool's own kind of buffer, whole, is kept (a buffer a read replaced
+            // is not).
+            if b.capacity() == chunk && matches!(b, PoolBuf::Aligned(_)) == aligned {
                 free.push(b);
             }
         }

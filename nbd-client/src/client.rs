@@ -1329,6 +1329,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// A server that hangs up inside TLS negotiation refuses the session, whichever call meets
     /// the hang-up first: a read or a write (EPIPE when the server closed before our first
     /// option went out). Each says the server may want a client certificate.
@@ -1346,8 +1348,6 @@ mod tests {
         let lost = Error::io(std::io::Error::from(std::io::ErrorKind::TimedOut));
         assert!(matches!(tls_session_error(lost), Error::ConnectionLost(_)));
     }
-
-    use super::*;
 
     #[test]
     fn extents_are_clamped_and_merged() {

@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use copy_on_read::IoBuf;
+use qed::storage::AlignedBuf;
 use qed::Storage;
 
 /// The alignment of direct I/O: offsets, lengths and memory (a page: at least every logical
@@ -139,14 +140,9 @@ impl Storage for DirectStorage {
     }
 }
 
-/// One page of [`DIRECT_ALIGN`] bytes, aligned to its size.
-#[repr(C, align(4096))]
-#[derive(Clone, Copy)]
-struct Page([u8; DIRECT_ALIGN]);
-
-/// The pages of idle buffers, shared by the buffers that return to it.
+/// Idle buffers, shared by the buffers that return to it.
 #[derive(Clone, Default)]
-pub struct BufPool(Arc<parking_lot::Mutex<Vec<Vec<Page>>>>);
+pub struct BufPool(Arc<parking_lot::Mutex<Vec<AlignedBuf>>>);
 
 impl std::fmt::Debug for BufPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -166,50 +162,53 @@ impl BufPool {
 /// A buffer of [`DIRECT_ALIGN`]-aligned memory that goes back to its pool when dropped, so a
 /// copy recycles a bounded set of buffers (a fresh allocation costs a page fault per 4 KiB).
 pub struct PooledBuf {
-    pages: Vec<Page>,
-    len: usize,
+    /// Always there until the buffer is dropped.
+    buf: Option<AlignedBuf>,
     pool: BufPool,
 }
 
 impl std::fmt::Debug for PooledBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PooledBuf").field("len", &self.len).finish()
+        f.debug_struct("PooledBuf")
+            .field("len", &self.as_bytes().len())
+            .finish()
     }
 }
 
 impl PooledBuf {
-    /// A buffer of `len` bytes from `pool` (its contents are whatever was there last).
-    pub fn take(pool: &BufPool, len: usize) -> PooledBuf {
-        let mut pages = pool.0.lock().pop().unwrap_or_default();
-        // Grown only, never shrunk: a recycled buffer is zeroed once, not at every reuse.
-        let needed = len.div_ceil(DIRECT_ALIGN);
-        if pages.len() < needed {
-            pages.resize(needed, Page([0; DIRECT_ALIGN]));
-        }
-        PooledBuf {
-            pages,
-            len,
+    /// A buffer of `len` bytes from `pool` (its contents are whatever was there last: a
+    /// recycled buffer is zeroed once, when made, not at every reuse). Fails only when the
+    /// memory cannot be had.
+    pub fn take(pool: &BufPool, len: usize) -> io::Result<PooledBuf> {
+        let idle = pool.0.lock().pop();
+        let mut buf = match idle {
+            Some(b) if b.capacity() >= len => b,
+            // Too small (or none): made again, a whole number of pages.
+            _ => AlignedBuf::zeroed(len.next_multiple_of(DIRECT_ALIGN), DIRECT_ALIGN)?,
+        };
+        buf.set_len(len);
+        Ok(PooledBuf {
+            buf: Some(buf),
             pool: pool.clone(),
-        }
+        })
     }
 }
 
 impl Drop for PooledBuf {
     fn drop(&mut self) {
-        self.pool.0.lock().push(std::mem::take(&mut self.pages));
+        if let Some(buf) = self.buf.take() {
+            self.pool.0.lock().push(buf);
+        }
     }
 }
 
 impl IoBuf for PooledBuf {
     fn as_bytes(&self) -> &[u8] {
-        // SAFETY: `pages` owns `pages.len() * DIRECT_ALIGN >= len` initialised bytes (`take`) (a `Page`
-        // is a plain byte array with no padding), borrowed for `&self`'s lifetime.
-        unsafe { std::slice::from_raw_parts(self.pages.as_ptr().cast::<u8>(), self.len) }
+        self.buf.as_deref().unwrap_or_default()
     }
 
     fn as_bytes_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `as_bytes`, borrowed mutably and exclusively through `&mut self`.
-        unsafe { std::slice::from_raw_parts_mut(self.pages.as_mut_ptr().cast::<u8>(), self.len) }
+        self.buf.as_deref_mut().unwrap_or_default()
     }
 }
 
@@ -220,14 +219,14 @@ mod tests {
     #[test]
     fn pooled_buffers_are_aligned_and_recycled() {
         let pool = BufPool::default();
-        let mut a = PooledBuf::take(&pool, 3 * DIRECT_ALIGN + 5);
+        let mut a = PooledBuf::take(&pool, 3 * DIRECT_ALIGN + 5).unwrap();
         assert_eq!(a.as_bytes().len(), 3 * DIRECT_ALIGN + 5);
         assert_eq!(a.as_bytes().as_ptr() as usize % DIRECT_ALIGN, 0);
         a.as_bytes_mut().fill(7);
         let ptr = a.as_bytes().as_ptr();
         drop(a);
         assert_eq!(pool.idle(), 1);
-        let b = PooledBuf::take(&pool, DIRECT_ALIGN);
+        let b = PooledBuf::take(&pool, DIRECT_ALIGN).unwrap();
         assert_eq!(b.as_bytes().as_ptr(), ptr, "the same pages, recycled");
         assert_eq!(b.as_bytes()[0], 7, "not zeroed again when reused smaller");
         assert_eq!(pool.idle(), 0);
@@ -248,7 +247,7 @@ mod tests {
         let storage = DirectStorage::new(file);
         let direct = storage.direct_bytes();
         let pool = BufPool::default();
-        let mut block = PooledBuf::take(&pool, 2 * DIRECT_ALIGN);
+        let mut block = PooledBuf::take(&pool, 2 * DIRECT_ALIGN).unwrap();
         block.as_bytes_mut().fill(0xab);
         storage.write_at(block.as_bytes(), 8192).unwrap();
         storage.write_at(b"head", 1).unwrap();

@@ -79,6 +79,13 @@ impl AlignedBuf {
         }
     }
 
+    /// Sets the bytes in use to `len`, at most the capacity (a longer `len` stops there),
+    /// without zeroing: bytes that come into use hold what they last held (zeros if they were
+    /// never written), for a buffer whose user fills it before reading it.
+    pub fn set_len(&mut self, len: usize) {
+        self.len = len.min(self.capacity);
+    }
+
     /// The bytes in use.
     pub fn as_slice(&self) -> &[u8] {
         // SAFETY: `ptr` points at `capacity` initialised bytes owned by `self` (zeroed when
@@ -148,6 +155,11 @@ mod tests {
         b.resize_zeroed(1 << 30);
         assert_eq!(b.len(), 3 * 4096, "grew past its capacity");
         assert!(b[200..].iter().all(|&x| x == 0));
+        b.fill(9);
+        b.set_len(1);
+        b.set_len(1 << 30);
+        assert_eq!(b.len(), 3 * 4096, "grew past its capacity");
+        assert!(b.iter().all(|&x| x == 9), "set_len zeroed");
     }
 
     #[test]

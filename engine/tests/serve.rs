@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
 
 use qedstream_tests::nbd_server::NbdServer;
 use qedstream_tests::qmp::Qmp;
@@ -100,6 +101,35 @@ fn backing_of(dir: &Path) -> Option<String> {
     ))
     .expect("qemu-img info JSON");
     info["backing-filename"].as_str().map(str::to_string)
+}
+
+/// Waits until the job's `backing` answer starts with `state` ("offline ", "connected "),
+/// for at most `within`.
+fn backing_becomes(dir: &Path, state: &str, within: Duration) {
+    let start = Instant::now();
+    loop {
+        let now = job_ok(dir, "ctl.sock", &["backing"]);
+        if now.starts_with(state) {
+            return;
+        }
+        assert!(
+            start.elapsed() < within,
+            "backing not {state:?} after {within:?}: {now}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The paused or slowed stream at full speed and resumed; it completes and drops the link,
+/// SIGTERM ends `serve` with 0, and the image is clean and reads as `base.raw`.
+fn finish_at_full_speed(dir: &Path, served: &mut Served) {
+    job_ok(dir, "ctl.sock", &["speed", "0"]);
+    job_ok(dir, "ctl.sock", &["resume"]);
+    let done = served.wait_for("completed");
+    assert_eq!(done["unlinked"], true, "{done}");
+    served.signal(libc::SIGTERM);
+    assert_eq!(served.wait(), 0);
+    assert_clean_and_equal(dir, "base.raw");
 }
 
 /// The job CLI drives a stream over the control socket: info, pause, speed, resume; the
@@ -422,13 +452,7 @@ fn repoint_at_a_second_qemu_nbd_after_the_first_dies() {
         job_ok(d, "ctl.sock", &["backing"]).trim(),
         format!("connected {}", second.uri())
     );
-    job_ok(d, "ctl.sock", &["speed", "0"]);
-    job_ok(d, "ctl.sock", &["resume"]);
-    let done = served.wait_for("completed");
-    assert_eq!(done["unlinked"], true, "{done}");
-    served.signal(libc::SIGTERM);
-    assert_eq!(served.wait(), 0);
-    assert_clean_and_equal(d, "base.raw");
+    finish_at_full_speed(d, &mut served);
 }
 
 /// The source dies mid-stream and stays away past `--reconnect-delay`: the job stops
@@ -462,15 +486,7 @@ fn a_source_back_after_the_window_is_used_again_without_a_restart() {
     source.kill();
     let error = served.wait_for("error");
     assert_eq!(error["action"], "stop", "{error}");
-    let mut state = String::new();
-    for _ in 0..200 {
-        state = job_ok(d, "ctl.sock", &["backing"]);
-        if state.starts_with("offline ") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert!(state.starts_with("offline "), "{state}");
+    backing_becomes(d, "offline ", Duration::from_secs(10));
     let guest = qedstream_tests::tools::run(
         d,
         "qemu-io",
@@ -484,24 +500,8 @@ fn a_source_back_after_the_window_is_used_again_without_a_restart() {
     );
 
     source.restart();
-    for _ in 0..400 {
-        state = job_ok(d, "ctl.sock", &["backing"]);
-        if state.starts_with("connected ") {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert!(
-        state.starts_with("connected "),
-        "not back after 20 s: {state}"
-    );
-    job_ok(d, "ctl.sock", &["speed", "0"]);
-    job_ok(d, "ctl.sock", &["resume"]);
-    let done = served.wait_for("completed");
-    assert_eq!(done["unlinked"], true, "{done}");
-    served.signal(libc::SIGTERM);
-    assert_eq!(served.wait(), 0);
-    assert_clean_and_equal(d, "base.raw");
+    backing_becomes(d, "connected ", Duration::from_secs(20));
+    finish_at_full_speed(d, &mut served);
 }
 
 /// `quit` over QMP while a stream runs: the job is cancelled, the image closed clean and

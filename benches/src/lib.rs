@@ -137,23 +137,28 @@ pub fn start_until_ready(cmd: &mut std::process::Command) -> (std::process::Chil
 }
 
 /// A `qemu-storage-daemon` command holding `image`'s block nodes and no export yet: a file
-/// node `f0` and a qed node `d0` over it, both read-only unless `writable`, and with
+/// node `f0` and a qed node `d0` over it, both read-only unless `writable`, with O_DIRECT
+/// (`cache.direct=on`, which the backing the qed node opens inherits) when `direct`, and with
 /// `copy_on_read` a copy-on-read filter `c0` over `d0`. Returns the command and the node to
 /// export (`c0` or `d0`); the caller adds the export (vhost-user-blk, NBD, ...).
 pub fn qsd_with_qed_nodes(
     image: &std::path::Path,
     writable: bool,
     copy_on_read: bool,
+    direct: bool,
 ) -> (std::process::Command, &'static str) {
     let ro = if writable { "off" } else { "on" };
+    let cache = if direct { "on" } else { "off" };
     let img = image.display();
     let mut cmd = std::process::Command::new("qemu-storage-daemon");
     cmd.arg("--blockdev")
         .arg(format!(
-            "driver=file,filename={img},node-name=f0,read-only={ro}"
+            "driver=file,filename={img},node-name=f0,read-only={ro},cache.direct={cache}"
         ))
         .arg("--blockdev")
-        .arg(format!("driver=qed,file=f0,node-name=d0,read-only={ro}"));
+        .arg(format!(
+            "driver=qed,file=f0,node-name=d0,read-only={ro},cache.direct={cache}"
+        ));
     if !copy_on_read {
         return (cmd, "d0");
     }

@@ -66,7 +66,7 @@ pub fn start_ours_with(image: &Path, sock: &Path, read_only: bool, extra: &[&str
 /// (`cor`) a writable qed over its backing under a copy-on-read filter.
 pub fn start_qsd(image: &Path, sock: &Path, cor: bool) -> Server {
     let _ = std::fs::remove_file(sock);
-    let (mut cmd, node) = qsd_with_qed_nodes(image, cor, cor);
+    let (mut cmd, node) = qsd_with_qed_nodes(image, cor, cor, false);
     cmd.arg("--export")
         .arg(format!(
             "type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,addr.path={},writable={},num-queues=1",
@@ -86,7 +86,7 @@ pub fn start_qsd(image: &Path, sock: &Path, cor: bool) -> Server {
 pub fn start_qsd_streamable(image: &Path, sock: &Path, qmp: &Path) -> Server {
     let _ = std::fs::remove_file(sock);
     let _ = std::fs::remove_file(qmp);
-    let (mut cmd, _) = qsd_with_qed_nodes(image, true, false);
+    let (mut cmd, _) = qsd_with_qed_nodes(image, true, false, false);
     cmd.arg("--chardev")
         .arg(format!("socket,id=m,path={},server=on,wait=off", qmp.display()))
         .arg("--monitor")

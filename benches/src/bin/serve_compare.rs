@@ -22,7 +22,9 @@
 //!    medians of the per-run ratios, and each server's CPU seconds per GiB (from its rusage).
 //!
 //! Flags: `--quick`, `--writes-only` (comparison 5 alone), `--no-latency` (all but 4),
-//! `--latency-only` (4 alone).
+//! `--latency-only` (4 alone), `--cache-none`: every server with O_DIRECT, as production VMs
+//! run their disks (ours `--cache none`, qemu-nbd `--cache=none`, QSD `cache.direct=on`;
+//! backings inherit it) instead of through the page cache.
 //!
 //! ```text
 //! cargo build --release -p engine --bin qedstream
@@ -48,6 +50,13 @@ use qedstream_benches::{
 };
 use qedstream_tests::tools;
 use serde_json::Value;
+
+/// Every server opens its files with O_DIRECT (`--cache-none`).
+static DIRECT: AtomicBool = AtomicBool::new(false);
+
+fn direct() -> bool {
+    DIRECT.load(Ordering::Relaxed)
+}
 
 /// Sizes and repeat counts of one mode.
 #[derive(Clone, Copy)]
@@ -88,8 +97,11 @@ fn start_ours(image: &Path, sock: &Path, extra: &[&str]) -> Served {
     let mut cmd = serve_command();
     cmd.arg("--nbd")
         .arg(format!("unix:{}", sock.display()))
-        .args(extra)
-        .arg(image);
+        .args(extra);
+    if direct() {
+        cmd.args(["--cache", "none"]);
+    }
+    cmd.arg(image);
     let (child, lines) = start_until_ready(&mut cmd);
     let running = Arc::new(AtomicBool::new(extra.contains(&"--stream")));
     let flag = Arc::clone(&running);
@@ -112,11 +124,19 @@ fn start_ours(image: &Path, sock: &Path, extra: &[&str]) -> Served {
     }
 }
 
-/// `qemu-nbd -f qed` of `image`: read-only, or writable with `--cache=writeback`.
+/// `qemu-nbd -f qed` of `image`: read-only, or writable; `--cache=writeback`, or
+/// `--cache=none` with `--cache-none`.
 fn start_qemu_nbd(image: &Path, sock: &Path, writable: bool) -> Served {
     let mut cmd = Command::new("qemu-nbd");
-    let access = if writable { "--cache=writeback" } else { "-r" };
-    cmd.args([access, "-f", "qed", "--persistent", "--shared=8", "-k"])
+    if !writable {
+        cmd.arg("-r");
+    }
+    let cache = if direct() {
+        "--cache=none"
+    } else {
+        "--cache=writeback"
+    };
+    cmd.args([cache, "-f", "qed", "--persistent", "--shared=8", "-k"])
         .arg(sock)
         .arg(image)
         .stdout(Stdio::null())
@@ -146,7 +166,8 @@ fn start_qsd(image: &Path, sock: &Path, mode: QsdMode) -> Served {
     let qmp_sock = sock.with_extension("qmp");
     let _ = std::fs::remove_file(&qmp_sock);
     let writable = mode != QsdMode::ReadOnly;
-    let (mut cmd, node) = qsd_with_qed_nodes(image, writable, mode == QsdMode::CopyOnRead);
+    let (mut cmd, node) =
+        qsd_with_qed_nodes(image, writable, mode == QsdMode::CopyOnRead, direct());
     cmd.arg("--nbd-server")
         .arg(format!("addr.type=unix,addr.path={}", sock.display()))
         .arg("--export")
@@ -647,6 +668,10 @@ fn stream_latency(
 
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
+    DIRECT.store(
+        std::env::args().any(|a| a == "--cache-none"),
+        Ordering::Relaxed,
+    );
     // `--latency-only`: comparison 4 alone (for tuning the stream's effect on guest reads).
     let latency_only = std::env::args().any(|a| a == "--latency-only");
     let plan = if quick {
@@ -674,9 +699,14 @@ fn main() {
         .build()
         .expect("runtime");
     println!(
-        "serve-compare: {} MiB, {} run(s) each, interleaved; times in s as median [runs]",
+        "serve-compare: {} MiB, {} run(s) each, interleaved; times in s as median [runs]; {}",
         plan.size >> 20,
-        plan.runs
+        plan.runs,
+        if direct() {
+            "O_DIRECT (--cache none, cache.direct=on)"
+        } else {
+            "through the page cache"
+        }
     );
     if latency_only {
         print_latency(&rt, d, plan);

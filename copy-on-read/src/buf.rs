@@ -230,7 +230,7 @@ impl IoBufs {
     }
 
     /// A request over a pool's copy buffers, in order.
-    pub(crate) fn from_pool_bufs(bufs: Vec<PoolBuf>) -> IoBufs {
+    pub fn from_pool_bufs(bufs: Vec<PoolBuf>) -> IoBufs {
         let mut b = IoBufs::new();
         for buf in bufs {
             b.len += buf.len();
@@ -244,7 +244,7 @@ impl IoBufs {
 
     /// The segments as a pool's copy buffers: those made by [`IoBufs::from_pool_bufs`] as
     /// they are (no copy), any other copied.
-    pub(crate) fn into_pool_bufs(self) -> Vec<PoolBuf> {
+    pub fn into_pool_bufs(self) -> Vec<PoolBuf> {
         self.segments
             .into_iter()
             .map(|s| match s {

@@ -929,7 +929,7 @@ impl CorDevice {
 
     /// [`BlockDevice::read_mapped`]: one blocking hop maps the range and, when the image
     /// answers it alone (no unallocated cluster over a backing), reads it in the same hop.
-    async fn guest_read_mapped(&self, offset: u64, buf: Vec<u8>) -> Result<MappedRead> {
+    async fn guest_read_mapped(&self, offset: u64, buf: PoolBuf) -> Result<MappedRead> {
         self.check_read(offset, buf.len() as u64)?;
         // Without a backing (none, or its link dropped) unallocated clusters read as zeros.
         let has_backing = self.backing().is_some();
@@ -1131,7 +1131,7 @@ impl BlockDevice for CorDevice {
         Box::pin(self.guest_readv(offset, bufs))
     }
 
-    fn read_mapped(&self, offset: u64, buf: Vec<u8>) -> IoFuture<'_, MappedRead> {
+    fn read_mapped(&self, offset: u64, buf: PoolBuf) -> IoFuture<'_, MappedRead> {
         Box::pin(self.guest_read_mapped(offset, buf))
     }
 

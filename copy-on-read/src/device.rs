@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 pub use crate::buf::{IoBuf, IoBufs};
 use crate::error::{Error, Result};
+use crate::pool::PoolBuf;
 
 /// The future a [`BlockDevice`] method returns.
 pub type IoFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T>> + Send + 'a>>;
@@ -165,8 +166,9 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// device can answer both from its own storage alone (every byte in data or zero
     /// clusters, or nothing below it to ask). Gives the buffer back unread (`Ok(Err(buf))`)
     /// when it cannot, as the default does: the caller then asks
-    /// [`BlockDevice::block_status`] and reads.
-    fn read_mapped(&self, offset: u64, buf: Vec<u8>) -> IoFuture<'_, MappedRead> {
+    /// [`BlockDevice::block_status`] and reads. The buffer is a [`PoolBuf`], so that a
+    /// server's page-aligned buffers reach an O_DIRECT file as they are.
+    fn read_mapped(&self, offset: u64, buf: PoolBuf) -> IoFuture<'_, MappedRead> {
         let _ = offset;
         Box::pin(async move { Ok(Err(buf)) })
     }
@@ -204,7 +206,16 @@ pub type BlockingRead = std::result::Result<IoBufs, IoBufs>;
 
 /// What [`BlockDevice::read_mapped`] gives: the filled buffer and status extents covering the
 /// whole range in order, or the buffer back unread.
-pub type MappedRead = std::result::Result<(Vec<u8>, Vec<StatusExtent>), Vec<u8>>;
+pub type MappedRead = std::result::Result<(PoolBuf, Vec<StatusExtent>), PoolBuf>;
+
+/// Reads `buf.len()` bytes of `device` at `offset` into `buf` itself (a page-aligned one
+/// reaches an O_DIRECT file as it is) and gives it back.
+pub async fn read_into(device: &dyn BlockDevice, offset: u64, buf: PoolBuf) -> Result<PoolBuf> {
+    let read = device
+        .readv(offset, IoBufs::from_pool_bufs(vec![buf]))
+        .await?;
+    Ok(read.into_pool_bufs().pop().unwrap_or_default())
+}
 
 /// A run of a layered device that is, or is not, stored locally.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -75,8 +75,9 @@ pub mod sync;
 pub use buf::{IoBuf, IoBufs};
 pub use cor::{CorDevice, CorOptions, CorStats, Fetched, PopulateStats};
 pub use device::{
-    read_padded, status_padded, BlockDevice, BlockingRead, Capabilities, Geometry, IoFuture,
-    LinkState, LocalExtent, MappedRead, Populate, Reconnect, Status, StatusExtent, WriteFlags,
+    read_into, read_padded, status_padded, BlockDevice, BlockingRead, Capabilities, Geometry,
+    IoFuture, LinkState, LocalExtent, MappedRead, Populate, Reconnect, Status, StatusExtent,
+    WriteFlags,
 };
 pub use error::{Error, GateRefusal, Result};
 pub use gate::Gate;
@@ -85,5 +86,7 @@ pub use lock::{RangeGuard, RangeLock};
 pub use nbd::NbdExport;
 pub use pool::{BufferPool, Chunks, PoolBuf, PoolStats, PAGE_ALIGN};
 pub use qcow2::{Qcow2, Qcow2Image};
+/// The page-aligned memory a [`PoolBuf::Aligned`] holds.
+pub use qed::storage::AlignedBuf;
 pub use raw::RawFile;
 pub use sync::SyncDevice;

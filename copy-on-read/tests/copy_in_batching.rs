@@ -17,8 +17,8 @@ use std::time::Duration;
 use copy_on_read::{BlockDevice, CorDevice};
 use qed::Mapping;
 use qedstream_tests::flushes::counted_overlay;
+use qedstream_tests::io_addresses::recorded_overlay;
 use qedstream_tests::runtime::two_workers;
-use qedstream_tests::write_addresses::recorded_overlay;
 use qedstream_tests::{raw_backing, XorShift};
 
 const FLUSH_DELAY: Duration = Duration::from_millis(20);
@@ -100,7 +100,7 @@ fn copy_ins_reach_the_image_from_page_aligned_memory() {
         }
         dev.settle_copy_ins().await;
         dev.populate_range(8 * CS, 4 * CS).await.unwrap();
-        let (writes, aligned) = seen.counts();
+        let (writes, aligned) = seen.writes.get();
         println!("{writes} cluster writes, {aligned} from page-aligned memory");
         assert!(writes >= 3, "only {writes} cluster writes");
         assert_eq!(

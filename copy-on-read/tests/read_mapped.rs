@@ -4,7 +4,7 @@
 //! byte left alone would leak an earlier read), and gives the buffer back unread where the
 //! backing shows through.
 
-use copy_on_read::{BlockDevice, CorDevice, CorOptions, Status, StatusExtent};
+use copy_on_read::{BlockDevice, CorDevice, CorOptions, PoolBuf, Status, StatusExtent};
 use qedstream_tests::runtime::two_workers;
 use qedstream_tests::tools::{flatten, ok, qemu_io, raw_fixture};
 
@@ -29,12 +29,12 @@ fn local_ranges_come_with_their_status_and_backed_ones_come_back_unread() {
         // Local data (512k, 64k) and a zero cluster (2M, 64k): answered, every byte filled.
         for (offset, want) in [(512u64 << 10, Status::Data), (2 << 20, Status::Zero)] {
             let (data, status) = dev
-                .read_mapped(offset, vec![0xeeu8; 65536])
+                .read_mapped(offset, PoolBuf::Vec(vec![0xeeu8; 65536]))
                 .await
                 .unwrap()
                 .expect("a local range is answered");
             assert!(
-                data == expect[offset as usize..][..65536],
+                data[..] == expect[offset as usize..][..65536],
                 "bytes at {offset}"
             );
             assert_eq!(
@@ -45,7 +45,7 @@ fn local_ranges_come_with_their_status_and_backed_ones_come_back_unread() {
         }
         // Local data then clusters the backing fills: the buffer comes back unread.
         let back = dev
-            .read_mapped(512 << 10, vec![0xeeu8; 256 << 10])
+            .read_mapped(512 << 10, PoolBuf::Vec(vec![0xeeu8; 256 << 10]))
             .await
             .unwrap()
             .expect_err("the backing shows through");
@@ -87,7 +87,7 @@ fn without_a_backing_unallocated_clusters_read_as_zero_holes() {
             .await
             .unwrap();
         let (data, status) = dev
-            .read_mapped(0, vec![0xeeu8; 384 << 10])
+            .read_mapped(0, PoolBuf::Vec(vec![0xeeu8; 384 << 10]))
             .await
             .unwrap()
             .expect("an image without a backing answers every range");

@@ -27,7 +27,7 @@ use engine::stream::{StreamJob, StreamOptions};
 use qed::{Image, OpenOptions};
 use qedstream_tests::flushes::{counted_overlay, overlay_memory};
 use qedstream_tests::hooked::{Hooked, StorageHooks};
-use qedstream_tests::write_addresses::recorded_overlay;
+use qedstream_tests::io_addresses::recorded_overlay;
 use qedstream_tests::{disk_over, raw_backing, Disk, XorShift};
 
 /// Flushes running now, and the most seen at once.
@@ -190,7 +190,7 @@ fn over_a_local_backing_clusters_are_stored_from_page_aligned_buffers() {
     disk.write_at(&backing[last..], last as u64).unwrap();
     seen.reset();
     stream(&disk, StreamOptions::default(), &backing);
-    let (writes, aligned) = seen.counts();
+    let (writes, aligned) = seen.writes.get();
     println!("{writes} cluster writes, {aligned} from page-aligned memory");
     assert!(writes > 0, "the stream stored nothing");
     assert_eq!(

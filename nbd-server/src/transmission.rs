@@ -22,7 +22,7 @@ use std::io::IoSlice;
 use std::ops::Range;
 use std::sync::Arc;
 
-use copy_on_read::{status_padded, BlockDevice, IoBufs, Status, WriteFlags};
+use copy_on_read::{read_into, status_padded, BlockDevice, IoBufs, PoolBuf, Status, WriteFlags};
 use nbd_proto::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
@@ -51,7 +51,7 @@ const MAX_IOV: usize = 512;
 #[derive(Debug, Default)]
 struct Frames {
     head: Vec<u8>,
-    data: Vec<u8>,
+    data: PoolBuf,
     frames: Vec<(Range<usize>, Range<usize>)>,
 }
 
@@ -62,7 +62,7 @@ impl Frames {
         let frames = vec![(0..head.len(), 0..0)];
         Frames {
             head,
-            data: Vec::new(),
+            data: PoolBuf::default(),
             frames,
         }
     }
@@ -588,7 +588,7 @@ impl Connection {
         let length = r.length as usize;
         let buf = self.export.pool.take(length);
         if !self.mode.structured() {
-            let data = self.device().read_at(r.offset, buf).await?;
+            let data = read_into(self.device(), r.offset, buf).await?;
             self.counters.read(r.length);
             let mut frames = Frames {
                 data,
@@ -607,7 +607,7 @@ impl Connection {
         }
         let whole = r.flags & CMD_FLAG_DF != 0 || !self.device().capabilities().block_status;
         let (data, runs) = if whole {
-            let data = self.device().read_at(r.offset, buf).await?;
+            let data = read_into(self.device(), r.offset, buf).await?;
             (data, vec![(r.length, Status::Data)])
         } else {
             match self.device().read_mapped(r.offset, buf).await? {
@@ -624,18 +624,18 @@ impl Connection {
     async fn read_by_status(
         &self,
         offset: u64,
-        mut buf: Vec<u8>,
-    ) -> copy_on_read::Result<(Vec<u8>, Vec<(u64, Status)>)> {
+        mut buf: PoolBuf,
+    ) -> copy_on_read::Result<(PoolBuf, Vec<(u64, Status)>)> {
         let runs = self.status(offset, buf.len() as u64).await?;
         if let [(_, Status::Data)] = runs[..] {
-            return Ok((self.device().read_at(offset, buf).await?, runs));
+            return Ok((read_into(self.device(), offset, buf).await?, runs));
         }
         let mut at = 0usize;
         for &(run, status) in &runs {
             let n = run as usize;
             if status == Status::Data {
                 let piece = self.export.pool.take(n);
-                let piece = self.device().read_at(offset + at as u64, piece).await?;
+                let piece = read_into(self.device(), offset + at as u64, piece).await?;
                 buf[at..at + n].copy_from_slice(&piece);
                 self.export.pool.give(piece);
             }
@@ -645,7 +645,7 @@ impl Connection {
     }
 
     /// The chunks of a structured READ reply over `data`, one per run, the last DONE.
-    fn read_reply(&self, r: &Request, data: Vec<u8>, runs: &[(u64, Status)]) -> Frames {
+    fn read_reply(&self, r: &Request, data: PoolBuf, runs: &[(u64, Status)]) -> Frames {
         let mut frames = Frames {
             data,
             ..Frames::default()

@@ -83,3 +83,60 @@ fn nbd_client_over_extended_headers_and_cache_populates_the_overlay() {
     );
     assert_eq!(tools::qemu_check(d, "top.qed"), 0);
 }
+
+/// READs reach the image in page-aligned buffers, which an O_DIRECT file (`serve --cache
+/// none`) reads into with no bounce copy: over an image in memory that records its reads'
+/// addresses, read by our client (structured replies: the device's mapped read).
+#[test]
+fn reads_reach_the_image_in_page_aligned_buffers() {
+    use copy_on_read::{BlockDevice, CorDevice, Populate};
+    use qedstream_tests::io_addresses::recorded_overlay;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (image, seen) = recorded_overlay(8 << 20);
+    let data: Vec<u8> = (0..4 << 20).map(|i| (i % 251) as u8).collect();
+    // No backing device: the image answers every range itself (a hole reads as zeros).
+    let dev = Arc::new(CorDevice::new(image, "memory".into(), None));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(dev.write_at(1 << 20, data.clone())).unwrap();
+    let layers: Arc<dyn Populate> = dev.clone();
+    let served = serve_device(
+        rt,
+        dir.path(),
+        dev,
+        Some(layers),
+        true,
+        ServerConfig::default(),
+    );
+    let uri = served.uri("");
+    seen.reset();
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let got = client_rt.block_on(async {
+        let c = Client::connect_str(&uri, ClientConfig::default())
+            .await
+            .expect("connect");
+        let got = c.read(0, 6 << 20).await.expect("read");
+        c.close().await;
+        got
+    });
+    assert!(got[..1 << 20].iter().all(|&b| b == 0), "the hole before");
+    assert!(got[1 << 20..5 << 20] == data[..], "the data");
+    let (reads, aligned) = seen.reads.get();
+    println!("{reads} cluster reads, {aligned} page-aligned");
+    assert!(reads > 0, "nothing read from the image");
+    assert_eq!(
+        aligned,
+        reads,
+        "{} of {reads} reads into unaligned memory",
+        reads - aligned
+    );
+    served.stop();
+}

@@ -1,15 +1,19 @@
-//! [`Hooked`]: a storage that runs a test's hooks before it passes each write, flush and
-//! resize on to the storage under it (memory, a file). The tests that count flushes, record
-//! writes, slow flushes down or fill the disk write only their hooks.
+//! [`Hooked`]: a storage that runs a test's hooks before it passes each read, write, flush
+//! and resize on to the storage under it (memory, a file). The tests that count flushes,
+//! record transfers, slow flushes down or fill the disk write only their hooks.
 
 use std::fmt::Debug;
 use std::io;
 
 use qed::Storage;
 
-/// What a [`Hooked`] storage runs before each call that changes its storage: an error is
-/// returned instead of making the call. Each does nothing unless written.
+/// What a [`Hooked`] storage runs before each call (but the length): an error is returned
+/// instead of making the call. Each does nothing unless written.
 pub trait StorageHooks: Send + Sync + Debug {
+    /// Before `buf` is read into at `offset` (its bytes are not the read's yet).
+    fn read(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
+        Ok(())
+    }
     /// Before `buf` is written at `offset`.
     fn write(&self, _buf: &[u8], _offset: u64) -> io::Result<()> {
         Ok(())
@@ -24,7 +28,7 @@ pub trait StorageHooks: Send + Sync + Debug {
     }
 }
 
-/// `inner` with `hooks` run before its writes, flushes and resizes (reads pass straight on).
+/// `inner` with `hooks` run before its reads, writes, flushes and resizes.
 #[derive(Debug, Clone)]
 pub struct Hooked<S, H> {
     /// The storage under it.
@@ -35,6 +39,7 @@ pub struct Hooked<S, H> {
 
 impl<S: Storage, H: StorageHooks> Storage for Hooked<S, H> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.hooks.read(buf, offset)?;
         self.inner.read_at(buf, offset)
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {

@@ -68,6 +68,7 @@ pub mod flushes;
 pub mod guest;
 pub mod hooked;
 pub mod image_store;
+pub mod io_addresses;
 pub mod nbd_server;
 pub mod poison;
 pub mod power;
@@ -82,7 +83,6 @@ pub mod tmpfs;
 pub mod tools;
 pub mod vhost_front;
 pub mod vm_serve;
-pub mod write_addresses;
 
 /// A geometry under test and the virtual size its images get.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

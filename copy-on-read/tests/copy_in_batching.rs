@@ -100,15 +100,8 @@ fn copy_ins_reach_the_image_from_page_aligned_memory() {
         }
         dev.settle_copy_ins().await;
         dev.populate_range(8 * CS, 4 * CS).await.unwrap();
-        let (writes, aligned) = seen.writes.get();
-        println!("{writes} cluster writes, {aligned} from page-aligned memory");
-        assert!(writes >= 3, "only {writes} cluster writes");
-        assert_eq!(
-            aligned,
-            writes,
-            "{} of {writes} cluster writes came from unaligned memory",
-            writes - aligned
-        );
+        seen.writes
+            .assert_all_aligned("cluster writes of the copy-ins", 3);
         let all = dev.read_at(0, vec![0u8; backing.len()]).await.unwrap();
         assert!(all == backing, "the image reads differently");
         dev.close().await.unwrap();

@@ -129,14 +129,7 @@ fn reads_reach_the_image_in_page_aligned_buffers() {
     });
     assert!(got[..1 << 20].iter().all(|&b| b == 0), "the hole before");
     assert!(got[1 << 20..5 << 20] == data[..], "the data");
-    let (reads, aligned) = seen.reads.get();
-    println!("{reads} cluster reads, {aligned} page-aligned");
-    assert!(reads > 0, "nothing read from the image");
-    assert_eq!(
-        aligned,
-        reads,
-        "{} of {reads} reads into unaligned memory",
-        reads - aligned
-    );
+    seen.reads
+        .assert_all_aligned("cluster reads of the READs", 1);
     served.stop();
 }

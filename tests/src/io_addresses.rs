@@ -39,6 +39,21 @@ impl Counts {
         )
     }
 
+    /// Asserts that at least `least` transfers were counted and every one was page-aligned;
+    /// `what` names them in the messages ("cluster writes of the stream").
+    #[track_caller]
+    pub fn assert_all_aligned(&self, what: &str, least: u64) {
+        let (all, aligned) = self.get();
+        println!("{all} {what}, {aligned} at page-aligned addresses");
+        assert!(all >= least, "only {all} {what}, expected at least {least}");
+        assert_eq!(
+            aligned,
+            all,
+            "{} of {all} {what} used unaligned memory",
+            all - aligned
+        );
+    }
+
     fn reset(&self) {
         self.all.store(0, Ordering::Release);
         self.aligned.store(0, Ordering::Release);

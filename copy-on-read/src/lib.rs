@@ -84,7 +84,7 @@ pub use gate::Gate;
 pub use image::QedImage;
 pub use lock::{RangeGuard, RangeLock};
 pub use nbd::NbdExport;
-pub use pool::{BufferPool, Chunks, PoolBuf, PoolStats, PAGE_ALIGN};
+pub use pool::{BufferPool, Chunks, PoolBuf, PoolStats, RecycledBufs, PAGE_ALIGN};
 pub use qcow2::{Qcow2, Qcow2Image};
 /// The page-aligned memory a [`PoolBuf::Aligned`] holds.
 pub use qed::storage::AlignedBuf;

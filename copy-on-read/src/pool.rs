@@ -92,6 +92,73 @@ impl std::ops::DerefMut for PoolBuf {
     }
 }
 
+/// Page-aligned buffers given back after use and handed out again, at most `max_bytes` of
+/// them held: for copies whose buffers come and go one request at a time (a server's READs,
+/// `convert`'s chunks), so that a request neither allocates nor zeroes its buffer. A taken
+/// buffer holds old bytes (zeros if never written): its user fills what it reads.
+#[derive(Debug)]
+pub struct RecycledBufs {
+    held: Mutex<Vec<AlignedBuf>>,
+    max_bytes: usize,
+}
+
+impl RecycledBufs {
+    /// None held yet; at most `max_bytes` of buffers held at once.
+    pub fn new(max_bytes: usize) -> RecycledBufs {
+        RecycledBufs {
+            held: Mutex::new(Vec::new()),
+            max_bytes,
+        }
+    }
+
+    /// A buffer of `len` bytes at a [`PAGE_ALIGN`]-aligned address: a held one large enough,
+    /// else a new one of whole pages; a `Vec` only when aligned memory cannot be had.
+    pub fn take(&self, len: usize) -> PoolBuf {
+        let found = {
+            let mut held = self.held.lock();
+            let at = held.iter().position(|b| b.capacity() >= len);
+            at.map(|i| held.swap_remove(i))
+        };
+        let buf = match found {
+            Some(b) => Ok(b),
+            None => AlignedBuf::zeroed(len.next_multiple_of(PAGE_ALIGN), PAGE_ALIGN),
+        };
+        match buf {
+            Ok(mut b) => {
+                b.set_len(len);
+                PoolBuf::Aligned(b)
+            }
+            Err(_) => PoolBuf::Vec(vec![0u8; len]),
+        }
+    }
+
+    /// Keeps `buf` for reuse, unless that would hold more than `max_bytes` (or it is not an
+    /// aligned one).
+    pub fn give(&self, buf: PoolBuf) {
+        let PoolBuf::Aligned(buf) = buf else {
+            return;
+        };
+        if buf.capacity() == 0 {
+            return;
+        }
+        let mut held = self.held.lock();
+        let bytes: usize = held.iter().map(AlignedBuf::capacity).sum();
+        if bytes.saturating_add(buf.capacity()) <= self.max_bytes {
+            held.push(buf);
+        }
+    }
+
+    /// How many buffers are held now.
+    pub fn idle(&self) -> usize {
+        self.held.lock().len()
+    }
+
+    /// Bytes of the buffers held now.
+    pub fn held_bytes(&self) -> usize {
+        self.held.lock().iter().map(AlignedBuf::capacity).sum()
+    }
+}
+
 /// Reusable buffers under a byte budget; cheap to clone (clones share the buffers).
 #[derive(Clone, Debug)]
 pub struct BufferPool {
@@ -358,6 +425,34 @@ mod tests {
         }
         assert_eq!(pool.stats().allocated, 2 << 20, "buffers were not recycled");
         assert!(!BufferPool::new(1 << 20, 1 << 20).is_page_aligned());
+    }
+
+    #[test]
+    fn recycled_buffers_are_aligned_reused_and_bounded() {
+        let bufs = RecycledBufs::new(32 << 20);
+        let a = bufs.take(4096);
+        assert_eq!(a.len(), 4096);
+        let at = a.as_ptr();
+        assert_eq!(at as usize % PAGE_ALIGN, 0);
+        bufs.give(a);
+        // A shorter request reuses the same allocation, cut to its length.
+        let b = bufs.take(100);
+        assert_eq!((b.len(), b.as_ptr()), (100, at));
+        bufs.give(b);
+        // A longer one takes a new one: the length is always the one asked.
+        let c = bufs.take(8192 + 1);
+        assert_eq!(c.len(), 8193);
+        assert_eq!(c.as_ptr() as usize % PAGE_ALIGN, 0);
+        // Never more than the bound held, and only aligned buffers.
+        for _ in 0..3 {
+            bufs.give(bufs.take(16 << 20));
+        }
+        bufs.give(PoolBuf::Vec(vec![0u8; 4096]));
+        assert!(
+            bufs.held_bytes() <= 32 << 20,
+            "{} bytes held",
+            bufs.held_bytes()
+        );
     }
 
     #[tokio::test]

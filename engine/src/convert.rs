@@ -253,7 +253,7 @@ async fn copy_chunk(
     out: Output,
 ) -> Result<u64> {
     let mut bufs = IoBufs::new();
-    bufs.push(PooledBuf::take(&pool, n as usize).map_err(Error::io("allocating a copy buffer"))?);
+    bufs.push(PooledBuf::take(&pool, n as usize));
     let bufs = device.readv(pos, bufs).await.map_err(Error::device)?;
     tokio::task::spawn_blocking(move || {
         let data = bufs.segments().next().map_or(&[][..], |(_, b)| b);

@@ -20,8 +20,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use copy_on_read::IoBuf;
-use qed::storage::AlignedBuf;
+use copy_on_read::{IoBuf, PoolBuf, RecycledBufs};
 use qed::Storage;
 
 /// The alignment of direct I/O: offsets, lengths and memory (a page: at least every logical
@@ -140,14 +139,21 @@ impl Storage for DirectStorage {
     }
 }
 
-/// Idle buffers, shared by the buffers that return to it.
-#[derive(Clone, Default)]
-pub struct BufPool(Arc<parking_lot::Mutex<Vec<AlignedBuf>>>);
+/// Idle buffers, shared by the buffers that return to it (every one is kept: a copy holds at
+/// most its requests in flight).
+#[derive(Clone)]
+pub struct BufPool(Arc<RecycledBufs>);
+
+impl Default for BufPool {
+    fn default() -> BufPool {
+        BufPool(Arc::new(RecycledBufs::new(usize::MAX)))
+    }
+}
 
 impl std::fmt::Debug for BufPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BufPool")
-            .field("idle", &self.0.lock().len())
+            .field("idle", &self.idle())
             .finish()
     }
 }
@@ -155,7 +161,7 @@ impl std::fmt::Debug for BufPool {
 impl BufPool {
     /// How many buffers are idle in the pool.
     pub fn idle(&self) -> usize {
-        self.0.lock().len()
+        self.0.idle()
     }
 }
 
@@ -163,7 +169,7 @@ impl BufPool {
 /// copy recycles a bounded set of buffers (a fresh allocation costs a page fault per 4 KiB).
 pub struct PooledBuf {
     /// Always there until the buffer is dropped.
-    buf: Option<AlignedBuf>,
+    buf: Option<PoolBuf>,
     pool: BufPool,
 }
 
@@ -177,27 +183,19 @@ impl std::fmt::Debug for PooledBuf {
 
 impl PooledBuf {
     /// A buffer of `len` bytes from `pool` (its contents are whatever was there last: a
-    /// recycled buffer is zeroed once, when made, not at every reuse). Fails only when the
-    /// memory cannot be had.
-    pub fn take(pool: &BufPool, len: usize) -> io::Result<PooledBuf> {
-        let idle = pool.0.lock().pop();
-        let mut buf = match idle {
-            Some(b) if b.capacity() >= len => b,
-            // Too small (or none): made again, a whole number of pages.
-            _ => AlignedBuf::zeroed(len.next_multiple_of(DIRECT_ALIGN), DIRECT_ALIGN)?,
-        };
-        buf.set_len(len);
-        Ok(PooledBuf {
-            buf: Some(buf),
+    /// recycled buffer is zeroed once, when made, not at every reuse).
+    pub fn take(pool: &BufPool, len: usize) -> PooledBuf {
+        PooledBuf {
+            buf: Some(pool.0.take(len)),
             pool: pool.clone(),
-        })
+        }
     }
 }
 
 impl Drop for PooledBuf {
     fn drop(&mut self) {
         if let Some(buf) = self.buf.take() {
-            self.pool.0.lock().push(buf);
+            self.pool.0.give(buf);
         }
     }
 }
@@ -219,14 +217,14 @@ mod tests {
     #[test]
     fn pooled_buffers_are_aligned_and_recycled() {
         let pool = BufPool::default();
-        let mut a = PooledBuf::take(&pool, 3 * DIRECT_ALIGN + 5).unwrap();
+        let mut a = PooledBuf::take(&pool, 3 * DIRECT_ALIGN + 5);
         assert_eq!(a.as_bytes().len(), 3 * DIRECT_ALIGN + 5);
         assert_eq!(a.as_bytes().as_ptr() as usize % DIRECT_ALIGN, 0);
         a.as_bytes_mut().fill(7);
         let ptr = a.as_bytes().as_ptr();
         drop(a);
         assert_eq!(pool.idle(), 1);
-        let b = PooledBuf::take(&pool, DIRECT_ALIGN).unwrap();
+        let b = PooledBuf::take(&pool, DIRECT_ALIGN);
         assert_eq!(b.as_bytes().as_ptr(), ptr, "the same pages, recycled");
         assert_eq!(b.as_bytes()[0], 7, "not zeroed again when reused smaller");
         assert_eq!(pool.idle(), 0);
@@ -247,7 +245,7 @@ mod tests {
         let storage = DirectStorage::new(file);
         let direct = storage.direct_bytes();
         let pool = BufPool::default();
-        let mut block = PooledBuf::take(&pool, 2 * DIRECT_ALIGN).unwrap();
+        let mut block = PooledBuf::take(&pool, 2 * DIRECT_ALIGN);
         block.as_bytes_mut().fill(0xab);
         storage.write_at(block.as_bytes(), 8192).unwrap();
         storage.write_at(b"head", 1).unwrap();

@@ -3,11 +3,10 @@
 
 use std::sync::Arc;
 
-use copy_on_read::{BlockDevice, Populate};
+use copy_on_read::{BlockDevice, Populate, RecycledBufs};
 use nbd_proto::*;
 
 use crate::depth::{AllocationDepth, LayersDepth};
-use crate::pool::BufferPool;
 
 /// One export: a name, a device, and optionally the device's layered view.
 ///
@@ -25,9 +24,13 @@ pub struct Export {
     pub(crate) depth: Option<Arc<dyn AllocationDepth>>,
     /// Whether `depth` was given explicitly (then layers do not replace it).
     depth_given: bool,
-    /// Read buffers shared by the export's connections.
-    pub(crate) pool: Arc<BufferPool>,
+    /// Read buffers shared by the export's connections (page-aligned, so that an O_DIRECT
+    /// image reads into them with no bounce copy), at most [`READ_BUFFER_BYTES`] held.
+    pub(crate) pool: Arc<RecycledBufs>,
 }
+
+/// The most bytes of read buffers one export keeps for reuse.
+pub(crate) const READ_BUFFER_BYTES: usize = 32 << 20;
 
 impl std::fmt::Debug for Export {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -51,7 +54,7 @@ impl Export {
             read_only: false,
             depth: None,
             depth_given: false,
-            pool: Arc::default(),
+            pool: Arc::new(RecycledBufs::new(READ_BUFFER_BYTES)),
         }
     }
 

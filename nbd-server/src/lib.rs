@@ -50,7 +50,6 @@ pub mod export;
 #[doc(hidden)]
 pub mod fuzzing;
 mod handshake;
-mod pool;
 pub mod refusal;
 mod server;
 mod transmission;

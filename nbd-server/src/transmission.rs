@@ -10,9 +10,9 @@
 //!
 //! A READ asks the device for data and status in one step where the device can give both
 //! ([`BlockDevice::read_mapped`]: a fully local QED range is one blocking-pool hop), else for
-//! block status then the data; either way the data lands in one buffer, taken from the
-//! export's [`BufferPool`] (the writer gives it back), and only ranges that read as zeros
-//! become OFFSET_HOLE chunks.
+//! block status then the data; either way the data lands in one page-aligned buffer, taken
+//! from the export's [`RecycledBufs`](copy_on_read::RecycledBufs) (the writer gives it back),
+//! and only ranges that read as zeros become OFFSET_HOLE chunks.
 //!
 //! Every request that was read gets an answer (unless the client goes away first); requests
 //! already running when the client vanishes or disconnects still complete, so a write the
@@ -30,7 +30,6 @@ use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 use crate::error::Disconnect;
 use crate::export::Export;
 use crate::handshake::Negotiated;
-use crate::pool::BufferPool;
 use crate::server::Counters;
 
 /// The most extents one BLOCK_STATUS chunk carries (the spec allows 2^20).
@@ -215,7 +214,7 @@ where
 async fn write_replies<W: AsyncWrite + Unpin>(
     mut w: W,
     mut rx: mpsc::UnboundedReceiver<Reply>,
-    pool: Arc<BufferPool>,
+    pool: Arc<copy_on_read::RecycledBufs>,
 ) {
     let mut failed = false;
     let mut batch = Vec::with_capacity(MAX_BATCH);
